@@ -1,0 +1,20 @@
+"""augplug: adaptive refinement of augmented samples against a clean validation set.
+
+    refiner = augplug.AugmentationRefiner(model, optimizer, val_loader, method="saflex")
+    loss = refiner(logits, targets)
+"""
+
+__version__ = "0.1.0"
+
+from . import functional
+from .errors import (AugplugError, ClassCountMismatchError, ConfigurationError, EmptyValidationError,
+                     ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
+                     UnsupportedModelError, ValidationFailed, validate)
+from .heads import find_classifier, unwrap_model
+from .methods import L2RW, NoRefinement, Policy, SAflex
+from .refiner import DEFAULTS, AugmentationRefiner
+
+__all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "functional", "Policy", "SAflex", "L2RW",
+           "NoRefinement", "find_classifier", "unwrap_model", "validate", "AugplugError", "ConfigurationError",
+           "UnsupportedHeadError", "UnsupportedModelError", "TargetError", "ClassCountMismatchError",
+           "ShapeError", "NonFiniteError", "EmptyValidationError", "ModelModeError", "ValidationFailed"]

@@ -1,0 +1,325 @@
+"""Dataset utilities: stratified splits, synthetic label noise, class imbalance
+and a dataset wrapper that reports each sample's position.
+
+The refinement methods in augplug keep per-sample state (weights, soft
+labels) that is looked up by dataset position, so the training loader must
+yield the index of every sample. :class:`IndexedDataset` does that for any
+map-style dataset. The other helpers build the usual benchmark settings: a
+small clean validation set split off a training set (:func:`stratified_split`),
+corrupted labels (:func:`add_label_noise`) and a long-tailed subset
+(:func:`make_imbalanced`).
+
+All functions take labels as a 1-D sequence of non-negative integer class ids
+(a list, a NumPy array or a torch tensor) and are deterministic for a given
+``seed``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "stratified_split",
+    "add_label_noise",
+    "make_imbalanced",
+    "IndexedDataset",
+]
+
+ArrayLike = Union[Sequence[int], np.ndarray, torch.Tensor]
+
+
+def _as_label_array(labels: ArrayLike, name: str = "labels") -> np.ndarray:
+    """Return ``labels`` as a 1-D int64 NumPy array of non-negative class ids."""
+    if isinstance(labels, torch.Tensor):
+        arr = labels.detach().cpu().numpy()
+    else:
+        arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integer class ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative class ids, found {int(arr.min())}")
+    return arr
+
+
+def _largest_remainder(total: int, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Split the integer ``total`` in proportion to ``weights`` (sum preserved).
+
+    Each part gets the floor of its exact quota; the units left over go to the
+    parts with the largest fractional remainders, ties broken at random.
+    """
+    quotas = total * weights / weights.sum()
+    alloc = np.floor(quotas).astype(np.int64)
+    left = int(total - alloc.sum())
+    if left > 0:
+        remainders = quotas - alloc
+        # Random tie-breaking: sort by remainder, then by a random key.
+        order = np.lexsort((rng.random(len(weights)), -remainders))
+        alloc[order[:left]] += 1
+    return alloc
+
+
+def stratified_split(
+    labels: ArrayLike,
+    val_size: Union[int, float],
+    seed: int = 0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Split sample positions into a training part and a stratified validation part.
+
+    Args:
+        labels: 1-D class ids, one per sample.
+        val_size: the size of the validation part, either as a count
+            (``int``, ``1 <= val_size < N``) or as a fraction of the samples
+            (``float`` in ``(0, 1)``; the count is ``round(val_size * N)``).
+        seed: seed of the random generator; equal seeds give equal splits.
+
+    Returns:
+        ``(train_idx, val_idx)``: two disjoint, sorted ``int64`` arrays that
+        together cover ``range(N)``. Each class contributes to the validation
+        part in proportion to its frequency: class ``c`` gets
+        ``val_count * n_c / N`` samples, rounded by the largest-remainder
+        method so that the total is exact.
+
+    Raises:
+        ValueError: if ``labels`` is not a 1-D array of non-negative integers,
+            or ``val_size`` is not a valid count or fraction.
+    """
+    y = _as_label_array(labels)
+    n = int(y.size)
+    if n < 2:
+        raise ValueError(f"stratified_split needs at least 2 samples, got {n}")
+    if isinstance(val_size, bool) or not isinstance(val_size, numbers.Real):
+        raise ValueError(f"val_size must be an int count or a float fraction, got {val_size!r}")
+    if isinstance(val_size, numbers.Integral):
+        n_val = int(val_size)
+        if not 1 <= n_val < n:
+            raise ValueError(
+                f"val_size={n_val} is out of range: as a count it must satisfy 1 <= val_size < {n} "
+                f"(the number of samples)"
+            )
+    else:
+        frac = float(val_size)
+        if not 0.0 < frac < 1.0:
+            raise ValueError(f"val_size={val_size!r} is out of range: as a fraction it must lie in (0, 1)")
+        n_val = int(round(frac * n))
+        if not 1 <= n_val < n:
+            raise ValueError(
+                f"val_size={val_size!r} of {n} samples gives {n_val} validation samples; "
+                f"need between 1 and {n - 1}"
+            )
+
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    per_class = _largest_remainder(n_val, counts.astype(np.float64), rng)
+
+    val_parts = []
+    for cls, k in zip(classes, per_class):
+        if k == 0:
+            continue
+        members = np.flatnonzero(y == cls)
+        val_parts.append(rng.choice(members, size=int(k), replace=False))
+    val_idx = np.sort(np.concatenate(val_parts)).astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[val_idx] = False
+    train_idx = np.flatnonzero(mask).astype(np.int64)
+    return train_idx, val_idx
+
+
+def add_label_noise(
+    labels: ArrayLike,
+    rate: float,
+    num_classes: int,
+    seed: int = 0,
+    mode: str = "symmetric",
+):
+    """Corrupt a fraction of the labels at random.
+
+    Args:
+        labels: 1-D class ids in ``[0, num_classes)``; a NumPy array, a torch
+            tensor or a plain sequence.
+        rate: noise rate in ``[0, 1]``.
+        num_classes: number of classes ``C``.
+        seed: seed of the random generator.
+        mode: ``"symmetric"``: exactly ``round(rate * N)`` positions, chosen
+            without replacement, get a label drawn uniformly from the
+            ``C - 1`` *other* classes, so every chosen label really changes.
+            ``"uniform"``: the same number of positions get a label drawn
+            uniformly from all ``C`` classes, which may equal the original one
+            (the convention of AutoDO and several earlier papers); the
+            effective noise rate is then about ``rate * (C - 1) / C``.
+
+    Returns:
+        ``(noisy_labels, is_corrupted)``. ``noisy_labels`` has the type of the
+        input (a tensor on the same device with the same dtype for a tensor, a
+        NumPy array with the input's dtype otherwise); ``is_corrupted`` is a
+        boolean array or tensor of the same kind that is ``True`` exactly where
+        the label changed.
+
+    Raises:
+        ValueError: for an unknown ``mode``, a ``rate`` outside ``[0, 1]``, fewer
+            than two classes, or labels outside ``[0, num_classes)``.
+    """
+    if mode not in ("symmetric", "uniform"):
+        raise ValueError(f"mode must be 'symmetric' or 'uniform', got {mode!r}")
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+    num_classes = int(num_classes)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 to corrupt labels, got {num_classes}")
+    y = _as_label_array(labels)
+    if y.size and y.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), found {int(y.max())}; check num_classes"
+        )
+
+    n = int(y.size)
+    n_corrupt = int(round(rate * n))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(n, size=n_corrupt, replace=False) if n_corrupt else np.empty(0, np.int64)
+    noisy = y.copy()
+    if mode == "symmetric":
+        # Adding an offset in [1, C-1] modulo C is uniform over the other classes.
+        offsets = rng.integers(1, num_classes, size=n_corrupt)
+        noisy[chosen] = (y[chosen] + offsets) % num_classes
+    else:
+        noisy[chosen] = rng.integers(0, num_classes, size=n_corrupt)
+    corrupted = noisy != y
+
+    if isinstance(labels, torch.Tensor):
+        out = torch.as_tensor(noisy, device=labels.device).to(labels.dtype)
+        return out, torch.as_tensor(corrupted, device=labels.device)
+    src_dtype = np.asarray(labels).dtype if isinstance(labels, np.ndarray) else np.int64
+    return noisy.astype(src_dtype, copy=False), corrupted
+
+
+def make_imbalanced(
+    labels: ArrayLike,
+    ratio: float,
+    minority_classes: Optional[Iterable[int]] = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Select a class-imbalanced subset of the samples.
+
+    Every sample of the majority classes is kept. Each minority class is
+    subsampled (at random, without replacement) to
+    ``max(1, round(m / ratio))`` samples, where ``m`` is the mean count of the
+    majority classes; a minority class that already has fewer samples keeps
+    all of them.
+
+    Args:
+        labels: 1-D class ids.
+        ratio: imbalance ratio, at least 1 (``1`` keeps everything up to the
+            majority mean).
+        minority_classes: the class ids to subsample. By default the upper
+            half of the classes, ``c >= C // 2`` with ``C = max(labels) + 1``.
+        seed: seed of the random generator.
+
+    Returns:
+        Sorted ``int64`` NumPy array of the kept sample positions.
+
+    Raises:
+        ValueError: if ``ratio < 1``, if no majority class with samples
+            remains, or if a minority class id is negative.
+    """
+    y = _as_label_array(labels)
+    ratio = float(ratio)
+    if not ratio >= 1.0:
+        raise ValueError(f"ratio must be >= 1, got {ratio}")
+    if y.size == 0:
+        return np.empty(0, dtype=np.int64)
+    num_classes = int(y.max()) + 1
+    if minority_classes is None:
+        minority = set(range(num_classes // 2, num_classes))
+    else:
+        minority = {int(c) for c in minority_classes}
+        if any(c < 0 for c in minority):
+            raise ValueError(f"minority_classes must be non-negative class ids, got {sorted(minority)}")
+
+    counts = np.bincount(y, minlength=num_classes)
+    majority = [c for c in range(num_classes) if c not in minority and counts[c] > 0]
+    if not majority:
+        raise ValueError(
+            "make_imbalanced needs at least one majority class with samples; "
+            f"minority_classes={sorted(minority)} covers every class present"
+        )
+    target = max(1, int(round(float(counts[majority].mean()) / ratio)))
+
+    rng = np.random.default_rng(seed)
+    keep = [np.flatnonzero(~np.isin(y, list(minority)))]
+    for cls in sorted(minority):
+        members = np.flatnonzero(y == cls)
+        if members.size > target:
+            members = rng.choice(members, size=target, replace=False)
+        keep.append(members)
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+class IndexedDataset(Dataset):
+    """Wrap a map-style dataset so that each item also carries its position.
+
+    ``IndexedDataset(ds)[i]`` returns ``(*ds[i], i)`` when ``ds[i]`` is a tuple
+    or list, a copy of the dict with an extra ``"index"`` key when it is a
+    dict, and ``(ds[i], i)`` otherwise. The default collate function then
+    yields the batch's indices as the last element (or under ``"index"``).
+
+    Positions of a :class:`torch.utils.data.ConcatDataset` are already global,
+    so it can be wrapped like any other dataset.
+    """
+
+    def __init__(self, dataset: Any):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"IndexedDataset needs a map-style dataset with __getitem__ and __len__, "
+                f"got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            if "index" in item:
+                raise KeyError("the wrapped dataset already returns an 'index' key")
+            out = dict(item)
+            out["index"] = index
+            return out
+        if isinstance(item, (tuple, list)):
+            return (*item, index)
+        return (item, index)
+
+    @staticmethod
+    def check_unique(indices: ArrayLike) -> None:
+        """Raise ``ValueError`` if a batch of sample indices contains duplicates.
+
+        Per-sample state is updated by index, so a batch that holds a sample
+        twice (for example from a sampler that draws with replacement) would
+        apply two updates to one entry. Call this on the index batch where
+        that matters.
+        """
+        if isinstance(indices, torch.Tensor):
+            arr = indices.detach().cpu().reshape(-1).numpy()
+        else:
+            arr = np.asarray(indices).reshape(-1)
+        values, counts = np.unique(arr, return_counts=True)
+        dup = values[counts > 1]
+        if dup.size:
+            shown = ", ".join(str(int(v)) for v in dup[:10])
+            more = f" (and {dup.size - 10} more)" if dup.size > 10 else ""
+            raise ValueError(
+                f"batch of sample indices contains duplicates: {shown}{more}; "
+                "per-sample updates need each sample at most once per batch "
+                "(use a sampler without replacement)"
+            )

@@ -1,0 +1,177 @@
+"""Find the classifier head of timm / torchvision / custom models and capture what flows through it.
+
+The head is found, in order, from: a module or a dotted name the user passes; timm's
+``get_classifier()``; the attributes ``fc``, ``classifier``, ``head`` (or ``head.fc``); the last
+module of an ``nn.Sequential``. Last-layer scoring needs it to be an ``nn.Linear``; anything else
+raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedHeadError
+
+__all__ = ["unwrap_model", "find_classifier", "ActivationCapture"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+    return model
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise UnsupportedHeadError("the classifier module passed is not a submodule of the model",
+                               "pass a module of this model, or its dotted name, as classifier=")
+
+
+def _check_linear(name: str, head) -> None:
+    if isinstance(head, nn.Linear):
+        return
+    if isinstance(head, (tuple, list)):
+        raise UnsupportedHeadError(
+            f"the model has {len(head)} classifier heads (a distilled model such as DeiT/LeViT-distilled)",
+            "pass the head to score as classifier=model.head (for example), or use mode='full'")
+    if isinstance(head, nn.Identity):
+        raise UnsupportedHeadError(
+            f"the classifier '{name}' is nn.Identity (the model was built with num_classes=0)",
+            "build the model with its number of classes, or pass the real classifier module as classifier=")
+    if isinstance(head, nn.Conv2d):
+        raise UnsupportedHeadError(
+            f"the classifier '{name}' is a Conv2d; last-layer mode needs an nn.Linear",
+            "use mode='full' (forward-mode scores through the whole model), or replace the 1x1 conv by nn.Linear")
+    raise UnsupportedHeadError(
+        f"the classifier '{name}' is a {type(head).__name__}; last-layer mode needs an nn.Linear",
+        "use mode='full', or pass the final nn.Linear as classifier=")
+
+
+def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = None) -> Tuple[str, nn.Linear]:
+    """Return ``(dotted_name, module)`` of the model's linear classifier head.
+
+    ``classifier`` may be the module itself or its dotted name inside ``model``.
+    """
+    model = unwrap_model(model)
+    if isinstance(classifier, nn.Module):
+        name = _name_of(model, classifier)
+        _check_linear(name, classifier)
+        return name, classifier
+    if isinstance(classifier, str):
+        try:
+            head = model.get_submodule(classifier)
+        except AttributeError:
+            raise UnsupportedHeadError(f"the model has no submodule named '{classifier}'",
+                                       "pass a dotted name listed by model.named_modules()") from None
+        _check_linear(classifier, head)
+        return classifier, head
+    if classifier is not None:
+        raise UnsupportedHeadError(f"classifier= must be a module or a name, got {type(classifier).__name__}",
+                                   "pass the nn.Linear head or its dotted name")
+    head = None
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, (tuple, list)):
+            _check_linear("get_classifier()", head)
+    if head is None:
+        for attr in ("fc", "classifier", "head"):
+            cand = getattr(model, attr, None)
+            if isinstance(cand, nn.Sequential) and len(cand) and isinstance(cand[-1], nn.Linear):
+                cand = cand[-1]
+            elif isinstance(cand, nn.Module) and not isinstance(cand, nn.Linear) and isinstance(getattr(cand, "fc", None), nn.Linear):
+                cand = cand.fc
+            if isinstance(cand, nn.Module):
+                head = cand
+                break
+    if head is None and isinstance(model, nn.Sequential) and len(model):
+        head = model[-1]
+    if head is None:
+        raise UnsupportedHeadError(
+            f"could not find a classifier head on {type(model).__name__}",
+            "pass classifier=<the final nn.Linear module or its name>, or use mode='full'")
+    name = _name_of(model, head)
+    _check_linear(name, head)
+    return name, head
+
+
+class ActivationCapture:
+    """Forward hooks that record, during the user's own training forwards, the classifier's input
+    features and (optionally) the model's input.
+
+    Records only when the module is in training mode and autograd is on, so evaluation loops under
+    ``model.eval()`` / ``torch.no_grad()`` are ignored. Several forwards before one refiner call
+    (e.g. originals and augmented samples run separately) are concatenated in order.
+    Stored tensors are detached.
+    """
+
+    def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool):
+        self._features: List[torch.Tensor] = []
+        self._inputs: List[torch.Tensor] = []
+        self._paused = 0
+        self._handles = []
+        if head is not None:
+            self._handles.append(head.register_forward_hook(self._feature_hook))
+        if capture_inputs:
+            self._handles.append(model.register_forward_pre_hook(self._input_hook))
+
+    def _active(self, module: nn.Module) -> bool:
+        return self._paused == 0 and module.training and torch.is_grad_enabled()
+
+    def _feature_hook(self, module, args, output):
+        if self._active(module) and args and isinstance(args[0], torch.Tensor):
+            self._features.append(args[0].detach())
+
+    def _input_hook(self, module, args):
+        if self._active(module) and args and isinstance(args[0], torch.Tensor):
+            self._inputs.append(args[0].detach())
+
+    @staticmethod
+    def _cat(chunks: List[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+        # keep the most recent forwards that add up to exactly `rows`
+        total, picked = 0, []
+        for t in reversed(chunks):
+            picked.append(t)
+            total += t.shape[0]
+            if total >= rows:
+                break
+        if total != rows:
+            return None
+        picked.reverse()
+        return picked[0] if len(picked) == 1 else torch.cat(picked, 0)
+
+    def features(self, rows: int) -> Optional[torch.Tensor]:
+        """Features of the last ``rows`` samples seen by the head (flattened to 2-D), or None."""
+        out = self._cat(self._features, rows)
+        return None if out is None else out.flatten(1)
+
+    def inputs(self, rows: int) -> Optional[torch.Tensor]:
+        return self._cat(self._inputs, rows)
+
+    def clear(self) -> None:
+        self._features.clear()
+        self._inputs.clear()
+
+    @contextmanager
+    def paused(self):
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()

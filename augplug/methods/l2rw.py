@@ -1,0 +1,27 @@
+"""L2RW (Ren et al., ICML 2018): weight ``max(y^T g, 0)``, normalised.
+
+``y^T g`` equals L2RW's raw example weight ``grad l_i . grad L_val`` (the derivative of the
+validation loss after a zero-weight look-ahead step). The paper normalises the weights to sum 1
+and trains on ``sum_i w_i l_i``; here they are scaled to mean 1 and the batch loss is the mean,
+which is the same objective. An all-zero batch gets all-zero weights (L2RW divides by 1 then).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Policy, renormalize
+
+
+def l2rw_weights(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``renormalize(max(y_i^T g_i, 0))`` for scores (B, C) and target probabilities (B, C)."""
+    raw = (targets.float() * scores.float()).sum(-1)
+    return renormalize(raw.clamp_min(0))
+
+
+class L2RW(Policy):
+    """Weights from L2RW, targets unchanged."""
+
+    name = "l2rw"
+
+    def __call__(self, scores, targets, generator=None):
+        return l2rw_weights(scores, targets), targets.float()

@@ -1,0 +1,116 @@
+"""SAflex (Ding et al., ICLR 2024): a weight and a soft label per augmented sample.
+
+The paper's rules, for upstream target ``y~`` (one-hot or Mixup/CutMix soft) and class scores ``g``:
+
+    w  = 1[y~^T g >= 0], renormalised over the augmented batch
+    y' = softmax((g + beta * y~ + G) / tau),   G ~ Gumbel(0, 1) i.i.d.
+
+``y'`` is the entropy- and prior-regularised solution of the per-sample linear program
+``max_{y' in simplex} y'^T g``. The weight uses the *upstream* label: because ``p^T g = 0``,
+``max_c g_c >= 0`` always, so a learned label would always look helpful.
+
+Options beyond the paper (all documented as deviations in the README):
+
+``normalize="rms"``
+    divide ``g`` by its root-mean-square over the batch, so that ``beta`` and ``tau`` keep their
+    meaning while the validation gradient shrinks during training.
+``weighting="soft"``
+    ``w = 2 * sigmoid(y~^T g_hat / weight_tau)``, renormalised: a graded version of the hard sign
+    test that does not discard borderline clean samples when ``g`` is noisy.
+``prior="log"``
+    ``beta * log y~`` instead of ``beta * y~`` (keeps Mixup proportions when ``g`` is 0).
+``beta=inf``
+    keep the upstream targets (weights only).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import ConfigurationError
+from .base import Policy, renormalize
+
+__all__ = ["saflex_targets", "SAflex", "normalize_scores"]
+
+
+def normalize_scores(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
+    """``None``/``"none"``: unchanged; ``"rms"``: divided by the batch RMS of all entries."""
+    if how in (None, "none"):
+        return scores
+    if how == "rms":
+        return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
+    raise ConfigurationError(f"normalize must be None, 'none' or 'rms', got {how!r}", "use 'rms' or None")
+
+
+def saflex_targets(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 1.0,
+    tau: float = 1.0,
+    *,
+    gumbel: bool = True,
+    generator: Optional[torch.Generator] = None,
+    weighting: str = "hard",
+    weight_tau: float = 1.0,
+    prior: str = "linear",
+    normalize: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAflex weights ``(B,)`` (mean 1, or all 0) and soft targets ``(B, C)`` from scores and targets.
+
+    ``scores``: ``g`` (B, C), "positive = helps". ``targets``: upstream probabilities (B, C).
+    With the defaults (``normalize=None, weighting="hard", prior="linear"``) this is the paper's rule.
+    The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
+    """
+    if tau <= 0:
+        raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
+    if beta < 0:
+        raise ConfigurationError(f"beta must be >= 0, got {beta}", "beta=0 relabels freely, larger keeps labels")
+    if weighting not in ("hard", "soft", "none"):
+        raise ConfigurationError(f"weighting must be 'hard', 'soft' or 'none', got {weighting!r}",
+                                 "use 'hard' (the paper) or 'soft'")
+    if prior not in ("linear", "log"):
+        raise ConfigurationError(f"prior must be 'linear' or 'log', got {prior!r}", "use 'linear' (the paper)")
+    y = targets.float()
+    g = normalize_scores(scores.float(), normalize)
+    agreement = (y * g).sum(-1)
+    if weighting == "hard":
+        raw = (agreement >= 0).float()
+    elif weighting == "soft":
+        raw = 2 * torch.sigmoid(agreement / weight_tau)
+    else:
+        raw = torch.ones_like(agreement)
+    weights = renormalize(raw)
+    if math.isinf(beta):
+        return weights, y
+    anchor = y if prior == "linear" else y.clamp_min(1e-6).log()
+    z = g + beta * anchor
+    if gumbel:
+        u = torch.rand(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+        z = z - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+    soft = torch.softmax(z / tau, -1)
+    return weights, soft
+
+
+class SAflex(Policy):
+    """Policy wrapper around :func:`saflex_targets` with fixed hyperparameters."""
+
+    name = "saflex"
+
+    def __init__(self, beta: float = 1.0, tau: float = 1.0, *, gumbel: bool = True, weighting: str = "hard",
+                 weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None):
+        self.beta, self.tau, self.gumbel = float(beta), float(tau), bool(gumbel)
+        self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
+        # validate once, eagerly
+        saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
+                       weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize)
+
+    def __call__(self, scores, targets, generator=None):
+        return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
+                              weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
+                              normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
+                f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}")

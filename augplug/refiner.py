@@ -1,0 +1,406 @@
+"""AugmentationRefiner: the two-line integration.
+
+    refiner = AugmentationRefiner(model, optimizer, val_loader, method="saflex")
+    ...
+    loss = refiner(logits, targets)        # instead of criterion(logits, targets)
+
+The refiner keeps the validation stream, the cached validation direction ``v``, hooks on the model
+(to see the classifier's features and the model's inputs of the training forward) and on the
+optimizer (to count real updates), and a private RNG. Everything else is stateless and lives in
+:mod:`augplug.scores` and :mod:`augplug.methods`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import (AugplugError, ConfigurationError, ModelModeError, ShapeError, validate)
+from .heads import ActivationCapture, find_classifier, unwrap_model
+from .methods import POLICIES, Policy, SAflex
+from .rng import PrivateRNG
+from .scores import SCORE_MODES, GradSum, class_scores, validation_gradient
+from .targets import check_logits, soft_cross_entropy, to_soft_targets
+from .validation import ValidationStream
+
+__all__ = ["AugmentationRefiner", "DEFAULTS"]
+
+#: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
+DEFAULTS: Dict[str, Any] = dict(
+    mode="last_layer",
+    refresh_every=1,
+    val_batches=1,
+    bn_mode="eval",
+    warmup_steps=0,
+    beta=1.0,
+    tau=1.0,
+    gumbel=True,
+    weighting="hard",
+    weight_tau=1.0,
+    prior="linear",
+    normalize=None,
+)
+
+_STATE_VERSION = 1
+
+
+def _unwrap_optimizer(optimizer):
+    """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
+    seen = set()
+    opt = optimizer
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_post_hooks"):
+            return opt
+        opt = next((getattr(opt, a) for a in ("optimizer", "original_optimizer", "base_optimizer", "_optimizer")
+                    if getattr(opt, a, None) is not None), None)
+    raise ConfigurationError(
+        f"cannot register a step hook on {type(optimizer).__name__} or any optimizer it wraps",
+        "pass the underlying torch.optim.Optimizer, or optimizer=None (then every refiner call counts as a step)")
+
+
+class AugmentationRefiner:
+    """Refine augmented samples (weights and soft targets) against a clean validation set.
+
+    Args:
+        model: the classifier being trained (timm, torchvision, ``nn.Sequential``, an MLP, ...).
+        optimizer: its optimizer; a post-step hook counts real updates (refresh interval, warm-up).
+            ``None``: every refiner call counts as one update.
+        val_loader: iterable of clean ``(inputs, targets)`` batches (or dicts); cycled forever.
+        method: ``"saflex"``, ``"l2rw"``, ``"none"`` or a :class:`~augplug.methods.Policy`.
+        mode: how class scores are computed: ``"last_layer"`` (closed form on the linear head),
+            ``"full"`` (forward-mode AD through the model), ``"double_backward"``, or ``"auto"``
+            (full, falling back to double backward).
+        classifier: the head module or its dotted name (found automatically otherwise).
+        val_params: ``"all"`` trainable parameters or ``"head"`` only, for full/double-backward modes.
+        refresh_every: recompute the validation direction every k optimizer updates.
+        val_batches: validation minibatches averaged per refresh (``"all"``: one pass of the loader).
+        bn_mode: BatchNorm in scoring passes: ``"eval"`` (running statistics) or ``"train"`` (batch
+            statistics; running statistics restored). Dropout is always off in scoring passes.
+        warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
+        orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
+        beta, tau, gumbel, weighting, weight_tau, prior, normalize: SAflex hyperparameters
+            (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
+        seed: seed of the refiner's private RNG (Gumbel noise, validation shuffling).
+        check_train_mode: raise :class:`~augplug.errors.ModelModeError` when called with the model
+            in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        val_loader=None,
+        method: Union[str, Policy] = "saflex",
+        *,
+        mode: str = DEFAULTS["mode"],
+        classifier: Union[None, str, nn.Module] = None,
+        val_params: str = "all",
+        refresh_every: int = DEFAULTS["refresh_every"],
+        val_batches: Union[int, str] = DEFAULTS["val_batches"],
+        bn_mode: str = DEFAULTS["bn_mode"],
+        warmup_steps: int = DEFAULTS["warmup_steps"],
+        orig_weight: float = 1.0,
+        aug_weight: float = 1.0,
+        beta: float = DEFAULTS["beta"],
+        tau: float = DEFAULTS["tau"],
+        gumbel: bool = DEFAULTS["gumbel"],
+        weighting: str = DEFAULTS["weighting"],
+        weight_tau: float = DEFAULTS["weight_tau"],
+        prior: str = DEFAULTS["prior"],
+        normalize: Optional[str] = DEFAULTS["normalize"],
+        seed: int = 0,
+        check_train_mode: bool = True,
+    ):
+        if mode not in SCORE_MODES:
+            raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
+        if val_params not in ("all", "head"):
+            raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
+        if int(refresh_every) < 1:
+            raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
+        if val_batches != "all" and int(val_batches) < 1:
+            raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
+        if bn_mode not in ("eval", "train"):
+            raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
+        if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
+            raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
+                                     "use orig_weight=1, aug_weight=1")
+        if isinstance(method, Policy):
+            self.policy = method
+        elif method == "saflex":
+            self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
+                                 prior=prior, normalize=normalize)
+        elif method in POLICIES:
+            self.policy = POLICIES[method]()
+        else:
+            raise ConfigurationError(f"unknown method {method!r}", f"use one of {sorted(POLICIES)} or a Policy")
+        self.method = self.policy.name
+        self.model = model
+        self.net = unwrap_model(model)
+        self.mode = mode
+        self.val_params = val_params
+        self.refresh_every = int(refresh_every)
+        self.val_batches = val_batches
+        self.bn_mode = bn_mode
+        self.warmup_steps = int(warmup_steps)
+        self.orig_weight, self.aug_weight = float(orig_weight), float(aug_weight)
+        self.check_train_mode = check_train_mode
+
+        self.head_name, self.head = None, None
+        if mode == "last_layer" or (val_params == "head" and self.policy.needs_scores):
+            self.head_name, self.head = find_classifier(self.net, classifier)
+        self._capture = ActivationCapture(self.net, self.head if mode == "last_layer" else None,
+                                          capture_inputs=mode != "last_layer" and self.policy.needs_scores)
+        self._rng = PrivateRNG(seed)
+        self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
+        self.val_loader = val_loader
+
+        self._optimizer = None
+        self._hook = None
+        if optimizer is not None:
+            self._optimizer = _unwrap_optimizer(optimizer)
+            self._hook = self._optimizer.register_step_post_hook(self._on_step)
+
+        self.step_count = 0  # optimizer updates seen (or calls when there is no optimizer)
+        self.calls = 0
+        self._v: Optional[Dict[str, torch.Tensor]] = None
+        self._v_step = -1
+        self._val_loss = float("nan")
+        self.stats: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ hooks and helpers
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        self.step_count += 1
+
+    def remove_hooks(self) -> None:
+        """Detach every hook the refiner installed on the model and optimizer."""
+        self._capture.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _device(self) -> torch.device:
+        p = next(self.net.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _score_params(self) -> Dict[str, nn.Parameter]:
+        named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        if self.val_params == "head":
+            named = {n: p for n, p in named.items() if n.startswith(self.head_name + ".")}
+        return named
+
+    def _num_val_batches(self) -> int:
+        if self.val_batches == "all":
+            try:
+                return max(len(self.val_loader), 1)
+            except TypeError:
+                raise ConfigurationError("val_batches='all' needs a validation loader with len()",
+                                         "pass an integer val_batches") from None
+        return int(self.val_batches)
+
+    def _to_device(self, x):
+        dev = self._device()
+        if torch.is_tensor(x):
+            return x.to(dev, non_blocking=True)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._to_device(t) for t in x)
+        if isinstance(x, dict):
+            return {k: self._to_device(t) for k, t in x.items()}
+        return x
+
+    def compute_validation_direction(self, num_classes: int) -> GradSum:
+        """Average the validation gradient over ``val_batches`` batches (advances the stream)."""
+        total = GradSum({}, 0)
+        params = None if self.mode == "last_layer" else self._score_params()
+        with self._capture.paused():
+            for _ in range(self._num_val_batches()):
+                x, y = self._stream.next()
+                x = self._to_device(x)
+                y = to_soft_targets(self._to_device(y), num_classes, what="validation targets")
+                if y.shape[0] == 0:
+                    continue
+                if self.mode == "last_layer":
+                    part = validation_gradient(self.net, x, y, head=self.head, head_name=self.head_name, bn=self.bn_mode)
+                else:
+                    part = validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
+                total = total.add(part)
+        if total.count == 0:
+            from .errors import EmptyValidationError
+            raise EmptyValidationError("the validation batches drawn hold no samples",
+                                       "pass a loader over at least one clean labelled sample")
+        return total
+
+    # ------------------------------------------------------------------ the loss
+    def _aug_mask(self, batch: int, num_original: int, augmented, device) -> torch.Tensor:
+        if augmented is not None and num_original:
+            raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
+        if augmented is not None:
+            m = torch.as_tensor(augmented, device=device)
+            if m.dtype != torch.bool or m.shape != (batch,):
+                raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
+                                 "pass a boolean mask marking the augmented rows")
+            return m
+        if not 0 <= int(num_original) <= batch:
+            raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
+                             "pass the number of original (non-augmented) rows at the start of the batch")
+        m = torch.ones(batch, dtype=torch.bool, device=device)
+        m[: int(num_original)] = False
+        return m
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
+                 augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+        """Return the refined loss (a scalar) for a batch.
+
+        Args:
+            logits: (B, C) model outputs for the batch.
+            targets: class indices (B,) or probabilities (B, C) (Mixup/CutMix/label smoothing).
+            num_original: the first ``num_original`` rows are originals (trained on as given, with
+                ``orig_weight``); the rest are augmented samples to refine.
+            augmented: alternatively, a bool mask (B,) marking the augmented rows.
+            inputs: the model inputs of the batch (full/double-backward modes); captured from the
+                model's forward automatically when omitted.
+            features: the classifier's input features (last-layer mode); captured automatically
+                when omitted.
+        """
+        if self.check_train_mode and not self.model.training:
+            raise ModelModeError(
+                "the refiner was called with the model in eval mode",
+                "call model.train() before training steps (use a plain criterion for evaluation), "
+                "or pass check_train_mode=False")
+        check_logits(logits)
+        batch, num_classes = logits.shape
+        y = to_soft_targets(targets, num_classes, batch_size=batch).to(logits.device)
+        aug = self._aug_mask(batch, num_original, augmented, logits.device)
+        n_aug = int(aug.sum())
+        active = self.policy.needs_scores and self.step_count >= self.warmup_steps and n_aug > 0
+
+        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream else None)
+        try:
+            result = self._refine(logits, y, aug, n_aug, active, inputs, features)
+        except BaseException:
+            self._rng.state = snapshot[0]
+            if self._stream is not None and snapshot[1] is not None:
+                self._stream.load_state_dict(snapshot[1])
+            raise
+        weights, soft, scores, v_new, refreshed = result
+
+        coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
+        denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
+        loss = (coef * soft_cross_entropy(logits, soft)).sum() / denom
+
+        # commit
+        if v_new is not None:
+            self._v = v_new.direction()
+            self._v_step = self.step_count
+            self._val_loss = v_new.loss_sum / max(v_new.count, 1)
+        self.calls += 1
+        if self._optimizer is None:
+            self.step_count += 1
+        self._capture.clear()
+        self.stats = self._summarise(weights, soft, scores, y, aug, active, refreshed)
+        return loss
+
+    def _refine(self, logits, y, aug, n_aug, active, inputs, features):
+        batch, num_classes = logits.shape
+        weights = torch.ones(batch, dtype=torch.float32, device=logits.device)
+        soft = y.clone()
+        scores = torch.zeros(batch, num_classes, dtype=torch.float32, device=logits.device)
+        if not active:
+            if not self.policy.needs_scores and n_aug:
+                w, s = self.policy(None, y[aug])
+                weights[aug], soft[aug] = w, s
+            return weights, soft, scores, None, False
+        # inputs for the scoring pass, checked before anything is computed
+        if self.mode == "last_layer":
+            feats = features if features is not None else self._capture.features(batch)
+            if feats is None:
+                raise ShapeError(
+                    f"no classifier features for the {batch} rows of this batch were captured",
+                    "call the refiner right after the training forward (model in train mode, autograd on), "
+                    "once per forward, or pass features=")
+            if feats.shape[0] != batch:
+                raise ShapeError(f"features have {feats.shape[0]} rows, logits {batch}", "pass matching features")
+        else:
+            x = inputs if inputs is not None else self._capture.inputs(batch)
+            if x is None:
+                raise ShapeError(f"no model inputs for the {batch} rows of this batch were captured",
+                                 "pass inputs= (the tensor fed to the model) to the refiner")
+            if x.shape[0] != batch:
+                raise ShapeError(f"inputs have {x.shape[0]} rows, logits {batch}", "pass the batch fed to the model")
+        refreshed = self._v is None or self.step_count - self._v_step >= self.refresh_every
+        v_new = self.compute_validation_direction(num_classes) if refreshed else None
+        v = v_new.direction() if v_new is not None else self._v
+        if self.mode == "last_layer":
+            g = class_scores(self.net, v=v, mode="last_layer", features=feats[aug], logits=logits[aug],
+                             head_name=self.head_name)
+        else:
+            with self._capture.paused():
+                g = class_scores(self.net, x[aug], v, mode=self.mode, bn=self.bn_mode)
+        gen = self._rng.generator()
+        w, s = self.policy(g, y[aug], gen)
+        self._rng.commit(gen)
+        weights[aug], soft[aug], scores[aug] = w.to(weights), s.to(soft), g.to(scores)
+        return weights, soft, scores, v_new, refreshed
+
+    def _summarise(self, weights, soft, scores, y, aug, active, refreshed) -> Dict[str, Any]:
+        wa, sa, ya, ga = weights[aug], soft[aug], y[aug], scores[aug]
+        n = max(int(aug.sum()), 1)
+        agree = (ya * ga).sum(-1)
+        return {
+            "weights": weights.detach(),
+            "soft_targets": soft.detach(),
+            "scores": scores.detach(),
+            "augmented": aug.detach(),
+            "active": bool(active),
+            "refreshed": bool(refreshed),
+            "step": self.step_count,
+            "weight_mean": float(wa.mean()) if wa.numel() else float("nan"),
+            "kept_fraction": float((wa > 0).float().sum() / n),
+            "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
+            "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
+            "val_loss": self._val_loss,
+        }
+
+    # ------------------------------------------------------------------ checks and state
+    def validate(self, logits: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                 strict: bool = False):
+        """List every problem with this refiner's model, optimizer, validation loader (and a batch)."""
+        return validate(self.model, self._optimizer, self.val_loader if self.policy.needs_scores else None,
+                        mode=self.mode, classifier=self.head, logits=logits, targets=targets, strict=strict)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit-for-bit (with the model's and optimizer's own state)."""
+        return {
+            "version": _STATE_VERSION,
+            "method": self.method,
+            "step_count": self.step_count,
+            "calls": self.calls,
+            "v": None if self._v is None else {k: t.detach().clone() for k, t in self._v.items()},
+            "v_step": self._v_step,
+            "val_loss": self._val_loss,
+            "rng_state": self._rng.state.clone(),
+            "stream": self._stream.state_dict() if self._stream is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
+                                     "load a state saved by this version of augplug")
+        if state.get("method") != self.method:
+            raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is {self.method!r}",
+                                     "build the refiner with the same method before loading")
+        dev = self._device()
+        self.step_count = int(state["step_count"])
+        self.calls = int(state["calls"])
+        self._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
+        self._v_step = int(state["v_step"])
+        self._val_loss = float(state["val_loss"])
+        self._rng.state = state["rng_state"].clone().cpu()
+        if self._stream is not None and state.get("stream") is not None:
+            self._stream.load_state_dict(state["stream"])
+
+    def __repr__(self) -> str:
+        return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
+                f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps})")

@@ -1,0 +1,275 @@
+"""Class-score vectors ``g`` and validation gradients: the one quantity every method is built on.
+
+With ``log p = log_softmax(f_theta(x))``, ``J(x) = d log p / d theta`` (C x P) and the validation
+descent direction ``v = -grad_theta L_val``::
+
+    g(x) = J(x) v   in R^C     (g_c > 0: raising log p_c(x) lowers the validation loss)
+
+so that for any target ``y`` on the simplex, ``y^T g(x) = grad l(x, y) . grad L_val`` is the
+first-order drop of the validation loss after one SGD step on ``(x, y)``. Three ways to compute it:
+
+``"full"``
+    forward-mode AD (``torch.autograd.forward_ad``) through the whole model with tangent ``v`` on
+    its trainable parameters: one forward-equivalent, no stored activations. Works with BatchNorm in
+    either mode (running statistics are restored afterwards) and with timm models.
+``"last_layer"``
+    closed form on the final linear layer ``z = W a + b`` from the features ``a`` the classifier
+    received: ``u = V_W a + v_b``, ``g = u - (p^T u) 1``. Almost free.
+``"double_backward"``
+    reverse-over-reverse: ``g = d/d zeta [ (d/d theta sum_i zeta_i^T log p_i) . v ]`` for layers
+    without forward-mode formulas (1 forward + 2 backwards).
+
+The log-softmax Jacobian (not the logit Jacobian) is used throughout: the two differ by a
+per-sample shift ``(p^T g_logit) 1`` that changes the sign test ``y^T g >= 0``.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .errors import ConfigurationError, UnsupportedModelError
+from .heads import unwrap_model
+
+__all__ = [
+    "SCORE_MODES",
+    "scoring_mode",
+    "GradSum",
+    "validation_gradient",
+    "last_layer_scores",
+    "full_scores",
+    "double_backward_scores",
+    "class_scores",
+]
+
+SCORE_MODES = ("full", "last_layer", "double_backward", "auto")
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@contextmanager
+def scoring_mode(model: nn.Module, bn: str = "eval"):
+    """Run extra passes with dropout off and BatchNorm in ``bn`` mode, changing nothing persistent.
+
+    ``bn="eval"`` uses the running statistics; ``bn="train"`` uses the batch statistics and restores
+    the running statistics (and ``num_batches_tracked``) afterwards. All modules' ``training`` flags
+    are restored on exit.
+    """
+    if bn not in ("eval", "train"):
+        raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn!r}",
+                                 "use 'eval' (running statistics) or 'train' (batch statistics)")
+    flags = [(m, m.training) for m in model.modules()]
+    saved = []
+    try:
+        model.eval()
+        if bn == "train":
+            for m in model.modules():
+                if isinstance(m, _BN_TYPES) and m.track_running_stats:
+                    saved.append((m, [b.detach().clone() if b is not None else None
+                                      for b in (m.running_mean, m.running_var, m.num_batches_tracked)]))
+                    m.train()
+                elif isinstance(m, _BN_TYPES):
+                    m.train()
+        yield
+    finally:
+        for m, bufs in saved:
+            for name, b in zip(("running_mean", "running_var", "num_batches_tracked"), bufs):
+                if b is not None:
+                    getattr(m, name).copy_(b)
+        for m, flag in flags:
+            m.training = flag
+
+
+@dataclass
+class GradSum:
+    """Sum over samples of per-sample loss gradients, with the number of samples.
+
+    Kept as sums so batches (and processes) combine exactly; ``direction()`` is ``v = -sum/count``.
+    """
+
+    sums: Dict[str, torch.Tensor]
+    count: int
+    loss_sum: float = 0.0
+
+    def add(self, other: "GradSum") -> "GradSum":
+        if not self.sums:
+            return other
+        return GradSum({k: self.sums[k] + other.sums[k] for k in self.sums},
+                       self.count + other.count, self.loss_sum + other.loss_sum)
+
+    def direction(self) -> Dict[str, torch.Tensor]:
+        return {k: -(s / max(self.count, 1)) for k, s in self.sums.items()}
+
+
+def _forward_logits(model: nn.Module, inputs) -> torch.Tensor:
+    out = model(inputs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def validation_gradient(
+    model: nn.Module,
+    inputs,
+    targets: torch.Tensor,
+    *,
+    params: Optional[Dict[str, nn.Parameter]] = None,
+    head: Optional[nn.Linear] = None,
+    head_name: Optional[str] = None,
+    bn: str = "eval",
+) -> GradSum:
+    """Summed cross-entropy gradient of one validation batch.
+
+    ``targets`` are (B, C) probabilities. With ``head``/``head_name`` given (last-layer mode) the
+    gradient of the head's weight and bias is computed in closed form from the features the head
+    receives, ``sum_j (p_j - y_j) a_j^T``; otherwise ``params`` (name -> parameter of the unwrapped
+    model) are differentiated by autograd without touching ``.grad``.
+    """
+    net = unwrap_model(model)
+    y = targets.float()
+    if head is not None:
+        feats = []
+        h = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach()))
+        try:
+            with torch.no_grad(), scoring_mode(net, bn):
+                logits = _forward_logits(net, inputs)
+        finally:
+            h.remove()
+        a = feats[-1].flatten(1).float()
+        logp = F.log_softmax(logits.float(), -1)
+        r = logp.exp() - y  # (B, C) residual: d CE / d z
+        sums = {f"{head_name}.weight": r.t() @ a}
+        if head.bias is not None:
+            sums[f"{head_name}.bias"] = r.sum(0)
+        return GradSum(sums, int(y.shape[0]), float(-(y * logp).sum()))
+    if not params:
+        raise ConfigurationError("no trainable parameters to differentiate",
+                                 "make sure the model has parameters with requires_grad=True")
+    names = list(params)
+    with torch.enable_grad(), scoring_mode(net, bn):
+        logits = _forward_logits(net, inputs)
+        loss = -(y * F.log_softmax(logits.float(), -1)).sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    sums = {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
+            for n, g in zip(names, grads)}
+    return GradSum(sums, int(y.shape[0]), float(loss.detach()))
+
+
+def last_layer_scores(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Closed-form ``g`` (B, C) for ``z = W a + b``: ``u = V_W a + v_b``, ``g = u - (p^T u) 1``."""
+    u = features.flatten(1).float() @ v_weight.float().t()
+    if v_bias is not None:
+        u = u + v_bias.float()
+    p = torch.softmax(logits.detach().float(), -1)
+    return u - (p * u).sum(-1, keepdim=True)
+
+
+def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:
+    """``g`` (B, C) by one forward-mode pass through the whole model with tangent ``v``.
+
+    ``v`` maps parameter names of the unwrapped model to tangents; parameters not in ``v`` get a
+    zero tangent.
+    """
+    net = unwrap_model(model)
+    named = dict(net.named_parameters())
+    missing = [n for n in v if n not in named]
+    if missing:
+        raise ConfigurationError(f"validation direction names unknown parameters {missing[:3]}",
+                                 "compute the validation gradient on this model")
+    with torch.no_grad(), scoring_mode(net, bn), fwAD.dual_level():
+        duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+        out = functional_call(net, duals, (inputs,), strict=False)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        logp = F.log_softmax(out.float(), -1)
+        tangent = fwAD.unpack_dual(logp).tangent
+    if tangent is None:
+        return torch.zeros_like(logp)
+    return tangent.float()
+
+
+def double_backward_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:
+    """``g`` (B, C) by reverse-over-reverse differentiation (fallback for layers without forward AD)."""
+    net = unwrap_model(model)
+    named = dict(net.named_parameters())
+    names = [n for n in v if named[n].requires_grad]
+    with torch.enable_grad(), scoring_mode(net, bn):
+        logp = F.log_softmax(_forward_logits(net, inputs).float(), -1)
+        zeta = torch.zeros_like(logp, requires_grad=True)
+        u = torch.autograd.grad((zeta * logp).sum(), [named[n] for n in names],
+                                create_graph=True, allow_unused=True)
+        dot = sum((ui.float() * v[n].float()).sum() for n, ui in zip(names, u) if ui is not None)
+        if not torch.is_tensor(dot) or not dot.requires_grad:
+            return torch.zeros_like(logp).detach()
+        (g,) = torch.autograd.grad(dot, zeta)
+    return g.detach().float()
+
+
+_warned_fallback = set()
+
+
+def class_scores(
+    model: nn.Module,
+    inputs=None,
+    v: Optional[Dict[str, torch.Tensor]] = None,
+    *,
+    mode: str = "full",
+    features: Optional[torch.Tensor] = None,
+    logits: Optional[torch.Tensor] = None,
+    head_name: Optional[str] = None,
+    bn: str = "eval",
+) -> torch.Tensor:
+    """Class-score vectors ``g = J_logsoftmax(x) v`` (B, C), fp32, "positive = helps".
+
+    ``mode="full"``/``"double_backward"`` need ``inputs``; ``"last_layer"`` needs the classifier's
+    input ``features``, the ``logits`` and ``head_name`` (to read ``v[head_name + '.weight']``);
+    ``"auto"`` tries ``"full"`` and falls back to ``"double_backward"`` when an operation has no
+    forward-mode derivative.
+    """
+    if v is None:
+        raise ConfigurationError("class_scores needs the validation direction v",
+                                 "compute it with validation_gradient(...).direction()")
+    if mode == "last_layer":
+        if features is None or logits is None or head_name is None:
+            raise ConfigurationError("last-layer scores need features=, logits= and head_name=",
+                                     "pass the classifier's input features and the logits")
+        return last_layer_scores(features, logits, v[f"{head_name}.weight"], v.get(f"{head_name}.bias"))
+    if inputs is None:
+        raise ConfigurationError(f"mode={mode!r} needs the model inputs",
+                                 "pass inputs= (the batch fed to the model)")
+    if mode == "full":
+        return full_scores(model, inputs, v, bn=bn)
+    if mode == "double_backward":
+        return double_backward_scores(model, inputs, v, bn=bn)
+    if mode == "auto":
+        try:
+            return full_scores(model, inputs, v, bn=bn)
+        except (NotImplementedError, RuntimeError) as e:
+            msg = str(e)
+            if "forward AD" not in msg and "forward-mode" not in msg and "jvp" not in msg.lower() and \
+                    not isinstance(e, NotImplementedError):
+                raise
+            key = type(unwrap_model(model)).__name__
+            if key not in _warned_fallback:
+                _warned_fallback.add(key)
+                warnings.warn(f"forward-mode AD is not available for an operation in {key} ({msg.splitlines()[0][:120]}); "
+                              "using double-backward scores instead", RuntimeWarning, stacklevel=2)
+            try:
+                return double_backward_scores(model, inputs, v, bn=bn)
+            except RuntimeError as e2:
+                raise UnsupportedModelError(
+                    f"{key} supports neither forward-mode AD nor double backward: {str(e2).splitlines()[0][:200]}",
+                    "use mode='last_layer' (closed form on the linear head); for attention models disable fused "
+                    "attention (timm.layers.set_fused_attn(False))") from e2
+    raise ConfigurationError(f"unknown score mode {mode!r}", f"use one of {SCORE_MODES}")

@@ -1,0 +1,117 @@
+"""Targets: normalise class indices / one-hot / Mixup-CutMix soft targets, and soft-target losses.
+
+All losses are computed in fp32 from ``log_softmax`` of the logits, whatever the logits' dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ClassCountMismatchError, NonFiniteError, ShapeError, TargetError
+
+__all__ = ["check_logits", "to_soft_targets", "soft_cross_entropy", "weighted_soft_ce"]
+
+_PROB_TOL = 1e-3
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise a typed error unless ``logits`` is a finite floating (B, C) tensor with C >= 2."""
+    if not isinstance(logits, torch.Tensor):
+        raise ShapeError(f"logits must be a torch.Tensor, got {type(logits).__name__}",
+                         "pass the model's output tensor (for dict/tuple outputs, pass the logits entry)")
+    if logits.dim() != 2:
+        raise ShapeError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}",
+                         "flatten extra dimensions, e.g. logits.flatten(0, -2) with matching targets")
+    if not logits.is_floating_point():
+        raise TargetError(f"logits must be floating point, got {logits.dtype}",
+                          "pass the raw model outputs, not predicted class indices")
+    if logits.shape[1] < 2:
+        raise ShapeError(f"logits need at least 2 classes, got {logits.shape[1]}",
+                         "for a binary task output two logits per sample")
+    finite = torch.isfinite(logits.detach())
+    if not bool(finite.all()):
+        bad = (~finite).any(dim=1).nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"logits contain NaN/inf in {len(bad)} sample(s) (rows {bad[:8]}{'...' if len(bad) > 8 else ''})",
+            "lower the learning rate, enable gradient clipping, or check the inputs; "
+            "under fp16 use a GradScaler")
+
+
+def to_soft_targets(
+    targets: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    what: str = "targets",
+) -> torch.Tensor:
+    """Return targets as a ``(B, C)`` fp32 probability matrix.
+
+    Accepts class indices of shape ``(B,)`` (any integer dtype) or probabilities of shape
+    ``(B, C)`` (one-hot, label smoothing, Mixup/CutMix). Raises :class:`TargetError` (or a subclass)
+    naming the problem otherwise.
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TargetError(f"{what} must be a torch.Tensor, got {type(targets).__name__}",
+                          "pass a tensor of class indices (B,) or probabilities (B, C)")
+    if batch_size is not None and (targets.dim() == 0 or targets.shape[0] != batch_size):
+        raise ShapeError(
+            f"{what} have {targets.shape[0] if targets.dim() else 'no'} rows but logits have {batch_size}",
+            "pass one target per logits row (after Mixup/CutMix pass the mixed targets)")
+    if targets.dim() == 1 and not targets.is_floating_point() and targets.dtype != torch.bool:
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            lo, hi = int(targets.min()), int(targets.max())
+            err = ClassCountMismatchError if hi >= num_classes and what.startswith("validation") else TargetError
+            raise err(
+                f"{what} contain labels in [{lo}, {hi}] but there are {num_classes} classes (valid: 0..{num_classes - 1})",
+                "check the label encoding and the classifier's number of outputs; "
+                "ignore_index-style labels (e.g. -100) are not supported: drop those samples")
+        return F.one_hot(targets.long(), num_classes).to(dtype)
+    if targets.dim() == 1 and targets.is_floating_point():
+        raise TargetError(f"{what} are a 1-D floating tensor",
+                          "pass class indices as an integer tensor (targets.long()) or probabilities (B, C)")
+    if targets.dim() == 2 and targets.is_floating_point():
+        if targets.shape[1] != num_classes:
+            err = ClassCountMismatchError if what.startswith("validation") else ShapeError
+            raise err(f"{what} have {targets.shape[1]} columns but there are {num_classes} classes",
+                      "make the soft targets' width equal the classifier's number of outputs")
+        t = targets.detach().to(dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{what} contain NaN/inf", "check the target pipeline (Mixup lambda, smoothing)")
+        if bool((t < -_PROB_TOL).any()) or bool(((t.sum(1) - 1).abs() > _PROB_TOL).any()):
+            raise TargetError(f"{what} (B, C) must be probabilities: non-negative rows summing to 1",
+                              "apply softmax to logits-like targets, or pass class indices")
+        return t.clamp_min(0)
+    raise TargetError(
+        f"{what} must be class indices (B,) or probabilities (B, C); got shape {tuple(targets.shape)} dtype {targets.dtype}",
+        "pass labels as a LongTensor of shape (B,) or a float tensor of shape (B, C)")
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32, shape ``(B,)``."""
+    return -(soft_targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def weighted_soft_ce(
+    logits: torch.Tensor,
+    soft_targets: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Soft-target cross-entropy with optional per-sample weights (treated as constants).
+
+    ``reduction``: ``"mean"`` divides the weighted sum by the batch size (so weights with mean 1
+    keep the loss scale), ``"sum"`` returns the weighted sum, ``"none"`` the weighted per-sample losses.
+    """
+    losses = soft_cross_entropy(logits, soft_targets)
+    if weights is not None:
+        losses = losses * weights.detach().float()
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / max(losses.shape[0], 1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -1,0 +1,213 @@
+"""Small helpers shared by the benchmark scripts: result paths, statistics,
+markdown tables, plots, seeding, thread limits and timing."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "results_dir",
+    "mean_std",
+    "fmt_mean_std",
+    "write_markdown_table",
+    "set_threads",
+    "seed_everything",
+    "Timer",
+    "save_bar_plot",
+]
+
+_BENCH_DIR = Path(__file__).resolve().parent
+
+
+def results_dir() -> Path:
+    """Return ``benchmarks/results`` (created if missing)."""
+    path = _BENCH_DIR / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mean_std(values: Iterable[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``) of ``values``.
+
+    The standard deviation is ``0.0`` for a single value. Raises ``ValueError``
+    for an empty input.
+    """
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("mean_std needs at least one value")
+    mean = float(arr.mean())
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return mean, std
+
+
+def fmt_mean_std(values: Iterable[float], scale: float = 100, digits: int = 2) -> str:
+    """Format ``values`` as ``"mean ± std"`` after multiplying by ``scale``.
+
+    With the defaults, accuracies in ``[0, 1]`` become percentages, e.g.
+    ``fmt_mean_std([0.9227, 0.9235]) == "92.31 ± 0.06"``.
+    """
+    mean, std = mean_std(values)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = "nan" if math.isnan(value) else f"{value:.4g}"
+    else:
+        text = str(value)
+    # A pipe would end the cell; a newline would end the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown_table(
+    path: Optional[os.PathLike],
+    headers: Sequence[str],
+    rows: Iterable[Sequence],
+    title: Optional[str] = None,
+    preamble: Optional[str] = None,
+) -> str:
+    """Write a GitHub-flavoured markdown table and return its text.
+
+    Args:
+        path: file to write (parent directories are created); ``None`` only
+            returns the text.
+        headers: column titles.
+        rows: one sequence of cells per row, each as long as ``headers``.
+            Floats are written with 4 significant digits; other values with
+            ``str``. Pipes are escaped.
+        title: optional ``#`` heading placed above the table.
+        preamble: optional paragraph placed between the heading and the table.
+    """
+    headers = [_cell(h) for h in headers]
+    if not headers:
+        raise ValueError("write_markdown_table needs at least one column")
+    lines = []
+    if title:
+        lines += [f"# {title}", ""]
+    if preamble:
+        lines += [preamble.rstrip(), ""]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    for i, row in enumerate(rows):
+        cells = [_cell(c) for c in row]
+        if len(cells) != len(headers):
+            raise ValueError(f"row {i} has {len(cells)} cells, expected {len(headers)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return text
+
+
+def set_threads(n: int) -> None:
+    """Limit torch to ``n`` intra-op threads (and inter-op threads where still allowed).
+
+    ``torch.set_num_interop_threads`` may only be called once, before any
+    parallel work has started; a later call is ignored.
+    """
+    import torch
+
+    n = max(1, int(n))
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Timer:
+    """Context manager measuring wall-clock time with ``time.perf_counter``.
+
+    >>> with Timer() as t:
+    ...     pass
+    >>> t.elapsed >= 0
+    True
+
+    ``elapsed`` holds the seconds so far while the block runs and the total
+    after it ends.
+    """
+
+    def __init__(self) -> None:
+        self._start: Optional[float] = None
+        self._stop: Optional[float] = None
+
+    def __enter__(self) -> "Timer":
+        self._start = time.perf_counter()
+        self._stop = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        if self._start is None:
+            return 0.0
+        end = self._stop if self._stop is not None else time.perf_counter()
+        return end - self._start
+
+
+def save_bar_plot(
+    path: os.PathLike,
+    labels: Sequence[str],
+    means: Sequence[float],
+    stds: Optional[Sequence[float]],
+    ylabel: str,
+    title: str,
+    zoom: bool = True,
+) -> Path:
+    """Save a bar chart with error bars (matplotlib, Agg backend) and return its path.
+
+    With ``zoom=True`` the y axis spans the bars' range (plus a margin) rather
+    than starting at zero, so that small differences stay visible; the axis
+    labels then show where it starts. ``stds`` may be ``None`` for no error bars.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(labels) != len(means) or (stds is not None and len(stds) != len(means)):
+        raise ValueError("labels, means and stds must have the same length")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = max(4.0, 0.9 * len(labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(width, 3.6))
+    try:
+        x = np.arange(len(labels))
+        ax.bar(x, means, yerr=stds, capsize=4, color="#4C72B0", edgecolor="black", linewidth=0.6)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=20 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if zoom and len(means):
+            m = np.asarray(means, dtype=np.float64)
+            e = np.asarray(stds, dtype=np.float64) if stds is not None else np.zeros_like(m)
+            lo, hi = float((m - e).min()), float((m + e).max())
+            pad = 0.15 * (hi - lo) if hi > lo else max(1.0, abs(hi) * 0.1)
+            # Zoom in on the differences, but never cut below zero for positive data.
+            ax.set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,133 @@
+"""Quality study on Fashion-MNIST: none / upstream RandAugment / +SAflex / +L2RW.
+
+Setting: 10k training / 1k clean validation images (stratified from the official training set), the
+official 10k test set; upstream timm RandAugment (``rand-m9-mstd0.5``, 4 precomputed views per
+image) with 30 % of augmented views given a random wrong label; a small CNN, SGD + cosine.
+Trained on originals plus augmented views (the paper's setting) and on augmented views alone.
+
+    python -m benchmarks.quality                      # both settings, all arms, 3 seeds
+    python -m benchmarks.quality --settings orig+aug --arms saflex --seeds 0 --epochs 6 \
+        --set beta=2 --set weighting=hard            # a quick variant (printed, not saved)
+
+Writes ``benchmarks/results/quality.md`` (and ``quality.png``) when run with the default arms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List
+
+import torch
+
+from augplug.study import StudyData, corrupt_views, make_view_bank
+
+from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+
+MEAN, STD = 0.2860, 0.3530
+ARMS = ("none", "upstream", "saflex", "l2rw")
+SETTINGS = ("orig+aug", "aug-only")
+
+
+def _parse_value(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
+
+
+def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 4, noise: float = 0.3,
+               aa: str = "rand-m9-mstd0.5") -> StudyData:
+    from timm.data.auto_augment import rand_augment_transform
+
+    from .common import results_dir as _rd  # noqa: F401  (keeps results dir creation in one place)
+    from .datasets import fashion_mnist_splits
+
+    cache_dir = os.path.join(os.path.dirname(__file__), "data")
+    os.makedirs(cache_dir, exist_ok=True)
+    cache = os.path.join(cache_dir, f"fmnist_bank_{aa}_{n_train}_{n_val}_{views}_s{seed}.pt")
+    sp = fashion_mnist_splits(n_train, n_val, seed=seed)
+    if os.path.exists(cache):
+        bank = torch.load(cache, weights_only=True)
+    else:
+        tf = rand_augment_transform(aa, {"img_mean": (int(255 * MEAN),)})
+        bank = make_view_bank(sp["train"][0], tf, views, seed=seed)
+        torch.save(bank, cache)
+    norm = lambda u8: ((u8.float() / 255 - MEAN) / STD).unsqueeze(-3)  # noqa: E731
+    view_labels, _ = corrupt_views(sp["train"][1], views, noise, 10, seed=seed)
+    return StudyData(norm(sp["train"][0]), sp["train"][1], norm(sp["val"][0]), sp["val"][1],
+                     norm(sp["test"][0]), sp["test"][1], norm(bank), view_labels, 10)
+
+
+def _job(args):
+    setting, arm, seed, epochs, overrides, extra = args
+    set_threads(1)
+    from augplug.study import run_arm
+
+    data = load_study(seed)
+    ref_kw = dict(overrides) if arm in ("saflex", "l2rw") else {}
+    warm = ref_kw.pop("warmup_epochs", extra.get("warmup_epochs", 0.0))
+    vbs = ref_kw.pop("val_batch_size", 500)
+    res = run_arm(data, arm, seed, epochs=epochs, aug_only=(setting == "aug-only"), refiner_kwargs=ref_kw,
+                  warmup_epochs=warm if arm in ("saflex", "l2rw") else 0.0, val_batch_size=vbs)
+    return setting, arm, seed, res
+
+
+def main(argv: List[str] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="refiner option for the saflex/l2rw arms (e.g. beta=2, weighting=soft, warmup_epochs=1)")
+    ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: _parse_value(v) for k, v in overrides.items()}
+    for seed in args.seeds:  # build the view banks once, before the workers start
+        load_study(seed)
+    jobs = [(s, a, seed, args.epochs, overrides, {}) for s in args.settings for a in args.arms for seed in args.seeds
+            if not (a == "none" and s != args.settings[0])]
+    results: Dict = {}
+    with ProcessPoolExecutor(max_workers=args.workers) as ex:
+        for setting, arm, seed, res in ex.map(_job, jobs):
+            results.setdefault((setting, arm), []).append(res)
+            print(json.dumps({"setting": setting, "arm": arm, "seed": seed,
+                              **{k: round(v, 4) for k, v in res.items()}}), flush=True)
+    if "none" in args.arms:
+        for s in args.settings[1:]:
+            results[(s, "none")] = results[(args.settings[0], "none")]
+    headers = ["setting", "arm", "test acc % (mean ± std)", "AUC(weight, clean)", "AUC(y~ᵀg, clean)",
+               "kept clean", "kept corrupted", "corrupted relabelled to true class", "s/run"]
+    rows = []
+    for (setting, arm), rs in results.items():
+        def col(k, scale=1.0, d=3):
+            vals = [r[k] for r in rs if k in r]
+            return fmt_mean_std(vals, scale=scale, digits=d) if vals else "–"
+        rows.append([setting, arm, col("test_acc", 100, 2), col("auc_weight"), col("auc_agreement"),
+                     col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
+    pre = (f"Command: `python -m benchmarks.quality {' '.join(argv or [])}`".strip() +
+           f"\n\nFashion-MNIST, 10k train / 1k val / 10k test, small CNN, {args.epochs} epochs, seeds {args.seeds}; "
+           f"refiner options: {overrides or 'defaults'}.")
+    table = write_markdown_table(results_dir() / f"{args.out}.md", headers, rows, title="Quality: Fashion-MNIST",
+                                 preamble=pre) if not args.no_save else None
+    if table is None:
+        from .common import write_markdown_table as w
+        import tempfile
+        table = w(os.path.join(tempfile.gettempdir(), "quality_tmp.md"), headers, rows)
+    print(table)
+    if not args.no_save:
+        labels = [f"{s}\n{a}" for (s, a) in results]
+        ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
+        save_bar_plot(results_dir() / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
+                      "test accuracy (%)", "Fashion-MNIST, RandAugment + 30% corrupted views")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import math
+import time
+
+import pytest
+
+from benchmarks.common import (
+    Timer,
+    fmt_mean_std,
+    mean_std,
+    results_dir,
+    save_bar_plot,
+    seed_everything,
+    set_threads,
+    write_markdown_table,
+)
+
+
+def test_mean_std_sample_std():
+    m, s = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert m == pytest.approx(2.5)
+    assert s == pytest.approx(math.sqrt(5 / 3))  # ddof=1
+    assert mean_std([0.7]) == (0.7, 0.0)
+    assert mean_std(iter([2, 2])) == (2.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_fmt_mean_std():
+    assert fmt_mean_std([0.9227, 0.9235]) == "92.31 ± 0.06"
+    assert fmt_mean_std([0.5]) == "50.00 ± 0.00"
+    assert fmt_mean_std([1.0, 3.0], scale=1, digits=1) == "2.0 ± 1.4"
+
+
+def test_write_markdown_table(tmp_path):
+    path = tmp_path / "sub" / "table.md"
+    text = write_markdown_table(
+        path,
+        ["method", "acc", "note"],
+        [["baseline", 0.91234, "a|b"], ["ours", "92.31 ± 0.40", 3]],
+        title="Results",
+        preamble="Three seeds.",
+    )
+    assert path.read_text(encoding="utf-8") == text
+    lines = text.splitlines()
+    assert lines[0] == "# Results"
+    assert lines[2] == "Three seeds."
+    assert lines[4] == "| method | acc | note |"
+    assert lines[5] == "|---|---|---|"
+    assert lines[6] == "| baseline | 0.9123 | a\\|b |"
+    assert lines[7] == "| ours | 92.31 ± 0.40 | 3 |"
+    assert text.endswith("\n")
+
+
+def test_write_markdown_table_no_file_and_errors():
+    text = write_markdown_table(None, ["a"], [[1]])
+    assert text == "| a |\n|---|\n| 1 |\n"
+    with pytest.raises(ValueError, match="row 0"):
+        write_markdown_table(None, ["a", "b"], [[1]])
+
+
+def test_results_dir_exists():
+    path = results_dir()
+    assert path.is_dir() and path.name == "results"
+
+
+def test_timer_and_seeding():
+    import numpy as np
+    import torch
+
+    set_threads(1)
+    assert torch.get_num_threads() == 1
+    with Timer() as t:
+        time.sleep(0.01)
+    assert t.elapsed >= 0.009
+    seed_everything(3)
+    a = (np.random.rand(), torch.rand(1).item())
+    seed_everything(3)
+    assert (np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_save_bar_plot(tmp_path):
+    out = save_bar_plot(tmp_path / "p.png", ["a", "b"], [91.0, 92.5], [0.3, 0.2], "accuracy (%)", "test")
+    assert out.is_file() and out.stat().st_size > 0
+    out = save_bar_plot(tmp_path / "q.png", ["a"], [1.0], None, "y", "t", zoom=False)
+    assert out.is_file()
+    with pytest.raises(ValueError):
+        save_bar_plot(tmp_path / "r.png", ["a"], [1.0, 2.0], None, "y", "t")

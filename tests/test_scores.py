@@ -1,0 +1,196 @@
+"""Class scores g from each mode against brute-force per-sample gradient dot products."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from augplug import functional as AF
+from augplug.errors import UnsupportedModelError
+from conftest import brute_force_class_scores, loop_class_scores
+
+C = 5
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _data(n=6, nv=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.double)
+    xv = torch.randn(nv, 1, 8, 8, generator=g, dtype=torch.double)
+    yv = F.one_hot(torch.randint(0, C, (nv,), generator=g), C).double()
+    return x, xv, yv
+
+
+def _direction(model, xv, yv, params=None):
+    params = params or {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return AF.validation_gradient(model, xv, yv, params=params, bn="eval").direction()
+
+
+@pytest.mark.parametrize("mode", ["full", "double_backward", "auto"])
+def test_full_model_scores_match_oracle(tiny_cnn, mode):
+    x, xv, yv = _data()
+    tiny_cnn.train()
+    v = _direction(tiny_cnn, xv, yv)
+    g = AF.class_scores(tiny_cnn, x, v, mode=mode, bn="eval")
+    tiny_cnn.eval()
+    oracle = brute_force_class_scores(tiny_cnn, x, v, C)
+    assert g.shape == (6, C) and g.dtype == torch.float32
+    assert rel_err(g, oracle) <= 1e-4
+
+
+def test_last_layer_scores_match_oracle_when_only_head_trains(tiny_cnn):
+    x, xv, yv = _data()
+    for p in tiny_cnn.parameters():
+        p.requires_grad_(False)
+    head = tiny_cnn[-1]
+    for p in head.parameters():
+        p.requires_grad_(True)
+    tiny_cnn.eval()
+    gs = AF.validation_gradient(tiny_cnn, xv, yv, head=head, head_name="8")
+    # closed-form head gradient equals autograd's
+    auto = AF.validation_gradient(tiny_cnn, xv, yv, params=dict(head.named_parameters(prefix="8")))
+    for k in gs.sums:
+        assert torch.allclose(gs.sums[k].double(), auto.sums[k].double(), atol=1e-6)
+    v = gs.direction()
+    feats = []
+    h = head.register_forward_hook(lambda m, a, o: feats.append(a[0]))
+    logits = tiny_cnn(x)
+    h.remove()
+    g = AF.class_scores(tiny_cnn, v=v, mode="last_layer", features=feats[0], logits=logits, head_name="8")
+    oracle = brute_force_class_scores(tiny_cnn, x, v, C)
+    assert rel_err(g, oracle) <= 1e-4
+    # and the full forward-mode pass agrees with the closed form on this model
+    assert rel_err(AF.class_scores(tiny_cnn, x, v, mode="full"), oracle) <= 1e-4
+
+
+def test_scores_are_centred_and_sign_means_helps(tiny_cnn):
+    """p^T g = 0; an SGD step on the highest-scoring sample lowers the validation loss."""
+    x, xv, yv = _data(n=16)
+    tiny_cnn.eval()
+    y = F.one_hot(torch.randint(0, C, (16,), generator=torch.Generator().manual_seed(3)), C).double()
+    v = _direction(tiny_cnn, xv, yv)
+    g = AF.class_scores(tiny_cnn, x, v, mode="full")
+    p = torch.softmax(tiny_cnn(x), -1)
+    assert (p * g.double()).sum(1).abs().max() < 1e-5
+    agree = (y * g).sum(1)
+    best, worst = int(agree.argmax()), int(agree.argmin())
+    assert agree[best] > 0 > agree[worst]
+
+    def val_loss_after_step(i):
+        m = copy.deepcopy(tiny_cnn)
+        loss = -(y[i:i + 1] * F.log_softmax(m(x[i:i + 1]), -1)).sum()
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        with torch.no_grad():
+            for prm, gr in zip(m.parameters(), grads):
+                prm -= 1e-3 * gr
+        return float(-(yv * F.log_softmax(m(xv), -1)).sum(1).mean())
+
+    with torch.no_grad():
+        base = float(-(yv * F.log_softmax(tiny_cnn(xv), -1)).sum(1).mean())
+    assert val_loss_after_step(best) < base < val_loss_after_step(worst)
+    # first-order prediction: drop = lr * y^T g
+    assert abs((base - val_loss_after_step(best)) - 1e-3 * float(agree[best])) < 1e-3 * float(agree[best]) * 0.05
+
+
+def test_logit_jacobian_would_differ(tiny_cnn):
+    """The log-softmax Jacobian is used: scores differ from logit-Jacobian scores by (p^T g_logit) 1."""
+    x, xv, yv = _data()
+    tiny_cnn.eval()
+    v = _direction(tiny_cnn, xv, yv)
+    g = AF.class_scores(tiny_cnn, x, v, mode="full")
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+    with torch.no_grad(), fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), v[n].double()) for n, p in tiny_cnn.named_parameters()}
+        g_logit = fwAD.unpack_dual(functional_call(tiny_cnn, duals, (x,))).tangent
+    p = torch.softmax(tiny_cnn(x), -1)
+    assert torch.allclose(g.double(), g_logit - (p * g_logit).sum(1, keepdim=True), atol=1e-6)
+    assert not torch.allclose(g.double(), g_logit, atol=1e-4)
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_scoring_leaves_batchnorm_and_modes_untouched(tiny_cnn, bn):
+    x, xv, yv = _data()
+    tiny_cnn.train()
+    before = {k: b.clone() for k, b in tiny_cnn.state_dict().items()}
+    v = _direction(tiny_cnn, xv, yv)
+    AF.validation_gradient(tiny_cnn, xv, yv, params=dict(tiny_cnn.named_parameters()), bn=bn)
+    AF.class_scores(tiny_cnn, x, v, mode="full", bn=bn)
+    AF.class_scores(tiny_cnn, x, v, mode="double_backward", bn=bn)
+    after = tiny_cnn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in tiny_cnn.modules())
+
+
+def test_train_mode_bn_scores_use_batch_statistics(tiny_cnn):
+    x, xv, yv = _data(n=8)
+    v = _direction(tiny_cnn, xv, yv)
+    g_train = AF.class_scores(tiny_cnn, x, v, mode="full", bn="train")
+    g_db = AF.class_scores(tiny_cnn, x, v, mode="double_backward", bn="train")
+    assert rel_err(g_train, g_db) <= 1e-4
+    assert not torch.allclose(g_train, AF.class_scores(tiny_cnn, x, v, mode="full", bn="eval"))
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, go):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return go * (s + x * s * (1 - s))
+
+
+class _Swish(nn.Module):
+    def forward(self, x):
+        return _NoForwardAD.apply(x)
+
+
+def test_auto_falls_back_to_double_backward():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), _Swish(), nn.Linear(8, C)).double()
+    x = torch.randn(5, 6, dtype=torch.double)
+    xv, yv = torch.randn(7, 6, dtype=torch.double), F.one_hot(torch.arange(7) % C, C).double()
+    v = _direction(m, xv, yv)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        AF.class_scores(m, x, v, mode="full")
+    with pytest.warns(RuntimeWarning, match="double-backward"):
+        g = AF.class_scores(m, x, v, mode="auto")
+    assert rel_err(g, loop_class_scores(m, x, v, C)) <= 1e-4
+
+
+def test_auto_reports_models_supporting_neither(monkeypatch):
+    import augplug.scores as S
+
+    def no_double_backward(*a, **k):
+        raise RuntimeError("derivative for aten::some_fused_op_backward is not implemented")
+
+    monkeypatch.setattr(S, "double_backward_scores", no_double_backward)
+    m = nn.Sequential(nn.Linear(4, 6), _Swish(), nn.Linear(6, 3))
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    with pytest.warns(RuntimeWarning):
+        with pytest.raises(UnsupportedModelError, match="last_layer"):
+            AF.class_scores(m, torch.randn(3, 4), v, mode="auto")
+
+
+def test_timm_resnet_with_batchnorm_matches_oracle():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=C, pretrained=False).double()
+    m.train()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.double)
+    xv = torch.randn(4, 3, 32, 32, dtype=torch.double)
+    yv = F.one_hot(torch.arange(4) % C, C).double()
+    before = {k: b.clone() for k, b in m.state_dict().items()}
+    v = _direction(m, xv, yv)
+    g = AF.class_scores(m, x, v, mode="full")
+    assert all(torch.equal(before[k], m.state_dict()[k]) for k in before)
+    m.eval()
+    assert rel_err(g, brute_force_class_scores(m, x, v, C)) <= 1e-4
