@@ -8,7 +8,8 @@ Arms:
 ``none``      originals only, plain cross-entropy;
 ``upstream``  originals + augmented views as given (``method="none"``);
 ``saflex``    originals + views refined by SAflex;
-``l2rw``      originals + views reweighted by L2RW.
+``l2rw``      originals + views reweighted by L2RW;
+``clean``     originals + views with their true labels (the ceiling a perfect refiner could reach).
 
 With ``aug_only=True`` the batches hold augmented views only (the ``none`` arm is unchanged).
 Metrics: test accuracy, and on the augmented rows after warm-up the AUC of the weights and of the
@@ -132,7 +133,7 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refiner = None
     if arm != "none":
-        method = {"upstream": "none"}.get(arm, arm)
+        method = {"upstream": "none", "clean": "none"}.get(arm, arm)
         val_ds = torch.utils.data.TensorDataset(data.x_val, data.y_val)
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=val_batch_size, shuffle=True)
         kw = dict(refiner_kwargs or {})
@@ -154,14 +155,15 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
             if arm == "none":
                 loss = F.cross_entropy(model(xo), yo)
             else:
-                xa, ya = data.views[idx, vi], data.view_labels[idx, vi]
+                xa = data.views[idx, vi]
+                ya = yo if arm == "clean" else data.view_labels[idx, vi]
                 if aug_only:
                     x, y, n_orig = xa, ya, 0
                 else:
                     x, y, n_orig = torch.cat([xo, xa]), torch.cat([yo, ya]), len(idx)
                 loss = refiner(model(x), y, num_original=n_orig)
                 st = refiner.stats
-                if st["active"] and arm != "upstream":
+                if st["active"] and arm not in ("upstream", "clean"):
                     a = st["augmented"]
                     rec["w"].append(st["weights"][a].cpu())
                     rec["agree"].append((st["scores"][a].gather(1, ya[:, None]).squeeze(1)).cpu())

@@ -26,7 +26,7 @@ from augplug.study import StudyData, corrupt_views, make_view_bank
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 MEAN, STD = 0.2860, 0.3530
-ARMS = ("none", "upstream", "saflex", "l2rw")
+ARMS = ("none", "upstream", "saflex", "l2rw", "clean")
 SETTINGS = ("orig+aug", "aug-only")
 
 

@@ -161,6 +161,8 @@ def test_auto_falls_back_to_double_backward():
     v = _direction(m, xv, yv)
     with pytest.raises((NotImplementedError, RuntimeError)):
         AF.class_scores(m, x, v, mode="full")
+    import augplug.scores as S
+    S._warned_fallback.clear()
     with pytest.warns(RuntimeWarning, match="double-backward"):
         g = AF.class_scores(m, x, v, mode="auto")
     assert rel_err(g, loop_class_scores(m, x, v, C)) <= 1e-4
@@ -173,6 +175,7 @@ def test_auto_reports_models_supporting_neither(monkeypatch):
         raise RuntimeError("derivative for aten::some_fused_op_backward is not implemented")
 
     monkeypatch.setattr(S, "double_backward_scores", no_double_backward)
+    S._warned_fallback.clear()
     m = nn.Sequential(nn.Linear(4, 6), _Swish(), nn.Linear(6, 3))
     v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
     with pytest.warns(RuntimeWarning):

@@ -1,0 +1,252 @@
+"""AugmentationRefiner: two-line integration, loss formula, side effects, steps, state."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from augplug import AugmentationRefiner, Policy
+from augplug.models import MLP, SmallCNN
+
+C = 4
+
+
+def _loader(n=24, bs=8, shape=(1, 8, 8), seed=0, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, C, (n,), generator=g))
+    return DataLoader(ds, batch_size=bs, shuffle=shuffle, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _batch(b=8, shape=(1, 8, 8), seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, *shape, generator=g), torch.randint(0, C, (b,), generator=g)
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(1, C, img_size=8, width=4, hidden=8)
+
+
+def _train(model, refiner, opt, steps, shape=(1, 8, 8), num_original=0):
+    losses = []
+    for s in range(steps):
+        x, y = _batch(seed=100 + s, shape=shape)
+        loss = refiner(model(x), y, num_original=num_original)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "full", "double_backward", "auto"])
+@pytest.mark.parametrize("method", ["saflex", "l2rw", "none"])
+def test_two_line_integration_small_cnn(mode, method):
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    refiner = AugmentationRefiner(model, opt, _loader(), method=method, mode=mode)
+    losses = _train(model, refiner, opt, 3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    st = refiner.stats
+    assert st["weights"].shape == (8,) and st["soft_targets"].shape == (8, C) and st["scores"].shape == (8, C)
+    assert torch.allclose(st["soft_targets"].sum(1), torch.ones(8))
+    assert refiner.step_count == 3
+    if method != "none":
+        assert st["active"] and st["scores"].abs().sum() > 0
+        assert abs(float(st["weights"].mean()) - 1) < 1e-5 or float(st["weights"].sum()) == 0
+
+
+def test_modes_agree_on_scores():
+    """Captured inputs/features give the same g in full mode as in last-layer mode when only the head trains."""
+    model = _cnn()
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    model.eval()  # deterministic forward (dropout off, BN running stats) in both the user and scoring passes
+    scores = {}
+    for mode in ("last_layer", "full", "double_backward"):
+        r = AugmentationRefiner(model, None, _loader(shuffle=False), mode=mode, check_train_mode=False, gumbel=False)
+        x, y = _batch()
+        logits = model(x)
+        r(logits, y, inputs=x, features=model.features(x))
+        scores[mode] = r.stats["scores"]
+    assert torch.allclose(scores["full"], scores["last_layer"], atol=1e-5)
+    assert torch.allclose(scores["full"], scores["double_backward"], atol=1e-5)
+
+
+def test_none_method_is_plain_cross_entropy_and_orig_aug_weights():
+    model = _cnn()
+    r = AugmentationRefiner(model, None, None, method="none")
+    x, y = _batch()
+    logits = model(x)
+    assert torch.allclose(r(logits, y), F.cross_entropy(logits, y))
+    r2 = AugmentationRefiner(model, None, None, method="none", orig_weight=2.0, aug_weight=0.5)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    expect = (2.0 * ce[:3].sum() + 0.5 * ce[3:].sum()) / (2.0 * 3 + 0.5 * 5)
+    assert torch.allclose(r2(logits, y, num_original=3), expect)
+    mask = torch.tensor([False] * 3 + [True] * 5)
+    assert torch.allclose(r2(logits, y, augmented=mask), expect)
+
+
+def test_originals_keep_their_labels_and_weight():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = AugmentationRefiner(model, opt, _loader(), beta=0.0, tau=0.05, gumbel=False)
+    x, y = _batch()
+    r(model(x), y, num_original=4)
+    st = r.stats
+    assert torch.equal(st["weights"][:4], torch.ones(4))
+    assert torch.equal(st["soft_targets"][:4], F.one_hot(y[:4], C).float())
+    assert torch.equal(st["scores"][:4], torch.zeros(4, C))
+    assert st["augmented"].tolist() == [False] * 4 + [True] * 4
+
+
+def test_loss_uses_weights_and_soft_targets_as_constants():
+    model = _cnn()
+    r = AugmentationRefiner(model, None, _loader(), beta=1.0, tau=0.5, gumbel=False)
+    x, y = _batch()
+    logits = model(x)
+    loss = r(logits, y)
+    st = r.stats
+    expect = (st["weights"] * -(st["soft_targets"] * F.log_softmax(logits, -1)).sum(1)).mean()
+    assert torch.allclose(loss, expect)
+    assert not st["weights"].requires_grad and not st["soft_targets"].requires_grad
+
+
+@pytest.mark.parametrize("mode,bn", [("full", "train"), ("full", "eval"), ("last_layer", "train"),
+                                     ("double_backward", "eval")])
+def test_no_side_effects_on_batchnorm_or_user_rng(mode, bn):
+    """After the user's forward, a refiner call changes neither the model's buffers nor the global RNG."""
+    model = _cnn()
+    r = AugmentationRefiner(model, None, _loader(), mode=mode, bn_mode=bn, gumbel=True)
+    for step in range(2):
+        x, y = _batch(seed=step)
+        logits = model(x)
+        buffers = {k: b.clone() for k, b in model.state_dict().items()}
+        rng = torch.get_rng_state()
+        r(logits, y)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(buffers[k], b) for k, b in model.state_dict().items())
+        assert model.training and all(m.training for m in model.modules())
+
+
+def test_refresh_counts_optimizer_updates_and_warmup():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    r = AugmentationRefiner(model, opt, _loader(), refresh_every=3, warmup_steps=2)
+    pattern = []
+    for s in range(8):
+        x, y = _batch(seed=s)
+        for micro in range(2):  # gradient accumulation: two calls per optimizer step
+            loss = r(model(x[micro * 4:(micro + 1) * 4]), y[micro * 4:(micro + 1) * 4])
+            loss.backward()
+            pattern.append((r.stats["active"], r.stats["refreshed"]))
+        opt.step()
+        opt.zero_grad()
+    assert pattern[:4] == [(False, False)] * 4  # warm-up: 2 optimizer steps
+    refreshed_steps = [i // 2 for i, (a, f) in enumerate(pattern) if f]
+    assert refreshed_steps == [2, 5]  # refresh at steps 2 and 5, once per optimizer step
+    assert r.step_count == 8 and r.calls == 16
+
+
+class _WrapperWithoutHooks:
+    """Like accelerate's AcceleratedOptimizer: not an Optimizer itself, wraps one."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=1e-3),
+    lambda p: _WrapperWithoutHooks(torch.optim.SGD(p, lr=0.05)),
+    "timm",
+])
+def test_any_optimizer(make_opt):
+    model = _cnn()
+    if make_opt == "timm":
+        from timm.optim import create_optimizer_v2
+        opt = create_optimizer_v2(model, "lookahead_adamw", lr=1e-3)
+    else:
+        opt = make_opt(model.parameters())
+    r = AugmentationRefiner(model, opt, _loader())
+    _train(model, r, opt, 3)
+    assert r.step_count == 3
+
+
+@pytest.mark.parametrize("kind", ["timm", "torchvision", "mlp"])
+def test_any_classifier(kind):
+    if kind == "timm":
+        import timm
+        model, shape = timm.create_model("resnet10t", num_classes=C, pretrained=False), (3, 32, 32)
+    elif kind == "torchvision":
+        import torchvision
+        model, shape = torchvision.models.resnet18(num_classes=C), (3, 32, 32)
+    else:
+        model, shape = MLP(10, C, hidden=16), (10,)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for mode in ("last_layer", "full"):
+        r = AugmentationRefiner(model, opt, _loader(shape=shape), mode=mode)
+        x, y = _batch(shape=shape)
+        loss = r(model(x), y)
+        loss.backward()
+        assert torch.isfinite(loss) and r.stats["active"]
+        r.remove_hooks()
+
+
+def test_mixup_soft_targets_flow_through():
+    from timm.data import Mixup
+    model = _cnn()
+    r = AugmentationRefiner(model, None, _loader(), beta=2.0, gumbel=False)
+    mix = Mixup(mixup_alpha=1.0, num_classes=C, label_smoothing=0.0)
+    x, y = _batch()
+    xm, ym = mix(x.clone(), y)
+    loss = r(model(xm), ym)
+    assert torch.isfinite(loss) and r.stats["soft_targets"].shape == (8, C)
+
+
+def _run_with_checkpoint(split, total=6, **kw):
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    r = AugmentationRefiner(model, opt, _loader(), gumbel=True, refresh_every=2, **kw)
+    losses = _train(model, r, opt, split)
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "ref": r.state_dict(),
+                           "rng": torch.get_rng_state()})  # the user's own RNG (dropout) is theirs to save
+    return losses + _train(model, r, opt, total - split), state
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "full"])
+def test_resume_from_state_dict_is_exact(mode):
+    full_run, state = _run_with_checkpoint(3, mode=mode)
+    model = _cnn(seed=123)  # different init, overwritten by the checkpoint
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    r = AugmentationRefiner(model, opt, _loader(), gumbel=True, refresh_every=2, mode=mode, seed=99)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    r.load_state_dict(state["ref"])
+    torch.set_rng_state(state["rng"])
+    resumed = _train(model, r, opt, 3)
+    assert resumed == full_run[3:]
+
+
+def test_custom_policy_object():
+    class KeepFirstHalf(Policy):
+        name = "half"
+
+        def __call__(self, scores, targets, generator=None):
+            w = torch.zeros(targets.shape[0])
+            w[: targets.shape[0] // 2] = 2.0
+            return w, targets
+
+    model = _cnn()
+    r = AugmentationRefiner(model, None, _loader(), method=KeepFirstHalf())
+    x, y = _batch()
+    r(model(x), y)
+    assert r.stats["weights"].tolist() == [2.0] * 4 + [0.0] * 4
