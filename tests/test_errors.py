@@ -1,0 +1,192 @@
+"""Bad input gets a clear typed error, and a rejected call leaves the refiner's state unchanged."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import augplug
+from augplug import AugmentationRefiner
+from augplug.errors import (AugplugError, ClassCountMismatchError, ConfigurationError, EmptyValidationError,
+                            ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
+                            ValidationFailed)
+from augplug.models import SmallCNN
+
+C = 4
+
+
+def _loader(n=16, labels=None, bs=8):
+    x = torch.randn(n, 1, 8, 8)
+    y = torch.randint(0, C, (n,)) if labels is None else labels
+    return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True)
+
+
+def _setup(loader=None, **kw):
+    torch.manual_seed(0)
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = AugmentationRefiner(model, opt, loader if loader is not None else _loader(), **kw)
+    return model, opt, r
+
+
+def _state(r):
+    import copy
+    return copy.deepcopy(r.state_dict())
+
+
+def _same_state(a, b, path="state"):
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, float) and a != a:
+        assert b != b, path
+    else:
+        assert a == b, path
+
+
+def _good_step(model, opt, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, C, (8,), generator=g)
+    torch.manual_seed(seed)  # the user's dropout RNG
+    loss = r(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+BAD_CALLS = {
+    "label out of range": (lambda m, x: (m(x), torch.tensor([0, 1, 2, 9, 0, 1, 2, 3])), TargetError, "0..3"),
+    "negative label": (lambda m, x: (m(x), torch.tensor([0, -100, 2, 1, 0, 1, 2, 3])), TargetError, "ignore_index"),
+    "too few targets": (lambda m, x: (m(x), torch.zeros(5, dtype=torch.long)), ShapeError, "one target per"),
+    "float 1-D targets": (lambda m, x: (m(x), torch.zeros(8)), TargetError, "integer"),
+    "soft targets wrong width": (lambda m, x: (m(x), torch.full((8, 3), 1 / 3)), ShapeError, "width"),
+    "soft targets not probabilities": (lambda m, x: (m(x), torch.randn(8, C)), TargetError, "probabilities"),
+    "3-D logits": (lambda m, x: (m(x)[:, None], torch.zeros(8, dtype=torch.long)), ShapeError, "(batch, classes)"),
+    "integer logits": (lambda m, x: (m(x).argmax(1, keepdim=True).expand(8, C).long(), torch.zeros(8, dtype=torch.long)),
+                       TargetError, "floating"),
+    "NaN logits": (lambda m, x: (m(x) + torch.tensor([float("nan")] + [0.0] * 7)[:, None], torch.zeros(8, dtype=torch.long)),
+                   NonFiniteError, "NaN"),
+    "inf logits": (lambda m, x: (m(x) * torch.tensor([1.0] * 7 + [float("inf")])[:, None], torch.zeros(8, dtype=torch.long)),
+                   NonFiniteError, "GradScaler"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_batch_rejected_state_unchanged(case):
+    make, err, words = BAD_CALLS[case]
+    model, opt, r = _setup()
+    _good_step(model, opt, r, seed=1)
+    before = _state(r)
+    with pytest.raises(err, match=None) as info:
+        r(*make(model, torch.randn(8, 1, 8, 8)))
+    assert isinstance(info.value, AugplugError) and words in str(info.value) and info.value.fix
+    _same_state(before, _state(r))
+    # and the next good step is exactly what it would have been without the rejected call
+    model2, opt2, r2 = _setup()
+    _good_step(model2, opt2, r2, seed=1)
+    model2.load_state_dict(model.state_dict())
+    assert _good_step(model, opt, r, seed=2) == _good_step(model2, opt2, r2, seed=2)
+
+
+def test_eval_mode_is_rejected():
+    model, opt, r = _setup()
+    model.eval()
+    before = _state(r)
+    with pytest.raises(ModelModeError, match="model.train"):
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))
+
+
+def test_empty_validation_loader():
+    empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    model, opt, r = _setup(loader=empty)
+    before = _state(r)
+    with pytest.raises(EmptyValidationError, match="no batches"):
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))
+    with pytest.raises(EmptyValidationError):
+        AugmentationRefiner(model, opt, None)(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+
+
+def test_validation_class_count_mismatch_state_unchanged():
+    loader = _loader(labels=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] * 2))  # 8 classes in validation, 4 in training
+    model, opt, r = _setup(loader=loader)
+    before = _state(r)
+    with pytest.raises(ClassCountMismatchError, match="validation targets"):
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))
+
+
+def test_unsupported_heads():
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(1, 4, 3)
+            self.classifier = nn.Conv2d(4, C, 1)
+
+        def forward(self, x):
+            return self.classifier(self.body(x)).mean((2, 3))
+
+    with pytest.raises(UnsupportedHeadError, match="mode='full'"):
+        AugmentationRefiner(ConvHead(), None, _loader(), mode="last_layer")
+    AugmentationRefiner(ConvHead(), None, _loader(), mode="full")  # full mode is fine
+
+    class Distilled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.head_dist = nn.Linear(4, C), nn.Linear(4, C)
+
+        def get_classifier(self):
+            return self.head, self.head_dist
+
+    with pytest.raises(UnsupportedHeadError, match="distilled"):
+        AugmentationRefiner(Distilled(), None, _loader())
+    AugmentationRefiner(Distilled(), None, _loader(), classifier="head")  # naming the head works
+
+    import timm
+    headless = timm.create_model("resnet10t", num_classes=0, pretrained=False)
+    with pytest.raises(UnsupportedHeadError, match="Identity"):
+        AugmentationRefiner(headless, None, _loader())
+    with pytest.raises(UnsupportedHeadError, match="no submodule"):
+        AugmentationRefiner(headless, None, _loader(), classifier="nope")
+
+
+def test_features_not_captured():
+    model, opt, r = _setup()
+    with torch.no_grad():
+        logits = model(torch.randn(8, 1, 8, 8))
+    with pytest.raises(ShapeError, match="features="):
+        r(logits.requires_grad_(), torch.zeros(8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(mode="jvp"), "unknown mode"), (dict(method="mixup"), "unknown method"), (dict(refresh_every=0), ">= 1"),
+    (dict(tau=0.0), "tau"), (dict(beta=-1.0), "beta"), (dict(bn_mode="frozen"), "bn_mode"),
+    (dict(orig_weight=0, aug_weight=0), "both 0"), (dict(weighting="sometimes"), "weighting")])
+def test_bad_configuration(kw, words):
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    with pytest.raises(ConfigurationError, match=words):
+        AugmentationRefiner(model, None, _loader(), **kw)
+
+
+def test_validate_lists_every_problem():
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    model.eval()
+    empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    logits = torch.randn(8, C)
+    logits[0, 0] = float("nan")
+    problems = augplug.validate(model, None, empty, logits=logits, targets=torch.zeros(8, dtype=torch.long))
+    kinds = {type(p) for p in problems}
+    assert {ModelModeError, EmptyValidationError, NonFiniteError} <= kinds
+    with pytest.raises(ValidationFailed) as info:
+        augplug.validate(model, None, empty, strict=True)
+    assert "fix:" in str(info.value) and len(info.value.problems) == 2
+    model.train()
+    assert augplug.validate(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader()) == []
+    _, _, r = _setup()
+    assert r.validate() == []
+    bad = _loader(labels=torch.full((16,), 7))
+    assert any(isinstance(p, ClassCountMismatchError) for p in augplug.validate(model, None, bad))
