@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import (AugplugError, ConfigurationError, ModelModeError, ShapeError, validate)
 from .heads import ActivationCapture, find_classifier, unwrap_model
-from .methods import POLICIES, Policy, SAflex
+from .methods import POLICIES, Policy, SAflex, renormalize
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, class_scores, validation_gradient
 from .targets import check_logits, soft_cross_entropy, to_soft_targets
@@ -40,6 +40,7 @@ DEFAULTS: Dict[str, Any] = dict(
     weight_tau=1.0,
     prior="linear",
     normalize=None,
+    weight_norm="augmented",
 )
 
 _STATE_VERSION = 1
@@ -82,6 +83,10 @@ class AugmentationRefiner:
         orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
         beta, tau, gumbel, weighting, weight_tau, prior, normalize: SAflex hyperparameters
             (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
+        weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
+            the augmented rows, so they keep their share of the loss), ``"batch"`` (weights stay
+            absolute and the loss is divided by the total weight of the batch, originals included:
+            unhelpful augmented rows give their share back to the originals), or ``"none"``.
         seed: seed of the refiner's private RNG (Gumbel noise, validation shuffling).
         check_train_mode: raise :class:`~augplug.errors.ModelModeError` when called with the model
             in eval mode.
@@ -110,6 +115,7 @@ class AugmentationRefiner:
         weight_tau: float = DEFAULTS["weight_tau"],
         prior: str = DEFAULTS["prior"],
         normalize: Optional[str] = DEFAULTS["normalize"],
+        weight_norm: str = DEFAULTS["weight_norm"],
         seed: int = 0,
         check_train_mode: bool = True,
     ):
@@ -123,6 +129,9 @@ class AugmentationRefiner:
             raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
         if bn_mode not in ("eval", "train"):
             raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
+        if weight_norm not in ("augmented", "batch", "none"):
+            raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
+                                     "use 'augmented' (the paper) or 'batch'")
         if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
             raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                      "use orig_weight=1, aug_weight=1")
@@ -145,6 +154,7 @@ class AugmentationRefiner:
         self.bn_mode = bn_mode
         self.warmup_steps = int(warmup_steps)
         self.orig_weight, self.aug_weight = float(orig_weight), float(aug_weight)
+        self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode
 
         self.head_name, self.head = None, None
@@ -287,7 +297,10 @@ class AugmentationRefiner:
         weights, soft, scores, v_new, refreshed = result
 
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
-        denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
+        if self.weight_norm == "batch":
+            denom = coef.sum().clamp_min(1e-12)
+        else:
+            denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
         loss = (coef * soft_cross_entropy(logits, soft)).sum() / denom
 
         # commit
@@ -341,6 +354,8 @@ class AugmentationRefiner:
         gen = self._rng.generator()
         w, s = self.policy(g, y[aug], gen)
         self._rng.commit(gen)
+        if self.weight_norm == "augmented":
+            w = renormalize(w)
         weights[aug], soft[aug], scores[aug] = w.to(weights), s.to(soft), g.to(scores)
         return weights, soft, scores, v_new, refreshed
 
@@ -403,4 +418,5 @@ class AugmentationRefiner:
 
     def __repr__(self) -> str:
         return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
-                f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps})")
+                f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps}, "
+                f"weight_norm={self.weight_norm!r})")

@@ -20,7 +20,11 @@ def renormalize(weights: torch.Tensor) -> torch.Tensor:
 
 
 class Policy:
-    """A refinement policy. ``needs_scores=False`` lets the refiner skip computing ``g``."""
+    """A refinement policy. ``needs_scores=False`` lets the refiner skip computing ``g``.
+
+    ``__call__`` returns weights on their absolute scale (1 = an ordinary sample); the refiner applies
+    the normalisation chosen by its ``weight_norm`` option.
+    """
 
     needs_scores: bool = True
     name: str = "policy"

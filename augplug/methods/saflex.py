@@ -56,11 +56,14 @@ def saflex_targets(
     weight_tau: float = 1.0,
     prior: str = "linear",
     normalize: Optional[str] = None,
+    renormalize_weights: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SAflex weights ``(B,)`` (mean 1, or all 0) and soft targets ``(B, C)`` from scores and targets.
+    """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
     ``scores``: ``g`` (B, C), "positive = helps". ``targets``: upstream probabilities (B, C).
     With the defaults (``normalize=None, weighting="hard", prior="linear"``) this is the paper's rule.
+    Weights are renormalised to mean 1 over the batch (all 0 stays all 0) unless
+    ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
     The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
     """
     if tau <= 0:
@@ -81,7 +84,7 @@ def saflex_targets(
         raw = 2 * torch.sigmoid(agreement / weight_tau)
     else:
         raw = torch.ones_like(agreement)
-    weights = renormalize(raw)
+    weights = renormalize(raw) if renormalize_weights else raw
     if math.isinf(beta):
         return weights, y
     anchor = y if prior == "linear" else y.clamp_min(1e-6).log()
@@ -109,7 +112,7 @@ class SAflex(Policy):
     def __call__(self, scores, targets, generator=None):
         return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
                               weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
-                              normalize=self.normalize)
+                              normalize=self.normalize, renormalize_weights=False)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
