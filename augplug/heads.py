@@ -7,8 +7,9 @@ raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
 """
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
-from typing import List, Optional, Tuple, Union
+from typing import Deque, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -112,12 +113,13 @@ class ActivationCapture:
     Records only when the module is in training mode and autograd is on, so evaluation loops under
     ``model.eval()`` / ``torch.no_grad()`` are ignored. Several forwards before one refiner call
     (e.g. originals and augmented samples run separately) are concatenated in order.
-    Stored tensors are detached.
+    Stored tensors are detached, and only the last ``max_chunks`` forwards are kept, so training-mode
+    forwards that are never followed by a refiner call cannot pile up.
     """
 
-    def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool):
-        self._features: List[torch.Tensor] = []
-        self._inputs: List[torch.Tensor] = []
+    def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8):
+        self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
+        self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._paused = 0
         self._handles = []
         if head is not None:
@@ -137,7 +139,7 @@ class ActivationCapture:
             self._inputs.append(args[0].detach())
 
     @staticmethod
-    def _cat(chunks: List[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    def _cat(chunks: Deque[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
         # keep the most recent forwards that add up to exactly `rows`
         total, picked = 0, []
         for t in reversed(chunks):

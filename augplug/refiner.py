@@ -179,6 +179,11 @@ class AugmentationRefiner:
         self._val_loss = float("nan")
         self.stats: Dict[str, Any] = {}
 
+    @property
+    def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached ``v = -grad L_val`` (parameter name -> tensor), or None before the first refresh."""
+        return self._v
+
     # ------------------------------------------------------------------ hooks and helpers
     def _on_step(self, optimizer, args, kwargs) -> None:
         self.step_count += 1

@@ -179,7 +179,8 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
     """``g`` (B, C) by one forward-mode pass through the whole model with tangent ``v``.
 
     ``v`` maps parameter names of the unwrapped model to tangents; parameters not in ``v`` get a
-    zero tangent.
+    zero tangent. The pass runs in fp32 with autocast switched off: autocast's cast of a dual weight
+    does not carry the tangent, so mixed precision is not used for the forward-mode pass.
     """
     net = unwrap_model(model)
     named = dict(net.named_parameters())
@@ -187,8 +188,11 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
     if missing:
         raise ConfigurationError(f"validation direction names unknown parameters {missing[:3]}",
                                  "compute the validation gradient on this model")
-    with torch.no_grad(), scoring_mode(net, bn), fwAD.dual_level():
+    device_type = inputs.device.type if torch.is_tensor(inputs) else "cpu"
+    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), fwAD.dual_level():
         duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+        if torch.is_tensor(inputs) and inputs.is_floating_point():
+            inputs = inputs.to(next(iter(named.values())).dtype)
         out = functional_call(net, duals, (inputs,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
