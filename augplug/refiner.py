@@ -41,6 +41,7 @@ DEFAULTS: Dict[str, Any] = dict(
     prior="linear",
     normalize=None,
     weight_norm="augmented",
+    threshold=0.0,
 )
 
 _STATE_VERSION = 1
@@ -81,7 +82,7 @@ class AugmentationRefiner:
             statistics; running statistics restored). Dropout is always off in scoring passes.
         warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
         orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
-        beta, tau, gumbel, weighting, weight_tau, prior, normalize: SAflex hyperparameters
+        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold: SAflex hyperparameters
             (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
             the augmented rows, so they keep their share of the loss), ``"batch"`` (weights stay
@@ -116,6 +117,7 @@ class AugmentationRefiner:
         prior: str = DEFAULTS["prior"],
         normalize: Optional[str] = DEFAULTS["normalize"],
         weight_norm: str = DEFAULTS["weight_norm"],
+        threshold: float = DEFAULTS["threshold"],
         seed: int = 0,
         check_train_mode: bool = True,
     ):
@@ -139,7 +141,7 @@ class AugmentationRefiner:
             self.policy = method
         elif method == "saflex":
             self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
-                                 prior=prior, normalize=normalize)
+                                 prior=prior, normalize=normalize, threshold=threshold)
         elif method in POLICIES:
             self.policy = POLICIES[method]()
         else:

@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import torch
 
+from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
@@ -71,8 +72,10 @@ def _job(args):
     ref_kw = dict(overrides) if arm in ("saflex", "l2rw") else {}
     warm = ref_kw.pop("warmup_epochs", extra.get("warmup_epochs", 0.0))
     vbs = ref_kw.pop("val_batch_size", 500)
+    norm = extra.get("norm", "batch")
     res = run_arm(data, arm, seed, epochs=epochs, aug_only=(setting == "aug-only"), refiner_kwargs=ref_kw,
-                  warmup_epochs=warm if arm in ("saflex", "l2rw") else 0.0, val_batch_size=vbs)
+                  warmup_epochs=warm if arm in ("saflex", "l2rw") else 0.0, val_batch_size=vbs,
+                  model_fn=lambda: SmallCNN(1, 10, img_size=28, norm=norm))
     return setting, arm, seed, res
 
 
@@ -85,6 +88,8 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="refiner option for the saflex/l2rw arms (e.g. beta=2, weighting=soft, warmup_epochs=1)")
+    ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
+                    help="normalisation layers of the small CNN")
     ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
@@ -92,7 +97,7 @@ def main(argv: List[str] = None) -> None:
     overrides = {k: _parse_value(v) for k, v in overrides.items()}
     for seed in args.seeds:  # build the view banks once, before the workers start
         load_study(seed)
-    jobs = [(s, a, seed, args.epochs, overrides, {}) for s in args.settings for a in args.arms for seed in args.seeds
+    jobs = [(s, a, seed, args.epochs, overrides, {"norm": args.norm}) for s in args.settings for a in args.arms for seed in args.seeds
             if not (a == "none" and s != args.settings[0])]
     results: Dict = {}
     with ProcessPoolExecutor(max_workers=args.workers) as ex:
@@ -113,7 +118,7 @@ def main(argv: List[str] = None) -> None:
         rows.append([setting, arm, col("test_acc", 100, 2), col("auc_weight"), col("auc_agreement"),
                      col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.quality {' '.join(argv or [])}`".strip() +
-           f"\n\nFashion-MNIST, 10k train / 1k val / 10k test, small CNN, {args.epochs} epochs, seeds {args.seeds}; "
+           f"\n\nFashion-MNIST, 10k train / 1k val / 10k test, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
            f"refiner options: {overrides or 'defaults'}.")
     table = write_markdown_table(results_dir() / f"{args.out}.md", headers, rows, title="Quality: Fashion-MNIST",
                                  preamble=pre) if not args.no_save else None

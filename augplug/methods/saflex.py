@@ -17,6 +17,9 @@ Options beyond the paper (all documented as deviations in the README):
 ``weighting="soft"``
     ``w = 2 * sigmoid(y~^T g_hat / weight_tau)``, renormalised: a graded version of the hard sign
     test that does not discard borderline clean samples when ``g`` is noisy.
+``threshold=t``
+    keep samples with ``y~^T g >= t`` (in the units of the possibly normalised ``g``); the paper's
+    rule is ``t = 0``.
 ``prior="log"``
     ``beta * log y~`` instead of ``beta * y~`` (keeps Mixup proportions when ``g`` is 0).
 ``beta=inf``
@@ -57,6 +60,7 @@ def saflex_targets(
     prior: str = "linear",
     normalize: Optional[str] = None,
     renormalize_weights: bool = True,
+    threshold: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
@@ -79,9 +83,9 @@ def saflex_targets(
     g = normalize_scores(scores.float(), normalize)
     agreement = (y * g).sum(-1)
     if weighting == "hard":
-        raw = (agreement >= 0).float()
+        raw = (agreement >= threshold).float()
     elif weighting == "soft":
-        raw = 2 * torch.sigmoid(agreement / weight_tau)
+        raw = 2 * torch.sigmoid((agreement - threshold) / weight_tau)
     else:
         raw = torch.ones_like(agreement)
     weights = renormalize(raw) if renormalize_weights else raw
@@ -102,8 +106,9 @@ class SAflex(Policy):
     name = "saflex"
 
     def __init__(self, beta: float = 1.0, tau: float = 1.0, *, gumbel: bool = True, weighting: str = "hard",
-                 weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None):
-        self.beta, self.tau, self.gumbel = float(beta), float(tau), bool(gumbel)
+                 weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None,
+                 threshold: float = 0.0):
+        self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         # validate once, eagerly
         saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
@@ -112,8 +117,9 @@ class SAflex(Policy):
     def __call__(self, scores, targets, generator=None):
         return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
                               weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
-                              normalize=self.normalize, renormalize_weights=False)
+                              normalize=self.normalize, renormalize_weights=False, threshold=self.threshold)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
-                f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}")
+                f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}, "
+                f"threshold={self.threshold})")

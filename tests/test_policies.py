@@ -1,0 +1,107 @@
+"""SAflex and L2RW rules against their equations, including the edge cases."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from augplug.errors import ConfigurationError
+from augplug.functional import l2rw_weights, saflex_targets
+from augplug.methods import SAflex, renormalize
+
+
+def _case(seed=0, b=16, c=5):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, c, generator=g)
+    y = F.one_hot(torch.randint(0, c, (b,), generator=g), c).float()
+    return scores, y
+
+
+def test_paper_rule_by_hand():
+    scores, y = _case()
+    beta, tau = 0.7, 0.4
+    w, soft = saflex_targets(scores, y, beta, tau, gumbel=False)
+    keep = ((y * scores).sum(1) >= 0).float()
+    assert torch.allclose(w, keep * len(keep) / keep.sum())
+    assert torch.allclose(soft, torch.softmax((scores + beta * y) / tau, 1))
+    assert abs(float(w.mean()) - 1) < 1e-6
+
+
+def test_gumbel_noise_is_standard_gumbel_before_tau():
+    scores, y = _case()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    _, soft = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=g1)
+    u = torch.rand(scores.shape, generator=g2)
+    gumbel = -torch.log(-torch.log(u))
+    assert torch.allclose(soft, torch.softmax((scores + y + gumbel) / 0.5, 1), atol=1e-6)
+    # reproducible with the same generator, different otherwise
+    _, again = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(3))
+    _, other = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(soft, again) and not torch.equal(soft, other)
+
+
+def test_all_weights_zero_guard():
+    scores, y = _case()
+    scores = scores - 100 * y  # every upstream label looks harmful
+    w, soft = saflex_targets(scores, y, 1.0, 1.0, gumbel=False)
+    assert torch.equal(w, torch.zeros_like(w)) and torch.isfinite(soft).all()
+    w_l2rw = l2rw_weights(scores, y)
+    assert torch.equal(w_l2rw, torch.zeros_like(w_l2rw))
+
+
+def test_large_beta_keeps_labels_and_small_tau_is_one_hot():
+    scores, y = _case()
+    _, soft = saflex_targets(scores, y, 1e4, 1.0, gumbel=False)
+    assert torch.allclose(soft, y, atol=1e-6)
+    _, keep = saflex_targets(scores, y, math.inf, 1.0)
+    assert torch.equal(keep, y)
+    _, sharp = saflex_targets(scores, y, 0.5, 1e-4, gumbel=False)
+    assert torch.equal(sharp, F.one_hot((scores + 0.5 * y).argmax(1), y.shape[1]).float())
+    _, free = saflex_targets(scores, y, 0.0, 1e-4, gumbel=False)  # beta = 0: the LP solution argmax g
+    assert torch.equal(free.argmax(1), scores.argmax(1))
+
+
+def test_soft_upstream_targets_mixup():
+    scores, _ = _case()
+    lam = 0.7
+    a, b = torch.arange(16) % 5, (torch.arange(16) + 2) % 5
+    y = lam * F.one_hot(a, 5).float() + (1 - lam) * F.one_hot(b, 5).float()
+    w, soft = saflex_targets(scores, y, 2.0, 1.0, gumbel=False)
+    keep = ((y * scores).sum(1) >= 0).float()
+    assert torch.allclose(w, renormalize(keep))
+    assert torch.allclose(soft, torch.softmax(scores + 2.0 * y, 1))
+    _, soft_log = saflex_targets(torch.zeros_like(scores), y, 1.0, 1.0, gumbel=False, prior="log")
+    assert torch.allclose(soft_log, y, atol=1e-5)  # log prior keeps the mixing proportions when g = 0
+
+
+def test_options_normalize_soft_threshold_absolute():
+    scores, y = _case()
+    w_a, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    w_b, _ = saflex_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    assert torch.allclose(w_a, w_b)
+    _, s_a = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    _, s_b = saflex_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    assert torch.allclose(s_a, s_b, atol=1e-5)  # scale-free soft labels
+    agree = (y * scores).sum(1)
+    w_soft, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="soft", weight_tau=0.5,
+                               renormalize_weights=False)
+    assert torch.allclose(w_soft, 2 * torch.sigmoid(agree / 0.5))
+    w_thr, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, threshold=0.3, renormalize_weights=False)
+    assert torch.equal(w_thr, (agree >= 0.3).float())
+    w_none, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="none")
+    assert torch.equal(w_none, torch.ones(16))
+
+
+def test_l2rw_formula():
+    scores, y = _case()
+    raw = (y * scores).sum(1).clamp_min(0)
+    assert torch.allclose(l2rw_weights(scores, y), raw * 16 / raw.sum())
+
+
+@pytest.mark.parametrize("kw", [dict(tau=0), dict(beta=-1), dict(weighting="x"), dict(prior="x"),
+                                dict(normalize="l1")])
+def test_bad_options(kw):
+    args = dict(beta=1.0, tau=1.0)
+    args.update(kw)
+    with pytest.raises(ConfigurationError):
+        SAflex(**args)
