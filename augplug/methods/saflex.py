@@ -14,6 +14,10 @@ Options beyond the paper (all documented as deviations in the README):
 ``normalize="rms"``
     divide ``g`` by its root-mean-square over the batch, so that ``beta`` and ``tau`` keep their
     meaning while the validation gradient shrinks during training.
+``normalize="center"``
+    first subtract each class column's batch mean: ``g_ic - mean_j g_jc``. The removed part is the
+    same for every sample (the validation residual on the bias and on the mean feature); left in, it
+    switches whole classes on and off with the validation errors of the moment.
 ``weighting="soft"``
     ``w = 2 * sigmoid(y~^T g_hat / weight_tau)``, renormalised: a graded version of the hard sign
     test that does not discard borderline clean samples when ``g`` is noisy.
@@ -39,12 +43,21 @@ __all__ = ["saflex_targets", "SAflex", "normalize_scores"]
 
 
 def normalize_scores(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
-    """``None``/``"none"``: unchanged; ``"rms"``: divided by the batch RMS of all entries."""
+    """Rescale class scores over the batch.
+
+    ``None``/``"none"``: unchanged. ``"rms"``: divided by the RMS of all entries. ``"center"``: each
+    class column minus its batch mean (removes the part of ``g`` shared by every sample, i.e. which
+    classes the validation set currently wants more of), then divided by the RMS.
+    """
     if how in (None, "none"):
         return scores
+    if how == "center":
+        scores = scores - scores.mean(0, keepdim=True)
+        how = "rms"
     if how == "rms":
         return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
-    raise ConfigurationError(f"normalize must be None, 'none' or 'rms', got {how!r}", "use 'rms' or None")
+    raise ConfigurationError(f"normalize must be None, 'none', 'rms' or 'center', got {how!r}",
+                             "use 'center', 'rms' or None")
 
 
 def saflex_targets(
