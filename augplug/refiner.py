@@ -29,17 +29,17 @@ __all__ = ["AugmentationRefiner", "DEFAULTS"]
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
     mode="last_layer",
-    refresh_every=1,
-    val_batches=1,
+    refresh_every=4,
+    val_batches="all",
     bn_mode="eval",
     warmup_steps=0,
-    beta=1.0,
+    beta=float("inf"),
     tau=1.0,
-    gumbel=True,
-    weighting="hard",
+    gumbel=False,
+    weighting="soft",
     weight_tau=1.0,
     prior="linear",
-    normalize=None,
+    normalize="center",
     weight_norm="augmented",
     threshold=0.0,
 )

@@ -78,12 +78,20 @@ def make_view_bank(images_u8: torch.Tensor, transform: Callable, views: int, see
     return torch.from_numpy(out)
 
 
-def corrupt_views(labels: torch.Tensor, views: int, rate: float, num_classes: int, seed: int = 0):
-    """Labels (N, V) for the views: a share ``rate`` replaced by a different, uniformly drawn class."""
+def corrupt_views(labels: torch.Tensor, views: int, rate: float, num_classes: int, seed: int = 0,
+                  kind: str = "random"):
+    """Labels (N, V) for the views, a share ``rate`` of them wrong.
+
+    ``kind="random"``: the wrong label is drawn uniformly among the other classes (symmetric noise).
+    ``kind="pairflip"``: class ``c`` becomes ``c + 1 mod C`` (structured, class-dependent noise, as
+    when an augmentation systematically turns one class into another).
+    """
+    if kind not in ("random", "pairflip"):
+        raise ValueError(f"kind must be 'random' or 'pairflip', got {kind!r}")
     g = torch.Generator().manual_seed(seed + 7919)
     lab = labels[:, None].repeat(1, views)
     noisy = torch.rand(lab.shape, generator=g) < rate
-    shift = torch.randint(1, num_classes, lab.shape, generator=g)
+    shift = torch.randint(1, num_classes, lab.shape, generator=g) if kind == "random" else torch.ones_like(lab)
     lab = torch.where(noisy, (lab + shift) % num_classes, lab)
     return lab, noisy
 

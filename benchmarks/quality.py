@@ -16,18 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
 import torch
 
+from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 MEAN, STD = 0.2860, 0.3530
-ARMS = ("none", "upstream", "saflex", "l2rw", "clean")
+#: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
+PAPER_RULE = SAFLEX_PAPER
+#: arm name -> (study arm, refiner options). "saflex" runs augplug's defaults unchanged.
+ARM_CONFIGS = {
+    "none": ("none", {}),
+    "upstream": ("upstream", {}),
+    "clean": ("clean", {}),
+    "saflex": ("saflex", {}),
+    "saflex-paper": ("saflex", PAPER_RULE),
+    "l2rw": ("l2rw", {}),
+}
+ARMS = tuple(ARM_CONFIGS)
 SETTINGS = ("orig+aug", "aug-only")
 
 
@@ -41,7 +54,7 @@ def _parse_value(s: str):
 
 
 def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 4, noise: float = 0.3,
-               aa: str = "rand-m9-mstd0.5") -> StudyData:
+               aa: str = "rand-m9-mstd0.5", noise_kind: str = "random") -> StudyData:
     from timm.data.auto_augment import rand_augment_transform
 
     from .common import results_dir as _rd  # noqa: F401  (keeps results dir creation in one place)
@@ -58,7 +71,7 @@ def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 
         bank = make_view_bank(sp["train"][0], tf, views, seed=seed)
         torch.save(bank, cache)
     norm = lambda u8: ((u8.float() / 255 - MEAN) / STD).unsqueeze(-3)  # noqa: E731
-    view_labels, _ = corrupt_views(sp["train"][1], views, noise, 10, seed=seed)
+    view_labels, _ = corrupt_views(sp["train"][1], views, noise, 10, seed=seed, kind=noise_kind)
     return StudyData(norm(sp["train"][0]), sp["train"][1], norm(sp["val"][0]), sp["val"][1],
                      norm(sp["test"][0]), sp["test"][1], norm(bank), view_labels, 10)
 
@@ -68,14 +81,15 @@ def _job(args):
     set_threads(1)
     from augplug.study import run_arm
 
-    data = load_study(seed)
-    ref_kw = dict(overrides) if arm in ("saflex", "l2rw") else {}
-    warm = ref_kw.pop("warmup_epochs", extra.get("warmup_epochs", 0.0))
+    data = load_study(seed, noise_kind=extra.get("noise_kind", "random"))
+    study_arm, arm_kw = ARM_CONFIGS[arm]
+    refined = study_arm in ("saflex", "l2rw")
+    ref_kw = {**arm_kw, **overrides} if refined else {}
+    warm = ref_kw.pop("warmup_epochs", 0.0)
     vbs = ref_kw.pop("val_batch_size", 500)
     norm = extra.get("norm", "batch")
-    res = run_arm(data, arm, seed, epochs=epochs, aug_only=(setting == "aug-only"), refiner_kwargs=ref_kw,
-                  warmup_epochs=warm if arm in ("saflex", "l2rw") else 0.0, val_batch_size=vbs,
-                  model_fn=lambda: SmallCNN(1, 10, img_size=28, norm=norm))
+    res = run_arm(data, study_arm, seed, epochs=epochs, aug_only=(setting == "aug-only"), refiner_kwargs=ref_kw,
+                  warmup_epochs=warm, val_batch_size=vbs, model_fn=lambda: SmallCNN(1, 10, img_size=28, norm=norm))
     return setting, arm, seed, res
 
 
@@ -87,17 +101,20 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="refiner option for the saflex/l2rw arms (e.g. beta=2, weighting=soft, warmup_epochs=1)")
+                    help="refiner option for the refined arms, on top of each arm's own (e.g. beta=2, warmup_epochs=1)")
+    ap.add_argument("--noise-kind", default="random", choices=("random", "pairflip"),
+                    help="wrong labels drawn uniformly (random) or class c -> c+1 (pairflip)")
     ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
                     help="normalisation layers of the small CNN")
     ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results")
     ap.add_argument("--no-save", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _parse_value(v) for k, v in overrides.items()}
     for seed in args.seeds:  # build the view banks once, before the workers start
         load_study(seed)
-    jobs = [(s, a, seed, args.epochs, overrides, {"norm": args.norm}) for s in args.settings for a in args.arms for seed in args.seeds
+    jobs = [(s, a, seed, args.epochs, overrides, {"norm": args.norm, "noise_kind": args.noise_kind}) for s in args.settings for a in args.arms for seed in args.seeds
             if not (a == "none" and s != args.settings[0])]
     results: Dict = {}
     with ProcessPoolExecutor(max_workers=args.workers) as ex:
@@ -117,21 +134,18 @@ def main(argv: List[str] = None) -> None:
             return fmt_mean_std(vals, scale=scale, digits=d) if vals else "–"
         rows.append([setting, arm, col("test_acc", 100, 2), col("auc_weight"), col("auc_agreement"),
                      col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
-    pre = (f"Command: `python -m benchmarks.quality {' '.join(argv or [])}`".strip() +
+    pre = (f"Command: `python -m benchmarks.quality {' '.join(argv)}`".strip() +
            f"\n\nFashion-MNIST, 10k train / 1k val / 10k test, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
-           f"refiner options: {overrides or 'defaults'}.")
-    table = write_markdown_table(results_dir() / f"{args.out}.md", headers, rows, title="Quality: Fashion-MNIST",
-                                 preamble=pre) if not args.no_save else None
-    if table is None:
-        from .common import write_markdown_table as w
-        import tempfile
-        table = w(os.path.join(tempfile.gettempdir(), "quality_tmp.md"), headers, rows)
+           f"noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"
+           + (f", plus {overrides}" if overrides else "") + "; validation loader batch 500 (1k images).")
+    table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md", headers, rows,
+                                 title="Quality: Fashion-MNIST", preamble=pre)
     print(table)
     if not args.no_save:
         labels = [f"{s}\n{a}" for (s, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
         save_bar_plot(results_dir() / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
-                      "test accuracy (%)", "Fashion-MNIST, RandAugment + 30% corrupted views")
+                      "test accuracy (%)", f"Fashion-MNIST, RandAugment + 30% {args.noise_kind} corrupted views")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ returning ``(weights, soft_targets)``; the matching stateless function lives in 
 """
 from .base import Policy, renormalize
 from .none import NoRefinement
-from .saflex import SAflex, saflex_targets
+from .saflex import SAFLEX_PAPER, SAflex, saflex_targets
 from .l2rw import L2RW, l2rw_weights
 
 POLICIES = {"none": NoRefinement, "saflex": SAflex, "l2rw": L2RW}
 
-__all__ = ["Policy", "renormalize", "NoRefinement", "SAflex", "saflex_targets", "L2RW", "l2rw_weights",
+__all__ = ["SAFLEX_PAPER", "Policy", "renormalize", "NoRefinement", "SAflex", "saflex_targets", "L2RW", "l2rw_weights",
            "POLICIES"]

@@ -39,7 +39,12 @@ import torch
 from ..errors import ConfigurationError
 from .base import Policy, renormalize
 
-__all__ = ["saflex_targets", "SAflex", "normalize_scores"]
+__all__ = ["saflex_targets", "SAflex", "normalize_scores", "SAFLEX_PAPER"]
+
+#: The paper's rule as refiner options: ``AugmentationRefiner(..., **SAFLEX_PAPER)``. Hard sign weights
+#: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores.
+SAFLEX_PAPER = dict(normalize=None, weighting="hard", threshold=0.0, beta=1.0, tau=1.0, gumbel=True,
+                    weight_norm="augmented")
 
 
 def normalize_scores(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
