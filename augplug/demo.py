@@ -91,14 +91,15 @@ def format_table(results, seeds, epochs, noise, noise_kind="pairflip", aug_only=
     trained = "augmented views only (`none`: the originals)" if aug_only else "originals + augmented views"
     lines = [f"digits (sklearn), small CNN, {epochs} epochs, seeds {seeds}; upstream: RandAugment rand-m15-n3-mstd0.5 "
              f"with {noise:.0%} of augmented views labelled {wrong}; trained on {trained}",
-             "", "| arm | test accuracy % (mean ± std) | AUC(weight, clean view) | corrupted views kept |",
+             "", "| arm | test accuracy % (mean ± std) | AUC(weight, clean view) | mean weight: clean / corrupted views |",
              "|---|---|---|---|"]
     for arm, rs in results.items():
         m, s = _ms([r["test_acc"] * 100 for r in rs])
         auc = [r["auc_weight"] for r in rs if "auc_weight" in r]
-        kept = [r["kept_noisy"] for r in rs if "kept_noisy" in r]
+        wc = [r["mean_w_clean"] for r in rs if "mean_w_clean" in r]
+        wn = [r["mean_w_noisy"] for r in rs if "mean_w_noisy" in r]
         lines.append(f"| {arm} | {m:.2f} ± {s:.2f} | " + (f"{np.mean(auc):.3f}" if auc else "–") + " | " +
-                     (f"{np.mean(kept):.2f}" if kept else "–") + " |")
+                     (f"{np.mean(wc):.2f} / {np.mean(wn):.2f}" if wc else "–") + " |")
     return "\n".join(lines)
 
 
