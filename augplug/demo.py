@@ -113,7 +113,7 @@ def _plot(results, path) -> Optional[str]:
     arms = list(results)
     ms = [_ms([r["test_acc"] * 100 for r in results[a]]) for a in arms]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(arms, [m for m, _ in ms], yerr=[s for _, s in ms], capsize=4,
+    ax.bar([a.replace("+", "\n+") for a in arms], [m for m, _ in ms], yerr=[s for _, s in ms], capsize=4,
            color=["#999999", "#d62728", "#2ca02c", "#1f77b4"][:len(arms)])
     lo = min(m - s for m, s in ms)
     ax.set_ylim(max(0, lo - 3), min(100, max(m + s for m, s in ms) + 1.5))
