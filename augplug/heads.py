@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import contextmanager
-from typing import Deque, List, Optional, Tuple, Union
+from typing import Deque, Optional, Tuple, Union
 
 import torch
 from torch import nn

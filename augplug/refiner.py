@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .errors import (AugplugError, ConfigurationError, ModelModeError, ShapeError, validate)
+from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
 from .methods import POLICIES, Policy, SAflex, renormalize
 from .rng import PrivateRNG
@@ -243,7 +243,6 @@ class AugmentationRefiner:
                     part = validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
                 total = total.add(part)
         if total.count == 0:
-            from .errors import EmptyValidationError
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean labelled sample")
         return total

@@ -57,7 +57,6 @@ def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 
                aa: str = "rand-m9-mstd0.5", noise_kind: str = "random") -> StudyData:
     from timm.data.auto_augment import rand_augment_transform
 
-    from .common import results_dir as _rd  # noqa: F401  (keeps results dir creation in one place)
     from .datasets import fashion_mnist_splits
 
     cache_dir = os.path.join(os.path.dirname(__file__), "data")

@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import AugmentationRefiner, Policy
