@@ -131,13 +131,16 @@ def validate(
     if num_classes is None and isinstance(head, nn.Linear):
         num_classes = head.out_features
     if optimizer is not None:
-        trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        inner = getattr(optimizer, "optimizer", optimizer)
-        in_opt = any(id(p) in trainable for g in inner.param_groups for p in g["params"])
-        if not in_opt:
-            problems.append(ConfigurationError(
-                "the optimizer holds none of the model's trainable parameters",
-                "pass the optimizer that updates this model"))
+        from .refiner import unwrap_optimizer
+        try:
+            inner = unwrap_optimizer(optimizer)
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            if not any(id(p) in trainable for g in inner.param_groups for p in g["params"]):
+                problems.append(ConfigurationError(
+                    "the optimizer holds none of the model's trainable parameters",
+                    "pass the optimizer that updates this model"))
+        except AugplugError as e:
+            problems.append(e)
     if logits is not None:
         try:
             check_logits(logits)

@@ -24,7 +24,7 @@ from .scores import SCORE_MODES, GradSum, class_scores, validation_gradient
 from .targets import check_logits, soft_cross_entropy, to_soft_targets
 from .validation import ValidationStream
 
-__all__ = ["AugmentationRefiner", "DEFAULTS"]
+__all__ = ["AugmentationRefiner", "DEFAULTS", "unwrap_optimizer"]
 
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
@@ -47,7 +47,7 @@ DEFAULTS: Dict[str, Any] = dict(
 _STATE_VERSION = 1
 
 
-def _unwrap_optimizer(optimizer):
+def unwrap_optimizer(optimizer):
     """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
     seen = set()
     opt = optimizer
@@ -171,7 +171,7 @@ class AugmentationRefiner:
         self._optimizer = None
         self._hook = None
         if optimizer is not None:
-            self._optimizer = _unwrap_optimizer(optimizer)
+            self._optimizer = unwrap_optimizer(optimizer)
             self._hook = self._optimizer.register_step_post_hook(self._on_step)
 
         self.step_count = 0  # optimizer updates seen (or calls when there is no optimizer)

@@ -190,3 +190,17 @@ def test_validate_lists_every_problem():
     assert r.validate() == []
     bad = _loader(labels=torch.full((16,), 7))
     assert any(isinstance(p, ClassCountMismatchError) for p in augplug.validate(model, None, bad))
+
+
+def test_validate_unwraps_optimizer_wrappers_like_the_refiner():
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+
+    class Outer:  # wrapper of a wrapper, inner one exposing the optimizer as original_optimizer
+        def __init__(self, opt):
+            self.optimizer = type("Mid", (), {"original_optimizer": opt})()
+
+    assert augplug.validate(model, Outer(torch.optim.SGD(model.parameters(), lr=0.1)), _loader()) == []
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    assert any("none of the model's" in p.problem for p in augplug.validate(model, Outer(other), _loader()))
+    problems = augplug.validate(model, object(), _loader())
+    assert any(isinstance(p, ConfigurationError) and "step hook" in p.problem for p in problems)

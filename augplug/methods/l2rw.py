@@ -4,6 +4,8 @@
 validation loss after a zero-weight look-ahead step). The paper normalises the weights to sum 1
 and trains on ``sum_i w_i l_i``; here they are scaled to mean 1 and the batch loss is the mean,
 which is the same objective. An all-zero batch gets all-zero weights (L2RW divides by 1 then).
+The raw ``y^T g`` has no scale of its own, so unlike the other policies L2RW returns weights already
+normalised (mean 1); the refiner's ``weight_norm`` leaves them as they are or rescales them again.
 """
 from __future__ import annotations
 
