@@ -113,11 +113,14 @@ class ActivationCapture:
     Records only when the module is in training mode and autograd is on, so evaluation loops under
     ``model.eval()`` / ``torch.no_grad()`` are ignored. Several forwards before one refiner call
     (e.g. originals and augmented samples run separately) are concatenated in order.
-    Stored tensors are detached, and only the last ``max_chunks`` forwards are kept, so training-mode
+    Stored tensors are detached (features keep their graph with ``keep_graph=True``, for policies that
+    differentiate through them), and only the last ``max_chunks`` forwards are kept, so training-mode
     forwards that are never followed by a refiner call cannot pile up.
     """
 
-    def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8):
+    def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8,
+                 keep_graph: bool = False):
+        self.keep_graph = keep_graph
         self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._paused = 0
@@ -132,7 +135,7 @@ class ActivationCapture:
 
     def _feature_hook(self, module, args, output):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
-            self._features.append(args[0].detach())
+            self._features.append(args[0] if self.keep_graph else args[0].detach())
 
     def _input_hook(self, module, args):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):

@@ -18,9 +18,10 @@ from torch import nn
 
 from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
-from .methods import POLICIES, Policy, SAflex, renormalize
+from .methods import POLICIES, Policy, SAflex
+from .methods.base import RefineContext
 from .rng import PrivateRNG
-from .scores import SCORE_MODES, GradSum, class_scores, validation_gradient
+from .scores import SCORE_MODES, GradSum, validation_gradient
 from .targets import check_logits, soft_cross_entropy, to_soft_targets
 from .validation import ValidationStream
 
@@ -70,7 +71,12 @@ class AugmentationRefiner:
         optimizer: its optimizer; a post-step hook counts real updates (refresh interval, warm-up).
             ``None``: every refiner call counts as one update.
         val_loader: iterable of clean ``(inputs, targets)`` batches (or dicts); cycled forever.
-        method: ``"saflex"``, ``"l2rw"``, ``"none"`` or a :class:`~augplug.methods.Policy`.
+        method: ``"saflex"``, ``"l2rw"``, ``"none"`` (or another name in ``augplug.methods.POLICIES``)
+            or a :class:`~augplug.methods.Policy` instance.
+        method_options: keyword arguments for the policy named by ``method`` (methods other than
+            SAflex, whose options are the explicit arguments below).
+        isda: add ISDA (implicit semantic data augmentation) to the loss: ``True``, a dict of
+            :class:`~augplug.isda.ISDALoss` options, or an ``ISDALoss``. Needs a linear head.
         mode: how class scores are computed: ``"last_layer"`` (closed form on the linear head),
             ``"full"`` (forward-mode AD through the model), ``"double_backward"``, or ``"auto"``
             (full, falling back to double backward).
@@ -120,6 +126,8 @@ class AugmentationRefiner:
         threshold: float = DEFAULTS["threshold"],
         seed: int = 0,
         check_train_mode: bool = True,
+        method_options: Optional[Dict[str, Any]] = None,
+        isda=None,
     ):
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
@@ -143,7 +151,7 @@ class AugmentationRefiner:
             self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
                                  prior=prior, normalize=normalize, threshold=threshold)
         elif method in POLICIES:
-            self.policy = POLICIES[method]()
+            self.policy = POLICIES[method](**(method_options or {}))
         else:
             raise ConfigurationError(f"unknown method {method!r}", f"use one of {sorted(POLICIES)} or a Policy")
         self.method = self.policy.name
@@ -159,11 +167,14 @@ class AugmentationRefiner:
         self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode
 
+        needs_features = mode == "last_layer" or isda not in (None, False) or getattr(self.policy, "needs_features", False)
         self.head_name, self.head = None, None
-        if mode == "last_layer" or (val_params == "head" and self.policy.needs_scores):
+        if needs_features or (val_params == "head" and self.policy.needs_scores):
             self.head_name, self.head = find_classifier(self.net, classifier)
-        self._capture = ActivationCapture(self.net, self.head if mode == "last_layer" else None,
-                                          capture_inputs=mode != "last_layer" and self.policy.needs_scores)
+        self.isda = self._build_isda(isda)
+        self._capture = ActivationCapture(self.net, self.head if needs_features else None,
+                                          capture_inputs=mode != "last_layer" and self.policy.needs_scores,
+                                          keep_graph=getattr(self.policy, "needs_feature_graph", False))
         self._rng = PrivateRNG(seed)
         self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
         self.val_loader = val_loader
@@ -265,8 +276,8 @@ class AugmentationRefiner:
         return m
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
-                 augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None
-                 ) -> torch.Tensor:
+                 augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
+                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the refined loss (a scalar) for a batch.
 
         Args:
@@ -277,8 +288,10 @@ class AugmentationRefiner:
             augmented: alternatively, a bool mask (B,) marking the augmented rows.
             inputs: the model inputs of the batch (full/double-backward modes); captured from the
                 model's forward automatically when omitted.
-            features: the classifier's input features (last-layer mode); captured automatically
-                when omitted.
+            features: the classifier's input features (last-layer mode, ISDA); captured
+                automatically when omitted.
+            index: dataset positions of the rows (``IndexedDataset``), for policies with per-point
+                state such as AutoDO.
         """
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
@@ -289,81 +302,60 @@ class AugmentationRefiner:
         batch, num_classes = logits.shape
         y = to_soft_targets(targets, num_classes, batch_size=batch).to(logits.device)
         aug = self._aug_mask(batch, num_original, augmented, logits.device)
-        n_aug = int(aug.sum())
-        active = self.policy.needs_scores and self.step_count >= self.warmup_steps and n_aug > 0
-
-        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream else None)
+        active = self.step_count >= self.warmup_steps
+        ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index)
+        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream else None,
+                    self.isda.state_snapshot() if self.isda is not None else None)
         try:
-            result = self._refine(logits, y, aug, n_aug, active, inputs, features)
+            weights, soft, scores = self.policy.refine(ctx)
+            per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
+                          if self.isda is not None else soft_cross_entropy(logits, soft))
         except BaseException:
             self._rng.state = snapshot[0]
             if self._stream is not None and snapshot[1] is not None:
                 self._stream.load_state_dict(snapshot[1])
+            if self.isda is not None:
+                self.isda.restore_snapshot(snapshot[2])
             raise
-        weights, soft, scores, v_new, refreshed = result
 
+        n_aug = int(aug.sum())
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
         if self.weight_norm == "batch":
             denom = coef.sum().clamp_min(1e-12)
         else:
             denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
-        loss = (coef * soft_cross_entropy(logits, soft)).sum() / denom
+        loss = (coef * per_sample).sum() / denom
 
         # commit
-        if v_new is not None:
-            self._v = v_new.direction()
+        if ctx._generator is not None:
+            self._rng.commit(ctx._generator)
+        if ctx.v_new is not None:
+            self._v = ctx.v_new.direction()
             self._v_step = self.step_count
-            self._val_loss = v_new.loss_sum / max(v_new.count, 1)
+            self._val_loss = ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
         self.calls += 1
         if self._optimizer is None:
             self.step_count += 1
         self._capture.clear()
-        self.stats = self._summarise(weights, soft, scores, y, aug, active, refreshed)
+        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.scored, ctx.refreshed)
         return loss
 
-    def _refine(self, logits, y, aug, n_aug, active, inputs, features):
-        batch, num_classes = logits.shape
-        weights = torch.ones(batch, dtype=torch.float32, device=logits.device)
-        soft = y.clone()
-        scores = torch.zeros(batch, num_classes, dtype=torch.float32, device=logits.device)
-        if not active:
-            if not self.policy.needs_scores and n_aug:
-                w, s = self.policy(None, y[aug])
-                weights[aug], soft[aug] = w, s
-            return weights, soft, scores, None, False
-        # inputs for the scoring pass, checked before anything is computed
-        if self.mode == "last_layer":
-            feats = features if features is not None else self._capture.features(batch)
-            if feats is None:
-                raise ShapeError(
-                    f"no classifier features for the {batch} rows of this batch were captured",
-                    "call the refiner right after the training forward (model in train mode, autograd on), "
-                    "once per forward, or pass features=")
-            if feats.shape[0] != batch:
-                raise ShapeError(f"features have {feats.shape[0]} rows, logits {batch}", "pass matching features")
-        else:
-            x = inputs if inputs is not None else self._capture.inputs(batch)
-            if x is None:
-                raise ShapeError(f"no model inputs for the {batch} rows of this batch were captured",
-                                 "pass inputs= (the tensor fed to the model) to the refiner")
-            if x.shape[0] != batch:
-                raise ShapeError(f"inputs have {x.shape[0]} rows, logits {batch}", "pass the batch fed to the model")
-        refreshed = self._v is None or self.step_count - self._v_step >= self.refresh_every
-        v_new = self.compute_validation_direction(num_classes) if refreshed else None
-        v = v_new.direction() if v_new is not None else self._v
-        if self.mode == "last_layer":
-            g = class_scores(self.net, v=v, mode="last_layer", features=feats[aug], logits=logits[aug],
-                             head_name=self.head_name)
-        else:
-            with self._capture.paused():
-                g = class_scores(self.net, x[aug], v, mode=self.mode, bn=self.bn_mode)
-        gen = self._rng.generator()
-        w, s = self.policy(g, y[aug], gen)
-        self._rng.commit(gen)
-        if self.weight_norm == "augmented":
-            w = renormalize(w)
-        weights[aug], soft[aug], scores[aug] = w.to(weights), s.to(soft), g.to(scores)
-        return weights, soft, scores, v_new, refreshed
+    def augment(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Apply the policy's learned differentiable augmentation (AutoDO) to a batch."""
+        fn = getattr(self.policy, "augment", None)
+        if fn is None:
+            raise ConfigurationError(f"method {self.method!r} has no learned augmentation",
+                                     "use method='autodo' for refiner.augment(x, index)")
+        return fn(x, index, self)
+
+    def _build_isda(self, isda):
+        if isda is None or isda is False:
+            return None
+        from .isda import ISDALoss
+        if isinstance(isda, ISDALoss):
+            return isda
+        opts = {} if isda is True else dict(isda)
+        return ISDALoss.for_head(self.head, **opts)
 
     def _summarise(self, weights, soft, scores, y, aug, active, refreshed) -> Dict[str, Any]:
         wa, sa, ya, ga = weights[aug], soft[aug], y[aug], scores[aug]
@@ -403,6 +395,8 @@ class AugmentationRefiner:
             "val_loss": self._val_loss,
             "rng_state": self._rng.state.clone(),
             "stream": self._stream.state_dict() if self._stream is not None else None,
+            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
+            "isda": self.isda.state_dict() if self.isda is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -421,6 +415,10 @@ class AugmentationRefiner:
         self._rng.state = state["rng_state"].clone().cpu()
         if self._stream is not None and state.get("stream") is not None:
             self._stream.load_state_dict(state["stream"])
+        if state.get("policy") is not None and hasattr(self.policy, "load_state_dict"):
+            self.policy.load_state_dict(state["policy"])
+        if state.get("isda") is not None and self.isda is not None:
+            self.isda.load_state_dict(state["isda"])
 
     def __repr__(self) -> str:
         return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "

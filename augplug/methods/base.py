@@ -1,11 +1,24 @@
-"""The policy interface and the weight renormalisation shared by the policies."""
+"""The policy interface, the per-call context policies work from, and the shared weight renormalisation.
+
+A policy turns class scores ``g`` (and whatever else the context offers) into per-row weights and soft
+targets. Simple policies (SAflex, L2RW) only implement ``__call__(scores, targets, generator)`` and
+inherit :meth:`Policy.refine`, which scores the augmented rows with the refiner's validation
+direction. Richer policies (AutoDO, influence) override :meth:`Policy.refine` and use the
+:class:`RefineContext` to get features, other validation directions, the batch's dataset indices or
+scores for any subset of rows.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Policy", "renormalize"]
+from ..errors import ShapeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..refiner import AugmentationRefiner
+
+__all__ = ["Policy", "RefineContext", "renormalize"]
 
 
 def renormalize(weights: torch.Tensor) -> torch.Tensor:
@@ -19,11 +32,122 @@ def renormalize(weights: torch.Tensor) -> torch.Tensor:
     return weights * (weights.shape[0] / total)
 
 
+class RefineContext:
+    """Everything a policy may use for one refiner call; expensive parts are computed on demand.
+
+    Attributes:
+        refiner: the calling :class:`~augplug.AugmentationRefiner` (read its options, not its state).
+        logits: ``(B, C)`` training logits (still attached to the graph).
+        targets: ``(B, C)`` upstream soft targets (fp32).
+        augmented: ``(B,)`` bool mask of the rows to refine.
+        active: True once the warm-up is over.
+        index: the batch's dataset positions (``index=`` of the call) or None.
+    """
+
+    def __init__(self, refiner: "AugmentationRefiner", logits, targets, augmented, active: bool,
+                 inputs=None, features=None, index=None):
+        self.refiner = refiner
+        self.logits = logits
+        self.targets = targets
+        self.augmented = augmented
+        self.active = bool(active)
+        self.index = index
+        self._inputs = inputs
+        self._features = features
+        self._direction = None
+        self.v_new = None          # a GradSum when this call recomputed the validation direction
+        self.refreshed = False
+        self.scored = False        # set when scores were computed
+        self._generator: Optional[torch.Generator] = None
+
+    @property
+    def batch(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def n_augmented(self) -> int:
+        return int(self.augmented.sum())
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The refiner's private CPU generator (advanced state is committed after the call)."""
+        if self._generator is None:
+            self._generator = self.refiner._rng.generator()
+        return self._generator
+
+    def features(self, required: bool = True) -> Optional[torch.Tensor]:
+        """``(B, A)`` inputs of the classifier head for this batch (captured or passed as ``features=``)."""
+        if self._features is None:
+            self._features = self.refiner._capture.features(self.batch)
+        f = self._features
+        if f is None:
+            if required:
+                raise ShapeError(
+                    f"no classifier features for the {self.batch} rows of this batch were captured",
+                    "call the refiner right after the training forward (model in train mode, autograd on), "
+                    "once per forward, or pass features=")
+            return None
+        if f.shape[0] != self.batch:
+            raise ShapeError(f"features have {f.shape[0]} rows, logits {self.batch}", "pass matching features")
+        return f.flatten(1)
+
+    def inputs(self) -> Any:
+        """The model inputs of this batch (captured or passed as ``inputs=``)."""
+        x = self._inputs if self._inputs is not None else self.refiner._capture.inputs(self.batch)
+        if x is None:
+            raise ShapeError(f"no model inputs for the {self.batch} rows of this batch were captured",
+                             "pass inputs= (the tensor fed to the model) to the refiner")
+        if x.shape[0] != self.batch:
+            raise ShapeError(f"inputs have {x.shape[0]} rows, logits {self.batch}", "pass the batch fed to the model")
+        self._inputs = x
+        return x
+
+    def check_score_inputs(self) -> None:
+        """Raise now (before any validation pass) when the scoring inputs are missing."""
+        if self.refiner.mode == "last_layer":
+            self.features()
+        else:
+            self.inputs()
+
+    def direction(self) -> Dict[str, torch.Tensor]:
+        """The validation direction ``v = -grad L_val``, refreshed on the refiner's schedule."""
+        if self._direction is None:
+            r = self.refiner
+            self.refreshed = r._v is None or r.step_count - r._v_step >= r.refresh_every
+            if self.refreshed:
+                self.v_new = r.compute_validation_direction(self.num_classes)
+                self._direction = self.v_new.direction()
+            else:
+                self._direction = r._v
+        return self._direction
+
+    def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Class scores ``g`` (fp32) of ``rows`` (a bool mask; default: the augmented rows) along ``v``
+        (default: the validation direction)."""
+        from ..scores import class_scores  # local: scores imports heads, heads is light
+
+        rows = self.augmented if rows is None else rows
+        self.check_score_inputs()
+        v = self.direction() if v is None else v
+        r = self.refiner
+        self.scored = True
+        if r.mode == "last_layer":
+            return class_scores(r.net, v=v, mode="last_layer", features=self.features()[rows],
+                                logits=self.logits[rows], head_name=r.head_name).float()
+        with r._capture.paused():
+            return class_scores(r.net, self.inputs()[rows], v, mode=r.mode, bn=r.bn_mode).float()
+
+
 class Policy:
     """A refinement policy. ``needs_scores=False`` lets the refiner skip computing ``g``.
 
     ``__call__`` returns weights on their absolute scale (1 = an ordinary sample); the refiner applies
-    the normalisation chosen by its ``weight_norm`` option.
+    the normalisation chosen by its ``weight_norm`` option. Policies that keep state (tables, networks)
+    also implement ``state_dict`` / ``load_state_dict``; the refiner saves and restores it.
     """
 
     needs_scores: bool = True
@@ -32,6 +156,32 @@ class Policy:
     def __call__(self, scores: Optional[torch.Tensor], targets: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def refine(self, ctx: RefineContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-batch ``(weights (B,), soft_targets (B, C), scores (B, C))`` for one call.
+
+        The default scores the augmented rows once the warm-up is over, applies ``__call__`` to them
+        and renormalises their weights when the refiner's ``weight_norm`` is ``"augmented"``; other
+        rows keep weight 1, their upstream target and zero scores.
+        """
+        y, aug = ctx.targets, ctx.augmented
+        weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
+        soft = y.clone()
+        scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=y.device)
+        if ctx.n_augmented == 0:
+            return weights, soft, scores
+        if not self.needs_scores:
+            w, s = self(None, y[aug])
+        elif not ctx.active:
+            return weights, soft, scores
+        else:
+            g = ctx.scores(aug)
+            w, s = self(g, y[aug], ctx.generator)
+            scores[aug] = g.to(scores)
+        if ctx.refiner.weight_norm == "augmented" and self.needs_scores:
+            w = renormalize(w)
+        weights[aug], soft[aug] = w.to(weights), s.to(soft)
+        return weights, soft, scores
 
     def extra_repr(self) -> str:
         return ""
