@@ -11,11 +11,15 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum_
+from .distributed import rank as dist_rank
+from .distributed import world_size as dist_world_size
 from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
 from .methods import POLICIES, Policy, SAflex
@@ -94,7 +98,12 @@ class AugmentationRefiner:
             the augmented rows, so they keep their share of the loss), ``"batch"`` (weights stay
             absolute and the loss is divided by the total weight of the batch, originals included:
             unhelpful augmented rows give their share back to the originals), or ``"none"``.
-        seed: seed of the refiner's private RNG (Gumbel noise, validation shuffling).
+        seed: seed of the refiner's private randomness (validation shuffling; per-call noise such as
+            Gumbel draws is derived from the seed, the process rank and the call count).
+        accelerator: an ``accelerate.Accelerator``: extra forwards run under ``accelerator.autocast()``
+            and the refiner registers itself with ``accelerator.register_for_checkpointing`` (so
+            ``save_state``/``load_state`` include it). Multi-process reductions need no accelerator:
+            they use the initialised ``torch.distributed`` process group (Accelerate, torchrun, DDP).
         check_train_mode: raise :class:`~augplug.errors.ModelModeError` when called with the model
             in eval mode.
     """
@@ -128,6 +137,7 @@ class AugmentationRefiner:
         check_train_mode: bool = True,
         method_options: Optional[Dict[str, Any]] = None,
         isda=None,
+        accelerator=None,
     ):
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
@@ -175,9 +185,12 @@ class AugmentationRefiner:
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
                                           keep_graph=getattr(self.policy, "needs_feature_graph", False))
-        self._rng = PrivateRNG(seed)
+        self.seed = int(seed)
+        self._rng = PrivateRNG(seed)   # the validation stream's RNG: identical on every process
+        self._check_val_loader(val_loader)
         self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
         self.val_loader = val_loader
+        self.accelerator = accelerator
 
         self._optimizer = None
         self._hook = None
@@ -191,6 +204,8 @@ class AugmentationRefiner:
         self._v_step = -1
         self._val_loss = float("nan")
         self.stats: Dict[str, Any] = {}
+        if accelerator is not None:
+            accelerator.register_for_checkpointing(self)
 
     @property
     def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
@@ -207,6 +222,22 @@ class AugmentationRefiner:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def _check_val_loader(self, val_loader) -> None:
+        if type(val_loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher") and dist_world_size() > 1:
+            raise ConfigurationError(
+                "the validation loader was passed through accelerator.prepare(), which shards it per process "
+                "and pads the last batch with duplicates",
+                "pass the plain DataLoader: the refiner splits the validation batches across processes "
+                "itself and sums gradients with true counts")
+
+    def noise_generator(self, stream: int = 0) -> torch.Generator:
+        """A fresh CPU generator for this call's random draws (see :attr:`RefineContext.generator`)."""
+        key = hash((self.seed, dist_rank(), self.calls, int(stream))) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(key)
+
+    def _autocast(self):
+        return self.accelerator.autocast() if self.accelerator is not None else nullcontext()
 
     def _device(self) -> torch.device:
         p = next(self.net.parameters(), None)
@@ -241,9 +272,13 @@ class AugmentationRefiner:
         """Average the validation gradient over ``val_batches`` batches (advances the stream)."""
         total = GradSum({}, 0)
         params = None if self.mode == "last_layer" else self._score_params()
-        with self._capture.paused():
-            for _ in range(self._num_val_batches()):
+        world, rank = dist_world_size(), dist_rank()
+        with self._capture.paused(), self._autocast():
+            for j in range(self._num_val_batches()):
+                # every process draws the same batches; batch j is processed by process j % world
                 x, y = self._stream.next()
+                if j % world != rank:
+                    continue
                 x = self._to_device(x)
                 y = to_soft_targets(self._to_device(y), num_classes, what="validation targets")
                 if y.shape[0] == 0:
@@ -253,10 +288,26 @@ class AugmentationRefiner:
                 else:
                     part = validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
                 total = total.add(part)
+        if world > 1:
+            total = self._all_reduce(total, params)
         if total.count == 0:
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean labelled sample")
         return total
+
+    def _all_reduce(self, total: GradSum, params) -> GradSum:
+        """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
+        if self.mode == "last_layer":
+            shapes = {f"{self.head_name}.weight": self.head.weight}
+            if self.head.bias is not None:
+                shapes[f"{self.head_name}.bias"] = self.head.bias
+        else:
+            shapes = params
+        sums = {k: (total.sums[k].float().clone() if k in total.sums
+                    else torch.zeros_like(p, dtype=torch.float32)) for k, p in shapes.items()}
+        meta = torch.tensor([float(total.count), float(total.loss_sum)], dtype=torch.float64)
+        all_reduce_sum_(list(sums.values()) + [meta])
+        return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
 
     # ------------------------------------------------------------------ the loss
     def _aug_mask(self, batch: int, num_original: int, augmented, device) -> torch.Tensor:
@@ -318,17 +369,11 @@ class AugmentationRefiner:
                 self.isda.restore_snapshot(snapshot[2])
             raise
 
-        n_aug = int(aug.sum())
+        weights, denom = self._normalise(weights, aug)
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
-        if self.weight_norm == "batch":
-            denom = coef.sum().clamp_min(1e-12)
-        else:
-            denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
         loss = (coef * per_sample).sum() / denom
 
         # commit
-        if ctx._generator is not None:
-            self._rng.commit(ctx._generator)
         if ctx.v_new is not None:
             self._v = ctx.v_new.direction()
             self._v_step = self.step_count
@@ -339,6 +384,31 @@ class AugmentationRefiner:
         self._capture.clear()
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.scored, ctx.refreshed)
         return loss
+
+    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor):
+        """Renormalised weights and the loss denominator, over the global batch of all processes.
+
+        Each process returns ``sum_local / (denominator_global / world)``; data-parallel gradient
+        averaging then yields exactly the loss of one process holding the whole global batch.
+        """
+        batch, n_aug = aug.shape[0], aug.sum()
+        w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
+        orig_coef = self.orig_weight * (batch - n_aug)
+        stats = torch.stack([w_aug.double(), n_aug.double(), torch.as_tensor(orig_coef, dtype=torch.float64,
+                                                                           device=weights.device)]).cpu()
+        world = dist_world_size()
+        if world > 1:
+            all_reduce_sum_([stats])
+        w_sum, n_all, orig_all = (float(t) for t in stats)
+        if self.weight_norm == "augmented" and self.policy.refiner_renormalizes and n_aug:
+            weights = weights.clone()
+            weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0
+            w_sum = n_all if w_sum > 0 else 0.0
+        if self.weight_norm == "batch":
+            denom = orig_all + self.aug_weight * w_sum
+        else:
+            denom = orig_all + self.aug_weight * n_all
+        return weights, max(denom, 1e-12) / world
 
     def augment(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the policy's learned differentiable augmentation (AutoDO) to a batch."""

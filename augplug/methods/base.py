@@ -74,9 +74,14 @@ class RefineContext:
 
     @property
     def generator(self) -> torch.Generator:
-        """The refiner's private CPU generator (advanced state is committed after the call)."""
+        """A CPU generator for this call's random draws (Gumbel noise, ...).
+
+        Seeded from the refiner's seed, the process rank and the call count, so draws are
+        reproducible after a resume and independent across processes; it never touches the global
+        RNG or the validation stream's RNG (which must stay identical on every process).
+        """
         if self._generator is None:
-            self._generator = self.refiner._rng.generator()
+            self._generator = self.refiner.noise_generator()
         return self._generator
 
     def features(self, required: bool = True) -> Optional[torch.Tensor]:
@@ -157,12 +162,16 @@ class Policy:
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def refine(self, ctx: RefineContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full-batch ``(weights (B,), soft_targets (B, C), scores (B, C))`` for one call.
+    #: The refiner rescales the weights of augmented rows to mean 1 (over all processes) when its
+    #: ``weight_norm`` is ``"augmented"``; policies whose weights are meaningful on their absolute
+    #: scale set this to False.
+    refiner_renormalizes: bool = True
 
-        The default scores the augmented rows once the warm-up is over, applies ``__call__`` to them
-        and renormalises their weights when the refiner's ``weight_norm`` is ``"augmented"``; other
-        rows keep weight 1, their upstream target and zero scores.
+    def refine(self, ctx: RefineContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-batch absolute ``(weights (B,), soft_targets (B, C), scores (B, C))`` for one call.
+
+        The default scores the augmented rows once the warm-up is over and applies ``__call__`` to
+        them; other rows keep weight 1, their upstream target and zero scores.
         """
         y, aug = ctx.targets, ctx.augmented
         weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
@@ -178,8 +187,6 @@ class Policy:
             g = ctx.scores(aug)
             w, s = self(g, y[aug], ctx.generator)
             scores[aug] = g.to(scores)
-        if ctx.refiner.weight_norm == "augmented" and self.needs_scores:
-            w = renormalize(w)
         weights[aug], soft[aug] = w.to(weights), s.to(soft)
         return weights, soft, scores
 
