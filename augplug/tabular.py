@@ -1,0 +1,318 @@
+"""Tables: CutMix for rows of numeric and categorical features, and an MLP for tables.
+
+CutMix on a table replaces a random subset of a row's features by the same features of another row
+of the batch (Yun et al.'s CutMix with "a rectangle of pixels" read as "a subset of columns"; the
+tabular form is the one used by SAINT and by the SAflex paper's tabular experiments). Because values
+are copied, never interpolated, every column keeps its dtype and every categorical column keeps its
+domain: a replaced category is a category another row really has.
+
+    cutmix = TabularCutMix(p=0.5, proportion=(0.1, 0.5), seed=0)
+    for x, y in loader:                       # any DataLoader of tensors
+        x, y = cutmix(x, y)                   # or cutmix(x_num, x_cat, y)
+        loss = refiner(model(x), y)           # ordinary AugmentationRefiner; classifier = model.fc
+
+Labels are kept by default (``label="keep"``); ``label="mix"`` mixes the two rows' labels by the
+share of features replaced. Why keep is the default: in a table the columns are not exchangeable the
+way pixels of an image roughly are, so "30 % of the columns came from row j" says little about how
+much of row j's class the new row carries (one decisive column can flip the class, ten irrelevant
+ones change nothing). Keeping the label is the usual choice for tabular CutMix, returns integer
+labels that work with any loss, and leaves the relabelling to SAflex, which measures per row whether
+the kept label helps the validation loss (weights) and what label would help more (soft targets).
+
+The transform draws every random number from its own ``torch.Generator`` (seeded, saved in
+``state_dict``), so it never touches the global RNG and replays exactly under a seed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigurationError, NonFiniteError, ShapeError, TargetError
+from .models import MLP
+
+__all__ = ["tabular_cutmix", "TabularCutMix", "TabularMLP"]
+
+Proportion = Union[float, Tuple[float, float]]
+
+
+def _check_proportion(proportion: Proportion) -> Tuple[float, float]:
+    if isinstance(proportion, (tuple, list)):
+        if len(proportion) != 2:
+            raise ConfigurationError(f"proportion must be a float or a (low, high) pair, got {proportion!r}",
+                                     "use e.g. proportion=0.3 or proportion=(0.1, 0.5)")
+        lo, hi = float(proportion[0]), float(proportion[1])
+    else:
+        lo = hi = float(proportion)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ConfigurationError(f"proportion must lie in [0, 1] with low <= high, got {proportion!r}",
+                                 "use a share of the features to replace, e.g. 0.3 or (0.1, 0.5)")
+    return lo, hi
+
+
+def _column_units(n_cols: int, groups: Optional[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """``unit_of[c]``: the unit (a single column, or a group swapped together) column ``c`` belongs to."""
+    unit_of = torch.full((n_cols,), -1, dtype=torch.long)
+    next_unit = 0
+    for g in groups or ():
+        cols = torch.as_tensor(list(g), dtype=torch.long)
+        if cols.numel() == 0:
+            continue
+        if int(cols.min()) < 0 or int(cols.max()) >= n_cols:
+            raise ConfigurationError(f"group {list(g)} names columns outside 0..{n_cols - 1}",
+                                     "list column indices of the concatenated [numeric, categorical] features")
+        if bool((unit_of[cols] >= 0).any()):
+            raise ConfigurationError(f"group {list(g)} overlaps another group",
+                                     "put each column in at most one group")
+        unit_of[cols] = next_unit
+        next_unit += 1
+    rest = unit_of < 0
+    unit_of[rest] = torch.arange(next_unit, next_unit + int(rest.sum()))
+    return unit_of
+
+
+def _is_integral(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool((t == t.round()).all())
+
+
+def tabular_cutmix(
+    x_num: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    x_cat: Optional[torch.Tensor] = None,
+    *,
+    p: float = 0.5,
+    proportion: Proportion = (0.1, 0.5),
+    label: str = "keep",
+    num_classes: Optional[int] = None,
+    groups: Optional[Sequence[Sequence[int]]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """CutMix a batch of table rows; returns ``(x_num, x_cat, targets, augmented)``.
+
+    Each row is augmented with probability ``p``: a partner row ``j != i`` is drawn uniformly from
+    the batch, a share ``lam`` of the row's feature units (``proportion``, fixed or drawn uniformly
+    from ``(low, high)`` per row; ``round(lam * units)`` of them) is picked at random, and those
+    features are copied from row ``j``. Units are single columns, except the column ``groups`` (e.g.
+    the columns of a one-hot encoded category), which are swapped together. Numeric and categorical
+    columns are chosen jointly: column indices of ``groups`` refer to ``[numeric..., categorical...]``.
+
+    Args:
+        x_num: ``(B, Dn)`` numeric features (any dtype) or None.
+        targets: class indices ``(B,)`` or probabilities ``(B, C)``.
+        x_cat: ``(B, Dc)`` categorical codes (integer tensor) or None.
+        p: probability that a row is augmented.
+        proportion: share of feature units replaced in an augmented row.
+        label: ``"keep"`` (default: the row keeps its label) or ``"mix"`` (``(1 - r) y_i + r y_j``
+            with ``r`` the share of units actually replaced; returns ``(B, C)`` float targets).
+        num_classes: needed for ``label="mix"`` with class-index targets.
+        groups: lists of columns swapped as one unit.
+        generator: the random source (a fresh unseeded one when None; pass one for reproducibility).
+
+    ``augmented`` is a bool ``(B,)`` mask of the rows that received features from a partner (pass it
+    as ``augmented=`` to :class:`~augplug.AugmentationRefiner`). Inputs are not modified in place.
+    """
+    if not 0.0 <= float(p) <= 1.0:
+        raise ConfigurationError(f"p must lie in [0, 1], got {p}", "use the probability that a row is augmented")
+    lo, hi = _check_proportion(proportion)
+    if label not in ("keep", "mix"):
+        raise ConfigurationError(f"label must be 'keep' or 'mix', got {label!r}",
+                                 "use 'keep' (labels unchanged) or 'mix' (mixed by the replaced share)")
+    if x_num is None and x_cat is None:
+        raise ShapeError("tabular_cutmix needs numeric features, categorical features, or both",
+                         "pass x_num=(B, Dn) and/or x_cat=(B, Dc)")
+    parts = [t for t in (x_num, x_cat) if t is not None]
+    for name, t in (("x_num", x_num), ("x_cat", x_cat)):
+        if t is not None and (not torch.is_tensor(t) or t.dim() != 2):
+            raise ShapeError(f"{name} must be a 2-D tensor (rows, columns), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}",
+                             "pass one row per sample and one column per feature")
+    batch = parts[0].shape[0]
+    if any(t.shape[0] != batch for t in parts) or not torch.is_tensor(targets) or targets.dim() == 0 \
+            or targets.shape[0] != batch:
+        raise ShapeError("features and targets must have the same number of rows",
+                         "pass the tensors of one batch, as the DataLoader yields them")
+    if x_cat is not None and x_cat.is_floating_point():
+        raise TargetError(f"x_cat must hold integer category codes, got {x_cat.dtype}",
+                          "pass categorical columns as a LongTensor, or use TabularCutMix(categorical=mask)")
+    if x_num is not None and x_num.is_floating_point() and not bool(torch.isfinite(x_num).all()):
+        raise NonFiniteError("x_num contains NaN/inf", "impute missing values before augmenting")
+    soft_in = targets.dim() == 2
+    if label == "mix" and not soft_in:
+        if targets.is_floating_point():
+            raise TargetError("1-D floating targets", "pass class indices as an integer tensor, or (B, C) probabilities")
+        if num_classes is None:
+            raise ConfigurationError("label='mix' with class indices needs num_classes",
+                                     "pass num_classes=C")
+    dn = 0 if x_num is None else x_num.shape[1]
+    n_cols = dn + (0 if x_cat is None else x_cat.shape[1])
+    unit_of = _column_units(n_cols, groups)
+    n_units = int(unit_of.max()) + 1 if n_cols else 0
+
+    g = generator if generator is not None else torch.Generator()
+    chosen = torch.rand(batch, generator=g) < float(p)
+    if batch < 2:
+        chosen = torch.zeros_like(chosen)
+    partner = (torch.arange(batch) + torch.randint(1, max(batch, 2), (batch,), generator=g)) % max(batch, 1)
+    lam = lo + (hi - lo) * torch.rand(batch, generator=g)
+    k = torch.round(lam * n_units).long()
+    ranks = torch.rand(batch, n_units, generator=g).argsort(1).argsort(1)  # a random permutation per row
+    swap_unit = (ranks < k[:, None]) & chosen[:, None]
+    swap_col = swap_unit[:, unit_of] if n_cols else torch.zeros(batch, 0, dtype=torch.bool)
+    augmented = swap_unit.any(1)
+
+    def mix(t: Optional[torch.Tensor], cols: torch.Tensor) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        m = cols.to(t.device)
+        return torch.where(m, t[partner.to(t.device)], t)
+
+    new_num = mix(x_num, swap_col[:, :dn])
+    new_cat = mix(x_cat, swap_col[:, dn:])
+    if label == "keep":
+        new_y = targets
+    else:
+        y = targets.float() if soft_in else F.one_hot(targets.long(), int(num_classes)).float()
+        share = (swap_unit.float().sum(1) / max(n_units, 1)).to(y.device)[:, None]
+        new_y = (1 - share) * y + share * y[partner.to(y.device)]
+    return new_num, new_cat, new_y, augmented.to(parts[0].device)
+
+
+class TabularCutMix:
+    """CutMix as a batch transform for any DataLoader of tensors, with its own seeded generator.
+
+    Call it on a batch as the loader yields it:
+
+    - ``cutmix(x, y)``: ``x`` is one tensor; columns flagged by ``categorical`` (a bool mask or a list
+      of indices) hold category codes and must be integer-valued (checked), all others are numeric;
+    - ``cutmix(x_num, x_cat, y)``: numeric float tensor plus categorical integer tensor.
+
+    It returns the same structure (plus the ``augmented`` row mask last when ``return_mask=True``).
+    Options are those of :func:`tabular_cutmix`. ``state_dict()`` / ``load_state_dict()`` save the
+    generator, so a resumed run draws the same augmentations. Apply it in the main process (on the
+    batch inside the training loop); a copy inside each DataLoader worker would repeat the same draws.
+    """
+
+    def __init__(self, p: float = 0.5, proportion: Proportion = (0.1, 0.5), *, label: str = "keep",
+                 num_classes: Optional[int] = None, categorical=None,
+                 groups: Optional[Sequence[Sequence[int]]] = None, seed: int = 0, return_mask: bool = False):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ConfigurationError(f"p must lie in [0, 1], got {p}", "use the probability that a row is augmented")
+        _check_proportion(proportion)
+        if label not in ("keep", "mix"):
+            raise ConfigurationError(f"label must be 'keep' or 'mix', got {label!r}",
+                                     "use 'keep' (labels unchanged) or 'mix' (mixed by the replaced share)")
+        self.p, self.proportion, self.label, self.num_classes = float(p), proportion, label, num_classes
+        self.categorical = categorical
+        self.groups = [list(g) for g in groups] if groups else None
+        self.return_mask = bool(return_mask)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _cat_mask(self, n_cols: int) -> torch.Tensor:
+        c = torch.as_tensor(self.categorical)
+        if c.dtype == torch.bool:
+            if c.shape != (n_cols,):
+                raise ShapeError(f"categorical mask has {c.numel()} entries, the batch has {n_cols} columns",
+                                 "pass one bool per column")
+            return c
+        mask = torch.zeros(n_cols, dtype=torch.bool)
+        idx = c.long().flatten()
+        if idx.numel() and (int(idx.min()) < -n_cols or int(idx.max()) >= n_cols):
+            raise ShapeError(f"categorical columns {idx.tolist()} are outside 0..{n_cols - 1}",
+                             "pass column indices of the batch tensor")
+        mask[idx] = True
+        return mask
+
+    def __call__(self, *batch: torch.Tensor):
+        if len(batch) == 2:
+            x, y = batch
+            if not torch.is_tensor(x) or x.dim() != 2:
+                raise ShapeError("the first tensor must be (rows, columns)", "pass the features as a 2-D tensor")
+            if self.categorical is not None:
+                m = self._cat_mask(x.shape[1])
+                if m.any() and not _is_integral(x[:, m]):
+                    raise TargetError("columns flagged categorical hold non-integer values",
+                                      "pass category codes (0, 1, 2, ...) in the categorical columns")
+            # one tensor: every column is copied, never interpolated, so categorical columns stay in domain
+            gen_state = self.generator.get_state()
+            try:
+                xn, _, yn, aug = tabular_cutmix(x, y, None, p=self.p, proportion=self.proportion, label=self.label,
+                                                num_classes=self.num_classes, groups=self.groups,
+                                                generator=self.generator)
+            except BaseException:
+                self.generator.set_state(gen_state)
+                raise
+            out = (xn, yn)
+        elif len(batch) == 3:
+            xn, xc, y = batch
+            gen_state = self.generator.get_state()
+            try:
+                xn, xc, yn, aug = tabular_cutmix(xn, y, xc, p=self.p, proportion=self.proportion, label=self.label,
+                                                 num_classes=self.num_classes, groups=self.groups,
+                                                 generator=self.generator)
+            except BaseException:
+                self.generator.set_state(gen_state)
+                raise
+            out = (xn, xc, yn)
+        else:
+            raise ShapeError(f"TabularCutMix takes (x, y) or (x_num, x_cat, y), got {len(batch)} tensors",
+                             "pass the batch tensors in one of those orders")
+        return out + (aug,) if self.return_mask else out
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        return (f"TabularCutMix(p={self.p}, proportion={self.proportion!r}, label={self.label!r}, "
+                f"groups={self.groups!r}, seed={self.seed})")
+
+
+class TabularMLP(nn.Module):
+    """An MLP for tables: optional category embeddings in front of :class:`augplug.models.MLP`.
+
+    ``forward(x_num, x_cat=None)``: numeric ``(B, Dn)`` float features and optional categorical codes
+    ``(B, Dc)``; each categorical column ``k`` is embedded in ``embed_dim`` dimensions (cardinality
+    ``cat_cardinalities[k]``) and concatenated to the numeric features. Alternatively pass
+    ``cat_columns`` (indices into a single input tensor holding integer-valued codes) and call
+    ``forward(x)``. The body is ``depth`` hidden layers of ``hidden`` units with optional BatchNorm and
+    dropout; the classifier is the ``nn.Linear`` reachable as ``model.fc`` (found by augplug).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, *, cat_cardinalities: Sequence[int] = (),
+                 cat_columns: Optional[Sequence[int]] = None, embed_dim: int = 8, hidden: int = 256, depth: int = 2,
+                 dropout: float = 0.1, batch_norm: bool = False):
+        super().__init__()
+        self.cat_columns = None if cat_columns is None else [int(c) for c in cat_columns]
+        if self.cat_columns is not None and len(self.cat_columns) != len(cat_cardinalities):
+            raise ConfigurationError("cat_columns and cat_cardinalities must have the same length",
+                                     "give one cardinality per categorical column")
+        self.embeddings = nn.ModuleList(nn.Embedding(int(k), embed_dim) for k in cat_cardinalities)
+        n_num = num_features - (len(self.cat_columns) if self.cat_columns is not None else 0)
+        self.num_numeric = n_num
+        self.mlp = MLP(n_num + embed_dim * len(self.embeddings), num_classes, hidden=hidden, depth=depth,
+                       dropout=dropout, batch_norm=batch_norm)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self.mlp.fc
+
+    def forward(self, x: torch.Tensor, x_cat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x_cat is None and self.cat_columns is not None:
+            keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+            keep[self.cat_columns] = False
+            x_cat = x[:, self.cat_columns].round().long()
+            x = x[:, keep]
+        parts = [x.float()] if x.shape[1] else []
+        if len(self.embeddings):
+            if x_cat is None or x_cat.shape[1] != len(self.embeddings):
+                raise ShapeError(f"the model embeds {len(self.embeddings)} categorical columns, got "
+                                 f"{None if x_cat is None else x_cat.shape[1]}",
+                                 "pass x_cat with one column per cardinality given at construction")
+            parts += [emb(x_cat[:, k].long()) for k, emb in enumerate(self.embeddings)]
+        return self.mlp(torch.cat(parts, 1))
+
