@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
+from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,15 +22,20 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Policy", "RefineContext", "renormalize"]
 
 
-def renormalize(weights: torch.Tensor) -> torch.Tensor:
+def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
     """Scale non-negative weights to mean 1 over the batch; an all-zero batch stays all zero.
 
     Mean 1 keeps the loss scale (and so the effective learning rate) of an unweighted batch.
+    ``distributed=True``: the mean is over the global batch of all processes (one all-reduce).
     """
-    total = weights.sum()
+    total, count = weights.sum(), float(weights.shape[0])
+    if distributed and is_distributed():
+        stats = torch.stack([total.detach().double().cpu(), torch.tensor(count, dtype=torch.float64)])
+        all_reduce_sum_([stats])
+        total, count = float(stats[0]), float(stats[1])
     if float(total) <= 0:
         return torch.zeros_like(weights)
-    return weights * (weights.shape[0] / total)
+    return weights * (count / total)
 
 
 class RefineContext:
@@ -177,7 +183,9 @@ class Policy:
         weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
         soft = y.clone()
         scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=y.device)
-        if ctx.n_augmented == 0:
+        # in a process group every process must reach the same collectives (validation refresh,
+        # batch statistics), so a process without augmented rows still scores its empty set
+        if ctx.n_augmented == 0 and not is_distributed():
             return weights, soft, scores
         if not self.needs_scores:
             w, s = self(None, y[aug])

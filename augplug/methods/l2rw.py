@@ -14,10 +14,12 @@ import torch
 from .base import Policy, renormalize
 
 
-def l2rw_weights(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``renormalize(max(y_i^T g_i, 0))`` for scores (B, C) and target probabilities (B, C)."""
+def l2rw_weights(scores: torch.Tensor, targets: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
+    """``renormalize(max(y_i^T g_i, 0))`` for scores (B, C) and target probabilities (B, C).
+
+    ``distributed=True``: normalised over the global batch of all processes."""
     raw = (targets.float() * scores.float()).sum(-1)
-    return renormalize(raw.clamp_min(0))
+    return renormalize(raw.clamp_min(0), distributed=distributed)
 
 
 class L2RW(Policy):
@@ -26,4 +28,4 @@ class L2RW(Policy):
     name = "l2rw"
 
     def __call__(self, scores, targets, generator=None):
-        return l2rw_weights(scores, targets), targets.float()
+        return l2rw_weights(scores, targets, distributed=True), targets.float()

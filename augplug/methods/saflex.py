@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError
 from .base import Policy, renormalize
 
@@ -47,22 +48,44 @@ SAFLEX_PAPER = dict(normalize=None, weighting="hard", threshold=0.0, beta=1.0, t
                     weight_norm="augmented")
 
 
-def normalize_scores(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
+def _global_normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
+    # batch statistics of the global batch: column sums, column sums of squares and the row count
+    s = scores.double()
+    stats = torch.cat([s.sum(0), s.pow(2).sum(0), s.new_tensor([float(s.shape[0])])]).cpu()
+    all_reduce_sum_([stats])
+    c = scores.shape[1]
+    col_sum, col_sq, n = stats[:c], stats[c:2 * c], float(stats[-1])
+    if n == 0:
+        return scores
+    if how == "center":
+        mean = col_sum / n
+        ms = float((col_sq - n * mean.pow(2)).clamp_min(0).sum()) / (n * c)
+        scores = scores - mean.to(scores)
+    else:
+        ms = float(col_sq.sum()) / (n * c)
+    return scores / max(ms ** 0.5, 1e-12)
+
+
+def normalize_scores(scores: torch.Tensor, how: Optional[str], *, distributed: bool = False) -> torch.Tensor:
     """Rescale class scores over the batch.
 
     ``None``/``"none"``: unchanged. ``"rms"``: divided by the RMS of all entries. ``"center"``: each
     class column minus its batch mean (removes the part of ``g`` shared by every sample, i.e. which
     classes the validation set currently wants more of), then divided by the RMS.
+    ``distributed=True``: inside an initialised process group the means and the RMS are those of the
+    global batch (one all-reduce; every process must call it).
     """
     if how in (None, "none"):
         return scores
+    if how not in ("center", "rms"):
+        raise ConfigurationError(f"normalize must be None, 'none', 'rms' or 'center', got {how!r}",
+                                 "use 'center', 'rms' or None")
+    if distributed and is_distributed():
+        return _global_normalize(scores, how)
     if how == "center":
         scores = scores - scores.mean(0, keepdim=True)
         how = "rms"
-    if how == "rms":
-        return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
-    raise ConfigurationError(f"normalize must be None, 'none', 'rms' or 'center', got {how!r}",
-                             "use 'center', 'rms' or None")
+    return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
 
 
 def saflex_targets(
@@ -79,6 +102,7 @@ def saflex_targets(
     normalize: Optional[str] = None,
     renormalize_weights: bool = True,
     threshold: float = 0.0,
+    distributed: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
@@ -87,6 +111,7 @@ def saflex_targets(
     Weights are renormalised to mean 1 over the batch (all 0 stays all 0) unless
     ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
     The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
+    ``distributed=True`` takes the score normalisation's batch statistics over all processes.
     """
     if tau <= 0:
         raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
@@ -98,7 +123,7 @@ def saflex_targets(
     if prior not in ("linear", "log"):
         raise ConfigurationError(f"prior must be 'linear' or 'log', got {prior!r}", "use 'linear' (the paper)")
     y = targets.float()
-    g = normalize_scores(scores.float(), normalize)
+    g = normalize_scores(scores.float(), normalize, distributed=distributed)
     agreement = (y * g).sum(-1)
     if weighting == "hard":
         raw = (agreement >= threshold).float()
@@ -135,7 +160,8 @@ class SAflex(Policy):
     def __call__(self, scores, targets, generator=None):
         return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
                               weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
-                              normalize=self.normalize, renormalize_weights=False, threshold=self.threshold)
+                              normalize=self.normalize, renormalize_weights=False, threshold=self.threshold,
+                              distributed=True)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "

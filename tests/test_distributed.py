@@ -1,0 +1,107 @@
+"""Two real processes (Accelerate on CPU, gloo) against one process holding the same global batch."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from augplug import AugmentationRefiner
+
+WORLD = 2
+ROWS = 8            # rows per process
+N_ORIG = 3          # original rows at the start of each process's batch
+C, D = 4, 6
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, C))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xv, yv = torch.randn(22, D), torch.randint(0, C, (22,))
+    # 22 validation samples in batches of 5: the last batch is short (no padding may creep in)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=5, shuffle=True)
+    x = torch.randn(WORLD * ROWS, D)
+    y = torch.randint(0, C, (WORLD * ROWS,))
+    return model, opt, val, x, y
+
+
+CASES = {
+    "saflex": dict(refresh_every=1, seed=3),
+    "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
+    "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
+}
+
+
+def _worker(out_dir: str, case: str) -> None:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == WORLD
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **CASES[case])
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    out = {}
+    for step in range(2):
+        loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG)
+        opt.zero_grad()
+        loss.backward()
+        out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
+        out[f"weights{step}"] = refiner.stats["weights"].clone()
+        out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
+        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
+        out[f"val_loss{step}"] = refiner.stats["val_loss"]
+        opt.step()
+    out["step_count"] = refiner.step_count
+    torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
+
+
+def _two_processes(tmp_path, case):
+    from accelerate import debug_launcher
+
+    debug_launcher(_worker, args=(str(tmp_path), case), num_processes=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _single_process(case):
+    model, opt, val, x, y = _setup()
+    refiner = AugmentationRefiner(model, opt, val, **CASES[case])
+    aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
+    for r in range(WORLD):
+        aug[r * ROWS: r * ROWS + N_ORIG] = False
+    out = {}
+    for step in range(2):
+        loss = refiner(model(x), y, augmented=aug)
+        opt.zero_grad()
+        loss.backward()
+        out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        out[f"weights{step}"] = refiner.stats["weights"].clone()
+        out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
+        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
+        out[f"val_loss{step}"] = refiner.stats["val_loss"]
+        opt.step()
+    out["step_count"] = refiner.step_count
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
+    ranks, one = _two_processes(tmp_path, case), _single_process(case)
+    for step in range(2):
+        w = torch.cat([r[f"weights{step}"] for r in ranks])
+        s = torch.cat([r[f"soft{step}"] for r in ranks])
+        torch.testing.assert_close(w, one[f"weights{step}"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s, one[f"soft{step}"], rtol=1e-5, atol=1e-6)
+        # the refined weights are not trivially 1 (the comparison would be vacuous)
+        assert float((one[f"weights{step}"] - 1).abs().max()) > 1e-3
+        for r in ranks:
+            for k, t in one[f"v{step}"].items():
+                torch.testing.assert_close(r[f"v{step}"][k], t, rtol=1e-5, atol=1e-6)
+            assert r[f"val_loss{step}"] == pytest.approx(one[f"val_loss{step}"], rel=1e-5)
+            # DDP's averaged gradient equals the one-process gradient of the whole global batch
+            for n, g in one[f"grad{step}"].items():
+                torch.testing.assert_close(r[f"grad{step}"][n], g, rtol=1e-4, atol=1e-6)
+    assert all(r["step_count"] == one["step_count"] == 2 for r in ranks)
