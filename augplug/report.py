@@ -1,0 +1,424 @@
+"""Augmentation audit: which upstream transforms, and which classes, the refiner trusts.
+
+After every refiner call, hand the audit the refiner's ``stats``, the names of the transforms that
+produced each row and the rows' upstream labels::
+
+    audit = AugmentationAudit(class_names)
+    ...
+    loss = refiner(model(x), y)
+    audit.update(refiner.stats, names, y)
+    ...
+    print(audit.table(format="markdown"))
+    audit.plot("audit.png")
+
+For every upstream transform and every class it accumulates, over the augmented rows:
+
+- ``weight_mean``: the mean refined weight (as applied in the loss: after the refiner's
+  ``weight_norm``, so with the default ``"augmented"`` normalisation 1 is an average row);
+- ``kept``: the share of rows with a weight above zero;
+- ``relabel_rate``: the share of rows whose refined soft target's argmax differs from the upstream
+  label's argmax;
+- ``agreement_mean``: the mean of ``ỹᵀg`` (the first-order drop of the validation loss from one step
+  on the row with its upstream target; positive = helps, the package-wide sign).
+
+A row produced by several transforms (RandAugment applies two ops by default; an albumentations
+pipeline several) counts once toward each of them in the per-transform view and once in the
+per-class view. A row with no transform applied is filed under ``"identity"``.
+
+Transform names come from:
+
+- timm RandAugment: :class:`TracedRandAugment` wraps the object ``rand_augment_transform`` returns
+  and reports the ops it applied;
+- albumentations: ``A.Compose(..., save_applied_params=True)`` returns ``applied_transforms``, a
+  list of ``(name, params)`` pairs, accepted as is (:func:`transform_names` drops the
+  deterministic conversions in :data:`IGNORED_TRANSFORMS`);
+- anything else: a string or a sequence of strings per row (e.g. generated-sample source names,
+  see :mod:`augplug.sources`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import ConfigurationError, ShapeError, TargetError
+from .targets import to_soft_targets
+
+__all__ = ["AugmentationAudit", "TracedRandAugment", "transform_names", "IGNORED_TRANSFORMS", "IDENTITY",
+           "METRICS"]
+
+#: Deterministic conversions of albumentations / torchvision pipelines that say nothing about the
+#: augmentation a row received; dropped from transform names by default.
+IGNORED_TRANSFORMS = frozenset({"Normalize", "ToTensorV2", "ToTensor", "PILToTensor", "ToFloat", "FromFloat",
+                                "ToGray", "ToRGB", "ConvertImageDtype", "ToDtype", "ToImage"})
+
+#: The name given to rows no transform changed.
+IDENTITY = "identity"
+
+#: The metrics every table holds, in column order.
+METRICS = ("rows", "weight_mean", "kept", "relabel_rate", "agreement_mean")
+
+
+def transform_names(entry: Any, ignore: Iterable[str] = IGNORED_TRANSFORMS) -> Tuple[str, ...]:
+    """One row's transform description as a tuple of names (``("identity",)`` when empty).
+
+    Accepts a name (``"Rotate"``), a sequence of names, a sequence of albumentations
+    ``(name, params)`` pairs (``out["applied_transforms"]`` of ``A.Compose(...,
+    save_applied_params=True)``), or ``None``. Names in ``ignore`` are dropped; a name repeated in
+    one row is kept once.
+    """
+    ignore = frozenset(ignore)
+    if entry is None:
+        items: List[Any] = []
+    elif isinstance(entry, str):
+        items = [entry]
+    elif isinstance(entry, (list, tuple)):
+        items = list(entry)
+    else:
+        raise TargetError(f"a row's transform names must be a string, a sequence of strings or of (name, params) "
+                          f"pairs, got {type(entry).__name__}",
+                          "pass e.g. 'Rotate', ['Rotate', 'Equalize'] or albumentations' applied_transforms")
+    names: List[str] = []
+    for it in items:
+        if isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str):
+            it = it[0]
+        if not isinstance(it, str):
+            raise TargetError(f"transform names must be strings, got {type(it).__name__}",
+                              "pass names or albumentations' (name, params) pairs")
+        if it not in ignore and it not in names:
+            names.append(it)
+    return tuple(names) if names else (IDENTITY,)
+
+
+class TracedRandAugment:
+    """timm's RandAugment that also returns the names of the ops it applied.
+
+    ``traced = TracedRandAugment(rand_augment_transform("rand-m9-mstd0.5", hparams))``;
+    ``img, names = traced(pil_image)``. Ops are drawn exactly as timm draws them (NumPy's global
+    generator picks ``num_layers`` ops, Python's ``random`` decides each op's probability gate and
+    magnitude noise, in the same order), so under the same seeds the image equals the one timm's
+    transform returns; ``names`` lists the ops whose gate passed. With ``"rand-m9-n1-p1.0"`` each
+    image gets exactly one op.
+
+    Args:
+        transform: a ``timm.data.auto_augment.RandAugment`` (anything with ``ops``, ``num_layers``
+            and ``choice_weights``), or a config string for ``rand_augment_transform``.
+        hparams: ``rand_augment_transform`` hyperparameters when ``transform`` is a string.
+    """
+
+    def __init__(self, transform: Any, hparams: Optional[Dict[str, Any]] = None):
+        if isinstance(transform, str):
+            from timm.data.auto_augment import rand_augment_transform
+            transform = rand_augment_transform(transform, hparams or {})
+        if not all(hasattr(transform, a) for a in ("ops", "num_layers")):
+            raise ConfigurationError(f"{type(transform).__name__} is not a timm RandAugment",
+                                     "pass the object timm.data.auto_augment.rand_augment_transform returns")
+        self.transform = transform
+        self.ops = list(transform.ops)
+        self.num_layers = int(transform.num_layers)
+        self.choice_weights = getattr(transform, "choice_weights", None)
+        # Copies whose own probability gate always passes: the gate is drawn here, so that we know.
+        self._forced = []
+        for op in self.ops:
+            f = copy.copy(op)
+            f.prob = 1.0
+            self._forced.append(f)
+
+    @property
+    def op_names(self) -> List[str]:
+        """Names of the ops this transform chooses from."""
+        return [op.name for op in self.ops]
+
+    def __call__(self, img):
+        picks = np.random.choice(len(self.ops), self.num_layers, replace=self.choice_weights is None,
+                                 p=self.choice_weights)
+        names: List[str] = []
+        for i in picks:
+            op = self.ops[int(i)]
+            if op.prob < 1.0 and random.random() > op.prob:
+                continue
+            img = self._forced[int(i)](img)
+            names.append(op.name)
+        return img, tuple(names)
+
+    def __repr__(self) -> str:
+        return f"TracedRandAugment({self.transform!r})"
+
+
+class _Acc:
+    """Running sums of one group."""
+
+    __slots__ = ("rows", "weight", "kept", "relabel", "agreement")
+
+    def __init__(self):
+        self.rows = 0
+        self.weight = 0.0
+        self.kept = 0
+        self.relabel = 0
+        self.agreement = 0.0
+
+    def add(self, w: float, kept: bool, relabel: bool, agreement: float) -> None:
+        self.rows += 1
+        self.weight += w
+        self.kept += int(kept)
+        self.relabel += int(relabel)
+        self.agreement += agreement
+
+    def merge(self, other: "_Acc") -> None:
+        self.rows += other.rows
+        self.weight += other.weight
+        self.kept += other.kept
+        self.relabel += other.relabel
+        self.agreement += other.agreement
+
+    def summary(self) -> Dict[str, float]:
+        n = self.rows
+        if n == 0:
+            return {"rows": 0, "weight_mean": math.nan, "kept": math.nan, "relabel_rate": math.nan,
+                    "agreement_mean": math.nan}
+        return {"rows": n, "weight_mean": self.weight / n, "kept": self.kept / n, "relabel_rate": self.relabel / n,
+                "agreement_mean": self.agreement / n}
+
+
+class AugmentationAudit:
+    """Per upstream transform and per class: mean weight, kept share, relabel rate, agreement.
+
+    Args:
+        class_names: names of the classes in label order (their count fixes ``num_classes``), or
+            None (classes are then named by their index and ``num_classes`` is required or taken
+            from the first update).
+        num_classes: the number of classes when ``class_names`` is None.
+        ignore: transform names to drop (default: the deterministic conversions
+            :data:`IGNORED_TRANSFORMS`).
+        only_active: skip calls made during the refiner's warm-up (``stats["active"]`` False),
+            whose weights are all 1 by construction.
+    """
+
+    def __init__(self, class_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
+                 ignore: Iterable[str] = IGNORED_TRANSFORMS, only_active: bool = True):
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if num_classes is not None and int(num_classes) != len(class_names):
+                raise ConfigurationError(f"num_classes={num_classes} but {len(class_names)} class names",
+                                         "pass one of them, or make them agree")
+            num_classes = len(class_names)
+        self.class_names = class_names
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.ignore = frozenset(ignore)
+        self.only_active = bool(only_active)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+        self._cells: Dict[Tuple[str, int], _Acc] = defaultdict(_Acc)   # (transform, class) -> sums
+        self._by_class: Dict[int, _Acc] = defaultdict(_Acc)            # class -> sums, a row once
+        self._total = _Acc()
+        self.updates = 0
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, stats: Mapping[str, Any], names: Sequence[Any], labels: torch.Tensor,
+               rows: Optional[torch.Tensor] = None) -> bool:
+        """Add one refiner call.
+
+        Args:
+            stats: ``refiner.stats`` right after the call (``weights``, ``soft_targets``, ``augmented``;
+                ``scores`` and ``active`` when present).
+            names: one entry per row of the batch, or one per augmented row (in batch
+                order); each entry as accepted by :func:`transform_names`.
+            labels: the upstream targets passed to the refiner: class indices ``(B,)`` or
+                probabilities ``(B, C)`` (Mixup/CutMix); a row's class is the argmax.
+            rows: optional bool mask ``(B,)`` restricting the update to some augmented rows.
+
+        Returns:
+            True when the call was counted, False when skipped (warm-up, no augmented rows).
+        """
+        for key in ("weights", "soft_targets", "augmented"):
+            if key not in stats:
+                raise ConfigurationError(f"stats has no {key!r}", "pass refiner.stats right after a refiner call")
+        w = stats["weights"].detach().float().cpu()
+        soft = stats["soft_targets"].detach().float().cpu()
+        aug = stats["augmented"].detach().bool().cpu()
+        batch, num_classes = soft.shape
+        if w.shape != (batch,) or aug.shape != (batch,):
+            raise ShapeError(f"stats hold {tuple(w.shape)} weights and a {tuple(aug.shape)} mask for {batch} rows",
+                             "pass refiner.stats unchanged")
+        if self.num_classes is not None and num_classes != self.num_classes:
+            raise ShapeError(f"the refiner's soft targets have {num_classes} classes, the audit {self.num_classes}",
+                             "build the audit with the model's class names")
+        y = to_soft_targets(torch.as_tensor(labels).detach().cpu(), num_classes, batch_size=batch,
+                            what="audit labels").float()
+        if rows is not None:
+            rows = torch.as_tensor(rows).bool().cpu()
+            if rows.shape != (batch,):
+                raise ShapeError(f"rows= must be a bool mask of shape ({batch},), got {tuple(rows.shape)}", "")
+            sel = aug & rows
+        else:
+            sel = aug
+        n_aug = int(aug.sum())
+        if isinstance(names, str):
+            raise TargetError("names must hold one entry per row, got a single string",
+                              "pass a list such as ['Rotate', 'identity', ...]")
+        names = names.tolist() if torch.is_tensor(names) or isinstance(names, np.ndarray) else list(names)
+        if len(names) == n_aug and n_aug != batch:  # one entry per augmented row: spread to batch order
+            full: List[Any] = [None] * batch
+            for j, i in enumerate(torch.nonzero(aug).flatten().tolist()):
+                full[i] = names[j]
+            names = full
+        elif len(names) != batch:
+            raise ShapeError(f"got transform names for {len(names)} rows; the batch has {batch} rows, "
+                             f"{n_aug} of them augmented", "pass one entry per row or one per augmented row")
+        parsed = {i: transform_names(names[i], self.ignore) for i in torch.nonzero(sel).flatten().tolist()}
+        if self.only_active and not stats.get("active", True):
+            return False
+        if not parsed:
+            return False
+        scores = stats.get("scores")
+        agree = ((y * scores.detach().float().cpu()).sum(-1) if scores is not None
+                 else torch.zeros(batch))
+        cls = y.argmax(-1)
+        relabel = soft.argmax(-1) != cls
+        if self.num_classes is None:
+            self.num_classes = num_classes
+        for i, tnames in parsed.items():
+            c, wi, ri, ai = int(cls[i]), float(w[i]), bool(relabel[i]), float(agree[i])
+            for t in tnames:
+                self._cells[(t, c)].add(wi, wi > 0, ri, ai)
+            self._by_class[c].add(wi, wi > 0, ri, ai)
+            self._total.add(wi, wi > 0, ri, ai)
+        self.updates += 1
+        return True
+
+    # ------------------------------------------------------------------ views
+    @property
+    def transforms(self) -> List[str]:
+        """Transform names seen so far, by decreasing row count."""
+        counts: Dict[str, int] = defaultdict(int)
+        for (t, _), acc in self._cells.items():
+            counts[t] += acc.rows
+        return sorted(counts, key=lambda t: (-counts[t], t))
+
+    def class_name(self, c: int) -> str:
+        if self.class_names is not None and 0 <= c < len(self.class_names):
+            return self.class_names[c]
+        return str(c)
+
+    def summary(self) -> Dict[str, float]:
+        """The metrics over every counted row."""
+        return self._total.summary()
+
+    def records(self, by: str = "transform") -> List[Dict[str, Any]]:
+        """Rows of the table as dicts: ``by="transform"``, ``"class"`` or ``"transform_class"``."""
+        out: List[Dict[str, Any]] = []
+        if by == "transform":
+            for t in self.transforms:
+                acc = _Acc()
+                for (tt, _), a in self._cells.items():
+                    if tt == t:
+                        acc.merge(a)
+                out.append({"transform": t, **acc.summary()})
+        elif by == "class":
+            for c in sorted(self._by_class):
+                out.append({"class": self.class_name(c), **self._by_class[c].summary()})
+        elif by == "transform_class":
+            for t in self.transforms:
+                for c in sorted({c for (tt, c) in self._cells if tt == t}):
+                    out.append({"transform": t, "class": self.class_name(c), **self._cells[(t, c)].summary()})
+        else:
+            raise ConfigurationError(f"by must be 'transform', 'class' or 'transform_class', got {by!r}",
+                                     "use by='transform'")
+        return out
+
+    def matrix(self, metric: str = "weight_mean") -> Tuple[List[str], List[str], np.ndarray]:
+        """``(transforms, classes, values)``: ``metric`` per transform (rows) and class (columns); NaN
+        where a transform never met a class."""
+        if metric not in METRICS:
+            raise ConfigurationError(f"unknown metric {metric!r}", f"use one of {METRICS}")
+        ts = self.transforms
+        n_cls = self.num_classes or (max((c for _, c in self._cells), default=-1) + 1)
+        vals = np.full((len(ts), n_cls), np.nan)
+        for (t, c), acc in self._cells.items():
+            vals[ts.index(t), c] = acc.summary()[metric]
+        return ts, [self.class_name(c) for c in range(n_cls)], vals
+
+    def table(self, by: str = "transform", format: str = "pandas", digits: int = 3):
+        """The audit as a ``pandas.DataFrame`` (``format="pandas"``), a markdown string
+        (``"markdown"``) or a list of dicts (``"records"``); ``by`` as in :meth:`records`."""
+        recs = self.records(by)
+        if format == "records":
+            return recs
+        if format == "pandas":
+            import pandas as pd
+            cols = [k for k in ("transform", "class") if by in (k, "transform_class")] + list(METRICS)
+            return pd.DataFrame(recs, columns=cols)
+        if format == "markdown":
+            return _markdown(recs, digits)
+        raise ConfigurationError(f"format must be 'pandas', 'markdown' or 'records', got {format!r}",
+                                 "use format='markdown'")
+
+    def plot(self, path: Union[str, Path], title: str = "Augmentation audit", max_transforms: int = 30) -> Path:
+        """Save a figure: mean weight and relabel rate per transform (bars) and per transform and class
+        (heat maps). Needs matplotlib; returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ts, classes, wmat = self.matrix("weight_mean")
+        _, _, rmat = self.matrix("relabel_rate")
+        if not ts:
+            raise ConfigurationError("the audit holds no rows yet", "call update() after refiner calls first")
+        ts, wmat, rmat = ts[:max_transforms], wmat[:max_transforms], rmat[:max_transforms]
+        per_t = {r["transform"]: r for r in self.records("transform")}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        height = max(3.5, 0.32 * len(ts) + 1.6)
+        fig, axes = plt.subplots(1, 3, figsize=(6 + 0.55 * len(classes) * 2, height),
+                                 gridspec_kw={"width_ratios": [1.0, 0.12 * len(classes) + 0.4, 0.12 * len(classes) + 0.4]})
+        try:
+            y = np.arange(len(ts))
+            ax = axes[0]
+            ax.barh(y, [per_t[t]["weight_mean"] for t in ts], color="#4C72B0", label="mean weight")
+            ax.barh(y, [per_t[t]["relabel_rate"] for t in ts], height=0.35, color="#DD8452", label="relabel rate")
+            ax.axvline(1.0, color="black", lw=0.6, ls=":")
+            ax.set_yticks(y)
+            ax.set_yticklabels([f"{t} ({per_t[t]['rows']})" for t in ts], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("per transform (rows)")
+            ax.legend(fontsize=7, loc="lower right")
+            for ax, mat, name, cmap in ((axes[1], wmat, "mean weight", "viridis"),
+                                        (axes[2], rmat, "relabel rate", "magma")):
+                im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap)
+                ax.set_xticks(np.arange(len(classes)))
+                ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
+                ax.set_yticks(y)
+                ax.set_yticklabels([])
+                ax.set_title(name + " (transform × class)", fontsize=9)
+                fig.colorbar(im, ax=ax, fraction=0.08)
+            fig.suptitle(title, fontsize=10)
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
+        return path
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v).replace("|", "\\|")
+
+
+def _markdown(recs: List[Dict[str, Any]], digits: int) -> str:
+    if not recs:
+        return ""
+    cols = list(recs[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in recs:
+        lines.append("| " + " | ".join(_fmt(r[c], digits) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
