@@ -1,0 +1,171 @@
+"""Train with augplug under HuggingFace Accelerate, on one or N processes.
+
+    accelerate launch integrations/accelerate_train.py --epochs 5                     # 1 process
+    accelerate launch --multi_gpu --num_processes 2 integrations/accelerate_train.py  # 2 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
+        integrations/accelerate_train.py                                             # 2 CPU processes
+
+Data: scikit-learn's bundled digits with a label-breaking RandAugment view bank (the package demo's
+setting); every batch holds originals followed by one augmented view of each. What the script shows:
+
+- the refiner built with ``accelerator=``: extra forwards under ``accelerator.autocast()``, the
+  refiner's state saved and restored by ``accelerator.save_state`` / ``load_state``;
+- the validation loader is a plain ``DataLoader`` (not prepared): the refiner splits its batches
+  across processes and all-reduces gradient sums with true counts;
+- ``--grad-accum k``: the refiner counts only real optimizer updates (refresh interval, warm-up);
+- ``--mixed-precision bf16`` (CPU or GPU) or ``fp16`` (GPU, with a gradient scaler: a skipped step
+  does not advance the refiner);
+- evaluation with ``accelerator.gather_for_metrics``.
+
+Writes ``results.json`` (and a checkpoint with ``--save-state``) to ``--output`` on the main process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from augplug import AugmentationRefiner  # noqa: E402
+from augplug.demo import load_digits_study  # noqa: E402
+from augplug.models import SmallCNN  # noqa: E402
+
+
+class OriginalAndView(torch.utils.data.Dataset):
+    """Item ``i``: (original image, one augmented view, label, the view's given label, i).
+
+    The view shown for an item changes with the epoch (``set_epoch``), deterministically, so every
+    process agrees on the data without sharing a random state.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data.y_train)
+
+    def __getitem__(self, i: int):
+        views = self.data.views.shape[1]
+        k = (7 * i + 3 * self.epoch) % views
+        return self.data.x_train[i], self.data.views[i, k], self.data.y_train[i], self.data.view_labels[i, k], i
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--refiner", default="saflex", help="saflex | l2rw | none | autodo | influence")
+    p.add_argument("--isda", action="store_true", help="add the ISDA loss")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer updates (0: no limit)")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="originals per process and micro-batch")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--refresh-every", type=int, default=4)
+    p.add_argument("--noise", type=float, default=0.3, help="share of augmented views with a broken label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="accelerate_out")
+    p.add_argument("--save-state", action="store_true", help="accelerator.save_state(<output>/checkpoint) at the end")
+    p.add_argument("--resume", default="", help="accelerator.load_state(<dir>) before training")
+    p.add_argument("--cpu", action="store_true", help="force the CPU")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    args = parse_args(argv)
+    acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+                      cpu=args.cpu)
+    set_seed(args.seed)
+    data = load_digits_study(args.seed, noise=args.noise)
+    train_set = OriginalAndView(data)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_val, data.y_val), batch_size=100)
+    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=250)
+
+    model = SmallCNN(1, data.num_classes, img_size=data.x_train.shape[-1], width=16, hidden=64)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    updates_per_epoch = math.ceil(len(train_loader) / (acc.num_processes * args.grad_accum))
+    total = max(args.epochs * updates_per_epoch, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model, opt, train_loader, test_loader, sched = acc.prepare(model, opt, train_loader, test_loader, sched)
+
+    options = {}
+    if args.refiner == "autodo":
+        options["method_options"] = {"num_points": len(train_set), "num_classes": data.num_classes}
+    refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, refresh_every=args.refresh_every,
+                                  isda=True if args.isda else None, seed=args.seed, accelerator=acc, **options)
+    if args.resume:
+        acc.load_state(args.resume)
+
+    history = []
+    for epoch in range(args.epochs):
+        train_set.set_epoch(epoch)
+        model.train()
+        loss_sum, batches = 0.0, 0
+        for xo, xa, yo, ya, idx in train_loader:
+            with acc.accumulate(model):
+                n = xo.shape[0]
+                if args.refiner == "autodo":
+                    xa = refiner.augment(xa, idx)
+                logits = model(torch.cat([xo, xa]))
+                loss = refiner(logits, torch.cat([yo, ya]), num_original=n, index=torch.cat([idx, idx]))
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            loss_sum += float(loss.detach())
+            batches += 1
+            if args.max_steps and refiner.step_count >= args.max_steps:
+                break
+        acc_test = evaluate(acc, model, test_loader)
+        st = refiner.stats
+        row = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "test_acc": acc_test, "updates": refiner.step_count,
+               "weight_mean": st.get("weight_mean"), "kept_fraction": st.get("kept_fraction")}
+        history.append(row)
+        acc.print(json.dumps(row))
+        if args.max_steps and refiner.step_count >= args.max_steps:
+            break
+
+    result = {"num_processes": acc.num_processes, "mixed_precision": args.mixed_precision,
+              "grad_accum": args.grad_accum, "refiner_updates": refiner.step_count, "refiner_calls": refiner.calls,
+              "history": history}
+    if args.save_state:
+        acc.save_state(os.path.join(args.output, "checkpoint"))
+    if acc.is_main_process:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    acc.wait_for_everyone()
+    return result
+
+
+def evaluate(acc, model, loader) -> float:
+    model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for x, y in loader:
+            pred = model(x).argmax(1)
+            pred, y = acc.gather_for_metrics((pred, y))
+            correct += int((pred == y).sum())
+            count += int(y.numel())
+    model.train()
+    return correct / max(count, 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Accelerate integration: the launched script (2 processes), gradient accumulation, mixed precision,
+scaler-skipped steps and checkpointing through ``accelerator.save_state`` / ``load_state``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from augplug import AugmentationRefiner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _accelerator(**kw):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True, **kw)
+
+
+def _problem(seed=0, n=48, d=6, c=4):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, c))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(n, d), torch.randint(0, c, (n,))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, d), torch.randint(0, c, (20,))),
+                                      batch_size=10, shuffle=True)
+    return model, opt, x, y, val
+
+
+def test_launched_script_two_processes(tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", NO_ALBUMENTATIONS_UPDATE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(ROOT / "integrations" / "accelerate_train.py"), "--epochs", "1", "--max-steps", "3", "--grad-accum", "2",
+           "--output", str(tmp_path), "--save-state"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["num_processes"] == 2
+    assert res["refiner_updates"] == 3          # real optimizer updates
+    assert res["refiner_calls"] == 6            # micro-batches: 2 per update
+    ckpt = tmp_path / "checkpoint"
+    assert any(p.name.startswith("custom_checkpoint") for p in ckpt.iterdir())
+
+
+def test_gradient_accumulation_counts_real_updates_only():
+    acc = _accelerator(gradient_accumulation_steps=3)
+    model, opt, x, y, val = _problem()
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, refresh_every=1, accelerator=acc)
+    refreshes = []
+    for i in range(9):
+        with acc.accumulate(model):
+            rows = slice(4 * i, 4 * i + 4)
+            loss = refiner(model(x[rows]), y[rows])
+            refreshes.append(refiner.stats["refreshed"])
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+    assert refiner.calls == 9
+    assert refiner.step_count == 3
+    # refresh_every=1 update: the direction is recomputed once per real update, on its first micro-batch
+    assert refreshes == [True, False, False] * 3
+
+
+def _weights(dtype):
+    model, opt, x, y, val = _problem(seed=1)
+    refiner = AugmentationRefiner(model, opt, val, refresh_every=1)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(x[:16])
+        loss = refiner(logits, y[:16], num_original=4)
+    assert loss.dtype == torch.float32 or dtype != torch.float32
+    return refiner.stats
+
+
+def test_bf16_autocast_weights_match_fp32():
+    s32, s16 = _weights(torch.float32), _weights(torch.bfloat16)
+    assert s16["weights"].dtype == torch.float32 and s16["scores"].dtype == torch.float32
+    assert float((s32["weights"] - 1).abs().max()) > 0.05       # non-trivial weights
+    torch.testing.assert_close(s16["weights"], s32["weights"], atol=0.03, rtol=0.03)
+    # the scores themselves agree to bf16 precision
+    rel = (s16["scores"] - s32["scores"]).norm() / s32["scores"].norm()
+    assert float(rel) < 0.03
+
+
+def test_scaler_skipped_step_does_not_advance_refinement():
+    model, opt, x, y, val = _problem(seed=2)
+    refiner = AugmentationRefiner(model, opt, val, refresh_every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    loss = refiner(model(x[:8]), y[:8])
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert refiner.step_count == 1
+    loss = refiner(model(x[8:16]), y[8:16])
+    assert refiner.stats["refreshed"]
+    scaler.scale(loss).backward()
+    next(model.parameters()).grad.fill_(float("inf"))   # overflow: the scaler skips this update
+    scaler.step(opt)
+    scaler.update()
+    assert refiner.step_count == 1
+    refiner(model(x[16:24]), y[16:24])
+    assert not refiner.stats["refreshed"]                 # no real update happened since the refresh
+
+
+def _run_with_checkpoint(tmp_path, save_at=None, load=None, steps=6):
+    acc = _accelerator()
+    model, opt, x, y, val = _problem(seed=3)
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, refresh_every=2, accelerator=acc, seed=5)
+    start = 0
+    if load is not None:
+        acc.load_state(load)
+        start = refiner.step_count
+    losses = []
+    for i in range(start, steps):
+        loss = refiner(model(x[6 * i: 6 * i + 6]), y[6 * i: 6 * i + 6], num_original=2)
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        if save_at is not None and i + 1 == save_at:
+            acc.save_state(str(tmp_path / "ckpt"))
+    return losses
+
+
+def test_accelerate_save_and_load_state_resumes_exactly(tmp_path):
+    full = _run_with_checkpoint(tmp_path, save_at=3)
+    resumed = _run_with_checkpoint(tmp_path, load=str(tmp_path / "ckpt"))
+    assert resumed == full[3:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a gradient scaler needs CUDA")
+def test_fp16_cuda_weights_match_fp32():
+    model, opt, x, y, val = _problem(seed=1)
+    model = model.cuda()
+    val = [(a.cuda(), b.cuda()) for a, b in val]
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        refiner = AugmentationRefiner(model, opt, val, refresh_every=1)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            refiner(model(x[:16].cuda()), y[:16].cuda(), num_original=4)
+        out[dtype] = refiner.stats["weights"].cpu()
+    torch.testing.assert_close(out[torch.float16], out[torch.float32], atol=0.02, rtol=0.02)
