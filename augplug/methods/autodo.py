@@ -1,0 +1,557 @@
+"""AutoDO (Gudovskiy et al., CVPR 2021): per-point loss weights, soft labels and augmentation
+parameters learned by implicit differentiation of the validation loss.
+
+Three sub-models, each a table indexed by the dataset position of the training point
+(:class:`~augplug.data.IndexedDataset`):
+
+``W`` (loss weights)
+    ``w_i = softplus(lam_W_i) / ln 2`` (1 at ``lam_W = 0``, the initial value).
+``S`` (soft labels)
+    ``s_i = softmax(lam_S_i)``, initialised to the given (possibly noisy) label with label
+    smoothing ``label_smoothing``: ``lam_S_i = log(1 - C + C / eps) * onehot(y_i)``.
+``A`` (augmentation)
+    per operation an on/off gate logit ``P`` (initial probability ``init_gate_prob``) and a
+    magnitude logit ``M`` (initial scale ``init_magnitude``), per point or shared by all points;
+    see :mod:`augplug.augment.affine`.
+
+Training loss (computed by the refiner): ``sum_i c_i loss(z_i, s_i) / denom`` with
+``c_i = aug_weight * w_i`` on augmented rows (all rows by default), ``orig_weight`` on rows
+marked original, and the refiner's denominator (``weight_norm="augmented"``: the batch size, i.e.
+the paper's ``mean_i w_i loss_i`` without renormalisation; ``"batch"``: the sum of the
+coefficients). Weights and soft labels are constants for the model update.
+
+Hyper-step (every ``every`` optimizer updates from ``start_step`` on), over the classifier
+parameters ``theta = (W_head, b_head)`` (or more layers, ``hyper_params=``):
+
+    u  = alpha * sum_{t=0}^{T} (I - alpha H)^t grad_theta L_val      (~ H^{-1} grad L_val)
+    dL_val/dlam = - d/dlam [ grad_theta L_train . u ]
+                = - d/dlam [ (1/denom) sum_i c_i (dloss_i/dz_i)^T (U a_i + u_b) ]
+
+with ``H`` the Hessian of the training loss of this batch in ``theta`` (closed form on the head),
+``a_i`` the classifier's input features (their graph reaches the augmentation gates and magnitudes,
+so one reverse pass gives all three hypergradients) and ``grad L_val = -v`` from the refiner's
+validation direction. The tables' rows of the batch are updated by a lazy RMSprop (rows not in the
+batch and their optimizer state are untouched).
+
+Deviations from the authors' code (documented in ``docs/autodo.md``): ``u`` carries the leading
+``alpha`` (``scaled=False`` restores the authors' unscaled sum); ``theta`` includes the head's bias;
+hyper-steps interleave with training instead of a separate pass over the data; RMSprop is lazy;
+six affine operations (isotropic scale) in normalised coordinates without the 4x resampling; the
+soft-label initialisation happens on a point's first visit unless ``labels=`` is given.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment.affine import DEFAULT_OPS, _check_images, check_ops, random_affine
+from ..distributed import world_size as dist_world_size
+from ..errors import ConfigurationError, ShapeError
+from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
+from ..scores import last_layer_scores
+from .base import Policy, RefineContext
+
+__all__ = ["AutoDO", "AutoDOTables", "PointIndexError", "WEIGHT_SCALE", "smoothed_label_logits",
+           "format_class_report"]
+
+#: ``w = WEIGHT_SCALE * softplus(lam_W)`` equals 1 at ``lam_W = 0``.
+WEIGHT_SCALE = 1.0 / math.log(2.0)
+_MAX_PENDING = 8
+
+
+class PointIndexError(ShapeError):
+    """The ``index=`` of a batch is missing, of the wrong dtype or shape, out of range or repeated."""
+
+
+def smoothed_label_logits(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Logits whose softmax is ``(1 - smoothing) * targets + smoothing / C`` (targets (B, C) on the simplex).
+
+    For one-hot targets this is ``log(1 - C + C / smoothing) * onehot`` up to a per-row constant.
+    """
+    c = targets.shape[-1]
+    return torch.log((1.0 - smoothing) * targets.float() + smoothing / c)
+
+
+class AutoDOTables(nn.Module):
+    """The per-point tables and their lazy-RMSprop state (all buffers, saved by ``state_dict``).
+
+    ``weight_logits`` (N,), ``label_logits`` (N, C), ``gate_logits`` and ``magnitude_logits``
+    (R, K) with ``R = N`` (per point) or ``R = 1`` (shared); ``given_labels`` (N,) holds the label a
+    point was first seen with (-1 before); ``rms_*`` the squared-gradient averages.
+    """
+
+    def __init__(self, num_points: int, num_classes: int, num_ops: int, aug_rows: int, gate_logit: float,
+                 magnitude_logit: float):
+        super().__init__()
+        self.register_buffer("weight_logits", torch.zeros(num_points))
+        self.register_buffer("label_logits", torch.zeros(num_points, num_classes))
+        self.register_buffer("given_labels", torch.full((num_points,), -1, dtype=torch.long))
+        self.register_buffer("gate_logits", torch.full((aug_rows, num_ops), float(gate_logit)))
+        self.register_buffer("magnitude_logits", torch.full((aug_rows, num_ops), float(magnitude_logit)))
+        for name in ("weight_logits", "label_logits", "gate_logits", "magnitude_logits"):
+            self.register_buffer("rms_" + name, torch.zeros_like(getattr(self, name)))
+        self.register_buffer("hyper_steps", torch.zeros((), dtype=torch.long))
+
+    def nbytes(self) -> int:
+        """Memory of all tables and optimizer state, in bytes."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def format_class_report(rows: List[Dict[str, Any]]) -> str:
+    """A markdown table of :meth:`AutoDO.class_report` rows."""
+    if not rows:
+        return "(no points seen yet)\n"
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(out) + "\n"
+
+
+class AutoDO(Policy):
+    """AutoDO policy: learned per-point loss weights (W), soft labels (S) and augmentation (A).
+
+    Use with ``AugmentationRefiner(model, opt, val_loader, method="autodo", method_options={...})``
+    and a training loader over :class:`~augplug.data.IndexedDataset`::
+
+        for x, y, idx in loader:
+            x = refiner.augment(x, idx)
+            loss = refiner(model(x), y, index=idx)
+
+    Args:
+        num_points: number of training points (table rows); ``index`` values must lie in ``[0, num_points)``.
+        num_classes: number of classes ``C``.
+        models: the sub-models to learn, any of ``"A"``, ``"W"``, ``"S"`` (``"AWS"``: all three; ``""``:
+            nothing is learned, the initial tables are applied).
+        augment: ``"per_point"`` (one gate/magnitude row per point), ``"shared"`` (one row for all) or
+            ``"off"`` (``refiner.augment`` returns its input).
+        ops: affine operations (:data:`augplug.augment.affine.OPS`).
+        labels: optional ``(num_points,)`` given labels to initialise the soft labels of every point
+            now; otherwise a point's soft label is initialised from its targets on its first visit.
+        label_smoothing: ``eps`` of the soft-label initialisation (the paper's 0.05).
+        loss: ``"ce"`` (soft cross-entropy, the gradient of ``KL(s||p)``) or ``"sym_kl"``
+            (``0.5 [KL(s||p) + KL(p||s)]``; the refiner then trains on the target whose soft
+            cross-entropy has the same gradient, see ``docs/autodo.md``).
+        alpha, neumann_steps, scaled, damping: Neumann series ``u = alpha sum_{t<=T} (I - alpha (H +
+            damping I))^t grad L_val`` (``scaled=False`` drops the leading ``alpha``).
+        hyper_params: ``"head"`` (closed form on the classifier) or a list of parameter-name prefixes
+            of the model (autograd Hessian-vector products through those layers; needs the refiner's
+            ``mode="full"`` or ``"double_backward"`` so that its validation direction covers them).
+        hyper_lr, rms_alpha, rms_eps: the lazy RMSprop of the tables.
+        start_step: optimizer updates before the first hyper-step (the paper's ``E`` epochs times
+            the steps per epoch); the refiner's ``warmup_steps`` also delays them.
+        every: a hyper-step every ``every`` updates after ``start_step``.
+        init_gate_prob, init_magnitude, tau, padding_mode, min_scale: augmentation options.
+    """
+
+    name = "autodo"
+    needs_scores = True
+    needs_features = True
+    refiner_renormalizes = False
+
+    def __init__(self, num_points: int, num_classes: int, *, models: str = "AWS", augment: str = "per_point",
+                 ops: Sequence[str] = DEFAULT_OPS, labels=None, label_smoothing: float = 0.05, loss: str = "ce",
+                 alpha: float = 0.01, neumann_steps: int = 5, scaled: bool = True, damping: float = 0.0,
+                 hyper_params: Union[str, Sequence[str]] = "head", hyper_lr: float = 0.05, rms_alpha: float = 0.99,
+                 rms_eps: float = 1e-8, start_step: int = 0, every: int = 1, init_gate_prob: float = 0.2,
+                 init_magnitude: float = 0.5, tau: float = 1.0, padding_mode: str = "border",
+                 min_scale: float = 0.1):
+        problems = []
+        if not isinstance(num_points, int) or num_points < 1:
+            problems.append(f"num_points must be a positive int (the training set's length), got {num_points!r}")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            problems.append(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not isinstance(models, str) or set(models) - set("AWS"):
+            problems.append(f"models must be a string of 'A', 'W', 'S', got {models!r}")
+        if augment not in ("per_point", "shared", "off"):
+            problems.append(f"augment must be 'per_point', 'shared' or 'off', got {augment!r}")
+        elif isinstance(models, str) and "A" in models and augment == "off":
+            problems.append("models includes 'A' (learned augmentation) but augment='off'")
+        if loss not in LOSSES:
+            problems.append(f"loss must be one of {LOSSES}, got {loss!r}")
+        if not 0.0 < float(label_smoothing) < 1.0:
+            problems.append(f"label_smoothing must lie in (0, 1), got {label_smoothing}")
+        if not float(alpha) > 0 or int(neumann_steps) < 0 or float(damping) < 0:
+            problems.append(f"need alpha > 0, neumann_steps >= 0, damping >= 0; got {alpha}, {neumann_steps}, {damping}")
+        if not float(hyper_lr) > 0 or not 0 <= float(rms_alpha) < 1 or not float(rms_eps) > 0:
+            problems.append(f"need hyper_lr > 0, 0 <= rms_alpha < 1, rms_eps > 0; got {hyper_lr}, {rms_alpha}, {rms_eps}")
+        if int(start_step) < 0 or int(every) < 1:
+            problems.append(f"need start_step >= 0 and every >= 1, got {start_step}, {every}")
+        if not 0.0 < float(init_gate_prob) < 1.0 or not 0.0 < float(init_magnitude) < 1.0:
+            problems.append(f"init_gate_prob and init_magnitude must lie in (0, 1), got {init_gate_prob}, {init_magnitude}")
+        if padding_mode not in ("zeros", "border", "reflection"):
+            problems.append(f"padding_mode must be 'zeros', 'border' or 'reflection', got {padding_mode!r}")
+        if not (hyper_params == "head" or (not isinstance(hyper_params, str) and len(list(hyper_params)) > 0)):
+            problems.append(f"hyper_params must be 'head' or a non-empty list of parameter-name prefixes, got {hyper_params!r}")
+        if problems:
+            raise ConfigurationError("; ".join(problems), "fix the AutoDO method_options listed")
+        self.ops = check_ops(ops)
+        self.num_points, self.num_classes = num_points, num_classes
+        self.models = "".join(m for m in "AWS" if m in models)
+        self.augment_mode = augment
+        self.label_smoothing = float(label_smoothing)
+        self.loss = loss
+        self.alpha, self.neumann_steps, self.scaled, self.damping = float(alpha), int(neumann_steps), bool(scaled), float(damping)
+        self.hyper_params = "head" if hyper_params == "head" else tuple(hyper_params)
+        self.hyper_lr, self.rms_alpha, self.rms_eps = float(hyper_lr), float(rms_alpha), float(rms_eps)
+        self.start_step, self.every = int(start_step), int(every)
+        self.tau, self.padding_mode, self.min_scale = float(tau), padding_mode, float(min_scale)
+        self.init_gate_prob, self.init_magnitude = float(init_gate_prob), float(init_magnitude)
+        # features keep their graph to the augmentation parameters only when those are learned
+        self.needs_feature_graph = "A" in self.models and self.hyper_params == "head"
+        aug_rows = num_points if augment == "per_point" else 1
+        logit = lambda q: math.log(q / (1.0 - q))  # noqa: E731
+        self.tables = AutoDOTables(num_points, num_classes, len(self.ops), aug_rows, logit(init_gate_prob),
+                                   logit(init_magnitude))
+        if labels is not None:
+            lab = torch.as_tensor(labels)
+            if lab.shape != (num_points,) or lab.is_floating_point() or lab.dtype == torch.bool or \
+                    (lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes)):
+                raise ConfigurationError(f"labels must be ({num_points},) integer class ids in [0, {num_classes}), got "
+                                         f"{lab.dtype} {tuple(lab.shape)}", "pass the training set's given labels")
+            lab = lab.long()
+            self.tables.given_labels.copy_(lab)
+            self.tables.label_logits.copy_(smoothed_label_logits(F.one_hot(lab, num_classes).float(),
+                                                                 self.label_smoothing))
+        self._pending: List[tuple] = []
+        self.last_stats: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        return (f"num_points={self.num_points}, num_classes={self.num_classes}, models={self.models!r}, "
+                f"augment={self.augment_mode!r}, loss={self.loss!r}, alpha={self.alpha}, "
+                f"neumann_steps={self.neumann_steps}, hyper_lr={self.hyper_lr}, start_step={self.start_step}, "
+                f"every={self.every}")
+
+    def _device(self, device: torch.device) -> None:
+        if self.tables.weight_logits.device != device:
+            self.tables.to(device)
+
+    def check_index(self, index, batch: int) -> torch.Tensor:
+        """Validate a batch's dataset positions and return them as a long tensor (nothing is changed)."""
+        fix = ("wrap the training set in augplug.data.IndexedDataset and pass the batch's positions, "
+               "e.g. `for x, y, idx in loader: loss = refiner(model(x), y, index=idx)`")
+        if index is None:
+            raise PointIndexError("AutoDO needs the dataset position of every row (index= is missing)", fix)
+        if not isinstance(index, torch.Tensor):
+            try:
+                index = torch.as_tensor(np.asarray(index))
+            except (TypeError, ValueError):
+                raise PointIndexError(f"index= must be a tensor of dataset positions, got {type(index).__name__}",
+                                      fix) from None
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise PointIndexError(f"index= must hold integer positions, got dtype {index.dtype}",
+                                  "pass the integer positions yielded by IndexedDataset (not a mask or floats)")
+        if index.shape != (batch,):
+            raise PointIndexError(f"index= must have shape ({batch},) (one position per row), got {tuple(index.shape)}",
+                                  "pass one dataset position per row of the batch")
+        idx = index.long()
+        if batch:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.num_points:
+                raise PointIndexError(
+                    f"index= holds positions in [{lo}, {hi}] but the tables have num_points={self.num_points} rows",
+                    "set num_points to the length of the dataset the positions come from (IndexedDataset(ds): "
+                    "len(ds))")
+            uniq = torch.unique(idx)
+            if uniq.numel() != batch:
+                vals, counts = torch.unique(idx, return_counts=True)
+                dup = vals[counts > 1][:8].tolist()
+                raise PointIndexError(
+                    f"index= repeats dataset positions {dup}: each point has one row in the tables",
+                    "draw each sample at most once per batch (a sampler without replacement); for datasets "
+                    "concatenated from parts, wrap the concatenation in one IndexedDataset")
+        return idx
+
+    def _weights_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if "W" not in self.models:
+            return torch.ones_like(logits)
+        return WEIGHT_SCALE * F.softplus(logits)
+
+    # ------------------------------------------------------------------ augmentation
+    def augment(self, x: torch.Tensor, index, refiner) -> torch.Tensor:
+        """Warp ``x`` with each point's gates and magnitudes; keeps a graph to them when ``A`` is learned.
+
+        Random draws come from the refiner's per-call noise generator (the global RNG is untouched).
+        """
+        _check_images(x)
+        idx = self.check_index(index, x.shape[0])
+        if self.augment_mode == "off":
+            return x
+        self._device(x.device)
+        idx = idx.to(x.device)
+        rows = idx if self.augment_mode == "per_point" else torch.zeros(1, dtype=torch.long, device=x.device)
+        learn = "A" in self.models and torch.is_grad_enabled()
+        gl = self.tables.gate_logits.index_select(0, rows).clone().requires_grad_(learn)
+        ml = self.tables.magnitude_logits.index_select(0, rows).clone().requires_grad_(learn)
+        gen = refiner.noise_generator(stream=1 + len(self._pending))
+        out, values = random_affine(x, gl.to(x.dtype), ml.to(x.dtype), self.ops, gen, tau=self.tau,
+                                    padding_mode=self.padding_mode, min_scale=self.min_scale)
+        if learn:
+            self._pending = (self._pending + [(rows, gl, ml)])[-_MAX_PENDING:]
+        self.last_augment = {"values": values.detach(), "applied": (values.detach() != 0).float().mean(0)}
+        return out
+
+    # ------------------------------------------------------------------ the policy
+    def _is_hyper_step(self, ctx: RefineContext) -> bool:
+        step = ctx.refiner.step_count
+        return (bool(self.models) and ctx.active and step >= self.start_step
+                and (step - self.start_step) % self.every == 0)
+
+    def _head_params(self, ctx: RefineContext):
+        r = ctx.refiner
+        if r.head is None:
+            raise ConfigurationError("AutoDO needs the model's linear classifier", "pass classifier= to the refiner")
+        return r.head, r.head_name
+
+    def _coefficients(self, ctx: RefineContext, w: torch.Tensor):
+        """The refiner's per-row loss coefficients and denominator, differentiable in ``w``."""
+        r, aug = ctx.refiner, ctx.augmented
+        coef = torch.where(aug, r.aug_weight * w, torch.full_like(w, r.orig_weight))
+        if r.weight_norm == "batch":
+            denom = coef.sum().clamp_min(1e-12)
+        else:
+            denom = coef.new_tensor(float(r.orig_weight * int((~aug).sum()) + r.aug_weight * int(aug.sum())))
+        return coef, denom
+
+    def refine(self, ctx: RefineContext):
+        if dist_world_size() > 1:
+            raise ConfigurationError("AutoDO's per-point tables are not synchronised across processes",
+                                     "train AutoDO in a single process")
+        idx = self.check_index(ctx.index, ctx.batch)
+        y = ctx.targets
+        dev = y.device
+        self._device(dev)
+        idx = idx.to(dev)
+        t = self.tables
+        pending, self._pending = self._pending, []
+
+        # rows of this batch (copies; the tables change only at the end)
+        new = t.given_labels.index_select(0, idx) < 0
+        lab_logits = t.label_logits.index_select(0, idx).clone()
+        if bool(new.any()):
+            lab_logits[new] = smoothed_label_logits(y[new], self.label_smoothing)
+        w_logits = t.weight_logits.index_select(0, idx).clone()
+
+        hyper = self._is_hyper_step(ctx)
+        scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=dev)
+        stats: Dict[str, Any] = {"hyper_step": hyper, "step": ctx.refiner.step_count}
+        grads = None
+        if hyper:
+            grads, scores, extra = self._hypergradients(ctx, w_logits, lab_logits, pending)
+            stats.update(extra)
+
+        # commit: first-visit labels, then the lazy RMSprop step
+        if bool(new.any()):
+            rows_new = idx[new]
+            t.label_logits.index_copy_(0, rows_new, lab_logits[new])
+            t.given_labels.index_copy_(0, rows_new, y[new].argmax(-1))
+        if grads is not None:
+            opt = dict(lr=self.hyper_lr, alpha=self.rms_alpha, eps=self.rms_eps)
+            if "W" in self.models:
+                lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, idx, grads["W"], **opt)
+            if "S" in self.models:
+                lazy_rmsprop_(t.label_logits, t.rms_label_logits, idx, grads["S"], **opt)
+            if "A" in self.models and grads.get("A") is not None:
+                rows, g_gate, g_mag = grads["A"]
+                lazy_rmsprop_(t.gate_logits, t.rms_gate_logits, rows, g_gate, **opt)
+                lazy_rmsprop_(t.magnitude_logits, t.rms_magnitude_logits, rows, g_mag, **opt)
+            t.hyper_steps += 1
+
+        weights = self._weights_from_logits(t.weight_logits.index_select(0, idx)).float()
+        if "S" in self.models:
+            soft = torch.softmax(t.label_logits.index_select(0, idx).float(), -1)
+        else:
+            soft = y.clone()
+        if self.loss == "sym_kl":
+            # the target whose soft cross-entropy has the gradient of the symmetric KL at these logits
+            log_s = torch.log_softmax(t.label_logits.index_select(0, idx).float(), -1) if "S" in self.models else None
+            z = ctx.logits.detach().float()
+            soft = torch.softmax(z, -1) - loss_residual(z, soft, "sym_kl", log_s)
+        stats.update(weight_mean=float(weights.mean()), weight_min=float(weights.min()),
+                     weight_max=float(weights.max()),
+                     relabelled=float((soft.argmax(-1) != y.argmax(-1)).float().mean()),
+                     hyper_steps=int(t.hyper_steps))
+        self.last_stats = stats
+        return weights.detach(), soft.detach(), scores
+
+    def _hypergradients(self, ctx: RefineContext, w_logits, lab_logits, pending):
+        """Hypergradients ``dL_val/dlam`` of this batch's rows (no table is changed here)."""
+        learn_w, learn_s, learn_a = ("W" in self.models), ("S" in self.models), ("A" in self.models)
+        wl = w_logits.detach().clone().requires_grad_(learn_w)
+        sl = lab_logits.detach().clone().requires_grad_(learn_s)
+        w = self._weights_from_logits(wl)
+        if learn_s:
+            s, log_s = torch.softmax(sl, -1), torch.log_softmax(sl, -1)
+        else:
+            s, log_s = ctx.targets, None
+        coef, denom = self._coefficients(ctx, w)
+        aug_leaves = [leaf for (_, gl, ml) in pending for leaf in (gl, ml)] if learn_a else []
+        leaves = [wl, sl] + aug_leaves
+        v = ctx.direction()
+        extra: Dict[str, Any] = {}
+        z = ctx.logits
+        if self.hyper_params == "head":
+            head, head_name = self._head_params(ctx)
+            a = ctx.features()
+            if not (learn_a and aug_leaves):
+                a, z = a.detach(), z.detach()
+            keys = [f"{head_name}.weight"] + ([f"{head_name}.bias"] if head.bias is not None else [])
+            missing = [k for k in keys if k not in v]
+            if missing:
+                raise ConfigurationError(f"the refiner's validation direction has no entry for {missing}",
+                                         "use the refiner's default mode='last_layer' (or val_params='all')")
+            val_grad = [-v[k].float() for k in keys]
+            prob = HeadProblem(a, z, coef, s, float(denom), loss=self.loss, damping=self.damping,
+                               bias=head.bias is not None, log_targets=None if log_s is None else log_s)
+            u = prob.inverse_hvp(val_grad, self.alpha, self.neumann_steps, self.scaled)
+            e = loss_residual(z.float(), s, self.loss, log_s)
+            proj = a.float() @ u[0].t()
+            if len(u) > 1:
+                proj = proj + u[1]
+            mixed = (coef[:, None] * e * proj).sum() / denom
+            needs = [l for l in leaves if l.requires_grad]
+            got = torch.autograd.grad(mixed, needs, retain_graph=True, allow_unused=True) if needs and mixed.requires_grad \
+                else [None] * len(needs)
+            found = dict(zip(map(id, needs), got))
+            hg = [(-found[id(l)] if found.get(id(l)) is not None else torch.zeros_like(l)) for l in leaves]
+            scores = last_layer_scores(a.detach(), z.detach(), -u[0], -u[1] if len(u) > 1 else None).float()
+            u_head = u
+        else:
+            named = dict(ctx.refiner.net.named_parameters())
+            names = [n for n in named if named[n].requires_grad and any(
+                n == p or n.startswith(p.rstrip(".") + ".") for p in self.hyper_params)]
+            if not names:
+                raise ConfigurationError(f"hyper_params {list(self.hyper_params)} match no trainable parameter",
+                                         "pass prefixes of model.named_parameters(), e.g. ['fc', 'features.8']")
+            missing = [n for n in names if n not in v]
+            if missing:
+                raise ConfigurationError(f"the refiner's validation direction has no entry for {missing[:3]}",
+                                         "build the refiner with mode='full' (or 'double_backward') and val_params='all'")
+            per = self._per_sample(z, s, log_s)
+            train_loss = (coef * per).sum() / denom
+            hg, u = ift_hypergradient(train_loss, [named[n] for n in names], [-v[n].float() for n in names], leaves,
+                                      alpha=self.alpha, iters=self.neumann_steps, scaled=self.scaled,
+                                      damping=self.damping)
+            head_name = ctx.refiner.head_name
+            hw = f"{head_name}.weight" if head_name else None
+            u_head = None
+            if hw in names:
+                u_head = [u[names.index(hw)]] + ([u[names.index(f"{head_name}.bias")]] if f"{head_name}.bias" in names else [])
+                scores = last_layer_scores(ctx.features().detach(), z.detach(), -u_head[0],
+                                           -u_head[1] if len(u_head) > 1 else None).float()
+            else:
+                scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=z.device)
+        grads: Dict[str, Any] = {"W": hg[0].detach(), "S": hg[1].detach()}
+        if aug_leaves:
+            rows = torch.cat([r.expand(gl.shape[0]) if r.numel() == 1 else r for (r, gl, _) in pending])
+            g_gate = torch.cat([hg[2 + 2 * k] for k in range(len(pending))]).detach()
+            g_mag = torch.cat([hg[3 + 2 * k] for k in range(len(pending))]).detach()
+            uniq, inv = torch.unique(rows, return_inverse=True)
+            sum_rows = lambda g: torch.zeros(uniq.shape[0], g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, inv, g)  # noqa: E731
+            grads["A"] = (uniq, sum_rows(g_gate).to(self.tables.gate_logits.dtype),
+                          sum_rows(g_mag).to(self.tables.magnitude_logits.dtype))
+            extra["hypergrad_norm_A"] = float(torch.sqrt((g_gate ** 2).sum() + (g_mag ** 2).sum()))
+        extra["hypergrad_norm_W"] = float(grads["W"].norm())
+        extra["hypergrad_norm_S"] = float(grads["S"].norm())
+        if u_head is not None:
+            vg = [-v[k].float() for k in ([f"{ctx.refiner.head_name}.weight", f"{ctx.refiner.head_name}.bias"][:len(u_head)])]
+            dot = sum(float((ui * gi).sum()) for ui, gi in zip(u_head, vg))
+            nu = math.sqrt(sum(float((ui ** 2).sum()) for ui in u_head))
+            ng = math.sqrt(sum(float((gi ** 2).sum()) for gi in vg))
+            extra["u_norm"] = nu
+            extra["cos_u_val_grad"] = dot / max(nu * ng, 1e-30)
+        extra["val_loss"] = ctx.refiner._val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
+        return grads, scores, extra
+
+    def _per_sample(self, z, s, log_s):
+        from ..hypergrad import per_sample_loss
+        return per_sample_loss(z, s, self.loss, log_s)
+
+    # ------------------------------------------------------------------ inspection
+    def weights(self) -> torch.Tensor:
+        """The learned loss weight of every point, ``(num_points,)``."""
+        return self._weights_from_logits(self.tables.weight_logits).detach().clone()
+
+    def soft_labels(self) -> torch.Tensor:
+        """The learned soft label of every point, ``(num_points, C)`` (rows never seen: uniform)."""
+        return torch.softmax(self.tables.label_logits, -1).detach().clone()
+
+    def gate_probabilities(self) -> torch.Tensor:
+        """``P(op on)`` per augmentation row and operation, ``(R, K)``."""
+        return torch.sigmoid(self.tables.gate_logits).detach().clone()
+
+    def magnitude_scales(self) -> torch.Tensor:
+        """The learned magnitude scale ``sigmoid(M)`` per row and operation, ``(R, K)``."""
+        return torch.sigmoid(self.tables.magnitude_logits).detach().clone()
+
+    def seen(self) -> torch.Tensor:
+        """Bool ``(num_points,)``: points visited at least once."""
+        return self.tables.given_labels >= 0
+
+    def table_bytes(self) -> int:
+        """Memory of the tables and their RMSprop state, in bytes."""
+        return self.tables.nbytes()
+
+    def class_report(self, true_labels=None) -> List[Dict[str, Any]]:
+        """Per class (of the given labels): points seen, mean/std weight, share relabelled (soft-label
+        argmax differs from the given label), mean soft-label confidence, mean gate probability per
+        operation (per-point augmentation); with ``true_labels`` also the share of wrong given labels,
+        the share of those recovered (argmax = true class), and the mean weight of clean / wrong points.
+        """
+        t = self.tables
+        given = t.given_labels.cpu()
+        w = self.weights().cpu()
+        soft = self.soft_labels().cpu()
+        arg = soft.argmax(-1)
+        gates = self.gate_probabilities().cpu() if self.augment_mode == "per_point" else None
+        true = None if true_labels is None else torch.as_tensor(true_labels).long().cpu()
+        rows = []
+        for c in range(self.num_classes):
+            m = given == c
+            n = int(m.sum())
+            if n == 0:
+                continue
+            r: Dict[str, Any] = {"class": c, "points": n, "weight_mean": float(w[m].mean()),
+                                 "weight_std": float(w[m].std()) if n > 1 else 0.0,
+                                 "relabelled": float((arg[m] != c).float().mean()),
+                                 "confidence": float(soft[m].max(-1).values.mean())}
+            if true is not None:
+                wrong = m & (true != c)
+                clean = m & (true == c)
+                r["wrong_given"] = float(wrong.float().sum() / n)
+                r["recovered"] = float((arg[wrong] == true[wrong]).float().mean()) if wrong.any() else float("nan")
+                r["weight_clean"] = float(w[clean].mean()) if clean.any() else float("nan")
+                r["weight_wrong"] = float(w[wrong].mean()) if wrong.any() else float("nan")
+            if gates is not None:
+                for k, op in enumerate(self.ops):
+                    r[f"p_{op}"] = float(gates[m, k].mean())
+            rows.append(r)
+        return rows
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"config": {"num_points": self.num_points, "num_classes": self.num_classes, "ops": list(self.ops),
+                           "augment": self.augment_mode, "models": self.models},
+                "tables": {k: v.detach().clone() for k, v in self.tables.state_dict().items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        cfg = state.get("config", {})
+        mine = self.state_dict()["config"]
+        diff = [k for k in ("num_points", "num_classes", "ops", "augment") if cfg.get(k) != mine[k]]
+        if diff:
+            raise ConfigurationError(f"AutoDO state was saved with different {diff}: "
+                                     f"{ {k: cfg.get(k) for k in diff} } vs { {k: mine[k] for k in diff} }",
+                                     "build the policy with the same num_points, num_classes, ops and augment")
+        own = self.tables.state_dict()
+        tabs = state["tables"]
+        bad = [k for k in own if k not in tabs or tabs[k].shape != own[k].shape]
+        if bad:
+            raise ConfigurationError(f"AutoDO state tables missing or mis-shaped: {bad}", "load a state saved by AutoDO")
+        self.tables.load_state_dict({k: tabs[k] for k in own})
+        self._pending = []
