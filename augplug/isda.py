@@ -1,0 +1,581 @@
+"""ISDA: implicit semantic data augmentation (Wang et al., NeurIPS 2019) as a loss.
+
+ISDA augments every training feature ``a`` of class ``y`` along the directions in which features of
+that class vary, ``a + delta`` with ``delta ~ N(0, lam * Sigma_y)``, without sampling: it minimises a
+closed-form upper bound of the expected cross-entropy over those augmented features. With classifier
+weights ``W`` (C x A, rows ``w_j``), the bound is the cross-entropy of the *surrogate logits*
+
+    z~_j = z_j + (lam / 2) * (w_j - w_y)^T Sigma_y (w_j - w_y)          (z = W a + b, the usual logits)
+
+The extra term is 0 for the target class and >= 0 for the others (``Sigma_y`` is PSD), so ISDA only
+raises the competing logits. ``Sigma_y`` is the covariance of the (detached) features of class ``y``
+seen so far; gradients reach ``W`` through both ``z`` and the quadratic term (the paper's eq. 5) and
+the backbone through ``z``.
+
+Two ways to use it, sharing one implementation (:meth:`ISDALoss.per_sample_loss`):
+
+    criterion = ISDALoss.for_model(model, lambda0=0.5)          # standalone: hooks the classifier
+    loss = criterion(model(x), y)                                # class indices or probabilities
+
+    refiner = AugmentationRefiner(model, opt, val_loader, method="saflex", isda=True)   # composed
+
+Soft targets (Mixup/CutMix, label smoothing, refined labels) give ``sum_k y_k * CE(z~(k), k)``: the
+loss is linear in the target, so per-sample weights and mixed targets compose with it unchanged.
+See ``docs/isda.md`` for the equations, the memory modes, the lambda schedule and measurements.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import all_reduce_sum_
+from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
+from .heads import ActivationCapture, find_classifier, unwrap_model
+from .targets import check_logits, to_soft_targets
+
+__all__ = ["ISDALoss", "DEFAULT_MEMORY_BUDGET", "choose_covariance", "class_quadratic_terms", "isda_logits",
+           "isda_per_sample_loss", "head_weight"]
+
+logger = logging.getLogger(__name__)
+
+#: Default budget (bytes) for the covariance table in ``covariance="auto"``: full covariances when
+#: ``4 * C * A * A`` fits, diagonal ones otherwise (e.g. 100 classes x 512 features: 105 MB, full;
+#: 1000 x 512: 1.05 GB, diagonal; ResNet-50 on ImageNet, 1000 x 2048: 16.8 GB, diagonal).
+DEFAULT_MEMORY_BUDGET = 256 * 2 ** 20
+
+_PAIR_BLOCK = 1 << 22   # elements of one (pairs, C) block of surrogate logits
+_QUAD_BLOCK = 1 << 24   # elements of one (classes, C, A) block in the full quadratic form
+_COVARIANCE_MODES = ("auto", "full", "diagonal")
+_STATS_TARGETS = ("soft", "argmax")
+_STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- heads
+def head_weight(head) -> torch.Tensor:
+    """The ``(C, A)`` weight matrix of a linear classifier head.
+
+    Accepts ``nn.Linear`` and 1x1 ``nn.Conv2d`` heads (groups 1, no padding) applied to pooled
+    ``(B, A, 1, 1)`` features; anything else raises :class:`~augplug.errors.UnsupportedHeadError`.
+    """
+    if isinstance(head, nn.Linear):
+        return head.weight
+    if isinstance(head, nn.Conv2d):
+        if head.kernel_size == (1, 1) and head.groups == 1 and tuple(head.padding) == (0, 0) \
+                and tuple(head.stride) == (1, 1):
+            return head.weight.flatten(1)
+        raise UnsupportedHeadError(
+            f"the classifier is a Conv2d with kernel {head.kernel_size}, groups {head.groups}, padding {head.padding}; "
+            "ISDA needs a linear map of the features",
+            "use an nn.Linear head (or a 1x1 Conv2d with groups=1 and no padding on pooled features)")
+    if isinstance(head, (tuple, list)):
+        raise UnsupportedHeadError(
+            f"the model has {len(head)} classifier heads (a distilled model such as DeiT/LeViT-distilled)",
+            "build ISDALoss.for_model(model, classifier=model.head) for the head whose logits you pass, "
+            "and pass that head's logits only")
+    if head is None:
+        raise UnsupportedHeadError("no classifier head was given",
+                                   "pass the model's final nn.Linear (ISDALoss.for_head(head)) or use ISDALoss.for_model")
+    raise UnsupportedHeadError(
+        f"the classifier is a {type(head).__name__}; ISDA needs a linear map of the features (nn.Linear)",
+        "pass the final nn.Linear as classifier=, or compute features yourself and use ISDALoss.for_head")
+
+
+def _find_head(model: nn.Module, classifier) -> nn.Module:
+    if isinstance(classifier, nn.Conv2d):
+        head_weight(classifier)  # raises unless it is a usable 1x1 conv
+        return classifier
+    try:
+        return find_classifier(model, classifier)[1]
+    except UnsupportedHeadError as e:
+        raise UnsupportedHeadError(e.problem, "ISDA needs a linear classifier: pass the final nn.Linear as "
+                                   "classifier= (a module or its dotted name)") from None
+
+
+# ---------------------------------------------------------------------------------- stateless maths
+def choose_covariance(num_classes: int, feature_dim: int, covariance: str = "auto",
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+    """``"full"`` or ``"diagonal"``: the requested mode, or for ``"auto"`` full covariances when the
+    fp32 table (``4 * C * A * A`` bytes) fits in ``memory_budget`` bytes, diagonal ones otherwise."""
+    if covariance not in _COVARIANCE_MODES:
+        raise ConfigurationError(f"covariance must be one of {_COVARIANCE_MODES}, got {covariance!r}",
+                                 "use 'full', 'diagonal' or 'auto'")
+    if covariance != "auto":
+        return covariance
+    return "full" if 4 * num_classes * feature_dim * feature_dim <= memory_budget else "diagonal"
+
+
+class _FullQuadratic(torch.autograd.Function):
+    """``q[k, j] = (w_j - w_k)^T S_k (w_j - w_k)`` for S symmetric, with a backward that reuses the
+    forward's ``M = (W - w_k) S_k``: ``dq/dw_j = 2 M_j`` and ``dq/dw_k = -2 sum_j M_j``, so the
+    gradient costs no second matrix product."""
+
+    @staticmethod
+    def forward(ctx, weight, table, classes):
+        num = classes.numel()
+        c, a = weight.shape
+        m = weight.new_empty(num, c, a)
+        q = weight.new_empty(num, c)
+        block = max(1, _QUAD_BLOCK // max(c * a, 1))
+        for s in range(0, num, block):
+            ks = classes[s:s + block]
+            d = weight.unsqueeze(0) - weight[ks].unsqueeze(1)            # (k, C, A)
+            m[s:s + block] = torch.matmul(d, table[ks].to(weight.dtype))  # (k, C, A)
+            q[s:s + block] = (m[s:s + block] * d).sum(-1)
+        ctx.save_for_backward(m, classes)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        m, classes = ctx.saved_tensors
+        g = m * (2 * grad_q).unsqueeze(-1)                                # dL/d(w_j - w_k)
+        grad_w = g.sum(0)
+        grad_w.index_add_(0, classes, -g.sum(1))
+        return grad_w, None, None
+
+
+def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``q[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c)`` for each class ``c = classes[k]``: a ``(K, C)`` tensor.
+
+    Args:
+        weight: ``(C, A)`` classifier weights (gradients flow into it).
+        table: covariances of all classes, ``(C, A, A)`` (full, symmetric) or ``(C, A)`` (diagonal
+            variances); treated as constants. Only the rows in ``classes`` are read.
+        classes: ``(K,)`` class indices.
+
+    Cost: ``K * C * A^2`` multiply-adds (full) or ``3 * K * C * A`` (diagonal), never a per-sample
+    ``(N, C, C)`` product. ``q[k, classes[k]]`` is exactly 0.
+    """
+    classes = classes.to(weight.device, torch.long)
+    if table.dim() == 3:
+        return _FullQuadratic.apply(weight, table.detach(), classes)
+    var = table.detach()[classes].to(weight.dtype)                        # (K, A)
+    wk = weight[classes]
+    q = var @ (weight * weight).t() - 2 * (var * wk) @ weight.t() + (var * wk * wk).sum(-1, keepdim=True)
+    # the expansion can round slightly below 0 where w_j ~ w_k; the exact value is >= 0 and 0 at j = k
+    return q.clamp_min(0).scatter(1, classes.unsqueeze(1), 0.0)
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def isda_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+                lam: float) -> torch.Tensor:
+    """Surrogate logits ``z + (lam/2) q[y]`` (B, C) for class indices ``labels`` (B,).
+
+    ``table`` holds every class's covariance (``(C, A, A)``) or variances (``(C, A)``). The
+    cross-entropy of these logits with ``labels`` is the ISDA loss of each sample.
+    """
+    dtype = _compute_dtype(logits)
+    classes, pos = torch.unique(labels, return_inverse=True)
+    q = class_quadratic_terms(weight.to(dtype), table, classes)
+    return logits.to(dtype) + (0.5 * lam) * q[pos]
+
+
+def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weight: torch.Tensor,
+                         table: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-sample ISDA loss ``sum_k y_k * CE(z + (lam/2) q[k], k)``, shape ``(B,)``.
+
+    ``soft_targets`` is a ``(B, C)`` probability matrix; only its non-zero entries cost anything
+    (one surrogate row per (sample, class) pair, computed in blocks). Computed in fp32 (fp64 for
+    fp64 logits); ``lam == 0`` returns the soft-target cross-entropy exactly.
+    """
+    dtype = _compute_dtype(logits)
+    z = logits.to(dtype)
+    y = soft_targets.to(dtype)
+    if lam == 0:
+        return -(y * F.log_softmax(z, dim=-1)).sum(-1)
+    rows, cls = y.nonzero(as_tuple=True)
+    classes, pos = torch.unique(cls, return_inverse=True)
+    q = class_quadratic_terms(weight.to(dtype), table, classes)         # (K, C)
+    half = 0.5 * float(lam)
+    out = z.new_zeros(z.shape[0])
+    block = max(1, _PAIR_BLOCK // z.shape[1])
+    for s in range(0, rows.numel(), block):
+        r, c, p = rows[s:s + block], cls[s:s + block], pos[s:s + block]
+        zr = z[r]
+        ce = torch.logsumexp(zr + half * q[p], dim=-1) - zr.gather(1, c.unsqueeze(1)).squeeze(1)
+        out = out.index_add(0, r, y[r, c] * ce)
+    return out
+
+
+# ------------------------------------------------------------------------------------- the module
+@dataclass
+class _Snapshot:
+    version: int
+    count: torch.Tensor
+    steps: torch.Tensor
+    progress: torch.Tensor
+
+
+@dataclass
+class _Undo:
+    version: int          # the version the statistics had before the commit
+    classes: torch.Tensor
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
+class ISDALoss(nn.Module):
+    """ISDA loss with class-conditional feature statistics kept as registered buffers.
+
+    Args:
+        num_classes: C, the classifier's outputs.
+        feature_dim: A, the classifier's input features.
+        lambda0: augmentation strength; the loss uses ``lam = lambda0 * progress``. The paper uses
+            0.5 on CIFAR (0.25 also recommended) and 7.5 for ResNet-50 on ImageNet.
+        covariance: ``"full"`` (C x A x A, the paper's CIFAR code), ``"diagonal"`` (C x A, the
+            paper's ImageNet code) or ``"auto"`` (full when ``4*C*A*A`` bytes fit in
+            ``memory_budget``; the choice is logged, warned about when it is diagonal, and kept in
+            :attr:`covariance`).
+        memory_budget: bytes allowed for the covariance table in ``"auto"`` mode.
+        decay: ``None`` (the paper): statistics of all features seen, equally weighted. A float
+            ``gamma`` in (0, 1): before each update every past feature's weight is multiplied by
+            ``gamma``, i.e. the per-class sums of weights, features and outer products are
+            exponential moving averages and the mean/covariance are their ratios (recent features
+            count more; ``1 / (1 - gamma)`` updates is the memory).
+        stats_targets: how targets update the statistics: ``"soft"`` (each sample adds its
+            features to class k with weight ``y_k``; class indices give the paper's update) or
+            ``"argmax"`` (to its most probable class only, with weight 1).
+        total_steps: when given, ``progress`` follows ``step / total_steps`` automatically
+            (``step`` counts training calls from 0, so the first call has ``lam = 0``). Otherwise
+            progress stays where :meth:`set_progress` / :meth:`set_epoch` put it (initially 1).
+        sync: under ``torch.distributed`` (Accelerate, torchrun), all-reduce each update's sums so
+            that every process holds the same statistics (``False``: per-process statistics, as in
+            the paper's ImageNet code).
+        device: where the buffers live (they follow the features' device on the first call).
+
+    Statistics are updated (in fp32, from detached features) on every call made with autograd
+    enabled, before the loss is computed, as in the paper; calls under ``torch.no_grad()`` only read
+    them. A call that raises leaves them unchanged.
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, *, lambda0: float = 0.5, covariance: str = "auto",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, decay: Optional[float] = None,
+                 stats_targets: str = "soft", total_steps: Optional[int] = None, sync: bool = True,
+                 device: Union[None, str, torch.device] = None):
+        super().__init__()
+        if int(num_classes) < 2 or int(feature_dim) < 1:
+            raise ConfigurationError(f"need num_classes >= 2 and feature_dim >= 1, got {num_classes}, {feature_dim}",
+                                     "pass the classifier's out_features and in_features (or use ISDALoss.for_head)")
+        if not (math.isfinite(float(lambda0)) and float(lambda0) >= 0):
+            raise ConfigurationError(f"lambda0 must be a finite number >= 0, got {lambda0}",
+                                     "use 0.5 (CIFAR-scale) or 7.5 (ImageNet ResNet-50)")
+        if decay is not None and not 0 < float(decay) < 1:
+            raise ConfigurationError(f"decay must be in (0, 1) or None, got {decay}",
+                                     "use None (all features weigh the same) or e.g. 0.99")
+        if stats_targets not in _STATS_TARGETS:
+            raise ConfigurationError(f"stats_targets must be one of {_STATS_TARGETS}, got {stats_targets!r}",
+                                     "use 'soft' or 'argmax'")
+        if total_steps is not None and int(total_steps) < 1:
+            raise ConfigurationError(f"total_steps must be >= 1 or None, got {total_steps}",
+                                     "pass the number of training steps, or None and call set_epoch()")
+        self.num_classes, self.feature_dim = int(num_classes), int(feature_dim)
+        self.lambda0 = float(lambda0)
+        self.decay = None if decay is None else float(decay)
+        self.stats_targets = stats_targets
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.sync = bool(sync)
+        self.memory_budget = int(memory_budget)
+        self.covariance_requested = covariance
+        self.covariance = choose_covariance(self.num_classes, self.feature_dim, covariance, self.memory_budget)
+        if covariance == "auto":
+            full = 4 * self.num_classes * self.feature_dim ** 2
+            msg = (f"ISDA: {self.covariance} covariance for {self.num_classes} classes x {self.feature_dim} features "
+                   f"(full table {full / 2 ** 20:.1f} MiB, budget {self.memory_budget / 2 ** 20:.1f} MiB)")
+            logger.info(msg)
+            if self.covariance == "diagonal":
+                warnings.warn(msg + "; pass covariance='full' or a larger memory_budget to keep full covariances",
+                              stacklevel=3)
+        c, a = self.num_classes, self.feature_dim
+        kw = dict(dtype=torch.float32, device=device)
+        self.register_buffer("count", torch.zeros(c, **kw))
+        self.register_buffer("mean", torch.zeros(c, a, **kw))
+        self.register_buffer("cov", torch.zeros((c, a, a) if self.covariance == "full" else (c, a), **kw))
+        self.register_buffer("progress", torch.tensor(0.0 if self.total_steps else 1.0, **kw))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._version = 0
+        self._undo: Optional[_Undo] = None
+        self._head_ref = None      # (head,) for the standalone path; a tuple so it is not a submodule
+        self._capture: Optional[ActivationCapture] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_head(cls, head: nn.Module, **options) -> "ISDALoss":
+        """Statistics sized ``(C, A)`` from a linear head (``nn.Linear`` or 1x1 ``nn.Conv2d``)."""
+        w = head_weight(head)
+        options.setdefault("device", w.device)
+        obj = cls(w.shape[0], w.shape[1], **options)
+        obj._head_ref = (head,)
+        return obj
+
+    @classmethod
+    def for_model(cls, model: nn.Module, num_classes: Optional[int] = None,
+                  classifier: Union[None, str, nn.Module] = None, **options) -> "ISDALoss":
+        """Standalone ISDA for a model with a linear classifier.
+
+        Finds the head (``classifier=``: a module or dotted name, found automatically otherwise)
+        and hooks it to capture its input features during training forwards; the model itself is
+        not changed. Then ``loss = criterion(model(x), targets)``.
+        """
+        net = unwrap_model(model)
+        head = _find_head(net, classifier)
+        w = head_weight(head)
+        if num_classes is not None and int(num_classes) != w.shape[0]:
+            raise ShapeError(f"num_classes={num_classes} but the classifier has {w.shape[0]} outputs",
+                             "pass the classifier's number of outputs (or leave num_classes out)")
+        obj = cls.for_head(head, **options)
+        obj._capture = ActivationCapture(net, head, capture_inputs=False)
+        return obj
+
+    def remove_hooks(self) -> None:
+        """Remove the feature hook installed by :meth:`for_model`."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    # ------------------------------------------------------------------ lambda schedule
+    @property
+    def lam(self) -> float:
+        """The current strength ``lambda0 * progress``."""
+        return self.lambda0 * float(self.progress)
+
+    def set_progress(self, progress: float) -> None:
+        """Set the schedule position in [0, 1]; ``lam = lambda0 * progress``."""
+        p = float(progress)
+        if not 0.0 <= p <= 1.0:
+            raise ConfigurationError(f"progress must be in [0, 1], got {progress}",
+                                     "pass the fraction of training done, e.g. epoch / total_epochs")
+        self.progress.fill_(p)
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """The paper's schedule: ``lam = lambda0 * epoch / total_epochs`` with ``epoch`` counted from 0."""
+        if int(total_epochs) < 1 or not 0 <= int(epoch) <= int(total_epochs):
+            raise ConfigurationError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch}, {total_epochs}",
+                                     "call set_epoch(epoch, total_epochs) with epoch counted from 0")
+        self.set_progress(int(epoch) / int(total_epochs))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def statistics_bytes(self) -> int:
+        """Bytes held by the statistics buffers (count, mean, covariance)."""
+        return sum(t.numel() * t.element_size() for t in (self.count, self.mean, self.cov))
+
+    def state_snapshot(self) -> _Snapshot:
+        """An opaque token to undo the next update with :meth:`restore_snapshot` (cheap: the large
+        buffers are never copied; the update itself keeps the rows it replaces)."""
+        self._undo = None  # the previous update is final once a new snapshot is taken
+        return _Snapshot(self._version, self.count.clone(), self.steps.clone(), self.progress.clone())
+
+    def restore_snapshot(self, snap: _Snapshot) -> None:
+        """Put the statistics back as they were when ``snap`` was taken (at most one update ago)."""
+        if self._version != snap.version:
+            u = self._undo
+            if u is None or u.version != snap.version or self._version != snap.version + 1:
+                raise ConfigurationError("the snapshot is older than the last update and cannot be restored",
+                                         "restore a snapshot taken right before the call that failed")
+            self.mean.index_copy_(0, u.classes, u.mean)
+            self.cov.index_copy_(0, u.classes, u.cov)
+            self._version = snap.version
+            self._undo = None
+        self.count.copy_(snap.count)
+        self.steps.copy_(snap.steps)
+        self.progress.copy_(snap.progress)
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"version": _STATE_VERSION, "num_classes": self.num_classes, "feature_dim": self.feature_dim,
+                "covariance": self.covariance, "lambda0": self.lambda0, "decay": self.decay,
+                "stats_targets": self.stats_targets, "total_steps": self.total_steps}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self._check_extra_state(state)
+
+    def _check_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ConfigurationError("the ISDA state was not saved by this version of augplug",
+                                     "load a state saved by ISDALoss.state_dict() of this version")
+        for key in ("num_classes", "feature_dim", "covariance"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigurationError(
+                    f"the ISDA state has {key}={state.get(key)!r}, this loss has {getattr(self, key)!r}",
+                    f"build the ISDALoss with {key}={state.get(key)!r} before loading (covariance='full' or "
+                    "'diagonal' rather than 'auto' makes the layout explicit)")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state saved by :meth:`state_dict`; everything is checked before anything changes."""
+        extra = state_dict.get("_extra_state")
+        if extra is not None:
+            self._check_extra_state(extra)
+        for name, buf in self.named_buffers():
+            t = state_dict.get(name)
+            if t is None:
+                if strict:
+                    raise ConfigurationError(f"the ISDA state has no '{name}'",
+                                             "load a state saved by ISDALoss.state_dict()")
+                continue
+            if not torch.is_tensor(t) or t.shape != buf.shape:
+                raise ConfigurationError(
+                    f"the ISDA state's '{name}' has shape {tuple(getattr(t, 'shape', ()))}, expected {tuple(buf.shape)}",
+                    "build the ISDALoss with the same classes, features and covariance mode")
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"the ISDA state's '{name}' holds NaN/inf", "load an intact checkpoint")
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._version += 1
+        self._undo = None
+        return result
+
+    # ------------------------------------------------------------------ the loss
+    def _check_inputs(self, features, logits, soft_targets, head, update: bool):
+        w = head_weight(head)
+        check_logits(logits)
+        b, c = logits.shape
+        if c != self.num_classes:
+            raise ShapeError(f"logits have {c} classes, the ISDA statistics {self.num_classes}",
+                             "build the ISDALoss for this classifier (ISDALoss.for_head(head))")
+        if tuple(w.shape) != (self.num_classes, self.feature_dim):
+            raise ShapeError(f"the head's weight is {tuple(w.shape)}, the ISDA statistics are for "
+                             f"({self.num_classes}, {self.feature_dim})",
+                             "pass the head the ISDALoss was built for")
+        y = to_soft_targets(soft_targets, c, batch_size=b)
+        f = None
+        if update:
+            if features is None:
+                raise ShapeError(f"no classifier features for the {b} rows of this training call",
+                                 "build the loss with ISDALoss.for_model(model) (it hooks the classifier) and call "
+                                 "it right after the training forward, or pass features=")
+            f = features.detach().flatten(1) if features.dim() > 2 else features.detach()
+            if f.dim() != 2 or f.shape[0] != b or f.shape[1] != self.feature_dim:
+                raise ShapeError(f"features have shape {tuple(features.shape)}, expected ({b}, {self.feature_dim})",
+                                 "pass the inputs of the classifier head (one row per logits row, "
+                                 f"{self.feature_dim} features)")
+            finite = torch.isfinite(f)
+            if not bool(finite.all()):
+                bad = (~finite).any(1).nonzero().flatten().tolist()
+                raise NonFiniteError(f"features hold NaN/inf in {len(bad)} row(s) (rows {bad[:8]})",
+                                     "check the model for overflow (lower the learning rate, use a GradScaler); "
+                                     "the statistics were left unchanged")
+            f = f.to(torch.float32)
+        return w, y, f
+
+    def per_sample_loss(self, features: Optional[torch.Tensor], logits: torch.Tensor, soft_targets: torch.Tensor,
+                        head: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-sample ISDA loss ``sum_k y_k * CE(z~(k), k)``, shape ``(B,)`` (fp32).
+
+        Args:
+            features: ``(B, A)`` inputs of the classifier (detached here); needed only for
+                training calls, which update the statistics first.
+            logits: ``(B, C)`` model outputs (gradients flow through them).
+            soft_targets: ``(B, C)`` probabilities or ``(B,)`` class indices.
+            head: the classifier (``nn.Linear``); its weight enters the quadratic term and gets the
+                paper's gradient through it. Defaults to the head the loss was built for.
+
+        A training call is one made with autograd enabled. Every input is checked before any
+        statistic changes; a call that raises leaves the statistics as they were.
+        """
+        if head is None:
+            head = self._head_ref[0] if self._head_ref is not None else None
+        update = torch.is_grad_enabled()
+        weight, y, f = self._check_inputs(features, logits, soft_targets, head, update)
+        if self.count.device != logits.device:
+            self.to(logits.device)
+        snap = self.state_snapshot()
+        try:
+            if update:
+                self._update(f, y.to(f.device))
+                if self.total_steps:
+                    self.progress.fill_(min(float(self.steps) / self.total_steps, 1.0))
+                self.steps += 1
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                return isda_per_sample_loss(logits, y, weight, self.cov, self.lam)
+        except BaseException:
+            self.restore_snapshot(snap)
+            raise
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Standalone loss: ``criterion(logits, targets)`` with class indices ``(B,)`` or
+        probabilities ``(B, C)``; features are those captured by :meth:`for_model`'s hook unless
+        passed. ``reduction``: ``"mean"`` (default), ``"sum"`` or ``"none"``."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ConfigurationError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
+                                     "use 'mean'")
+        if features is None and self._capture is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
+            features = self._capture.features(logits.shape[0])
+        per = self.per_sample_loss(features, logits, targets)
+        if self._capture is not None:
+            self._capture.clear()
+        if reduction == "none":
+            return per
+        return per.sum() if reduction == "sum" else per.mean()
+
+    # ------------------------------------------------------------------ statistics
+    def _update(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        """Merge one batch into the per-class statistics (all-reduced across processes when ``sync``)."""
+        if self.stats_targets == "argmax":
+            y = F.one_hot(y.argmax(1), self.num_classes).to(f.dtype)
+        mass = y.sum(0)                                                   # (C,)
+        sums = y.t() @ f                                                  # (C, A)
+        if self.sync:
+            all_reduce_sum_([mass, sums])
+        classes = (mass > 0).nonzero().flatten()
+        gamma = 1.0 if self.decay is None else self.decay
+        count = self.count * gamma
+        if classes.numel() == 0:
+            self._commit(count, classes, None, None)
+            return
+        m = mass[classes]
+        batch_mean = sums[classes] / m.unsqueeze(1)                       # (K, A)
+        yk = y[:, classes]
+        rows, pos = yk.nonzero(as_tuple=True)
+        d = (f[rows] - batch_mean[pos]) * yk[rows, pos].sqrt().unsqueeze(1)   # weighted, centred (P, A)
+        k, a = classes.numel(), self.feature_dim
+        if self.covariance == "full":
+            scatter = f.new_zeros(k, a, a)
+            order = torch.argsort(pos, stable=True)
+            sizes = torch.bincount(pos, minlength=k).tolist()
+            for j, seg in enumerate(torch.split(d[order], sizes)):
+                if seg.shape[0]:
+                    scatter[j] = seg.t() @ seg
+        else:
+            scatter = f.new_zeros(k, a).index_add_(0, pos, d * d)
+        if self.sync:
+            all_reduce_sum_([scatter])
+        total = count[classes] + m
+        w = (m / total)                                                   # the paper's merge weight
+        old_mean, old_cov = self.mean[classes], self.cov[classes]
+        diff = old_mean - batch_mean
+        ww = (w * (1 - w)).unsqueeze(1)
+        if self.covariance == "full":
+            new_cov = old_cov * (1 - w).view(-1, 1, 1)
+            new_cov.add_(scatter.div_(total.view(-1, 1, 1)))              # w * batch covariance
+            new_cov.baddbmm_((diff * ww).unsqueeze(2), diff.unsqueeze(1))
+            new_cov = 0.5 * (new_cov + new_cov.transpose(1, 2))
+        else:
+            new_cov = (old_cov * (1 - w).unsqueeze(1) + scatter / total.unsqueeze(1) + ww * diff * diff).clamp_min_(0)
+        new_mean = old_mean - w.unsqueeze(1) * diff
+        count[classes] = total
+        self._commit(count, classes, (old_mean, old_cov), (new_mean, new_cov))
+
+    def _commit(self, count, classes, old, new) -> None:
+        if old is not None:
+            self._undo = _Undo(self._version, classes, old[0], old[1])
+            self.mean.index_copy_(0, classes, new[0])
+            self.cov.index_copy_(0, classes, new[1])
+        else:
+            self._undo = _Undo(self._version, classes, self.mean[classes], self.cov[classes])
+        self.count.copy_(count)
+        self._version += 1
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, covariance={self.covariance!r}, "
+                f"lambda0={self.lambda0}, progress={float(self.progress):.3g}, decay={self.decay}, "
+                f"stats_targets={self.stats_targets!r}")
