@@ -1,0 +1,1 @@
+"""Training scripts and examples that use augplug inside other libraries' workflows."""
