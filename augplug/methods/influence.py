@@ -587,14 +587,14 @@ class InfluenceScorer:
             from ..scores import class_scores
             return class_scores(self.model, inputs, u, mode="full", bn=self.bn)
         k = self.keys()
-        a = features.flatten(1)
         if logits is None:
-            logits = self.head(a)
-        Uw = u[k[0]].to(a)
-        q = a @ Uw.t()
+            logits = self.head(features.flatten(1))
+        dt = torch.promote_types(features.dtype, torch.float32)  # fp32 at least, fp64 kept
+        a = features.flatten(1).to(dt)
+        q = a @ u[k[0]].to(a).t()
         if self.bias:
             q = q + u[k[1]].to(a)
-        p = torch.softmax(logits.float(), -1).to(q)
+        p = torch.softmax(logits.to(dt), -1)
         return q - (p * q).sum(-1, keepdim=True)
 
     def upweight_scores(self, features=None, logits=None, targets=None, *, inputs=None) -> torch.Tensor:
