@@ -80,7 +80,7 @@ def _job(args):
     set_threads(1)
     from augplug.study import run_arm
 
-    data = load_study(seed, noise_kind=extra.get("noise_kind", "random"))
+    data = load_study(seed, n_train=extra.get("n_train", 10000), noise_kind=extra.get("noise_kind", "random"))
     study_arm, arm_kw = ARM_CONFIGS[arm]
     refined = study_arm in ("saflex", "l2rw")
     ref_kw = {**arm_kw, **overrides} if refined else {}
@@ -103,6 +103,7 @@ def main(argv: List[str] = None) -> None:
                     help="refiner option for the refined arms, on top of each arm's own (e.g. beta=2, warmup_epochs=1)")
     ap.add_argument("--noise-kind", default="random", choices=("random", "pairflip"),
                     help="wrong labels drawn uniformly (random) or class c -> c+1 (pairflip)")
+    ap.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset)")
     ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
                     help="normalisation layers of the small CNN")
     ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results")
@@ -112,8 +113,9 @@ def main(argv: List[str] = None) -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _parse_value(v) for k, v in overrides.items()}
     for seed in args.seeds:  # build the view banks once, before the workers start
-        load_study(seed)
-    jobs = [(s, a, seed, args.epochs, overrides, {"norm": args.norm, "noise_kind": args.noise_kind}) for s in args.settings for a in args.arms for seed in args.seeds
+        load_study(seed, n_train=args.n_train)
+    extra = {"norm": args.norm, "noise_kind": args.noise_kind, "n_train": args.n_train}
+    jobs = [(s, a, seed, args.epochs, overrides, extra) for s in args.settings for a in args.arms for seed in args.seeds
             if not (a == "none" and s != args.settings[0])]
     results: Dict = {}
     with ProcessPoolExecutor(max_workers=args.workers) as ex:
@@ -134,7 +136,7 @@ def main(argv: List[str] = None) -> None:
         rows.append([setting, arm, col("test_acc", 100, 2), col("auc_weight"), col("auc_agreement"),
                      col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.quality {' '.join(argv)}`".strip() +
-           f"\n\nFashion-MNIST, 10k train / 1k val / 10k test, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
+           f"\n\nFashion-MNIST, {args.n_train} train / 1k val / 10k test images, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
            f"noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"
            + (f", plus {overrides}" if overrides else "") + "; validation loader batch 500 (1k images).")
     table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md", headers, rows,
