@@ -273,6 +273,7 @@ def load_data(args) -> Dict[str, Any]:
             _logger.warning("Fashion-MNIST is not available (%s); falling back to --dataset digits. "
                             "Install it with `make datasets`.", str(e).splitlines()[0])
             from_dataset = "digits"
+            args.dataset = "digits"
         else:
             return dict(train=ImageArray(xtr.numpy(), ytr.numpy(), FMNIST_CLASSES),
                         test=ImageArray(xte.numpy(), yte.numpy(), FMNIST_CLASSES),
@@ -563,6 +564,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     num_updates = 0
     for epoch in range(num_epochs):
         t0 = time.perf_counter()
+        if refiner is not None and refiner.isda is not None:
+            refiner.isda.set_epoch(epoch, num_epochs)   # the paper's schedule: lambda = lambda0 * epoch / epochs
         train_m, num_updates = train_one_epoch(
             epoch, model, loader_train, optimizer, args, device=device, refiner=refiner, loss_fn=loss_fn,
             lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
