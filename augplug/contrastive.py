@@ -1,0 +1,658 @@
+"""SAflex for contrastive objectives: CLIP-style InfoNCE over a batch of pairs, and FLYP-style
+fine-tuning against class prompts.
+
+A batch of ``B`` image–text pairs gives similarity logits ``S = s * f(x) t(u)^T`` (``B x B``; ``f``,
+``t`` the two encoders with L2-normalised outputs, ``s = exp(logit_scale)``). CLIP's loss reads each
+row as a ``B``-way classification whose correct class is the diagonal: image ``i`` against the ``B``
+texts (image→text, rows of ``S``) and text ``j`` against the ``B`` images (text→image, columns of
+``S``). With ``log p_i = log_softmax_j(S_ij)`` (and the same down the columns) the class scores are
+exactly the core's::
+
+    g_ic = d log p_ic / d theta . v,     v = -grad_theta L_val,
+
+where ``theta`` are the parameters of *both* encoders (and a learnable logit scale) and ``L_val`` is
+the same contrastive loss on a clean validation batch of pairs. ``g_ic > 0``: raising the
+probability that row ``i`` picks candidate ``c`` lowers the validation loss. The row's upstream
+target is the identity pairing ``e_i``, so SAflex's rules become
+
+    w_i  = 1[g_ii >= 0]                      (the positive pair decides the weight)
+    y'_i = softmax((g_i + beta e_i + G)/tau)  (a soft target over the B candidates)
+
+and any option of :func:`augplug.methods.saflex_targets` applies (centred scores, graded weights, ...).
+``g`` is computed by one forward-mode pass (``torch.autograd.forward_ad``) through both encoders with
+tangent ``v``; a single pass gives both directions, because they are two log-softmaxes of one ``S``.
+
+FLYP-style fine-tuning (Goyal et al., 2023) uses class prompts as the texts: ``S`` is ``B x C``
+(every image against the ``C`` prompt embeddings, fixed or learnable, e.g. :class:`ClassEmbeddings`),
+which is a ``C``-way classification with labels as targets. :class:`ContrastiveRefiner` covers both:
+
+    refiner = ContrastiveRefiner(image_encoder, text_encoder, optimizer, val_pairs)        # CLIP pairs
+    loss = refiner(images, texts)
+
+    refiner = ContrastiveRefiner(image_encoder, ClassEmbeddings(10, 64), optimizer, val_loader,
+                                 class_prompts=torch.arange(10))                             # FLYP
+    loss = refiner(images, labels)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, NonFiniteError, ShapeError,
+                     TargetError)
+from .heads import unwrap_model
+from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
+from .refiner import DEFAULTS, unwrap_optimizer
+from .rng import PrivateRNG
+from .scores import GradSum, scoring_mode
+from .targets import soft_cross_entropy, to_soft_targets
+from .validation import ValidationStream
+
+__all__ = [
+    "DIRECTIONS",
+    "DualEncoder",
+    "ClassEmbeddings",
+    "check_similarity",
+    "contrastive_scores",
+    "contrastive_validation_gradient",
+    "contrastive_targets",
+    "clip_loss",
+    "ContrastiveRefiner",
+]
+
+#: The two readings of a similarity matrix: rows (image→text) and columns (text→image).
+DIRECTIONS = ("image_to_text", "text_to_image")
+_STATE_VERSION = 1
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class DualEncoder(nn.Module):
+    """Two encoders and a logit scale, returning similarity logits ``S = exp(logit_scale) * a b^T``.
+
+    Args:
+        image_encoder, text_encoder: any modules mapping a batch to ``(N, D)`` embeddings (tuple
+            outputs: the first element). They may be the same module (shared weights; its parameters
+            are then named ``image.*`` only).
+        logit_scale: the log of the multiplier (CLIP's convention, default ``log(1/0.07)``). A float is
+            fixed (a buffer); an ``nn.Parameter`` is learned (put it in your optimizer).
+        normalize: L2-normalise both embeddings (cosine similarities), as CLIP does.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module,
+                 logit_scale: Union[float, nn.Parameter] = math.log(1 / 0.07), normalize: bool = True):
+        super().__init__()
+        self.image = image_encoder
+        # One module used for both sides is registered once: a submodule registered under two names
+        # would be reparametrised twice by torch.func.functional_call, which then fails to restore it.
+        self.shared = image_encoder is text_encoder
+        if not self.shared:
+            self.text = text_encoder
+        if isinstance(logit_scale, nn.Parameter):
+            self.logit_scale = logit_scale
+        else:
+            self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.normalize = bool(normalize)
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.image
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.image if self.shared else self.text
+
+    def embed(self, images, texts) -> Tuple[torch.Tensor, torch.Tensor]:
+        a, b = _first(self.image(images)), _first(self.text_encoder(texts))
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+            raise ShapeError(f"the encoders return embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}",
+                             "make both encoders return (N, D) embeddings of the same width D")
+        if self.normalize:
+            a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        return a, b
+
+    def forward(self, images, texts) -> torch.Tensor:
+        a, b = self.embed(images, texts)
+        return self.logit_scale.exp() * (a @ b.t())
+
+
+class ClassEmbeddings(nn.Module):
+    """Learnable (or, with ``trainable=False``, fixed random) class-prompt embeddings.
+
+    ``forward(class_ids)`` returns the embeddings of the given classes, ``(len(class_ids), dim)``; as
+    the text encoder of a FLYP-style :class:`ContrastiveRefiner` it is called with
+    ``class_prompts=torch.arange(num_classes)``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, trainable: bool = True, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(int(seed))
+        w = torch.randn(int(num_classes), int(dim), generator=g) / math.sqrt(dim)
+        self.weight = nn.Parameter(w, requires_grad=bool(trainable))
+
+    def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[class_ids.long()]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_similarity(similarity: torch.Tensor, square: bool = True, what: str = "similarity logits") -> None:
+    """Raise a typed error unless ``similarity`` is a finite floating 2-D tensor (square if asked)."""
+    if not torch.is_tensor(similarity) or similarity.dim() != 2:
+        raise ShapeError(f"{what} must be a 2-D tensor, got "
+                         f"{tuple(similarity.shape) if torch.is_tensor(similarity) else type(similarity).__name__}",
+                         "pass the (B, B) image-text similarity logits of one batch")
+    if not similarity.is_floating_point():
+        raise TargetError(f"{what} must be floating point, got {similarity.dtype}", "pass raw similarity logits")
+    if square and similarity.shape[0] != similarity.shape[1]:
+        raise ShapeError(f"{what} have shape {tuple(similarity.shape)}; a batch of pairs gives a square matrix",
+                         "pass as many texts as images (pair i = image i with text i), or use class_prompts= "
+                         "for a C-way (FLYP-style) setup")
+    if similarity.shape[0] == 0 or similarity.shape[1] < 2:
+        raise ShapeError(f"{what} have shape {tuple(similarity.shape)}; need at least 2 candidates per row",
+                         "use batches of at least two pairs")
+    if not bool(torch.isfinite(similarity.detach()).all()):
+        raise NonFiniteError(f"{what} contain NaN/inf",
+                             "check the inputs and the logit scale (clamp it, e.g. at log(100), as CLIP does)")
+
+
+def _check_inputs(x, what: str) -> None:
+    if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} contain NaN/inf", "check the data pipeline (normalisation, augmentation)")
+
+
+def _rows(x) -> Optional[int]:
+    return x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else (len(x) if isinstance(x, (list, tuple)) else None)
+
+
+def _check_directions(directions) -> Tuple[str, ...]:
+    d = (directions,) if isinstance(directions, str) else tuple(directions)
+    if not d or any(x not in DIRECTIONS for x in d) or len(set(d)) != len(d):
+        raise ConfigurationError(f"directions must be a non-empty subset of {DIRECTIONS}, got {directions!r}",
+                                 "use both (CLIP's symmetric loss) or one of them")
+    return d
+
+
+def _log_probs(similarity: torch.Tensor, direction: str) -> torch.Tensor:
+    """Rows of the direction's B-way classification: ``(anchors, candidates)`` log-probabilities."""
+    s = similarity if similarity.dtype == torch.float64 else similarity.float()
+    return F.log_softmax(s, -1) if direction == "image_to_text" else F.log_softmax(s.t(), -1)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def contrastive_scores(model: DualEncoder, images, texts, v: Dict[str, torch.Tensor], *,
+                       directions: Sequence[str] = DIRECTIONS, bn: str = "eval") -> Dict[str, torch.Tensor]:
+    """Class scores ``g`` of every row of each direction, by one forward-mode pass with tangent ``v``.
+
+    Returns ``{direction: g}`` with ``g`` of shape ``(anchors, candidates)`` in fp32: ``(B_img, B_txt)``
+    for ``"image_to_text"``, ``(B_txt, B_img)`` for ``"text_to_image"``. ``v`` maps parameter names of
+    ``model`` (``image.*``, ``text.*``, ``logit_scale``) to tangents; others get a zero tangent. Runs
+    with dropout off and BatchNorm in ``bn`` mode (running statistics untouched), autocast off.
+    """
+    directions = _check_directions(directions)
+    net = unwrap_model(model)
+    named = dict(net.named_parameters())
+    unknown = [n for n in v if n not in named]
+    if unknown:
+        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}",
+                                 "compute it with contrastive_validation_gradient on this model")
+    dev = next(iter(named.values())).device.type if named else "cpu"
+    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(dev, enabled=False), fwAD.dual_level():
+        duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+        s = functional_call(net, duals, (images, texts), strict=False)
+        out = {}
+        for d in directions:
+            tangent = fwAD.unpack_dual(_log_probs(s, d)).tangent
+            rows = s.shape[0] if d == "image_to_text" else s.shape[1]
+            cols = s.shape[1] if d == "image_to_text" else s.shape[0]
+            out[d] = (torch.zeros(rows, cols, device=s.device) if tangent is None else tangent.float().clone())
+    return out
+
+
+def _row_losses_sum(s: torch.Tensor, directions, targets: Optional[torch.Tensor]) -> torch.Tensor:
+    """Sum over rows of the directions' cross-entropies, averaged over the directions."""
+    total = 0.0
+    for d in directions:
+        lp = _log_probs(s, d)
+        y = targets if targets is not None else torch.eye(lp.shape[0], lp.shape[1], device=lp.device)
+        total = total + soft_cross_entropy(lp, y).sum()
+    return total / len(directions)
+
+
+def contrastive_validation_gradient(model: DualEncoder, images, texts, params: Dict[str, nn.Parameter], *,
+                                    targets: Optional[torch.Tensor] = None,
+                                    directions: Sequence[str] = DIRECTIONS, bn: str = "eval") -> GradSum:
+    """Summed gradient of the contrastive loss of one validation batch, with its row count.
+
+    Pairs (``targets=None``): the loss is ``sum_i CE(row_i, e_i)`` averaged over ``directions``, so
+    ``GradSum.direction()`` is ``-grad`` of CLIP's mean loss. Class prompts: ``texts`` are the prompts
+    and ``targets`` the ``(B, C)`` probabilities; only image→text rows exist.
+    """
+    net = unwrap_model(model)
+    if not params:
+        raise ConfigurationError("no trainable parameters to differentiate",
+                                 "make sure the encoders have parameters with requires_grad=True")
+    names = list(params)
+    with torch.enable_grad(), scoring_mode(net, bn):
+        s = net(images, texts)
+        if targets is None:
+            check_similarity(s, square=True, what="validation similarity logits")
+            loss = _row_losses_sum(s, directions, None)
+        else:
+            check_similarity(s, square=False, what="validation similarity logits")
+            loss = _row_losses_sum(s, ("image_to_text",), targets.float())
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    sums = {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
+            for n, g in zip(names, grads)}
+    return GradSum(sums, int(s.shape[0]), float(loss.detach()))
+
+
+# ---------------------------------------------------------------------------------------------- targets and loss
+def contrastive_targets(scores: torch.Tensor, beta: float = 1.0, tau: float = 1.0, *, gumbel: bool = True,
+                        generator: Optional[torch.Generator] = None, weighting: str = "hard",
+                        weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None,
+                        threshold: float = 0.0, renormalize_weights: bool = True
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAflex weights ``(B,)`` and soft targets ``(B, B)`` for one direction of a batch of pairs.
+
+    ``scores`` is ``g`` of that direction (square: row ``i`` = anchor ``i``, column ``c`` = candidate
+    ``c``, positive pair on the diagonal). The upstream target is the identity pairing, so this is
+    :func:`augplug.methods.saflex_targets` with ``targets = I``: weight ``1[g_ii >= 0]`` and soft
+    target ``softmax((g_i + beta e_i + G)/tau)`` with the paper's defaults.
+    """
+    check_similarity(scores, square=True, what="contrastive scores")
+    eye = torch.eye(scores.shape[0], device=scores.device)
+    return saflex_targets(scores, eye, beta, tau, gumbel=gumbel, generator=generator, weighting=weighting,
+                          weight_tau=weight_tau, prior=prior, normalize=normalize,
+                          renormalize_weights=renormalize_weights, threshold=threshold)
+
+
+def clip_loss(similarity: torch.Tensor, *, weights: Optional[Dict[str, torch.Tensor]] = None,
+              soft_targets: Optional[Dict[str, torch.Tensor]] = None,
+              directions: Sequence[str] = DIRECTIONS) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss on ``(B, B)`` similarity logits, optionally refined.
+
+    ``weights`` / ``soft_targets`` map a direction to per-row weights ``(B,)`` and targets ``(B, B)``
+    (constants; missing entries: weight 1, identity target). The loss is the mean over ``directions``
+    of ``sum_i w_i CE(row_i, y'_i) / B``.
+    """
+    directions = _check_directions(directions)
+    check_similarity(similarity, square=True)
+    b = similarity.shape[0]
+    total = 0.0
+    for d in directions:
+        lp = _log_probs(similarity, d)
+        y = (soft_targets or {}).get(d)
+        y = torch.eye(b, device=lp.device) if y is None else y.detach().float()
+        if y.shape != (b, b):
+            raise ShapeError(f"soft targets for {d} have shape {tuple(y.shape)}, expected {(b, b)}",
+                             "pass one target row over the B candidates per anchor")
+        per = -(y * lp).sum(-1)
+        w = (weights or {}).get(d)
+        if w is not None:
+            if w.shape != (b,):
+                raise ShapeError(f"weights for {d} have shape {tuple(w.shape)}, expected {(b,)}", "pass one weight per row")
+            per = per * w.detach().float()
+        total = total + per.sum() / b
+    return total / len(directions)
+
+
+# ---------------------------------------------------------------------------------------------- refiner
+class ContrastiveRefiner:
+    """SAflex (or L2RW / no refinement) for contrastive training of two encoders, in two lines.
+
+    Pairs (CLIP-style)::
+
+        refiner = ContrastiveRefiner(image_encoder, text_encoder, optimizer, val_loader)
+        loss = refiner(images, texts)          # runs both encoders, returns the refined CLIP loss
+
+    ``val_loader`` yields clean ``(images, texts)`` pairs. Class prompts (FLYP-style)::
+
+        refiner = ContrastiveRefiner(image_encoder, text_encoder, optimizer, val_loader,
+                                     class_prompts=prompts)   # text_encoder(prompts) -> (C, D)
+        loss = refiner(images, labels)         # labels (B,) or probabilities (B, C)
+
+    ``val_loader`` then yields clean ``(images, labels)``. The refiner runs the training forward itself
+    (both encoders in train mode, so it is the user's forward), then, once the warm-up is over, scores
+    the augmented rows by forward-mode AD through both encoders (dropout off, BatchNorm in ``bn_mode``,
+    running statistics untouched) and applies the policy per direction. Augmented rows are marked with
+    ``num_original=n`` (the first ``n`` pairs are originals) or ``augmented=mask``; by default every row
+    is augmented. A pair's augmentation marks both its rows (image ``i`` → texts, text ``i`` → images).
+
+    Args:
+        image_encoder, text_encoder: ``(N, ...) -> (N, D)`` modules (may be the same module).
+        optimizer: its post-step hook counts updates (refresh schedule, warm-up); ``None``: every call.
+        val_loader: clean validation batches (see above), cycled forever.
+        method: ``"saflex"``, ``"l2rw"``, ``"none"`` or a :class:`~augplug.methods.Policy` (its
+            ``__call__(scores, targets, generator)`` is used with the identity / label targets).
+        class_prompts: the text encoder's input for the ``C`` class prompts (FLYP-style), or None (pairs).
+        logit_scale, normalize_features: see :class:`DualEncoder`.
+        directions: for pairs, which readings of ``S`` are trained and refined (default both, as CLIP).
+        score_params: ``"all"`` trainable parameters of both encoders (and a learnable logit scale), or a
+            list of their names in :class:`DualEncoder` (``image.*``, ``text.*``, ``logit_scale``):
+            the parameters ``v`` and ``g`` are taken over.
+        refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm,
+        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode:
+            as in :class:`~augplug.AugmentationRefiner` (same defaults, ``augplug.refiner.DEFAULTS``).
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optimizer=None, val_loader=None,
+                 method: Union[str, Policy] = "saflex", *, class_prompts=None,
+                 logit_scale: Union[float, nn.Parameter] = math.log(1 / 0.07), normalize_features: bool = True,
+                 directions: Sequence[str] = DIRECTIONS, score_params: Union[str, Sequence[str]] = "all",
+                 refresh_every: int = DEFAULTS["refresh_every"], val_batches: Union[int, str] = DEFAULTS["val_batches"],
+                 bn_mode: str = DEFAULTS["bn_mode"], warmup_steps: int = DEFAULTS["warmup_steps"],
+                 orig_weight: float = 1.0, aug_weight: float = 1.0, weight_norm: str = DEFAULTS["weight_norm"],
+                 beta: float = DEFAULTS["beta"], tau: float = DEFAULTS["tau"], gumbel: bool = DEFAULTS["gumbel"],
+                 weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
+                 prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
+                 threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True):
+        self.directions = _check_directions(directions)
+        if int(refresh_every) < 1:
+            raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
+        if val_batches != "all" and int(val_batches) < 1:
+            raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
+        if bn_mode not in ("eval", "train"):
+            raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
+        if weight_norm not in ("augmented", "batch", "none"):
+            raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
+                                     "use 'augmented' (the paper) or 'batch'")
+        if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
+            raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
+                                     "use orig_weight=1, aug_weight=1")
+        if isinstance(method, Policy):
+            self.policy = method
+        elif method == "saflex":
+            self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
+                                 prior=prior, normalize=normalize, threshold=threshold)
+        elif method in ("none", "l2rw"):
+            self.policy = POLICIES[method]()
+        else:
+            raise ConfigurationError(f"unknown method {method!r} for contrastive refinement",
+                                     "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets")
+        self.method = self.policy.name
+        self.model = DualEncoder(image_encoder, text_encoder, logit_scale, normalize_features)
+        self.class_prompts = class_prompts
+        self.prompt_mode = class_prompts is not None
+        if self.prompt_mode:
+            self.directions = ("image_to_text",)
+        named = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if score_params != "all":
+            missing = [n for n in score_params if n not in named]
+            if missing:
+                raise ConfigurationError(f"score_params names {missing[:3]} that are not trainable parameters",
+                                         f"use names from {sorted(named)[:6]}...")
+        self.score_params = score_params
+        self.refresh_every, self.val_batches, self.bn_mode = int(refresh_every), val_batches, bn_mode
+        self.warmup_steps = int(warmup_steps)
+        self.orig_weight, self.aug_weight, self.weight_norm = float(orig_weight), float(aug_weight), weight_norm
+        self.check_train_mode = check_train_mode
+        self._rng = PrivateRNG(seed)
+        self.val_loader = val_loader
+        self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
+        self._optimizer, self._hook = None, None
+        if optimizer is not None:
+            self._optimizer = unwrap_optimizer(optimizer)
+            self._hook = self._optimizer.register_step_post_hook(self._on_step)
+        self.step_count = 0
+        self.calls = 0
+        self._v: Optional[Dict[str, torch.Tensor]] = None
+        self._v_step = -1
+        self._val_loss = float("nan")
+        self.stats: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        self.step_count += 1
+
+    def remove_hooks(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached ``v = -grad L_val`` over the :class:`DualEncoder`'s parameter names."""
+        return self._v
+
+    def _params(self) -> Dict[str, nn.Parameter]:
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.score_params != "all":
+            named = {n: named[n] for n in self.score_params}
+        return named
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _to_device(self, x):
+        dev = self._device()
+        if torch.is_tensor(x):
+            return x.to(dev, non_blocking=True)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._to_device(t) for t in x)
+        if isinstance(x, dict):
+            return {k: self._to_device(t) for k, t in x.items()}
+        return x
+
+    def _prompts(self):
+        return self._to_device(self.class_prompts)
+
+    def _num_val_batches(self) -> int:
+        if self.val_batches == "all":
+            try:
+                return max(len(self.val_loader), 1)
+            except TypeError:
+                raise ConfigurationError("val_batches='all' needs a validation loader with len()",
+                                         "pass an integer val_batches") from None
+        return int(self.val_batches)
+
+    def compute_validation_direction(self, num_classes: Optional[int] = None) -> GradSum:
+        """Average the validation contrastive-loss gradient over ``val_batches`` batches (advances the stream)."""
+        total = GradSum({}, 0)
+        params = self._params()
+        for _ in range(self._num_val_batches()):
+            x, t = self._stream.next()
+            x = self._to_device(x)
+            if self.prompt_mode:
+                y = to_soft_targets(self._to_device(t), num_classes, what="validation targets")
+                if y.shape[0] == 0:
+                    continue
+                part = contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=y,
+                                                       bn=self.bn_mode)
+            else:
+                t = self._to_device(t)
+                if _rows(x) != _rows(t):
+                    raise ShapeError(f"a validation batch holds {_rows(x)} images and {_rows(t)} texts",
+                                     "make the validation loader yield (images, texts) pairs")
+                if not _rows(x):
+                    continue
+                part = contrastive_validation_gradient(self.model, x, t, params, directions=self.directions,
+                                                       bn=self.bn_mode)
+            total = total.add(part)
+        if total.count == 0:
+            raise EmptyValidationError("the validation batches drawn hold no samples",
+                                       "pass a loader over at least one clean pair (or labelled image)")
+        return total
+
+    def _aug_mask(self, batch: int, num_original: int, augmented, device) -> torch.Tensor:
+        if augmented is not None and num_original:
+            raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
+        if augmented is not None:
+            m = torch.as_tensor(augmented, device=device)
+            if m.dtype != torch.bool or m.shape != (batch,):
+                raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
+                                 "pass a boolean mask marking the augmented pairs")
+            return m
+        if not 0 <= int(num_original) <= batch:
+            raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
+                             "pass the number of original (non-augmented) pairs at the start of the batch")
+        m = torch.ones(batch, dtype=torch.bool, device=device)
+        m[: int(num_original)] = False
+        return m
+
+    # ------------------------------------------------------------------ the loss
+    def __call__(self, images, texts_or_targets, *, num_original: int = 0,
+                 augmented: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run both encoders on the batch and return the refined contrastive loss (a scalar).
+
+        Args:
+            images: the image batch (any input the image encoder takes), ``B`` rows.
+            texts_or_targets: pairs: the ``B`` texts (text-encoder input); class prompts: the targets,
+                class indices ``(B,)`` or probabilities ``(B, C)``.
+            num_original / augmented: which pairs are originals (trained on as given) and which are
+                augmented (refined).
+        """
+        if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
+            raise ModelModeError("the refiner was called with the encoders in eval mode",
+                                 "call .train() on the encoders before training steps, or pass check_train_mode=False")
+        batch = _rows(images)
+        if not batch:
+            raise ShapeError("the image batch is empty or not a batched tensor", "pass a (B, ...) tensor with B >= 1")
+        _check_inputs(images, "images")
+        if self.prompt_mode:
+            targets = texts_or_targets
+        else:
+            if _rows(texts_or_targets) != batch:
+                raise ShapeError(f"the batch holds {batch} images but {_rows(texts_or_targets)} texts",
+                                 "pass one text per image (pair i = images[i], texts[i])")
+            _check_inputs(texts_or_targets, "texts")
+            if batch < 2:
+                raise ShapeError("a contrastive batch needs at least 2 pairs", "use a larger batch")
+        device = self._device()
+        aug = self._aug_mask(batch, num_original, augmented, device)
+
+        s = self.model(images, self._prompts() if self.prompt_mode else texts_or_targets)
+        check_similarity(s, square=not self.prompt_mode)
+        if self.prompt_mode:
+            ys = {"image_to_text": to_soft_targets(targets, s.shape[1], batch_size=batch).to(s.device)}
+        else:
+            ys = {d: torch.eye(batch, device=s.device) for d in self.directions}
+
+        active = self.step_count >= self.warmup_steps
+        n_aug = int(aug.sum())
+        v_new = None
+        gen = None
+        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None)
+        try:
+            weights = {d: torch.ones(batch, device=s.device) for d in self.directions}
+            soft = {d: ys[d].clone() for d in self.directions}
+            scores = {d: torch.zeros_like(ys[d]) for d in self.directions}
+            refreshed = False
+            if n_aug and (active or not self.policy.needs_scores):
+                g_all = None
+                if self.policy.needs_scores:
+                    refreshed = self._v is None or self.step_count - self._v_step >= self.refresh_every
+                    if refreshed:
+                        v_new = self.compute_validation_direction(s.shape[1])
+                        v = v_new.direction()
+                    else:
+                        v = self._v
+                    g_all = contrastive_scores(self.model, images,
+                                               self._prompts() if self.prompt_mode else texts_or_targets, v,
+                                               directions=self.directions, bn=self.bn_mode)
+                gen = self._rng.generator()
+                for d in self.directions:
+                    g = g_all[d][aug] if g_all is not None else None
+                    w, y2 = self.policy(g, ys[d][aug], gen)
+                    if self.weight_norm == "augmented" and self.policy.needs_scores:
+                        w = renormalize(w)
+                    weights[d][aug] = w.to(weights[d]).detach()
+                    soft[d][aug] = y2.to(soft[d]).detach()
+                    if g is not None:
+                        scores[d][aug] = g
+        except BaseException:
+            self._rng.state = snapshot[0]
+            if self._stream is not None and snapshot[1] is not None:
+                self._stream.load_state_dict(snapshot[1])
+            raise
+
+        loss = 0.0
+        for d in self.directions:
+            per = soft_cross_entropy(_log_probs(s, d), soft[d])
+            coef = torch.where(aug, self.aug_weight * weights[d], torch.full_like(weights[d], self.orig_weight))
+            if self.weight_norm == "batch":
+                denom = coef.sum().clamp_min(1e-12)
+            else:
+                denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
+            loss = loss + (coef * per).sum() / denom
+        loss = loss / len(self.directions)
+
+        # commit
+        if gen is not None:
+            self._rng.commit(gen)
+        if v_new is not None:
+            self._v = v_new.direction()
+            self._v_step = self.step_count
+            self._val_loss = v_new.loss_sum / max(v_new.count, 1)
+        self.calls += 1
+        if self._optimizer is None:
+            self.step_count += 1
+        self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed)
+        return loss
+
+    def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed) -> Dict[str, Any]:
+        d0 = self.directions[0]
+        n = max(int(aug.sum()), 1)
+        out: Dict[str, Any] = {
+            "logits": s.detach(),
+            "augmented": aug.detach(),
+            "weights": weights[d0].detach(),
+            "soft_targets": soft[d0].detach(),
+            "scores": scores[d0].detach(),
+            "directions": {d: {"weights": weights[d].detach(), "soft_targets": soft[d].detach(),
+                               "scores": scores[d].detach()} for d in self.directions},
+            "active": bool(active),
+            "refreshed": bool(refreshed),
+            "step": self.step_count,
+            "val_loss": self._val_loss,
+        }
+        wa = weights[d0][aug]
+        out["weight_mean"] = float(wa.mean()) if wa.numel() else float("nan")
+        out["kept_fraction"] = float((wa > 0).float().sum() / n)
+        out["relabel_rate"] = float((soft[d0][aug].argmax(-1) != ys[d0][aug].argmax(-1)).float().sum() / n)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit-for-bit (with the encoders' and optimizer's own state)."""
+        return {
+            "version": _STATE_VERSION,
+            "method": self.method,
+            "step_count": self.step_count,
+            "calls": self.calls,
+            "v": None if self._v is None else {k: t.detach().clone() for k, t in self._v.items()},
+            "v_step": self._v_step,
+            "val_loss": self._val_loss,
+            "rng_state": self._rng.state.clone(),
+            "stream": self._stream.state_dict() if self._stream is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
+                                     "load a state saved by this version of augplug")
+        if state.get("method") != self.method:
+            raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is {self.method!r}",
+                                     "build the refiner with the same method before loading")
+        dev = self._device()
+        self.step_count = int(state["step_count"])
+        self.calls = int(state["calls"])
+        self._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
+        self._v_step = int(state["v_step"])
+        self._val_loss = float(state["val_loss"])
+        self._rng.state = state["rng_state"].clone().cpu()
+        if self._stream is not None and state.get("stream") is not None:
+            self._stream.load_state_dict(state["stream"])
+
+    def __repr__(self) -> str:
+        return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "
+                f"refresh_every={self.refresh_every}, val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, "
+                f"warmup_steps={self.warmup_steps}, weight_norm={self.weight_norm!r})")
