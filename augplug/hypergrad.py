@@ -129,6 +129,11 @@ def ift_hypergradient(train_loss: torch.Tensor, params: Sequence[torch.Tensor], 
     return [(-out[id(h)] if out.get(id(h)) is not None else torch.zeros_like(h)) for h in hyper], u
 
 
+def _fp(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (half / bfloat16 are promoted; fp64 stays fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _log_targets(targets: torch.Tensor, log_targets: Optional[torch.Tensor]) -> torch.Tensor:
     return log_targets if log_targets is not None else targets.clamp_min(1e-12).log()
 
@@ -136,7 +141,7 @@ def _log_targets(targets: torch.Tensor, log_targets: Optional[torch.Tensor]) -> 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "ce",
                     log_targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample loss ``(B,)``: ``"ce"`` is ``-s^T log p``; ``"sym_kl"`` is ``0.5 [KL(s||p) + KL(p||s)]``."""
-    logp = F.log_softmax(logits.float(), -1)
+    logp = F.log_softmax(_fp(logits), -1)
     if loss == "ce":
         return -(targets * logp).sum(-1)
     if loss == "sym_kl":
@@ -152,7 +157,7 @@ def loss_residual(logits: torch.Tensor, targets: torch.Tensor, loss: str = "ce",
 
     ``"ce"``: ``p - s``. ``"sym_kl"``: ``0.5 (p - s) + 0.5 p * (r - p^T r)`` with ``r = log p - log s``.
     """
-    logp = F.log_softmax(logits.float(), -1)
+    logp = F.log_softmax(_fp(logits), -1)
     p = logp.exp()
     if loss == "ce":
         return p - targets
@@ -182,11 +187,11 @@ class HeadProblem:
         if features.dim() != 2 or logits.dim() != 2 or features.shape[0] != logits.shape[0]:
             raise ShapeError(f"features {tuple(features.shape)} and logits {tuple(logits.shape)} must be (B, A) "
                              "and (B, C) with the same B", "pass one feature row per logit row")
-        self.a = features.detach().float()
-        self.z = logits.detach().float()
-        self.c = coef.detach().float()
-        self.s = targets.detach().float()
-        self.log_s = None if log_targets is None else log_targets.detach().float()
+        self.a = _fp(features.detach())
+        self.z = _fp(logits.detach())
+        self.c = _fp(coef.detach())
+        self.s = _fp(targets.detach())
+        self.log_s = None if log_targets is None else _fp(log_targets.detach())
         self.denom = float(denom)
         self.loss = loss
         self.damping = float(damping)
@@ -222,9 +227,9 @@ class HeadProblem:
 
     def hvp(self, vec: Sequence[torch.Tensor]) -> Tensors:
         """``(H + damping I) vec`` for ``vec = [V, v_b]``."""
-        dz = self.a @ vec[0].float().t()
+        dz = self.a @ vec[0].to(self.a.dtype).t()
         if self.bias:
-            dz = dz + vec[1].float()
+            dz = dz + vec[1].to(self.a.dtype)
         r = self.logit_hvp(dz) * (self.c / self.denom)[:, None]
         out = self._to_params(r)
         if self.damping:
@@ -246,7 +251,7 @@ class HeadProblem:
     def inverse_hvp(self, vec: Sequence[torch.Tensor], alpha: float = 0.01, iters: int = 5,
                     scaled: bool = True) -> Tensors:
         """Neumann approximation of ``H^{-1} vec`` (:func:`neumann_inverse_hvp`)."""
-        return neumann_inverse_hvp(self.hvp, [v.float() for v in vec], alpha, iters, scaled)
+        return neumann_inverse_hvp(self.hvp, [v.to(self.a.dtype) for v in vec], alpha, iters, scaled)
 
 
 def estimate_top_eigenvalue(hvp: Callable[[Tensors], Tensors], like: Sequence[torch.Tensor], iters: int = 20,

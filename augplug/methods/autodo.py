@@ -142,7 +142,8 @@ class AutoDO(Policy):
         hyper_params: ``"head"`` (closed form on the classifier) or a list of parameter-name prefixes
             of the model (autograd Hessian-vector products through those layers; needs the refiner's
             ``mode="full"`` or ``"double_backward"`` so that its validation direction covers them).
-        hyper_lr, rms_alpha, rms_eps: the lazy RMSprop of the tables.
+        hyper_lr, rms_alpha, rms_eps: the lazy RMSprop of the tables; ``hyper_lr`` is a number or a
+            dict of per-sub-model rates, e.g. ``{"W": 0.2, "S": 0.5, "A": 0.05}`` (missing: 0.05).
         start_step: optimizer updates before the first hyper-step (the paper's ``E`` epochs times
             the steps per epoch); the refiner's ``warmup_steps`` also delays them.
         every: a hyper-step every ``every`` updates after ``start_step``.
@@ -157,7 +158,7 @@ class AutoDO(Policy):
     def __init__(self, num_points: int, num_classes: int, *, models: str = "AWS", augment: str = "per_point",
                  ops: Sequence[str] = DEFAULT_OPS, labels=None, label_smoothing: float = 0.05, loss: str = "ce",
                  alpha: float = 0.01, neumann_steps: int = 5, scaled: bool = True, damping: float = 0.0,
-                 hyper_params: Union[str, Sequence[str]] = "head", hyper_lr: float = 0.05, rms_alpha: float = 0.99,
+                 hyper_params: Union[str, Sequence[str]] = "head", hyper_lr: Union[float, Dict[str, float]] = 0.05, rms_alpha: float = 0.99,
                  rms_eps: float = 1e-8, start_step: int = 0, every: int = 1, init_gate_prob: float = 0.2,
                  init_magnitude: float = 0.5, tau: float = 1.0, padding_mode: str = "border",
                  min_scale: float = 0.1):
@@ -178,8 +179,11 @@ class AutoDO(Policy):
             problems.append(f"label_smoothing must lie in (0, 1), got {label_smoothing}")
         if not float(alpha) > 0 or int(neumann_steps) < 0 or float(damping) < 0:
             problems.append(f"need alpha > 0, neumann_steps >= 0, damping >= 0; got {alpha}, {neumann_steps}, {damping}")
-        if not float(hyper_lr) > 0 or not 0 <= float(rms_alpha) < 1 or not float(rms_eps) > 0:
-            problems.append(f"need hyper_lr > 0, 0 <= rms_alpha < 1, rms_eps > 0; got {hyper_lr}, {rms_alpha}, {rms_eps}")
+        lrs = dict.fromkeys("AWS", hyper_lr) if not isinstance(hyper_lr, dict) else {**dict.fromkeys("AWS", 0.05), **hyper_lr}
+        if set(lrs) - set("AWS") or not all(isinstance(v, (int, float)) and v > 0 for v in lrs.values()) \
+                or not 0 <= float(rms_alpha) < 1 or not float(rms_eps) > 0:
+            problems.append(f"need hyper_lr > 0 (a number or a dict over 'A', 'W', 'S'), 0 <= rms_alpha < 1, "
+                            f"rms_eps > 0; got {hyper_lr}, {rms_alpha}, {rms_eps}")
         if int(start_step) < 0 or int(every) < 1:
             problems.append(f"need start_step >= 0 and every >= 1, got {start_step}, {every}")
         if not 0.0 < float(init_gate_prob) < 1.0 or not 0.0 < float(init_magnitude) < 1.0:
@@ -198,7 +202,8 @@ class AutoDO(Policy):
         self.loss = loss
         self.alpha, self.neumann_steps, self.scaled, self.damping = float(alpha), int(neumann_steps), bool(scaled), float(damping)
         self.hyper_params = "head" if hyper_params == "head" else tuple(hyper_params)
-        self.hyper_lr, self.rms_alpha, self.rms_eps = float(hyper_lr), float(rms_alpha), float(rms_eps)
+        self.hyper_lr = {k: float(v) for k, v in lrs.items()}
+        self.rms_alpha, self.rms_eps = float(rms_alpha), float(rms_eps)
         self.start_step, self.every = int(start_step), int(every)
         self.tau, self.padding_mode, self.min_scale = float(tau), padding_mode, float(min_scale)
         self.init_gate_prob, self.init_magnitude = float(init_gate_prob), float(init_magnitude)
@@ -220,6 +225,8 @@ class AutoDO(Policy):
                                                                  self.label_smoothing))
         self._pending: List[tuple] = []
         self.last_stats: Dict[str, Any] = {}
+        #: hypergradients of the last hyper-step: "W" (B,), "S" (B, C), "A" (rows, gate (R, K), magnitude (R, K))
+        self.last_hypergradients: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -352,15 +359,17 @@ class AutoDO(Policy):
             t.label_logits.index_copy_(0, rows_new, lab_logits[new])
             t.given_labels.index_copy_(0, rows_new, y[new].argmax(-1))
         if grads is not None:
-            opt = dict(lr=self.hyper_lr, alpha=self.rms_alpha, eps=self.rms_eps)
+            opt = dict(alpha=self.rms_alpha, eps=self.rms_eps)
+            lr = self.hyper_lr
             if "W" in self.models:
-                lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, idx, grads["W"], **opt)
+                lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, idx, grads["W"], lr=lr["W"], **opt)
             if "S" in self.models:
-                lazy_rmsprop_(t.label_logits, t.rms_label_logits, idx, grads["S"], **opt)
+                lazy_rmsprop_(t.label_logits, t.rms_label_logits, idx, grads["S"], lr=lr["S"], **opt)
             if "A" in self.models and grads.get("A") is not None:
                 rows, g_gate, g_mag = grads["A"]
-                lazy_rmsprop_(t.gate_logits, t.rms_gate_logits, rows, g_gate, **opt)
-                lazy_rmsprop_(t.magnitude_logits, t.rms_magnitude_logits, rows, g_mag, **opt)
+                lazy_rmsprop_(t.gate_logits, t.rms_gate_logits, rows, g_gate, lr=lr["A"], **opt)
+                lazy_rmsprop_(t.magnitude_logits, t.rms_magnitude_logits, rows, g_mag, lr=lr["A"], **opt)
+            self.last_hypergradients = grads
             t.hyper_steps += 1
 
         weights = self._weights_from_logits(t.weight_logits.index_select(0, idx)).float()
