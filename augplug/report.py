@@ -312,8 +312,12 @@ class AugmentationAudit:
         """The metrics over every counted row."""
         return self._total.summary()
 
-    def records(self, by: str = "transform") -> List[Dict[str, Any]]:
-        """Rows of the table as dicts: ``by="transform"``, ``"class"`` or ``"transform_class"``."""
+    def records(self, by: str = "transform", sort: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Rows of the table as dicts: ``by="transform"``, ``"class"`` or ``"transform_class"``;
+        ``sort``: a metric to order the rows by (decreasing; default: transforms by row count, classes
+        by label)."""
+        if sort is not None and sort not in METRICS:
+            raise ConfigurationError(f"unknown metric {sort!r} to sort by", f"use one of {METRICS}")
         out: List[Dict[str, Any]] = []
         if by == "transform":
             for t in self.transforms:
@@ -332,6 +336,8 @@ class AugmentationAudit:
         else:
             raise ConfigurationError(f"by must be 'transform', 'class' or 'transform_class', got {by!r}",
                                      "use by='transform'")
+        if sort is not None:
+            out.sort(key=lambda r: -r[sort] if r[sort] == r[sort] else math.inf)
         return out
 
     def matrix(self, metric: str = "weight_mean") -> Tuple[List[str], List[str], np.ndarray]:
@@ -346,10 +352,10 @@ class AugmentationAudit:
             vals[ts.index(t), c] = acc.summary()[metric]
         return ts, [self.class_name(c) for c in range(n_cls)], vals
 
-    def table(self, by: str = "transform", format: str = "pandas", digits: int = 3):
+    def table(self, by: str = "transform", format: str = "pandas", digits: int = 3, sort: Optional[str] = None):
         """The audit as a ``pandas.DataFrame`` (``format="pandas"``), a markdown string
-        (``"markdown"``) or a list of dicts (``"records"``); ``by`` as in :meth:`records`."""
-        recs = self.records(by)
+        (``"markdown"``) or a list of dicts (``"records"``); ``by`` and ``sort`` as in :meth:`records`."""
+        recs = self.records(by, sort)
         if format == "records":
             return recs
         if format == "pandas":

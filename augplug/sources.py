@@ -391,12 +391,12 @@ class SourceAudit(AugmentationAudit):
         """``{source name: {rows, weight_mean, kept, relabel_rate, agreement_mean}}``."""
         return {r["transform"]: {k: v for k, v in r.items() if k != "transform"} for r in self.records("transform")}
 
-    def table(self, by: str = "source", format: str = "pandas", digits: int = 3):
+    def table(self, by: str = "source", format: str = "pandas", digits: int = 3, sort: Optional[str] = None):
         """Per source (``by="source"``), per class, or per source and class (``"source_class"``)."""
         inner = {"source": "transform", "class": "class", "source_class": "transform_class"}.get(by)
         if inner is None:
             raise ConfigurationError(f"by must be 'source', 'class' or 'source_class', got {by!r}", "use by='source'")
-        out = super().table(inner, format, digits)
+        out = super().table(inner, format, digits, sort)
         if format == "pandas":
             return out.rename(columns={"transform": "source"})
         if format == "markdown":

@@ -1,0 +1,208 @@
+"""Augmentation audit on Fashion-MNIST: which timm RandAugment ops (and which classes) SAflex trusts.
+
+Setting: 10k training / 1k clean validation images (stratified from the official training set), the
+official 10k test set, the small CNN of the quality study (``augplug.models.SmallCNN``), SGD with
+Nesterov momentum and a cosine schedule. Each training image gets ``--views`` augmented views made
+by **one** timm RandAugment op each (``rand-m9-mstd0.5-n1-p1.0``: the op drawn uniformly from timm's
+15 ops, always applied, magnitude 9 ± 0.5), recorded with :class:`augplug.report.TracedRandAugment`.
+As a positive control, ``--noise`` of the views get a random wrong label. Every batch holds the
+originals plus one view of each (the paper's setting); the refiner weights the views.
+
+Reported per arm (``saflex``: augplug's defaults; ``saflex-paper``: ``augplug.SAFLEX_PAPER``, hard
+weights and Gumbel-softmax soft labels), from every refiner call after warm-up:
+
+- per op, over views with a correct label: rows, mean weight, kept share (weight > 0), relabel
+  rate (soft-label argmax differs from the view's label), mean ``ỹᵀg`` (positive = helps);
+- the control: the same metrics for views with a correct and with a wrong label;
+- per class (views with a correct label).
+
+    python -m benchmarks.audit                          # both arms, writes benchmarks/results/audit.md
+    python -m benchmarks.audit --arms saflex --epochs 2 --n-train 2000 --no-save   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from augplug import SAFLEX_PAPER, AugmentationRefiner
+from augplug.models import SmallCNN
+from augplug.report import AugmentationAudit, TracedRandAugment
+from augplug.study import corrupt_views
+
+from .common import results_dir, set_threads
+from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
+
+ARMS = {"saflex": {}, "saflex-paper": dict(SAFLEX_PAPER)}
+CONTROL_CLEAN, CONTROL_WRONG = "correct label", "wrong label"
+
+
+def make_traced_bank(images_u8: torch.Tensor, aa: str, views: int, seed: int):
+    """``(N, V, H, W)`` uint8 views and ``(N, V)`` op names, one timm RandAugment op per view."""
+    from PIL import Image
+
+    traced = TracedRandAugment(aa, {"img_mean": (int(round(255 * FMNIST_MEAN)),)})
+    state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        arr = images_u8.numpy()
+        out = np.empty((arr.shape[0], views) + arr.shape[1:], dtype=np.uint8)
+        names = np.empty((arr.shape[0], views), dtype=object)
+        for i in range(arr.shape[0]):
+            im = Image.fromarray(arr[i], mode="L")
+            for v in range(views):
+                img, applied = traced(im)
+                out[i, v] = np.asarray(img, dtype=np.uint8)
+                names[i, v] = "+".join(applied) if applied else "identity"
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+    return torch.from_numpy(out), names
+
+
+def _norm(u8: torch.Tensor) -> torch.Tensor:
+    return ((u8.float() / 255 - FMNIST_MEAN) / FMNIST_STD).unsqueeze(-3)
+
+
+def _accuracy(model, x, y, batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    model.train()
+    return correct / len(y)
+
+
+def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overrides: Dict) -> Dict:
+    """Train one arm and return its audits and test accuracy."""
+    torch.manual_seed(args.seed)
+    x_tr, y_tr, views, view_labels, wrong = data["x_train"], data["y_train"], data["views"], data["view_labels"], data["wrong"]
+    n, v = view_labels.shape
+    model = SmallCNN(1, 10, img_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = math.ceil(n / args.batch_size)
+    total = args.epochs * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_val"], data["y_val"]),
+                                             batch_size=500, shuffle=True)
+    refiner = AugmentationRefiner(model, opt, val_loader, method="saflex", seed=args.seed,
+                                  warmup_steps=int(args.warmup_epochs * steps), **{**ARMS[arm], **overrides})
+    ops = AugmentationAudit(FMNIST_CLASSES)
+    control = AugmentationAudit(FMNIST_CLASSES)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(args.epochs):
+        perm = torch.randperm(n, generator=g)
+        pick = torch.randint(0, v, (n,), generator=g)
+        for s in range(steps):
+            idx = perm[s * args.batch_size:(s + 1) * args.batch_size]
+            vi = pick[idx]
+            b = len(idx)
+            x = torch.cat([x_tr[idx], views[idx, vi]])
+            y = torch.cat([y_tr[idx], view_labels[idx, vi]])
+            loss = refiner(model(x), y, num_original=b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            w = wrong[idx, vi]
+            op_names = [names[i, j] for i, j in zip(idx.tolist(), vi.tolist())]   # one per augmented row
+            clean_rows = torch.cat([torch.zeros(b, dtype=torch.bool), ~w])
+            ops.update(refiner.stats, op_names, y, rows=clean_rows)
+            control.update(refiner.stats, [CONTROL_WRONG if t else CONTROL_CLEAN for t in w.tolist()], y)
+        print(f"  {arm}: epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    acc = _accuracy(model, data["x_test"], data["y_test"])
+    return {"ops": ops, "control": control, "test_acc": acc, "seconds": time.perf_counter() - t0}
+
+
+def _parse_value(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None, "inf": float("inf")}.get(s.lower(), s)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--aa", default="rand-m9-mstd0.5-n1-p1.0", help="timm RandAugment config (n1: one op per view)")
+    ap.add_argument("--n-train", type=int, default=10000)
+    ap.add_argument("--n-val", type=int, default=1000)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--noise", type=float, default=0.1, help="share of views given a random wrong label (control)")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--warmup-epochs", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra refiner option for every arm")
+    ap.add_argument("--out", default="audit", help="result file stem under benchmarks/results")
+    ap.add_argument("--no-save", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    set_threads(1)
+
+    t0 = time.perf_counter()
+    sp = fashion_mnist_splits(args.n_train, args.n_val, seed=args.seed)
+    bank, names = make_traced_bank(sp["train"][0], args.aa, args.views, args.seed)
+    view_labels, wrong = corrupt_views(sp["train"][1], args.views, args.noise, 10, seed=args.seed)
+    data = dict(x_train=_norm(sp["train"][0]), y_train=sp["train"][1], x_val=_norm(sp["val"][0]), y_val=sp["val"][1],
+                x_test=_norm(sp["test"][0]), y_test=sp["test"][1], views=_norm(bank), view_labels=view_labels,
+                wrong=wrong)
+    print(f"view bank: {bank.shape[0]} x {bank.shape[1]} views in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    results = {arm: run(arm, data, names, args, overrides) for arm in args.arms}
+
+    cmd = f"python -m benchmarks.audit {' '.join(argv)}".strip()
+    lines = ["# Augmentation audit: Fashion-MNIST, timm RandAugment ops", "",
+             f"Command: `{cmd}`", "",
+             f"Setting: Fashion-MNIST, {args.n_train} train / {args.n_val} clean validation (stratified from the "
+             f"official training set) / 10k official test images; `augplug.models.SmallCNN` (batch norm), SGD "
+             f"(lr {args.lr}, Nesterov momentum 0.9, weight decay 5e-4, cosine), batch {args.batch_size} originals + "
+             f"{args.batch_size} augmented views, {args.epochs} epochs, seed {args.seed}, 1 thread. Views: "
+             f"{args.views} per image, each made by one op of timm's `rand_augment_transform('{args.aa}')` "
+             f"(op names recorded with `augplug.report.TracedRandAugment`); {args.noise:.0%} of the views carry a "
+             f"random wrong label (positive control). Arms: `saflex` = augplug's defaults, `saflex-paper` = "
+             f"`augplug.SAFLEX_PAPER` {dict(SAFLEX_PAPER)}" + (f"; overrides {overrides}" if overrides else "") + ".",
+             "",
+             "Columns: `rows` views counted (all refiner calls after warm-up), `weight_mean` the mean weight in the "
+             "loss (weights are renormalised to mean 1 over the augmented rows of each batch, so 1 = average), "
+             "`kept` the share with weight > 0, `relabel_rate` the share whose soft label's argmax differs from the "
+             "view's label, `agreement_mean` the mean of ỹᵀg (first-order drop of the validation loss from one step "
+             "on the view; positive = helps).", ""]
+    for arm, res in results.items():
+        lines += [f"## {arm}: test accuracy {100 * res['test_acc']:.2f} % ({res['seconds']:.0f} s)", "",
+                  "Control (all views, by label correctness):", "",
+                  res["control"].table(format="markdown").replace("| transform |", "| view label |", 1),
+                  "Per RandAugment op (views with a correct label), by decreasing mean weight:", "",
+                  res["ops"].table(format="markdown", sort="weight_mean").replace("| transform |", "| op |", 1),
+                  "Per class (views with a correct label):", "", res["ops"].table("class", format="markdown")]
+        lines.append(f"Plot: [`{args.out}_{arm}.png`]({args.out}_{arm}.png)\n")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_save:
+        out = results_dir()
+        (out / f"{args.out}.md").write_text(text, encoding="utf-8")
+        for arm, res in results.items():
+            res["ops"].plot(out / f"{args.out}_{arm}.png",
+                            title=f"Fashion-MNIST, one RandAugment op per view, {arm} (correct-label views); "
+                                  f"test acc {100 * res['test_acc']:.2f} %")
+    return results
+
+
+if __name__ == "__main__":
+    main()
