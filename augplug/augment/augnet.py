@@ -276,10 +276,12 @@ class InfluenceAugTrainer:
         score_i  = s_val^T (grad l(x~_i, y_i) - grad l(x_i, y_i))          (+ = the replacement helps)
         loss     = -mean_i score_i / rms_i(s_val^T grad l(x_i, y_i))                      influence
                    + label_weight * CE(classifier(x~), y)                                 keep labels
-                   + magnitude_weight * relu(min_change - mean (x~ - x)^2)                 not the identity
+                   + magnitude_weight * relu(min_change - mean (x~ - x_in)^2)              not the identity
                    + tv_weight * (TV(flow) + TV(colour fields))                            smooth fields
 
-    The influence term is divided by the (constant) root-mean-square of the originals' up-weighting
+    ``x_in`` is the network's input (``x``, or ``transform(x)``), so the hinge asks the network itself
+    to change its input by at least ``min_change`` (mean squared pixel change). The influence term is
+    divided by the (constant) root-mean-square of the originals' up-weighting
     scores so that its scale does not depend on how small the validation gradient has become.
     Dividing by ``n`` (the paper's ``I/n``) would only rescale it. The classifier runs in eval mode
     and receives no gradient; only the augmentation network's parameters are updated.
@@ -323,7 +325,7 @@ class InfluenceAugTrainer:
             scale = base.pow(2).mean().sqrt().clamp_min(1e-12)
             infl = -score.mean() / scale
             ce = F.cross_entropy(z_t, y) if y.dim() == 1 else -(y * F.log_softmax(z_t, -1)).sum(-1).mean()
-            change = (out.images - x).pow(2).mean()
+            change = (out.images - src).pow(2).mean()
             mag = F.relu(self.min_change - change)
             tv = _tv(out.flow) + _tv(out.color_bias) if self.tv_weight else torch.zeros((), device=x.device)
             total = infl + self.label_weight * ce + self.magnitude_weight * mag + self.tv_weight * tv
