@@ -1,0 +1,291 @@
+"""ISDA benchmarks: step-time overhead against plain cross-entropy, and quality on Fashion-MNIST.
+
+Overhead (``--overhead``): timm ``resnet18`` (random init), 64x64 inputs, batch 64, CPU, one torch
+thread. A plain step (forward, ``F.cross_entropy``, backward, SGD) and an ISDA step (the same with
+``ISDALoss.for_model(model)``, lambda fixed at lambda0 = 0.5 so the whole surrogate is computed) run
+on two copies of one initial model, interleaved in one process: each round times one step of each
+configuration, the order alternating between rounds, each step on a fresh random batch (labels
+uniform over the classes). The main number is the median over rounds of the paired ratio (ISDA step
+/ plain step of the same round). Each configuration runs in its own child process so that its peak
+RSS (``resource.getrusage``) is its own; the RSS after the plain warm-up steps is reported too.
+
+Quality (``--quality``): the Fashion-MNIST study of ``benchmarks/quality.py`` (10k train / 1k val /
+10k test, upstream timm RandAugment views with 30 % random wrong labels, originals + augmented
+views, small CNN with batch norm, SGD + cosine), arms CE, CE+ISDA, SAflex, SAflex+ISDA through
+``augplug.study.run_arm`` (CE = the refiner with ``method="none"``). ISDA's lambda ramps linearly
+from 0 to lambda0 over the run (``total_steps``).
+
+    python -m benchmarks.isda --overhead
+    python -m benchmarks.isda --quality --epochs 8 --seeds 0 1 2 --lambda0 0.5
+
+Writes ``benchmarks/results/isda_overhead.{md,png}`` and ``benchmarks/results/isda_quality.{md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+
+#: name -> (classes, ISDALoss options)
+OVERHEAD_CONFIGS = {
+    "C=100, auto (full)": (100, {}),
+    "C=100, diagonal": (100, {"covariance": "diagonal"}),
+    "C=1000, auto (diagonal)": (1000, {}),
+}
+TARGETS = {"C=100, auto (full)": 1.10, "C=1000, auto (diagonal)": 1.15}
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------- overhead
+def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int) -> Dict:
+    """Time one configuration (run in a child process)."""
+    import timm
+
+    from augplug.isda import ISDALoss
+
+    set_threads(1)
+    num_classes, options = OVERHEAD_CONFIGS[name]
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet18", num_classes=num_classes, pretrained=False)
+    model = copy.deepcopy(plain)
+    plain.train()
+    model.train()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    opt_isda = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+
+    def batch_():
+        return torch.randn(batch, 3, side, side, generator=g), torch.randint(0, num_classes, (batch,), generator=g)
+
+    def plain_step():
+        x, y = batch_()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(plain(x), y)
+        opt_plain.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_plain.step()
+        return time.perf_counter() - t0, 0.0
+
+    def plain_step_on_isda_model():  # warms up the second model's gradients and momentum the same way
+        x, y = batch_()
+        loss = F.cross_entropy(model(x), y)
+        opt_isda.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_isda.step()
+
+    for _ in range(warmup):
+        plain_step()
+        plain_step_on_isda_model()
+    rss_plain = _maxrss_mib()
+    criterion = ISDALoss.for_model(model, lambda0=0.5, **options)
+
+    def isda_step():
+        x, y = batch_()
+        t0 = time.perf_counter()
+        logits = model(x)
+        t1 = time.perf_counter()
+        loss = criterion(logits, y)
+        t2 = time.perf_counter()
+        opt_isda.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_isda.step()
+        return time.perf_counter() - t0, t2 - t1
+
+    for _ in range(warmup):
+        isda_step()
+    tp, ti, tl = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a, _ = plain_step()
+            b, c = isda_step()
+        else:
+            b, c = isda_step()
+            a, _ = plain_step()
+        tp.append(a)
+        ti.append(b)
+        tl.append(c)
+    ratios = np.asarray(ti) / np.asarray(tp)
+    q25, q75 = np.percentile(ratios, [25, 75])
+    return {
+        "name": name, "classes": num_classes, "covariance": criterion.covariance,
+        "features": criterion.feature_dim, "plain_ms": 1000 * float(np.median(tp)),
+        "isda_ms": 1000 * float(np.median(ti)), "loss_fwd_ms": 1000 * float(np.median(tl)),
+        "ratio": float(np.median(ratios)), "q25": float(q25), "q75": float(q75),
+        "ratio_of_medians": float(np.median(ti) / np.median(tp)),
+        "stats_mib": criterion.statistics_bytes / 2 ** 20, "rss_plain_mib": rss_plain, "rss_peak_mib": _maxrss_mib(),
+        "seen_classes": int((criterion.count > 0).sum()),
+    }
+
+
+def overhead(args, argv: List[str]) -> None:
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = []
+    for name in args.configs:
+        cmd = [sys.executable, "-m", "benchmarks.isda", "--overhead-one", name, "--rounds", str(args.rounds),
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--side", str(args.side)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    rows = []
+    for r in results:
+        target = TARGETS.get(r["name"])
+        met = "–" if target is None else (f"≤ {target:.2f}: {'met' if r['ratio'] <= target else 'not met'}")
+        rows.append([r["name"], r["covariance"], f"{r['plain_ms']:.0f}", f"{r['isda_ms']:.0f}", f"{r['ratio']:.3f}",
+                     f"{r['q25']:.3f}–{r['q75']:.3f}", f"{r['ratio_of_medians']:.3f}", met,
+                     f"{r['loss_fwd_ms']:.1f}", f"{r['stats_mib']:.2f}", f"{r['rss_plain_mib']:.0f}",
+                     f"{r['rss_peak_mib']:.0f}"])
+    pre = "\n".join([
+        f"Command: `python -m benchmarks.isda {' '.join(argv)}`",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores visible, shared with other jobs; torch threads: 1",
+        f"- load average at start (1/5/15 min): {load}",
+        f"- timm resnet18 (random init, A = 512 features), {args.side}x{args.side} inputs, batch {args.batch}, "
+        "SGD(lr=0.01, momentum=0.9), train mode; a fresh random batch per step, labels uniform over the classes",
+        f"- protocol: {args.warmup} warm-up steps per configuration, then {args.rounds} rounds of one plain and one "
+        "ISDA step (order alternating); ratio = median over rounds of ISDA step / plain step of the same round "
+        "(IQR alongside), and the ratio of the two medians",
+        "- ISDA: `ISDALoss.for_model(model, lambda0=0.5)` with progress 1 (the full surrogate every step); "
+        "'loss fwd' = the ISDA call alone (statistics update + surrogate loss), inside the ISDA step",
+        "- memory: statistics = ISDA's buffers; RSS = peak resident set size of the child process "
+        "(`resource.getrusage`) after plain warm-up steps on both models (before ISDA exists) and at the end",
+    ])
+    headers = ["configuration", "covariance", "plain ms/step", "ISDA ms/step", "ratio (paired median)", "IQR",
+               "ratio of medians", "target", "ISDA loss fwd ms", "statistics MiB", "peak RSS plain MiB",
+               "peak RSS end MiB"]
+    table = write_markdown_table(results_dir() / "isda_overhead.md", headers, rows,
+                                 title="ISDA overhead: step time vs plain cross-entropy", preamble=pre)
+    print(table)
+    save_bar_plot(results_dir() / "isda_overhead.png", [r["name"] for r in results], [r["ratio"] for r in results],
+                  None, "ISDA step / plain step", "ISDA overhead, resnet18, CPU", zoom=False)
+
+
+# ---------------------------------------------------------------------------------------- quality
+QUALITY_ARMS = {"CE": ("upstream", False), "CE+ISDA": ("upstream", True),
+                "SAflex": ("saflex", False), "SAflex+ISDA": ("saflex", True)}
+
+
+def _quality_job(job):
+    arm, seed, epochs, lambda0 = job
+    set_threads(1)
+    from augplug.models import SmallCNN
+    from augplug.study import run_arm
+
+    from .quality import load_study
+
+    data = load_study(seed)
+    study_arm, with_isda = QUALITY_ARMS[arm]
+    steps = epochs * math.ceil(data.x_train.shape[0] / 128)
+    kw = {"isda": {"lambda0": lambda0, "total_steps": steps}} if with_isda else {}
+    res = run_arm(data, study_arm, seed, epochs=epochs, batch_size=128, refiner_kwargs=kw,
+                  model_fn=lambda: SmallCNN(1, 10, img_size=28, norm="batch"))
+    return arm, seed, res
+
+
+def quality(args, argv: List[str]) -> None:
+    from .quality import load_study
+
+    for seed in args.seeds:  # build (or load) the view banks before the workers start
+        load_study(seed)
+    jobs = [(arm, seed, args.epochs, args.lambda0) for seed in args.seeds for arm in args.arms]
+    results: Dict[str, List[Dict]] = {arm: [] for arm in args.arms}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers) as ex:
+        for arm, seed, res in ex.map(_quality_job, jobs):
+            results[arm].append(res)
+            print(json.dumps({"arm": arm, "seed": seed, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
+    rows = []
+    for arm, rs in results.items():
+        rows.append([arm, fmt_mean_std([r["test_acc"] for r in rs]), " ".join(f"{100 * r['test_acc']:.2f}" for r in rs),
+                     f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
+    pre = "\n".join([
+        f"Command: `python -m benchmarks.isda {' '.join(argv)}`",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time {time.perf_counter() - t0:.0f} s "
+        f"with {args.workers} worker process(es), one torch thread each, on a shared 2-core CPU",
+        "- data: Fashion-MNIST, 10k train / 1k clean validation (stratified from the official training set) / official "
+        "10k test; upstream timm RandAugment `rand-m9-mstd0.5`, 4 precomputed views per image, 30 % of the views "
+        "given a random wrong label; each batch = 128 originals + one view of each (`benchmarks/quality.py` setup)",
+        f"- model: `SmallCNN(1, 10, img_size=28)` (batch norm, 64 penultimate features, dropout 0.2); SGD lr 0.05, "
+        f"momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule; {args.epochs} epochs; seeds {args.seeds}",
+        "- arms: CE = `AugmentationRefiner(method=\"none\")` (plain soft-target cross-entropy on the upstream labels); "
+        "SAflex = augplug defaults; +ISDA = the same refiner with "
+        f"`isda={{\"lambda0\": {args.lambda0}, \"total_steps\": <epochs x steps per epoch>}}` (lambda ramps linearly "
+        "from 0 to lambda0; full covariance, 10 x 64 x 64)",
+        "- test accuracy in %, mean ± sample std over seeds",
+    ])
+    table = write_markdown_table(results_dir() / f"{args.out}.md", ["arm", "test acc % (mean ± std)", "per seed",
+                                                                     "s/run"], rows,
+                                 title="ISDA quality: Fashion-MNIST, RandAugment + 30 % corrupted views", preamble=pre)
+    print(table)
+    ms = [mean_std([100 * r["test_acc"] for r in rs]) for rs in results.values()]
+    save_bar_plot(results_dir() / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
+                  "test accuracy (%)", f"Fashion-MNIST, {args.epochs} epochs, lambda0 = {args.lambda0}")
+
+
+def main(argv: List[str] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--overhead", action="store_true", help="step-time overhead study")
+    ap.add_argument("--quality", action="store_true", help="Fashion-MNIST quality study")
+    ap.add_argument("--configs", nargs="+", default=list(OVERHEAD_CONFIGS), choices=list(OVERHEAD_CONFIGS))
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--side", type=int, default=64)
+    ap.add_argument("--overhead-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--arms", nargs="+", default=list(QUALITY_ARMS), choices=list(QUALITY_ARMS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lambda0", type=float, default=0.5)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="isda_quality", help="quality result file stem under benchmarks/results")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    if args.overhead_one:
+        print(json.dumps(overhead_one(args.overhead_one, args.rounds, args.warmup, args.batch, args.side)))
+        return
+    if not (args.overhead or args.quality):
+        ap.error("pass --overhead and/or --quality")
+    set_threads(1)
+    if args.overhead:
+        overhead(args, argv)
+    if args.quality:
+        quality(args, argv)
+
+
+if __name__ == "__main__":
+    main()
