@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum_
+from .distributed import all_reduce_sum_, is_distributed, rank, world_size
 from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
 from .heads import ActivationCapture, find_classifier, unwrap_model
 from .targets import check_logits, to_soft_targets
@@ -112,37 +112,57 @@ def choose_covariance(num_classes: int, feature_dim: int, covariance: str = "aut
 
 
 class _FullQuadratic(torch.autograd.Function):
-    """``q[k, j] = (w_j - w_k)^T S_k (w_j - w_k)`` for S symmetric, with a backward that reuses the
-    forward's ``M = (W - w_k) S_k``: ``dq/dw_j = 2 M_j`` and ``dq/dw_k = -2 sum_j M_j``, so the
-    gradient costs no second matrix product."""
+    """``q[k, j] = (w_j - w_c)^T S_c (w_j - w_c)`` for ``c = classes[k]`` and symmetric
+    ``S_c = scale_c * table[c] + G_c^T G_c`` (a pending update: see :class:`_Pending`).
+
+    Class by class (``table[c]`` is read in place, never gathered into a copy). The backward reuses
+    the forward's ``M_c = (W - w_c) S_c``: ``dq/dw_j = 2 M_c[j]`` and ``dq/dw_c = -2 sum_j M_c[j]``,
+    so the gradient costs no second matrix product.
+    """
 
     @staticmethod
-    def forward(ctx, weight, table, classes):
-        num = classes.numel()
-        c, a = weight.shape
-        m = weight.new_empty(num, c, a)
-        q = weight.new_empty(num, c)
-        block = max(1, _QUAD_BLOCK // max(c * a, 1))
-        for s in range(0, num, block):
-            ks = classes[s:s + block]
-            d = weight.unsqueeze(0) - weight[ks].unsqueeze(1)            # (k, C, A)
-            m[s:s + block] = torch.matmul(d, table[ks].to(weight.dtype))  # (k, C, A)
-            q[s:s + block] = (m[s:s + block] * d).sum(-1)
+    def forward(ctx, weight, table, classes, parts):
+        c_all, a = weight.shape
+        cls = classes.tolist()
+        m = weight.new_empty(len(cls), c_all, a)
+        q = weight.new_empty(len(cls), c_all)
+        for k, c in enumerate(cls):
+            d = weight - weight[c]                                        # (C, A)
+            scale, factor = parts[k] if parts is not None else (1.0, None)
+            if scale != 0:
+                torch.matmul(d, table[c].to(weight.dtype), out=m[k])
+                if scale != 1:
+                    m[k].mul_(scale)
+            else:
+                m[k].zero_()
+            if factor is not None and factor.shape[0]:
+                f = factor.to(weight.dtype)
+                m[k].addmm_(d @ f.t(), f)
+            q[k] = (m[k] * d).sum(-1)
         ctx.save_for_backward(m, classes)
         return q
 
     @staticmethod
     def backward(ctx, grad_q):
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         m, classes = ctx.saved_tensors
-        g = m * (2 * grad_q).unsqueeze(-1)                                # dL/d(w_j - w_k)
+        g = m * (2 * grad_q).unsqueeze(-1)                                # dL/d(w_j - w_c)
         grad_w = g.sum(0)
         grad_w.index_add_(0, classes, -g.sum(1))
-        return grad_w, None, None
+        return grad_w, None, None, None
 
 
-def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def _diagonal_quadratic(weight: torch.Tensor, var: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    wk = weight[classes]
+    var = var.to(weight.dtype)
+    q = var @ (weight * weight).t() - 2 * (var * wk) @ weight.t() + (var * wk * wk).sum(-1, keepdim=True)
+    # the expansion can round slightly below 0 where w_j ~ w_c; the exact value is >= 0 and 0 at j = c
+    return q.clamp_min(0).scatter(1, classes.unsqueeze(1), 0.0)
+
+
+def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: torch.Tensor,
+                          pending: Optional["_Pending"] = None) -> torch.Tensor:
     """``q[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c)`` for each class ``c = classes[k]``: a ``(K, C)`` tensor.
 
     Args:
@@ -150,18 +170,20 @@ def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: to
         table: covariances of all classes, ``(C, A, A)`` (full, symmetric) or ``(C, A)`` (diagonal
             variances); treated as constants. Only the rows in ``classes`` are read.
         classes: ``(K,)`` class indices.
+        pending: an update of ``table`` not yet written (internal).
 
     Cost: ``K * C * A^2`` multiply-adds (full) or ``3 * K * C * A`` (diagonal), never a per-sample
     ``(N, C, C)`` product. ``q[k, classes[k]]`` is exactly 0.
     """
     classes = classes.to(weight.device, torch.long)
+    table = table.detach()
     if table.dim() == 3:
-        return _FullQuadratic.apply(weight, table.detach(), classes)
-    var = table.detach()[classes].to(weight.dtype)                        # (K, A)
-    wk = weight[classes]
-    q = var @ (weight * weight).t() - 2 * (var * wk) @ weight.t() + (var * wk * wk).sum(-1, keepdim=True)
-    # the expansion can round slightly below 0 where w_j ~ w_k; the exact value is >= 0 and 0 at j = k
-    return q.clamp_min(0).scatter(1, classes.unsqueeze(1), 0.0)
+        parts = pending.full_parts(classes) if pending is not None else None
+        return _FullQuadratic.apply(weight, table, classes, parts)
+    var = table[classes]
+    if pending is not None:
+        var = pending.diagonal_rows(classes, var)
+    return _diagonal_quadratic(weight, var, classes)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -182,7 +204,7 @@ def isda_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
 
 
 def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weight: torch.Tensor,
-                         table: torch.Tensor, lam: float) -> torch.Tensor:
+                         table: torch.Tensor, lam: float, pending: Optional["_Pending"] = None) -> torch.Tensor:
     """Per-sample ISDA loss ``sum_k y_k * CE(z + (lam/2) q[k], k)``, shape ``(B,)``.
 
     ``soft_targets`` is a ``(B, C)`` probability matrix; only its non-zero entries cost anything
@@ -196,7 +218,7 @@ def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weigh
         return -(y * F.log_softmax(z, dim=-1)).sum(-1)
     rows, cls = y.nonzero(as_tuple=True)
     classes, pos = torch.unique(cls, return_inverse=True)
-    q = class_quadratic_terms(weight.to(dtype), table, classes)         # (K, C)
+    q = class_quadratic_terms(weight.to(dtype), table, classes, pending)   # (K, C)
     half = 0.5 * float(lam)
     out = z.new_zeros(z.shape[0])
     block = max(1, _PAIR_BLOCK // z.shape[1])
@@ -208,6 +230,25 @@ def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weigh
     return out
 
 
+def _gather_rows(rows: torch.Tensor, pos: torch.Tensor):
+    """Concatenate every process's ``rows`` (P_r, A) and class positions ``pos`` (P_r,) in rank order,
+    identically on all processes, with two sum all-reduces over zero-padded slots."""
+    world, me = world_size(), rank()
+    sizes = rows.new_zeros(world)
+    sizes[me] = rows.shape[0]
+    all_reduce_sum_([sizes])
+    sizes = [int(v) for v in sizes.tolist()]
+    width = max(sizes)
+    buf = rows.new_zeros(world, width, rows.shape[1])
+    ids = rows.new_zeros(world, width)
+    buf[me, :rows.shape[0]] = rows
+    ids[me, :rows.shape[0]] = pos.to(rows.dtype) + 1                      # 0 marks padding
+    all_reduce_sum_([buf, ids])
+    out_rows = torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
+    out_pos = torch.cat([ids[r, :n] for r, n in enumerate(sizes)]).round().long() - 1
+    return out_rows, out_pos
+
+
 # ------------------------------------------------------------------------------------- the module
 @dataclass
 class _Snapshot:
@@ -217,12 +258,31 @@ class _Snapshot:
     progress: torch.Tensor
 
 
-@dataclass
-class _Undo:
-    version: int          # the version the statistics had before the commit
-    classes: torch.Tensor
-    mean: torch.Tensor
-    cov: torch.Tensor
+class _Pending:
+    """The statistics after one batch, computed but not yet written into the buffers.
+
+    For the classes in ``classes`` (those with target mass in the batch, on any process): new
+    counts and means, and the new covariance as ``beta_c * old_c + G_c^T G_c`` (full: ``G_c`` stacks
+    the class's centred, weighted features and the mean-shift term; never an A x A temporary) or as
+    new variance rows (diagonal). The loss reads the statistics through this object, and
+    :meth:`ISDALoss._commit` writes them in place, as the last step of a call.
+    """
+
+    def __init__(self, classes, count, mean_rows, slot, beta=None, factors=None, var_rows=None):
+        self.classes, self.count, self.mean_rows, self.slot = classes, count, mean_rows, slot
+        self.beta, self.factors, self.var_rows = beta, factors, var_rows
+
+    def full_parts(self, classes: torch.Tensor):
+        slots = self.slot[classes].tolist()
+        beta = self.beta.tolist()
+        return [(1.0, None) if s < 0 else (beta[s], self.factors[s]) for s in slots]
+
+    def diagonal_rows(self, classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        slots = self.slot[classes]
+        sel = slots >= 0
+        rows = rows.clone()
+        rows[sel] = self.var_rows[slots[sel]]
+        return rows
 
 
 class ISDALoss(nn.Module):
@@ -304,7 +364,6 @@ class ISDALoss(nn.Module):
         self.register_buffer("progress", torch.tensor(0.0 if self.total_steps else 1.0, **kw))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
         self._version = 0
-        self._undo: Optional[_Undo] = None
         self._head_ref = None      # (head,) for the standalone path; a tuple so it is not a submodule
         self._capture: Optional[ActivationCapture] = None
 
@@ -371,22 +430,19 @@ class ISDALoss(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.count, self.mean, self.cov))
 
     def state_snapshot(self) -> _Snapshot:
-        """An opaque token to undo the next update with :meth:`restore_snapshot` (cheap: the large
-        buffers are never copied; the update itself keeps the rows it replaces)."""
-        self._undo = None  # the previous update is final once a new snapshot is taken
+        """An opaque token for :meth:`restore_snapshot` (cheap: the large buffers are not copied).
+
+        A call writes the statistics only as its very last step, after everything that can fail,
+        so restoring a snapshot taken before a call that raised is exact. A call that completed is
+        final: restoring a snapshot taken before it raises :class:`~augplug.errors.ConfigurationError`.
+        """
         return _Snapshot(self._version, self.count.clone(), self.steps.clone(), self.progress.clone())
 
     def restore_snapshot(self, snap: _Snapshot) -> None:
-        """Put the statistics back as they were when ``snap`` was taken (at most one update ago)."""
+        """Put the statistics and the schedule back as they were when ``snap`` was taken."""
         if self._version != snap.version:
-            u = self._undo
-            if u is None or u.version != snap.version or self._version != snap.version + 1:
-                raise ConfigurationError("the snapshot is older than the last update and cannot be restored",
-                                         "restore a snapshot taken right before the call that failed")
-            self.mean.index_copy_(0, u.classes, u.mean)
-            self.cov.index_copy_(0, u.classes, u.cov)
-            self._version = snap.version
-            self._undo = None
+            raise ConfigurationError("the statistics were updated by a completed call after this snapshot",
+                                     "only a call that raised can be rolled back; reload a state_dict() to go back further")
         self.count.copy_(snap.count)
         self.steps.copy_(snap.steps)
         self.progress.copy_(snap.progress)
@@ -430,7 +486,6 @@ class ISDALoss(nn.Module):
                 raise NonFiniteError(f"the ISDA state's '{name}' holds NaN/inf", "load an intact checkpoint")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._version += 1
-        self._undo = None
         return result
 
     # ------------------------------------------------------------------ the loss
@@ -472,14 +527,15 @@ class ISDALoss(nn.Module):
 
         Args:
             features: ``(B, A)`` inputs of the classifier (detached here); needed only for
-                training calls, which update the statistics first.
+                training calls, which update the statistics with them first.
             logits: ``(B, C)`` model outputs (gradients flow through them).
             soft_targets: ``(B, C)`` probabilities or ``(B,)`` class indices.
             head: the classifier (``nn.Linear``); its weight enters the quadratic term and gets the
                 paper's gradient through it. Defaults to the head the loss was built for.
 
-        A training call is one made with autograd enabled. Every input is checked before any
-        statistic changes; a call that raises leaves the statistics as they were.
+        A training call is one made with autograd enabled: the batch is merged into the statistics
+        and the loss uses the merged statistics (the paper's order). Every input is checked and the
+        loss computed before anything is written, so a call that raises changes nothing.
         """
         if head is None:
             head = self._head_ref[0] if self._head_ref is not None else None
@@ -487,18 +543,16 @@ class ISDALoss(nn.Module):
         weight, y, f = self._check_inputs(features, logits, soft_targets, head, update)
         if self.count.device != logits.device:
             self.to(logits.device)
-        snap = self.state_snapshot()
-        try:
+        pending, progress = None, float(self.progress)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
             if update:
-                self._update(f, y.to(f.device))
+                pending = self._prepare_update(f, y.to(f.device))
                 if self.total_steps:
-                    self.progress.fill_(min(float(self.steps) / self.total_steps, 1.0))
-                self.steps += 1
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                return isda_per_sample_loss(logits, y, weight, self.cov, self.lam)
-        except BaseException:
-            self.restore_snapshot(snap)
-            raise
+                    progress = min(float(self.steps) / self.total_steps, 1.0)
+            loss = isda_per_sample_loss(logits, y, weight, self.cov, self.lambda0 * progress, pending)
+        if update:
+            self._commit(pending, progress)
+        return loss
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None,
                 reduction: str = "mean") -> torch.Tensor:
@@ -518,62 +572,71 @@ class ISDALoss(nn.Module):
         return per.sum() if reduction == "sum" else per.mean()
 
     # ------------------------------------------------------------------ statistics
-    def _update(self, f: torch.Tensor, y: torch.Tensor) -> None:
-        """Merge one batch into the per-class statistics (all-reduced across processes when ``sync``)."""
+    def _prepare_update(self, f: torch.Tensor, y: torch.Tensor) -> _Pending:
+        """Merge one batch into the per-class statistics, out of place (nothing is written here).
+
+        With per-class batch weight ``m``, batch mean ``mu^`` and (weighted, biased) batch
+        covariance ``S^``, previous count ``n`` (times ``decay``), mean ``mu`` and covariance ``S``,
+        and ``w = m / (n + m)``:
+
+            S <- (1 - w) S + w S^ + w (1 - w) (mu - mu^)(mu - mu^)^T,    mu <- mu + w (mu^ - mu),   n <- n + m
+
+        which keeps ``S`` equal to the covariance of every feature seen (the paper's update).
+        Under torch.distributed (``sync``) the batch is the union of all processes' batches.
+        """
+        distributed = self.sync and is_distributed()
         if self.stats_targets == "argmax":
             y = F.one_hot(y.argmax(1), self.num_classes).to(f.dtype)
         mass = y.sum(0)                                                   # (C,)
         sums = y.t() @ f                                                  # (C, A)
-        if self.sync:
+        if distributed:
             all_reduce_sum_([mass, sums])
         classes = (mass > 0).nonzero().flatten()
-        gamma = 1.0 if self.decay is None else self.decay
-        count = self.count * gamma
-        if classes.numel() == 0:
-            self._commit(count, classes, None, None)
-            return
+        count = self.count * (1.0 if self.decay is None else self.decay)
+        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=f.device)
+        slot[classes] = torch.arange(classes.numel(), device=f.device)
         m = mass[classes]
+        total = count[classes] + m
+        w = m / total                                                     # the paper's merge weight
         batch_mean = sums[classes] / m.unsqueeze(1)                       # (K, A)
+        old_mean = self.mean[classes]
+        diff = old_mean - batch_mean
+        mean_rows = old_mean - w.unsqueeze(1) * diff
+        count[classes] = total
+        # centred rows scaled so that sum d d^T = w * S^ (the batch covariance term)
         yk = y[:, classes]
         rows, pos = yk.nonzero(as_tuple=True)
-        d = (f[rows] - batch_mean[pos]) * yk[rows, pos].sqrt().unsqueeze(1)   # weighted, centred (P, A)
-        k, a = classes.numel(), self.feature_dim
+        d = (f[rows] - batch_mean[pos]) * (yk[rows, pos] / total[pos]).sqrt().unsqueeze(1)
+        if distributed:
+            d, pos = _gather_rows(d, pos)
+        shift = diff * (w * (1 - w)).sqrt().unsqueeze(1)                  # shift shift^T = w(1-w) diff diff^T
         if self.covariance == "full":
-            scatter = f.new_zeros(k, a, a)
             order = torch.argsort(pos, stable=True)
-            sizes = torch.bincount(pos, minlength=k).tolist()
-            for j, seg in enumerate(torch.split(d[order], sizes)):
-                if seg.shape[0]:
-                    scatter[j] = seg.t() @ seg
-        else:
-            scatter = f.new_zeros(k, a).index_add_(0, pos, d * d)
-        if self.sync:
-            all_reduce_sum_([scatter])
-        total = count[classes] + m
-        w = (m / total)                                                   # the paper's merge weight
-        old_mean, old_cov = self.mean[classes], self.cov[classes]
-        diff = old_mean - batch_mean
-        ww = (w * (1 - w)).unsqueeze(1)
-        if self.covariance == "full":
-            new_cov = old_cov * (1 - w).view(-1, 1, 1)
-            new_cov.add_(scatter.div_(total.view(-1, 1, 1)))              # w * batch covariance
-            new_cov.baddbmm_((diff * ww).unsqueeze(2), diff.unsqueeze(1))
-            new_cov = 0.5 * (new_cov + new_cov.transpose(1, 2))
-        else:
-            new_cov = (old_cov * (1 - w).unsqueeze(1) + scatter / total.unsqueeze(1) + ww * diff * diff).clamp_min_(0)
-        new_mean = old_mean - w.unsqueeze(1) * diff
-        count[classes] = total
-        self._commit(count, classes, (old_mean, old_cov), (new_mean, new_cov))
+            sizes = torch.bincount(pos, minlength=classes.numel()).tolist()
+            segments = torch.split(d[order], sizes)
+            factors = [torch.cat([seg, shift[k:k + 1]]) for k, seg in enumerate(segments)]
+            return _Pending(classes, count, mean_rows, slot, beta=1 - w, factors=factors)
+        var_rows = (self.cov[classes] * (1 - w).unsqueeze(1)).index_add_(0, pos, d * d) + shift * shift
+        return _Pending(classes, count, mean_rows, slot, var_rows=var_rows)
 
-    def _commit(self, count, classes, old, new) -> None:
-        if old is not None:
-            self._undo = _Undo(self._version, classes, old[0], old[1])
-            self.mean.index_copy_(0, classes, new[0])
-            self.cov.index_copy_(0, classes, new[1])
-        else:
-            self._undo = _Undo(self._version, classes, self.mean[classes], self.cov[classes])
-        self.count.copy_(count)
+    def _commit(self, pending: _Pending, progress: float) -> None:
+        """Write a pending update into the buffers, in place (the last step of a training call)."""
         self._version += 1
+        classes = pending.classes
+        if self.covariance == "full":
+            beta = pending.beta.tolist()
+            for k, c in enumerate(classes.tolist()):
+                g = pending.factors[k]
+                if beta[k] == 0:
+                    torch.mm(g.t(), g, out=self.cov[c])
+                else:
+                    self.cov[c].addmm_(g.t(), g, beta=beta[k])
+        else:
+            self.cov.index_copy_(0, classes, pending.var_rows.clamp_min(0))
+        self.mean.index_copy_(0, classes, pending.mean_rows)
+        self.count.copy_(pending.count)
+        self.progress.fill_(progress)
+        self.steps += 1
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, covariance={self.covariance!r}, "

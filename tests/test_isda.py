@@ -336,26 +336,31 @@ def test_bad_input_typed_error_state_unchanged(case, covariance):
     _same(before, _sd(isda))
 
 
-def test_failure_after_the_update_is_rolled_back(monkeypatch):
-    head, isda = _trained_isda(covariance="full", total_steps=10)
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_failure_while_computing_the_loss_changes_nothing(monkeypatch, covariance):
+    """The update is prepared, the loss computed from it, and only then written: a failure in between
+    (here an out-of-memory in the quadratic terms) leaves every buffer as it was."""
+    head, isda = _trained_isda(covariance=covariance, total_steps=10)
     before = _sd(isda)
     import augplug.isda as mod
 
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(mod, "isda_per_sample_loss", boom)
+    monkeypatch.setattr(mod, "_diagonal_quadratic" if covariance == "diagonal" else "_FullQuadratic",
+                        type("Boom", (), {"apply": staticmethod(boom)}) if covariance == "full" else boom)
     f, y = _data(8, seed=3)
+    snap = isda.state_snapshot()
     with pytest.raises(RuntimeError, match="out of memory"):
         isda.per_sample_loss(f, head(f), y, head)
     _same(before, _sd(isda))
+    isda.restore_snapshot(snap)  # what the refiner does: exact, nothing to undo
+    _same(before, _sd(isda))
     monkeypatch.undo()
-    # a snapshot restores one completed update, too (what the refiner does when a later step fails)
-    snap = isda.state_snapshot()
     isda.per_sample_loss(f, head(f), y, head)
     assert not torch.equal(isda.cov, before["cov"])
-    isda.restore_snapshot(snap)
-    _same(before, _sd(isda))
+    with pytest.raises(ConfigurationError, match="completed call"):
+        isda.restore_snapshot(snap)  # a completed call is final
 
 
 def test_state_dict_round_trip_resumes_identically():
