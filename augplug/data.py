@@ -272,23 +272,49 @@ class IndexedDataset(Dataset):
     or list, a copy of the dict with an extra ``"index"`` key when it is a
     dict, and ``(ds[i], i)`` otherwise. The default collate function then
     yields the batch's indices as the last element (or under ``"index"``).
+    Negative positions are normalised (``ds[-1]`` reports ``len(ds) - 1``), so
+    every reported position lies in ``[0, len(ds))`` and identifies one sample.
 
     Positions of a :class:`torch.utils.data.ConcatDataset` are already global,
-    so it can be wrapped like any other dataset.
+    so it can be wrapped like any other dataset. Wrapping the parts separately
+    and concatenating the wrappers would restart the positions at 0 in every
+    part (two samples would share a row of per-sample state), so a
+    ``ConcatDataset`` of ``IndexedDataset`` parts, and an ``IndexedDataset`` of
+    an ``IndexedDataset``, are rejected with a
+    :class:`~augplug.errors.ConfigurationError`.
     """
 
     def __init__(self, dataset: Any):
+        from torch.utils.data import ConcatDataset
+
+        from .errors import ConfigurationError
+
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"IndexedDataset needs a map-style dataset with __getitem__ and __len__, "
                 f"got {type(dataset).__name__}"
             )
+        if isinstance(dataset, IndexedDataset):
+            raise ConfigurationError("the dataset is already an IndexedDataset",
+                                     "wrap the underlying dataset once")
+        if isinstance(dataset, ConcatDataset) and any(isinstance(d, IndexedDataset) for d in dataset.datasets):
+            raise ConfigurationError(
+                "a ConcatDataset of IndexedDataset parts: each part's positions restart at 0, so samples "
+                "of different parts would report the same position",
+                "concatenate the plain datasets first and wrap the concatenation: "
+                "IndexedDataset(ConcatDataset([a, b]))")
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        n = len(self.dataset)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"position {index} is out of range for a dataset of {n} samples")
+        if index < 0:
+            index += n
         item = self.dataset[index]
         if isinstance(item, dict):
             if "index" in item:
