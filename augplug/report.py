@@ -51,7 +51,7 @@ from .errors import ConfigurationError, ShapeError, TargetError
 from .targets import to_soft_targets
 
 __all__ = ["AugmentationAudit", "TracedRandAugment", "transform_names", "IGNORED_TRANSFORMS", "IDENTITY",
-           "METRICS"]
+           "NAME_SEP", "METRICS"]
 
 #: Deterministic conversions of albumentations / torchvision pipelines that say nothing about the
 #: augmentation a row received; dropped from transform names by default.
@@ -61,6 +61,10 @@ IGNORED_TRANSFORMS = frozenset({"Normalize", "ToTensorV2", "ToTensor", "PILToTen
 #: The name given to rows no transform changed.
 IDENTITY = "identity"
 
+#: Separator of several names in one string (``"Rotate|Equalize"``): a dataset can return one string
+#: per sample, which the default ``DataLoader`` collate turns into a list.
+NAME_SEP = "|"
+
 #: The metrics every table holds, in column order.
 METRICS = ("rows", "weight_mean", "kept", "relabel_rate", "agreement_mean")
 
@@ -68,7 +72,8 @@ METRICS = ("rows", "weight_mean", "kept", "relabel_rate", "agreement_mean")
 def transform_names(entry: Any, ignore: Iterable[str] = IGNORED_TRANSFORMS) -> Tuple[str, ...]:
     """One row's transform description as a tuple of names (``("identity",)`` when empty).
 
-    Accepts a name (``"Rotate"``), a sequence of names, a sequence of albumentations
+    Accepts a name (``"Rotate"``), names joined by ``"|"`` (``"Rotate|Equalize"``; ``""`` for none),
+    a sequence of names, a sequence of albumentations
     ``(name, params)`` pairs (``out["applied_transforms"]`` of ``A.Compose(...,
     save_applied_params=True)``), or ``None``. Names in ``ignore`` are dropped; a name repeated in
     one row is kept once.
@@ -77,7 +82,7 @@ def transform_names(entry: Any, ignore: Iterable[str] = IGNORED_TRANSFORMS) -> T
     if entry is None:
         items: List[Any] = []
     elif isinstance(entry, str):
-        items = [entry]
+        items = entry.split(NAME_SEP) if entry else []
     elif isinstance(entry, (list, tuple)):
         items = list(entry)
     else:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from augplug import SAFLEX_PAPER, AugmentationRefiner
 from augplug.models import SmallCNN
-from augplug.report import AugmentationAudit, TracedRandAugment
+from augplug.report import NAME_SEP, AugmentationAudit, TracedRandAugment
 from augplug.study import corrupt_views
 
 from .common import results_dir, set_threads
@@ -62,7 +62,7 @@ def make_traced_bank(images_u8: torch.Tensor, aa: str, views: int, seed: int):
             for v in range(views):
                 img, applied = traced(im)
                 out[i, v] = np.asarray(img, dtype=np.uint8)
-                names[i, v] = "+".join(applied) if applied else "identity"
+                names[i, v] = NAME_SEP.join(applied)   # "" (no op applied) is filed under "identity"
     finally:
         random.setstate(state)
         np.random.set_state(np_state)

@@ -408,8 +408,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
                 for k in ("weight_mean", "kept_fraction", "relabel_rate"):
                     m[k].update(float(st.get(k, float("nan"))))
             if audit is not None:
-                aug_names = [tuple(n.split("|")) if n else () for n in names]
-                audit.update(st, aug_names, targets)   # one name entry per augmented row
+                audit.update(st, names, targets)   # one "|"-joined entry per augmented row
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=m["loss"].avg)
         if args.log_interval and step % args.log_interval == 0:

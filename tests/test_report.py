@@ -119,6 +119,8 @@ def test_transform_names_parsing():
     assert transform_names(None) == (IDENTITY,)
     assert transform_names(()) == (IDENTITY,)
     assert transform_names("Rotate") == ("Rotate",)
+    assert transform_names("Rotate|Equalize") == ("Rotate", "Equalize")
+    assert transform_names("") == (IDENTITY,)
     assert transform_names(["Contrast", "Contrast", "Rotate"]) == ("Contrast", "Rotate")
     applied = [("HorizontalFlip", {"x": 1}), ("Normalize", {}), ("ToTensorV2", {})]
     assert transform_names(applied) == ("HorizontalFlip",)
