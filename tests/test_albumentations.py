@@ -1,0 +1,119 @@
+"""albumentations 2.x pipelines feeding the refiner; weights and relabels attributed to transforms."""
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+A = pytest.importorskip("albumentations")
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+from augplug import AugmentationRefiner  # noqa: E402
+from augplug.report import AugmentationAudit, transform_names  # noqa: E402
+
+
+def _images(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+def _pipeline(seed):
+    return A.Compose([A.HorizontalFlip(p=1.0), A.VerticalFlip(p=0.0), A.RandomBrightnessContrast(p=0.5),
+                      A.Normalize(mean=(0.5,), std=(0.25,)), ToTensorV2()], save_applied_params=True, seed=seed)
+
+
+def _apply(pipe, images):
+    outs = [pipe(image=im) for im in images]
+    return torch.stack([o["image"] for o in outs]), [o["applied_transforms"] for o in outs]
+
+
+def test_applied_params_name_what_was_applied():
+    images, _ = _images()
+    x, applied = _apply(_pipeline(0), images)
+    assert x.shape == (24, 1, 8, 8) and x.dtype == torch.float32
+    names = [transform_names(a) for a in applied]
+    assert all("HorizontalFlip" in n for n in names)
+    assert not any("VerticalFlip" in n or "Normalize" in n or "ToTensorV2" in n for n in names)
+    with_bc = ["RandomBrightnessContrast" in n for n in names]
+    assert 0 < sum(with_bc) < 24
+    for i, n in enumerate(names):          # the rows without brightness/contrast are exactly the flipped image
+        if "RandomBrightnessContrast" not in n:
+            expected = (torch.from_numpy(images[i][:, ::-1, 0].copy()).float() / 255 - 0.5) / 0.25
+            torch.testing.assert_close(x[i, 0], expected)
+
+
+def test_pipeline_reproducible_under_a_seed():
+    images, _ = _images()
+    xa, na = _apply(_pipeline(7), images)
+    xb, nb = _apply(_pipeline(7), images)
+    torch.testing.assert_close(xa, xb)
+    assert [transform_names(a) for a in na] == [transform_names(b) for b in nb]
+    _, nc = _apply(_pipeline(8), images)
+    assert [transform_names(a) for a in na] != [transform_names(c) for c in nc]
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_refiner_weights_attributed_to_transforms():
+    """Per-transform statistics from albumentations' applied params equal a hand computation."""
+    torch.manual_seed(0)
+    pipe = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.CoarseDropout(p=0.3),
+                      A.Normalize(mean=(0.5,), std=(0.25,)), ToTensorV2()], save_applied_params=True, seed=1)
+    clean = A.Compose([A.Normalize(mean=(0.5,), std=(0.25,)), ToTensorV2()])
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    vi, vl = _images(30, seed=9)
+    val = [(torch.stack([clean(image=im)["image"] for im in vi]), torch.from_numpy(vl))]
+    refiner = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3,
+                                  normalize="rms", refresh_every=1)
+    audit = AugmentationAudit(["a", "b", "c"])
+    hand = {}
+    for step in range(5):
+        images, labels = _images(12, seed=step)
+        x_aug, applied = _apply(pipe, images)
+        x_orig = torch.stack([clean(image=im)["image"] for im in images])
+        y = torch.from_numpy(labels)
+        targets = torch.cat([y, y])
+        loss = refiner(model(torch.cat([x_orig, x_aug])), targets, num_original=12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        st = refiner.stats
+        audit.update(st, applied, targets)                 # albumentations' (name, params) lists, one per view
+        for j, a in enumerate(applied):
+            row = 12 + j
+            w = float(st["weights"][row])
+            rel = int(st["soft_targets"][row].argmax()) != int(y[j])
+            for name in transform_names(a):
+                hand.setdefault(name, []).append((w, w > 0, rel))
+    recs = {r["transform"]: r for r in audit.records("transform")}
+    assert set(recs) == set(hand)
+    for name, rows in hand.items():
+        arr = np.array(rows, dtype=float)
+        assert recs[name]["rows"] == len(rows)
+        np.testing.assert_allclose([recs[name]["weight_mean"], recs[name]["kept"], recs[name]["relabel_rate"]],
+                                   arr.mean(0), rtol=1e-5)
+    assert audit.summary()["rows"] == 60
+    assert 0 < audit.summary()["kept"] < 1 and audit.summary()["relabel_rate"] > 0
+
+
+def test_example_runs(tmp_path):
+    ex = pytest.importorskip("integrations.albumentations_example")
+    out = ex.main(["--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--train-limit", "96",
+                   "--val-size", "100", "--output", str(tmp_path)])
+    audit = out["audit"]
+    assert audit.summary()["rows"] == 96
+    names = {r["transform"] for r in audit.records("transform")}
+    assert "VerticalFlip" in names and not names & {"Normalize", "ToTensorV2", "Resize"}
+    assert (tmp_path / "audit.md").exists() and (tmp_path / "audit.png").exists()
