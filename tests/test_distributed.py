@@ -36,7 +36,11 @@ CASES = {
 
 def _worker(out_dir: str, case: str) -> None:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # a forked worker inherits any single-process state an earlier test created in the parent
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     acc = Accelerator(cpu=True)
     assert acc.num_processes == WORLD
     model, opt, val, x, y = _setup()
