@@ -555,9 +555,17 @@ class ContrastiveRefiner:
                         v = v_new.direction()
                     else:
                         v = self._v
-                    g_all = contrastive_scores(self.model, images,
-                                               self._prompts() if self.prompt_mode else texts_or_targets, v,
-                                               directions=self.directions, bn=self.bn_mode)
+                    if self.prompt_mode and torch.is_tensor(images):
+                        # rows are independent given the prompts (scoring runs BatchNorm on running
+                        # statistics or per-pass batch statistics): score the augmented rows only
+                        g_all = contrastive_scores(self.model, images[aug], self._prompts(), v,
+                                                   directions=self.directions, bn=self.bn_mode)
+                        g_all = {d: g.new_zeros(batch, g.shape[1]).index_put_((aug.nonzero().flatten(),), g)
+                                 for d, g in g_all.items()}
+                    else:
+                        g_all = contrastive_scores(self.model, images,
+                                                   self._prompts() if self.prompt_mode else texts_or_targets, v,
+                                                   directions=self.directions, bn=self.bn_mode)
                 gen = self._rng.generator()
                 for d in self.directions:
                     g = g_all[d][aug] if g_all is not None else None

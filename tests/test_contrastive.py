@@ -208,6 +208,13 @@ def test_class_prompts_reduce_to_c_way_classification():
     img.eval()
     oracle = _row_grad_oracle(r.model, x, torch.arange(4), v, "image_to_text")
     assert torch.allclose(r.stats["scores"].double(), oracle, rtol=1e-5, atol=1e-9)
+    # with originals in the batch only the augmented rows are scored, with the same values
+    img.train()
+    r(x, y, num_original=3)
+    assert torch.all(r.stats["scores"][:3] == 0) and torch.all(r.stats["weights"][:3] == 1)
+    img.eval()
+    oracle = _row_grad_oracle(r.model, x, torch.arange(4), r.validation_direction, "image_to_text")
+    assert torch.allclose(r.stats["scores"][3:].double(), oracle[3:], rtol=1e-5, atol=1e-9)
     # the unrefined loss is ordinary cross-entropy over the C prompt logits
     r0 = ContrastiveRefiner(img, prompts, opt, val, method="none", class_prompts=torch.arange(4),
                             logit_scale=1.0, check_train_mode=False)
