@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEMORY_BUDGET = 256 * 2 ** 20
 
 _PAIR_BLOCK = 1 << 22   # elements of one (pairs, C) block of surrogate logits
-_QUAD_BLOCK = 1 << 24   # elements of one (classes, C, A) block in the full quadratic form
 _COVARIANCE_MODES = ("auto", "full", "diagonal")
 _STATS_TARGETS = ("soft", "argmax")
 _STATE_VERSION = 1
@@ -309,14 +308,17 @@ class ISDALoss(nn.Module):
         total_steps: when given, ``progress`` follows ``step / total_steps`` automatically
             (``step`` counts training calls from 0, so the first call has ``lam = 0``). Otherwise
             progress stays where :meth:`set_progress` / :meth:`set_epoch` put it (initially 1).
-        sync: under ``torch.distributed`` (Accelerate, torchrun), all-reduce each update's sums so
-            that every process holds the same statistics (``False``: per-process statistics, as in
-            the paper's ImageNet code).
+        sync: under ``torch.distributed`` (Accelerate, torchrun), merge the batches of all
+            processes (class weights and sums all-reduced, centred feature rows all-gathered, in
+            fp64 transport) so that every process holds the same statistics, equal to those of one
+            process seeing the union of the batches. Every process must then make the same training
+            calls. ``False``: per-process statistics, as in the paper's ImageNet code.
         device: where the buffers live (they follow the features' device on the first call).
 
-    Statistics are updated (in fp32, from detached features) on every call made with autograd
-    enabled, before the loss is computed, as in the paper; calls under ``torch.no_grad()`` only read
-    them. A call that raises leaves them unchanged.
+    Every call made with autograd enabled merges its (detached) features into the statistics, in
+    fp32, and its loss uses the merged statistics, as in the paper; the buffers are written after
+    the loss has been computed, so a call that raises leaves them unchanged. Calls under
+    ``torch.no_grad()`` only read the statistics (and need no features).
     """
 
     def __init__(self, num_classes: int, feature_dim: int, *, lambda0: float = 0.5, covariance: str = "auto",

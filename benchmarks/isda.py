@@ -196,7 +196,10 @@ def overhead(args, argv: List[str]) -> None:
 
 # ---------------------------------------------------------------------------------------- quality
 QUALITY_ARMS = {"CE": ("upstream", False), "CE+ISDA": ("upstream", True),
-                "SAflex": ("saflex", False), "SAflex+ISDA": ("saflex", True)}
+                "SAflex": ("saflex", False), "SAflex+ISDA": ("saflex", True),
+                # diagnostics (not run by default): the views with their true labels
+                "CE clean views": ("clean", False), "CE+ISDA clean views": ("clean", True)}
+DEFAULT_ARMS = ["CE", "CE+ISDA", "SAflex", "SAflex+ISDA"]
 
 
 def _quality_job(job):
@@ -221,13 +224,16 @@ def quality(args, argv: List[str]) -> None:
 
     for seed in args.seeds:  # build (or load) the view banks before the workers start
         load_study(seed)
-    jobs = [(arm, seed, args.epochs, args.lambda0) for seed in args.seeds for arm in args.arms]
-    results: Dict[str, List[Dict]] = {arm: [] for arm in args.arms}
+    jobs = [(arm, seed, args.epochs, lam) for seed in args.seeds for arm in args.arms
+            for lam in (args.lambda0 if QUALITY_ARMS[arm][1] else [None])]
+    label = (lambda arm, lam: arm if lam is None or len(args.lambda0) == 1 else f"{arm} (λ0={lam:g})")  # noqa: E731
+    results: Dict[str, List[Dict]] = {label(a, lam): [] for a, _, _, lam in jobs}
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as ex:
-        for arm, seed, res in ex.map(_quality_job, jobs):
-            results[arm].append(res)
-            print(json.dumps({"arm": arm, "seed": seed, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
+        for (arm, seed, _, lam), (_, _, res) in zip(jobs, ex.map(_quality_job, jobs)):
+            results[label(arm, lam)].append(res)
+            print(json.dumps({"arm": label(arm, lam), "seed": seed, **{k: round(v, 4) for k, v in res.items()}}),
+                  flush=True)
     rows = []
     for arm, rs in results.items():
         rows.append([arm, fmt_mean_std([r["test_acc"] for r in rs]), " ".join(f"{100 * r['test_acc']:.2f}" for r in rs),
@@ -242,9 +248,10 @@ def quality(args, argv: List[str]) -> None:
         "given a random wrong label; each batch = 128 originals + one view of each (`benchmarks/quality.py` setup)",
         f"- model: `SmallCNN(1, 10, img_size=28)` (batch norm, 64 penultimate features, dropout 0.2); SGD lr 0.05, "
         f"momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule; {args.epochs} epochs; seeds {args.seeds}",
-        "- arms: CE = `AugmentationRefiner(method=\"none\")` (plain soft-target cross-entropy on the upstream labels); "
+        "- arms: CE = `AugmentationRefiner(method=\"none\")` (plain soft-target cross-entropy on the upstream labels; "
+        "'clean views': the views keep their true labels, a diagnostic); "
         "SAflex = augplug defaults; +ISDA = the same refiner with "
-        f"`isda={{\"lambda0\": {args.lambda0}, \"total_steps\": <epochs x steps per epoch>}}` (lambda ramps linearly "
+        f"`isda={{\"lambda0\": {' or '.join(f'{v:g}' for v in args.lambda0)}, \"total_steps\": <epochs x steps per epoch>}}` (lambda ramps linearly "
         "from 0 to lambda0; full covariance, 10 x 64 x 64)",
         "- test accuracy in %, mean ± sample std over seeds",
     ])
@@ -254,7 +261,8 @@ def quality(args, argv: List[str]) -> None:
     print(table)
     ms = [mean_std([100 * r["test_acc"] for r in rs]) for rs in results.values()]
     save_bar_plot(results_dir() / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
-                  "test accuracy (%)", f"Fashion-MNIST, {args.epochs} epochs, lambda0 = {args.lambda0}")
+                  "test accuracy (%)", f"Fashion-MNIST, {args.epochs} epochs, lambda0 = "
+                  + ", ".join(f"{v:g}" for v in args.lambda0))
 
 
 def main(argv: List[str] = None) -> None:
@@ -267,10 +275,10 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--side", type=int, default=64)
     ap.add_argument("--overhead-one", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--arms", nargs="+", default=list(QUALITY_ARMS), choices=list(QUALITY_ARMS))
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(QUALITY_ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lambda0", type=float, default=0.5)
+    ap.add_argument("--lambda0", type=float, nargs="+", default=[0.5], help="one or more lambda0 for the +ISDA arms")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="isda_quality", help="quality result file stem under benchmarks/results")
     argv = list(sys.argv[1:] if argv is None else argv)

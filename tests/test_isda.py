@@ -524,3 +524,19 @@ def test_refiner_rejected_call_leaves_isda_unchanged():
     # an instance can be passed as is, and must be built for the model's head
     inst = ISDALoss.for_head(model.fc, lambda0=0.25)
     assert AugmentationRefiner(model, None, _val_loader(), method="none", isda=inst).isda is inst
+
+
+def test_docs_standalone_example_runs():
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "isda.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)[0]
+    torch.manual_seed(0)
+    model = MLP(8, C, hidden=A, depth=1, dropout=0.0)
+    data = TensorDataset(torch.randn(24, 8), torch.randint(0, C, (24,)))
+    ns = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "epochs": 2,
+          "loader": DataLoader(data, batch_size=8)}
+    exec(compile(block, str(doc), "exec"), ns)
+    crit = ns["criterion"]
+    assert int(crit.steps) == 6 and float(crit.count.sum()) == 48 and crit.lam == pytest.approx(0.25)
