@@ -108,7 +108,8 @@ def tabular_cutmix(
             with ``r`` the share of units actually replaced; returns ``(B, C)`` float targets).
         num_classes: needed for ``label="mix"`` with class-index targets.
         groups: lists of columns swapped as one unit.
-        generator: the random source (a fresh unseeded one when None; pass one for reproducibility).
+        generator: the random source. None: a fresh generator with torch's default seed, i.e. the same
+            draws on every call; pass a seeded one (or use :class:`TabularCutMix`).
 
     ``augmented`` is a bool ``(B,)`` mask of the rows that received features from a partner (pass it
     as ``augmented=`` to :class:`~augplug.AugmentationRefiner`). Inputs are not modified in place.
