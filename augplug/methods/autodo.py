@@ -224,6 +224,7 @@ class AutoDO(Policy):
             self.tables.label_logits.copy_(smoothed_label_logits(F.one_hot(lab, num_classes).float(),
                                                                  self.label_smoothing))
         self._pending: List[tuple] = []
+        self._augment_calls = 0
         self.last_stats: Dict[str, Any] = {}
         #: hypergradients of the last hyper-step: "W" (B,), "S" (B, C), "A" (rows, gate (R, K), magnitude (R, K))
         self.last_hypergradients: Dict[str, Any] = {}
@@ -296,7 +297,9 @@ class AutoDO(Policy):
         learn = "A" in self.models and torch.is_grad_enabled()
         gl = self.tables.gate_logits.index_select(0, rows).clone().requires_grad_(learn)
         ml = self.tables.magnitude_logits.index_select(0, rows).clone().requires_grad_(learn)
-        gen = refiner.noise_generator(stream=1 + len(self._pending))
+        # one stream per augment() call since the last refiner call: several calls in one step differ
+        self._augment_calls += 1
+        gen = refiner.noise_generator(stream=self._augment_calls)
         out, values = random_affine(x, gl.to(x.dtype), ml.to(x.dtype), self.ops, gen, tau=self.tau,
                                     padding_mode=self.padding_mode, min_scale=self.min_scale)
         if learn:
@@ -337,6 +340,7 @@ class AutoDO(Policy):
         idx = idx.to(dev)
         t = self.tables
         pending, self._pending = self._pending, []
+        self._augment_calls = 0
 
         # rows of this batch (copies; the tables change only at the end)
         new = t.given_labels.index_select(0, idx) < 0
@@ -564,3 +568,4 @@ class AutoDO(Policy):
             raise ConfigurationError(f"AutoDO state tables missing or mis-shaped: {bad}", "load a state saved by AutoDO")
         self.tables.load_state_dict({k: tabs[k] for k in own})
         self._pending = []
+        self._augment_calls = 0
