@@ -18,6 +18,17 @@ weights and Gumbel-softmax soft labels), from every refiner call after warm-up:
 
     python -m benchmarks.audit                          # both arms, writes benchmarks/results/audit.md
     python -m benchmarks.audit --arms saflex --epochs 2 --n-train 2000 --no-save   # a quick look
+
+``--study sources`` audits generated-sample sources instead (``augplug.sources``; writes
+``audit_sources.md`` / ``.png``). No generative model ships with the project, so two stand-ins are
+made from held-out Fashion-MNIST training images (disjoint from the training and validation sets):
+``faithful`` (their true labels: a perfect class-conditional generator) and ``off-class`` (a label
+drawn uniformly from the other nine classes: a generator whose class conditioning failed). Every
+batch is ``--batch-size`` real originals (trained on as given) plus ``--per-source`` rows from each
+source (refined). Arms: ``upstream`` (``method="none"``: generated rows at weight 1), ``saflex``,
+``saflex-paper``.
+
+    python -m benchmarks.audit --study sources
 """
 from __future__ import annotations
 
@@ -126,6 +137,105 @@ def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overri
     return {"ops": ops, "control": control, "test_acc": acc, "seconds": time.perf_counter() - t0}
 
 
+SOURCE_ARMS = {"upstream": ("none", {}), "saflex": ("saflex", {}), "saflex-paper": ("saflex", dict(SAFLEX_PAPER))}
+
+
+def run_sources(arm: str, data: Dict, args, overrides: Dict) -> Dict:
+    """Train on real originals + generated stand-ins; per-source statistics and test accuracy."""
+    from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit
+
+    torch.manual_seed(args.seed)
+    method, kw = SOURCE_ARMS[arm]
+    x_tr, y_tr = data["x_train"], data["y_train"]
+    n = len(y_tr)
+    model = SmallCNN(1, 10, img_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = math.ceil(n / args.batch_size)
+    total = args.epochs * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_val"], data["y_val"]),
+                                             batch_size=500, shuffle=True)
+    refiner = AugmentationRefiner(model, opt, val_loader, method=method, seed=args.seed,
+                                  **({**kw, **overrides} if method != "none" else {}))
+    sources = {name: GeneratedSamples(x, y) for name, (x, y) in data["sources"].items()}
+    mixer = BatchMixer(sources, per_batch=args.per_source, seed=args.seed)
+    audit = SourceAudit(mixer.source_names, FMNIST_CLASSES, only_active=method != "none")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(args.epochs):
+        perm = torch.randperm(n, generator=g)
+        for st in range(steps):
+            idx = perm[st * args.batch_size:(st + 1) * args.batch_size]
+            mb = mixer(x_tr[idx], y_tr[idx])
+            loss = refiner(model(mb.inputs), mb.targets, augmented=mb.augmented)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            audit.update(refiner.stats, mb.source_ids, mb.targets)
+        print(f"  {arm}: epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return {"audit": audit, "test_acc": _accuracy(model, data["x_test"], data["y_test"]),
+            "seconds": time.perf_counter() - t0}
+
+
+def sources_study(args, argv: List[str], overrides: Dict) -> Dict:
+    from augplug.data import stratified_split
+
+    from .common import save_bar_plot
+    from .datasets import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train")
+    y = labels.numpy()
+    rest, val = stratified_split(y, args.n_val, seed=args.seed)
+    _, pick = stratified_split(y[rest], args.n_train + 2 * args.n_generated, seed=args.seed + 1)
+    pool = rest[pick]
+    tr_pos, gen_pos = stratified_split(y[pool], 2 * args.n_generated, seed=args.seed + 2)
+    train, gen = pool[tr_pos], pool[gen_pos]
+    rng = np.random.default_rng(args.seed + 3)
+    rng.shuffle(gen)
+    faithful, off = gen[: args.n_generated], gen[args.n_generated:]
+    off_labels = (labels[off] + torch.from_numpy(rng.integers(1, 10, len(off)))) % 10
+    test_x, test_y = load_fashion_mnist("test")
+    data = dict(x_train=_norm(images[train]), y_train=labels[train], x_val=_norm(images[val]), y_val=labels[val],
+                x_test=_norm(test_x), y_test=test_y,
+                sources={"faithful": (_norm(images[faithful]), labels[faithful]),
+                         "off-class": (_norm(images[off]), off_labels)})
+    results = {arm: run_sources(arm, data, args, overrides) for arm in args.arms}
+    cmd = f"python -m benchmarks.audit {' '.join(argv)}".strip()
+    lines = ["# Generated-sample sources: Fashion-MNIST stand-ins", "", f"Command: `{cmd}`", "",
+             f"Setting: {len(train)} real training images (originals, trained on as given), {args.n_val} clean "
+             f"validation, 10k official test images; two generated-source stand-ins of {args.n_generated} held-out "
+             f"training images each (disjoint from the rest): `faithful` with their true labels, `off-class` with a "
+             f"label drawn uniformly from the other nine classes. Every batch: {args.batch_size} real rows + "
+             f"{args.per_source} rows from each source (`augplug.sources.BatchMixer`, `augmented=` the generated "
+             f"rows). `SmallCNN`, SGD (lr {args.lr}, Nesterov, cosine), {args.epochs} epochs, seed {args.seed}, "
+             f"1 thread. Arms: `upstream` = `method=\"none\"` (generated rows at weight 1), `saflex` = augplug's "
+             f"defaults, `saflex-paper` = `augplug.SAFLEX_PAPER`" + (f"; overrides {overrides}" if overrides else "")
+             + ". Statistics from `augplug.sources.SourceAudit` over every refiner call (after warm-up).", "",
+             "| arm | test acc % | source | rows | weight_mean | kept | relabel_rate | agreement_mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    labels_, means = [], []
+    for arm, res in results.items():
+        for r in res["audit"].table(format="records"):
+            lines.append(f"| {arm} | {100 * res['test_acc']:.2f} | {r['source']} | {r['rows']} | {r['weight_mean']:.3f} | "
+                         f"{r['kept']:.3f} | {r['relabel_rate']:.3f} | {r['agreement_mean']:.4f} |")
+            labels_.append(f"{arm}\n{r['source']}")
+            means.append(r["weight_mean"])
+    lines += ["", "Per class of the `off-class` rows (by their given, wrong label) and of the `faithful` rows, `saflex`:",
+              ""]
+    if "saflex" in results:
+        lines.append(results["saflex"]["audit"].table("source_class", format="markdown"))
+    lines.append(f"Seconds per arm: " + ", ".join(f"{a} {r['seconds']:.0f}" for a, r in results.items()) + ".")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_save:
+        (results_dir() / f"{args.out}_sources.md").write_text(text, encoding="utf-8")
+        save_bar_plot(results_dir() / f"{args.out}_sources.png", labels_, means, None, "mean weight of the rows",
+                      "Generated-source stand-ins on Fashion-MNIST", zoom=False)
+    return results
+
+
 def _parse_value(s: str):
     for cast in (int, float):
         try:
@@ -137,7 +247,12 @@ def _parse_value(s: str):
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--study", default="ops", choices=("ops", "sources"),
+                    help="ops: RandAugment ops (default); sources: generated-sample sources")
+    ap.add_argument("--arms", nargs="+", default=None, choices=sorted(set(ARMS) | set(SOURCE_ARMS)),
+                    help="default: saflex saflex-paper (ops); upstream saflex saflex-paper (sources)")
+    ap.add_argument("--n-generated", type=int, default=3000, help="sources study: images per generated source")
+    ap.add_argument("--per-source", type=int, default=32, help="sources study: rows per source per batch")
     ap.add_argument("--aa", default="rand-m9-mstd0.5-n1-p1.0", help="timm RandAugment config (n1: one op per view)")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--n-val", type=int, default=1000)
@@ -155,6 +270,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = ap.parse_args(argv)
     overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     set_threads(1)
+    valid = SOURCE_ARMS if args.study == "sources" else ARMS
+    args.arms = args.arms or list(valid)
+    bad = [a for a in args.arms if a not in valid]
+    if bad:
+        ap.error(f"arms {bad} are not part of the {args.study} study (choose from {list(valid)})")
+    if args.study == "sources":
+        return sources_study(args, argv, overrides)
 
     t0 = time.perf_counter()
     sp = fashion_mnist_splits(args.n_train, args.n_val, seed=args.seed)
