@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import time
@@ -42,7 +41,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from augplug import SAFLEX_PAPER, AugmentationRefiner
 from augplug.models import SmallCNN
@@ -226,7 +224,7 @@ def sources_study(args, argv: List[str], overrides: Dict) -> Dict:
               ""]
     if "saflex" in results:
         lines.append(results["saflex"]["audit"].table("source_class", format="markdown"))
-    lines.append(f"Seconds per arm: " + ", ".join(f"{a} {r['seconds']:.0f}" for a, r in results.items()) + ".")
+    lines.append("Seconds per arm: " + ", ".join(f"{a} {r['seconds']:.0f}" for a, r in results.items()) + ".")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:

@@ -22,7 +22,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

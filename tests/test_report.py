@@ -1,5 +1,4 @@
 """The augmentation audit: per-transform / per-class statistics against brute-force sums."""
-import math
 import random
 from collections import defaultdict
 
