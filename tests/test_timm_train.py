@@ -209,3 +209,43 @@ def test_influence_gets_paired_originals(tmp_path, recorder):
     _check_summary(tmp_path, 1)
     assert out["refiner"].method == "influence"
     assert all(c["num_original"] == 16 and c["batch"] == 32 for c in recorder.calls)
+
+
+def test_fp16_grad_scaler_counts_only_real_updates(tmp_path, monkeypatch):
+    """--amp --amp-dtype float16 goes through timm's NativeScaler; the refiner counts the steps taken."""
+    taken = []
+
+    def counting_optimizer(*a, **kw):
+        opt = tt_create_optimizer(*a, **kw)
+        opt.register_step_post_hook(lambda *_: taken.append(1))
+        return opt
+
+    tt_create_optimizer = tt.create_optimizer_v2
+    monkeypatch.setattr(tt, "create_optimizer_v2", counting_optimizer)
+    out = _run(tmp_path, "--refiner", "saflex", "--amp", "--amp-dtype", "float16", "--device", "cpu")
+    refiner = out["refiner"]
+    assert refiner.calls == 3
+    assert refiner.step_count == len(taken) <= 3
+
+
+def test_refiner_as_timm_task_criterion():
+    """timm >= 1.0.23: ClassificationTask(model, criterion=refiner) gives the refiner's own loss."""
+    task_mod = pytest.importorskip("timm.task")
+    import timm
+
+    def make():
+        torch.manual_seed(0)
+        m = timm.create_model("test_resnet", num_classes=3, in_chans=1)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        val = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 2 + [0, 1]))]
+        return m, augplug.AugmentationRefiner(m, opt, val, method="saflex")
+
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 2, 1, 0])
+    m1, r1 = make()
+    task = task_mod.ClassificationTask(m1, criterion=r1, device=torch.device("cpu"), verbose=False)
+    loss_task = task(x, y)["loss"]
+    m2, r2 = make()
+    loss_direct = r2(m2(x), y)
+    torch.testing.assert_close(loss_task, loss_direct)
+    torch.testing.assert_close(r1.stats["weights"], r2.stats["weights"])
+    assert not torch.allclose(r1.stats["weights"], torch.ones(6))      # the refiner did weight the rows
