@@ -53,6 +53,7 @@ from timm.utils import NativeScaler, random_seed, update_summary  # noqa: E402
 from augplug import AugmentationRefiner, ConfigurationError  # noqa: E402
 from augplug.data import IndexedDataset, stratified_split  # noqa: E402
 from augplug.report import AugmentationAudit, TracedRandAugment  # noqa: E402
+from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit  # noqa: E402
 
 _logger = logging.getLogger("timm_train")
 
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--with-originals", action="store_true",
                    help="batches hold each image's un-augmented original before its augmented view "
                         "(implied by --refiner influence)")
+    g.add_argument("--generated", action="append", default=[], metavar="PATH",
+                   help="pre-generated labelled images (class folder, .npz or .pt) mixed into every batch; "
+                        "repeat for several sources")
+    g.add_argument("--generated-per-batch", type=int, default=16, help="rows from each generated source per batch")
     g.add_argument("--audit", action="store_true",
                    help="write audit.md / audit.png: mean weight and relabel rate per RandAugment op and class")
     return p
@@ -353,12 +358,15 @@ def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch
 def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refiner=None, loss_fn=None,
                     lr_scheduler=None, amp_autocast=nullcontext, loss_scaler=None, mixup_fn=None,
                     num_classes: int, audit: Optional[AugmentationAudit] = None,
+                    mixer: Optional[BatchMixer] = None, sources: Optional[SourceAudit] = None,
                     num_updates: int = 0) -> Tuple[Dict[str, float], int]:
     """One epoch; returns the epoch's metrics and the update count so far.
 
     The refiner replaces the loss: ``loss = refiner(output, target, index=index)``. With originals
     (``--with-originals``) each batch is ``[originals; augmented views]`` with ``num_original=B``
-    and the index repeated for both halves (the pairing influence functions need).
+    and the index repeated for both halves (the pairing influence functions need). With a
+    ``mixer`` (``--generated``), generated rows are appended after the (mixed) training rows and
+    every row is refined.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn.mixup_enabled = False
@@ -386,6 +394,10 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
                 targets = torch.cat([y_o, y])
                 loss = refiner(model(torch.cat([x_orig, x])), targets, num_original=x.shape[0],
                                index=torch.cat([index, index]))
+            elif mixer is not None:
+                mb = mixer(x, y)   # generated rows after the training rows; one-hot when y is soft
+                targets = mb.targets
+                loss = refiner(model(mb.inputs), targets, augmented=mb.augmented)
             elif refiner is not None:
                 targets = y
                 loss = refiner(model(x), targets, index=index)
@@ -407,7 +419,11 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
                 for k in ("weight_mean", "kept_fraction", "relabel_rate"):
                     m[k].update(float(st.get(k, float("nan"))))
             if audit is not None:
-                audit.update(st, names, targets)   # one "|"-joined entry per augmented row
+                names_all = names if mixer is None else (       # generated rows: their source's name
+                    list(names) + [mixer.source_names[i] for i in mb.source_ids[len(names):].tolist()])
+                audit.update(st, names_all, targets)   # one "|"-joined entry per augmented row
+            if sources is not None:
+                sources.update(st, mb.source_ids, targets)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=m["loss"].avg)
         if args.log_interval and step % args.log_interval == 0:
@@ -436,6 +452,43 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
         model, optimizer, val_loader, method=args.refiner, mode=args.refiner_mode,
         refresh_every=args.refresh_every, val_batches=val_batches, warmup_steps=args.refiner_warmup,
         seed=args.seed, method_options=method_options or None, isda=isda, **args.refiner_kwargs)
+
+
+class ToModelInput:
+    """Generated images (float ``(C, H, W)`` in [0, 1]) to the model's input: channels, size, normalisation."""
+
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int):
+        self.size, self.in_chans = int(img_size), int(in_chans)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.shape[0] != self.in_chans:
+            x = x.mean(0, keepdim=True).expand(self.in_chans, -1, -1) if self.in_chans in (1, 3) else x
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+        return (x - self.mean) / self.std
+
+
+def build_mixer(args, classes: Sequence[str], num_classes: int, in_chans: int, mean, std) -> BatchMixer:
+    """A :class:`augplug.sources.BatchMixer` over the ``--generated`` sources, named by file / folder name."""
+    if args.refiner in ("off", "autodo") or args.with_originals:
+        raise ConfigurationError("--generated needs a refiner that weights rows without dataset positions "
+                                 "or originals", "use --refiner saflex, l2rw or none, without --with-originals")
+    tf = ToModelInput(args.img_size, mean, std, in_chans)
+    found = {}
+    for path in args.generated:
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or "generated"
+        while name in found or name == "real":
+            name += "_"
+        if os.path.isdir(path):
+            found[name] = GeneratedSamples.from_folder(path, classes=classes, transform=tf,
+                                                       image_mode="L" if in_chans == 1 else "RGB")
+        else:
+            found[name] = GeneratedSamples.from_file(path, transform=tf, num_classes=num_classes)
+    return BatchMixer(found, per_batch=args.generated_per_batch, seed=args.seed, real_augmented=True)
 
 
 def build_datasets(args) -> Dict[str, Any]:
@@ -484,7 +537,7 @@ def build_datasets(args) -> Dict[str, Any]:
         test_set = Transformed(data["test"], _subset(test_labels, args.test_subset, args.seed), eval_tf)
 
     return dict(train=train_set, val=val_set, test=test_set, classes=classes, num_classes=num_classes,
-                in_chans=in_chans, train_indices=train_idx, val_indices=val_idx)
+                in_chans=in_chans, train_indices=train_idx, val_indices=val_idx, mean=mean, std=std)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -547,6 +600,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             raise ConfigurationError("--with-originals needs the refiner", "drop --refiner off")
     audit = AugmentationAudit(classes[:num_classes] if len(classes) == num_classes else None,
                               num_classes=num_classes) if args.audit else None
+    mixer = sources = None
+    if args.generated:
+        mixer = build_mixer(args, classes, num_classes, in_chans, ds["mean"], ds["std"])
+        sources = SourceAudit(mixer.source_names, num_classes=num_classes, only_active=args.refiner != "none")
 
     _logger.info("timm_train: %s on %s (%d train / %d val / %s test images, %d classes), refiner=%s%s, device=%s%s",
                  args.model, args.data_dir or args.dataset, len(train_set), len(val_idx),
@@ -567,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         train_m, num_updates = train_one_epoch(
             epoch, model, loader_train, optimizer, args, device=device, refiner=refiner, loss_fn=loss_fn,
             lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
-            num_classes=num_classes, audit=audit, num_updates=num_updates)
+            num_classes=num_classes, audit=audit, mixer=mixer, sources=sources, num_updates=num_updates)
         eval_m = {}
         if loader_val is not None:
             eval_m.update({f"val_{k}": v for k, v in evaluate(model, loader_val, device, amp_autocast).items()})
@@ -586,13 +643,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                      f"{eval_m['test_top1']:.2f}" if "test_top1" in eval_m else "-", lr, seconds)
         if summary_path:
             update_summary(epoch, {**train_m, "seconds": seconds}, eval_m, summary_path, lr=lr, write_header=epoch == 0)
+    if sources is not None and sources.updates:
+        table = sources.table(format="markdown")
+        _logger.info("generated sources (rows, mean weight, kept share, relabel rate, mean y~^T g):\n%s", table)
+        if args.output:
+            with open(os.path.join(args.output, "sources.md"), "w") as f:
+                f.write("# Generated sources\n\n" + table + "\n## Per source and class\n\n" +
+                        sources.table("source_class", format="markdown"))
     if audit is not None and args.output and audit.updates:
         with open(os.path.join(args.output, "audit.md"), "w") as f:
             f.write("# Augmentation audit\n\n## Per RandAugment op\n\n" + audit.table(format="markdown") +
                     "\n## Per class\n\n" + audit.table("class", format="markdown"))
         audit.plot(os.path.join(args.output, "audit.png"), title=f"{args.model}, {args.aa}, refiner={args.refiner}")
     return {"history": history, "final": history[-1] if history else {}, "args": args,
-            "refiner": refiner, "model": model, "audit": audit}
+            "refiner": refiner, "model": model, "audit": audit, "sources": sources, "mixer": mixer}
 
 
 if __name__ == "__main__":

@@ -249,3 +249,39 @@ def test_refiner_as_timm_task_criterion():
     torch.testing.assert_close(loss_task, loss_direct)
     torch.testing.assert_close(r1.stats["weights"], r2.stats["weights"])
     assert not torch.allclose(r1.stats["weights"], torch.ones(6))      # the refiner did weight the rows
+
+
+def test_generated_sources_are_mixed_in_and_audited(tmp_path, recorder):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "diffA.npz", images=rng.integers(0, 255, (20, 12, 12, 3), dtype=np.uint8),
+             labels=np.arange(20) % 10)
+    for c in ("class2", "class7"):                         # a folder source with two of the ten classes
+        os.makedirs(tmp_path / "diffB" / c)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "diffB" / c / f"{i}.png")
+    out = _run(tmp_path / "run", "--refiner", "saflex", "--generated", str(tmp_path / "diffA.npz"),
+               "--generated", str(tmp_path / "diffB"), "--generated-per-batch", "4")
+    assert out["mixer"].source_names == ["real", "diffA", "diffB"]
+    for call in recorder.calls:
+        assert call["batch"] == 16 + 4 + 4
+        assert call["index"] is None
+        tail = call["targets"][20:]
+        assert set(tail.tolist()) <= {2, 7}                 # folder classes mapped to the training classes
+    per = out["sources"].per_source()
+    assert {k: v["rows"] for k, v in per.items()} == {"real": 48, "diffA": 12, "diffB": 12}
+    assert (tmp_path / "run" / "sources.md").exists()
+    with pytest.raises(augplug.ConfigurationError, match="generated"):
+        _run(tmp_path / "bad", "--refiner", "off", "--generated", str(tmp_path / "diffA.npz"))
+
+
+def test_generated_images_become_model_inputs():
+    x = torch.rand(1, 8, 8)
+    tf = tt.ToModelInput(16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), in_chans=3)
+    out = tf(x)
+    up = torch.nn.functional.interpolate(x[None], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)[0]
+    expected = (up.expand(3, -1, -1) - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    torch.testing.assert_close(out, expected)
+    rgb = torch.rand(3, 16, 16)
+    torch.testing.assert_close(tt.ToModelInput(16, (0.5,), (0.5,), in_chans=1)(rgb), (rgb.mean(0, keepdim=True) - 0.5) / 0.5)
