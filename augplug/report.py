@@ -299,6 +299,46 @@ class AugmentationAudit:
         self.updates += 1
         return True
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The accumulated sums as plain Python values (checkpoint it, or gather it across processes)."""
+        def acc(a: _Acc):
+            return [a.rows, a.weight, a.kept, a.relabel, a.agreement]
+        return {"cells": [[t, c, *acc(a)] for (t, c), a in self._cells.items()],
+                "by_class": [[c, *acc(a)] for c, a in self._by_class.items()],
+                "total": acc(self._total), "updates": self.updates, "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the accumulated sums by those of :meth:`state_dict`."""
+        self.reset()
+        self.merge(state)
+
+    def merge(self, other: Union["AugmentationAudit", Mapping[str, Any]]) -> "AugmentationAudit":
+        """Add another audit's sums (or its :meth:`state_dict`) to this one, e.g. one per process:
+        ``audit.merge(s) for s in accelerator.gather_object([audit.state_dict()])[1:]``."""
+        state = other.state_dict() if isinstance(other, AugmentationAudit) else other
+        n = state.get("num_classes")
+        if n is not None and self.num_classes is not None and int(n) != self.num_classes:
+            raise ShapeError(f"cannot merge an audit over {n} classes into one over {self.num_classes}",
+                             "merge audits built with the same classes")
+
+        def add(a: _Acc, vals) -> None:
+            a.rows += int(vals[0])
+            a.weight += float(vals[1])
+            a.kept += int(vals[2])
+            a.relabel += int(vals[3])
+            a.agreement += float(vals[4])
+
+        for t, c, *vals in state["cells"]:
+            add(self._cells[(str(t), int(c))], vals)
+        for c, *vals in state["by_class"]:
+            add(self._by_class[int(c)], vals)
+        add(self._total, state["total"])
+        self.updates += int(state["updates"])
+        if self.num_classes is None and n is not None:
+            self.num_classes = int(n)
+        return self
+
     # ------------------------------------------------------------------ views
     @property
     def transforms(self) -> List[str]:

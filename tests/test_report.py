@@ -250,3 +250,27 @@ def test_audit_with_a_real_refiner():
     assert s["kept"] == pytest.approx(float(torch.cat(kept_all).mean()))
     assert s["relabel_rate"] == pytest.approx(float(torch.cat(relabel_all).mean()))
     assert 0 < s["kept"] < 1 and s["relabel_rate"] > 0
+
+
+def test_merge_and_state_dict_equal_one_audit():
+    """Two audits over halves of the calls, merged (or restored from a state), equal one audit over all."""
+    g = torch.Generator().manual_seed(6)
+    rng = random.Random(6)
+    calls = [(_fake_stats(g), _random_names(rng, 12), torch.randint(0, 4, (12,), generator=g)) for _ in range(6)]
+    whole, a, b = (AugmentationAudit(["a", "b", "c", "d"]) for _ in range(3))
+    for k, call in enumerate(calls):
+        whole.update(*call)
+        (a if k % 2 else b).update(*call)
+    merged = AugmentationAudit(["a", "b", "c", "d"]).merge(a).merge(b.state_dict())
+    for by in ("transform", "class", "transform_class"):
+        key = lambda r: (r.get("transform", ""), r.get("class", ""))  # noqa: E731
+        for r1, r2 in zip(sorted(whole.records(by), key=key), sorted(merged.records(by), key=key)):
+            assert r1.keys() == r2.keys()
+            for k in r1:
+                assert r1[k] == (r2[k] if isinstance(r2[k], str) else pytest.approx(r2[k], rel=1e-12))
+    restored = AugmentationAudit(["a", "b", "c", "d"])
+    restored.load_state_dict(whole.state_dict())
+    assert restored.records("transform_class") == whole.records("transform_class")
+    assert restored.summary() == whole.summary() and restored.updates == 6
+    with pytest.raises(ShapeError):
+        AugmentationAudit(num_classes=3).merge(whole)
