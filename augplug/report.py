@@ -314,8 +314,9 @@ class AugmentationAudit:
         self.merge(state)
 
     def merge(self, other: Union["AugmentationAudit", Mapping[str, Any]]) -> "AugmentationAudit":
-        """Add another audit's sums (or its :meth:`state_dict`) to this one, e.g. one per process:
-        ``audit.merge(s) for s in accelerator.gather_object([audit.state_dict()])[1:]``."""
+        """Add another audit's sums (or its :meth:`state_dict`) to this one. One audit per process,
+        combined: ``total = AugmentationAudit(classes)``, then ``total.merge(s)`` for each ``s`` in
+        ``accelerator.gather_object([audit.state_dict()])``."""
         state = other.state_dict() if isinstance(other, AugmentationAudit) else other
         n = state.get("num_classes")
         if n is not None and self.num_classes is not None and int(n) != self.num_classes:
