@@ -358,6 +358,8 @@ class AugmentationRefiner:
         snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream else None,
                     self.isda.state_snapshot() if self.isda is not None else None)
         try:
+            if self.isda is not None:  # reject bad ISDA inputs before a stateful policy runs
+                self.isda._check_inputs(ctx.features(), logits, y, self.head, update=torch.is_grad_enabled())
             weights, soft, scores = self.policy.refine(ctx)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
