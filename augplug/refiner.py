@@ -384,7 +384,8 @@ class AugmentationRefiner:
         if self._optimizer is None:
             self.step_count += 1
         self._capture.clear()
-        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.scored, ctx.refreshed)
+        # "active": the warm-up is over and the batch has rows to refine (for every method)
+        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and bool(aug.any()), ctx.refreshed)
         return loss
 
     def _normalise(self, weights: torch.Tensor, aug: torch.Tensor):
@@ -442,6 +443,7 @@ class AugmentationRefiner:
             "refreshed": bool(refreshed),
             "step": self.step_count,
             "weight_mean": float(wa.mean()) if wa.numel() else float("nan"),
+            "weight_std": float(wa.std(unbiased=False)) if wa.numel() else float("nan"),
             "kept_fraction": float((wa > 0).float().sum() / n),
             "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
             "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
