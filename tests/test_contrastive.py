@@ -353,7 +353,7 @@ def test_resume_bit_for_bit_and_global_rng():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return losses
 
     assert run(5) == run(5, resume_at=3)
