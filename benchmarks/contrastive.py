@@ -112,6 +112,51 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     return out
 
 
+def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0) -> Dict[str, float]:
+    """Step-time ratio of SAflex against a plain step (``method="none"``), interleaved in one process.
+
+    Same model, optimizer and batches (128 originals + 128 views of Fashion-MNIST-sized images) for
+    both; each round times one plain step and one SAflex step, in alternating order. Two settings:
+    class prompts (C-way) and pairs (B x B CLIP loss, the "texts" being each image's class embedding).
+    """
+    import statistics
+
+    from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
+    from augplug.models import SmallCNN
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * batch_size, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (2 * batch_size,), generator=g)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(1000, 1, 28, 28, generator=g),
+                                                                     torch.randint(0, 10, (1000,), generator=g)),
+                                      batch_size=500, shuffle=True)
+    out = {}
+    for setting in ("class prompts", "pairs"):
+        torch.manual_seed(seed)
+        enc, prompts = SmallCNN(1, EMBED, img_size=28), ClassEmbeddings(10, EMBED)
+        opt = torch.optim.AdamW(list(enc.parameters()) + list(prompts.parameters()), lr=1e-4)
+        kw = dict(class_prompts=torch.arange(10)) if setting == "class prompts" else {}
+        # optimizer=None: each refiner counts its own calls as updates (a shared optimizer's step hook
+        # would advance both refiners' refresh schedules on every step of either)
+        refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m, **kw) for m in ("none", "saflex")}
+        times = {m: [] for m in refs}
+        for k in range(steps + 4):
+            order = ("none", "saflex") if k % 2 == 0 else ("saflex", "none")
+            for m in order:
+                t0 = time.perf_counter()
+                loss = refs[m](x, y, num_original=batch_size)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if k >= 4:  # warm-up rounds are not timed
+                    times[m].append(time.perf_counter() - t0)
+        ratios = [b / a for a, b in zip(times["none"], times["saflex"])]
+        out[setting] = {"plain_ms": 1000 * statistics.median(times["none"]),
+                        "saflex_ms": 1000 * statistics.median(times["saflex"]),
+                        "ratio_median": statistics.median(ratios)}
+    return out
+
+
 def main(argv: List[str] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=tuple(ARM_CONFIGS))
@@ -122,9 +167,26 @@ def main(argv: List[str] = None) -> None:
                     help="ContrastiveRefiner option for the SAflex arms (e.g. beta=1)")
     ap.add_argument("--out", default="contrastive")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only measure the step-time ratio SAflex / plain (writes contrastive_overhead.md)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     set_threads(1)
+    if args.overhead:
+        res = measure_overhead()
+        rows = [[k, f"{v['plain_ms']:.0f}", f"{v['saflex_ms']:.0f}", f"{v['ratio_median']:.2f}"] for k, v in res.items()]
+        pre = (f"Command: `python -m benchmarks.contrastive {' '.join(argv)}`".strip() +
+               "\n\nSmallCNN image encoder (64-d) + 10 learnable class embeddings, 128 originals + 128 augmented "
+               "images (28×28) per step, AdamW; SAflex with augplug's defaults (validation gradient over 1,000 "
+               "images every 4 updates, forward-mode scores every step). 30 timed rounds after 4 warm-up rounds, "
+               "plain and SAflex steps interleaved in one process (1 thread, shared 2-core machine); the ratio is "
+               "the median of the per-round ratios.")
+        table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}_overhead.md",
+                                     ["setting", "plain step (ms, median)", "SAflex step (ms, median)",
+                                      "ratio SAflex / plain"], rows, title="Contrastive refiner: step-time overhead",
+                                     preamble=pre)
+        print(table)
+        return
     from .quality import load_study
 
     overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
