@@ -31,7 +31,14 @@ CASES = {
     "saflex": dict(refresh_every=1, seed=3),
     "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
+    "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
 }
+
+
+def _isda_state(refiner):
+    if refiner.isda is None:
+        return {}
+    return {k: t.detach().clone() for k, t in refiner.isda.state_dict().items() if torch.is_tensor(t)}
 
 
 def _worker(out_dir: str, case: str) -> None:
@@ -60,6 +67,7 @@ def _worker(out_dir: str, case: str) -> None:
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
         opt.step()
     out["step_count"] = refiner.step_count
+    out["isda"] = _isda_state(refiner)
     torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
 
 
@@ -88,6 +96,7 @@ def _single_process(case):
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
         opt.step()
     out["step_count"] = refiner.step_count
+    out["isda"] = _isda_state(refiner)
     return out
 
 
@@ -109,3 +118,10 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
             for n, g in one[f"grad{step}"].items():
                 torch.testing.assert_close(r[f"grad{step}"][n], g, rtol=1e-4, atol=1e-6)
     assert all(r["step_count"] == one["step_count"] == 2 for r in ranks)
+    # ISDA's class statistics are identical on every process and equal those of one process
+    if case.endswith("isda"):
+        assert one["isda"] and float(one["isda"]["count"].sum()) > 0
+        for r in ranks:
+            assert r["isda"].keys() == one["isda"].keys()
+            for k, t in one["isda"].items():
+                torch.testing.assert_close(r["isda"][k], t, rtol=1e-5, atol=1e-6)
