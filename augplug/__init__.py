@@ -11,10 +11,11 @@ from .errors import (AugplugError, ClassCountMismatchError, ConfigurationError, 
                      ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
                      UnsupportedModelError, ValidationFailed, validate)
 from .heads import find_classifier, unwrap_model
-from .methods import L2RW, SAFLEX_PAPER, NoRefinement, Policy, SAflex
+from .isda import ISDALoss
+from .methods import L2RW, SAFLEX_PAPER, NoRefinement, Policy, RefineContext, SAflex
 from .refiner import DEFAULTS, AugmentationRefiner
 
-__all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "SAFLEX_PAPER", "functional", "Policy", "SAflex", "L2RW",
+__all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "SAFLEX_PAPER", "functional", "Policy", "RefineContext", "SAflex", "L2RW", "ISDALoss",
            "NoRefinement", "find_classifier", "unwrap_model", "validate", "AugplugError", "ConfigurationError",
            "UnsupportedHeadError", "UnsupportedModelError", "TargetError", "ClassCountMismatchError",
            "ShapeError", "NonFiniteError", "EmptyValidationError", "ModelModeError", "ValidationFailed"]
