@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -169,7 +170,7 @@ def overhead(args, argv: List[str]) -> None:
                      f"{r['loss_fwd_ms']:.1f}", f"{r['stats_mib']:.2f}", f"{r['rss_plain_mib']:.0f}",
                      f"{r['rss_peak_mib']:.0f}"])
     pre = "\n".join([
-        f"Command: `python -m benchmarks.isda {' '.join(argv)}`",
+        f"Command: `python -m benchmarks.isda {shlex.join(argv)}`",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores visible, shared with other jobs; torch threads: 1",
@@ -239,7 +240,7 @@ def quality(args, argv: List[str]) -> None:
         rows.append([arm, fmt_mean_std([r["test_acc"] for r in rs]), " ".join(f"{100 * r['test_acc']:.2f}" for r in rs),
                      f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = "\n".join([
-        f"Command: `python -m benchmarks.isda {' '.join(argv)}`",
+        f"Command: `python -m benchmarks.isda {shlex.join(argv)}`",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time {time.perf_counter() - t0:.0f} s "
         f"with {args.workers} worker process(es), one torch thread each, on a shared 2-core CPU",
