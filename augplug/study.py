@@ -31,7 +31,7 @@ from torch import nn
 from .models import SmallCNN
 from .refiner import AugmentationRefiner
 
-__all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_auc"]
+__all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_auc", "accuracy"]
 
 
 @dataclass
@@ -116,7 +116,8 @@ def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode (the model is put back in train mode)."""
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -181,7 +182,7 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
             loss.backward()
             opt.step()
             sched.step()
-    out = {"test_acc": _evaluate(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
+    out = {"test_acc": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
     if rec["w"]:
         w, agree = torch.cat(rec["w"]).numpy(), torch.cat(rec["agree"]).numpy()
         clean, rt = torch.cat(rec["clean"]).numpy(), torch.cat(rec["relabel_true"]).numpy()

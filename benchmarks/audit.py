@@ -45,9 +45,9 @@ import torch
 from augplug import SAFLEX_PAPER, AugmentationRefiner
 from augplug.models import SmallCNN
 from augplug.report import NAME_SEP, AugmentationAudit, TracedRandAugment
-from augplug.study import corrupt_views
+from augplug.study import accuracy, corrupt_views
 
-from .common import results_dir, set_threads
+from .common import parse_value, results_dir, set_threads
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
 
 ARMS = {"saflex": {}, "saflex-paper": dict(SAFLEX_PAPER)}
@@ -80,16 +80,6 @@ def make_traced_bank(images_u8: torch.Tensor, aa: str, views: int, seed: int):
 
 def _norm(u8: torch.Tensor) -> torch.Tensor:
     return ((u8.float() / 255 - FMNIST_MEAN) / FMNIST_STD).unsqueeze(-3)
-
-
-def _accuracy(model, x, y, batch: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    model.train()
-    return correct / len(y)
 
 
 def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overrides: Dict) -> Dict:
@@ -131,7 +121,7 @@ def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overri
             ops.update(refiner.stats, op_names, y, rows=clean_rows)
             control.update(refiner.stats, [CONTROL_WRONG if t else CONTROL_CLEAN for t in w.tolist()], y)
         print(f"  {arm}: epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    acc = _accuracy(model, data["x_test"], data["y_test"])
+    acc = accuracy(model, data["x_test"], data["y_test"])
     return {"ops": ops, "control": control, "test_acc": acc, "seconds": time.perf_counter() - t0}
 
 
@@ -173,7 +163,7 @@ def run_sources(arm: str, data: Dict, args, overrides: Dict) -> Dict:
             sched.step()
             audit.update(refiner.stats, mb.source_ids, mb.targets)
         print(f"  {arm}: epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    return {"audit": audit, "test_acc": _accuracy(model, data["x_test"], data["y_test"]),
+    return {"audit": audit, "test_acc": accuracy(model, data["x_test"], data["y_test"]),
             "seconds": time.perf_counter() - t0}
 
 
@@ -234,13 +224,6 @@ def sources_study(args, argv: List[str], overrides: Dict) -> Dict:
     return results
 
 
-def _parse_value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None, "inf": float("inf")}.get(s.lower(), s)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -266,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     set_threads(1)
     valid = SOURCE_ARMS if args.study == "sources" else ARMS
     args.arms = args.arms or list(valid)

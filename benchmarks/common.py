@@ -26,6 +26,16 @@ __all__ = [
 _BENCH_DIR = Path(__file__).resolve().parent
 
 
+def parse_value(s: str):
+    """A command-line ``KEY=VALUE`` value: int, float (``inf`` too), true / false / none, or the string."""
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
+
+
 def results_dir() -> Path:
     """Return ``benchmarks/results`` (created if missing)."""
     path = _BENCH_DIR / "results"

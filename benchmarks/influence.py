@@ -39,6 +39,7 @@ from augplug.augment.augnet import (AugmentationNetwork, InfluenceAugTrainer, fe
                                     heuristic_augment)
 from augplug.methods.influence import InfluenceScorer
 from augplug.models import SmallCNN
+from augplug.study import accuracy as evaluate
 
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
 
@@ -56,16 +57,6 @@ def load(fraction: float, seed: int):
     sp = fashion_mnist_splits(n_train, n_val, seed=seed)
     norm = lambda u8: ((u8.float() / 255 - MEAN) / STD).unsqueeze(1)  # noqa: E731
     return {k: (norm(x), y) for k, (x, y) in sp.items()}
-
-
-def evaluate(model, x, y, batch: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    model.train()
-    return correct / len(y)
 
 
 def train_classifier(data, seed: int, epochs: int, *, views: Optional[str] = None, augnet=None,

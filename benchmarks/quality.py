@@ -26,7 +26,7 @@ from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
-from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 MEAN, STD = 0.2860, 0.3530
 #: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
@@ -44,13 +44,6 @@ ARMS = tuple(ARM_CONFIGS)
 SETTINGS = ("orig+aug", "aug-only")
 
 
-def _parse_value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
 def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 4, noise: float = 0.3,
@@ -111,7 +104,7 @@ def main(argv: List[str] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: _parse_value(v) for k, v in overrides.items()}
+    overrides = {k: parse_value(v) for k, v in overrides.items()}
     for seed in args.seeds:  # build the view banks once, before the workers start
         load_study(seed, n_train=args.n_train)
     extra = {"norm": args.norm, "noise_kind": args.noise_kind, "n_train": args.n_train}
