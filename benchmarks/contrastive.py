@@ -8,8 +8,8 @@ the "texts" are 10 learnable class embeddings (:class:`augplug.contrastive.Class
 logits are cosine similarities times ``exp(logit_scale)`` (fixed, CLIP's initial ``1/0.07``). Every
 arm trains with that contrastive (C-way) loss through :class:`augplug.contrastive.ContrastiveRefiner`,
 on originals plus one augmented view per image; test accuracy is the argmax over the class
-embeddings. Arms: ``none`` (originals only), ``upstream`` (``method="none"``), ``saflex`` (augplug's
-defaults), ``saflex-paper`` (``augplug.SAFLEX_PAPER``).
+embeddings. Arms (the first three by default): ``none`` (originals only), ``upstream``
+(``method="none"``), ``saflex`` (augplug's defaults), ``saflex-paper`` (``augplug.SAFLEX_PAPER``).
 
     python -m benchmarks.contrastive                       # none / upstream / saflex, seeds 0 1 2
     python -m benchmarks.contrastive --arms saflex --seeds 0 --epochs 3 --no-save
