@@ -50,7 +50,7 @@ from .heads import unwrap_model
 from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
 from .refiner import DEFAULTS, unwrap_optimizer
 from .rng import PrivateRNG
-from .scores import GradSum, scoring_mode
+from .scores import GradSum, preserved_parameters, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
 from .validation import ValidationStream
 
@@ -206,7 +206,8 @@ def contrastive_scores(model: DualEncoder, images, texts, v: Dict[str, torch.Ten
     dev = next(iter(named.values())).device.type if named else "cpu"
     with torch.no_grad(), scoring_mode(net, bn), torch.autocast(dev, enabled=False), fwAD.dual_level():
         duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
-        s = functional_call(net, duals, (images, texts), strict=False)
+        with preserved_parameters(net):
+            s = functional_call(net, duals, (images, texts), strict=False)
         out = {}
         for d in directions:
             tangent = fwAD.unpack_dual(_log_probs(s, d)).tangent

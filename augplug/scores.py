@@ -41,6 +41,7 @@ from .heads import unwrap_model
 __all__ = [
     "SCORE_MODES",
     "scoring_mode",
+    "preserved_parameters",
     "GradSum",
     "validation_gradient",
     "last_layer_scores",
@@ -84,6 +85,23 @@ def scoring_mode(model: nn.Module, bn: str = "eval"):
                     getattr(m, name).copy_(b)
         for m, flag in flags:
             m.training = flag
+
+
+@contextmanager
+def preserved_parameters(model: nn.Module):
+    """Put every module's own parameter objects back after a ``functional_call``.
+
+    With a submodule registered under two names (``nn.Sequential(lin, act, lin)``, tied layers),
+    ``torch.func.functional_call`` can leave plain tensors without ``requires_grad`` in place of the
+    parameters, which would silently stop their training.
+    """
+    saved = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
+    try:
+        yield
+    finally:
+        for m, name, p in saved:
+            if m._parameters.get(name) is not p:
+                m._parameters[name] = p
 
 
 @dataclass
@@ -193,7 +211,8 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
         duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
         if torch.is_tensor(inputs) and inputs.is_floating_point():
             inputs = inputs.to(next(iter(named.values())).dtype)
-        out = functional_call(net, duals, (inputs,), strict=False)
+        with preserved_parameters(net):
+            out = functional_call(net, duals, (inputs,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
         logp = F.log_softmax(out.float(), -1)

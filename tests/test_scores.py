@@ -197,3 +197,18 @@ def test_timm_resnet_with_batchnorm_matches_oracle():
     assert all(torch.equal(before[k], m.state_dict()[k]) for k in before)
     m.eval()
     assert rel_err(g, brute_force_class_scores(m, x, v, C)) <= 1e-4
+
+
+def test_full_scores_keep_shared_submodules_trainable():
+    # one nn.Linear registered under two names: the forward-mode pass must leave it a trainable Parameter
+    from augplug.scores import double_backward_scores, full_scores
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(5, 4)
+    g = full_scores(model, x, v)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    assert model[0].weight is lin.weight and model[2].weight is lin.weight
+    torch.testing.assert_close(g, double_backward_scores(model, x, v), rtol=1e-4, atol=1e-6)
