@@ -29,7 +29,7 @@ import torch
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 EMBED = 64
 ARM_CONFIGS = {
@@ -41,13 +41,6 @@ ARM_CONFIGS = {
 ARMS = ("none", "upstream", "saflex")  # default arms; saflex-paper runs with --arms
 
 
-def _parse_value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
 def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr: float = 2e-3,
@@ -192,7 +185,7 @@ def main(argv: List[str] = None) -> None:
         return
     from .quality import load_study
 
-    overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     results: Dict = {}
     t0 = time.perf_counter()
     for seed in args.seeds:

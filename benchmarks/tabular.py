@@ -23,13 +23,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 DATASETS = ("letter", "spambase")
 VAL_SIZE = {"letter": 1000, "spambase": 400}
@@ -90,13 +89,6 @@ Spambase (seeds 0, 1, 2, 40 epochs, first version of the arms): none 94.67 ± 1.
 """
 
 
-def _parse_value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
 def load_splits(name: str, seed: int):
@@ -191,7 +183,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    overrides = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     jobs = [(d, a, s, args.epochs or EPOCHS[d], overrides)
             for d in args.datasets for a in args.arms for s in args.seeds]
     results: Dict = {}
