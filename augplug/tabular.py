@@ -24,7 +24,7 @@ The transform draws every random number from its own ``torch.Generator`` (seeded
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F

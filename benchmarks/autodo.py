@@ -217,7 +217,7 @@ def main(argv: List[str] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     set_threads(1)
-    lines = [f"# AutoDO: biased, noisy Fashion-MNIST", "", f"Command: `python -m benchmarks.autodo {' '.join(argv)}`".strip(), ""]
+    lines = ["# AutoDO: biased, noisy Fashion-MNIST", "", f"Command: `python -m benchmarks.autodo {' '.join(argv)}`".strip(), ""]
     if args.part in ("all", "quality"):
         results: Dict[str, List[Dict]] = {}
         sizes = None

@@ -201,7 +201,7 @@ def test_class_prompts_reduce_to_c_way_classification():
     opt = torch.optim.SGD(list(img.parameters()) + list(prompts.parameters()), lr=0.1)
     r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0)
     img.train()
-    loss = r(x, y)
+    r(x, y)
     assert r.stats["logits"].shape == (10, 4) and r.directions == ("image_to_text",)
     v = r.validation_direction
     assert "text.weight" in v

@@ -42,7 +42,7 @@ soft-label initialisation happens on a point's first visit unless ``labels=`` is
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
