@@ -6,7 +6,8 @@
         integrations/accelerate_train.py                                             # 2 CPU processes
 
 Data: scikit-learn's bundled digits with a label-breaking RandAugment view bank (the package demo's
-setting); every batch holds originals followed by one augmented view of each. What the script shows:
+setting); every batch holds originals followed by one augmented view of each (with
+``--refiner autodo``: the originals through AutoDO's learned augmentation). What the script shows:
 
 - the refiner built with ``accelerator=``: extra forwards under ``accelerator.autocast()``, the
   refiner's state saved and restored by ``accelerator.save_state`` / ``load_state``;
@@ -118,11 +119,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         loss_sum, batches = 0.0, 0
         for xo, xa, yo, ya, idx in train_loader:
             with acc.accumulate(model):
-                n = xo.shape[0]
                 if args.refiner == "autodo":
-                    xa = refiner.augment(xa, idx)
-                logits = model(torch.cat([xo, xa]))
-                loss = refiner(logits, torch.cat([yo, ya]), num_original=n, index=torch.cat([idx, idx]))
+                    # AutoDO learns its own per-point augmentation of the originals (one row per point)
+                    loss = refiner(model(refiner.augment(xo, idx)), yo, index=idx)
+                else:
+                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=xo.shape[0],
+                                   index=torch.cat([idx, idx]))
                 acc.backward(loss)
                 opt.step()
                 sched.step()

@@ -125,3 +125,40 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
             assert r["isda"].keys() == one["isda"].keys()
             for k, t in one["isda"].items():
                 torch.testing.assert_close(r["isda"][k], t, rtol=1e-5, atol=1e-6)
+
+
+def _autodo_worker(out_dir: str) -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == WORLD
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, method="autodo", refresh_every=1, accelerator=acc,
+                                  method_options=dict(num_points=WORLD * ROWS, num_classes=C, models="WS",
+                                                      augment="off", hyper_lr=0.5))
+    r = acc.process_index
+    for step in range(3):
+        # each process sees different points; the second half of the points changes owner every step
+        rows = torch.arange(ROWS) + r * ROWS if step % 2 == 0 else torch.arange(ROWS) * WORLD + r
+        loss = refiner(model(x[rows]), y[rows], index=rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: t.clone() for k, t in refiner.policy.tables.state_dict().items() if torch.is_tensor(t)}
+    torch.save(state, os.path.join(out_dir, f"autodo{r}.pt"))
+
+
+def test_autodo_tables_identical_across_processes(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_autodo_worker, args=(str(tmp_path),), num_processes=WORLD)
+    a, b = (torch.load(tmp_path / f"autodo{r}.pt", weights_only=True) for r in range(WORLD))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # every point was updated (by the process that held it), and not trivially
+    assert bool((a["weight_logits"] != 0).all())

@@ -329,10 +329,49 @@ class AutoDO(Policy):
             denom = coef.new_tensor(float(r.orig_weight * int((~aug).sum()) + r.aug_weight * int(aug.sum())))
         return coef, denom
 
+    @staticmethod
+    def _gather_updates(idx, new, lab_logits, labels, grads):
+        """Every process's table updates of this call, merged (rows of several processes summed).
+
+        Returns ``(rows_new, lab_logits_new, labels_new, grads)`` for the global batch; ``grads``
+        keeps the layout of :meth:`_hypergradients` with unique rows.
+        """
+        import torch.distributed as dist
+
+        def cpu(t):
+            return None if t is None else t.detach().cpu()
+
+        mine = {"rows_new": cpu(idx[new]), "lab_new": cpu(lab_logits[new]), "labels_new": cpu(labels[new]),
+                "idx": cpu(idx), "grads": None if grads is None else {
+                    "W": cpu(grads["W"]), "S": cpu(grads["S"]),
+                    "A": None if grads.get("A") is None else tuple(cpu(t) for t in grads["A"])}}
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        dev = idx.device
+        rows_new = torch.cat([p["rows_new"] for p in parts]).to(dev)
+        lab_new = torch.cat([p["lab_new"] for p in parts]).to(dev)
+        labels_new = torch.cat([p["labels_new"] for p in parts]).to(dev)
+        if grads is None:
+            return rows_new, lab_new, labels_new, None
+
+        def summed(rows, g):
+            uniq, inv = torch.unique(rows, return_inverse=True)
+            out = torch.zeros((uniq.shape[0],) + tuple(g.shape[1:]), dtype=g.dtype).index_add_(0, inv, g)
+            return uniq.to(dev), out.to(dev)
+
+        all_idx = torch.cat([p["idx"] for p in parts])
+        rows, g_w = summed(all_idx, torch.cat([p["grads"]["W"] for p in parts]))
+        _, g_s = summed(all_idx, torch.cat([p["grads"]["S"] for p in parts]))
+        merged = {"W": g_w, "S": g_s, "rows": rows}
+        a_parts = [p["grads"]["A"] for p in parts if p["grads"]["A"] is not None]
+        if a_parts:
+            a_rows = torch.cat([a[0] for a in a_parts])
+            uniq, g_gate = summed(a_rows, torch.cat([a[1] for a in a_parts]))
+            _, g_mag = summed(a_rows, torch.cat([a[2] for a in a_parts]))
+            merged["A"] = (uniq, g_gate, g_mag)
+        return rows_new, lab_new, labels_new, merged
+
     def refine(self, ctx: RefineContext):
-        if dist_world_size() > 1:
-            raise ConfigurationError("AutoDO's per-point tables are not synchronised across processes",
-                                     "train AutoDO in a single process")
         idx = self.check_index(ctx.index, ctx.batch)
         y = ctx.targets
         dev = y.device
@@ -357,18 +396,25 @@ class AutoDO(Policy):
             grads, scores, extra = self._hypergradients(ctx, w_logits, lab_logits, pending)
             stats.update(extra)
 
-        # commit: first-visit labels, then the lazy RMSprop step
-        if bool(new.any()):
-            rows_new = idx[new]
-            t.label_logits.index_copy_(0, rows_new, lab_logits[new])
-            t.given_labels.index_copy_(0, rows_new, y[new].argmax(-1))
+        # commit: first-visit labels, then the lazy RMSprop step; in a process group the updates of
+        # every process are merged first, so all processes keep identical tables
+        upd_rows = idx
+        if dist_world_size() > 1:
+            rows_new, lab_new, labels_new, grads = self._gather_updates(idx, new, lab_logits, y.argmax(-1), grads)
+            if grads is not None:
+                upd_rows = grads.pop("rows")
+        else:
+            rows_new, lab_new, labels_new = idx[new], lab_logits[new], y[new].argmax(-1)
+        if rows_new.numel():
+            t.label_logits.index_copy_(0, rows_new, lab_new.to(t.label_logits.dtype))
+            t.given_labels.index_copy_(0, rows_new, labels_new.to(t.given_labels.dtype))
         if grads is not None:
             opt = dict(alpha=self.rms_alpha, eps=self.rms_eps)
             lr = self.hyper_lr
             if "W" in self.models:
-                lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, idx, grads["W"], lr=lr["W"], **opt)
+                lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, upd_rows, grads["W"], lr=lr["W"], **opt)
             if "S" in self.models:
-                lazy_rmsprop_(t.label_logits, t.rms_label_logits, idx, grads["S"], lr=lr["S"], **opt)
+                lazy_rmsprop_(t.label_logits, t.rms_label_logits, upd_rows, grads["S"], lr=lr["S"], **opt)
             if "A" in self.models and grads.get("A") is not None:
                 rows, g_gate, g_mag = grads["A"]
                 lazy_rmsprop_(t.gate_logits, t.rms_gate_logits, rows, g_gate, lr=lr["A"], **opt)
