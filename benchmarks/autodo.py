@@ -76,7 +76,8 @@ def autodo_options(arm: str, n: int, steps_per_epoch: int, args) -> Dict:
     models = {"W": "W", "W+S": "WS", "A+W+S": "AWS"}[arm]
     return dict(num_points=n, num_classes=10, models=models, augment="per_point" if "A" in models else "off",
                 hyper_lr=args.hyper_lr, start_step=int(args.start_epoch * steps_per_epoch), loss=args.loss,
-                alpha=args.alpha, neumann_steps=args.neumann_steps)
+                alpha=args.alpha, neumann_steps=args.neumann_steps, init_gate_prob=args.init_gate_prob,
+                init_magnitude=args.init_magnitude)
 
 
 def run(data, arm: str, seed: int, args) -> Dict[str, float]:
@@ -211,6 +212,8 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--loss", default="ce", choices=("ce", "sym_kl"))
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--neumann-steps", type=int, default=5)
+    ap.add_argument("--init-gate-prob", type=float, default=0.2, help="A+W+S: initial probability of each operation")
+    ap.add_argument("--init-magnitude", type=float, default=0.5, help="A+W+S: initial magnitude scale")
     ap.add_argument("--overhead-steps", type=int, default=30)
     ap.add_argument("--out", default="autodo")
     ap.add_argument("--no-save", action="store_true")
@@ -258,7 +261,7 @@ def main(argv: List[str] = None) -> None:
         aug = [r for r in results.get("A+W+S", [])]
         if aug:
             ops = [k for k in aug[0] if k.startswith("p_")]
-            lines += ["", "Mean learned gate probability (A+W+S, start 0.2): " +
+            lines += ["", f"Mean learned gate probability (A+W+S, start {args.init_gate_prob}): " +
                       ", ".join(f"{k[2:]} {np.mean([r[k] for r in aug]):.3f}" for k in ops) + "."]
         if not args.no_save:
             ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
