@@ -48,7 +48,7 @@ from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, N
                      TargetError)
 from .heads import unwrap_model
 from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
-from .refiner import DEFAULTS, unwrap_optimizer
+from .refiner import DEFAULTS, load_shell_state, shell_state, unwrap_optimizer
 from .rng import PrivateRNG
 from .scores import GradSum, preserved_parameters, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
@@ -68,7 +68,6 @@ __all__ = [
 
 #: The two readings of a similarity matrix: rows (image→text) and columns (text→image).
 DIRECTIONS = ("image_to_text", "text_to_image")
-_STATE_VERSION = 1
 
 
 def _first(out):
@@ -632,34 +631,10 @@ class ContrastiveRefiner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-for-bit (with the encoders' and optimizer's own state)."""
-        return {
-            "version": _STATE_VERSION,
-            "method": self.method,
-            "step_count": self.step_count,
-            "calls": self.calls,
-            "v": None if self._v is None else {k: t.detach().clone() for k, t in self._v.items()},
-            "v_step": self._v_step,
-            "val_loss": self._val_loss,
-            "rng_state": self._rng.state.clone(),
-            "stream": self._stream.state_dict() if self._stream is not None else None,
-        }
+        return shell_state(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
-                                     "load a state saved by this version of augplug")
-        if state.get("method") != self.method:
-            raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is {self.method!r}",
-                                     "build the refiner with the same method before loading")
-        dev = self._device()
-        self.step_count = int(state["step_count"])
-        self.calls = int(state["calls"])
-        self._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
-        self._v_step = int(state["v_step"])
-        self._val_loss = float(state["val_loss"])
-        self._rng.state = state["rng_state"].clone().cpu()
-        if self._stream is not None and state.get("stream") is not None:
-            self._stream.load_state_dict(state["stream"])
+        load_shell_state(self, state)
 
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "

@@ -52,6 +52,40 @@ DEFAULTS: Dict[str, Any] = dict(
 _STATE_VERSION = 1
 
 
+def shell_state(refiner) -> Dict[str, Any]:
+    """The resumable state every refiner shell keeps: counters, cached direction, RNG, stream."""
+    return {
+        "version": _STATE_VERSION,
+        "method": refiner.method,
+        "step_count": refiner.step_count,
+        "calls": refiner.calls,
+        "v": None if refiner._v is None else {k: t.detach().clone() for k, t in refiner._v.items()},
+        "v_step": refiner._v_step,
+        "val_loss": refiner._val_loss,
+        "rng_state": refiner._rng.state.clone(),
+        "stream": refiner._stream.state_dict() if refiner._stream is not None else None,
+    }
+
+
+def load_shell_state(refiner, state: Dict[str, Any]) -> None:
+    """Restore :func:`shell_state` (checked first: a mismatched state changes nothing)."""
+    if state.get("version") != _STATE_VERSION:
+        raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
+                                 "load a state saved by this version of augplug")
+    if state.get("method") != refiner.method:
+        raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is "
+                                 f"{refiner.method!r}", "build the refiner with the same method before loading")
+    dev = refiner._device()
+    refiner.step_count = int(state["step_count"])
+    refiner.calls = int(state["calls"])
+    refiner._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
+    refiner._v_step = int(state["v_step"])
+    refiner._val_loss = float(state["val_loss"])
+    refiner._rng.state = state["rng_state"].clone().cpu()
+    if refiner._stream is not None and state.get("stream") is not None:
+        refiner._stream.load_state_dict(state["stream"])
+
+
 def unwrap_optimizer(optimizer):
     """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
     seen = set()
@@ -460,35 +494,13 @@ class AugmentationRefiner:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-for-bit (with the model's and optimizer's own state)."""
         return {
-            "version": _STATE_VERSION,
-            "method": self.method,
-            "step_count": self.step_count,
-            "calls": self.calls,
-            "v": None if self._v is None else {k: t.detach().clone() for k, t in self._v.items()},
-            "v_step": self._v_step,
-            "val_loss": self._val_loss,
-            "rng_state": self._rng.state.clone(),
-            "stream": self._stream.state_dict() if self._stream is not None else None,
+            **shell_state(self),
             "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
             "isda": self.isda.state_dict() if self.isda is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
-                                     "load a state saved by this version of augplug")
-        if state.get("method") != self.method:
-            raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is {self.method!r}",
-                                     "build the refiner with the same method before loading")
-        dev = self._device()
-        self.step_count = int(state["step_count"])
-        self.calls = int(state["calls"])
-        self._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
-        self._v_step = int(state["v_step"])
-        self._val_loss = float(state["val_loss"])
-        self._rng.state = state["rng_state"].clone().cpu()
-        if self._stream is not None and state.get("stream") is not None:
-            self._stream.load_state_dict(state["stream"])
+        load_shell_state(self, state)
         if state.get("policy") is not None and hasattr(self.policy, "load_state_dict"):
             self.policy.load_state_dict(state["policy"])
         if state.get("isda") is not None and self.isda is not None:
