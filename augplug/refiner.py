@@ -22,7 +22,7 @@ from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
-from .methods import POLICIES, Policy, SAflex
+from .methods import POLICIES, Policy, SAflex, renormalize
 from .methods.base import RefineContext
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
@@ -428,16 +428,25 @@ class AugmentationRefiner:
         Each process returns ``sum_local / (denominator_global / world)``; data-parallel gradient
         averaging then yields exactly the loss of one process holding the whole global batch.
         """
+        renorm = self.weight_norm == "augmented" and self.policy.refiner_renormalizes
+        world = dist_world_size()
+        if world == 1:  # one process: plain fp32 arithmetic on the batch
+            if renorm and bool(aug.any()):
+                weights = weights.clone()
+                weights[aug] = renormalize(weights[aug])
+            n_aug = int(aug.sum())
+            if self.weight_norm == "batch":
+                coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
+                return weights, coef.sum().clamp_min(1e-12)
+            return weights, self.orig_weight * (aug.shape[0] - n_aug) + self.aug_weight * n_aug
         batch, n_aug = aug.shape[0], aug.sum()
         w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
         orig_coef = self.orig_weight * (batch - n_aug)
         stats = torch.stack([w_aug.double(), n_aug.double(), torch.as_tensor(orig_coef, dtype=torch.float64,
                                                                            device=weights.device)]).cpu()
-        world = dist_world_size()
-        if world > 1:
-            all_reduce_sum_([stats])
+        all_reduce_sum_([stats])
         w_sum, n_all, orig_all = (float(t) for t in stats)
-        if self.weight_norm == "augmented" and self.policy.refiner_renormalizes and n_aug:
+        if renorm and n_aug:
             weights = weights.clone()
             weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0
             w_sum = n_all if w_sum > 0 else 0.0
