@@ -48,9 +48,9 @@ from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, N
                      TargetError)
 from .heads import unwrap_model
 from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
-from .refiner import DEFAULTS, load_shell_state, shell_state, unwrap_optimizer
+from .refiner import DEFAULTS, check_shell_options, load_shell_state, shell_state, unwrap_optimizer
 from .rng import PrivateRNG
-from .scores import GradSum, preserved_parameters, scoring_mode
+from .scores import GradSum, forward_mode_duals, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
 from .validation import ValidationStream
 
@@ -197,16 +197,11 @@ def contrastive_scores(model: DualEncoder, images, texts, v: Dict[str, torch.Ten
     """
     directions = _check_directions(directions)
     net = unwrap_model(model)
-    named = dict(net.named_parameters())
-    unknown = [n for n in v if n not in named]
-    if unknown:
-        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}",
-                                 "compute it with contrastive_validation_gradient on this model")
-    dev = next(iter(named.values())).device.type if named else "cpu"
-    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(dev, enabled=False), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
-        with preserved_parameters(net):
-            s = functional_call(net, duals, (images, texts), strict=False)
+    first = next(net.parameters(), None)
+    dev = first.device.type if first is not None else "cpu"
+    with forward_mode_duals(net, v, bn=bn, device_type=dev,
+                            fix="compute it with contrastive_validation_gradient on this model") as duals:
+        s = functional_call(net, duals, (images, texts), strict=False)
         out = {}
         for d in directions:
             tangent = fwAD.unpack_dual(_log_probs(s, d)).tangent
@@ -355,18 +350,7 @@ class ContrastiveRefiner:
                  prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
                  threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True):
         self.directions = _check_directions(directions)
-        if int(refresh_every) < 1:
-            raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
-        if val_batches != "all" and int(val_batches) < 1:
-            raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
-        if bn_mode not in ("eval", "train"):
-            raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
-        if weight_norm not in ("augmented", "batch", "none"):
-            raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
-                                     "use 'augmented' (the paper) or 'batch'")
-        if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
-            raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
-                                     "use orig_weight=1, aug_weight=1")
+        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         if isinstance(method, Policy):
             self.policy = method
         elif method == "saflex":

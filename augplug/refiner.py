@@ -52,6 +52,23 @@ DEFAULTS: Dict[str, Any] = dict(
 _STATE_VERSION = 1
 
 
+def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: str, orig_weight: float,
+                        aug_weight: float) -> None:
+    """Reject invalid options shared by every refiner shell (before anything is built)."""
+    if int(refresh_every) < 1:
+        raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
+    if val_batches != "all" and int(val_batches) < 1:
+        raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
+    if bn_mode not in ("eval", "train"):
+        raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
+    if weight_norm not in ("augmented", "batch", "none"):
+        raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
+                                 "use 'augmented' (the paper) or 'batch'")
+    if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
+        raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
+                                 "use orig_weight=1, aug_weight=1")
+
+
 def shell_state(refiner) -> Dict[str, Any]:
     """The resumable state every refiner shell keeps: counters, cached direction, RNG, stream."""
     return {
@@ -177,18 +194,7 @@ class AugmentationRefiner:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
         if val_params not in ("all", "head"):
             raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
-        if int(refresh_every) < 1:
-            raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
-        if val_batches != "all" and int(val_batches) < 1:
-            raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
-        if bn_mode not in ("eval", "train"):
-            raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
-        if weight_norm not in ("augmented", "batch", "none"):
-            raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
-                                     "use 'augmented' (the paper) or 'batch'")
-        if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
-            raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
-                                     "use orig_weight=1, aug_weight=1")
+        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         if isinstance(method, Policy):
             self.policy = method
         elif method == "saflex":

@@ -42,6 +42,7 @@ __all__ = [
     "SCORE_MODES",
     "scoring_mode",
     "preserved_parameters",
+    "forward_mode_duals",
     "GradSum",
     "validation_gradient",
     "last_layer_scores",
@@ -102,6 +103,23 @@ def preserved_parameters(model: nn.Module):
         for m, name, p in saved:
             if m._parameters.get(name) is not p:
                 m._parameters[name] = p
+
+
+@contextmanager
+def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, device_type: str, fix: str):
+    """Dual parameters ``name -> make_dual(param, v[name])`` for one forward-mode pass of ``net``.
+
+    Inside: no grad, dropout off and BatchNorm in ``bn`` mode (buffers restored), autocast off (its
+    casts drop tangents), a dual level, and the model's own parameters put back on exit. Raises
+    :class:`ConfigurationError` with ``fix`` when ``v`` names parameters ``net`` does not have.
+    """
+    named = dict(net.named_parameters())
+    unknown = [n for n in v if n not in named]
+    if unknown:
+        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}", fix)
+    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), fwAD.dual_level(), \
+            preserved_parameters(net):
+        yield {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
 
 
 @dataclass
@@ -201,18 +219,12 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
     does not carry the tangent, so mixed precision is not used for the forward-mode pass.
     """
     net = unwrap_model(model)
-    named = dict(net.named_parameters())
-    missing = [n for n in v if n not in named]
-    if missing:
-        raise ConfigurationError(f"validation direction names unknown parameters {missing[:3]}",
-                                 "compute the validation gradient on this model")
     device_type = inputs.device.type if torch.is_tensor(inputs) else "cpu"
-    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+    with forward_mode_duals(net, v, bn=bn, device_type=device_type,
+                            fix="compute the validation gradient on this model") as duals:
         if torch.is_tensor(inputs) and inputs.is_floating_point():
-            inputs = inputs.to(next(iter(named.values())).dtype)
-        with preserved_parameters(net):
-            out = functional_call(net, duals, (inputs,), strict=False)
+            inputs = inputs.to(next(net.parameters()).dtype)
+        out = functional_call(net, duals, (inputs,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
         logp = F.log_softmax(out.float(), -1)
