@@ -82,11 +82,8 @@ def _norm(u8: torch.Tensor) -> torch.Tensor:
     return ((u8.float() / 255 - FMNIST_MEAN) / FMNIST_STD).unsqueeze(-3)
 
 
-def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overrides: Dict) -> Dict:
-    """Train one arm and return its audits and test accuracy."""
-    torch.manual_seed(args.seed)
-    x_tr, y_tr, views, view_labels, wrong = data["x_train"], data["y_train"], data["views"], data["view_labels"], data["wrong"]
-    n, v = view_labels.shape
+def _training_setup(data: Dict, n: int, args):
+    """The small CNN, SGD with a cosine schedule over ``args.epochs``, and the clean validation loader."""
     model = SmallCNN(1, 10, img_size=28)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = math.ceil(n / args.batch_size)
@@ -94,6 +91,15 @@ def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overri
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_val"], data["y_val"]),
                                              batch_size=500, shuffle=True)
+    return model, opt, sched, val_loader, steps
+
+
+def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overrides: Dict) -> Dict:
+    """Train one arm and return its audits and test accuracy."""
+    torch.manual_seed(args.seed)
+    x_tr, y_tr, views, view_labels, wrong = data["x_train"], data["y_train"], data["views"], data["view_labels"], data["wrong"]
+    n, v = view_labels.shape
+    model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method="saflex", seed=args.seed,
                                   warmup_steps=int(args.warmup_epochs * steps), **{**ARMS[arm], **overrides})
     ops = AugmentationAudit(FMNIST_CLASSES)
@@ -136,13 +142,7 @@ def run_sources(arm: str, data: Dict, args, overrides: Dict) -> Dict:
     method, kw = SOURCE_ARMS[arm]
     x_tr, y_tr = data["x_train"], data["y_train"]
     n = len(y_tr)
-    model = SmallCNN(1, 10, img_size=28)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps = math.ceil(n / args.batch_size)
-    total = args.epochs * steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_val"], data["y_val"]),
-                                             batch_size=500, shuffle=True)
+    model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method=method, seed=args.seed,
                                   **({**kw, **overrides} if method != "none" else {}))
     sources = {name: GeneratedSamples(x, y) for name, (x, y) in data["sources"].items()}
