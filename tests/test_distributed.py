@@ -41,6 +41,25 @@ def _isda_state(refiner):
     return {k: t.detach().clone() for k, t in refiner.isda.state_dict().items() if torch.is_tensor(t)}
 
 
+def _train_and_record(refiner, opt, net, step_loss):
+    """Two training steps; per step the parameter gradients and the refiner's weights, soft targets,
+    validation direction and loss, then the update count and the ISDA statistics."""
+    out = {}
+    for step in range(2):
+        loss = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+        out[f"weights{step}"] = refiner.stats["weights"].clone()
+        out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
+        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
+        out[f"val_loss{step}"] = refiner.stats["val_loss"]
+        opt.step()
+    out["step_count"] = refiner.step_count
+    out["isda"] = _isda_state(refiner)
+    return out
+
+
 def _worker(out_dir: str, case: str) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -55,19 +74,8 @@ def _worker(out_dir: str, case: str) -> None:
     refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **CASES[case])
     r = acc.process_index
     rows = slice(r * ROWS, (r + 1) * ROWS)
-    out = {}
-    for step in range(2):
-        loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG)
-        opt.zero_grad()
-        loss.backward()
-        out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
-        out[f"weights{step}"] = refiner.stats["weights"].clone()
-        out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
-        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
-        out[f"val_loss{step}"] = refiner.stats["val_loss"]
-        opt.step()
-    out["step_count"] = refiner.step_count
-    out["isda"] = _isda_state(refiner)
+    out = _train_and_record(refiner, opt, acc.unwrap_model(model),
+                            lambda: refiner(model(x[rows]), y[rows], num_original=N_ORIG))
     torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
 
 
@@ -84,20 +92,7 @@ def _single_process(case):
     aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
     for r in range(WORLD):
         aug[r * ROWS: r * ROWS + N_ORIG] = False
-    out = {}
-    for step in range(2):
-        loss = refiner(model(x), y, augmented=aug)
-        opt.zero_grad()
-        loss.backward()
-        out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        out[f"weights{step}"] = refiner.stats["weights"].clone()
-        out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
-        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
-        out[f"val_loss{step}"] = refiner.stats["val_loss"]
-        opt.step()
-    out["step_count"] = refiner.step_count
-    out["isda"] = _isda_state(refiner)
-    return out
+    return _train_and_record(refiner, opt, model, lambda: refiner(model(x), y, augmented=aug))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
