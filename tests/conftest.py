@@ -31,6 +31,18 @@ def brute_force_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: di
     return sum((per[n] * v[n]).flatten(1).sum(1) for n in v).neg()
 
 
+class FlatNet(nn.Module):
+    """Flatten, one hidden ReLU layer and a linear head named ``fc`` (found by the refiner)."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

@@ -6,13 +6,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 A = pytest.importorskip("albumentations")
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from augplug import AugmentationRefiner  # noqa: E402
 from augplug.report import AugmentationAudit, transform_names  # noqa: E402
+from conftest import FlatNet  # noqa: E402
 
 
 def _images(n=24, seed=0):
@@ -55,14 +55,6 @@ def test_pipeline_reproducible_under_a_seed():
     assert [transform_names(a) for a in na] != [transform_names(c) for c in nc]
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
 
 
 def test_refiner_weights_attributed_to_transforms():
@@ -71,7 +63,7 @@ def test_refiner_weights_attributed_to_transforms():
     pipe = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.CoarseDropout(p=0.3),
                       A.Normalize(mean=(0.5,), std=(0.25,)), ToTensorV2()], save_applied_params=True, seed=1)
     clean = A.Compose([A.Normalize(mean=(0.5,), std=(0.25,)), ToTensorV2()])
-    model = _Net()
+    model = FlatNet(64, 16, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     vi, vl = _images(30, seed=9)
     val = [(torch.stack([clean(image=im)["image"] for im in vi]), torch.from_numpy(vl))]

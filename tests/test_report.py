@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from augplug import AugmentationRefiner, ShapeError, TargetError
 from augplug.report import IDENTITY, AugmentationAudit, TracedRandAugment, transform_names
+from conftest import FlatNet
 
 OPS = ["Rotate", "Invert", "Equalize", "ShearX"]
 
@@ -210,20 +210,12 @@ def test_traced_single_op_is_that_op():
         np.testing.assert_array_equal(np.asarray(out), np.asarray(by_name[name](im)))
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU())
-        self.fc = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
 
 
 def test_audit_with_a_real_refiner():
     """Weighted means from the refiner's own stats, hard weights and soft labels (kept < 1, relabels)."""
     torch.manual_seed(0)
-    model = _Net()
+    model = FlatNet(16, 12, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = [(torch.randn(30, 1, 4, 4), torch.randint(0, 3, (30,)))]
     ref = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3, normalize="rms",

@@ -8,6 +8,7 @@ from torch import nn
 
 from augplug import AugmentationRefiner, ConfigurationError, ShapeError, TargetError
 from augplug.sources import REAL, BatchMixer, GeneratedSamples, SourceAudit
+from conftest import FlatNet
 
 
 def _source(n, seed, shape=(1, 4, 4), classes=3):
@@ -97,20 +98,12 @@ def test_mismatched_images_fail_and_leave_the_mixer_unchanged():
         BatchMixer({"a": src}, per_batch={"b": 1})
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU())
-        self.fc = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
 
 
 def test_per_source_statistics_equal_a_hand_computation():
     """SAflex (hard weights, soft labels) on real + two generated sources; per-source means by hand."""
     torch.manual_seed(0)
-    model = _Net()
+    model = FlatNet(16, 12, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = [(torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,)))]
     refiner = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3,
@@ -150,7 +143,7 @@ def test_per_source_statistics_equal_a_hand_computation():
 
 def test_source_audit_counts_only_refined_rows():
     torch.manual_seed(0)
-    model = _Net()
+    model = FlatNet(16, 12, 3)
     refiner = AugmentationRefiner(model, None, [(torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,)))])
     mixer = BatchMixer(_source(10, 1), per_batch=3, seed=0)
     audit = SourceAudit(mixer.source_names, num_classes=3)
