@@ -52,6 +52,7 @@ from .refiner import DEFAULTS, check_shell_options, load_shell_state, shell_stat
 from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
+from .transfer import to_device
 from .validation import ValidationStream
 
 __all__ = [
@@ -417,14 +418,7 @@ class ContrastiveRefiner:
         return p.device if p is not None else torch.device("cpu")
 
     def _to_device(self, x):
-        dev = self._device()
-        if torch.is_tensor(x):
-            return x.to(dev, non_blocking=True)
-        if isinstance(x, (tuple, list)):
-            return type(x)(self._to_device(t) for t in x)
-        if isinstance(x, dict):
-            return {k: self._to_device(t) for k, t in x.items()}
-        return x
+        return to_device(x, self._device())
 
     def _prompts(self):
         return self._to_device(self.class_prompts)
@@ -446,7 +440,7 @@ class ContrastiveRefiner:
             x, t = self._stream.next()
             x = self._to_device(x)
             if self.prompt_mode:
-                y = to_soft_targets(self._to_device(t), num_classes, what="validation targets")
+                y = self._to_device(to_soft_targets(t, num_classes, what="validation targets"))  # checked where it is
                 if y.shape[0] == 0:
                     continue
                 part = contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=y,

@@ -26,8 +26,10 @@ from .methods import POLICIES, Policy, SAflex, renormalize
 from .methods.base import RefineContext
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
-from .targets import check_logits, soft_cross_entropy, to_soft_targets
-from .validation import ValidationStream
+from .stats import StepStats
+from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
+from .transfer import to_device
+from .validation import CachedValidationStream, ValidationStream
 
 __all__ = ["AugmentationRefiner", "DEFAULTS", "unwrap_optimizer"]
 
@@ -78,7 +80,7 @@ def shell_state(refiner) -> Dict[str, Any]:
         "calls": refiner.calls,
         "v": None if refiner._v is None else {k: t.detach().clone() for k, t in refiner._v.items()},
         "v_step": refiner._v_step,
-        "val_loss": refiner._val_loss,
+        "val_loss": float(refiner._val_loss),
         "rng_state": refiner._rng.state.clone(),
         "stream": refiner._stream.state_dict() if refiner._stream is not None else None,
     }
@@ -92,6 +94,12 @@ def load_shell_state(refiner, state: Dict[str, Any]) -> None:
     if state.get("method") != refiner.method:
         raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is "
                                  f"{refiner.method!r}", "build the refiner with the same method before loading")
+    stream_state = state.get("stream") or {}
+    if refiner._stream is not None and bool(stream_state.get("cached")) != bool(getattr(refiner, "cache_validation", False)):
+        raise ConfigurationError(
+            f"state was saved with cache_validation={bool(stream_state.get('cached'))}, this refiner has "
+            f"cache_validation={bool(getattr(refiner, 'cache_validation', False))}",
+            "build the refiner with the same cache_validation setting before loading")
     dev = refiner._device()
     refiner.step_count = int(state["step_count"])
     refiner.calls = int(state["calls"])
@@ -157,6 +165,10 @@ class AugmentationRefiner:
             they use the initialised ``torch.distributed`` process group (Accelerate, torchrun, DDP).
         check_train_mode: raise :class:`~augplug.errors.ModelModeError` when called with the model
             in eval mode.
+        cache_validation: read the validation loader once and keep its batches on the model's device
+            (targets checked and converted once). Saves the loader's per-batch work and the copies on
+            every refresh, which dominates small validation batches on a GPU. The first pass's
+            order and any random validation transform are then fixed for the rest of training.
     """
 
     def __init__(
@@ -189,6 +201,7 @@ class AugmentationRefiner:
         method_options: Optional[Dict[str, Any]] = None,
         isda=None,
         accelerator=None,
+        cache_validation: bool = False,
     ):
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
@@ -228,7 +241,9 @@ class AugmentationRefiner:
         self.seed = int(seed)
         self._rng = PrivateRNG(seed)   # the validation stream's RNG: identical on every process
         self._check_val_loader(val_loader)
-        self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
+        self.cache_validation = bool(cache_validation)
+        stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
+        self._stream = stream_cls(val_loader, self._rng) if self.policy.needs_scores else None
         self.val_loader = val_loader
         self.accelerator = accelerator
 
@@ -292,35 +307,36 @@ class AugmentationRefiner:
     def _num_val_batches(self) -> int:
         if self.val_batches == "all":
             try:
-                return max(len(self.val_loader), 1)
+                return max(self._stream.pass_length() if self.cache_validation else len(self.val_loader), 1)
             except TypeError:
                 raise ConfigurationError("val_batches='all' needs a validation loader with len()",
                                          "pass an integer val_batches") from None
         return int(self.val_batches)
 
     def _to_device(self, x):
-        dev = self._device()
-        if torch.is_tensor(x):
-            return x.to(dev, non_blocking=True)
-        if isinstance(x, (tuple, list)):
-            return type(x)(self._to_device(t) for t in x)
-        if isinstance(x, dict):
-            return {k: self._to_device(t) for k, t in x.items()}
-        return x
+        return to_device(x, self._device())
+
+    def _prepare_val_batch(self, x, y, num_classes: int):
+        """Inputs on the model's device and (B, C) soft targets, checked where they are (on the
+        host for a CPU loader, so the check costs no device sync) and then copied."""
+        return self._to_device(x), self._to_device(to_soft_targets(y, num_classes, what="validation targets"))
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:
         """Average the validation gradient over ``val_batches`` batches (advances the stream)."""
         total = GradSum({}, 0)
         params = None if self.mode == "last_layer" else self._score_params()
         world, rank = dist_world_size(), dist_rank()
+        cached = self.cache_validation
+        if cached:
+            self._stream.prepare = lambda x, y: self._prepare_val_batch(x, y, num_classes)
         with self._capture.paused(), self._autocast():
             for j in range(self._num_val_batches()):
                 # every process draws the same batches; batch j is processed by process j % world
                 x, y = self._stream.next()
                 if j % world != rank:
                     continue
-                x = self._to_device(x)
-                y = to_soft_targets(self._to_device(y), num_classes, what="validation targets")
+                if not cached:
+                    x, y = self._prepare_val_batch(x, y, num_classes)
                 if y.shape[0] == 0:
                     continue
                 if self.mode == "last_layer":
@@ -350,7 +366,10 @@ class AugmentationRefiner:
         return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
 
     # ------------------------------------------------------------------ the loss
-    def _aug_mask(self, batch: int, num_original: int, augmented, device) -> torch.Tensor:
+    def _aug_mask(self, batch: int, num_original: int, augmented, device):
+        """``(mask (B,), rows, n_aug)``: the augmented rows as a bool mask, as an index usable on
+        any (B, ...) tensor (a slice when they are the tail of the batch, so no device sync), and
+        their number."""
         if augmented is not None and num_original:
             raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
         if augmented is not None:
@@ -358,13 +377,14 @@ class AugmentationRefiner:
             if m.dtype != torch.bool or m.shape != (batch,):
                 raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
                                  "pass a boolean mask marking the augmented rows")
-            return m
+            return m, m, int(m.sum())
         if not 0 <= int(num_original) <= batch:
             raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
                              "pass the number of original (non-augmented) rows at the start of the batch")
+        k = int(num_original)
         m = torch.ones(batch, dtype=torch.bool, device=device)
-        m[: int(num_original)] = False
-        return m
+        m[:k] = False
+        return m, slice(k, None), batch - k
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
@@ -389,13 +409,18 @@ class AugmentationRefiner:
                 "the refiner was called with the model in eval mode",
                 "call model.train() before training steps (use a plain criterion for evaluation), "
                 "or pass check_train_mode=False")
-        check_logits(logits)
+        check_logits(logits, values=False)
         batch, num_classes = logits.shape
-        y = to_soft_targets(targets, num_classes, batch_size=batch).to(logits.device)
-        aug = self._aug_mask(batch, num_original, augmented, logits.device)
+        check_target_structure(targets, num_classes, batch_size=batch)
+        if bool(value_problems(logits, targets)):  # the one device sync of the input checks
+            check_logits(logits)
+            to_soft_targets(targets, num_classes, batch_size=batch)  # raise the error naming the problem
+        y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
+        aug, rows, n_aug = self._aug_mask(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
-        ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index)
-        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream else None,
+        ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index,
+                            rows=rows, n_augmented=n_aug)
+        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None,
                     self.isda.state_snapshot() if self.isda is not None else None)
         try:
             if self.isda is not None:  # reject bad ISDA inputs before a stateful policy runs
@@ -411,7 +436,7 @@ class AugmentationRefiner:
                 self.isda.restore_snapshot(snapshot[2])
             raise
 
-        weights, denom = self._normalise(weights, aug)
+        weights, denom = self._normalise(weights, aug, rows, n_aug)
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
         loss = (coef * per_sample).sum() / denom
 
@@ -425,10 +450,10 @@ class AugmentationRefiner:
             self.step_count += 1
         self._capture.clear()
         # "active": the warm-up is over and the batch has rows to refine (for every method)
-        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and bool(aug.any()), ctx.refreshed)
+        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed)
         return loss
 
-    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor):
+    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int):
         """Renormalised weights and the loss denominator, over the global batch of all processes.
 
         Each process returns ``sum_local / (denominator_global / world)``; data-parallel gradient
@@ -436,11 +461,10 @@ class AugmentationRefiner:
         """
         renorm = self.weight_norm == "augmented" and self.policy.refiner_renormalizes
         world = dist_world_size()
-        if world == 1:  # one process: plain fp32 arithmetic on the batch
-            if renorm and bool(aug.any()):
+        if world == 1:  # one process: plain fp32 arithmetic on the batch, no device sync
+            if renorm and n_aug:
                 weights = weights.clone()
-                weights[aug] = renormalize(weights[aug])
-            n_aug = int(aug.sum())
+                weights[rows] = renormalize(weights[rows])
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
@@ -479,25 +503,26 @@ class AugmentationRefiner:
         opts = {} if isda is True else dict(isda)
         return ISDALoss.for_head(self.head, **opts)
 
-    def _summarise(self, weights, soft, scores, y, aug, active, refreshed) -> Dict[str, Any]:
-        wa, sa, ya, ga = weights[aug], soft[aug], y[aug], scores[aug]
-        n = max(int(aug.sum()), 1)
-        agree = (ya * ga).sum(-1)
-        return {
-            "weights": weights.detach(),
-            "soft_targets": soft.detach(),
-            "scores": scores.detach(),
-            "augmented": aug.detach(),
-            "active": bool(active),
-            "refreshed": bool(refreshed),
-            "step": self.step_count,
-            "weight_mean": float(wa.mean()) if wa.numel() else float("nan"),
-            "weight_std": float(wa.std(unbiased=False)) if wa.numel() else float("nan"),
-            "kept_fraction": float((wa > 0).float().sum() / n),
-            "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
-            "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
-            "val_loss": self._val_loss,
-        }
+    def _summarise(self, weights, soft, scores, y, aug, active, refreshed) -> StepStats:
+        weights, soft, scores, aug = weights.detach(), soft.detach(), scores.detach(), aug.detach()
+        val_loss = self._val_loss
+
+        def summaries() -> Dict[str, float]:
+            wa, sa, ya, ga = weights[aug], soft[aug], y[aug], scores[aug]
+            n = max(int(aug.sum()), 1)
+            agree = (ya * ga).sum(-1)
+            return {
+                "weight_mean": float(wa.mean()) if wa.numel() else float("nan"),
+                "weight_std": float(wa.std(unbiased=False)) if wa.numel() else float("nan"),
+                "kept_fraction": float((wa > 0).float().sum() / n),
+                "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
+                "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
+                "val_loss": float(val_loss),
+            }
+
+        return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
+                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count},
+                         summaries)
 
     # ------------------------------------------------------------------ checks and state
     def validate(self, logits: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
@@ -524,4 +549,5 @@ class AugmentationRefiner:
     def __repr__(self) -> str:
         return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
                 f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps}, "
-                f"weight_norm={self.weight_norm!r})")
+                f"weight_norm={self.weight_norm!r}"
+                + (", cache_validation=True" if self.cache_validation else "") + ")")

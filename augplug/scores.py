@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -131,7 +131,7 @@ class GradSum:
 
     sums: Dict[str, torch.Tensor]
     count: int
-    loss_sum: float = 0.0
+    loss_sum: Union[float, torch.Tensor] = 0.0  # a 0-dim fp64 tensor on the device (read it lazily)
 
     def add(self, other: "GradSum") -> "GradSum":
         if not self.sums:
@@ -183,7 +183,7 @@ def validation_gradient(
         sums = {f"{head_name}.weight": r.t() @ a}
         if head.bias is not None:
             sums[f"{head_name}.bias"] = r.sum(0)
-        return GradSum(sums, int(y.shape[0]), float(-(y * logp).sum()))
+        return GradSum(sums, int(y.shape[0]), (-(y * logp).sum()).double())
     if not params:
         raise ConfigurationError("no trainable parameters to differentiate",
                                  "make sure the model has parameters with requires_grad=True")
@@ -194,7 +194,7 @@ def validation_gradient(
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     sums = {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
             for n, g in zip(names, grads)}
-    return GradSum(sums, int(y.shape[0]), float(loss.detach()))
+    return GradSum(sums, int(y.shape[0]), loss.detach().double())
 
 
 def last_layer_scores(

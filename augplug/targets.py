@@ -11,13 +11,16 @@ import torch.nn.functional as F
 
 from .errors import ClassCountMismatchError, NonFiniteError, ShapeError, TargetError
 
-__all__ = ["check_logits", "to_soft_targets", "soft_cross_entropy", "weighted_soft_ce"]
+__all__ = ["check_logits", "check_target_structure", "to_soft_targets", "value_problems", "soft_cross_entropy", "weighted_soft_ce"]
 
 _PROB_TOL = 1e-3
 
 
-def check_logits(logits: torch.Tensor) -> None:
-    """Raise a typed error unless ``logits`` is a finite floating (B, C) tensor with C >= 2."""
+def check_logits(logits: torch.Tensor, *, values: bool = True) -> None:
+    """Raise a typed error unless ``logits`` is a finite floating (B, C) tensor with C >= 2.
+
+    ``values=False`` checks type and shape only (no look at the values, so no device sync).
+    """
     if not isinstance(logits, torch.Tensor):
         raise ShapeError(f"logits must be a torch.Tensor, got {type(logits).__name__}",
                          "pass the model's output tensor (for dict/tuple outputs, pass the logits entry)")
@@ -30,6 +33,8 @@ def check_logits(logits: torch.Tensor) -> None:
     if logits.shape[1] < 2:
         raise ShapeError(f"logits need at least 2 classes, got {logits.shape[1]}",
                          "for a binary task output two logits per sample")
+    if not values:
+        return
     finite = torch.isfinite(logits.detach())
     if not bool(finite.all()):
         bad = (~finite).any(dim=1).nonzero().flatten().tolist()
@@ -39,20 +44,10 @@ def check_logits(logits: torch.Tensor) -> None:
             "under fp16 use a GradScaler")
 
 
-def to_soft_targets(
-    targets: torch.Tensor,
-    num_classes: int,
-    *,
-    batch_size: Optional[int] = None,
-    dtype: torch.dtype = torch.float32,
-    what: str = "targets",
-) -> torch.Tensor:
-    """Return targets as a ``(B, C)`` fp32 probability matrix.
-
-    Accepts class indices of shape ``(B,)`` (any integer dtype) or probabilities of shape
-    ``(B, C)`` (one-hot, label smoothing, Mixup/CutMix). Raises :class:`TargetError` (or a subclass)
-    naming the problem otherwise.
-    """
+def check_target_structure(targets: torch.Tensor, num_classes: int, *, batch_size: Optional[int] = None,
+                           what: str = "targets") -> None:
+    """Raise a typed error unless ``targets`` has a type and shape :func:`to_soft_targets` accepts
+    (class indices ``(B,)`` of an integer dtype, or floating ``(B, C)``). Looks at no values."""
     if not isinstance(targets, torch.Tensor):
         raise TargetError(f"{what} must be a torch.Tensor, got {type(targets).__name__}",
                           "pass a tensor of class indices (B,) or probabilities (B, C)")
@@ -61,14 +56,7 @@ def to_soft_targets(
             f"{what} have {targets.shape[0] if targets.dim() else 'no'} rows but logits have {batch_size}",
             "pass one target per logits row (after Mixup/CutMix pass the mixed targets)")
     if targets.dim() == 1 and not targets.is_floating_point() and targets.dtype != torch.bool:
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            lo, hi = int(targets.min()), int(targets.max())
-            err = ClassCountMismatchError if hi >= num_classes and what.startswith("validation") else TargetError
-            raise err(
-                f"{what} contain labels in [{lo}, {hi}] but there are {num_classes} classes (valid: 0..{num_classes - 1})",
-                "check the label encoding and the classifier's number of outputs; "
-                "ignore_index-style labels (e.g. -100) are not supported: drop those samples")
-        return F.one_hot(targets.long(), num_classes).to(dtype)
+        return
     if targets.dim() == 1 and targets.is_floating_point():
         raise TargetError(f"{what} are a 1-D floating tensor",
                           "pass class indices as an integer tensor (targets.long()) or probabilities (B, C)")
@@ -77,16 +65,75 @@ def to_soft_targets(
             err = ClassCountMismatchError if what.startswith("validation") else ShapeError
             raise err(f"{what} have {targets.shape[1]} columns but there are {num_classes} classes",
                       "make the soft targets' width equal the classifier's number of outputs")
-        t = targets.detach().to(dtype)
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"{what} contain NaN/inf", "check the target pipeline (Mixup lambda, smoothing)")
-        if bool((t < -_PROB_TOL).any()) or bool(((t.sum(1) - 1).abs() > _PROB_TOL).any()):
-            raise TargetError(f"{what} (B, C) must be probabilities: non-negative rows summing to 1",
-                              "apply softmax to logits-like targets, or pass class indices")
-        return t.clamp_min(0)
+        return
     raise TargetError(
         f"{what} must be class indices (B,) or probabilities (B, C); got shape {tuple(targets.shape)} dtype {targets.dtype}",
         "pass labels as a LongTensor of shape (B,) or a float tensor of shape (B, C)")
+
+
+def to_soft_targets(
+    targets: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    what: str = "targets",
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Return targets as a ``(B, C)`` fp32 probability matrix.
+
+    Accepts class indices of shape ``(B,)`` (any integer dtype) or probabilities of shape
+    ``(B, C)`` (one-hot, label smoothing, Mixup/CutMix). Raises :class:`TargetError` (or a subclass)
+    naming the problem otherwise. ``check_values=False`` skips the checks of the values (labels in
+    range, finite probabilities), for callers that checked them already with :func:`value_problems`;
+    on CUDA an out-of-range label then fails inside ``one_hot`` with a device assert.
+    """
+    check_target_structure(targets, num_classes, batch_size=batch_size, what=what)
+    if targets.dim() == 1:
+        if check_values and targets.numel():
+            lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one device sync
+            if lo < 0 or hi >= num_classes:
+                err = ClassCountMismatchError if hi >= num_classes and what.startswith("validation") else TargetError
+                raise err(
+                    f"{what} contain labels in [{lo}, {hi}] but there are {num_classes} classes "
+                    f"(valid: 0..{num_classes - 1})",
+                    "check the label encoding and the classifier's number of outputs; "
+                    "ignore_index-style labels (e.g. -100) are not supported: drop those samples")
+        return F.one_hot(targets.long(), num_classes).to(dtype)
+    t = targets.detach().to(dtype)
+    if check_values:
+        non_finite, not_prob = _soft_target_flags(t).tolist()  # one device sync
+        if non_finite:
+            raise NonFiniteError(f"{what} contain NaN/inf", "check the target pipeline (Mixup lambda, smoothing)")
+        if not_prob:
+            raise TargetError(f"{what} (B, C) must be probabilities: non-negative rows summing to 1",
+                              "apply softmax to logits-like targets, or pass class indices")
+    return t.clamp_min(0)
+
+
+def _soft_target_flags(t: torch.Tensor) -> torch.Tensor:
+    """``[any non-finite, not probabilities]`` of (B, C) soft targets, as a bool tensor on their device."""
+    finite = torch.isfinite(t).all()
+    bad = (t < -_PROB_TOL).any() | ((t.sum(1) - 1).abs() > _PROB_TOL).any()
+    return torch.stack([~finite, finite & bad])
+
+
+def value_problems(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor (on the logits' device): True when the values of a batch that passed the
+    type and shape checks would be rejected by :func:`check_logits` / :func:`to_soft_targets`.
+
+    Computing it queues a few reductions and no host transfer; reading it is the single device sync
+    of a checked refiner call. When it is True, the eager checks name the problem.
+    """
+    bad = ~torch.isfinite(logits.detach()).all()
+    t = targets.detach()
+    if t.dim() == 1:
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            bad = bad | (lo < 0).to(bad.device) | (hi >= logits.shape[1]).to(bad.device)
+    else:
+        bad = bad | _soft_target_flags(t.float()).any().to(bad.device)
+    return bad
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:

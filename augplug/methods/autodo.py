@@ -525,7 +525,8 @@ class AutoDO(Policy):
             ng = math.sqrt(sum(float((gi ** 2).sum()) for gi in vg))
             extra["u_norm"] = nu
             extra["cos_u_val_grad"] = dot / max(nu * ng, 1e-30)
-        extra["val_loss"] = ctx.refiner._val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
+        extra["val_loss"] = float(ctx.refiner._val_loss if ctx.v_new is None
+                                  else ctx.v_new.loss_sum / max(ctx.v_new.count, 1))
         return grads, scores, extra
 
     def _per_sample(self, z, s, log_s):

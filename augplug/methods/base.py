@@ -33,9 +33,13 @@ def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Te
         stats = torch.stack([total.detach().double().cpu(), torch.tensor(count, dtype=torch.float64)])
         all_reduce_sum_([stats])
         total, count = float(stats[0]), float(stats[1])
-    if float(total) <= 0:
-        return torch.zeros_like(weights)
-    return weights * (count / total)
+        if total <= 0:
+            return torch.zeros_like(weights)
+        return weights * (count / total)
+    # on the device, without a sync: count / total in the weights' dtype (the same rounding as the
+    # host division, whose double result rounds to the same fp32 value), 0 for an all-zero batch
+    factor = torch.where(total > 0, torch.full_like(total, count) / total, torch.zeros_like(total))
+    return weights * factor
 
 
 class RefineContext:
@@ -48,14 +52,18 @@ class RefineContext:
         augmented: ``(B,)`` bool mask of the rows to refine.
         active: True once the warm-up is over.
         index: the batch's dataset positions (``index=`` of the call) or None.
+        rows: the augmented rows as an index for (B, ...) tensors: a slice when they are the tail of
+            the batch (``num_original=``; indexing needs no device sync), else the bool mask.
     """
 
     def __init__(self, refiner: "AugmentationRefiner", logits, targets, augmented, active: bool,
-                 inputs=None, features=None, index=None):
+                 inputs=None, features=None, index=None, rows=None, n_augmented: Optional[int] = None):
         self.refiner = refiner
         self.logits = logits
         self.targets = targets
         self.augmented = augmented
+        self.rows = augmented if rows is None else rows
+        self._n_augmented = n_augmented
         self.active = bool(active)
         self.index = index
         self._inputs = inputs
@@ -76,7 +84,9 @@ class RefineContext:
 
     @property
     def n_augmented(self) -> int:
-        return int(self.augmented.sum())
+        if self._n_augmented is None:
+            self._n_augmented = int(self.augmented.sum())
+        return self._n_augmented
 
     @property
     def generator(self) -> torch.Generator:
@@ -137,11 +147,11 @@ class RefineContext:
         return self._direction
 
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """Class scores ``g`` (fp32) of ``rows`` (a bool mask; default: the augmented rows) along ``v``
-        (default: the validation direction)."""
+        """Class scores ``g`` (fp32) of ``rows`` (a bool mask or any index; default: the augmented rows)
+        along ``v`` (default: the validation direction)."""
         from ..scores import class_scores  # local: scores imports heads, heads is light
 
-        rows = self.augmented if rows is None else rows
+        rows = self.rows if rows is None else rows
         self.check_score_inputs()
         v = self.direction() if v is None else v
         r = self.refiner
@@ -179,7 +189,7 @@ class Policy:
         The default scores the augmented rows once the warm-up is over and applies ``__call__`` to
         them; other rows keep weight 1, their upstream target and zero scores.
         """
-        y, aug = ctx.targets, ctx.augmented
+        y, aug = ctx.targets, ctx.rows
         weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
         soft = y.clone()
         scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=y.device)

@@ -38,6 +38,7 @@ import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError
+from ..transfer import to_device
 from .base import Policy, renormalize
 
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "SAFLEX_PAPER"]
@@ -137,7 +138,7 @@ def saflex_targets(
     anchor = y if prior == "linear" else y.clamp_min(1e-6).log()
     z = g + beta * anchor
     if gumbel:
-        u = torch.rand(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+        u = to_device(torch.rand(z.shape, generator=generator, dtype=torch.float32), z.device)
         z = z - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
     soft = torch.softmax(z / tau, -1)
     return weights, soft

@@ -1,0 +1,53 @@
+"""``refiner.stats``: the last call's diagnostics, with scalar summaries computed on first read.
+
+The tensors of a call (weights, soft targets, scores, the augmented mask) are stored as they are;
+the scalar summaries (``weight_mean``, ``kept_fraction``, ``val_loss``, ...) need values on the host,
+which on a GPU means waiting for the device. They are therefore computed only when one of them is
+read, all at once, so a training loop that never looks at them never waits for them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, Optional
+
+__all__ = ["StepStats"]
+
+
+class StepStats(Mapping):
+    """A read-only mapping of one refiner call's diagnostics.
+
+    ``eager`` holds the entries available at once; ``summaries`` is called at most once, on the first
+    read of any other key (or of the whole mapping: ``dict(stats)``, ``stats.items()``), and returns
+    the scalar summaries as Python floats.
+    """
+
+    def __init__(self, eager: Dict[str, Any], summaries: Optional[Callable[[], Dict[str, float]]] = None,
+                 summary_keys: tuple = ("weight_mean", "weight_std", "kept_fraction", "relabel_rate",
+                                        "agreement_mean", "val_loss")):
+        self._eager = dict(eager)
+        self._summaries = summaries
+        self._keys = tuple(self._eager) + (tuple(k for k in summary_keys if k not in self._eager)
+                                           if summaries is not None else ())
+        self._computed: Optional[Dict[str, float]] = None
+
+    def _all(self) -> Dict[str, Any]:
+        if self._computed is None:
+            self._computed = self._summaries() if self._summaries is not None else {}
+        return self._computed
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._eager:
+            return self._eager[key]
+        if key in self._keys:
+            return self._all()[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        scalars = {k: v for k, v in self.items() if isinstance(v, (bool, int, float))}
+        return f"StepStats({scalars})"

@@ -1,0 +1,35 @@
+"""Host-to-device copies that do not make the host wait for the device.
+
+A copy from ordinary (pageable) host memory to a GPU first waits for all work queued on the stream,
+so a refiner call that moved a validation batch or a few random numbers that way would stall the
+training loop once per copy. Copies from page-locked memory are queued like kernels; small host
+tensors are therefore staged through PyTorch's cached pinned-memory pool first.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["to_device"]
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """``x`` (a tensor, or tuples/lists/dicts of them; other leaves unchanged) on ``device``.
+
+    CPU tensors headed for CUDA are pinned (when not already) and copied asynchronously; the pinned
+    block stays reserved until the copy has run, so the source may be dropped at once.
+    """
+    if torch.is_tensor(x):
+        if x.device == device:
+            return x
+        if device.type == "cuda" and x.device.type == "cpu":
+            if not x.is_pinned():
+                x = x.pin_memory()
+            return x.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(t, device) for t in x)
+    if isinstance(x, dict):
+        return {k: to_device(t, device) for k, t in x.items()}
+    return x
