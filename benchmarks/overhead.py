@@ -244,6 +244,7 @@ class Setup:
     val_set: TensorDataset
     val_batch: int
     seed: int
+    cache_validation: bool = False
     refiners: List[AugmentationRefiner] = field(default_factory=list)
 
     def copy_model(self) -> nn.Module:
@@ -255,7 +256,8 @@ class Setup:
     def refiner(self, model: nn.Module, opt: Optional[torch.optim.Optimizer], mode: str,
                 refresh_every: int) -> AugmentationRefiner:
         r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode,
-                                refresh_every=refresh_every, val_batches=1, seed=self.seed)
+                                refresh_every=refresh_every, val_batches=1, seed=self.seed,
+                                cache_validation=self.cache_validation)
         self.refiners.append(r)
         return r
 
@@ -266,7 +268,7 @@ class Setup:
 
 
 def make_setup(spec: ModelSpec, device: torch.device, batch: int, val_batch: int, val_size: int,
-               seed: int) -> Setup:
+               seed: int, cache_validation: bool = False) -> Setup:
     torch.manual_seed(seed)
     base = spec.build().to(device).train()
     g = torch.Generator().manual_seed(seed + 1)
@@ -274,7 +276,7 @@ def make_setup(spec: ModelSpec, device: torch.device, batch: int, val_batch: int
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
     vx = torch.randn(val_size, *spec.input_shape, generator=g)
     vy = torch.randint(0, NUM_CLASSES, (val_size,), generator=g)
-    return Setup(spec, base, x, y, TensorDataset(vx, vy), val_batch, seed)
+    return Setup(spec, base, x, y, TensorDataset(vx, vy), val_batch, seed, cache_validation)
 
 
 def _tensor_mib(tensors) -> float:
@@ -526,8 +528,11 @@ def preamble(args, argv: Sequence[str], device: torch.device) -> str:
         f"- device: {device_description(device)}; torch threads: {args.threads}; "
         f"AMP (fp16 autocast + GradScaler): {'on' if args.amp else 'off'}",
         f"- load average at start (1/5/15 min): {load}",
-        f"- training batch {args.batch}; validation: random TensorDataset of {args.val_size} samples, "
-        f"DataLoader batch {args.val_batch}, shuffle=True, val_batches=1; SGD(lr=0.01, momentum=0.9); "
+        f"- inputs: resnet18 3x{args.img_size}x{args.img_size}, smallcnn 1x28x28; "
+        f"training batch {args.batch}; validation: random TensorDataset of {args.val_size} samples, "
+        f"DataLoader batch {args.val_batch}, shuffle=True, val_batches=1"
+        f"{', cache_validation=True (batches kept on the device)' if args.cache_validation else ''}; "
+        "SGD(lr=0.01, momentum=0.9); "
         "models in train mode; SAflex defaults otherwise",
         f"- protocol: {args.warmup} warm-up steps per configuration, then {args.rounds} rounds; per round each "
         f"configuration (shuffled order) runs a timed block of K={args.k} consecutive steps "
@@ -568,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--amp", action="store_true", help="CUDA only: fp16 autocast + GradScaler in every step")
+    p.add_argument("--img-size", type=int, default=32,
+                   help="resnet18 input resolution (default 32; e.g. 224 for a GPU-bound step)")
+    p.add_argument("--cache-validation", action="store_true",
+                   help="refiners keep the validation batches on the device (cache_validation=True)")
     p.add_argument("--seed", type=int, default=0, help="seed for models, data and the shuffled order")
     p.add_argument("--no-breakdown", action="store_true", help="skip the 'where the time goes' table")
     p.add_argument("--no-plot", action="store_true", help="do not write the bar chart")
@@ -590,7 +599,7 @@ def _resolve(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--rounds must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    for key in ("batch", "val_batch", "val_size", "threads"):
+    for key in ("batch", "val_batch", "val_size", "threads", "img_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     try:
@@ -623,7 +632,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     breakdown: List[BreakdownRow] = []
     for name in args.models:
         spec = MODELS[name]
-        setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed)
+        if name == "resnet18" and args.img_size != 32:
+            spec = ModelSpec("resnet18", (3, args.img_size, args.img_size))
+        setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed, args.cache_validation)
         try:
             print(f"[overhead] {name}: timing {1 + len(CONFIGS)} configurations "
                   f"({args.rounds} rounds x {args.k} steps)", file=sys.stderr, flush=True)
@@ -631,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         finally:
             setup.close()
         if not args.no_breakdown:
-            setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed)
+            setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed, args.cache_validation)
             try:
                 print(f"[overhead] {name}: breakdown", file=sys.stderr, flush=True)
                 breakdown += measure_breakdown(setup, args, device, rng)

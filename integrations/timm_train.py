@@ -542,7 +542,11 @@ def build_datasets(args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Parse ``argv``, train, and return ``{"history": [...], "final": {...}, "args": ...}``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.refiner == "autodo" and args.with_originals:
+        parser.error("--refiner autodo keeps one table row per training image, so it trains on the augmented "
+                     "view alone; drop --with-originals")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.refiner == "influence":

@@ -195,6 +195,12 @@ AUTODO = _method_available("autodo", {"num_points": 10, "num_classes": 10})
 INFLUENCE = _method_available("influence", {})
 
 
+def test_autodo_with_originals_is_refused_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--refiner", "autodo", "--with-originals")
+    assert "drop --with-originals" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not AUTODO, reason="augplug.methods.autodo is not available")
 def test_autodo(tmp_path, recorder):
     out = _run(tmp_path, "--refiner", "autodo")
