@@ -143,24 +143,28 @@ def run(data, arm: str, seed: int, args) -> Dict[str, float]:
 def overhead(args) -> Dict[str, float]:
     """Paired step times, interleaved in one process: plain step vs AutoDO with a hyper-step every step."""
     torch.manual_seed(0)
+    dev = torch.device(args.device)
     n, bs = 2048, args.batch_size
-    x = torch.randn(n, 1, 28, 28)
-    y = torch.randint(0, 10, (n,))
+    x = torch.randn(n, 1, 28, 28).to(dev)
+    y = torch.randint(0, 10, (n,)).to(dev)
     val = DataLoader(TensorDataset(torch.randn(1000, 1, 28, 28), torch.randint(0, 10, (1000,))), batch_size=bs,
                      shuffle=True, generator=torch.Generator().manual_seed(0))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     setups = {}
     for key, refresh in (("plain", None), ("autodo_refresh1", 1), ("autodo_refresh4", 4)):
         torch.manual_seed(0)
-        model = SmallCNN(1, 10, img_size=28)
+        model = SmallCNN(1, 10, img_size=28).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         ref = None if refresh is None else AugmentationRefiner(
             model, opt, val, method="autodo", val_batches=1, refresh_every=refresh,
-            method_options=dict(num_points=n, num_classes=10, models="AWS", every=1))
+            method_options=dict(num_points=n, num_classes=10, models="AWS", every=1),
+            cache_validation=args.cache_validation)
         setups[key] = (model, opt, ref)
 
     def step(key, i):
         model, opt, ref = setups[key]
-        idx = torch.arange(i * bs, (i + 1) * bs) % n
+        idx = (torch.arange(i * bs, (i + 1) * bs) % n).to(dev)
+        sync()
         t = time.perf_counter()
         if ref is None:
             loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -170,6 +174,7 @@ def overhead(args) -> Dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - t
 
     for key in setups:  # warm-up
@@ -189,6 +194,12 @@ def overhead(args) -> Dict[str, float]:
     for mode in ("per_point", "shared"):
         out[f"table_mib_60k_{mode}"] = AutoDO(60000, 10, augment=mode).table_bytes() / 2 ** 20
     return out
+
+
+def _device_words(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return "1 CPU thread"
 
 
 def _lr(text: str):
@@ -215,6 +226,8 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--init-gate-prob", type=float, default=0.2, help="A+W+S: initial probability of each operation")
     ap.add_argument("--init-magnitude", type=float, default=0.5, help="A+W+S: initial magnitude scale")
     ap.add_argument("--overhead-steps", type=int, default=30)
+    ap.add_argument("--device", default="cpu", help="overhead part: cpu or cuda")
+    ap.add_argument("--cache-validation", action="store_true", help="overhead part: cache_validation=True")
     ap.add_argument("--out", default="autodo")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -272,7 +285,9 @@ def main(argv: List[str] = None) -> None:
         print(json.dumps(o), flush=True)
         lines += ["", "## Overhead", "",
                   f"Median step time over {args.overhead_steps} interleaved steps (SmallCNN, batch {args.batch_size}, "
-                  "28x28, 1 CPU thread), and the median of the paired per-step ratios. AutoDO: A+W+S with a "
+                  f"28x28, {_device_words(args.device)}"
+                  f"{', cache_validation=True' if args.cache_validation else ''}), and the median of the paired "
+                  "per-step ratios. AutoDO: A+W+S with a "
                   "hyper-step at every step (augmentation, validation forward when refreshed, 5 closed-form head "
                   "HVPs, one reverse pass to the tables).", "",
                   "| setup | ms/step | ratio to plain |", "|---|---|---|",
