@@ -110,3 +110,30 @@ def test_cuda_one_sync_per_call(mode):
         torch.cuda.set_sync_debug_mode(0)
     # refresh calls also read the validation labels, which are checked on the host before the copy
     assert counts == [1] * 8, counts
+
+
+def test_autodo_diagnostics_are_read_only_on_demand():
+    torch.manual_seed(0)
+    n = 64
+    x, y = torch.randn(n, 8), torch.randint(0, 4, (n,))
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    val = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 4, (32,))), batch_size=16)
+    r = AugmentationRefiner(net, opt, val, method="autodo", refresh_every=4,
+                            method_options=dict(num_points=n, num_classes=4, models="WS", every=1))
+    counts = []
+    for i in range(4):
+        idx = torch.arange(i * 16, (i + 1) * 16)
+        with HostReads() as reads:
+            loss = r(net(x[idx]), y[idx], index=idx)
+        counts.append(len(reads.names))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    st = r.policy.last_stats
+    assert st["hyper_step"]
+    with HostReads() as reads:
+        assert st["hyper_steps"] == 4 and 0 < st["weight_mean"] and st["hypergrad_norm_W"] >= 0
+    assert reads.names  # the summaries were read back now, not during the calls
+    # index checks and the lazy table updates still read a few values; 15 diagnostics no longer
+    assert max(counts[1:]) <= 10, counts

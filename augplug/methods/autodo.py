@@ -54,6 +54,7 @@ from ..distributed import world_size as dist_world_size
 from ..errors import ConfigurationError, ShapeError
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
 from ..scores import last_layer_scores
+from ..stats import StepStats
 from .base import Policy, RefineContext
 
 __all__ = ["AutoDO", "AutoDOTables", "PointIndexError", "WEIGHT_SCALE", "smoothed_label_logits",
@@ -390,11 +391,11 @@ class AutoDO(Policy):
 
         hyper = self._is_hyper_step(ctx)
         scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=dev)
-        stats: Dict[str, Any] = {"hyper_step": hyper, "step": ctx.refiner.step_count}
+        eager: Dict[str, Any] = {"hyper_step": hyper, "step": ctx.refiner.step_count}
+        lazy: Dict[str, Any] = {}  # name -> zero-argument function, read back to the host on demand
         grads = None
         if hyper:
-            grads, scores, extra = self._hypergradients(ctx, w_logits, lab_logits, pending)
-            stats.update(extra)
+            grads, scores, lazy = self._hypergradients(ctx, w_logits, lab_logits, pending)
 
         # commit: first-visit labels, then the lazy RMSprop step; in a process group the updates of
         # every process are merged first, so all processes keep identical tables
@@ -432,11 +433,18 @@ class AutoDO(Policy):
             log_s = torch.log_softmax(t.label_logits.index_select(0, idx).float(), -1) if "S" in self.models else None
             z = ctx.logits.detach().float()
             soft = torch.softmax(z, -1) - loss_residual(z, soft, "sym_kl", log_s)
-        stats.update(weight_mean=float(weights.mean()), weight_min=float(weights.min()),
-                     weight_max=float(weights.max()),
-                     relabelled=float((soft.argmax(-1) != y.argmax(-1)).float().mean()),
-                     hyper_steps=int(t.hyper_steps))
-        self.last_stats = stats
+        summary = torch.stack([weights.mean(), weights.min(), weights.max(),
+                               (soft.argmax(-1) != y.argmax(-1)).float().mean(), t.hyper_steps.float()])
+
+        def summaries() -> Dict[str, Any]:
+            mean, lo, hi, relabelled, steps = summary.tolist()
+            out = {"weight_mean": mean, "weight_min": lo, "weight_max": hi, "relabelled": relabelled,
+                   "hyper_steps": int(steps)}
+            out.update({k: f() for k, f in lazy.items()})
+            return out
+
+        keys = ("weight_mean", "weight_min", "weight_max", "relabelled", "hyper_steps") + tuple(lazy)
+        self.last_stats = StepStats(eager, summaries, summary_keys=keys)
         return weights.detach(), soft.detach(), scores
 
     def _hypergradients(self, ctx: RefineContext, w_logits, lab_logits, pending):
@@ -515,18 +523,25 @@ class AutoDO(Policy):
             sum_rows = lambda g: torch.zeros(uniq.shape[0], g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, inv, g)  # noqa: E731
             grads["A"] = (uniq, sum_rows(g_gate).to(self.tables.gate_logits.dtype),
                           sum_rows(g_mag).to(self.tables.magnitude_logits.dtype))
-            extra["hypergrad_norm_A"] = float(torch.sqrt((g_gate ** 2).sum() + (g_mag ** 2).sum()))
-        extra["hypergrad_norm_W"] = float(grads["W"].norm())
-        extra["hypergrad_norm_S"] = float(grads["S"].norm())
+            norm_a = torch.sqrt((g_gate ** 2).sum() + (g_mag ** 2).sum())
+            extra["hypergrad_norm_A"] = lambda: float(norm_a)
+        norm_w, norm_s = grads["W"].norm(), grads["S"].norm()
+        extra["hypergrad_norm_W"] = lambda: float(norm_w)
+        extra["hypergrad_norm_S"] = lambda: float(norm_s)
         if u_head is not None:
             vg = [-v[k].float() for k in ([f"{ctx.refiner.head_name}.weight", f"{ctx.refiner.head_name}.bias"][:len(u_head)])]
-            dot = sum(float((ui * gi).sum()) for ui, gi in zip(u_head, vg))
-            nu = math.sqrt(sum(float((ui ** 2).sum()) for ui in u_head))
-            ng = math.sqrt(sum(float((gi ** 2).sum()) for gi in vg))
-            extra["u_norm"] = nu
-            extra["cos_u_val_grad"] = dot / max(nu * ng, 1e-30)
-        extra["val_loss"] = float(ctx.refiner._val_loss if ctx.v_new is None
-                                  else ctx.v_new.loss_sum / max(ctx.v_new.count, 1))
+            sums = torch.stack([sum((ui * gi).sum() for ui, gi in zip(u_head, vg)),
+                                sum((ui ** 2).sum() for ui in u_head), sum((gi ** 2).sum() for gi in vg)])
+
+            def head_stats():
+                dot, uu, gg = sums.double().tolist()
+                nu, ng = math.sqrt(uu), math.sqrt(gg)
+                return {"u_norm": nu, "cos_u_val_grad": dot / max(nu * ng, 1e-30)}
+
+            extra["u_norm"] = lambda: head_stats()["u_norm"]
+            extra["cos_u_val_grad"] = lambda: head_stats()["cos_u_val_grad"]
+        val_loss = ctx.refiner._val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
+        extra["val_loss"] = lambda: float(val_loss)
         return grads, scores, extra
 
     def _per_sample(self, z, s, log_s):
