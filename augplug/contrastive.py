@@ -48,7 +48,8 @@ from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, N
                      TargetError)
 from .heads import unwrap_model
 from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
-from .refiner import DEFAULTS, check_shell_options, load_shell_state, shell_state, unwrap_optimizer
+from .refiner import (DEFAULTS, augmented_rows, check_shell_options, load_shell_state, num_val_batches,
+                      shell_state, unwrap_optimizer)
 from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
@@ -424,13 +425,7 @@ class ContrastiveRefiner:
         return self._to_device(self.class_prompts)
 
     def _num_val_batches(self) -> int:
-        if self.val_batches == "all":
-            try:
-                return max(len(self.val_loader), 1)
-            except TypeError:
-                raise ConfigurationError("val_batches='all' needs a validation loader with len()",
-                                         "pass an integer val_batches") from None
-        return int(self.val_batches)
+        return num_val_batches(self.val_batches, lambda: len(self.val_loader))
 
     def compute_validation_direction(self, num_classes: Optional[int] = None) -> GradSum:
         """Average the validation contrastive-loss gradient over ``val_batches`` batches (advances the stream)."""
@@ -459,22 +454,6 @@ class ContrastiveRefiner:
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean pair (or labelled image)")
         return total
-
-    def _aug_mask(self, batch: int, num_original: int, augmented, device) -> torch.Tensor:
-        if augmented is not None and num_original:
-            raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
-        if augmented is not None:
-            m = torch.as_tensor(augmented, device=device)
-            if m.dtype != torch.bool or m.shape != (batch,):
-                raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
-                                 "pass a boolean mask marking the augmented pairs")
-            return m
-        if not 0 <= int(num_original) <= batch:
-            raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
-                             "pass the number of original (non-augmented) pairs at the start of the batch")
-        m = torch.ones(batch, dtype=torch.bool, device=device)
-        m[: int(num_original)] = False
-        return m
 
     # ------------------------------------------------------------------ the loss
     def __call__(self, images, texts_or_targets, *, num_original: int = 0,
@@ -505,7 +484,7 @@ class ContrastiveRefiner:
             if batch < 2:
                 raise ShapeError("a contrastive batch needs at least 2 pairs", "use a larger batch")
         device = self._device()
-        aug = self._aug_mask(batch, num_original, augmented, device)
+        aug = augmented_rows(batch, num_original, augmented, device, unit="pairs")[0]
 
         s = self.model(images, self._prompts() if self.prompt_mode else texts_or_targets)
         check_similarity(s, square=not self.prompt_mode)

@@ -12,7 +12,7 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -69,6 +69,39 @@ def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: s
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")
+
+
+def augmented_rows(batch: int, num_original: int, augmented, device, unit: str = "rows"):
+    """``(mask (B,), rows, n_aug)`` from a call's ``num_original=`` / ``augmented=``: the augmented
+    rows as a bool mask, as an index usable on any (B, ...) tensor (a slice when they are the tail
+    of the batch, so indexing needs no device sync), and their number. ``unit`` names a row in errors."""
+    if augmented is not None and num_original:
+        raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
+    if augmented is not None:
+        m = torch.as_tensor(augmented, device=device)
+        if m.dtype != torch.bool or m.shape != (batch,):
+            raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
+                             f"pass a boolean mask marking the augmented {unit}")
+        return m, m, int(m.sum())
+    if not 0 <= int(num_original) <= batch:
+        raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
+                         f"pass the number of original (non-augmented) {unit} at the start of the batch")
+    k = int(num_original)
+    m = torch.ones(batch, dtype=torch.bool, device=device)
+    m[:k] = False
+    return m, slice(k, None), batch - k
+
+
+def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
+    """Validation batches per refresh: ``val_batches``, or for ``"all"`` the batches of one pass
+    (``pass_length()``, e.g. ``len`` of the loader)."""
+    if val_batches == "all":
+        try:
+            return max(pass_length(), 1)
+        except TypeError:
+            raise ConfigurationError("val_batches='all' needs a validation loader with len()",
+                                     "pass an integer val_batches") from None
+    return int(val_batches)
 
 
 def shell_state(refiner) -> Dict[str, Any]:
@@ -305,13 +338,8 @@ class AugmentationRefiner:
         return named
 
     def _num_val_batches(self) -> int:
-        if self.val_batches == "all":
-            try:
-                return max(self._stream.pass_length() if self.cache_validation else len(self.val_loader), 1)
-            except TypeError:
-                raise ConfigurationError("val_batches='all' needs a validation loader with len()",
-                                         "pass an integer val_batches") from None
-        return int(self.val_batches)
+        length = self._stream.pass_length if self.cache_validation else (lambda: len(self.val_loader))
+        return num_val_batches(self.val_batches, length)
 
     def _to_device(self, x):
         return to_device(x, self._device())
@@ -366,26 +394,6 @@ class AugmentationRefiner:
         return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
 
     # ------------------------------------------------------------------ the loss
-    def _aug_mask(self, batch: int, num_original: int, augmented, device):
-        """``(mask (B,), rows, n_aug)``: the augmented rows as a bool mask, as an index usable on
-        any (B, ...) tensor (a slice when they are the tail of the batch, so no device sync), and
-        their number."""
-        if augmented is not None and num_original:
-            raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
-        if augmented is not None:
-            m = torch.as_tensor(augmented, device=device)
-            if m.dtype != torch.bool or m.shape != (batch,):
-                raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
-                                 "pass a boolean mask marking the augmented rows")
-            return m, m, int(m.sum())
-        if not 0 <= int(num_original) <= batch:
-            raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
-                             "pass the number of original (non-augmented) rows at the start of the batch")
-        k = int(num_original)
-        m = torch.ones(batch, dtype=torch.bool, device=device)
-        m[:k] = False
-        return m, slice(k, None), batch - k
-
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -416,7 +424,7 @@ class AugmentationRefiner:
             check_logits(logits)
             to_soft_targets(targets, num_classes, batch_size=batch)  # raise the error naming the problem
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
-        aug, rows, n_aug = self._aug_mask(batch, num_original, augmented, logits.device)
+        aug, rows, n_aug = augmented_rows(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
         ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index,
                             rows=rows, n_augmented=n_aug)
