@@ -10,6 +10,7 @@ from augplug.errors import (AugplugError, ClassCountMismatchError, Configuration
                             ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
                             ValidationFailed)
 from augplug.models import SmallCNN
+from augplug.refiner import augmented_rows, num_val_batches
 
 C = 4
 
@@ -204,3 +205,27 @@ def test_validate_unwraps_optimizer_wrappers_like_the_refiner():
     assert any("none of the model's" in p.problem for p in augplug.validate(model, Outer(other), _loader()))
     problems = augplug.validate(model, object(), _loader())
     assert any(isinstance(p, ConfigurationError) and "step hook" in p.problem for p in problems)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(num_original=9), "ShapeError", "outside 0..8"),
+    (dict(num_original=-1), "ShapeError", "outside 0..8"),
+    (dict(augmented=torch.ones(7, dtype=torch.bool)), "ShapeError", r"shape \(8,\)"),
+    (dict(augmented=torch.ones(8)), "ShapeError", "bool tensor"),
+    (dict(num_original=2, augmented=torch.ones(8, dtype=torch.bool)), "ConfigurationError", "not both"),
+])
+def test_augmented_rows_rejects_bad_row_selection(kw, err, match):
+    with pytest.raises(getattr(augplug.errors, err), match=match):
+        augmented_rows(8, kw.get("num_original", 0), kw.get("augmented"), "cpu", unit="pairs")
+    mask, rows, n = augmented_rows(8, 3, None, "cpu")
+    assert rows == slice(3, None) and n == 5 and mask.tolist() == [False] * 3 + [True] * 5
+    m = torch.tensor([True, False] * 4)
+    mask, rows, n = augmented_rows(8, 0, m, "cpu")
+    assert rows is mask and n == 4
+
+
+def test_num_val_batches():
+    assert num_val_batches("all", lambda: 5) == 5 and num_val_batches("all", lambda: 0) == 1
+    assert num_val_batches(3, lambda: 5) == 3
+    with pytest.raises(ConfigurationError, match="len"):
+        num_val_batches("all", lambda: len(iter([])))
