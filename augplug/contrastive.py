@@ -54,7 +54,7 @@ from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
-from .validation import ValidationStream
+from .validation import CachedValidationStream, ValidationStream
 
 __all__ = [
     "DIRECTIONS",
@@ -336,8 +336,12 @@ class ContrastiveRefiner:
             list of their names in :class:`DualEncoder` (``image.*``, ``text.*``, ``logit_scale``):
             the parameters ``v`` and ``g`` are taken over.
         refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm,
-        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode:
-            as in :class:`~augplug.AugmentationRefiner` (same defaults, ``augplug.refiner.DEFAULTS``).
+        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode,
+        cache_validation: as in :class:`~augplug.AugmentationRefiner` (same defaults,
+            ``augplug.refiner.DEFAULTS``). With ``cache_validation=True`` the validation loader is read
+            once and its batches are kept on the encoders' device, checked and converted once (class
+            prompts: labels as soft targets; pairs: images and texts, row counts checked); the first
+            pass's order and any random validation transform are then fixed for the rest of training.
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optimizer=None, val_loader=None,
@@ -350,7 +354,8 @@ class ContrastiveRefiner:
                  beta: float = DEFAULTS["beta"], tau: float = DEFAULTS["tau"], gumbel: bool = DEFAULTS["gumbel"],
                  weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
                  prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
-                 threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True):
+                 threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True,
+                 cache_validation: bool = False):
         self.directions = _check_directions(directions)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         if isinstance(method, Policy):
@@ -382,7 +387,9 @@ class ContrastiveRefiner:
         self.check_train_mode = check_train_mode
         self._rng = PrivateRNG(seed)
         self.val_loader = val_loader
-        self._stream = ValidationStream(val_loader, self._rng) if self.policy.needs_scores else None
+        self.cache_validation = bool(cache_validation)
+        stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
+        self._stream = stream_cls(val_loader, self._rng) if self.policy.needs_scores else None
         self._optimizer, self._hook = None, None
         if optimizer is not None:
             self._optimizer = unwrap_optimizer(optimizer)
@@ -425,26 +432,39 @@ class ContrastiveRefiner:
         return self._to_device(self.class_prompts)
 
     def _num_val_batches(self) -> int:
-        return num_val_batches(self.val_batches, lambda: len(self.val_loader))
+        length = self._stream.pass_length if self.cache_validation else (lambda: len(self.val_loader))
+        return num_val_batches(self.val_batches, length)
+
+    def _prepare_val_batch(self, x, t, num_classes: Optional[int]):
+        """One validation batch on the encoders' device, checked: class prompts give ``(images, (B, C)
+        soft targets)`` (labels checked where they are, then copied); pairs give ``(images, texts)``
+        with as many texts as images."""
+        x = self._to_device(x)
+        if self.prompt_mode:
+            return x, self._to_device(to_soft_targets(t, num_classes, what="validation targets"))
+        t = self._to_device(t)
+        if _rows(x) != _rows(t):
+            raise ShapeError(f"a validation batch holds {_rows(x)} images and {_rows(t)} texts",
+                             "make the validation loader yield (images, texts) pairs")
+        return x, t
 
     def compute_validation_direction(self, num_classes: Optional[int] = None) -> GradSum:
         """Average the validation contrastive-loss gradient over ``val_batches`` batches (advances the stream)."""
         total = GradSum({}, 0)
         params = self._params()
+        cached = self.cache_validation
+        if cached:  # the stream prepares each batch once, when it reads the loader
+            self._stream.prepare = lambda x, t: self._prepare_val_batch(x, t, num_classes)
         for _ in range(self._num_val_batches()):
             x, t = self._stream.next()
-            x = self._to_device(x)
+            if not cached:
+                x, t = self._prepare_val_batch(x, t, num_classes)
             if self.prompt_mode:
-                y = self._to_device(to_soft_targets(t, num_classes, what="validation targets"))  # checked where it is
-                if y.shape[0] == 0:
+                if t.shape[0] == 0:
                     continue
-                part = contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=y,
+                part = contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=t,
                                                        bn=self.bn_mode)
             else:
-                t = self._to_device(t)
-                if _rows(x) != _rows(t):
-                    raise ShapeError(f"a validation batch holds {_rows(x)} images and {_rows(t)} texts",
-                                     "make the validation loader yield (images, texts) pairs")
                 if not _rows(x):
                     continue
                 part = contrastive_validation_gradient(self.model, x, t, params, directions=self.directions,
@@ -596,4 +616,5 @@ class ContrastiveRefiner:
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "
                 f"refresh_every={self.refresh_every}, val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, "
-                f"warmup_steps={self.warmup_steps}, weight_norm={self.weight_norm!r})")
+                f"warmup_steps={self.warmup_steps}, weight_norm={self.weight_norm!r}"
+                + (", cache_validation=True" if self.cache_validation else "") + ")")
