@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
 import numpy as np
@@ -70,6 +71,15 @@ def _evaluate(model, x, y):
     model.train()
     minority = torch.isin(y, torch.tensor(MINORITY))
     return float((pred == y).float().mean()), float((pred[minority] == y[minority]).float().mean())
+
+
+def _job(job):
+    """One (seed, arm) training run in a worker process (one torch thread)."""
+    seed, arm, args = job
+    set_threads(1)
+    data = load_biased(seed, args.pool)
+    sizes = (len(data["y"]), int(data["corrupted"].sum()), len(data["y_val"]))
+    return seed, arm, sizes, run(data, arm, seed, args)
 
 
 def autodo_options(arm: str, n: int, steps_per_epoch: int, args) -> Dict:
@@ -228,6 +238,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--overhead-steps", type=int, default=30)
     ap.add_argument("--device", default="cpu", help="overhead part: cpu or cuda")
     ap.add_argument("--cache-validation", action="store_true", help="overhead part: cache_validation=True")
+    ap.add_argument("--workers", type=int, default=2, help="quality part: training runs in parallel (one thread each)")
     ap.add_argument("--out", default="autodo")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -237,11 +248,9 @@ def main(argv: List[str] = None) -> None:
     if args.part in ("all", "quality"):
         results: Dict[str, List[Dict]] = {}
         sizes = None
-        for seed in args.seeds:
-            data = load_biased(seed, args.pool)
-            sizes = (len(data["y"]), int(data["corrupted"].sum()), len(data["y_val"]))
-            for arm in args.arms:
-                res = run(data, arm, seed, args)
+        jobs = [(seed, arm, args) for seed in args.seeds for arm in args.arms]
+        with ProcessPoolExecutor(max_workers=max(1, args.workers)) as ex:
+            for seed, arm, sizes, res in ex.map(_job, jobs):  # in job order: seeds stay paired across arms
                 results.setdefault(arm, []).append(res)
                 print(json.dumps({"arm": arm, "seed": seed, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
         lines += [
