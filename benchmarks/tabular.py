@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -164,6 +165,28 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
     return out
 
 
+def target_summary(results: Dict, seeds: List[int]) -> str:
+    """Per table: the best SAflex arm against the best other arm (by mean), with the paired per-seed
+    differences, and whether the target "CutMix + SAflex >= the best other arm" holds on the means."""
+    lines = ["Target check (best CutMix + SAflex arm against the best other arm, by mean test accuracy; "
+             "paired difference by seed):", ""]
+    for d in dict.fromkeys(k[0] for k in results):
+        arms = {a: [r["test_acc"] for r in rs] for (dd, a), rs in results.items() if dd == d}
+        refined = {a: v for a, v in arms.items() if "saflex" in a}
+        other = {a: v for a, v in arms.items() if "saflex" not in a}
+        if not refined or not other:
+            continue
+        best_r = max(refined, key=lambda a: float(np.mean(refined[a])))
+        best_o = max(other, key=lambda a: float(np.mean(other[a])))
+        diff = [100 * (x - y) for x, y in zip(refined[best_r], other[best_o])]
+        m, sd = mean_std(diff)
+        wins = sum(x > 0 for x in diff)
+        lines.append(f"- {d}: `{best_r}` {100 * np.mean(refined[best_r]):.2f} vs `{best_o}` "
+                     f"{100 * np.mean(other[best_o]):.2f}; difference {m:+.2f} ± {sd:.2f} points "
+                     f"(better on {wins} of {len(diff)} seeds): {'met' if m >= 0 else 'not met'}.")
+    return "\n".join(lines) + "\n"
+
+
 def _job(args):
     name, arm, seed, epochs, overrides = args
     set_threads(1)
@@ -211,6 +234,7 @@ def main(argv: List[str] = None) -> None:
            f"rows give their share of the loss back to the originals)" + (f"; SAflex arms with {overrides}" if overrides else "") +
            f", validation loader batch 500. Wall-clock for the whole command: {wall / 60:.1f} min.")
     table = write_markdown_table(None, headers, rows, title="Tabular: UCI Letter and Spambase", preamble=pre)
+    table += "\n" + target_summary(results, args.seeds)
     print(table)
     if not args.no_save:
         (results_dir() / f"{args.out}.md").write_text(table + "\n" + TRIALS, encoding="utf-8")
