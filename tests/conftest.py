@@ -72,3 +72,17 @@ def loop_class_scores(model, x, v, num_classes):
             gr = torch.autograd.grad(lp, [named[n] for n in names])
             out[i, c] = sum((gi.double() * v[n].double()).sum() for gi, n in zip(gr, names))
     return out
+
+
+class CountingLoader:
+    """Wraps a loader (any iterable with len()) and counts how often it is iterated."""
+
+    def __init__(self, loader):
+        self.loader, self.iters = loader, 0
+
+    def __iter__(self):
+        self.iters += 1
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)

@@ -13,23 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from augplug.contrastive import ContrastiveRefiner
 from augplug.errors import ConfigurationError, EmptyValidationError, ShapeError, TargetError
+from conftest import CountingLoader
 
 C, VOCAB, LEN, DIM = 4, 11, 5, 6
 MODES = ("prompts", "pairs")
-
-
-class CountingLoader:
-    """An iterable with len() that counts how often it is iterated."""
-
-    def __init__(self, loader):
-        self.loader, self.iters = loader, 0
-
-    def __iter__(self):
-        self.iters += 1
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
 
 
 def _encoders(mode, seed=0):

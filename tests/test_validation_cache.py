@@ -11,22 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from augplug import AugmentationRefiner
 from augplug.errors import ConfigurationError, EmptyValidationError, TargetError
 from augplug.models import SmallCNN
+from conftest import CountingLoader
 
 C = 4
-
-
-class CountingLoader:
-    """A DataLoader wrapper that counts how often it is iterated."""
-
-    def __init__(self, loader):
-        self.loader, self.iters = loader, 0
-
-    def __iter__(self):
-        self.iters += 1
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
 
 
 def _loader(shuffle=False, n=24, bs=8, labels=None):
