@@ -47,8 +47,8 @@ from torch.func import functional_call
 from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, NonFiniteError, ShapeError,
                      TargetError)
 from .heads import unwrap_model
-from .methods import POLICIES, Policy, SAflex, renormalize, saflex_targets
-from .refiner import (DEFAULTS, augmented_rows, check_shell_options, load_shell_state, num_val_batches,
+from .methods import Policy, renormalize, saflex_targets
+from .refiner import (DEFAULTS, augmented_rows, build_policy, check_shell_options, load_shell_state, num_val_batches,
                       shell_state, unwrap_optimizer)
 from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, scoring_mode
@@ -358,16 +358,12 @@ class ContrastiveRefiner:
                  cache_validation: bool = False):
         self.directions = _check_directions(directions)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
-        if isinstance(method, Policy):
-            self.policy = method
-        elif method == "saflex":
-            self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
-                                 prior=prior, normalize=normalize, threshold=threshold)
-        elif method in ("none", "l2rw"):
-            self.policy = POLICIES[method]()
-        else:
-            raise ConfigurationError(f"unknown method {method!r} for contrastive refinement",
-                                     "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets")
+        self.policy = build_policy(
+            method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
+                         prior=prior, normalize=normalize, threshold=threshold),
+            allowed=("none", "l2rw"),
+            unknown=(f"unknown method {method!r} for contrastive refinement",
+                     "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets"))
         self.method = self.policy.name
         self.model = DualEncoder(image_encoder, text_encoder, logit_scale, normalize_features)
         self.class_prompts = class_prompts

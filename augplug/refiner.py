@@ -31,7 +31,7 @@ from .targets import check_logits, check_target_structure, soft_cross_entropy, t
 from .transfer import to_device
 from .validation import CachedValidationStream, ValidationStream
 
-__all__ = ["AugmentationRefiner", "DEFAULTS", "unwrap_optimizer"]
+__all__ = ["AugmentationRefiner", "DEFAULTS", "build_policy", "unwrap_optimizer"]
 
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
@@ -90,6 +90,22 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     m = torch.ones(batch, dtype=torch.bool, device=device)
     m[:k] = False
     return m, slice(k, None), batch - k
+
+
+def build_policy(method, saflex_options: Dict[str, Any], method_options: Optional[Dict[str, Any]] = None, *,
+                 allowed: Optional[tuple] = None, unknown: Optional[tuple] = None) -> Policy:
+    """The policy a refiner shell runs: ``method`` itself when it is a :class:`Policy`; SAflex built
+    from ``saflex_options`` (the shell's explicit SAflex arguments); or the registered policy named
+    ``method`` built from ``method_options``. ``allowed`` limits the registered names a shell accepts;
+    ``unknown`` is the ``(message, fix)`` of the error for any other name."""
+    if isinstance(method, Policy):
+        return method
+    if method == "saflex":
+        return SAflex(**saflex_options)
+    if method in POLICIES and (allowed is None or method in allowed):
+        return POLICIES[method](**(method_options or {}))
+    message, fix = unknown or (f"unknown method {method!r}", f"use one of {sorted(POLICIES)} or a Policy")
+    raise ConfigurationError(message, fix)
 
 
 def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
@@ -241,15 +257,9 @@ class AugmentationRefiner:
         if val_params not in ("all", "head"):
             raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
-        if isinstance(method, Policy):
-            self.policy = method
-        elif method == "saflex":
-            self.policy = SAflex(beta, tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
-                                 prior=prior, normalize=normalize, threshold=threshold)
-        elif method in POLICIES:
-            self.policy = POLICIES[method](**(method_options or {}))
-        else:
-            raise ConfigurationError(f"unknown method {method!r}", f"use one of {sorted(POLICIES)} or a Policy")
+        self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,
+                                                weight_tau=weight_tau, prior=prior, normalize=normalize,
+                                                threshold=threshold), method_options)
         self.method = self.policy.name
         self.model = model
         self.net = unwrap_model(model)

@@ -308,8 +308,9 @@ def test_functional_bad_input():
         contrastive_validation_gradient(dual, torch.randn(3, 8).double(), torch.randint(0, VOCAB, (2, LEN)),
                                         dict(dual.named_parameters()))
     assert bad_val is not None
-    with pytest.raises(ConfigurationError):
-        ContrastiveRefiner(img, txt, None, bad_val, method="autodo")
+    for name in ("autodo", "mixup"):  # a registered policy it cannot run, and an unknown name
+        with pytest.raises(ConfigurationError, match="for contrastive refinement"):
+            ContrastiveRefiner(img, txt, None, bad_val, method=name)
     with pytest.raises(ConfigurationError):
         ContrastiveRefiner(img, txt, None, bad_val, score_params=["image.nope"])
 
