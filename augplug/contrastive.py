@@ -51,7 +51,7 @@ from .methods import Policy, renormalize, saflex_targets
 from .refiner import (DEFAULTS, augmented_rows, build_policy, check_shell_options, load_shell_state, num_val_batches,
                       shell_state, unwrap_optimizer)
 from .rng import PrivateRNG
-from .scores import GradSum, forward_mode_duals, scoring_mode
+from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
 from .validation import CachedValidationStream, ValidationStream
@@ -236,7 +236,6 @@ def contrastive_validation_gradient(model: DualEncoder, images, texts, params: D
     if not params:
         raise ConfigurationError("no trainable parameters to differentiate",
                                  "make sure the encoders have parameters with requires_grad=True")
-    names = list(params)
     with torch.enable_grad(), scoring_mode(net, bn):
         s = net(images, texts)
         if targets is None:
@@ -245,9 +244,7 @@ def contrastive_validation_gradient(model: DualEncoder, images, texts, params: D
         else:
             check_similarity(s, square=False, what="validation similarity logits")
             loss = _row_losses_sum(s, ("image_to_text",), targets.float())
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    sums = {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
-            for n, g in zip(names, grads)}
+        sums = grad_sums(loss, params)
     return GradSum(sums, int(s.shape[0]), float(loss.detach()))
 
 

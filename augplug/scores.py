@@ -44,6 +44,7 @@ __all__ = [
     "preserved_parameters",
     "forward_mode_duals",
     "GradSum",
+    "grad_sums",
     "validation_gradient",
     "last_layer_scores",
     "full_scores",
@@ -187,14 +188,19 @@ def validation_gradient(
     if not params:
         raise ConfigurationError("no trainable parameters to differentiate",
                                  "make sure the model has parameters with requires_grad=True")
-    names = list(params)
     with torch.enable_grad(), scoring_mode(net, bn):
         logits = _forward_logits(net, inputs)
         loss = -(y * F.log_softmax(logits.float(), -1)).sum()
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    sums = {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
-            for n, g in zip(names, grads)}
+        sums = grad_sums(loss, params)
     return GradSum(sums, int(y.shape[0]), loss.detach().double())
+
+
+def grad_sums(loss: torch.Tensor, params: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
+    """``d loss / d p`` for each named parameter, detached fp32 (zeros where ``loss`` does not depend on it)."""
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
+            for n, g in zip(names, grads)}
 
 
 def last_layer_scores(

@@ -212,3 +212,19 @@ def test_full_scores_keep_shared_submodules_trainable():
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
     assert model[0].weight is lin.weight and model[2].weight is lin.weight
     torch.testing.assert_close(g, double_backward_scores(model, x, v), rtol=1e-4, atol=1e-6)
+
+
+def test_grad_sums_matches_autograd_and_fills_unused_with_zeros():
+    from augplug.scores import grad_sums
+
+    torch.manual_seed(0)
+    used, unused = nn.Linear(3, 2).double(), nn.Linear(2, 2)
+    params = {"w": used.weight, "b": used.bias, "other": unused.weight}
+    loss = used(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum()
+    ref = torch.autograd.grad(loss, [used.weight, used.bias], retain_graph=True)
+    out = grad_sums(loss, params)
+    assert list(out) == ["w", "b", "other"]
+    assert all(t.dtype == torch.float32 and not t.requires_grad for t in out.values())
+    torch.testing.assert_close(out["w"], ref[0].float())
+    torch.testing.assert_close(out["b"], ref[1].float())
+    assert torch.equal(out["other"], torch.zeros(2, 2))
