@@ -60,7 +60,8 @@ def _train_and_record(refiner, opt, net, step_loss):
     return out
 
 
-def _worker(out_dir: str, case: str) -> None:
+def _accelerator():
+    """A fresh CPU Accelerator in a forked worker, checked to span WORLD processes."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -69,6 +70,11 @@ def _worker(out_dir: str, case: str) -> None:
     GradientState._reset_state()
     acc = Accelerator(cpu=True)
     assert acc.num_processes == WORLD
+    return acc
+
+
+def _worker(out_dir: str, case: str) -> None:
+    acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
     refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **CASES[case])
@@ -123,13 +129,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
 
 
 def _autodo_worker(out_dir: str) -> None:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    acc = Accelerator(cpu=True)
-    assert acc.num_processes == WORLD
+    acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
     refiner = AugmentationRefiner(model, opt, val, method="autodo", refresh_every=1, accelerator=acc,
