@@ -237,29 +237,21 @@ class TabularCutMix:
                     raise TargetError("columns flagged categorical hold non-integer values",
                                       "pass category codes (0, 1, 2, ...) in the categorical columns")
             # one tensor: every column is copied, never interpolated, so categorical columns stay in domain
-            gen_state = self.generator.get_state()
-            try:
-                xn, _, yn, aug = tabular_cutmix(x, y, None, p=self.p, proportion=self.proportion, label=self.label,
-                                                num_classes=self.num_classes, groups=self.groups,
-                                                generator=self.generator)
-            except BaseException:
-                self.generator.set_state(gen_state)
-                raise
-            out = (xn, yn)
+            xn, xc = x, None
         elif len(batch) == 3:
             xn, xc, y = batch
-            gen_state = self.generator.get_state()
-            try:
-                xn, xc, yn, aug = tabular_cutmix(xn, y, xc, p=self.p, proportion=self.proportion, label=self.label,
-                                                 num_classes=self.num_classes, groups=self.groups,
-                                                 generator=self.generator)
-            except BaseException:
-                self.generator.set_state(gen_state)
-                raise
-            out = (xn, xc, yn)
         else:
             raise ShapeError(f"TabularCutMix takes (x, y) or (x_num, x_cat, y), got {len(batch)} tensors",
                              "pass the batch tensors in one of those orders")
+        gen_state = self.generator.get_state()
+        try:
+            xn, xc_new, yn, aug = tabular_cutmix(xn, y, xc, p=self.p, proportion=self.proportion, label=self.label,
+                                                 num_classes=self.num_classes, groups=self.groups,
+                                                 generator=self.generator)
+        except BaseException:  # a rejected batch leaves the generator where it was
+            self.generator.set_state(gen_state)
+            raise
+        out = (xn, yn) if xc is None else (xn, xc_new, yn)
         return out + (aug,) if self.return_mask else out
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
