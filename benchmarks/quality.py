@@ -1,7 +1,7 @@
 """Quality study on Fashion-MNIST: none / upstream RandAugment / +SAflex / +L2RW.
 
 Setting: 10k training / 1k clean validation images (stratified from the official training set), the
-official 10k test set; upstream timm RandAugment (``rand-m9-mstd0.5``, 4 precomputed views per
+official 10k test set; upstream timm RandAugment (``rand-m9-mstd0.5`` unless ``--aa``, 4 precomputed views per
 image) with 30 % of augmented views given a random wrong label; a small CNN, SGD + cosine.
 Trained on originals plus augmented views (the paper's setting) and on augmented views alone.
 
@@ -29,6 +29,8 @@ from augplug.study import StudyData, corrupt_views, make_view_bank
 from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 MEAN, STD = 0.2860, 0.3530
+#: The upstream augmentation: timm's RandAugment policy string (``--aa``).
+AA = "rand-m9-mstd0.5"
 #: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
 PAPER_RULE = SAFLEX_PAPER
 #: arm name -> (study arm, refiner options). "saflex" runs augplug's defaults unchanged.
@@ -47,11 +49,12 @@ SETTINGS = ("orig+aug", "aug-only")
 
 
 def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 4, noise: float = 0.3,
-               aa: str = "rand-m9-mstd0.5", noise_kind: str = "random") -> StudyData:
+               aa: str = "", noise_kind: str = "random") -> StudyData:
     from timm.data.auto_augment import rand_augment_transform
 
     from .datasets import fashion_mnist_splits
 
+    aa = aa or AA
     cache_dir = os.path.join(os.path.dirname(__file__), "data")
     os.makedirs(cache_dir, exist_ok=True)
     cache = os.path.join(cache_dir, f"fmnist_bank_{aa}_{n_train}_{n_val}_{views}_s{seed}.pt")
@@ -73,7 +76,8 @@ def _job(args):
     set_threads(1)
     from augplug.study import run_arm
 
-    data = load_study(seed, n_train=extra.get("n_train", 10000), noise_kind=extra.get("noise_kind", "random"))
+    data = load_study(seed, n_train=extra.get("n_train", 10000), noise_kind=extra.get("noise_kind", "random"),
+                      aa=extra.get("aa", AA))
     study_arm, arm_kw = ARM_CONFIGS[arm]
     refined = study_arm in ("saflex", "l2rw")
     ref_kw = {**arm_kw, **overrides} if refined else {}
@@ -96,6 +100,7 @@ def main(argv: List[str] = None) -> None:
                     help="refiner option for the refined arms, on top of each arm's own (e.g. beta=2, warmup_epochs=1)")
     ap.add_argument("--noise-kind", default="random", choices=("random", "pairflip"),
                     help="wrong labels drawn uniformly (random) or class c -> c+1 (pairflip)")
+    ap.add_argument("--aa", default=AA, help="timm RandAugment policy string of the upstream augmentation")
     ap.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset)")
     ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
                     help="normalisation layers of the small CNN")
@@ -106,8 +111,8 @@ def main(argv: List[str] = None) -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     for seed in args.seeds:  # build the view banks once, before the workers start
-        load_study(seed, n_train=args.n_train)
-    extra = {"norm": args.norm, "noise_kind": args.noise_kind, "n_train": args.n_train}
+        load_study(seed, n_train=args.n_train, aa=args.aa)
+    extra = {"norm": args.norm, "noise_kind": args.noise_kind, "n_train": args.n_train, "aa": args.aa}
     jobs = [(s, a, seed, args.epochs, overrides, extra) for s in args.settings for a in args.arms for seed in args.seeds
             if not (a == "none" and s != args.settings[0])]
     results: Dict = {}
@@ -130,7 +135,7 @@ def main(argv: List[str] = None) -> None:
                      col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.quality {' '.join(argv)}`".strip() +
            f"\n\nFashion-MNIST, {args.n_train} train / 1k val / 10k test images, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
-           f"noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"
+           f"upstream RandAugment `{args.aa}`; noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"
            + (f", plus {overrides}" if overrides else "") + "; validation loader batch 500 (1k images).")
     table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md", headers, rows,
                                  title="Quality: Fashion-MNIST", preamble=pre)

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,10 +39,11 @@ PROPORTION = (0.1, 0.5)
 #: The paper's rule (hard sign weights, Gumbel-softmax soft labels, beta = 1 as for tables, tau = 1, raw scores).
 PAPER = dict(SAFLEX_PAPER)
 
-#: arm -> (CutMix probability, refiner method, refiner options, layout). Layout "inplace": the batch's
-#: rows are replaced by their CutMix versions with probability p; "orig+aug": the batch holds every
-#: original row plus the CutMix versions of the rows picked with probability p (the paper's inner
-#: objective: originals plus weighted, relabelled augmented samples).
+#: arm -> (CutMix probability, refiner method, refiner options, layout[, label]). Layout "inplace": the
+#: batch's rows are replaced by their CutMix versions with probability p; "orig+aug": the batch holds
+#: every original row plus the CutMix versions of the rows picked with probability p (the paper's inner
+#: objective: originals plus weighted, relabelled augmented samples). Label "keep" (default): a CutMix
+#: row keeps its label; "mix": its label is mixed by the replaced share (soft upstream targets).
 ARM_CONFIGS = {
     "none": (0.0, None, {}, "inplace"),
     "cutmix-p0.1": (0.1, "none", {}, "inplace"),
@@ -53,6 +54,12 @@ ARM_CONFIGS = {
     f"orig+cutmix-p{HIGH_P}+saflex": (HIGH_P, "saflex", {}, "orig+aug"),  # trials only (not in the default arms)
     f"orig+cutmix-p{HIGH_P}+saflex-paper": (HIGH_P, "saflex", PAPER, "orig+aug"),
     f"orig+cutmix-p{HIGH_P}+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"}, "orig+aug"),
+    # the paper's rule without the Gumbel draw (soft labels softmax((g + beta y~) / tau)), mean-1 weights over the batch
+    f"orig+cutmix-p{HIGH_P}+saflex-nogumbel-wnbatch": (HIGH_P, "saflex", {**PAPER, "gumbel": False, "weight_norm": "batch"},
+                                                       "orig+aug"),
+    f"orig+cutmix-p{HIGH_P}-mix": (HIGH_P, "none", {}, "orig+aug", "mix"),
+    f"orig+cutmix-p{HIGH_P}-mix+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"},
+                                                        "orig+aug", "mix"),
 }
 TRIAL_ONLY = (f"orig+cutmix-p{HIGH_P}+saflex",)
 ARMS = tuple(a for a in ARM_CONFIGS if a not in TRIAL_ONLY)
@@ -113,7 +120,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
     from augplug.tabular import TabularCutMix, TabularMLP
 
     (xtr, ytr), (xva, yva), (xte, yte), c = load_splits(name, seed)
-    p, method, arm_kw, layout = ARM_CONFIGS[arm]
+    p, method, arm_kw, layout, label = (ARM_CONFIGS[arm] + ("keep",))[:5]
     torch.manual_seed(seed)
     model = TabularMLP(xtr.shape[1], c, hidden=256, depth=2, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -127,7 +134,8 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
         kw.setdefault("warmup_steps", int(warm * steps))
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)
         refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **kw)
-    cutmix = TabularCutMix(p=p, proportion=PROPORTION, seed=seed + 17, return_mask=True) if p > 0 else None
+    cutmix = TabularCutMix(p=p, proportion=PROPORTION, label=label, num_classes=c, seed=seed + 17,
+                           return_mask=True) if p > 0 else None
     g = torch.Generator().manual_seed(seed + 1)
     w_aug, t0 = [], time.perf_counter()
     model.train()
@@ -141,6 +149,8 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
                 if layout == "inplace":
                     x, y = xa, ya
                 else:
+                    if ya.dim() == 2:  # mixed (soft) labels: the originals as one-hot rows
+                        y = F.one_hot(y, c).float()
                     x, y = torch.cat([x, xa[aug]]), torch.cat([y, ya[aug]])
                     aug = torch.cat([torch.zeros(len(idx), dtype=torch.bool), aug[aug]])
             logits = model(x)
@@ -165,10 +175,13 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
     return out
 
 
-def target_summary(results: Dict, seeds: List[int]) -> str:
-    """Per table: the best SAflex arm against the best other arm (by mean), with the paired per-seed
-    differences, and whether the target "CutMix + SAflex >= the best other arm" holds on the means."""
-    lines = ["Target check (best CutMix + SAflex arm against the best other arm, by mean test accuracy; "
+def target_summary(results: Dict, seeds: List[int], chosen: Optional[Dict[str, str]] = None) -> str:
+    """Per table: the best SAflex arm (or the arm named for the table in ``chosen``, fixed before the
+    run) against the best other arm (by mean), with the paired per-seed differences, and whether the
+    target "CutMix + SAflex >= the best other arm" holds on the means."""
+    chosen = chosen or {}
+    which = "the SAflex arm chosen before the run" if chosen else "best CutMix + SAflex arm"
+    lines = [f"Target check ({which} against the best other arm, by mean test accuracy; "
              "paired difference by seed):", ""]
     for d in dict.fromkeys(k[0] for k in results):
         arms = {a: [r["test_acc"] for r in rs] for (dd, a), rs in results.items() if dd == d}
@@ -176,7 +189,9 @@ def target_summary(results: Dict, seeds: List[int]) -> str:
         other = {a: v for a, v in arms.items() if "saflex" not in a}
         if not refined or not other:
             continue
-        best_r = max(refined, key=lambda a: float(np.mean(refined[a])))
+        best_r = chosen.get(d) or max(refined, key=lambda a: float(np.mean(refined[a])))
+        if best_r not in refined:
+            continue
         best_o = max(other, key=lambda a: float(np.mean(other[a])))
         diff = [100 * (x - y) for x, y in zip(refined[best_r], other[best_o])]
         m, sd = mean_std(diff)
@@ -202,11 +217,17 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="refiner option for the SAflex arm on top of augplug's defaults (e.g. beta=1)")
+    ap.add_argument("--target-arm", action="append", default=[], metavar="TABLE=ARM",
+                    help="the SAflex arm the target check uses for TABLE (fixed before the run; default: the best by mean)")
     ap.add_argument("--out", default="tabular")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    chosen = dict(kv.split("=", 1) for kv in args.target_arm)
+    bad = {d: a for d, a in chosen.items() if d not in args.datasets or a not in args.arms or "saflex" not in a}
+    if bad:
+        ap.error(f"--target-arm needs a table that runs and one of its SAflex arms, got {bad}")
     jobs = [(d, a, s, args.epochs or EPOCHS[d], overrides)
             for d in args.datasets for a in args.arms for s in args.seeds]
     results: Dict = {}
@@ -228,13 +249,14 @@ def main(argv: List[str] = None) -> None:
            f"validation {VAL_SIZE}, the rest for training; standardised features. TabularMLP (2 × 256, dropout 0.1), "
            f"AdamW lr 1e-3, weight decay 1e-4, cosine, batch 256, epochs "
            f"{ {d: args.epochs or EPOCHS[d] for d in args.datasets} }; seeds {args.seeds}. CutMix in place on the "
-           f"training batch: proportion {PROPORTION} of the columns from another row, labels kept. "
+           f"training batch: proportion {PROPORTION} of the columns from another row, labels kept (`-mix`: labels "
+           f"mixed by the replaced share). "
            f"`+saflex`: augplug's refiner defaults (`augplug.refiner.DEFAULTS`); `+saflex-paper`: "
            f"`augplug.SAFLEX_PAPER` = {PAPER}; `-wnbatch`: the same with `weight_norm='batch'` (unhelpful augmented "
-           f"rows give their share of the loss back to the originals)" + (f"; SAflex arms with {overrides}" if overrides else "") +
+           f"rows give their share of the loss back to the originals); `-nogumbel`: without the Gumbel draw" + (f"; SAflex arms with {overrides}" if overrides else "") +
            f", validation loader batch 500. Wall-clock for the whole command: {wall / 60:.1f} min.")
     table = write_markdown_table(None, headers, rows, title="Tabular: UCI Letter and Spambase", preamble=pre)
-    table += "\n" + target_summary(results, args.seeds)
+    table += "\n" + target_summary(results, args.seeds, chosen)
     print(table)
     if not args.no_save:
         (results_dir() / f"{args.out}.md").write_text(table + "\n" + TRIALS, encoding="utf-8")
