@@ -57,6 +57,8 @@ ARM_CONFIGS = {
     # the paper's rule without the Gumbel draw (soft labels softmax((g + beta y~) / tau)), mean-1 weights over the batch
     f"orig+cutmix-p{HIGH_P}+saflex-nogumbel-wnbatch": (HIGH_P, "saflex", {**PAPER, "gumbel": False, "weight_norm": "batch"},
                                                        "orig+aug"),
+    # control for the paper rule's soft labels: the targets it gives when g = 0, softmax(y~), without SAflex
+    f"orig+cutmix-p{HIGH_P}-smooth": (HIGH_P, "none", {}, "orig+aug", "smooth"),
     f"orig+cutmix-p{HIGH_P}-mix": (HIGH_P, "none", {}, "orig+aug", "mix"),
     f"orig+cutmix-p{HIGH_P}-mix+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"},
                                                         "orig+aug", "mix"),
@@ -134,7 +136,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
         kw.setdefault("warmup_steps", int(warm * steps))
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)
         refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **kw)
-    cutmix = TabularCutMix(p=p, proportion=PROPORTION, label=label, num_classes=c, seed=seed + 17,
+    cutmix = TabularCutMix(p=p, proportion=PROPORTION, label="keep" if label == "smooth" else label, num_classes=c, seed=seed + 17,
                            return_mask=True) if p > 0 else None
     g = torch.Generator().manual_seed(seed + 1)
     w_aug, t0 = [], time.perf_counter()
@@ -146,6 +148,8 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
             x, y = xtr[idx], ytr[idx]
             if cutmix is not None:
                 xa, ya, aug = cutmix(x, y)
+                if label == "smooth":
+                    ya = torch.softmax(F.one_hot(ya, c).float(), -1)
                 if layout == "inplace":
                     x, y = xa, ya
                 else:
@@ -250,7 +254,7 @@ def main(argv: List[str] = None) -> None:
            f"AdamW lr 1e-3, weight decay 1e-4, cosine, batch 256, epochs "
            f"{ {d: args.epochs or EPOCHS[d] for d in args.datasets} }; seeds {args.seeds}. CutMix in place on the "
            f"training batch: proportion {PROPORTION} of the columns from another row, labels kept (`-mix`: labels "
-           f"mixed by the replaced share). "
+           f"mixed by the replaced share; `-smooth`: labels softmax(one-hot), what the paper's rule gives when g = 0). "
            f"`+saflex`: augplug's refiner defaults (`augplug.refiner.DEFAULTS`); `+saflex-paper`: "
            f"`augplug.SAFLEX_PAPER` = {PAPER}; `-wnbatch`: the same with `weight_norm='batch'` (unhelpful augmented "
            f"rows give their share of the loss back to the originals); `-nogumbel`: without the Gumbel draw" + (f"; SAflex arms with {overrides}" if overrides else "") +
