@@ -71,6 +71,25 @@ def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 
                      norm(sp["test"][0]), sp["test"][1], norm(bank), view_labels, 10)
 
 
+def paired_summary(acc: Dict) -> str:
+    """Paired differences by seed of every refined arm against ``upstream`` and ``none`` of the same
+    setting. ``acc``: ``{(setting, arm): {seed: test accuracy %}}``."""
+    lines = []
+    for (setting, arm), by_seed in acc.items():
+        if ARM_CONFIGS[arm][0] not in ("saflex", "l2rw"):
+            continue
+        for ref in ("upstream", "none"):
+            other = acc.get((setting, ref))
+            seeds = [sd for sd in by_seed if other and sd in other]
+            if not seeds:
+                continue
+            d = [by_seed[sd] - other[sd] for sd in seeds]
+            m, sd_ = mean_std(d)
+            lines.append(f"- {setting}, `{arm}` − `{ref}`: {m:+.2f} ± {sd_:.2f} points "
+                         f"(better on {sum(x > 0 for x in d)} of {len(d)} seeds)")
+    return ("Paired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def _job(args):
     setting, arm, seed, epochs, overrides, extra = args
     set_threads(1)
@@ -116,30 +135,36 @@ def main(argv: List[str] = None) -> None:
     jobs = [(s, a, seed, args.epochs, overrides, extra) for s in args.settings for a in args.arms for seed in args.seeds
             if not (a == "none" and s != args.settings[0])]
     results: Dict = {}
+    acc: Dict = {}
     with ProcessPoolExecutor(max_workers=args.workers) as ex:
         for setting, arm, seed, res in ex.map(_job, jobs):
             results.setdefault((setting, arm), []).append(res)
+            acc.setdefault((setting, arm), {})[seed] = 100 * res["test_acc"]
             print(json.dumps({"setting": setting, "arm": arm, "seed": seed,
                               **{k: round(v, 4) for k, v in res.items()}}), flush=True)
     if "none" in args.arms:
         for s in args.settings[1:]:
             results[(s, "none")] = results[(args.settings[0], "none")]
-    headers = ["setting", "arm", "test acc % (mean ± std)", "AUC(weight, clean)", "AUC(y~ᵀg, clean)",
+            acc[(s, "none")] = acc[(args.settings[0], "none")]
+    headers = ["setting", "arm", "test acc % (mean ± std)", "per seed", "AUC(weight, clean)", "AUC(y~ᵀg, clean)",
                "kept clean", "kept corrupted", "corrupted relabelled to true class", "s/run"]
     rows = []
     for (setting, arm), rs in results.items():
         def col(k, scale=1.0, d=3):
             vals = [r[k] for r in rs if k in r]
             return fmt_mean_std(vals, scale=scale, digits=d) if vals else "–"
-        rows.append([setting, arm, col("test_acc", 100, 2), col("auc_weight"), col("auc_agreement"),
+        rows.append([setting, arm, col("test_acc", 100, 2), " / ".join(f"{v:.2f}" for v in acc[(setting, arm)].values()),
+                     col("auc_weight"), col("auc_agreement"),
                      col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.quality {' '.join(argv)}`".strip() +
            f"\n\nFashion-MNIST, {args.n_train} train / 1k val / 10k test images, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
            f"upstream RandAugment `{args.aa}`; noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"
            + (f", plus {overrides}" if overrides else "") + "; validation loader batch 500 (1k images).")
-    table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md", headers, rows,
-                                 title="Quality: Fashion-MNIST", preamble=pre)
+    table = write_markdown_table(None, headers, rows, title="Quality: Fashion-MNIST", preamble=pre)
+    table += "\n" + paired_summary(acc)
     print(table)
+    if not args.no_save:
+        (results_dir() / f"{args.out}.md").write_text(table, encoding="utf-8")
     if not args.no_save:
         labels = [f"{s}\n{a}" for (s, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
