@@ -57,6 +57,17 @@ def mean_std(values: Iterable[float]) -> Tuple[float, float]:
     return mean, std
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, int, int]:
+    """Differences ``a[i] - b[i]`` of two runs paired by position (e.g. by seed): their mean and
+    sample standard deviation, how many are positive, and how many there are. Raises ``ValueError``
+    when the lengths differ or both are empty."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs equally long sequences, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m, sd = mean_std(d)
+    return m, sd, sum(x > 0 for x in d), len(d)
+
+
 def fmt_mean_std(values: Iterable[float], scale: float = 100, digits: int = 2) -> str:
     """Format ``values`` as ``"mean ± std"`` after multiplying by ``scale``.
 

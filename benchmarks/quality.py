@@ -26,7 +26,7 @@ from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
-from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 MEAN, STD = 0.2860, 0.3530
 #: The upstream augmentation: timm's RandAugment policy string (``--aa``).
@@ -49,12 +49,11 @@ SETTINGS = ("orig+aug", "aug-only")
 
 
 def load_study(seed: int, n_train: int = 10000, n_val: int = 1000, views: int = 4, noise: float = 0.3,
-               aa: str = "", noise_kind: str = "random") -> StudyData:
+               aa: str = AA, noise_kind: str = "random") -> StudyData:
     from timm.data.auto_augment import rand_augment_transform
 
     from .datasets import fashion_mnist_splits
 
-    aa = aa or AA
     cache_dir = os.path.join(os.path.dirname(__file__), "data")
     os.makedirs(cache_dir, exist_ok=True)
     cache = os.path.join(cache_dir, f"fmnist_bank_{aa}_{n_train}_{n_val}_{views}_s{seed}.pt")
@@ -83,10 +82,8 @@ def paired_summary(acc: Dict) -> str:
             seeds = [sd for sd in by_seed if other and sd in other]
             if not seeds:
                 continue
-            d = [by_seed[sd] - other[sd] for sd in seeds]
-            m, sd_ = mean_std(d)
-            lines.append(f"- {setting}, `{arm}` − `{ref}`: {m:+.2f} ± {sd_:.2f} points "
-                         f"(better on {sum(x > 0 for x in d)} of {len(d)} seeds)")
+            m, sd_, wins, n = paired_difference([by_seed[sd] for sd in seeds], [other[sd] for sd in seeds])
+            lines.append(f"- {setting}, `{arm}` − `{ref}`: {m:+.2f} ± {sd_:.2f} points (better on {wins} of {n} seeds)")
     return ("Paired by seed:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
@@ -165,7 +162,6 @@ def main(argv: List[str] = None) -> None:
     print(table)
     if not args.no_save:
         (results_dir() / f"{args.out}.md").write_text(table, encoding="utf-8")
-    if not args.no_save:
         labels = [f"{s}\n{a}" for (s, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
         save_bar_plot(results_dir() / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 DATASETS = ("letter", "spambase")
 VAL_SIZE = {"letter": 1000, "spambase": 400}
@@ -197,12 +197,10 @@ def target_summary(results: Dict, seeds: List[int], chosen: Optional[Dict[str, s
         if best_r not in refined:
             continue
         best_o = max(other, key=lambda a: float(np.mean(other[a])))
-        diff = [100 * (x - y) for x, y in zip(refined[best_r], other[best_o])]
-        m, sd = mean_std(diff)
-        wins = sum(x > 0 for x in diff)
+        m, sd, wins, n = paired_difference([100 * x for x in refined[best_r]], [100 * y for y in other[best_o]])
         lines.append(f"- {d}: `{best_r}` {100 * np.mean(refined[best_r]):.2f} vs `{best_o}` "
                      f"{100 * np.mean(other[best_o]):.2f}; difference {m:+.2f} ± {sd:.2f} points "
-                     f"(better on {wins} of {len(diff)} seeds): {'met' if m >= 0 else 'not met'}.")
+                     f"(better on {wins} of {n} seeds): {'met' if m >= 0 else 'not met'}.")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ from benchmarks.common import (
     Timer,
     fmt_mean_std,
     mean_std,
+    paired_difference,
     results_dir,
     save_bar_plot,
     seed_everything,
@@ -85,3 +86,17 @@ def test_save_bar_plot(tmp_path):
     assert out.is_file()
     with pytest.raises(ValueError):
         save_bar_plot(tmp_path / "r.png", ["a"], [1.0, 2.0], None, "y", "t")
+
+
+def test_paired_difference_pairs_by_position():
+    m, sd, wins, n = paired_difference([3.0, 1.0, 2.0], [1.0, 2.0, 0.0])  # differences 2, -1, 2
+    assert n == 3 and wins == 2
+    assert m == pytest.approx(1.0) and sd == pytest.approx(3 ** 0.5)
+    assert paired_difference([1.0], [1.0]) == (0.0, 0.0, 0, 1)
+
+
+def test_paired_difference_rejects_unpaired_or_empty():
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one value"):
+        paired_difference([], [])
