@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -117,7 +117,12 @@ def load_splits(name: str, seed: int):
 
 
 def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
-            batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4) -> Dict[str, float]:
+            batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
+            observe: Optional[Callable[[int, Dict, torch.Tensor], None]] = None) -> Dict[str, float]:
+    """Train one arm on one table and return its test accuracy (and the SAflex weights' spread).
+
+    ``observe(epoch, stats, targets)``, if given, is called after every refiner call with the epoch
+    (from 0), ``refiner.stats`` and the batch's targets as passed to the refiner."""
     from augplug import AugmentationRefiner
     from augplug.tabular import TabularCutMix, TabularMLP
 
@@ -141,7 +146,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
     g = torch.Generator().manual_seed(seed + 1)
     w_aug, t0 = [], time.perf_counter()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(ytr), generator=g)
         for s in range(steps):
             idx = perm[s * batch_size:(s + 1) * batch_size]
@@ -163,6 +168,8 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
             else:
                 loss = refiner(logits, y, augmented=aug)
                 st = refiner.stats
+                if observe is not None:
+                    observe(epoch, st, y)
                 if st["active"] and method == "saflex" and bool(aug.any()):
                     w_aug.append(st["weights"][st["augmented"]])
             opt.zero_grad(set_to_none=True)
