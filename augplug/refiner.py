@@ -12,7 +12,7 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,12 +26,13 @@ from .methods import POLICIES, Policy, SAflex, renormalize
 from .methods.base import RefineContext
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
+from .share import AdaptiveShare, share_agreements
 from .stats import StepStats
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
 from .validation import CachedValidationStream, ValidationStream
 
-__all__ = ["AugmentationRefiner", "DEFAULTS", "build_policy", "unwrap_optimizer"]
+__all__ = ["AugmentationRefiner", "DEFAULTS", "build_policy", "resolve_share", "unwrap_optimizer"]
 
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
@@ -55,8 +56,14 @@ _STATE_VERSION = 1
 
 
 def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: str, orig_weight: float,
-                        aug_weight: float) -> None:
-    """Reject invalid options shared by every refiner shell (before anything is built)."""
+                        aug_weight) -> None:
+    """Reject invalid options shared by every refiner shell (before anything is built).
+
+    ``aug_weight`` is a number here; shells that learn it resolve ``"adaptive"`` first
+    (:func:`resolve_share`)."""
+    if not isinstance(aug_weight, (int, float)) or isinstance(aug_weight, bool):
+        raise ConfigurationError(f"aug_weight must be a number here, got {aug_weight!r}",
+                                 "pass a fixed aug_weight (an adaptive share needs AugmentationRefiner)")
     if int(refresh_every) < 1:
         raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
     if val_batches != "all" and int(val_batches) < 1:
@@ -69,6 +76,20 @@ def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: s
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")
+
+
+def resolve_share(aug_weight) -> Tuple[float, Optional[AdaptiveShare]]:
+    """``(starting aug_weight, AdaptiveShare or None)`` from the refiner's ``aug_weight`` option: a
+    number (fixed), ``"adaptive"`` (:class:`~augplug.share.AdaptiveShare` defaults) or an
+    ``AdaptiveShare``."""
+    if isinstance(aug_weight, str):
+        if aug_weight != "adaptive":
+            raise ConfigurationError(f"aug_weight must be a number, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
+                                     "use aug_weight=1.0 or aug_weight='adaptive'")
+        aug_weight = AdaptiveShare()
+    if isinstance(aug_weight, AdaptiveShare):
+        return aug_weight.value, aug_weight
+    return aug_weight, None
 
 
 def augmented_rows(batch: int, num_original: int, augmented, device, unit: str = "rows"):
@@ -200,6 +221,11 @@ class AugmentationRefiner:
             statistics; running statistics restored). Dropout is always off in scoring passes.
         warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
         orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
+            ``aug_weight="adaptive"`` (or an :class:`~augplug.share.AdaptiveShare`) learns the
+            augmented rows' share online from the class scores: it falls while the refined augmented
+            rows agree with the validation gradient less than the originals do (batches with
+            originals, ``num_original=``/``augmented=``; policies that score augmented rows with
+            ``Policy.refine``, such as SAflex and L2RW).
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold: SAflex hyperparameters
             (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
@@ -235,7 +261,7 @@ class AugmentationRefiner:
         bn_mode: str = DEFAULTS["bn_mode"],
         warmup_steps: int = DEFAULTS["warmup_steps"],
         orig_weight: float = 1.0,
-        aug_weight: float = 1.0,
+        aug_weight: Union[float, str, AdaptiveShare] = 1.0,
         beta: float = DEFAULTS["beta"],
         tau: float = DEFAULTS["tau"],
         gumbel: bool = DEFAULTS["gumbel"],
@@ -256,10 +282,16 @@ class AugmentationRefiner:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
         if val_params not in ("all", "head"):
             raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
+        aug_weight, self.share = resolve_share(aug_weight)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,
                                                 weight_tau=weight_tau, prior=prior, normalize=normalize,
                                                 threshold=threshold), method_options)
+        if self.share is not None and not (self.policy.needs_scores and type(self.policy).refine is Policy.refine):
+            raise ConfigurationError(
+                f"aug_weight='adaptive' needs a policy that scores the augmented rows with class scores; "
+                f"{self.policy.name!r} does not",
+                "use method='saflex' or 'l2rw' (or a Policy that keeps Policy.refine), or a fixed aug_weight")
         self.method = self.policy.name
         self.model = model
         self.net = unwrap_model(model)
@@ -446,6 +478,7 @@ class AugmentationRefiner:
             weights, soft, scores = self.policy.refine(ctx)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
+            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug)
         except BaseException:
             self._rng.state = snapshot[0]
             if self._stream is not None and snapshot[1] is not None:
@@ -459,6 +492,10 @@ class AugmentationRefiner:
         loss = (coef * per_sample).sum() / denom
 
         # commit
+        used_share = self.aug_weight
+        if share_state is not None:
+            self.share.load_state_dict(share_state)
+            self.aug_weight = self.share.value
         if ctx.v_new is not None:
             self._v = ctx.v_new.direction()
             self._v_step = self.step_count
@@ -468,8 +505,26 @@ class AugmentationRefiner:
             self.step_count += 1
         self._capture.clear()
         # "active": the warm-up is over and the batch has rows to refine (for every method)
-        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed)
+        self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
+                                     used_share)
         return loss
+
+    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int):
+        """The adaptive share's next state from this batch (None: no adaptive share, or not active).
+
+        Agreements ``y^T g`` with the targets trained on: the policy's soft targets and weights on
+        the augmented rows (whose scores it returned), the upstream targets on the originals (scored
+        here). In a process group every process takes part, whatever its rows."""
+        if self.share is None or not (ctx.active and ctx.scored):
+            return None
+        distributed = dist_world_size() > 1
+        n_orig = aug.shape[0] - n_aug
+        if not distributed and (n_orig == 0 or n_aug == 0):
+            return None
+        orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
+        a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
+        a_aug = (soft[rows] * scores[rows]).sum(-1)
+        return self.share.propose(share_agreements(a_aug, weights[rows], a_orig, distributed=distributed))
 
     def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int):
         """Renormalised weights and the loss denominator, over the global batch of all processes.
@@ -521,7 +576,7 @@ class AugmentationRefiner:
         opts = {} if isda is True else dict(isda)
         return ISDALoss.for_head(self.head, **opts)
 
-    def _summarise(self, weights, soft, scores, y, aug, active, refreshed) -> StepStats:
+    def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight: float) -> StepStats:
         weights, soft, scores, aug = weights.detach(), soft.detach(), scores.detach(), aug.detach()
         val_loss = self._val_loss
 
@@ -539,7 +594,8 @@ class AugmentationRefiner:
             }
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
-                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count},
+                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
+                          "aug_weight": float(aug_weight)},
                          summaries)
 
     # ------------------------------------------------------------------ checks and state
@@ -555,6 +611,7 @@ class AugmentationRefiner:
             **shell_state(self),
             "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
             "isda": self.isda.state_dict() if self.isda is not None else None,
+            "share": self.share.state_dict() if self.share is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -563,9 +620,13 @@ class AugmentationRefiner:
             self.policy.load_state_dict(state["policy"])
         if state.get("isda") is not None and self.isda is not None:
             self.isda.load_state_dict(state["isda"])
+        if state.get("share") is not None and self.share is not None:
+            self.share.load_state_dict(state["share"])
+            self.aug_weight = self.share.value
 
     def __repr__(self) -> str:
         return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
                 f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps}, "
                 f"weight_norm={self.weight_norm!r}"
+                + (f", aug_weight={self.share!r}" if self.share is not None else "")
                 + (", cache_validation=True" if self.cache_validation else "") + ")")

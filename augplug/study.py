@@ -172,6 +172,8 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
                     x, y, n_orig = torch.cat([xo, xa]), torch.cat([yo, ya]), len(idx)
                 loss = refiner(model(x), y, num_original=n_orig)
                 st = refiner.stats
+                if refiner.share is not None:
+                    rec.setdefault("share", []).append(st["aug_weight"])
                 if st["active"] and arm not in ("upstream", "clean"):
                     a = st["augmented"]
                     rec["w"].append(st["weights"][a].cpu())
@@ -183,6 +185,8 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
             opt.step()
             sched.step()
     out = {"test_acc": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
+    if rec.get("share"):
+        out.update(share_mean=sum(rec["share"]) / len(rec["share"]), share_final=refiner.aug_weight)
     if rec["w"]:
         w, agree = torch.cat(rec["w"]).numpy(), torch.cat(rec["agree"]).numpy()
         clean, rt = torch.cat(rec["clean"]).numpy(), torch.cat(rec["relabel_true"]).numpy()

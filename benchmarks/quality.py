@@ -40,6 +40,7 @@ ARM_CONFIGS = {
     "clean": ("clean", {}),
     "saflex": ("saflex", {}),
     "saflex-paper": ("saflex", PAPER_RULE),
+    "saflex-share": ("saflex", {"aug_weight": "adaptive"}),
     "l2rw": ("l2rw", {}),
 }
 ARMS = tuple(ARM_CONFIGS)
@@ -144,7 +145,7 @@ def main(argv: List[str] = None) -> None:
             results[(s, "none")] = results[(args.settings[0], "none")]
             acc[(s, "none")] = acc[(args.settings[0], "none")]
     headers = ["setting", "arm", "test acc % (mean ± std)", "per seed", "AUC(weight, clean)", "AUC(y~ᵀg, clean)",
-               "kept clean", "kept corrupted", "corrupted relabelled to true class", "s/run"]
+               "kept clean", "kept corrupted", "corrupted relabelled to true class", "share: mean / final", "s/run"]
     rows = []
     for (setting, arm), rs in results.items():
         def col(k, scale=1.0, d=3):
@@ -152,7 +153,9 @@ def main(argv: List[str] = None) -> None:
             return fmt_mean_std(vals, scale=scale, digits=d) if vals else "–"
         rows.append([setting, arm, col("test_acc", 100, 2), " / ".join(f"{v:.2f}" for v in acc[(setting, arm)].values()),
                      col("auc_weight"), col("auc_agreement"),
-                     col("kept_clean"), col("kept_noisy"), col("recovered"), f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
+                     col("kept_clean"), col("kept_noisy"), col("recovered"),
+                     (f"{col('share_mean', d=2)} / {col('share_final', d=2)}" if any("share_mean" in r for r in rs) else "–"),
+                     f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.quality {' '.join(argv)}`".strip() +
            f"\n\nFashion-MNIST, {args.n_train} train / 1k val / 10k test images, small CNN ({args.norm} norm), {args.epochs} epochs, seeds {args.seeds}; "
            f"upstream RandAugment `{args.aa}`; noise: {args.noise_kind}; refiner options: augplug defaults, `saflex-paper` = {PAPER_RULE}"

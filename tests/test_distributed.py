@@ -31,6 +31,7 @@ CASES = {
     "saflex": dict(refresh_every=1, seed=3),
     "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
+    "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="adaptive"),
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
 }
 
@@ -54,6 +55,7 @@ def _train_and_record(refiner, opt, net, step_loss):
         out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
         out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
+        out[f"share{step}"] = refiner.aug_weight
         opt.step()
     out["step_count"] = refiner.step_count
     out["isda"] = _isda_state(refiner)
@@ -115,10 +117,14 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
             for k, t in one[f"v{step}"].items():
                 torch.testing.assert_close(r[f"v{step}"][k], t, rtol=1e-5, atol=1e-6)
             assert r[f"val_loss{step}"] == pytest.approx(one[f"val_loss{step}"], rel=1e-5)
+            # the adaptive share moves identically on every process, as in one process
+            assert r[f"share{step}"] == pytest.approx(one[f"share{step}"], rel=1e-6)
             # DDP's averaged gradient equals the one-process gradient of the whole global batch
             for n, g in one[f"grad{step}"].items():
                 torch.testing.assert_close(r[f"grad{step}"][n], g, rtol=1e-4, atol=1e-6)
     assert all(r["step_count"] == one["step_count"] == 2 for r in ranks)
+    if "adaptive" in case:
+        assert one["share0"] != 1.0 and one["share1"] != one["share0"]
     # ISDA's class statistics are identical on every process and equal those of one process
     if case.endswith("isda"):
         assert one["isda"] and float(one["isda"]["count"].sum()) > 0

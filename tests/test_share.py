@@ -1,0 +1,212 @@
+"""The adaptive augmented share (``aug_weight="adaptive"``): its signal against brute-force per-sample
+gradients and the exact first-order hypergradient, its direction, resume, and rejected input."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from augplug import AugmentationRefiner
+from augplug.errors import ConfigurationError, TargetError
+from augplug.share import AdaptiveShare, share_agreements
+
+from conftest import FlatNet, brute_force_scores
+
+D, C, N_ORIG, N_AUG = 6, 4, 5, 7
+
+
+def _setup(freeze_body: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FlatNet(D, 10, C).double()
+    if freeze_body:
+        for p in model.body.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    xv, yv = torch.randn(12, D, dtype=torch.float64), torch.randint(0, C, (12,))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=12)
+    x = torch.randn(N_ORIG + N_AUG, D, dtype=torch.float64)
+    y = torch.randint(0, C, (N_ORIG + N_AUG,))
+    return model, opt, val, (xv, yv), x, y
+
+
+def _capture_agreements(share: AdaptiveShare) -> list:
+    seen, propose = [], share.propose
+
+    def recording(agreements):
+        seen.append(agreements)
+        return propose(agreements)
+
+    share.propose = recording
+    return seen
+
+
+@pytest.mark.parametrize("mode,freeze", [("last_layer", True), ("full", False)])
+def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze):
+    model, opt, val, (xv, yv), x, y = _setup(freeze)
+    share = AdaptiveShare(init=0.5, lr=0.1)
+    seen = _capture_agreements(share)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight=share, mode=mode, refresh_every=1)
+    refiner(model(x), y, num_original=N_ORIG)
+    w = refiner.stats["weights"][N_ORIG:].double()
+    soft = refiner.stats["soft_targets"].double()
+    assert float((w - 1).abs().max()) > 1e-3   # refined weights, not all 1
+
+    # oracle: a_i = grad l_i . grad L_val by per-sample gradients, over the trainable parameters
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    grad_val = torch.autograd.grad(F.cross_entropy(model(xv), yv), list(params.values()))
+    v = {n: -g for n, g in zip(params, grad_val)}
+    a = brute_force_scores(model, x, soft, v)
+    a_aug, a_orig = float((w * a[N_ORIG:]).sum() / w.sum()), float(a[:N_ORIG].mean())
+    assert len(seen) == 1
+    assert seen[0] == pytest.approx((a_aug, a_orig), rel=1e-4, abs=1e-10)
+
+    # the exact first-order hypergradient d/dlam [-grad L_val . grad L(lam)] at lam = 0.5
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    per = -(soft * F.log_softmax(model(x), -1)).sum(-1)
+    loss = (per[:N_ORIG].sum() + lam * (w * per[N_ORIG:]).sum()) / (N_ORIG + lam * w.sum())
+    g_train = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    drop = -sum((gv * gt).sum() for gv, gt in zip(grad_val, g_train))   # d L_val / d step, per unit lr
+    (hyper,) = torch.autograd.grad(drop, lam)
+    big_n = N_ORIG + 0.5 * float(w.sum())
+    expected = -(float(w.sum()) * N_ORIG / big_n ** 2) * (a_aug - a_orig)
+    assert float(hyper) == pytest.approx(expected, rel=1e-6)
+    # the share moved against the validation loss's derivative, by lr (first update: d / |d| = +-1)
+    assert share.log_share - math.log(0.5) == pytest.approx(-0.1 * math.copysign(1.0, float(hyper)))
+
+
+def test_loss_uses_the_current_share():
+    model, opt, val, _, x, y = _setup(True)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight=AdaptiveShare(init=0.25), refresh_every=1)
+    loss = refiner(model(x), y, num_original=N_ORIG)
+    st = refiner.stats
+    per = F.cross_entropy(model(x), y, reduction="none")
+    w = st["weights"][N_ORIG:].double()
+    expected = (per[:N_ORIG].sum() + 0.25 * (w * per[N_ORIG:]).sum()) / (N_ORIG + 0.25 * w.sum())
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert st["aug_weight"] == 0.25                  # the share this loss used
+    assert refiner.aug_weight != 0.25                # and it moved for the next call
+
+
+def _train(refiner, model, opt, batches, num_original):
+    out = []
+    for x, y in batches:
+        loss = refiner(model(x), y, num_original=num_original)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append((float(loss.detach()), refiner.aug_weight))
+    return out
+
+
+def _noisy_batches(seed, n, rows, noisy_aug: bool):
+    """Originals labelled by a fixed linear rule; augmented rows are either the same points with
+    random labels (noisy) or the same points with the rule's labels (clean)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, C, generator=g, dtype=torch.float64)
+    out = []
+    for _ in range(n):
+        x = torch.randn(rows, D, generator=g, dtype=torch.float64)
+        y = (x @ w).argmax(1)
+        ya = torch.randint(0, C, (rows,), generator=g) if noisy_aug else y
+        out.append((torch.cat([x, x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)]),
+                    torch.cat([y, ya])))
+    return out, w
+
+
+def _rule_val(w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xv = torch.randn(64, D, generator=g, dtype=torch.float64)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, (xv @ w).argmax(1)), batch_size=32)
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_share_falls_for_noisy_augmented_rows_and_not_for_clean_ones(noisy):
+    batches, w = _noisy_batches(0, 40, 16, noisy_aug=noisy)
+    torch.manual_seed(0)
+    model = FlatNet(D, 16, C).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    refiner = AugmentationRefiner(model, opt, _rule_val(w), aug_weight=AdaptiveShare(lr=0.05), refresh_every=1)
+    shares = [s for _, s in _train(refiner, model, opt, batches, 16)]
+    if noisy:
+        assert shares[-1] < 0.5       # random labels: their gradients oppose the validation gradient
+    else:
+        assert shares[-1] > 0.8       # correct labels near the originals: the share stays high
+
+
+def test_resume_gives_identical_losses_and_shares():
+    batches, w = _noisy_batches(1, 8, 8, noisy_aug=True)
+
+    def build():
+        torch.manual_seed(0)
+        model = FlatNet(D, 16, C).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        return model, opt, AugmentationRefiner(model, opt, _rule_val(w), aug_weight="adaptive", refresh_every=2)
+
+    model, opt, refiner = build()
+    _train(refiner, model, opt, batches[:4], 8)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), refiner.state_dict()))
+    tail = _train(refiner, model, opt, batches[4:], 8)
+    model2, opt2, refiner2 = build()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    refiner2.load_state_dict(saved[2])
+    assert refiner2.aug_weight == pytest.approx(math.exp(saved[2]["share"]["log_share"]))
+    assert _train(refiner2, model2, opt2, batches[4:], 8) == tail
+    assert tail[-1][1] != 1.0
+
+
+def test_rejected_call_and_aug_only_batches_leave_the_share_unchanged():
+    model, opt, val, _, x, y = _setup(True)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", refresh_every=1)
+    refiner(model(x), y, num_original=N_ORIG)
+    before, share = refiner.share.state_dict(), refiner.aug_weight
+    bad = y.clone()
+    bad[-1] = C                                     # label out of range
+    with pytest.raises(TargetError):
+        refiner(model(x), bad, num_original=N_ORIG)
+    assert refiner.share.state_dict() == before and refiner.aug_weight == share
+    refiner(model(x), y)                            # augmented rows only: the share has no say
+    assert refiner.share.state_dict() == before
+    refiner(model(x[:N_ORIG]), y[:N_ORIG], num_original=N_ORIG)   # originals only
+    assert refiner.share.state_dict() == before
+
+
+def test_no_update_during_warmup():
+    model, opt, val, _, x, y = _setup(True)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", warmup_steps=5)
+    refiner(model(x), y, num_original=N_ORIG)
+    assert refiner.share.updates == 0 and refiner.aug_weight == 1.0
+
+
+def test_share_agreements_edge_cases():
+    a, w = torch.tensor([1.0, -3.0]), torch.tensor([3.0, 1.0])
+    assert share_agreements(a, w, torch.tensor([0.5, 1.5])) == pytest.approx((0.0, 1.0))
+    assert share_agreements(a, torch.zeros(2), torch.tensor([1.0])) is None       # no augmented weight
+    assert share_agreements(a, w, torch.zeros(0)) is None                          # no originals
+    s = AdaptiveShare(lr=0.1, min_share=0.5)
+    s.load_state_dict(s.propose((-1.0, 0.0)))
+    assert s.value == pytest.approx(math.exp(-0.1))
+    for _ in range(20):
+        s.load_state_dict(s.propose((-1.0, 0.0)))
+    assert s.value == pytest.approx(0.5)             # clipped at min_share
+    state = s.state_dict()
+    assert s.propose(None) == state and s.propose((float("nan"), 0.0)) == state
+
+
+def test_configuration_errors():
+    model, opt, val, _, _, _ = _setup(True)
+    with pytest.raises(ConfigurationError, match="adaptive"):
+        AugmentationRefiner(model, opt, val, method="none", aug_weight="adaptive")
+    with pytest.raises(ConfigurationError, match="aug_weight"):
+        AugmentationRefiner(model, opt, val, aug_weight="auto")
+    for bad in (dict(min_share=0.0), dict(init=2.0), dict(lr=-1.0), dict(decay=1.0)):
+        with pytest.raises(ConfigurationError):
+            AdaptiveShare(**bad)
+    from augplug.contrastive import ContrastiveRefiner
+    with pytest.raises(ConfigurationError, match="aug_weight"):
+        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, aug_weight="adaptive")
