@@ -88,7 +88,7 @@ def resolve_share(aug_weight) -> Tuple[float, Optional[AdaptiveShare]]:
                                      "use aug_weight=1.0 or aug_weight='adaptive'")
         aug_weight = AdaptiveShare()
     if isinstance(aug_weight, AdaptiveShare):
-        return aug_weight.value, aug_weight
+        return aug_weight.init, aug_weight
     return aug_weight, None
 
 
@@ -301,7 +301,9 @@ class AugmentationRefiner:
         self.val_batches = val_batches
         self.bn_mode = bn_mode
         self.warmup_steps = int(warmup_steps)
-        self.orig_weight, self.aug_weight = float(orig_weight), float(aug_weight)
+        self.orig_weight = float(orig_weight)
+        # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the device
+        self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode
 
@@ -591,12 +593,12 @@ class AugmentationRefiner:
                 "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
                 "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
                 "val_loss": float(val_loss),
+                "aug_weight": float(aug_weight),
             }
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
-                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
-                          "aug_weight": float(aug_weight)},
-                         summaries)
+                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count},
+                         summaries, summary_keys=StepStats.SUMMARY_KEYS + ("aug_weight",))
 
     # ------------------------------------------------------------------ checks and state
     def validate(self, logits: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,

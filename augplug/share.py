@@ -25,7 +25,7 @@ of augmentation as a regulariser, so it leans toward the originals (README, "Ada
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -36,24 +36,26 @@ __all__ = ["AdaptiveShare", "share_agreements"]
 
 
 def share_agreements(agree_aug: torch.Tensor, weights_aug: torch.Tensor, agree_orig: torch.Tensor,
-                     *, distributed: bool = False) -> Optional[Tuple[float, float]]:
-    """``(a_aug, a_orig)``: the ``w``-weighted mean agreement of the augmented rows and the mean
-    agreement of the originals, over the global batch when ``distributed``; None when either side
-    is empty (or all augmented weights are 0), i.e. when the loss does not depend on the share."""
+                     *, distributed: bool = False) -> torch.Tensor:
+    """The share's batch statistics as one fp64 tensor on the rows' device:
+    ``[sum_aug w*a, sum_aug w, sum_orig a, n_orig]``, summed over all processes when ``distributed``.
+    ``a_aug = [0] / [1]`` and ``a_orig = [2] / [3]`` (:meth:`AdaptiveShare.propose` divides on the
+    device, so a training step never waits for these values)."""
     stats = torch.stack([
         (weights_aug.double() * agree_aug.double()).sum(), weights_aug.double().sum(),
-        agree_orig.double().sum(), agree_orig.new_tensor(float(agree_orig.shape[0]), dtype=torch.float64),
-    ]).cpu()
+        agree_orig.double().sum(), torch.full((), float(agree_orig.shape[0]), dtype=torch.float64,
+                                              device=agree_orig.device),
+    ])
     if distributed and is_distributed():
         all_reduce_sum_([stats])
-    wa_sum, w_sum, ao_sum, n_orig = (float(t) for t in stats)
-    if w_sum <= 0 or n_orig <= 0:
-        return None
-    return wa_sum / w_sum, ao_sum / n_orig
+    return stats
 
 
 class AdaptiveShare:
     """The augmented rows' weight ``lam`` in the loss, moved by its first-order validation hypergradient.
+
+    The state (``log lam``, the signal's running mean square, the number of updates) is kept as
+    0-dim tensors on the model's device and updated there, so the share adds no host read to a step.
 
     Args:
         lr: step of ``log lam`` per optimizer update, in units of the running RMS of the signal
@@ -76,37 +78,43 @@ class AdaptiveShare:
             raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
         self.lr, self.decay = float(lr), float(decay)
         self.init, self.min_share, self.max_share = float(init), float(min_share), float(max_share)
-        self.log_share = math.log(self.init)
-        self.mean_square: Optional[float] = None
-        self.updates = 0
+        self.log_share = torch.tensor(math.log(self.init), dtype=torch.float64)
+        self.mean_square = torch.tensor(0.0, dtype=torch.float64)
+        self.updates = torch.tensor(0, dtype=torch.int64)
 
     @property
-    def value(self) -> float:
-        return math.exp(self.log_share)
+    def value(self) -> torch.Tensor:
+        """The current share (a 0-dim fp64 tensor on the device of the last update)."""
+        return self.log_share.exp()
 
-    def propose(self, agreements: Optional[Tuple[float, float]]) -> Dict[str, Any]:
-        """The state after one update from ``share_agreements(...)`` (None: unchanged), without
-        changing this object; :meth:`load_state_dict` commits it."""
-        state = self.state_dict()
-        if agreements is None:
+    def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
+        """The state after one update from :func:`share_agreements` (None: unchanged), without
+        changing this object; :meth:`load_state_dict` commits it. Batches without originals or
+        without augmented weight, and non-finite signals, leave the state as it is."""
+        state = {"log_share": self.log_share, "mean_square": self.mean_square, "updates": self.updates}
+        if stats is None:
             return state
-        a_aug, a_orig = agreements
-        d = a_aug - a_orig
-        if not math.isfinite(d):
-            return state
-        ms = d * d if self.mean_square is None else self.decay * self.mean_square + (1 - self.decay) * d * d
-        step = self.lr * d / math.sqrt(ms) if ms > 0 else 0.0
-        state.update(log_share=min(math.log(self.max_share), max(math.log(self.min_share), self.log_share + step)),
-                     mean_square=ms, updates=self.updates + 1)
-        return state
+        log, ms_old, updates = (t.to(stats.device) for t in state.values())
+        wa_sum, w_sum, ao_sum, n_orig = stats.double().unbind()
+        d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
+        valid = (w_sum > 0) & (n_orig > 0) & torch.isfinite(d)
+        d = torch.where(valid, d, torch.zeros_like(d))
+        ms = torch.where(updates == 0, d * d, self.decay * ms_old + (1 - self.decay) * d * d)
+        step = torch.where(ms > 0, self.lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
+        new_log = (log + step).clamp(math.log(self.min_share), math.log(self.max_share))
+        return {"log_share": torch.where(valid, new_log, log), "mean_square": torch.where(valid, ms, ms_old),
+                "updates": updates + valid.long()}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"log_share": self.log_share, "mean_square": self.mean_square, "updates": self.updates}
+        return {"log_share": float(self.log_share), "mean_square": float(self.mean_square),
+                "updates": int(self.updates)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.log_share = float(state["log_share"])
-        self.mean_square = None if state["mean_square"] is None else float(state["mean_square"])
-        self.updates = int(state["updates"])
+        """Restore a :meth:`state_dict` (floats) or commit a :meth:`propose` result (tensors)."""
+        dev = self.log_share.device
+        self.log_share = torch.as_tensor(state["log_share"], dtype=torch.float64, device=dev)
+        self.mean_square = torch.as_tensor(state["mean_square"], dtype=torch.float64, device=dev)
+        self.updates = torch.as_tensor(state["updates"], dtype=torch.int64, device=dev)
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "

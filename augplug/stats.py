@@ -21,9 +21,11 @@ class StepStats(Mapping):
     the scalar summaries as Python floats.
     """
 
+    #: the scalar summaries of a refiner call
+    SUMMARY_KEYS = ("weight_mean", "weight_std", "kept_fraction", "relabel_rate", "agreement_mean", "val_loss")
+
     def __init__(self, eager: Dict[str, Any], summaries: Optional[Callable[[], Dict[str, float]]] = None,
-                 summary_keys: tuple = ("weight_mean", "weight_std", "kept_fraction", "relabel_rate",
-                                        "agreement_mean", "val_loss")):
+                 summary_keys: tuple = SUMMARY_KEYS):
         self._eager = dict(eager)
         self._summaries = summaries
         self._keys = tuple(self._eager) + (tuple(k for k in summary_keys if k not in self._eager)

@@ -55,7 +55,7 @@ def _train_and_record(refiner, opt, net, step_loss):
         out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
         out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
-        out[f"share{step}"] = refiner.aug_weight
+        out[f"share{step}"] = float(refiner.aug_weight)
         opt.step()
     out["step_count"] = refiner.step_count
     out["isda"] = _isda_state(refiner)

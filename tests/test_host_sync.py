@@ -40,8 +40,8 @@ def _setup(device="cpu", **kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"mode": "full"}, {"method": "l2rw"}, {"method": "none"},
-                                {"weight_norm": "batch"}, dict(SAFLEX_PAPER)],
-                         ids=["default", "full", "l2rw", "none", "batch-norm", "paper"])
+                                {"weight_norm": "batch"}, dict(SAFLEX_PAPER), {"aug_weight": "adaptive"}],
+                         ids=["default", "full", "l2rw", "none", "batch-norm", "paper", "adaptive-share"])
 @pytest.mark.parametrize("targets", ["indices", "soft"])
 def test_one_host_read_per_call_between_refreshes(kw, targets):
     net, opt, refiner = _setup(**kw)

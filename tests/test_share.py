@@ -63,7 +63,8 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze):
     a = brute_force_scores(model, x, soft, v)
     a_aug, a_orig = float((w * a[N_ORIG:]).sum() / w.sum()), float(a[:N_ORIG].mean())
     assert len(seen) == 1
-    assert seen[0] == pytest.approx((a_aug, a_orig), rel=1e-4, abs=1e-10)
+    wa_sum, w_sum, ao_sum, n_orig = seen[0].tolist()
+    assert (wa_sum / w_sum, ao_sum / n_orig) == pytest.approx((a_aug, a_orig), rel=1e-4, abs=1e-10)
 
     # the exact first-order hypergradient d/dlam [-grad L_val . grad L(lam)] at lam = 0.5
     lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -76,7 +77,7 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze):
     expected = -(float(w.sum()) * N_ORIG / big_n ** 2) * (a_aug - a_orig)
     assert float(hyper) == pytest.approx(expected, rel=1e-6)
     # the share moved against the validation loss's derivative, by lr (first update: d / |d| = +-1)
-    assert share.log_share - math.log(0.5) == pytest.approx(-0.1 * math.copysign(1.0, float(hyper)))
+    assert float(share.log_share) - math.log(0.5) == pytest.approx(-0.1 * math.copysign(1.0, float(hyper)))
 
 
 def test_loss_uses_the_current_share():
@@ -89,7 +90,7 @@ def test_loss_uses_the_current_share():
     expected = (per[:N_ORIG].sum() + 0.25 * (w * per[N_ORIG:]).sum()) / (N_ORIG + 0.25 * w.sum())
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert st["aug_weight"] == 0.25                  # the share this loss used
-    assert refiner.aug_weight != 0.25                # and it moved for the next call
+    assert float(refiner.aug_weight) != 0.25         # and it moved for the next call
 
 
 def _train(refiner, model, opt, batches, num_original):
@@ -99,7 +100,7 @@ def _train(refiner, model, opt, batches, num_original):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        out.append((float(loss.detach()), refiner.aug_weight))
+        out.append((float(loss.detach()), float(refiner.aug_weight)))
     return out
 
 
@@ -155,7 +156,7 @@ def test_resume_gives_identical_losses_and_shares():
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     refiner2.load_state_dict(saved[2])
-    assert refiner2.aug_weight == pytest.approx(math.exp(saved[2]["share"]["log_share"]))
+    assert float(refiner2.aug_weight) == pytest.approx(math.exp(saved[2]["share"]["log_share"]))
     assert _train(refiner2, model2, opt2, batches[4:], 8) == tail
     assert tail[-1][1] != 1.0
 
@@ -164,12 +165,12 @@ def test_rejected_call_and_aug_only_batches_leave_the_share_unchanged():
     model, opt, val, _, x, y = _setup(True)
     refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", refresh_every=1)
     refiner(model(x), y, num_original=N_ORIG)
-    before, share = refiner.share.state_dict(), refiner.aug_weight
+    before, share = refiner.share.state_dict(), float(refiner.aug_weight)
     bad = y.clone()
     bad[-1] = C                                     # label out of range
     with pytest.raises(TargetError):
         refiner(model(x), bad, num_original=N_ORIG)
-    assert refiner.share.state_dict() == before and refiner.aug_weight == share
+    assert refiner.share.state_dict() == before and float(refiner.aug_weight) == share
     refiner(model(x), y)                            # augmented rows only: the share has no say
     assert refiner.share.state_dict() == before
     refiner(model(x[:N_ORIG]), y[:N_ORIG], num_original=N_ORIG)   # originals only
@@ -180,22 +181,30 @@ def test_no_update_during_warmup():
     model, opt, val, _, x, y = _setup(True)
     refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", warmup_steps=5)
     refiner(model(x), y, num_original=N_ORIG)
-    assert refiner.share.updates == 0 and refiner.aug_weight == 1.0
+    assert int(refiner.share.updates) == 0 and float(refiner.aug_weight) == 1.0
 
 
 def test_share_agreements_edge_cases():
     a, w = torch.tensor([1.0, -3.0]), torch.tensor([3.0, 1.0])
-    assert share_agreements(a, w, torch.tensor([0.5, 1.5])) == pytest.approx((0.0, 1.0))
-    assert share_agreements(a, torch.zeros(2), torch.tensor([1.0])) is None       # no augmented weight
-    assert share_agreements(a, w, torch.zeros(0)) is None                          # no originals
+    assert share_agreements(a, w, torch.tensor([0.5, 1.5])).tolist() == [0.0, 4.0, 2.0, 2.0]
+
+    def stats(a_aug, a_orig):
+        return torch.tensor([a_aug, 1.0, a_orig, 1.0], dtype=torch.float64)
+
     s = AdaptiveShare(lr=0.1, min_share=0.5)
-    s.load_state_dict(s.propose((-1.0, 0.0)))
-    assert s.value == pytest.approx(math.exp(-0.1))
+    s.load_state_dict(s.propose(stats(-1.0, 0.0)))
+    assert float(s.value) == pytest.approx(math.exp(-0.1))
     for _ in range(20):
-        s.load_state_dict(s.propose((-1.0, 0.0)))
-    assert s.value == pytest.approx(0.5)             # clipped at min_share
+        s.load_state_dict(s.propose(stats(-1.0, 0.0)))
+    assert float(s.value) == pytest.approx(0.5)      # clipped at min_share
     state = s.state_dict()
-    assert s.propose(None) == state and s.propose((float("nan"), 0.0)) == state
+    # no originals, no augmented weight, a non-finite signal, no statistics: unchanged
+    for bad in (torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]), stats(float("nan"), 0.0)):
+        s.load_state_dict(s.propose(bad.double()))
+        assert s.state_dict() == state
+    s.load_state_dict(s.propose(None))
+    assert s.state_dict() == state
+    assert AdaptiveShare(lr=0.1, max_share=2.0).propose(stats(1.0, 0.0))["log_share"] == pytest.approx(0.1)
 
 
 def test_configuration_errors():
