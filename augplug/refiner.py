@@ -50,6 +50,7 @@ DEFAULTS: Dict[str, Any] = dict(
     normalize="center",
     weight_norm="augmented",
     threshold=0.0,
+    aug_weight="adaptive",
 )
 
 _STATE_VERSION = 1
@@ -225,7 +226,8 @@ class AugmentationRefiner:
             augmented rows' share online from the class scores: it falls while the refined augmented
             rows agree with the validation gradient less than the originals do (batches with
             originals, ``num_original=``/``augmented=``; policies that score augmented rows with
-            ``Policy.refine``, such as SAflex and L2RW).
+            ``Policy.refine``, such as SAflex and L2RW). Default (None): ``"adaptive"`` for
+            ``method="saflex"``, 1.0 otherwise; batches of augmented rows alone are unaffected.
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold: SAflex hyperparameters
             (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
@@ -261,7 +263,7 @@ class AugmentationRefiner:
         bn_mode: str = DEFAULTS["bn_mode"],
         warmup_steps: int = DEFAULTS["warmup_steps"],
         orig_weight: float = 1.0,
-        aug_weight: Union[float, str, AdaptiveShare] = 1.0,
+        aug_weight: Union[None, float, str, AdaptiveShare] = None,
         beta: float = DEFAULTS["beta"],
         tau: float = DEFAULTS["tau"],
         gumbel: bool = DEFAULTS["gumbel"],
@@ -282,6 +284,8 @@ class AugmentationRefiner:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
         if val_params not in ("all", "head"):
             raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
+        if aug_weight is None:  # SAflex learns the share by default; other methods keep the upstream mixture
+            aug_weight = DEFAULTS["aug_weight"] if isinstance(method, str) and method == "saflex" else 1.0
         aug_weight, self.share = resolve_share(aug_weight)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,

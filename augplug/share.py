@@ -84,8 +84,9 @@ class AdaptiveShare:
 
     @property
     def value(self) -> torch.Tensor:
-        """The current share (a 0-dim fp64 tensor on the device of the last update)."""
-        return self.log_share.exp()
+        """The current share: a 0-dim fp32 tensor on the device of the last update (fp32, so that
+        the loss it scales keeps its dtype)."""
+        return self.log_share.exp().float()
 
     def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
         """The state after one update from :func:`share_agreements` (None: unchanged), without

@@ -186,7 +186,7 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
             sched.step()
     out = {"test_acc": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
     if rec.get("share"):
-        out.update(share_mean=sum(rec["share"]) / len(rec["share"]), share_final=refiner.aug_weight)
+        out.update(share_mean=sum(rec["share"]) / len(rec["share"]), share_final=float(refiner.aug_weight))
     if rec["w"]:
         w, agree = torch.cat(rec["w"]).numpy(), torch.cat(rec["agree"]).numpy()
         clean, rt = torch.cat(rec["clean"]).numpy(), torch.cat(rec["relabel_true"]).numpy()

@@ -50,7 +50,7 @@ from augplug.study import accuracy, corrupt_views
 from .common import parse_value, results_dir, set_threads
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
 
-ARMS = {"saflex": {}, "saflex-paper": dict(SAFLEX_PAPER)}
+ARMS = {"saflex": {"aug_weight": 1.0}, "saflex-paper": dict(SAFLEX_PAPER)}   # every view at its upstream share
 CONTROL_CLEAN, CONTROL_WRONG = "correct label", "wrong label"
 
 

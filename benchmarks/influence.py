@@ -241,8 +241,8 @@ def overhead(args, argv) -> None:
     plain, model, _ = make(None)
     infl_r4, _, ref4 = make("influence", refresh_every=4)
     infl_r1, _, ref1 = make("influence", refresh_every=1)
-    saflex, _, _ = make("saflex", refresh_every=4)
-    saflex1, _, _ = make("saflex", refresh_every=1)
+    saflex, _, _ = make("saflex", refresh_every=4, aug_weight=1.0)
+    saflex1, _, _ = make("saflex", refresh_every=1, aug_weight=1.0)
     # components
     with torch.no_grad():
         feats = features_and_logits(model.eval(), model.fc, torch.randn(2048, 1, 28, 28, generator=g))[0]

@@ -33,14 +33,16 @@ MEAN, STD = 0.2860, 0.3530
 AA = "rand-m9-mstd0.5"
 #: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
 PAPER_RULE = SAFLEX_PAPER
-#: arm name -> (study arm, refiner options). "saflex" runs augplug's defaults unchanged.
+#: arm name -> (study arm, refiner options). "saflex-share" runs augplug's defaults unchanged (per-sample
+#: weights and the adaptive share of the augmented rows); "saflex" the same per-sample weights with the
+#: augmented rows kept at their upstream share (``aug_weight=1.0``, the defaults of augplug 0.1).
 ARM_CONFIGS = {
     "none": ("none", {}),
     "upstream": ("upstream", {}),
     "clean": ("clean", {}),
-    "saflex": ("saflex", {}),
+    "saflex": ("saflex", {"aug_weight": 1.0}),
     "saflex-paper": ("saflex", PAPER_RULE),
-    "saflex-share": ("saflex", {"aug_weight": "adaptive"}),
+    "saflex-share": ("saflex", {}),
     "l2rw": ("l2rw", {}),
 }
 ARMS = tuple(ARM_CONFIGS)

@@ -38,6 +38,7 @@ HIGH_P = 0.5
 PROPORTION = (0.1, 0.5)
 #: The paper's rule (hard sign weights, Gumbel-softmax soft labels, beta = 1 as for tables, tau = 1, raw scores).
 PAPER = dict(SAFLEX_PAPER)
+FIXED = {"aug_weight": 1.0}
 
 #: arm -> (CutMix probability, refiner method, refiner options, layout[, label]). Layout "inplace": the
 #: batch's rows are replaced by their CutMix versions with probability p; "orig+aug": the batch holds
@@ -48,10 +49,14 @@ ARM_CONFIGS = {
     "none": (0.0, None, {}, "inplace"),
     "cutmix-p0.1": (0.1, "none", {}, "inplace"),
     f"cutmix-p{HIGH_P}": (HIGH_P, "none", {}, "inplace"),
-    f"cutmix-p{HIGH_P}+saflex": (HIGH_P, "saflex", {}, "inplace"),
+    # "+saflex" arms: augplug's per-sample defaults with the augmented rows at their upstream share
+    # (aug_weight=1.0, as measured before the adaptive share); "+saflex-share": augplug's defaults
+    f"cutmix-p{HIGH_P}+saflex": (HIGH_P, "saflex", FIXED, "inplace"),
+    f"cutmix-p{HIGH_P}+saflex-share": (HIGH_P, "saflex", {}, "inplace"),
     f"cutmix-p{HIGH_P}+saflex-paper": (HIGH_P, "saflex", PAPER, "inplace"),
     f"orig+cutmix-p{HIGH_P}": (HIGH_P, "none", {}, "orig+aug"),
-    f"orig+cutmix-p{HIGH_P}+saflex": (HIGH_P, "saflex", {}, "orig+aug"),  # trials only (not in the default arms)
+    f"orig+cutmix-p{HIGH_P}+saflex": (HIGH_P, "saflex", FIXED, "orig+aug"),  # trials only (not in the default arms)
+    f"orig+cutmix-p{HIGH_P}+saflex-share": (HIGH_P, "saflex", {}, "orig+aug"),  # trials only
     f"orig+cutmix-p{HIGH_P}+saflex-paper": (HIGH_P, "saflex", PAPER, "orig+aug"),
     f"orig+cutmix-p{HIGH_P}+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"}, "orig+aug"),
     # the paper's rule without the Gumbel draw (soft labels softmax((g + beta y~) / tau)), mean-1 weights over the batch
@@ -63,7 +68,7 @@ ARM_CONFIGS = {
     f"orig+cutmix-p{HIGH_P}-mix+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"},
                                                         "orig+aug", "mix"),
 }
-TRIAL_ONLY = (f"orig+cutmix-p{HIGH_P}+saflex",)
+TRIAL_ONLY = (f"orig+cutmix-p{HIGH_P}+saflex", f"orig+cutmix-p{HIGH_P}+saflex-share", f"cutmix-p{HIGH_P}+saflex-share")
 ARMS = tuple(a for a in ARM_CONFIGS if a not in TRIAL_ONLY)
 
 #: Single-seed trials run before the study (UCI Letter, seed 0, 30 epochs), each reproducible with
@@ -260,7 +265,8 @@ def main(argv: List[str] = None) -> None:
            f"{ {d: args.epochs or EPOCHS[d] for d in args.datasets} }; seeds {args.seeds}. CutMix in place on the "
            f"training batch: proportion {PROPORTION} of the columns from another row, labels kept (`-mix`: labels "
            f"mixed by the replaced share; `-smooth`: labels softmax(one-hot), what the paper's rule gives when g = 0). "
-           f"`+saflex`: augplug's refiner defaults (`augplug.refiner.DEFAULTS`); `+saflex-paper`: "
+           f"`+saflex`: augplug's refiner defaults (`augplug.refiner.DEFAULTS`) with the augmented rows at their "
+           f"upstream share (`aug_weight=1.0`); `+saflex-share`: the defaults, adaptive share included; `+saflex-paper`: "
            f"`augplug.SAFLEX_PAPER` = {PAPER}; `-wnbatch`: the same with `weight_norm='batch'` (unhelpful augmented "
            f"rows give their share of the loss back to the originals); `-nogumbel`: without the Gumbel draw" + (f"; SAflex arms with {overrides}" if overrides else "") +
            f", validation loader batch 500. Wall-clock for the whole command: {wall / 60:.1f} min.")

@@ -495,8 +495,9 @@ def test_refiner_composition_equals_hand_computation(method):
                 direct_surrogate(logits, torch.full((12,), k), model.fc.weight, r.isda.cov, 0.6),
                 torch.full((12,), k), reduction="none") for k in range(C))
         aug = st["augmented"]
-        coef = torch.where(aug, st["weights"].double(), torch.ones(12, dtype=torch.float64))
-        hand = (coef * per).sum() / 12
+        lam = st["aug_weight"]   # the augmented rows' share (adaptive by default for SAflex)
+        coef = torch.where(aug, lam * st["weights"].double(), torch.ones(12, dtype=torch.float64))
+        hand = (coef * per).sum() / (4 + lam * 8)
         assert torch.allclose(loss.double(), hand, atol=1e-5)
         if method == "saflex":
             assert st["active"] and not torch.allclose(st["weights"][aug], torch.ones(8))

@@ -44,9 +44,10 @@ from .base import Policy, renormalize
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "SAFLEX_PAPER"]
 
 #: The paper's rule as refiner options: ``AugmentationRefiner(..., **SAFLEX_PAPER)``. Hard sign weights
-#: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores.
+#: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores,
+#: augmented rows at their upstream share of the loss.
 SAFLEX_PAPER = dict(normalize=None, weighting="hard", threshold=0.0, beta=1.0, tau=1.0, gumbel=True,
-                    weight_norm="augmented")
+                    weight_norm="augmented", aug_weight=1.0)
 
 
 def _global_normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
