@@ -7,7 +7,7 @@ where it is in the current pass, and can be restored to that exact position afte
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,39 @@ def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
                      "make the validation loader yield (inputs, targets) tuples or dicts")
 
 
+def loader_generators(loader: Any) -> List[torch.Generator]:
+    """The ``torch.Generator`` objects that decide a loader's order and worker seeds: the loader's
+    own ``generator=`` and its (batch) sampler's, each once. A loader built with ``generator=`` does
+    not draw from the global RNG, so a stream restores these too."""
+    found: List[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+
+
+def generator_states(loader: Any) -> List[torch.Tensor]:
+    return [g.get_state() for g in loader_generators(loader)]
+
+
+def set_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) -> None:
+    """Put the loader's generators back to ``states`` (from :func:`generator_states`). A state saved
+    for a loader with a different set of generators is an error: the order could not be reproduced."""
+    if states is None:
+        return
+    gens = loader_generators(loader)
+    if len(gens) != len(states):
+        raise ConfigurationError(
+            f"the validation state was saved for a loader with {len(states)} seeded generator(s), this "
+            f"loader has {len(gens)}",
+            "build the validation DataLoader as it was when the state was saved (same generator= / sampler)")
+    for g, st in zip(gens, states):
+        g.set_state(st.clone())
+
+
 class ValidationStream:
     """Cycles over ``loader`` forever; ``next()`` returns ``(inputs, targets)``."""
 
@@ -47,10 +80,12 @@ class ValidationStream:
         self.rng = rng
         self._it = None
         self.pass_rng_state: Optional[torch.Tensor] = None  # private RNG state when this pass began
+        self.pass_generator_states: Optional[List[torch.Tensor]] = None  # the loader's generators then
         self.consumed = 0  # batches taken in this pass
 
     def _start_pass(self) -> None:
         self.pass_rng_state = self.rng.state.clone()
+        self.pass_generator_states = generator_states(self.loader)
         self.consumed = 0
         with self.rng:
             self._it = iter(self.loader)
@@ -71,18 +106,32 @@ class ValidationStream:
                                    "pass a loader over at least one clean labelled sample (check drop_last and the split)")
 
     def state_dict(self) -> dict:
-        return {"pass_rng_state": self.pass_rng_state, "consumed": self.consumed}
+        return {"pass_rng_state": self.pass_rng_state, "consumed": self.consumed,
+                "generator_states": self.pass_generator_states}
+
+    _CACHED = False
+    _GENERATORS_KEY = "generator_states"
+
+    def check_state(self, state: dict) -> None:
+        """Raise (changing nothing) when ``state`` cannot be restored on this stream's loader."""
+        if bool(state.get("cached")) != self._CACHED:
+            raise ConfigurationError(f"this state was saved with cache_validation={bool(state.get('cached'))}",
+                                     "build the refiner with the same cache_validation setting before loading")
+        gens = state.get(self._GENERATORS_KEY)
+        if gens is not None and len(loader_generators(self.loader)) != len(gens):
+            set_generator_states(self.loader, gens)  # raises with the count mismatch
 
     def load_state_dict(self, state: dict) -> None:
         """Re-open the pass that was running and skip the batches already taken."""
-        if state.get("cached"):
-            raise ConfigurationError("this state was saved with cache_validation=True",
-                                     "build the refiner with cache_validation=True before loading")
+        self.check_state(state)
+        gen_states = state.get("generator_states")
         self._it = None
         self.pass_rng_state = state.get("pass_rng_state")
+        self.pass_generator_states = gen_states
         self.consumed = 0
         if self.pass_rng_state is None:
             return
+        set_generator_states(self.loader, gen_states)
         saved = self.rng.state
         self.rng.state = self.pass_rng_state.clone()
         with self.rng:
@@ -110,6 +159,7 @@ class CachedValidationStream(ValidationStream):
         self._batches: Optional[list] = None
         self._pos = 0
         self._fill_rng_state: Optional[torch.Tensor] = None  # private RNG state the cached pass was drawn from
+        self._fill_generator_states: Optional[List[torch.Tensor]] = None  # the loader's generators then
 
     def _fill(self) -> None:
         if self.prepare is None:
@@ -118,7 +168,9 @@ class CachedValidationStream(ValidationStream):
         saved = self.rng.state
         if restoring:  # rebuild the pass a saved state refers to, leaving the RNG where it is now
             self.rng.state = self._fill_rng_state.clone()
+            set_generator_states(self.loader, self._fill_generator_states)
         fill_state = self.rng.state.clone()
+        fill_generators = generator_states(self.loader)
         try:
             with self.rng:
                 raw = [split_batch(b) for b in self.loader]
@@ -129,7 +181,7 @@ class CachedValidationStream(ValidationStream):
         if not batches:
             raise EmptyValidationError("the validation loader yields no batches",
                                        "pass a loader over at least one clean labelled sample (check drop_last and the split)")
-        self._batches, self._fill_rng_state = batches, fill_state
+        self._batches, self._fill_rng_state, self._fill_generator_states = batches, fill_state, fill_generators
         self._pos %= len(batches)
 
     def next(self) -> Tuple[Any, torch.Tensor]:
@@ -147,16 +199,21 @@ class CachedValidationStream(ValidationStream):
 
     def state_dict(self) -> dict:
         state = None if self._fill_rng_state is None else self._fill_rng_state.clone()
-        return {"cached": True, "fill_rng_state": state, "pos": self._pos}
+        return {"cached": True, "fill_rng_state": state, "pos": self._pos,
+                "fill_generator_states": self._fill_generator_states}
+
+    _CACHED = True
+    _GENERATORS_KEY = "fill_generator_states"
 
     def load_state_dict(self, state: dict) -> None:
-        if not state.get("cached"):
-            raise ConfigurationError("this state was saved without cache_validation",
-                                     "build the refiner with the same cache_validation setting before loading")
-        fill = state.get("fill_rng_state")
+        self.check_state(state)
+        fill, gens = state.get("fill_rng_state"), state.get("fill_generator_states")
+        same_gens = (gens is None) == (self._fill_generator_states is None) and (
+            gens is None or all(torch.equal(a, b) for a, b in zip(gens, self._fill_generator_states)))
         same_pass = (self._batches is not None and fill is not None and self._fill_rng_state is not None
-                     and torch.equal(fill, self._fill_rng_state))
+                     and torch.equal(fill, self._fill_rng_state) and same_gens)
         if not same_pass:  # rebuilt lazily, on the next read
             self._batches = None
             self._fill_rng_state = None if fill is None else fill.clone()
+            self._fill_generator_states = gens
         self._pos = int(state["pos"])
