@@ -171,6 +171,8 @@ def load_shell_state(refiner, state: Dict[str, Any]) -> None:
             f"state was saved with cache_validation={bool(stream_state.get('cached'))}, this refiner has "
             f"cache_validation={bool(getattr(refiner, 'cache_validation', False))}",
             "build the refiner with the same cache_validation setting before loading")
+    if refiner._stream is not None and state.get("stream") is not None:
+        refiner._stream.check_state(state["stream"])
     dev = refiner._device()
     refiner.step_count = int(state["step_count"])
     refiner.calls = int(state["calls"])
@@ -307,6 +309,10 @@ class AugmentationRefiner:
         self.warmup_steps = int(warmup_steps)
         self.orig_weight = float(orig_weight)
         # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the device
+        if self.share is not None:
+            param = next(iter(model.parameters()), None)
+            if param is not None:
+                self.share.to(param.device)
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode
@@ -476,6 +482,11 @@ class AugmentationRefiner:
         active = self.step_count >= self.warmup_steps
         ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index,
                             rows=rows, n_augmented=n_aug)
+        # the adaptive share scores the originals too: in the model-forward modes one pass over the
+        # whole batch costs about what a pass over the augmented rows does (rows are independent
+        # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
+        ctx.score_all_rows = (self.share is not None and self.mode != "last_layer" and self.bn_mode == "eval"
+                              and 0 < n_aug < batch)
         snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None,
                     self.isda.state_snapshot() if self.isda is not None else None)
         try:

@@ -110,12 +110,25 @@ class AdaptiveShare:
         return {"log_share": float(self.log_share), "mean_square": float(self.mean_square),
                 "updates": int(self.updates)}
 
+    def to(self, device) -> "AdaptiveShare":
+        """Move the state to ``device`` (the refiner puts it beside the model's parameters)."""
+        self.log_share, self.mean_square, self.updates = (
+            t.to(device) for t in (self.log_share, self.mean_square, self.updates))
+        return self
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (floats) or commit a :meth:`propose` result (tensors)."""
+        """Restore a :meth:`state_dict` (floats, placed on the current state's device) or commit a
+        :meth:`propose` result (tensors, kept where they are: no copy, so no device sync)."""
         dev = self.log_share.device
-        self.log_share = torch.as_tensor(state["log_share"], dtype=torch.float64, device=dev)
-        self.mean_square = torch.as_tensor(state["mean_square"], dtype=torch.float64, device=dev)
-        self.updates = torch.as_tensor(state["updates"], dtype=torch.int64, device=dev)
+
+        def put(value, dtype):
+            if isinstance(value, torch.Tensor):
+                return value.detach().to(dtype)
+            return torch.tensor(value, dtype=dtype, device=dev)
+
+        self.log_share = put(state["log_share"], torch.float64)
+        self.mean_square = put(state["mean_square"], torch.float64)
+        self.updates = put(state["updates"], torch.int64)
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "

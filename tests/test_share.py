@@ -219,3 +219,47 @@ def test_configuration_errors():
     from augplug.contrastive import ContrastiveRefiner
     with pytest.raises(ConfigurationError, match="aug_weight"):
         ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, aug_weight="adaptive")
+
+
+def test_committed_state_stays_on_the_statistics_device():
+    """A proposal computed on the device is committed there: no copy back to the host (on CUDA such
+    a copy is a device sync per step). The meta device stands in for a GPU: any copy to the host fails."""
+    share = AdaptiveShare()
+    stats = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64, device="meta")
+    share.load_state_dict(share.propose(stats))
+    assert {t.device.type for t in (share.log_share, share.mean_square, share.updates, share.value)} == {"meta"}
+    share.load_state_dict({"log_share": -0.5, "mean_square": 1.0, "updates": 3})  # a checkpoint: floats
+    assert share.log_share.device.type == "meta" and share.updates.dtype == torch.int64
+    assert AdaptiveShare().to("meta").log_share.device.type == "meta"
+
+
+@pytest.mark.parametrize("bn_mode,passes", [("eval", 1), ("train", 2)])
+def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, bn_mode, passes):
+    """With BatchNorm in eval mode rows are scored independently, so one forward-mode pass serves
+    the policy and the share; with batch statistics each group keeps its own pass."""
+    import augplug.scores
+
+    model, opt, val, _, x, y = _setup(False)
+    calls = []
+    real = augplug.scores.class_scores
+
+    def counting(*args, **kw):
+        calls.append(kw.get("mode"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(augplug.scores, "class_scores", counting)
+    refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, refresh_every=1)
+    share = _capture_agreements(refiner.share)
+    refiner(model(x), y, num_original=N_ORIG)
+    assert calls == ["full"] * passes
+    # the slices of the one pass are the scores of separate passes
+    v = refiner._v
+    soft, w = refiner.stats["soft_targets"], refiner.stats["weights"]
+    g_orig = real(model, x[:N_ORIG], v, mode="full", bn=bn_mode)
+    g_aug = real(model, x[N_ORIG:], v, mode="full", bn=bn_mode)
+    expected = share_agreements((soft[N_ORIG:] * g_aug).sum(-1), w[N_ORIG:],
+                                (F.one_hot(y[:N_ORIG], C).double() * g_orig).sum(-1))
+    # stats["weights"] are renormalised; the share sees the policy's raw weights (same ratio)
+    got = torch.stack([share[0][0] / share[0][1], share[0][2], share[0][3]])
+    want = torch.stack([expected[0] / expected[1], expected[2], expected[3]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # scores are fp32

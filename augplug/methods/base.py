@@ -72,6 +72,10 @@ class RefineContext:
         self.v_new = None          # a GradSum when this call recomputed the validation direction
         self.refreshed = False
         self.scored = False        # set when scores were computed
+        #: score every row in one pass and slice (set by the refiner when the originals are scored
+        #: too, in modes where a pass costs a model forward and rows are scored independently)
+        self.score_all_rows = False
+        self._all_scores: Optional[torch.Tensor] = None
         self._generator: Optional[torch.Generator] = None
 
     @property
@@ -149,9 +153,16 @@ class RefineContext:
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Class scores ``g`` (fp32) of ``rows`` (a bool mask or any index; default: the augmented rows)
         along ``v`` (default: the validation direction)."""
+        rows = self.rows if rows is None else rows
+        if self.score_all_rows and v is None:
+            if self._all_scores is None:
+                self._all_scores = self._scores_of(slice(None), None)
+            return self._all_scores[rows]
+        return self._scores_of(rows, v)
+
+    def _scores_of(self, rows, v: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
         from ..scores import class_scores  # local: scores imports heads, heads is light
 
-        rows = self.rows if rows is None else rows
         self.check_score_inputs()
         v = self.direction() if v is None else v
         r = self.refiner
