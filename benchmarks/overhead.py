@@ -20,6 +20,7 @@ pass, and the last-layer equivalents (validation gradient and closed-form scores
 
     python -m benchmarks.overhead                          # both models, defaults
     python -m benchmarks.overhead --quick --models smallcnn   # smoke run
+    python -m benchmarks.overhead --num-original 32       # half originals: the adaptive share at work
 
 Writes ``<results-dir>/<out>.md`` and ``<results-dir>/<out>.png`` (default
 ``benchmarks/results/overhead.{md,png}``).
@@ -87,6 +88,8 @@ class Config:
     label: str
     mode: str
     refresh_every: int
+    #: ``None``: the refiner's default (SAflex: the adaptive share); a number: a fixed share
+    aug_weight: Optional[float] = None
 
 
 #: The refined configurations, each compared with the plain step.
@@ -97,7 +100,18 @@ CONFIGS: Tuple[Config, ...] = (
     Config("saflex last_layer, refresh 4", "last_layer", 4),
     Config("saflex double_backward, refresh 4 (fallback)", "double_backward", 4),
 )
+#: Added with ``--num-original N``: the default configurations again with a fixed share of augmented
+#: rows (``aug_weight=1.0``, the paper's loss), so the cost of the adaptive share can be read off.
+FIXED_SHARE_CONFIGS: Tuple[Config, ...] = (
+    Config("saflex full, refresh 4, fixed share", "full", 4, 1.0),
+    Config("saflex last_layer, refresh 1, fixed share", "last_layer", 1, 1.0),
+)
 CONFIG_LABELS: Tuple[str, ...] = (PLAIN,) + tuple(c.label for c in CONFIGS)
+
+
+def configs_for(num_original: int) -> Tuple[Config, ...]:
+    """The refined configurations timed for a batch whose first ``num_original`` rows are originals."""
+    return CONFIGS + (FIXED_SHARE_CONFIGS if num_original > 0 else ())
 
 #: Rows of the breakdown table, in order (keys of the timed items, then the derived row).
 BREAKDOWN_ITEMS: Tuple[Tuple[str, str], ...] = (
@@ -209,14 +223,16 @@ def _autocast(amp: bool):
 
 
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, y: torch.Tensor,
-              amp: bool) -> Callable[[], None]:
-    """One training step; ``loss_fn`` is ``F.cross_entropy`` (plain) or a refiner (refined)."""
+              amp: bool, num_original: int = 0) -> Callable[[], None]:
+    """One training step; ``loss_fn`` is ``F.cross_entropy`` (plain) or a refiner (refined), which is
+    told that the first ``num_original`` rows are originals."""
     scaler = torch.amp.GradScaler("cuda") if amp else None
+    kwargs = {"num_original": num_original} if isinstance(loss_fn, AugmentationRefiner) else {}
 
     def step() -> None:
         with _autocast(amp):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y, **kwargs)
         opt.zero_grad()
         if scaler is None:
             loss.backward()
@@ -254,10 +270,10 @@ class Setup:
         return DataLoader(self.val_set, batch_size=self.val_batch, shuffle=True)
 
     def refiner(self, model: nn.Module, opt: Optional[torch.optim.Optimizer], mode: str,
-                refresh_every: int) -> AugmentationRefiner:
+                refresh_every: int, aug_weight: Optional[float] = None) -> AugmentationRefiner:
         r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode,
                                 refresh_every=refresh_every, val_batches=1, seed=self.seed,
-                                cache_validation=self.cache_validation)
+                                cache_validation=self.cache_validation, aug_weight=aug_weight)
         self.refiners.append(r)
         return r
 
@@ -325,16 +341,17 @@ def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) 
     opt = _sgd(m)
     items[PLAIN] = make_step(m, opt, F.cross_entropy, setup.x, setup.y, args.amp)
     build_errors: Dict[str, str] = {}
-    for cfg in CONFIGS:
+    configs = configs_for(args.num_original)
+    for cfg in configs:
         m = setup.copy_model()
         opt = _sgd(m)
         try:
-            r = setup.refiner(m, opt, cfg.mode, cfg.refresh_every)
+            r = setup.refiner(m, opt, cfg.mode, cfg.refresh_every, cfg.aug_weight)
         except Exception as e:  # reported in the table like a failure during warm-up
             build_errors[cfg.label] = _describe_error(e)
             continue
         refiners[cfg.label] = r
-        items[cfg.label] = make_step(m, opt, r, setup.x, setup.y, args.amp)
+        items[cfg.label] = make_step(m, opt, r, setup.x, setup.y, args.amp, args.num_original)
 
     sync = _sync_fn(device)
     times, errors = interleaved_timing(items, rounds=args.rounds, k=args.k, warmup=args.warmup, sync=sync, rng=rng)
@@ -344,7 +361,7 @@ def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) 
         raise RuntimeError(f"the plain step of {name} failed: {errors.get(PLAIN)}")
     plain_ms = median(times[PLAIN]) / args.k * 1e3
     out = []
-    for label in (PLAIN,) + tuple(c.label for c in CONFIGS):
+    for label in (PLAIN,) + tuple(c.label for c in configs):
         res = StepResult(name, label)
         if label in errors:
             res.error = errors[label]
@@ -387,7 +404,8 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
     # the whole refined step (full, refresh 1), for the remainder
     m_ref = setup.copy_model()
     opt_ref = _sgd(m_ref)
-    refined_step = make_step(m_ref, opt_ref, setup.refiner(m_ref, opt_ref, "full", 1), x, y, amp)
+    refined_step = make_step(m_ref, opt_ref, setup.refiner(m_ref, opt_ref, "full", 1), x, y, amp,
+                             args.num_original)
 
     # (ii) + (iii): full-model validation gradient and forward-mode scores
     m_full = setup.copy_model()
@@ -534,6 +552,11 @@ def preamble(args, argv: Sequence[str], device: torch.device) -> str:
         f"{', cache_validation=True (batches kept on the device)' if args.cache_validation else ''}; "
         "SGD(lr=0.01, momentum=0.9); "
         "models in train mode; SAflex defaults otherwise",
+        (f"- the first {args.num_original} of the {args.batch} rows are originals (`num_original={args.num_original}`): "
+         "the default configurations run SAflex's adaptive share of augmented rows; the 'fixed share' rows "
+         "pass `aug_weight=1.0` (the paper's loss)" if args.num_original else
+         "- every row is augmented (no originals), so the adaptive share has nothing to compare and stays put; "
+         "see `--num-original`"),
         f"- protocol: {args.warmup} warm-up steps per configuration, then {args.rounds} rounds; per round each "
         f"configuration (shuffled order) runs a timed block of K={args.k} consecutive steps "
         "(K is a multiple of every refresh_every, so each block holds the same number of refreshes); "
@@ -567,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive steps per timed block, a multiple of 4 (default 4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per configuration (default 8; 1 with --quick)")
     p.add_argument("--batch", type=int, default=64, help="training batch size (default 64)")
+    p.add_argument("--num-original", type=int, default=0,
+                   help="the first N rows of the training batch are originals (num_original=N), so SAflex's "
+                        "default adaptive share is exercised; adds fixed-share (aug_weight=1.0) rows "
+                        "(default 0: augmented rows only)")
     p.add_argument("--val-batch", type=int, default=64, help="validation batch size (default 64)")
     p.add_argument("--val-size", type=int, default=256, help="validation set size (default 256)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -602,6 +629,9 @@ def _resolve(args, parser: argparse.ArgumentParser) -> None:
     for key in ("batch", "val_batch", "val_size", "threads", "img_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if not 0 <= args.num_original < args.batch:
+        parser.error(f"--num-original must be in 0..{args.batch - 1} (the batch needs augmented rows), "
+                     f"got {args.num_original}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -636,7 +666,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             spec = ModelSpec("resnet18", (3, args.img_size, args.img_size))
         setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed, args.cache_validation)
         try:
-            print(f"[overhead] {name}: timing {1 + len(CONFIGS)} configurations "
+            print(f"[overhead] {name}: timing {1 + len(configs_for(args.num_original))} configurations "
                   f"({args.rounds} rounds x {args.k} steps)", file=sys.stderr, flush=True)
             steps += measure_steps(setup, args, device, rng)
         finally:
@@ -675,7 +705,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     png_path = None
     plotted = [r for r in steps if r.label != PLAIN and not r.error]
     if plotted and not args.no_plot:
-        short = {c.label: f"{c.mode.replace('double_backward', 'dbl-bwd')} r{c.refresh_every}" for c in CONFIGS}
+        short = {c.label: f"{c.mode.replace('double_backward', 'dbl-bwd')} r{c.refresh_every}"
+                          + (" fixed" if c.aug_weight is not None else "")
+                 for c in configs_for(args.num_original)}
         png_path = save_bar_plot(
             out_dir / f"{args.out}.png",
             [f"{r.model}\n{short[r.label]}" for r in plotted],

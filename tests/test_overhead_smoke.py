@@ -60,3 +60,28 @@ def test_block_length_must_cover_refresh_period(tmp_path):
 def test_amp_needs_cuda(tmp_path):
     with pytest.raises(SystemExit):
         overhead.main(["--quick", "--amp", "--device", "cpu", "--results-dir", str(tmp_path)])
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_with_originals_times_the_share(tmp_path):
+    """--num-original: the refined rows see originals (the adaptive share moves) and fixed-share rows are added."""
+    threads = torch.get_num_threads()
+    try:
+        result = overhead.main(["--quick", "--models", "smallcnn", "--num-original", "16", "--no-breakdown",
+                                "--no-plot", "--out", "overhead_orig", "--results-dir", str(tmp_path),
+                                "--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "overhead_orig.md").read_text(encoding="utf-8")
+    assert "num_original=16" in text
+    labels = [r[1] for r in _table_rows(text, "model")]
+    assert labels == [overhead.PLAIN] + [c.label for c in overhead.configs_for(16)]
+    assert len(labels) == len(overhead.CONFIG_LABELS) + len(overhead.FIXED_SHARE_CONFIGS)
+    assert all(r.error is None for r in result["steps"])
+
+
+def test_num_original_must_leave_augmented_rows(tmp_path):
+    with pytest.raises(SystemExit):
+        overhead.main(["--quick", "--models", "smallcnn", "--batch", "8", "--num-original", "8",
+                       "--results-dir", str(tmp_path), "--device", "cpu"])
+    assert not any(tmp_path.iterdir())
