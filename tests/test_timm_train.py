@@ -13,7 +13,7 @@ tt = pytest.importorskip("integrations.timm_train")
 
 BASE = ["--dataset", "synthetic", "--synthetic-size", "96", "--model", "test_resnet", "--img-size", "16",
         "-b", "16", "--epochs", "1", "--max-steps", "3", "--val-split", "16", "--val-batch-size", "16",
-        "--seed", "3"]
+        "--seed", "3", "--device", "cpu"]  # CPU everywhere: the comparisons below are fp32-exact on CPU
 
 
 def _method_available(name, options):
