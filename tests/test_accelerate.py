@@ -37,7 +37,8 @@ def _problem(seed=0, n=48, d=6, c=4):
 
 
 def test_launched_script_two_processes(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", NO_ALBUMENTATIONS_UPDATE="1",
+    # CPU processes (gloo) also on a machine with a GPU: hide it, or rank 1 reaches for a second device
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", NO_ALBUMENTATIONS_UPDATE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,10 +90,25 @@ def _worker(out_dir: str, case: str) -> None:
     torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
 
 
-def _two_processes(tmp_path, case):
-    from accelerate import debug_launcher
+def _launch(worker: str, *args: str) -> None:
+    """Run ``worker(*args)`` in WORLD forked processes (``accelerate.debug_launcher``). Forking is
+    unsafe once this process has used CUDA (autograd's device threads do not survive a fork), so on a
+    GPU machine where an earlier test did, the launch happens from a fresh interpreter."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        from accelerate import debug_launcher
 
-    debug_launcher(_worker, args=(str(tmp_path), case), num_processes=WORLD)
+        debug_launcher(globals()[worker], args=args, num_processes=WORLD)
+        return
+    here = Path(__file__).resolve().parent
+    code = ("import sys; from accelerate import debug_launcher; import test_distributed as t; "
+            f"debug_launcher(getattr(t, {worker!r}), args=tuple(sys.argv[1:]), num_processes={WORLD})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _two_processes(tmp_path, case):
+    _launch("_worker", str(tmp_path), case)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -154,9 +172,7 @@ def _autodo_worker(out_dir: str) -> None:
 
 
 def test_autodo_tables_identical_across_processes(tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(_autodo_worker, args=(str(tmp_path),), num_processes=WORLD)
+    _launch("_autodo_worker", str(tmp_path))
     a, b = (torch.load(tmp_path / f"autodo{r}.pt", weights_only=True) for r in range(WORLD))
     assert a.keys() == b.keys()
     for k in a:
