@@ -165,14 +165,8 @@ def load_shell_state(refiner, state: Dict[str, Any]) -> None:
     if state.get("method") != refiner.method:
         raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is "
                                  f"{refiner.method!r}", "build the refiner with the same method before loading")
-    stream_state = state.get("stream") or {}
-    if refiner._stream is not None and bool(stream_state.get("cached")) != bool(getattr(refiner, "cache_validation", False)):
-        raise ConfigurationError(
-            f"state was saved with cache_validation={bool(stream_state.get('cached'))}, this refiner has "
-            f"cache_validation={bool(getattr(refiner, 'cache_validation', False))}",
-            "build the refiner with the same cache_validation setting before loading")
-    if refiner._stream is not None and state.get("stream") is not None:
-        refiner._stream.check_state(state["stream"])
+    if refiner._stream is not None:  # cache setting and the loader's generators
+        refiner._stream.check_state(state.get("stream") or {})
     dev = refiner._device()
     refiner.step_count = int(state["step_count"])
     refiner.calls = int(state["calls"])
@@ -310,9 +304,7 @@ class AugmentationRefiner:
         self.orig_weight = float(orig_weight)
         # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the device
         if self.share is not None:
-            param = next(iter(model.parameters()), None)
-            if param is not None:
-                self.share.to(param.device)
+            self.share.to(self._device())
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode

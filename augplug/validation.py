@@ -54,19 +54,30 @@ def generator_states(loader: Any) -> List[torch.Tensor]:
     return [g.get_state() for g in loader_generators(loader)]
 
 
-def set_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) -> None:
-    """Put the loader's generators back to ``states`` (from :func:`generator_states`). A state saved
-    for a loader with a different set of generators is an error: the order could not be reproduced."""
-    if states is None:
-        return
+def check_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) -> List[torch.Generator]:
+    """The loader's generators, after checking that ``states`` (from :func:`generator_states`, or None)
+    fits them: a state saved for a loader with a different set of generators is an error, since the
+    order could not be reproduced."""
     gens = loader_generators(loader)
-    if len(gens) != len(states):
+    if states is not None and len(gens) != len(states):
         raise ConfigurationError(
             f"the validation state was saved for a loader with {len(states)} seeded generator(s), this "
             f"loader has {len(gens)}",
             "build the validation DataLoader as it was when the state was saved (same generator= / sampler)")
-    for g, st in zip(gens, states):
+    return gens
+
+
+def set_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) -> None:
+    """Put the loader's generators back to ``states`` (None: leave them)."""
+    gens = check_generator_states(loader, states)
+    for g, st in zip(gens, states or ()):
         g.set_state(st.clone())
+
+
+def _same_states(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 class ValidationStream:
@@ -115,16 +126,16 @@ class ValidationStream:
     def check_state(self, state: dict) -> None:
         """Raise (changing nothing) when ``state`` cannot be restored on this stream's loader."""
         if bool(state.get("cached")) != self._CACHED:
-            raise ConfigurationError(f"this state was saved with cache_validation={bool(state.get('cached'))}",
-                                     "build the refiner with the same cache_validation setting before loading")
-        gens = state.get(self._GENERATORS_KEY)
-        if gens is not None and len(loader_generators(self.loader)) != len(gens):
-            set_generator_states(self.loader, gens)  # raises with the count mismatch
+            raise ConfigurationError(
+                f"state was saved with cache_validation={bool(state.get('cached'))}, this refiner has "
+                f"cache_validation={self._CACHED}",
+                "build the refiner with the same cache_validation setting before loading")
+        check_generator_states(self.loader, state.get(self._GENERATORS_KEY))
 
     def load_state_dict(self, state: dict) -> None:
         """Re-open the pass that was running and skip the batches already taken."""
         self.check_state(state)
-        gen_states = state.get("generator_states")
+        gen_states = state.get(self._GENERATORS_KEY)
         self._it = None
         self.pass_rng_state = state.get("pass_rng_state")
         self.pass_generator_states = gen_states
@@ -207,11 +218,9 @@ class CachedValidationStream(ValidationStream):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state(state)
-        fill, gens = state.get("fill_rng_state"), state.get("fill_generator_states")
-        same_gens = (gens is None) == (self._fill_generator_states is None) and (
-            gens is None or all(torch.equal(a, b) for a, b in zip(gens, self._fill_generator_states)))
+        fill, gens = state.get("fill_rng_state"), state.get(self._GENERATORS_KEY)
         same_pass = (self._batches is not None and fill is not None and self._fill_rng_state is not None
-                     and torch.equal(fill, self._fill_rng_state) and same_gens)
+                     and torch.equal(fill, self._fill_rng_state) and _same_states(gens, self._fill_generator_states))
         if not same_pass:  # rebuilt lazily, on the next read
             self._batches = None
             self._fill_rng_state = None if fill is None else fill.clone()
