@@ -532,8 +532,11 @@ class AugmentationRefiner:
             return None
         orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
         a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
-        a_aug = (soft[rows] * scores[rows]).sum(-1)
-        return self.share.propose(share_agreements(a_aug, weights[rows], a_orig, distributed=distributed))
+        if self.share.signal == "upstream":
+            a_aug, w_aug = (ctx.targets[rows] * scores[rows]).sum(-1), torch.ones_like(weights[rows])
+        else:
+            a_aug, w_aug = (soft[rows] * scores[rows]).sum(-1), weights[rows]
+        return self.share.propose(share_agreements(a_aug, w_aug, a_orig, distributed=distributed))
 
     def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int):
         """Renormalised weights and the loss denominator, over the global batch of all processes.

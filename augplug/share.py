@@ -19,6 +19,19 @@ agreements shrink by orders of magnitude during training, the step size should n
 
     log lam <- clip(log lam + lr * d / rms(d), log min_share, log max_share),   d = a_aug - a_orig
 
+Which agreement of the augmented rows enters ``d`` (``signal``):
+
+- ``"upstream"`` (default): their upstream targets, unweighted. This is the derivative above for the
+  augmented rows as the upstream pipeline gave them; the policy's weights and targets then only move
+  weight within the augmented rows.
+- ``"refined"``: the policy's soft targets, weighted by its weights: the exact derivative of the
+  refined loss at the measured scores. It is biased upward: the policy picked those weights and
+  targets because their agreement with this noisy validation gradient is high, so the same
+  agreement overstates how much they help (a winner's curse; with augmented rows drawn exactly like
+  the originals the refined signal is positive on average, the upstream one zero:
+  ``tests/test_share.py``). On UCI Letter with CutMix it kept the share at its upper bound while
+  the upstream signal lowered it to about 0.1 (README, "Adaptive share").
+
 The signal is first order and one step ahead: it sees label noise at once but not the slower benefit
 of augmentation as a regulariser, so it leans toward the originals (README, "Adaptive share").
 """
@@ -32,7 +45,9 @@ import torch
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError
 
-__all__ = ["AdaptiveShare", "share_agreements"]
+__all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
+
+SIGNALS = ("upstream", "refined")
 
 
 def share_agreements(agree_aug: torch.Tensor, weights_aug: torch.Tensor, agree_orig: torch.Tensor,
@@ -64,10 +79,14 @@ class AdaptiveShare:
         min_share, max_share: bounds of ``lam`` (``max_share > 1`` lets augmented rows outweigh
             the originals).
         decay: EMA decay of the signal's mean square.
+        signal: which agreement of the augmented rows the share follows: ``"upstream"`` (their
+            upstream targets, unweighted) or ``"refined"`` (the policy's soft targets, weighted by
+            its weights: the exact derivative of the refined loss, but biased upward, because the
+            policy chose those weights and targets from the same noisy scores).
     """
 
     def __init__(self, lr: float = 0.01, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
-                 decay: float = 0.99):
+                 decay: float = 0.99, signal: str = "upstream"):
         if not (lr > 0 and math.isfinite(lr)):
             raise ConfigurationError(f"the share's lr must be a positive number, got {lr}", "use lr=0.01")
         if not (0 < min_share <= init <= max_share and math.isfinite(max_share)):
@@ -76,6 +95,9 @@ class AdaptiveShare:
                 "use AdaptiveShare(init=1.0, min_share=1e-3, max_share=1.0)")
         if not 0 <= decay < 1:
             raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
+        if signal not in SIGNALS:
+            raise ConfigurationError(f"signal must be one of {SIGNALS}, got {signal!r}", "use signal='upstream'")
+        self.signal = signal
         self.lr, self.decay = float(lr), float(decay)
         self.init, self.min_share, self.max_share = float(init), float(min_share), float(max_share)
         self.log_share = torch.tensor(math.log(self.init), dtype=torch.float64)
@@ -132,4 +154,4 @@ class AdaptiveShare:
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "
-                f"max_share={self.max_share}, decay={self.decay})")
+                f"max_share={self.max_share}, decay={self.decay}, signal={self.signal!r})")

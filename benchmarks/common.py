@@ -36,6 +36,18 @@ def parse_value(s: str):
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
+def share_options(options: dict) -> dict:
+    """Refiner options with ``share_*`` keys (``--set share_signal=upstream``, ``--set share_lr=0.02``)
+    turned into ``aug_weight=AdaptiveShare(signal=..., lr=...)``; other keys are passed through."""
+    share = {k[len("share_"):]: v for k, v in options.items() if k.startswith("share_")}
+    out = {k: v for k, v in options.items() if not k.startswith("share_")}
+    if share:
+        from augplug.share import AdaptiveShare
+
+        out["aug_weight"] = AdaptiveShare(**share)
+    return out
+
+
 def results_dir() -> Path:
     """Return ``benchmarks/results`` (created if missing)."""
     path = _BENCH_DIR / "results"

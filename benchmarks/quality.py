@@ -26,7 +26,8 @@ from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
-from .common import fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import (fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads,
+                     share_options, write_markdown_table)
 
 MEAN, STD = 0.2860, 0.3530
 #: The upstream augmentation: timm's RandAugment policy string (``--aa``).
@@ -99,7 +100,7 @@ def _job(args):
                       aa=extra.get("aa", AA))
     study_arm, arm_kw = ARM_CONFIGS[arm]
     refined = study_arm in ("saflex", "l2rw")
-    ref_kw = {**arm_kw, **overrides} if refined else {}
+    ref_kw = share_options({**arm_kw, **overrides}) if refined else {}
     warm = ref_kw.pop("warmup_epochs", 0.0)
     vbs = ref_kw.pop("val_batch_size", 500)
     norm = extra.get("norm", "batch")

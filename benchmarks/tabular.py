@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import (fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads,
+                     share_options, write_markdown_table)
 
 DATASETS = ("letter", "spambase")
 VAL_SIZE = {"letter": 1000, "spambase": 400}
@@ -141,7 +142,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refiner = None
     if method is not None:
-        kw = {**arm_kw, **(overrides if method == "saflex" else {})}
+        kw = share_options({**arm_kw, **(overrides if method == "saflex" else {})})
         warm = kw.pop("warmup_epochs", 0.0)
         kw.setdefault("warmup_steps", int(warm * steps))
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)

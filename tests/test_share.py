@@ -44,16 +44,20 @@ def _capture_agreements(share: AdaptiveShare) -> list:
     return seen
 
 
+@pytest.mark.parametrize("signal", ["upstream", "refined"])
 @pytest.mark.parametrize("mode,freeze", [("last_layer", True), ("full", False)])
-def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze):
+def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, signal):
     model, opt, val, (xv, yv), x, y = _setup(freeze)
-    share = AdaptiveShare(init=0.5, lr=0.1)
+    share = AdaptiveShare(init=0.5, lr=0.1, signal=signal)
     seen = _capture_agreements(share)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight=share, mode=mode, refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight=share, mode=mode, refresh_every=1, beta=1.0, tau=1.0)
     refiner(model(x), y, num_original=N_ORIG)
     w = refiner.stats["weights"][N_ORIG:].double()
     soft = refiner.stats["soft_targets"].double()
     assert float((w - 1).abs().max()) > 1e-3   # refined weights, not all 1
+    assert float((soft[N_ORIG:] - F.one_hot(y[N_ORIG:], C)).abs().max()) > 1e-3   # and refined targets
+    if signal == "upstream":   # the share follows the augmented rows as given: upstream targets, weight 1
+        w, soft = torch.ones_like(w), F.one_hot(y, C).double()
 
     # oracle: a_i = grad l_i . grad L_val by per-sample gradients, over the trainable parameters
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -123,6 +127,42 @@ def _rule_val(w, seed=1):
     g = torch.Generator().manual_seed(seed)
     xv = torch.randn(64, D, generator=g, dtype=torch.float64)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, (xv @ w).argmax(1)), batch_size=32)
+
+
+def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
+    """Originals and augmented rows drawn alike (same points, same label noise): the augmented rows
+    help the validation loss exactly as much as the originals, so the true signal is 0. Weights and
+    targets chosen from the same scores they are judged by inflate the refined rows' agreement (a
+    winner's curse); the upstream signal has no such selection and averages 0."""
+    g = torch.Generator().manual_seed(3)
+    rule = torch.randn(D, C, generator=g, dtype=torch.float64)
+    batches = []
+    for _ in range(150):
+        x = torch.randn(32, D, generator=g, dtype=torch.float64)
+        y = (x @ rule).argmax(1)
+        noisy = torch.rand(32, generator=g) < 0.3
+        y = torch.where(noisy, torch.randint(0, C, (32,), generator=g), y)
+        batches.append((x, y))
+    signals = {}
+    for signal in ("upstream", "refined"):
+        torch.manual_seed(0)
+        model = FlatNet(D, 16, C).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        share = AdaptiveShare(signal=signal)
+        seen = _capture_agreements(share)
+        refiner = AugmentationRefiner(model, opt, _rule_val(rule), aug_weight=share, weight_tau=0.2, beta=1.0,
+                                      tau=0.5)
+        for x, y in batches:     # no optimizer step: one model, one validation direction
+            refiner(model(x), y, num_original=16)
+        st = torch.stack(seen)
+        signals[signal] = st[:, 0] / st[:, 1] - st[:, 2] / st[:, 3]
+    for signal, d in signals.items():
+        z = float(d.mean() / (d.std() / len(d) ** 0.5))
+        if signal == "upstream":
+            assert abs(z) < 3, z
+        else:
+            assert z > 5, z
+    assert float((signals["refined"] > signals["upstream"]).double().mean()) > 0.9
 
 
 @pytest.mark.parametrize("noisy", [True, False])
@@ -213,7 +253,7 @@ def test_configuration_errors():
         AugmentationRefiner(model, opt, val, method="none", aug_weight="adaptive")
     with pytest.raises(ConfigurationError, match="aug_weight"):
         AugmentationRefiner(model, opt, val, aug_weight="auto")
-    for bad in (dict(min_share=0.0), dict(init=2.0), dict(lr=-1.0), dict(decay=1.0)):
+    for bad in (dict(min_share=0.0), dict(init=2.0), dict(lr=-1.0), dict(decay=1.0), dict(signal="weighted")):
         with pytest.raises(ConfigurationError):
             AdaptiveShare(**bad)
     from augplug.contrastive import ContrastiveRefiner
@@ -254,12 +294,11 @@ def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, 
     assert calls == ["full"] * passes
     # the slices of the one pass are the scores of separate passes
     v = refiner._v
-    soft, w = refiner.stats["soft_targets"], refiner.stats["weights"]
     g_orig = real(model, x[:N_ORIG], v, mode="full", bn=bn_mode)
     g_aug = real(model, x[N_ORIG:], v, mode="full", bn=bn_mode)
-    expected = share_agreements((soft[N_ORIG:] * g_aug).sum(-1), w[N_ORIG:],
-                                (F.one_hot(y[:N_ORIG], C).double() * g_orig).sum(-1))
-    # stats["weights"] are renormalised; the share sees the policy's raw weights (same ratio)
+    one_hot = F.one_hot(y, C).double()
+    expected = share_agreements((one_hot[N_ORIG:] * g_aug).sum(-1), torch.ones(N_AUG, dtype=torch.float64),
+                                (one_hot[:N_ORIG] * g_orig).sum(-1))   # the default upstream signal
     got = torch.stack([share[0][0] / share[0][1], share[0][2], share[0][3]])
     want = torch.stack([expected[0] / expected[1], expected[2], expected[3]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # scores are fp32
