@@ -219,8 +219,9 @@ class AugmentationRefiner:
         warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
         orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
             ``aug_weight="adaptive"`` (or an :class:`~augplug.share.AdaptiveShare`) learns the
-            augmented rows' share online from the class scores: it falls while the refined augmented
-            rows agree with the validation gradient less than the originals do (batches with
+            augmented rows' share online from the class scores: it falls while the augmented rows
+            (as given upstream; ``AdaptiveShare(signal="refined")``: as refined) agree with the
+            validation gradient less than the originals do (batches with
             originals, ``num_original=``/``augmented=``; policies that score augmented rows with
             ``Policy.refine``, such as SAflex and L2RW). Default (None): ``"adaptive"`` for
             ``method="saflex"``, 1.0 otherwise; batches of augmented rows alone are unaffected.
@@ -521,9 +522,10 @@ class AugmentationRefiner:
     def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
 
-        Agreements ``y^T g`` with the targets trained on: the policy's soft targets and weights on
-        the augmented rows (whose scores it returned), the upstream targets on the originals (scored
-        here). In a process group every process takes part, whatever its rows."""
+        Agreements ``y^T g`` on the augmented rows (whose scores the policy returned): with their
+        upstream targets and weight 1 (``signal="upstream"``), or with the policy's soft targets and
+        weights (``"refined"``); on the originals (scored here) with their targets. In a process
+        group every process takes part, whatever its rows."""
         if self.share is None or not (ctx.active and ctx.scored):
             return None
         distributed = dist_world_size() > 1
