@@ -29,8 +29,8 @@ Which agreement of the augmented rows enters ``d`` (``signal``):
   targets because their agreement with this noisy validation gradient is high, so the same
   agreement overstates how much they help (a winner's curse; with augmented rows drawn exactly like
   the originals the refined signal is positive on average, the upstream one zero:
-  ``tests/test_share.py``). On UCI Letter with CutMix it kept the share at its upper bound while
-  the upstream signal lowered it to about 0.1 (README, "Adaptive share").
+  ``tests/test_share.py``). On UCI Letter with CutMix it kept the share near its upper bound,
+  where the upstream signal takes it to its lower bound (README, "The adaptive share").
 
 The signal is first order and one step ahead: it sees label noise at once but not the slower benefit
 of augmentation as a regulariser, so it leans toward the originals (README, "Adaptive share").
