@@ -12,6 +12,7 @@ from benchmarks.common import (
     save_bar_plot,
     seed_everything,
     set_threads,
+    share_options,
     write_markdown_table,
 )
 
@@ -100,3 +101,17 @@ def test_paired_difference_rejects_unpaired_or_empty():
         paired_difference([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="at least one value"):
         paired_difference([], [])
+
+
+def test_share_options_build_an_adaptive_share_and_pass_the_rest_through():
+    from augplug.share import AdaptiveShare
+
+    out = share_options({"share_signal": "refined", "share_lr": 0.02, "beta": 1.0})
+    assert out["beta"] == 1.0 and set(out) == {"beta", "aug_weight"}
+    share = out["aug_weight"]
+    assert isinstance(share, AdaptiveShare) and share.signal == "refined" and share.lr == 0.02
+    assert share_options({"aug_weight": 1.0, "tau": 0.5}) == {"aug_weight": 1.0, "tau": 0.5}
+    from augplug.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="signal"):
+        share_options({"share_signal": "weighted"})
