@@ -30,10 +30,10 @@ Which agreement of the augmented rows enters ``d`` (``signal``):
   agreement overstates how much they help (a winner's curse; with augmented rows drawn exactly like
   the originals the refined signal is positive on average, the upstream one zero:
   ``tests/test_share.py``). On UCI Letter with CutMix it kept the share near its upper bound,
-  where the upstream signal takes it to its lower bound (README, "The adaptive share").
+  where the upstream signal takes it to its lower bound (README, "The adaptive share: upstream signal against refined signal").
 
 The signal is first order and one step ahead: it sees label noise at once but not the slower benefit
-of augmentation as a regulariser, so it leans toward the originals (README, "Adaptive share").
+of augmentation as a regulariser, so it leans toward the originals (README, "The adaptive share of augmented rows").
 """
 from __future__ import annotations
 
