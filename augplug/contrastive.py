@@ -335,7 +335,8 @@ class ContrastiveRefiner:
         refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm,
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode,
         cache_validation: as in :class:`~augplug.AugmentationRefiner` (same defaults,
-            ``augplug.refiner.DEFAULTS``). With ``cache_validation=True`` the validation loader is read
+            ``augplug.refiner.DEFAULTS``, except ``weight_norm="augmented"``: the rows' targets here
+            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered). With ``cache_validation=True`` the validation loader is read
             once and its batches are kept on the encoders' device, checked and converted once (class
             prompts: labels as soft targets; pairs: images and texts, row counts checked); the first
             pass's order and any random validation transform are then fixed for the rest of training.
@@ -347,7 +348,7 @@ class ContrastiveRefiner:
                  directions: Sequence[str] = DIRECTIONS, score_params: Union[str, Sequence[str]] = "all",
                  refresh_every: int = DEFAULTS["refresh_every"], val_batches: Union[int, str] = DEFAULTS["val_batches"],
                  bn_mode: str = DEFAULTS["bn_mode"], warmup_steps: int = DEFAULTS["warmup_steps"],
-                 orig_weight: float = 1.0, aug_weight: float = 1.0, weight_norm: str = DEFAULTS["weight_norm"],
+                 orig_weight: float = 1.0, aug_weight: float = 1.0, weight_norm: str = "augmented",
                  beta: float = DEFAULTS["beta"], tau: float = DEFAULTS["tau"], gumbel: bool = DEFAULTS["gumbel"],
                  weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
                  prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
@@ -355,6 +356,10 @@ class ContrastiveRefiner:
                  cache_validation: bool = False):
         self.directions = _check_directions(directions)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
+        if weight_norm in ("auto", "class"):
+            raise ConfigurationError(f"weight_norm={weight_norm!r} is not available for contrastive refinement (a row's "
+                                     "targets are candidates of the batch, not classes)",
+                                     "use weight_norm='augmented' or 'batch'")
         self.policy = build_policy(
             method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
                          prior=prior, normalize=normalize, threshold=threshold),

@@ -22,7 +22,7 @@ from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
-from .methods import POLICIES, Policy, SAflex, renormalize
+from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
 from .methods.base import RefineContext
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
@@ -48,12 +48,15 @@ DEFAULTS: Dict[str, Any] = dict(
     weight_tau=1.0,
     prior="linear",
     normalize="center",
-    weight_norm="augmented",
+    weight_norm="auto",
     threshold=0.0,
     aug_weight="adaptive",
 )
 
 _STATE_VERSION = 1
+
+#: Values of the refiners' ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
+WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
 
 
 def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: str, orig_weight: float,
@@ -71,9 +74,9 @@ def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: s
         raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
     if bn_mode not in ("eval", "train"):
         raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
-    if weight_norm not in ("augmented", "batch", "none"):
-        raise ConfigurationError(f"weight_norm must be 'augmented', 'batch' or 'none', got {weight_norm!r}",
-                                 "use 'augmented' (the paper) or 'batch'")
+    if weight_norm not in WEIGHT_NORMS:
+        raise ConfigurationError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}",
+                                 "use 'auto', 'class', 'augmented' (the paper) or 'batch'")
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")
@@ -228,9 +231,15 @@ class AugmentationRefiner:
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold: SAflex hyperparameters
             (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
-            the augmented rows, so they keep their share of the loss), ``"batch"`` (weights stay
-            absolute and the loss is divided by the total weight of the batch, originals included:
-            unhelpful augmented rows give their share back to the originals), or ``"none"``.
+            the augmented rows, so they keep their share of the loss), ``"class"`` (mean 1 within
+            each upstream class of the augmented rows, :func:`~augplug.methods.class_renormalize`:
+            the weights pick rows within a class but keep every class's share of the loss),
+            ``"auto"`` (``"class"`` for a batch of augmented rows alone, whose weights would
+            otherwise set the class balance of everything the model sees; ``"augmented"`` when
+            originals are in the batch), ``"batch"`` (weights stay absolute and the loss is divided
+            by the total weight of the batch, originals included: unhelpful augmented rows give
+            their share back to the originals), or ``"none"``. Default (None): ``"auto"`` for
+            ``method="saflex"``, ``"augmented"`` otherwise.
         seed: seed of the refiner's private randomness (validation shuffling; per-call noise such as
             Gumbel draws is derived from the seed, the process rank and the call count).
         accelerator: an ``accelerate.Accelerator``: extra forwards run under ``accelerator.autocast()``
@@ -268,7 +277,7 @@ class AugmentationRefiner:
         weight_tau: float = DEFAULTS["weight_tau"],
         prior: str = DEFAULTS["prior"],
         normalize: Optional[str] = DEFAULTS["normalize"],
-        weight_norm: str = DEFAULTS["weight_norm"],
+        weight_norm: Optional[str] = None,
         threshold: float = DEFAULTS["threshold"],
         seed: int = 0,
         check_train_mode: bool = True,
@@ -284,6 +293,8 @@ class AugmentationRefiner:
         if aug_weight is None:  # SAflex learns the share by default; other methods keep the upstream mixture
             aug_weight = DEFAULTS["aug_weight"] if isinstance(method, str) and method == "saflex" else 1.0
         aug_weight, self.share = resolve_share(aug_weight)
+        if weight_norm is None:  # SAflex keeps the classes' shares without originals; other methods the paper's norm
+            weight_norm = DEFAULTS["weight_norm"] if isinstance(method, str) and method == "saflex" else "augmented"
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,
                                                 weight_tau=weight_tau, prior=prior, normalize=normalize,
@@ -293,6 +304,10 @@ class AugmentationRefiner:
                 f"aug_weight='adaptive' needs a policy that scores the augmented rows with class scores; "
                 f"{self.policy.name!r} does not",
                 "use method='saflex' or 'l2rw' (or a Policy that keeps Policy.refine), or a fixed aug_weight")
+        if weight_norm in ("auto", "class") and not self.policy.refiner_renormalizes:
+            raise ConfigurationError(f"weight_norm={weight_norm!r} rescales the policy's weights by class, but "
+                                     f"{self.policy.name!r} keeps its weights on their own scale",
+                                     "use weight_norm='augmented' (or 'batch') with this method")
         self.method = self.policy.name
         self.model = model
         self.net = unwrap_model(model)
@@ -488,6 +503,7 @@ class AugmentationRefiner:
             weights, soft, scores = self.policy.refine(ctx)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
+            weights, denom = self._normalise(weights, aug, rows, n_aug, y)
             share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug)
         except BaseException:
             self._rng.state = snapshot[0]
@@ -497,7 +513,6 @@ class AugmentationRefiner:
                 self.isda.restore_snapshot(snapshot[2])
             raise
 
-        weights, denom = self._normalise(weights, aug, rows, n_aug)
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
         loss = (coef * per_sample).sum() / denom
 
@@ -540,30 +555,39 @@ class AugmentationRefiner:
             a_aug, w_aug = (soft[rows] * scores[rows]).sum(-1), weights[rows]
         return self.share.propose(share_agreements(a_aug, w_aug, a_orig, distributed=distributed))
 
-    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int):
+    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int, targets: torch.Tensor):
         """Renormalised weights and the loss denominator, over the global batch of all processes.
 
-        Each process returns ``sum_local / (denominator_global / world)``; data-parallel gradient
-        averaging then yields exactly the loss of one process holding the whole global batch.
+        ``targets``: the upstream soft targets (B, C), for the class normalisation. Each process
+        returns ``sum_local / (denominator_global / world)``; data-parallel gradient averaging then
+        yields exactly the loss of one process holding the whole global batch.
         """
-        renorm = self.weight_norm == "augmented" and self.policy.refiner_renormalizes
+        renorm = self.weight_norm in ("auto", "class", "augmented") and self.policy.refiner_renormalizes
         world = dist_world_size()
         if world == 1:  # one process: plain fp32 arithmetic on the batch, no device sync
             if renorm and n_aug:
                 weights = weights.clone()
-                weights[rows] = renormalize(weights[rows])
+                by_class = self.weight_norm == "class" or (self.weight_norm == "auto" and n_aug == aug.shape[0])
+                weights[rows] = class_renormalize(weights[rows], targets[rows]) if by_class else renormalize(weights[rows])
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
             return weights, self.orig_weight * (aug.shape[0] - n_aug) + self.aug_weight * n_aug
         batch, n_aug = aug.shape[0], aug.sum()
+        by_class = None
+        if renorm and self.weight_norm in ("auto", "class"):  # every process takes part in the class sums
+            by_class = weights.clone()
+            by_class[aug] = class_renormalize(weights[aug], targets[aug], distributed=True)
         w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
         orig_coef = self.orig_weight * (batch - n_aug)
         stats = torch.stack([w_aug.double(), n_aug.double(), torch.as_tensor(orig_coef, dtype=torch.float64,
-                                                                           device=weights.device)]).cpu()
+                                                                           device=weights.device),
+                             (batch - n_aug).double()]).cpu()
         all_reduce_sum_([stats])
-        w_sum, n_all, orig_all = (float(t) for t in stats)
-        if renorm and n_aug:
+        w_sum, n_all, orig_all, n_orig_all = (float(t) for t in stats)
+        if by_class is not None and (self.weight_norm == "class" or n_orig_all == 0):
+            weights = by_class
+        elif renorm and n_aug:
             weights = weights.clone()
             weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0
             w_sum = n_all if w_sum > 0 else 0.0

@@ -313,6 +313,8 @@ def test_functional_bad_input():
             ContrastiveRefiner(img, txt, None, bad_val, method=name)
     with pytest.raises(ConfigurationError):
         ContrastiveRefiner(img, txt, None, bad_val, score_params=["image.nope"])
+    with pytest.raises(ConfigurationError, match="weight_norm='class'"):
+        ContrastiveRefiner(img, txt, None, bad_val, weight_norm="class")
 
 
 def test_prompt_mode_bad_labels_state_unchanged():

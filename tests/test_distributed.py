@@ -33,10 +33,21 @@ def _setup():
 CASES = {
     "saflex": dict(refresh_every=1, seed=3),
     "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
+    "saflex-class-norm-weights": dict(refresh_every=1, seed=3, weight_norm="class"),
+    # weight_norm="auto" (the SAflex default) decides on the global batch: by class without
+    # originals anywhere, over the augmented rows when any process holds originals
+    "saflex-augmented-only": dict(refresh_every=1, seed=3, _n_orig=(0, 0)),
+    "saflex-originals-on-one-process": dict(refresh_every=1, seed=3, _n_orig=(0, 3)),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
     "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="adaptive"),
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
 }
+
+
+def _case(case):
+    """The refiner options of ``case`` and the number of original rows on each process."""
+    kw = dict(CASES[case])
+    return kw, kw.pop("_n_orig", (N_ORIG,) * WORLD)
 
 
 def _isda_state(refiner):
@@ -82,11 +93,12 @@ def _worker(out_dir: str, case: str) -> None:
     acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
-    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **CASES[case])
+    kw, n_orig = _case(case)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **kw)
     r = acc.process_index
     rows = slice(r * ROWS, (r + 1) * ROWS)
     out = _train_and_record(refiner, opt, acc.unwrap_model(model),
-                            lambda: refiner(model(x[rows]), y[rows], num_original=N_ORIG))
+                            lambda: refiner(model(x[rows]), y[rows], num_original=n_orig[r]))
     torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
 
 
@@ -114,10 +126,11 @@ def _two_processes(tmp_path, case):
 
 def _single_process(case):
     model, opt, val, x, y = _setup()
-    refiner = AugmentationRefiner(model, opt, val, **CASES[case])
+    kw, n_orig = _case(case)
+    refiner = AugmentationRefiner(model, opt, val, **kw)
     aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
     for r in range(WORLD):
-        aug[r * ROWS: r * ROWS + N_ORIG] = False
+        aug[r * ROWS: r * ROWS + n_orig[r]] = False
     return _train_and_record(refiner, opt, model, lambda: refiner(model(x), y, augmented=aug))
 
 

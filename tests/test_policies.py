@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from augplug.errors import ConfigurationError
 from augplug.functional import l2rw_weights, saflex_targets
-from augplug.methods import SAflex, renormalize
+from augplug.methods import SAflex, class_renormalize, renormalize
 
 
 def _case(seed=0, b=16, c=5):
@@ -105,3 +105,34 @@ def test_bad_options(kw):
     args.update(kw)
     with pytest.raises(ConfigurationError):
         SAflex(**args)
+
+
+def test_class_renormalize_keeps_each_class_share_for_one_hot_targets():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    w = torch.rand(9) * 2
+    out = class_renormalize(w, F.one_hot(y, 4).float())
+    for c in range(3):
+        assert float(out[y == c].mean()) == pytest.approx(1.0, rel=1e-6)
+        # within a class the order and ratios of the weights are kept
+        ratio = out[y == c] / w[y == c]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio))
+    assert float(out.sum()) == pytest.approx(9.0, rel=1e-6)
+    # plain renormalisation moves weight between classes; the class version does not
+    assert float(renormalize(w)[y == 0].sum()) != pytest.approx(3.0, rel=1e-3)
+
+
+def test_class_renormalize_soft_targets_by_formula_and_zero_class():
+    torch.manual_seed(1)
+    y = torch.softmax(torch.randn(6, 3) * 2, -1)
+    w = torch.rand(6)
+    n, m = y.sum(0), (y * w[:, None]).sum(0)
+    expected = w * (y @ (n / m))
+    out = class_renormalize(w, y)
+    assert torch.allclose(out, expected, rtol=1e-6)
+    assert float(out.sum()) == pytest.approx(6.0, rel=1e-6)   # the total is the batch size
+    # a class whose rows all have weight 0 stays at 0; the others keep their mean of 1
+    hard = F.one_hot(torch.tensor([0, 0, 1, 1]), 2).float()
+    out = class_renormalize(torch.tensor([0.0, 0.0, 0.5, 1.5]), hard)
+    assert out.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.5])
+    assert class_renormalize(torch.zeros(3), F.one_hot(torch.tensor([0, 1, 1]), 2).float()).tolist() == [0, 0, 0]

@@ -101,6 +101,44 @@ def test_originals_keep_their_labels_and_weight():
     assert st["augmented"].tolist() == [False] * 4 + [True] * 4
 
 
+def test_saflex_weights_keep_each_class_share_without_originals():
+    model = _cnn()
+    x, y = _batch(b=24, seed=9)
+    counts = torch.bincount(y[4:], minlength=C).float()
+
+    def class_totals(num_original, **kw):
+        m = copy.deepcopy(model)   # the same weights and BatchNorm statistics for every variant
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, **kw)
+        torch.manual_seed(1)   # the same dropout masks
+        r(m(x), y, num_original=num_original)
+        w, ya = r.stats["weights"][num_original:], y[num_original:]
+        assert float((w - 1).abs().max()) > 1e-3 and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+        return r.weight_norm, torch.stack([w[ya == c].sum() for c in range(C)])
+
+    # the default ("auto"): without originals every class keeps its upstream row count as its weight
+    norm, totals = class_totals(0)
+    assert norm == "auto"
+    assert torch.allclose(totals, torch.bincount(y, minlength=C).float(), rtol=1e-5)
+    # with originals in the batch, "auto" is the paper's normalisation, which moves weight between classes
+    _, auto_with_orig = class_totals(4)
+    _, paper = class_totals(4, weight_norm="augmented")
+    assert torch.equal(auto_with_orig, paper) and not torch.allclose(paper, counts, rtol=1e-3)
+    # "class" keeps the classes' shares with originals too
+    _, by_class = class_totals(4, weight_norm="class")
+    assert torch.allclose(by_class, counts, rtol=1e-5)
+    # other methods keep the paper's normalisation by default
+    assert AugmentationRefiner(model, None, _loader(), method="l2rw").weight_norm == "augmented"
+
+
+def test_class_weight_norm_rejected_where_it_cannot_apply():
+    from augplug.errors import ConfigurationError
+    model = _cnn()
+    for norm in ("class", "auto"):
+        with pytest.raises(ConfigurationError, match=f"weight_norm='{norm}'"):
+            AugmentationRefiner(model, None, _loader(), method="autodo", weight_norm=norm,
+                                method_options=dict(num_points=8, num_classes=C))
+
+
 def test_loss_uses_weights_and_soft_targets_as_constants():
     model = _cnn()
     r = AugmentationRefiner(model, None, _loader(), beta=1.0, tau=0.5, gumbel=False)

@@ -19,7 +19,7 @@ from ..errors import ShapeError
 if TYPE_CHECKING:  # pragma: no cover
     from ..refiner import AugmentationRefiner
 
-__all__ = ["Policy", "RefineContext", "renormalize"]
+__all__ = ["Policy", "RefineContext", "renormalize", "class_renormalize"]
 
 
 def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
@@ -41,6 +41,27 @@ def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Te
     factor = torch.where(total > 0, torch.full_like(total, count) / total, torch.zeros_like(total))
     return weights * factor
 
+
+
+def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
+    """Scale non-negative weights so that every class keeps its upstream share of the batch.
+
+    With upstream targets ``y`` (B, C) (one-hot or soft), class ``c`` holds mass ``n_c = sum_i y_ic``
+    upstream and ``m_c = sum_i y_ic w_i`` after weighting; row ``i`` is scaled by
+    ``sum_c y_ic n_c / m_c`` (a class whose rows all have weight 0 stays at 0). For one-hot targets
+    the weights then have mean 1 within each class present, so the weights choose rows within a
+    class but do not move weight between classes; for any targets the total is the batch size
+    (``sum_i w'_i = sum_c n_c``), as with :func:`renormalize`, unless a class is dropped whole.
+    ``distributed=True``: the class sums are those of the global batch (one all-reduce).
+    """
+    y = targets.to(torch.float64)
+    w = weights.to(torch.float64)
+    sums = torch.stack([y.sum(0), (y * w[:, None]).sum(0)])  # (2, C): upstream and weighted class mass
+    if distributed and is_distributed():
+        all_reduce_sum_([sums])
+    count, mass = sums.unbind()
+    ratio = torch.where(mass > 0, count / mass.clamp_min(1e-300), torch.zeros_like(mass))
+    return weights * (y @ ratio).to(weights.dtype)
 
 class RefineContext:
     """Everything a policy may use for one refiner call; expensive parts are computed on demand.
