@@ -9,7 +9,10 @@ Arms:
 ``upstream``  originals + augmented views as given (``method="none"``);
 ``saflex``    originals + views refined by SAflex;
 ``l2rw``      originals + views reweighted by L2RW;
-``clean``     originals + views with their true labels (the ceiling a perfect refiner could reach).
+``clean``     originals + views with their true labels (the ceiling a perfect refiner could reach);
+``oracle-weights``  originals + views, the corrupted views at weight 0 and the clean ones
+              renormalised to mean 1 over the augmented rows (the ceiling of any per-sample weighting
+              that keeps the given labels).
 
 With ``aug_only=True`` the batches hold augmented views only (the ``none`` arm is unchanged).
 Metrics: test accuracy, and on the augmented rows after warm-up the AUC of the weights and of the
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .methods import renormalize
 from .models import SmallCNN
 from .refiner import AugmentationRefiner
 
@@ -141,7 +145,7 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refiner = None
-    if arm != "none":
+    if arm not in ("none", "oracle-weights"):
         method = {"upstream": "none", "clean": "none"}.get(arm, arm)
         val_ds = torch.utils.data.TensorDataset(data.x_val, data.y_val)
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=val_batch_size, shuffle=True)
@@ -170,6 +174,15 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
                     x, y, n_orig = xa, ya, 0
                 else:
                     x, y, n_orig = torch.cat([xo, xa]), torch.cat([yo, ya]), len(idx)
+                if arm == "oracle-weights":  # the refiner's loss with weights that know which views are clean
+                    clean = (ya == true_view_labels[idx, vi]).float()
+                    w = torch.cat([torch.ones(n_orig), renormalize(clean)])
+                    loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / len(y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    continue
                 loss = refiner(model(x), y, num_original=n_orig)
                 st = refiner.stats
                 if refiner.share is not None:

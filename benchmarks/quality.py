@@ -41,6 +41,7 @@ ARM_CONFIGS = {
     "none": ("none", {}),
     "upstream": ("upstream", {}),
     "clean": ("clean", {}),
+    "oracle-weights": ("oracle-weights", {}),
     "saflex": ("saflex", {"aug_weight": 1.0}),
     "saflex-paper": ("saflex", PAPER_RULE),
     "saflex-share": ("saflex", {}),

@@ -48,3 +48,31 @@ def test_demo_smoke(tmp_path, capsys):
         assert f"| {arm} |" in out
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.json").exists()
     assert (tmp_path / "demo.png").exists()
+
+
+def _tiny_study(noisy: bool):
+    from augplug.study import StudyData
+    g = torch.Generator().manual_seed(0)
+    n, v = 48, 2
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    views = x[:, None] + 0.3 * torch.randn(n, v, 1, 8, 8, generator=g)
+    labels, _ = corrupt_views(y, v, 0.5 if noisy else 0.0, 3, seed=0)
+    test_x, test_y = torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 3, (300,), generator=g)
+    return StudyData(x, y, x[:12], y[:12], test_x, test_y, views, labels, 3)
+
+
+@pytest.mark.parametrize("aug_only", [False, True])
+def test_oracle_weights_arm_is_upstream_when_no_view_is_corrupted(aug_only):
+    from augplug.models import SmallCNN
+    from augplug.study import run_arm
+
+    def run(arm, noisy):   # the trained parameters
+        models = []
+        run_arm(_tiny_study(noisy), arm, 0, epochs=2, batch_size=16, aug_only=aug_only,
+                model_fn=lambda: models.append(SmallCNN(1, 3, img_size=8, width=4, hidden=8)) or models[-1])
+        return torch.cat([p.detach().flatten() for p in models[0].parameters()])
+
+    torch.testing.assert_close(run("oracle-weights", False), run("upstream", False), rtol=1e-5, atol=1e-6)
+    # with corrupted views it trains on a different loss (the comparison above is not vacuous)
+    assert float((run("oracle-weights", True) - run("upstream", True)).abs().max()) > 1e-3
