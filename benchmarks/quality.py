@@ -35,14 +35,15 @@ AA = "rand-m9-mstd0.5"
 #: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
 PAPER_RULE = SAFLEX_PAPER
 #: arm name -> (study arm, refiner options). "saflex-share" runs augplug's defaults unchanged (per-sample
-#: weights and the adaptive share of the augmented rows); "saflex" the same per-sample weights with the
-#: augmented rows kept at their upstream share (``aug_weight=1.0``, the defaults of augplug 0.1).
+#: weights, normalised by class without originals, and the adaptive share of the augmented rows); "saflex"
+#: the per-sample weights as first measured: augmented rows at their upstream share (``aug_weight=1.0``)
+#: and weights normalised over all augmented rows (``weight_norm="augmented"``), so its tables reproduce.
 ARM_CONFIGS = {
     "none": ("none", {}),
     "upstream": ("upstream", {}),
     "clean": ("clean", {}),
     "oracle-weights": ("oracle-weights", {}),
-    "saflex": ("saflex", {"aug_weight": 1.0}),
+    "saflex": ("saflex", {"aug_weight": 1.0, "weight_norm": "augmented"}),
     "saflex-paper": ("saflex", PAPER_RULE),
     "saflex-share": ("saflex", {}),
     "l2rw": ("l2rw", {}),
