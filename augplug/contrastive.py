@@ -336,10 +336,11 @@ class ContrastiveRefiner:
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode,
         cache_validation: as in :class:`~augplug.AugmentationRefiner` (same defaults,
             ``augplug.refiner.DEFAULTS``, except ``weight_norm="augmented"``: the rows' targets here
-            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered). With ``cache_validation=True`` the validation loader is read
-            once and its batches are kept on the encoders' device, checked and converted once (class
-            prompts: labels as soft targets; pairs: images and texts, row counts checked); the first
-            pass's order and any random validation transform are then fixed for the rest of training.
+            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered).
+            With ``cache_validation=True`` the validation loader is read once and its batches are
+            kept on the encoders' device, checked and converted once (class prompts: labels as soft
+            targets; pairs: images and texts, row counts checked); the first pass's order and any
+            random validation transform are then fixed for the rest of training.
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optimizer=None, val_loader=None,

@@ -555,6 +555,11 @@ class AugmentationRefiner:
             a_aug, w_aug = (soft[rows] * scores[rows]).sum(-1), weights[rows]
         return self.share.propose(share_agreements(a_aug, w_aug, a_orig, distributed=distributed))
 
+    def _by_class(self, n_orig) -> bool:
+        """Whether the augmented rows' weights are normalised by class, given the originals in the
+        (global) batch: always for ``weight_norm="class"``, without originals for ``"auto"``."""
+        return self.weight_norm == "class" or (self.weight_norm == "auto" and n_orig == 0)
+
     def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int, targets: torch.Tensor):
         """Renormalised weights and the loss denominator, over the global batch of all processes.
 
@@ -567,8 +572,8 @@ class AugmentationRefiner:
         if world == 1:  # one process: plain fp32 arithmetic on the batch, no device sync
             if renorm and n_aug:
                 weights = weights.clone()
-                by_class = self.weight_norm == "class" or (self.weight_norm == "auto" and n_aug == aug.shape[0])
-                weights[rows] = class_renormalize(weights[rows], targets[rows]) if by_class else renormalize(weights[rows])
+                weights[rows] = (class_renormalize(weights[rows], targets[rows]) if self._by_class(aug.shape[0] - n_aug)
+                                 else renormalize(weights[rows]))
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
@@ -585,7 +590,7 @@ class AugmentationRefiner:
                              (batch - n_aug).double()]).cpu()
         all_reduce_sum_([stats])
         w_sum, n_all, orig_all, n_orig_all = (float(t) for t in stats)
-        if by_class is not None and (self.weight_norm == "class" or n_orig_all == 0):
+        if by_class is not None and self._by_class(n_orig_all):
             weights = by_class
         elif renorm and n_aug:
             weights = weights.clone()

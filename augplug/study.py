@@ -178,21 +178,17 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
                     clean = (ya == true_view_labels[idx, vi]).float()
                     w = torch.cat([torch.ones(n_orig), renormalize(clean)])
                     loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / len(y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    continue
-                loss = refiner(model(x), y, num_original=n_orig)
-                st = refiner.stats
-                if refiner.share is not None:
-                    rec.setdefault("share", []).append(st["aug_weight"])
-                if st["active"] and arm not in ("upstream", "clean"):
-                    a = st["augmented"]
-                    rec["w"].append(st["weights"][a].cpu())
-                    rec["agree"].append((st["scores"][a].gather(1, ya[:, None]).squeeze(1)).cpu())
-                    rec["clean"].append((ya == true_view_labels[idx, vi]).cpu())
-                    rec["relabel_true"].append((st["soft_targets"][a].argmax(1) == data.y_train[idx]).cpu())
+                else:
+                    loss = refiner(model(x), y, num_original=n_orig)
+                    st = refiner.stats
+                    if refiner.share is not None:
+                        rec.setdefault("share", []).append(st["aug_weight"])
+                    if st["active"] and arm not in ("upstream", "clean"):
+                        a = st["augmented"]
+                        rec["w"].append(st["weights"][a].cpu())
+                        rec["agree"].append((st["scores"][a].gather(1, ya[:, None]).squeeze(1)).cpu())
+                        rec["clean"].append((ya == true_view_labels[idx, vi]).cpu())
+                        rec["relabel_true"].append((st["soft_targets"][a].argmax(1) == data.y_train[idx]).cpu())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
