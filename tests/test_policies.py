@@ -136,3 +136,11 @@ def test_class_renormalize_soft_targets_by_formula_and_zero_class():
     out = class_renormalize(torch.tensor([0.0, 0.0, 0.5, 1.5]), hard)
     assert out.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.5])
     assert class_renormalize(torch.zeros(3), F.one_hot(torch.tensor([0, 1, 1]), 2).float()).tolist() == [0, 0, 0]
+
+
+def test_class_renormalize_rejects_mismatched_shapes():
+    from augplug.errors import ShapeError
+    for w, y in [(torch.ones(3), torch.ones(4, 2)), (torch.ones(3, 1), torch.ones(3, 2)),
+                 (torch.ones(3), torch.tensor([0, 1, 1]))]:
+        with pytest.raises(ShapeError, match=r"weights \(B,\) and targets \(B, C\)"):
+            class_renormalize(w, y)

@@ -42,7 +42,6 @@ def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Te
     return weights * factor
 
 
-
 def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
     """Scale non-negative weights so that every class keeps its upstream share of the batch.
 
@@ -54,6 +53,10 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
     (``sum_i w'_i = sum_c n_c``), as with :func:`renormalize`, unless a class is dropped whole.
     ``distributed=True``: the class sums are those of the global batch (one all-reduce).
     """
+    if weights.dim() != 1 or targets.dim() != 2 or targets.shape[0] != weights.shape[0]:
+        raise ShapeError(f"class_renormalize needs weights (B,) and targets (B, C), got {tuple(weights.shape)} "
+                         f"and {tuple(targets.shape)}", "pass one weight and one target row per sample "
+                         "(class indices as one-hot probabilities)")
     y = targets.to(torch.float64)
     w = weights.to(torch.float64)
     sums = torch.stack([y.sum(0), (y * w[:, None]).sum(0)])  # (2, C): upstream and weighted class mass
@@ -62,6 +65,7 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
     count, mass = sums.unbind()
     ratio = torch.where(mass > 0, count / mass.clamp_min(1e-300), torch.zeros_like(mass))
     return weights * (y @ ratio).to(weights.dtype)
+
 
 class RefineContext:
     """Everything a policy may use for one refiner call; expensive parts are computed on demand.
