@@ -47,7 +47,7 @@ from augplug.models import SmallCNN
 from augplug.report import NAME_SEP, AugmentationAudit, TracedRandAugment
 from augplug.study import accuracy, corrupt_views
 
-from .common import parse_value, results_dir, set_threads
+from .common import parse_sets, results_dir, set_threads
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
 
 ARMS = {"saflex": {"aug_weight": 1.0}, "saflex-paper": dict(SAFLEX_PAPER)}   # every view at its upstream share
@@ -249,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_sets(args.set)
     set_threads(1)
     valid = SOURCE_ARMS if args.study == "sources" else ARMS
     args.arms = args.arms or list(valid)

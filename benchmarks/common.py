@@ -36,6 +36,11 @@ def parse_value(s: str):
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
+def parse_sets(pairs: Iterable[str]) -> dict:
+    """``--set KEY=VALUE`` arguments as a dict of parsed values (:func:`parse_value`)."""
+    return {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
 def share_options(options: dict) -> dict:
     """Refiner options with ``share_*`` keys (``--set share_signal=upstream``, ``--set share_lr=0.02``)
     turned into ``aug_weight=AdaptiveShare(signal=..., lr=...)``; other keys are passed through."""

@@ -29,7 +29,7 @@ import torch
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import fmt_mean_std, mean_std, parse_value, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import fmt_mean_std, mean_std, parse_sets, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 EMBED = 64
 ARM_CONFIGS = {
@@ -185,7 +185,7 @@ def main(argv: List[str] = None) -> None:
         return
     from .quality import load_study
 
-    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_sets(args.set)
     results: Dict = {}
     t0 = time.perf_counter()
     for seed in args.seeds:

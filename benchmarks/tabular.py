@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from augplug.methods import SAFLEX_PAPER
 
-from .common import (fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads,
+from .common import (fmt_mean_std, mean_std, paired_difference, parse_sets, results_dir, save_bar_plot, set_threads,
                      share_options, write_markdown_table)
 
 DATASETS = ("letter", "spambase")
@@ -238,7 +238,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_sets(args.set)
     chosen = dict(kv.split("=", 1) for kv in args.target_arm)
     bad = {d: a for d, a in chosen.items() if d not in args.datasets or a not in args.arms or "saflex" not in a}
     if bad:

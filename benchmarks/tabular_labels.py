@@ -11,6 +11,7 @@ i.e. ``e / (e + C - 1)`` on the given label. ``--arm`` trains another SAflex arm
 
     python -m benchmarks.tabular_labels --dataset letter --seed 0 --epochs 100
     python -m benchmarks.tabular_labels --dataset letter --seed 5 --arm orig+cutmix-p0.5+saflex-share
+    python -m benchmarks.tabular_labels --dataset spambase --seed 5 --arm orig+cutmix-p0.5+saflex-share --set share_evidence=3
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import set_threads
+from .common import parse_sets, set_threads
 from .tabular import ARM_CONFIGS, load_splits, run_arm
 
 ARM = "orig+cutmix-p0.5+saflex-nogumbel-wnbatch"
@@ -33,7 +34,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--arm", default=ARM, choices=[a for a, cfg in ARM_CONFIGS.items() if cfg[1] == "saflex"],
                     help=f"a SAflex arm of benchmarks.tabular (default {ARM})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="refiner option on top of the arm's (e.g. share_evidence=3)")
     args = ap.parse_args(argv)
+    overrides = parse_sets(args.set)
     set_threads(1)
     c = load_splits(args.dataset, args.seed)[3]
     print(f"{args.dataset}, {c} classes: softmax(one-hot) puts {math.e / (math.e + c - 1):.3f} on the given label")
@@ -50,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             soft.max(1).values.mean(), (soft.argmax(1) == given).float().mean(),
             torch.as_tensor(st["aug_weight"], dtype=soft.dtype)]))
 
-    run_arm(args.dataset, args.arm, args.seed, epochs=args.epochs, overrides={}, observe=observe)
+    run_arm(args.dataset, args.arm, args.seed, epochs=args.epochs, overrides=overrides, observe=observe)
     for epoch in sorted(per_epoch):
         m = torch.stack(per_epoch[epoch]).mean(0).tolist()
         rows.append(dict(epoch=epoch + 1, mean_abs_g=m[0], p_given=m[1], p_max=m[2], argmax_given=m[3], share=m[4]))

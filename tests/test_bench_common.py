@@ -8,6 +8,7 @@ from benchmarks.common import (
     fmt_mean_std,
     mean_std,
     paired_difference,
+    parse_sets,
     results_dir,
     save_bar_plot,
     seed_everything,
@@ -115,3 +116,9 @@ def test_share_options_build_an_adaptive_share_and_pass_the_rest_through():
 
     with pytest.raises(ConfigurationError, match="signal"):
         share_options({"share_signal": "weighted"})
+
+
+def test_parse_sets_parses_values_and_builds_an_evidence_share():
+    sets = parse_sets(["beta=1", "tau=0.5", "gumbel=false", "share_evidence=none", "normalize=center", "x=a=b"])
+    assert sets == {"beta": 1, "tau": 0.5, "gumbel": False, "share_evidence": None, "normalize": "center", "x": "a=b"}
+    assert share_options(parse_sets(["share_evidence=3"]))["aug_weight"].evidence == 3.0

@@ -48,7 +48,7 @@ def _capture_agreements(share: AdaptiveShare) -> list:
 @pytest.mark.parametrize("mode,freeze", [("last_layer", True), ("full", False)])
 def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, signal):
     model, opt, val, (xv, yv), x, y = _setup(freeze)
-    share = AdaptiveShare(init=0.5, lr=0.1, signal=signal)
+    share = AdaptiveShare(init=0.5, lr=0.1, signal=signal, evidence=None)   # a step on every update
     seen = _capture_agreements(share)
     refiner = AugmentationRefiner(model, opt, val, aug_weight=share, mode=mode, refresh_every=1, beta=1.0, tau=1.0)
     refiner(model(x), y, num_original=N_ORIG)
@@ -86,7 +86,8 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
 
 def test_loss_uses_the_current_share():
     model, opt, val, _, x, y = _setup(True)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight=AdaptiveShare(init=0.25), refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, aug_weight=AdaptiveShare(init=0.25, evidence=None),
+                                  refresh_every=1)
     loss = refiner(model(x), y, num_original=N_ORIG)
     st = refiner.stats
     per = F.cross_entropy(model(x), y, reduction="none")
@@ -231,7 +232,7 @@ def test_share_agreements_edge_cases():
     def stats(a_aug, a_orig):
         return torch.tensor([a_aug, 1.0, a_orig, 1.0], dtype=torch.float64)
 
-    s = AdaptiveShare(lr=0.1, min_share=0.5)
+    s = AdaptiveShare(lr=0.1, min_share=0.5, evidence=None)
     s.load_state_dict(s.propose(stats(-1.0, 0.0)))
     assert float(s.value) == pytest.approx(math.exp(-0.1))
     for _ in range(20):
@@ -244,7 +245,7 @@ def test_share_agreements_edge_cases():
         assert s.state_dict() == state
     s.load_state_dict(s.propose(None))
     assert s.state_dict() == state
-    assert AdaptiveShare(lr=0.1, max_share=2.0).propose(stats(1.0, 0.0))["log_share"] == pytest.approx(0.1)
+    assert AdaptiveShare(lr=0.1, max_share=2.0, evidence=None).propose(stats(1.0, 0.0))["log_share"] == pytest.approx(0.1)
 
 
 def test_configuration_errors():
@@ -267,8 +268,10 @@ def test_committed_state_stays_on_the_statistics_device():
     share = AdaptiveShare()
     stats = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64, device="meta")
     share.load_state_dict(share.propose(stats))
-    assert {t.device.type for t in (share.log_share, share.mean_square, share.updates, share.value)} == {"meta"}
-    share.load_state_dict({"log_share": -0.5, "mean_square": 1.0, "updates": 3})  # a checkpoint: floats
+    assert {t.device.type for t in (share.log_share, share.mean_square, share.updates, share.test_mean,
+                                    share.test_square, share.value)} == {"meta"}
+    share.load_state_dict({"log_share": -0.5, "mean_square": 1.0, "updates": 3, "test_mean": 0.1,
+                           "test_square": 0.2})  # a checkpoint: floats
     assert share.log_share.device.type == "meta" and share.updates.dtype == torch.int64
     assert AdaptiveShare().to("meta").log_share.device.type == "meta"
 
@@ -302,3 +305,78 @@ def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, 
     got = torch.stack([share[0][0] / share[0][1], share[0][2], share[0][3]])
     want = torch.stack([expected[0] / expected[1], expected[2], expected[3]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # scores are fp32
+
+
+def _feed(share: AdaptiveShare, signal: torch.Tensor) -> list:
+    """Feed a sequence of signals d (a_aug - a_orig) to the share; the shares after each update."""
+    out = []
+    for d in signal.tolist():
+        share.load_state_dict(share.propose(torch.tensor([d, 1.0, 0.0, 1.0], dtype=torch.float64)))
+        out.append(float(share.value))
+    return out
+
+
+def test_pure_noise_moves_the_share_only_with_evidence_off():
+    """Augmented rows that help exactly as much as the originals give a signal of pure noise. Stepping
+    on every update turns it into a random walk held below max_share, so the share drifts down; with
+    the evidence test it stays put."""
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(3000, generator=g, dtype=torch.float64) for _ in range(4)]
+    every = [_feed(AdaptiveShare(evidence=None), d)[-1] for d in noise]
+    tested = [_feed(AdaptiveShare(evidence=3.0), d)[-1] for d in noise]
+    assert sum(every) / 4 < 0.85, every
+    assert min(tested) > 0.95, tested
+
+
+def test_evidence_lets_a_steady_signal_through_and_then_steps_as_without_it():
+    # a constant signal: no step on the first update (one value, no variance), then lr per update
+    s = AdaptiveShare(lr=0.1, evidence=3.0)
+    shares = _feed(s, torch.full((5,), -2.0, dtype=torch.float64))
+    assert shares[0] == 1.0
+    assert [math.log(v) for v in shares[1:]] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    # a weak but steady signal (mean 0.3 standard deviations below zero) still drives it down
+    g = torch.Generator().manual_seed(1)
+    weak = torch.randn(1500, generator=g, dtype=torch.float64) - 0.3
+    assert _feed(AdaptiveShare(evidence=3.0), weak)[-1] < 0.2
+    # once the evidence is in, each step is the rule's without the test
+    with_test, without = AdaptiveShare(evidence=3.0), AdaptiveShare(evidence=None)
+    _feed(with_test, weak[:200])
+    _feed(without, weak[:200])
+    before = (float(with_test.log_share), float(without.log_share))
+    _feed(with_test, weak[200:201])
+    _feed(without, weak[200:201])
+    assert float(with_test.log_share) - before[0] == pytest.approx(float(without.log_share) - before[1])
+    assert float(with_test.log_share) != before[0]
+
+
+def test_evidence_matches_a_t_test_on_the_running_mean():
+    """The gate's standard error against a direct computation from the running weights."""
+    share = AdaptiveShare(evidence=2.0, decay=0.9)
+    d = torch.tensor([0.3, -0.1, 0.5, 0.2, 0.4, 0.1], dtype=torch.float64)
+    t = len(d)
+    w = torch.tensor([0.1 * 0.9 ** (t - s) for s in range(1, t + 1)], dtype=torch.float64) / (1 - 0.9 ** t)
+    mean = float((w * d).sum())
+    var = float((w * (d - mean) ** 2).sum()) / (1 - float((w * w).sum()))
+    se = (var * float((w * w).sum())) ** 0.5
+    _feed(share, d)
+    assert float(share.test_mean) == pytest.approx(mean)
+    assert float(share.test_square) == pytest.approx(float((w * d * d).sum()))
+    for ev, passes in ((mean / se - 1e-6, True), (mean / se + 1e-6, False)):
+        share.evidence = ev
+        assert bool(share._significant(share.test_mean, share.test_square, share.updates)) is passes
+
+
+def test_evidence_state_round_trip_and_errors():
+    s = AdaptiveShare(evidence=3.0)
+    _feed(s, torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64))
+    state = s.state_dict()
+    assert set(state) == {"log_share", "mean_square", "updates", "test_mean", "test_square"}
+    t = AdaptiveShare(evidence=3.0)
+    t.load_state_dict(state)
+    assert t.state_dict() == state
+    old = {k: state[k] for k in ("log_share", "mean_square", "updates")}   # a checkpoint without the test
+    t.load_state_dict(old)
+    assert float(t.test_mean) == 0.0 and float(t.mean_square) == state["mean_square"]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigurationError, match="evidence"):
+            AdaptiveShare(evidence=bad)
