@@ -97,7 +97,8 @@ class AdaptiveShare:
             policy chose those weights and targets from the same noisy scores).
         evidence: the share moves only while the running mean of the signal is at least this many
             standard errors from zero (3: once a few dozen updates are in, a signal of pure noise
-            passes about 0.3 % of the time). ``None``: every update moves it.
+            passes about 0.3 % of the time). ``None``: every update moves it, and the running
+            averages behind the test are not kept (they stay at 0).
     """
 
     def __init__(self, lr: float = 0.01, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
@@ -147,15 +148,19 @@ class AdaptiveShare:
         # the step's scale: the first update's square, then an exponential average
         ms = torch.where(updates == 0, d * d, self.decay * ms_old + (1 - self.decay) * d * d)
         step = torch.where(ms > 0, self.lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
-        # the evidence: bias-corrected exponential averages of d and d^2 (update s of n weighted
-        # (1-b) b^(n-s) / (1-b^n))
-        count = updates + 1
-        alpha = (1 - self.decay) / (1 - self.decay ** count.double())
-        tm, ts = tm_old + alpha * (d - tm_old), ts_old + alpha * (d * d - ts_old)
+        tm, ts = tm_old, ts_old
         if self.evidence is not None:
+            # the evidence: bias-corrected exponential averages of d and d^2 (update s of n weighted
+            # (1-b) b^(n-s) / (1-b^n))
+            count = updates + 1
+            alpha = (1 - self.decay) / (1 - self.decay ** count.double())
+            tm, ts = tm_old + alpha * (d - tm_old), ts_old + alpha * (d * d - ts_old)
             step = torch.where(self._significant(tm, ts, count), step, torch.zeros_like(step))
         new_log = (log + step).clamp(math.log(self.min_share), math.log(self.max_share))
-        keep = lambda new, old: torch.where(valid, new, old)  # noqa: E731
+
+        def keep(new, old):  # batches without a valid signal leave the state as it is
+            return torch.where(valid, new, old)
+
         return {"log_share": keep(new_log, log), "mean_square": keep(ms, ms_old),
                 "updates": updates + valid.long(), "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
 

@@ -26,7 +26,7 @@ from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
 from augplug.study import StudyData, corrupt_views, make_view_bank
 
-from .common import (fmt_mean_std, mean_std, paired_difference, parse_value, results_dir, save_bar_plot, set_threads,
+from .common import (fmt_mean_std, mean_std, paired_difference, parse_sets, results_dir, save_bar_plot, set_threads,
                      share_options, write_markdown_table)
 
 MEAN, STD = 0.2860, 0.3530
@@ -130,8 +130,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: parse_value(v) for k, v in overrides.items()}
+    overrides = parse_sets(args.set)
     for seed in args.seeds:  # build the view banks once, before the workers start
         load_study(seed, n_train=args.n_train, aa=args.aa)
     extra = {"norm": args.norm, "noise_kind": args.noise_kind, "n_train": args.n_train, "aa": args.aa}
