@@ -43,7 +43,8 @@ def _setup(device="cpu", **kw):
                                 {"weight_norm": "batch"}, dict(SAFLEX_PAPER), {"aug_weight": "adaptive"}],
                          ids=["default", "full", "l2rw", "none", "batch-norm", "paper", "adaptive-share"])
 @pytest.mark.parametrize("targets", ["indices", "soft"])
-def test_one_host_read_per_call_between_refreshes(kw, targets):
+@pytest.mark.parametrize("num_original", [4, 0], ids=["with-originals", "augmented-only"])
+def test_one_host_read_per_call_between_refreshes(kw, targets, num_original):
     net, opt, refiner = _setup(**kw)
     for i in range(6):
         x = torch.randn(12, 8)
@@ -52,7 +53,7 @@ def test_one_host_read_per_call_between_refreshes(kw, targets):
             y = torch.softmax(torch.randn(12, 4), -1)
         opt.zero_grad()
         with HostReads() as reads:
-            loss = refiner(net(x), y, num_original=4)
+            loss = refiner(net(x), y, num_original=num_original)
         loss.backward()
         opt.step()
         if not refiner.stats["refreshed"]:
@@ -91,7 +92,8 @@ def test_refiner_stats_values_match_the_batch():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs exist only on CUDA")
 @pytest.mark.parametrize("mode", ["last_layer", "full"])
-def test_cuda_one_sync_per_call(mode):
+@pytest.mark.parametrize("num_original", [4, 0], ids=["with-originals", "augmented-only"])
+def test_cuda_one_sync_per_call(mode, num_original):
     net, opt, refiner = _setup("cuda", mode=mode)
     counts = []
     torch.cuda.set_sync_debug_mode("warn")
@@ -102,7 +104,7 @@ def test_cuda_one_sync_per_call(mode):
             logits = net(x)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                loss = refiner(logits, y, num_original=4)
+                loss = refiner(logits, y, num_original=num_original)
             counts.append(sum("synchroniz" in str(w.message) for w in caught))
             loss.backward()
             opt.step()
