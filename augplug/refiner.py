@@ -579,10 +579,6 @@ class AugmentationRefiner:
                 return weights, coef.sum().clamp_min(1e-12)
             return weights, self.orig_weight * (aug.shape[0] - n_aug) + self.aug_weight * n_aug
         batch, n_aug = aug.shape[0], aug.sum()
-        by_class = None
-        if renorm and self.weight_norm in ("auto", "class"):  # every process takes part in the class sums
-            by_class = weights.clone()
-            by_class[aug] = class_renormalize(weights[aug], targets[aug], distributed=True)
         w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
         orig_coef = self.orig_weight * (batch - n_aug)
         stats = torch.stack([w_aug.double(), n_aug.double(), torch.as_tensor(orig_coef, dtype=torch.float64,
@@ -590,7 +586,10 @@ class AugmentationRefiner:
                              (batch - n_aug).double()]).cpu()
         all_reduce_sum_([stats])
         w_sum, n_all, orig_all, n_orig_all = (float(t) for t in stats)
-        if by_class is not None and self._by_class(n_orig_all):
+        if renorm and self._by_class(n_orig_all):
+            # every process reads the same global count, so all of them take part in the class sums
+            by_class = weights.clone()
+            by_class[aug] = class_renormalize(weights[aug], targets[aug], distributed=True)
             weights = by_class
         elif renorm and n_aug:
             weights = weights.clone()

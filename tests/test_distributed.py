@@ -192,3 +192,52 @@ def test_autodo_tables_identical_across_processes(tmp_path):
         assert torch.equal(a[k], b[k]), k
     # every point was updated (by the process that held it), and not trivially
     assert bool((a["weight_logits"] != 0).all())
+
+
+def _collectives_worker(out_dir: str) -> None:
+    """Count the all-reduces of one refiner call (forward only) for three weight normalisations."""
+    import torch.distributed as dist
+
+    acc = _accelerator()
+    counts = {}
+    real = dist.all_reduce
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    for name, kw, n_orig in [("auto-with-originals", {}, N_ORIG), ("augmented-with-originals",
+                             dict(weight_norm="augmented"), N_ORIG), ("auto-augmented-only", {}, 0)]:
+        model, opt, val, x, y = _setup()
+        model, opt = acc.prepare(model, opt)
+        refiner = AugmentationRefiner(model, opt, val, accelerator=acc, refresh_every=4, seed=3,
+                                      aug_weight=1.0, **kw)
+        r = acc.process_index
+        rows = slice(r * ROWS, (r + 1) * ROWS)
+        per_call = []
+        for step in range(3):
+            logits = model(x[rows])
+            calls.clear()
+            dist.all_reduce = counting
+            try:
+                loss = refiner(logits, y[rows], num_original=n_orig)
+            finally:
+                dist.all_reduce = real
+            per_call.append(len(calls))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        counts[name] = per_call
+    torch.save(counts, os.path.join(out_dir, f"collectives{acc.process_index}.pt"))
+
+
+def test_class_sums_are_reduced_only_when_used(tmp_path):
+    """weight_norm="auto" (SAflex's default) needs the class sums only for a global batch without
+    originals; with originals it costs no more collectives than the paper's normalisation."""
+    _launch("_collectives_worker", str(tmp_path))
+    for r in range(WORLD):
+        c = torch.load(tmp_path / f"collectives{r}.pt", weights_only=True)
+        assert c["auto-with-originals"] == c["augmented-with-originals"], c
+        # the class sums of a batch without originals are one collective more
+        assert [a - b for a, b in zip(c["auto-augmented-only"], c["augmented-with-originals"])] == [1, 1, 1], c
