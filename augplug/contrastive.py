@@ -356,11 +356,10 @@ class ContrastiveRefiner:
                  threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True,
                  cache_validation: bool = False):
         self.directions = _check_directions(directions)
-        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
-        if weight_norm in ("auto", "class"):
-            raise ConfigurationError(f"weight_norm={weight_norm!r} is not available for contrastive refinement (a row's "
-                                     "targets are candidates of the batch, not classes)",
-                                     "use weight_norm='augmented' or 'batch'")
+        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight,
+                            weight_norms=("augmented", "batch", "none"),
+                            why="a row's targets are candidates of the batch, not classes, so there is no "
+                                "class normalisation")
         self.policy = build_policy(
             method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
                          prior=prior, normalize=normalize, threshold=threshold),

@@ -60,11 +60,12 @@ WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
 
 
 def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: str, orig_weight: float,
-                        aug_weight) -> None:
+                        aug_weight, weight_norms: Tuple[str, ...] = WEIGHT_NORMS, why: str = "") -> None:
     """Reject invalid options shared by every refiner shell (before anything is built).
 
     ``aug_weight`` is a number here; shells that learn it resolve ``"adaptive"`` first
-    (:func:`resolve_share`)."""
+    (:func:`resolve_share`). ``weight_norms``: the values of ``weight_norm`` this shell accepts, and
+    ``why`` a reason the error gives when a value of :data:`WEIGHT_NORMS` is left out."""
     if not isinstance(aug_weight, (int, float)) or isinstance(aug_weight, bool):
         raise ConfigurationError(f"aug_weight must be a number here, got {aug_weight!r}",
                                  "pass a fixed aug_weight (an adaptive share needs AugmentationRefiner)")
@@ -74,9 +75,11 @@ def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: s
         raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
     if bn_mode not in ("eval", "train"):
         raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
-    if weight_norm not in WEIGHT_NORMS:
-        raise ConfigurationError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}",
-                                 "use 'auto', 'class', 'augmented' (the paper) or 'batch'")
+    if weight_norm not in weight_norms:
+        reason = f" ({why})" if why and weight_norm in WEIGHT_NORMS else ""
+        raise ConfigurationError(f"weight_norm must be one of {weight_norms}{reason}, got {weight_norm!r}",
+                                 "use " + ", ".join(repr(w) for w in weight_norms if w != "none")
+                                 .replace("'augmented'", "'augmented' (the paper)"))
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")

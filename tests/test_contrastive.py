@@ -313,8 +313,13 @@ def test_functional_bad_input():
             ContrastiveRefiner(img, txt, None, bad_val, method=name)
     with pytest.raises(ConfigurationError):
         ContrastiveRefiner(img, txt, None, bad_val, score_params=["image.nope"])
-    with pytest.raises(ConfigurationError, match="weight_norm='class'"):
-        ContrastiveRefiner(img, txt, None, bad_val, weight_norm="class")
+    for norm in ("class", "auto"):  # the refiner's class normalisations, with the reason they do not apply
+        with pytest.raises(ConfigurationError, match=f"not classes.*got '{norm}'") as info:
+            ContrastiveRefiner(img, txt, None, bad_val, weight_norm=norm)
+        assert "'auto'" not in info.value.fix and "'augmented' (the paper)" in info.value.fix
+    with pytest.raises(ConfigurationError, match=r"\('augmented', 'batch', 'none'\), got 'augmentd'") as info:
+        ContrastiveRefiner(img, txt, None, bad_val, weight_norm="augmentd")  # a typo: no reason, the valid values
+    assert "not classes" not in str(info.value)
 
 
 def test_prompt_mode_bad_labels_state_unchanged():
