@@ -241,3 +241,33 @@ def test_class_sums_are_reduced_only_when_used(tmp_path):
         assert c["auto-with-originals"] == c["augmented-with-originals"], c
         # the class sums of a batch without originals are one collective more
         assert [a - b for a, b in zip(c["auto-augmented-only"], c["augmented-with-originals"])] == [1, 1, 1], c
+
+
+def _influence_worker(out_dir: str) -> None:
+    acc = _accelerator()
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, method="influence", refresh_every=1,
+                                  method_options=dict(damping=0.1, pairing="none"))
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG)
+    aug = refiner.stats["augmented"]
+    torch.save({"weights": refiner.stats["weights"][aug].clone(),
+                "influence": refiner.policy.last_influence.clone()}, os.path.join(out_dir, f"influence{r}.pt"))
+    loss.backward()
+
+
+def test_influence_weights_have_mean_one_over_the_global_batch(tmp_path):
+    """The influence policy's weights are renormalised once, by the refiner, over the augmented rows
+    of all processes (the RMS of the scores is each process's own)."""
+    from augplug.methods.influence import influence_weights
+
+    _launch("_influence_worker", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"influence{r}.pt", weights_only=True) for r in range(WORLD)]
+    raw = torch.cat([influence_weights(d["influence"]) for d in ranks])
+    w = torch.cat([d["weights"] for d in ranks])
+    torch.testing.assert_close(w, raw * (raw.numel() / raw.sum()), rtol=1e-5, atol=1e-6)
+    assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    # each process's own mean is not 1: a per-process normalisation would be visible
+    assert all(abs(float(d["weights"].mean()) - 1) > 1e-3 for d in ranks)

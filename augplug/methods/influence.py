@@ -69,7 +69,7 @@ from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
 from ..scores import scoring_mode
-from .base import Policy, RefineContext, renormalize
+from .base import Policy, RefineContext
 
 __all__ = [
     "conjugate_gradient",
@@ -727,6 +727,10 @@ class InfluencePolicy(Policy):
     - other modes: Hessian-vector products over the last ``buffer_batches`` training batches
       (originals only; inputs and upstream targets), for small models.
 
+    The weights are absolute; the refiner's ``weight_norm`` rescales them (``"augmented"``: mean 1
+    over the augmented rows of the global batch). In a process group the curvature buffers, the
+    solve and ``normalize="rms"`` use each process's own rows.
+
     ``u`` is re-solved whenever the refiner recomputes ``v`` (its ``refresh_every``), warm-started
     from the previous solution. ``stats``: after each call ``last_influence`` holds the augmented
     rows' replacement scores and ``solve_info`` the last solve's iterations and residual.
@@ -836,8 +840,6 @@ class InfluencePolicy(Policy):
         infl = up[aug_rows] - base                        # replacement scores, + = helps
         w = influence_weights(infl, weighting=self.weighting, temperature=self.temperature,
                               normalize=self.normalize, threshold=self.threshold)
-        if r.weight_norm == "augmented":
-            w = renormalize(w)
         weights[aug_rows] = w.to(weights)
         scores[rows] = h[rows]
         scores[aug_rows] = h[aug_rows] - base[:, None]
