@@ -553,7 +553,7 @@ class AugmentationRefiner:
         orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
         a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
         if self.share.signal == "upstream":
-            a_aug, w_aug = (ctx.targets[rows] * scores[rows]).sum(-1), torch.ones_like(weights[rows])
+            a_aug, w_aug = (ctx.targets[rows] * scores[rows]).sum(-1), None
         else:
             a_aug, w_aug = (soft[rows] * scores[rows]).sum(-1), weights[rows]
         return self.share.propose(share_agreements(a_aug, w_aug, a_orig, distributed=distributed))

@@ -60,17 +60,22 @@ __all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
 SIGNALS = ("upstream", "refined")
 
 
-def share_agreements(agree_aug: torch.Tensor, weights_aug: torch.Tensor, agree_orig: torch.Tensor,
+def share_agreements(agree_aug: torch.Tensor, weights_aug: Optional[torch.Tensor], agree_orig: torch.Tensor,
                      *, distributed: bool = False) -> torch.Tensor:
     """The share's batch statistics as one fp64 tensor on the rows' device:
     ``[sum_aug w*a, sum_aug w, sum_orig a, n_orig]``, summed over all processes when ``distributed``.
     ``a_aug = [0] / [1]`` and ``a_orig = [2] / [3]`` (:meth:`AdaptiveShare.propose` divides on the
-    device, so a training step never waits for these values)."""
-    stats = torch.stack([
-        (weights_aug.double() * agree_aug.double()).sum(), weights_aug.double().sum(),
-        agree_orig.double().sum(), torch.full((), float(agree_orig.shape[0]), dtype=torch.float64,
-                                              device=agree_orig.device),
-    ])
+    device, so a training step never waits for these values). ``weights_aug=None``: every augmented
+    row has weight 1 (``sum_aug w`` is their count)."""
+    dev = agree_orig.device
+
+    def count(t):
+        return torch.full((), float(t.shape[0]), dtype=torch.float64, device=dev)
+
+    a = agree_aug.double()
+    weighted = (a.sum(), count(a)) if weights_aug is None else ((weights_aug.double() * a).sum(),
+                                                                weights_aug.double().sum())
+    stats = torch.stack([*weighted, agree_orig.double().sum(), count(agree_orig)])
     if distributed and is_distributed():
         all_reduce_sum_([stats])
     return stats

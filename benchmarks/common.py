@@ -249,3 +249,24 @@ def save_bar_plot(
     finally:
         plt.close(fig)
     return path
+
+
+def amp_autocast(amp: bool):
+    """fp16 autocast on CUDA when ``amp``, else a no-op context."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+
+
+def backward_and_step(loss, opt, scaler=None) -> None:
+    """Zero the gradients, backpropagate ``loss`` and step ``opt`` (through a GradScaler when given)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()

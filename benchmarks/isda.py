@@ -1,7 +1,8 @@
 """ISDA benchmarks: step-time overhead against plain cross-entropy, and quality on Fashion-MNIST.
 
 Overhead (``--overhead``): timm ``resnet18`` (random init), 64x64 inputs, batch 64, CPU, one torch
-thread. A plain step (forward, ``F.cross_entropy``, backward, SGD) and an ISDA step (the same with
+thread (``--device cuda``: on a GPU, each step synchronised; ``--amp``: fp16 autocast and a
+GradScaler in both steps). A plain step (forward, ``F.cross_entropy``, backward, SGD) and an ISDA step (the same with
 ``ISDALoss.for_model(model)``, lambda fixed at lambda0 = 0.5 so the whole surrogate is computed) run
 on two copies of one initial model, interleaved in one process: each round times one step of each
 configuration, the order alternating between rounds, each step on a fresh random batch (labels
@@ -16,6 +17,7 @@ views, small CNN with batch norm, SGD + cosine), arms CE, CE+ISDA, SAflex, SAfle
 from 0 to lambda0 over the run (``total_steps``).
 
     python -m benchmarks.isda --overhead
+    python -m benchmarks.isda --overhead --device cuda [--amp] --overhead-out isda_overhead_cuda
     python -m benchmarks.isda --quality --epochs 8 --seeds 0 1 2 --lambda0 0.5
 
 Writes ``benchmarks/results/isda_overhead.{md,png}`` and ``benchmarks/results/isda_quality.{md,png}``.
@@ -43,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import (amp_autocast, backward_and_step, fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads,
+                     write_markdown_table)
 
 #: name -> (classes, ISDALoss options)
 OVERHEAD_CONFIGS = {
@@ -70,59 +73,82 @@ def _cpu_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------- overhead
-def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int) -> Dict:
+def _peak_mib(device: str) -> float:
+    """Peak host RSS on the CPU; peak ``torch.cuda.max_memory_allocated`` on a GPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _maxrss_mib()
+
+
+def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int, device: str = "cpu",
+                 amp: bool = False) -> Dict:
     """Time one configuration (run in a child process)."""
     import timm
 
     from augplug.isda import ISDALoss
 
     set_threads(1)
+    cuda = device == "cuda"
     num_classes, options = OVERHEAD_CONFIGS[name]
     torch.manual_seed(0)
-    plain = timm.create_model("resnet18", num_classes=num_classes, pretrained=False)
+    plain = timm.create_model("resnet18", num_classes=num_classes, pretrained=False).to(device)
     model = copy.deepcopy(plain)
     plain.train()
     model.train()
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
     opt_isda = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scalers = [torch.amp.GradScaler("cuda") if amp else None for _ in range(2)]
     g = torch.Generator().manual_seed(1)
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     def batch_():
-        return torch.randn(batch, 3, side, side, generator=g), torch.randint(0, num_classes, (batch,), generator=g)
+        x, y = torch.randn(batch, 3, side, side, generator=g), torch.randint(0, num_classes, (batch,), generator=g)
+        return x.to(device), y.to(device)
 
     def plain_step():
         x, y = batch_()
+        sync()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(plain(x), y)
-        opt_plain.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_plain.step()
+        with amp_autocast(amp):
+            loss = F.cross_entropy(plain(x), y)
+        backward_and_step(loss, opt_plain, scalers[0])
+        sync()
         return time.perf_counter() - t0, 0.0
 
     def plain_step_on_isda_model():  # warms up the second model's gradients and momentum the same way
         x, y = batch_()
-        loss = F.cross_entropy(model(x), y)
-        opt_isda.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_isda.step()
+        with amp_autocast(amp):
+            loss = F.cross_entropy(model(x), y)
+        backward_and_step(loss, opt_isda, scalers[1])
 
     for _ in range(warmup):
         plain_step()
         plain_step_on_isda_model()
-    rss_plain = _maxrss_mib()
+    sync()
+    peak_plain = _peak_mib(device)
     criterion = ISDALoss.for_model(model, lambda0=0.5, **options)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
 
     def isda_step():
         x, y = batch_()
+        sync()
         t0 = time.perf_counter()
-        logits = model(x)
-        t1 = time.perf_counter()
-        loss = criterion(logits, y)
-        t2 = time.perf_counter()
-        opt_isda.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_isda.step()
-        return time.perf_counter() - t0, t2 - t1
+        with amp_autocast(amp):
+            logits = model(x)
+            t1 = time.perf_counter()
+            if cuda:  # events time the loss on the device without a sync inside the step
+                events[0].record()
+            loss = criterion(logits, y)
+            if cuda:
+                events[1].record()
+            t2 = time.perf_counter()
+        backward_and_step(loss, opt_isda, scalers[1])
+        sync()
+        loss_ms = events[0].elapsed_time(events[1]) / 1000 if cuda else t2 - t1
+        return time.perf_counter() - t0, loss_ms
 
     for _ in range(warmup):
         isda_step()
@@ -145,17 +171,20 @@ def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int) -> 
         "isda_ms": 1000 * float(np.median(ti)), "loss_fwd_ms": 1000 * float(np.median(tl)),
         "ratio": float(np.median(ratios)), "q25": float(q25), "q75": float(q75),
         "ratio_of_medians": float(np.median(ti) / np.median(tp)),
-        "stats_mib": criterion.statistics_bytes / 2 ** 20, "rss_plain_mib": rss_plain, "rss_peak_mib": _maxrss_mib(),
-        "seen_classes": int((criterion.count > 0).sum()),
+        "stats_mib": criterion.statistics_bytes / 2 ** 20, "rss_plain_mib": peak_plain,
+        "rss_peak_mib": _peak_mib(device), "seen_classes": int((criterion.count > 0).sum()),
+        "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
     }
 
 
 def overhead(args, argv: List[str]) -> None:
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    cuda = args.device == "cuda"
     results = []
     for name in args.configs:
         cmd = [sys.executable, "-m", "benchmarks.isda", "--overhead-one", name, "--rounds", str(args.rounds),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--side", str(args.side)]
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--side", str(args.side),
+               "--device", args.device] + (["--amp"] if args.amp else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -163,36 +192,47 @@ def overhead(args, argv: List[str]) -> None:
         results.append(res)
     rows = []
     for r in results:
-        target = TARGETS.get(r["name"])
+        target = TARGETS.get(r["name"]) if not cuda else None  # the targets are the CPU ones
         met = "–" if target is None else (f"≤ {target:.2f}: {'met' if r['ratio'] <= target else 'not met'}")
-        rows.append([r["name"], r["covariance"], f"{r['plain_ms']:.0f}", f"{r['isda_ms']:.0f}", f"{r['ratio']:.3f}",
-                     f"{r['q25']:.3f}–{r['q75']:.3f}", f"{r['ratio_of_medians']:.3f}", met,
+        digits = 1 if cuda else 0
+        rows.append([r["name"], r["covariance"], f"{r['plain_ms']:.{digits}f}", f"{r['isda_ms']:.{digits}f}",
+                     f"{r['ratio']:.3f}", f"{r['q25']:.3f}–{r['q75']:.3f}", f"{r['ratio_of_medians']:.3f}", met,
                      f"{r['loss_fwd_ms']:.1f}", f"{r['stats_mib']:.2f}", f"{r['rss_plain_mib']:.0f}",
                      f"{r['rss_peak_mib']:.0f}"])
+    where = (f"GPU: {results[0]['device_name'] if results else '?'}; AMP (fp16 autocast + GradScaler): "
+             f"{'on' if args.amp else 'off'}" if cuda else
+             f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores visible, shared with other jobs")
+    memory = ("- memory: statistics = ISDA's buffers; peak memory = `torch.cuda.max_memory_allocated` of the child "
+              "process after plain warm-up steps on both models (before ISDA exists) and at the end" if cuda else
+              "- memory: statistics = ISDA's buffers; RSS = peak resident set size of the child process "
+              "(`resource.getrusage`) after plain warm-up steps on both models (before ISDA exists) and at the end")
     pre = "\n".join([
         f"Command: `python -m benchmarks.isda {shlex.join(argv)}`",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
-        f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores visible, shared with other jobs; torch threads: 1",
+        f"{where}; torch threads: 1",
         f"- load average at start (1/5/15 min): {load}",
         f"- timm resnet18 (random init, A = 512 features), {args.side}x{args.side} inputs, batch {args.batch}, "
         "SGD(lr=0.01, momentum=0.9), train mode; a fresh random batch per step, labels uniform over the classes",
         f"- protocol: {args.warmup} warm-up steps per configuration, then {args.rounds} rounds of one plain and one "
         "ISDA step (order alternating); ratio = median over rounds of ISDA step / plain step of the same round "
-        "(IQR alongside), and the ratio of the two medians",
+        "(IQR alongside), and the ratio of the two medians"
+        + ("; each step ends with `torch.cuda.synchronize()`" if cuda else ""),
         "- ISDA: `ISDALoss.for_model(model, lambda0=0.5)` with progress 1 (the full surrogate every step); "
-        "'loss fwd' = the ISDA call alone (statistics update + surrogate loss), inside the ISDA step",
-        "- memory: statistics = ISDA's buffers; RSS = peak resident set size of the child process "
-        "(`resource.getrusage`) after plain warm-up steps on both models (before ISDA exists) and at the end",
+        "'loss fwd' = the ISDA call alone (statistics update + surrogate loss), inside the ISDA step"
+        + (" (timed by CUDA events)" if cuda else ""),
+        memory,
     ])
+    mem = "peak memory" if cuda else "peak RSS"
     headers = ["configuration", "covariance", "plain ms/step", "ISDA ms/step", "ratio (paired median)", "IQR",
-               "ratio of medians", "target", "ISDA loss fwd ms", "statistics MiB", "peak RSS plain MiB",
-               "peak RSS end MiB"]
-    table = write_markdown_table(results_dir() / "isda_overhead.md", headers, rows,
+               "ratio of medians", "target", "ISDA loss fwd ms", "statistics MiB", f"{mem} plain MiB",
+               f"{mem} end MiB"]
+    table = write_markdown_table(results_dir() / f"{args.overhead_out}.md", headers, rows,
                                  title="ISDA overhead: step time vs plain cross-entropy", preamble=pre)
     print(table)
-    save_bar_plot(results_dir() / "isda_overhead.png", [r["name"] for r in results], [r["ratio"] for r in results],
-                  None, "ISDA step / plain step", "ISDA overhead, resnet18, CPU", zoom=False)
+    save_bar_plot(results_dir() / f"{args.overhead_out}.png", [r["name"] for r in results],
+                  [r["ratio"] for r in results], None, "ISDA step / plain step",
+                  f"ISDA overhead, resnet18, {'CUDA' if cuda else 'CPU'}{', fp16 AMP' if args.amp else ''}", zoom=False)
 
 
 # ---------------------------------------------------------------------------------------- quality
@@ -275,6 +315,10 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--side", type=int, default=64)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="overhead: device (default cpu)")
+    ap.add_argument("--amp", action="store_true", help="overhead, CUDA only: fp16 autocast + GradScaler in every step")
+    ap.add_argument("--overhead-out", default="isda_overhead",
+                    help="overhead result file stem under benchmarks/results (default isda_overhead)")
     ap.add_argument("--overhead-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(QUALITY_ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -285,10 +329,15 @@ def main(argv: List[str] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.overhead_one:
-        print(json.dumps(overhead_one(args.overhead_one, args.rounds, args.warmup, args.batch, args.side)))
+        print(json.dumps(overhead_one(args.overhead_one, args.rounds, args.warmup, args.batch, args.side,
+                                      args.device, args.amp)))
         return
     if not (args.overhead or args.quality):
         ap.error("pass --overhead and/or --quality")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.amp and args.device != "cuda":
+        ap.error("--amp needs --device cuda")
     set_threads(1)
     if args.overhead:
         overhead(args, argv)

@@ -28,7 +28,6 @@ Writes ``<results-dir>/<out>.md`` and ``<results-dir>/<out>.png`` (default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
@@ -56,7 +55,7 @@ from augplug import AugmentationRefiner, find_classifier
 from augplug.functional import class_scores, last_layer_scores
 from augplug.models import SmallCNN
 
-from .common import results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import amp_autocast, backward_and_step, results_dir, save_bar_plot, set_threads, write_markdown_table
 
 NUM_CLASSES = 10
 PLAIN = "plain"
@@ -216,12 +215,6 @@ def paired_ratios(times: Dict[str, List[float]], name: str, ref: str) -> List[fl
 # steps
 
 
-def _autocast(amp: bool):
-    if amp:
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, y: torch.Tensor,
               amp: bool, num_original: int = 0) -> Callable[[], None]:
     """One training step; ``loss_fn`` is ``F.cross_entropy`` (plain) or a refiner (refined), which is
@@ -230,17 +223,10 @@ def make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Te
     kwargs = {"num_original": num_original} if isinstance(loss_fn, AugmentationRefiner) else {}
 
     def step() -> None:
-        with _autocast(amp):
+        with amp_autocast(amp):
             logits = model(x)
             loss = loss_fn(logits, y, **kwargs)
-        opt.zero_grad()
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, opt, scaler)
 
     return step
 
@@ -410,15 +396,15 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
     # (ii) + (iii): full-model validation gradient and forward-mode scores
     m_full = setup.copy_model()
     r_full = setup.refiner(m_full, None, "full", 1)
-    with _autocast(amp):
+    with amp_autocast(amp):
         v_full = r_full.compute_validation_direction(NUM_CLASSES).direction()
 
     def vgrad_full() -> None:
-        with _autocast(amp):
+        with amp_autocast(amp):
             r_full.compute_validation_direction(NUM_CLASSES)
 
     def scores_full() -> None:
-        with _autocast(amp):
+        with amp_autocast(amp):
             class_scores(m_full, x, v_full, mode="full")
 
     # (iv): last-layer validation gradient and closed-form scores on captured features
@@ -428,17 +414,17 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
     captured: List[torch.Tensor] = []
     hook = head.register_forward_hook(lambda mod, a, o: captured.append(a[0].detach()))
     try:
-        with torch.no_grad(), _autocast(amp):
+        with torch.no_grad(), amp_autocast(amp):
             logits_ll = m_ll(x).detach()
     finally:
         hook.remove()
     feats = captured[-1]
-    with _autocast(amp):
+    with amp_autocast(amp):
         v_ll = r_ll.compute_validation_direction(NUM_CLASSES).direction()
     v_w, v_b = v_ll[f"{head_name}.weight"], v_ll.get(f"{head_name}.bias")
 
     def vgrad_ll() -> None:
-        with _autocast(amp):
+        with amp_autocast(amp):
             r_ll.compute_validation_direction(NUM_CLASSES)
 
     def scores_ll() -> None:

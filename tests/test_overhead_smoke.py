@@ -85,3 +85,24 @@ def test_num_original_must_leave_augmented_rows(tmp_path):
         overhead.main(["--quick", "--models", "smallcnn", "--batch", "8", "--num-original", "8",
                        "--results-dir", str(tmp_path), "--device", "cpu"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA timing path needs a GPU"))])
+def test_isda_overhead_child_reports_one_configuration(device):
+    """benchmarks.isda times one configuration in a child process and prints it as JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "benchmarks.isda", "--overhead-one", "C=100, diagonal", "--rounds", "2",
+           "--warmup", "1", "--batch", "4", "--side", "32", "--device", device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                         timeout=170)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["name"] == "C=100, diagonal" and res["covariance"] == "diagonal" and res["features"] == 512
+    assert res["plain_ms"] > 0 and res["isda_ms"] > 0 and 0 < res["loss_fwd_ms"] < res["isda_ms"]
+    assert res["q25"] <= res["ratio"] <= res["q75"] and res["seen_classes"] > 0
+    assert res["stats_mib"] == pytest.approx(2 * 100 * 512 * 4 / 2 ** 20, rel=0.05)

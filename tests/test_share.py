@@ -228,6 +228,10 @@ def test_no_update_during_warmup():
 def test_share_agreements_edge_cases():
     a, w = torch.tensor([1.0, -3.0]), torch.tensor([3.0, 1.0])
     assert share_agreements(a, w, torch.tensor([0.5, 1.5])).tolist() == [0.0, 4.0, 2.0, 2.0]
+    # no weights: every augmented row counts once, bit for bit as weights of ones
+    unweighted = share_agreements(a, None, torch.tensor([0.5, 1.5]))
+    assert unweighted.tolist() == [-2.0, 2.0, 2.0, 2.0]
+    assert torch.equal(unweighted, share_agreements(a, torch.ones(2), torch.tensor([0.5, 1.5])))
 
     def stats(a_aug, a_orig):
         return torch.tensor([a_aug, 1.0, a_orig, 1.0], dtype=torch.float64)
