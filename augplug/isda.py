@@ -29,7 +29,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +114,27 @@ class _FullQuadratic(torch.autograd.Function):
     """``q[k, j] = (w_j - w_c)^T S_c (w_j - w_c)`` for ``c = classes[k]`` and symmetric
     ``S_c = scale_c * table[c] + G_c^T G_c`` (a pending update: see :class:`_Pending`).
 
-    Class by class (``table[c]`` is read in place, never gathered into a copy). The backward reuses
+    ``parts``: ``None`` (``S_c = table[c]``), a list of ``(scale_c, G_c)`` (class by class:
+    ``table[c]`` is read in place, never gathered into a copy; a few kernels per class), or a tuple
+    ``(scale (K,), G (K, R, A))`` with zero-padded factors (batched: the K covariances gathered into
+    one ``(K, A, A)`` copy, a handful of kernels in all; the way to go on a GPU). The backward reuses
     the forward's ``M_c = (W - w_c) S_c``: ``dq/dw_j = 2 M_c[j]`` and ``dq/dw_c = -2 sum_j M_c[j]``,
     so the gradient costs no second matrix product.
     """
 
     @staticmethod
     def forward(ctx, weight, table, classes, parts):
+        if isinstance(parts, tuple):
+            d = weight.unsqueeze(0) - weight[classes].unsqueeze(1)       # (K, C, A)
+            m = torch.bmm(d, table[classes].to(weight.dtype))
+            scale, factor = parts
+            if scale is not None:
+                m.mul_(scale.to(weight.dtype)[:, None, None])
+            if factor is not None:
+                f = factor.to(weight.dtype)
+                m.baddbmm_(torch.bmm(d, f.transpose(1, 2)), f)
+            ctx.save_for_backward(m, classes)
+            return (m * d).sum(-1)
         c_all, a = weight.shape
         cls = classes.tolist()
         m = weight.new_empty(len(cls), c_all, a)
@@ -161,7 +175,7 @@ def _diagonal_quadratic(weight: torch.Tensor, var: torch.Tensor, classes: torch.
 
 
 def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: torch.Tensor,
-                          pending: Optional["_Pending"] = None) -> torch.Tensor:
+                          pending: Optional["_Pending"] = None, batched: Optional[bool] = None) -> torch.Tensor:
     """``q[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c)`` for each class ``c = classes[k]``: a ``(K, C)`` tensor.
 
     Args:
@@ -170,6 +184,9 @@ def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: to
             variances); treated as constants. Only the rows in ``classes`` are read.
         classes: ``(K,)`` class indices.
         pending: an update of ``table`` not yet written (internal).
+        batched: full covariances only: all classes in batched matrix products (a ``(K, A, A)``
+            copy of their covariances; few kernel launches) or, ``False``, class by class (no copy).
+            ``None``: batched on a GPU, class by class on the CPU.
 
     Cost: ``K * C * A^2`` multiply-adds (full) or ``3 * K * C * A`` (diagonal), never a per-sample
     ``(N, C, C)`` product. ``q[k, classes[k]]`` is exactly 0.
@@ -177,7 +194,12 @@ def class_quadratic_terms(weight: torch.Tensor, table: torch.Tensor, classes: to
     classes = classes.to(weight.device, torch.long)
     table = table.detach()
     if table.dim() == 3:
-        parts = pending.full_parts(classes) if pending is not None else None
+        if batched is None:
+            batched = weight.is_cuda
+        if batched:
+            parts = pending.batched_parts(classes) if pending is not None else (None, None)
+        else:
+            parts = pending.full_parts(classes) if pending is not None else None
         return _FullQuadratic.apply(weight, table, classes, parts)
     var = table[classes]
     if pending is not None:
@@ -203,7 +225,8 @@ def isda_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
 
 
 def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weight: torch.Tensor,
-                         table: torch.Tensor, lam: float, pending: Optional["_Pending"] = None) -> torch.Tensor:
+                         table: torch.Tensor, lam: float, pending: Optional["_Pending"] = None,
+                         batched: Optional[bool] = None) -> torch.Tensor:
     """Per-sample ISDA loss ``sum_k y_k * CE(z + (lam/2) q[k], k)``, shape ``(B,)``.
 
     ``soft_targets`` is a ``(B, C)`` probability matrix; only its non-zero entries cost anything
@@ -217,7 +240,7 @@ def isda_per_sample_loss(logits: torch.Tensor, soft_targets: torch.Tensor, weigh
         return -(y * F.log_softmax(z, dim=-1)).sum(-1)
     rows, cls = y.nonzero(as_tuple=True)
     classes, pos = torch.unique(cls, return_inverse=True)
-    q = class_quadratic_terms(weight.to(dtype), table, classes, pending)   # (K, C)
+    q = class_quadratic_terms(weight.to(dtype), table, classes, pending, batched)   # (K, C)
     half = 0.5 * float(lam)
     out = z.new_zeros(z.shape[0])
     block = max(1, _PAIR_BLOCK // z.shape[1])
@@ -267,14 +290,57 @@ class _Pending:
     :meth:`ISDALoss._commit` writes them in place, as the last step of a call.
     """
 
-    def __init__(self, classes, count, mean_rows, slot, beta=None, factors=None, var_rows=None):
+    def __init__(self, classes, count, mean_rows, slot, beta=None, rows=None, pos=None, shift=None, var_rows=None):
         self.classes, self.count, self.mean_rows, self.slot = classes, count, mean_rows, slot
-        self.beta, self.factors, self.var_rows = beta, factors, var_rows
+        self.beta, self.var_rows = beta, var_rows
+        # full: G_c = [the rows of class slot c (rows[pos == c]); shift[c]], built on first use
+        self.rows, self.pos, self.shift = rows, pos, shift
+        self._factors: Optional[List[torch.Tensor]] = None
+        self._padded: Optional[torch.Tensor] = None
+
+    @property
+    def factors(self) -> List[torch.Tensor]:
+        """``G_c`` of every updated class, one ``(n_c + 1, A)`` tensor per slot."""
+        if self._factors is None:
+            order = torch.argsort(self.pos, stable=True)
+            sizes = torch.bincount(self.pos, minlength=self.classes.numel()).tolist()
+            segments = torch.split(self.rows[order], sizes)
+            self._factors = [torch.cat([seg, self.shift[k:k + 1]]) for k, seg in enumerate(segments)]
+        return self._factors
+
+    @property
+    def padded_factors(self) -> torch.Tensor:
+        """``G_c`` of every updated class zero-padded to ``(K + 1, R, A)``; slot ``K`` is all zero
+        (the factor of a class without an update)."""
+        if self._padded is None:
+            k, a = self.shift.shape
+            counts = torch.bincount(self.pos, minlength=k)
+            width = int(counts.max()) + 1 if self.pos.numel() else 1
+            order = torch.argsort(self.pos, stable=True)
+            sorted_pos = self.pos[order]
+            within = torch.arange(sorted_pos.numel(), device=self.pos.device) - (counts.cumsum(0) - counts)[sorted_pos]
+            out = self.rows.new_zeros(k + 1, width, a)
+            out[sorted_pos, within] = self.rows[order]
+            out[torch.arange(k, device=out.device), counts] = self.shift
+            self._padded = out
+        return self._padded
 
     def full_parts(self, classes: torch.Tensor):
         slots = self.slot[classes].tolist()
         beta = self.beta.tolist()
         return [(1.0, None) if s < 0 else (beta[s], self.factors[s]) for s in slots]
+
+    def batched_parts(self, classes: torch.Tensor):
+        """``(scale (K',), G (K', R, A))`` for the loss's classes: ``beta`` and the padded factor of
+        an updated class, 1 and zeros for the others."""
+        k = self.classes.numel()
+        if k == 0:  # nothing was updated
+            return None, None
+        slots = self.slot[classes]
+        updated = slots >= 0
+        scale = torch.where(updated, self.beta[slots.clamp_min(0)], torch.ones((), dtype=self.beta.dtype,
+                                                                               device=self.beta.device))
+        return scale, self.padded_factors[torch.where(updated, slots, torch.full_like(slots, k))]
 
     def diagonal_rows(self, classes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         slots = self.slot[classes]
@@ -314,6 +380,11 @@ class ISDALoss(nn.Module):
             process seeing the union of the batches. Every process must then make the same training
             calls. ``False``: per-process statistics, as in the paper's ImageNet code.
         device: where the buffers live (they follow the features' device on the first call).
+        batched: full covariances only: compute the quadratic terms and write the update for all
+            classes of a batch in batched matrix products (a few kernels; a ``(K, A, A)`` copy of
+            the K classes' covariances) rather than class by class (a few kernels per class, no
+            copy). ``None`` (default): batched when the statistics are on a GPU, where the class
+            loop is bound by kernel launches; class by class on the CPU. Same values either way.
 
     Every call made with autograd enabled merges its (detached) features into the statistics, in
     fp32, and its loss uses the merged statistics, as in the paper; the buffers are written after
@@ -324,7 +395,7 @@ class ISDALoss(nn.Module):
     def __init__(self, num_classes: int, feature_dim: int, *, lambda0: float = 0.5, covariance: str = "auto",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, decay: Optional[float] = None,
                  stats_targets: str = "soft", total_steps: Optional[int] = None, sync: bool = True,
-                 device: Union[None, str, torch.device] = None):
+                 device: Union[None, str, torch.device] = None, batched: Optional[bool] = None):
         super().__init__()
         if int(num_classes) < 2 or int(feature_dim) < 1:
             raise ConfigurationError(f"need num_classes >= 2 and feature_dim >= 1, got {num_classes}, {feature_dim}",
@@ -347,6 +418,7 @@ class ISDALoss(nn.Module):
         self.stats_targets = stats_targets
         self.total_steps = None if total_steps is None else int(total_steps)
         self.sync = bool(sync)
+        self.batched = batched if batched is None else bool(batched)
         self.memory_budget = int(memory_budget)
         self.covariance_requested = covariance
         self.covariance = choose_covariance(self.num_classes, self.feature_dim, covariance, self.memory_budget)
@@ -368,6 +440,9 @@ class ISDALoss(nn.Module):
         self._version = 0
         self._head_ref = None      # (head,) for the standalone path; a tuple so it is not a submodule
         self._capture: Optional[ActivationCapture] = None
+
+    def _batched(self) -> bool:
+        return self.cov.is_cuda if self.batched is None else self.batched
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -551,7 +626,8 @@ class ISDALoss(nn.Module):
                 pending = self._prepare_update(f, y.to(f.device))
                 if self.total_steps:
                     progress = min(float(self.steps) / self.total_steps, 1.0)
-            loss = isda_per_sample_loss(logits, y, weight, self.cov, self.lambda0 * progress, pending)
+            loss = isda_per_sample_loss(logits, y, weight, self.cov, self.lambda0 * progress, pending,
+                                        self._batched())
         if update:
             self._commit(pending, progress)
         return loss
@@ -613,11 +689,7 @@ class ISDALoss(nn.Module):
             d, pos = _gather_rows(d, pos)
         shift = diff * (w * (1 - w)).sqrt().unsqueeze(1)                  # shift shift^T = w(1-w) diff diff^T
         if self.covariance == "full":
-            order = torch.argsort(pos, stable=True)
-            sizes = torch.bincount(pos, minlength=classes.numel()).tolist()
-            segments = torch.split(d[order], sizes)
-            factors = [torch.cat([seg, shift[k:k + 1]]) for k, seg in enumerate(segments)]
-            return _Pending(classes, count, mean_rows, slot, beta=1 - w, factors=factors)
+            return _Pending(classes, count, mean_rows, slot, beta=1 - w, rows=d, pos=pos, shift=shift)
         var_rows = (self.cov[classes] * (1 - w).unsqueeze(1)).index_add_(0, pos, d * d) + shift * shift
         return _Pending(classes, count, mean_rows, slot, var_rows=var_rows)
 
@@ -625,7 +697,11 @@ class ISDALoss(nn.Module):
         """Write a pending update into the buffers, in place (the last step of a training call)."""
         self._version += 1
         classes = pending.classes
-        if self.covariance == "full":
+        if self.covariance == "full" and self._batched():
+            g = pending.padded_factors[:classes.numel()].to(self.cov.dtype)
+            old = self.cov[classes] * pending.beta.to(self.cov.dtype)[:, None, None]
+            self.cov.index_copy_(0, classes, torch.baddbmm(old, g.transpose(1, 2), g))
+        elif self.covariance == "full":
             beta = pending.beta.tolist()
             for k, c in enumerate(classes.tolist()):
                 g = pending.factors[k]

@@ -195,6 +195,63 @@ def test_quadratic_terms_gradient_matches_autograd_of_direct_form():
     assert torch.allclose(g_fast, g_ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_quadratic_terms_of_both_paths_match_the_direct_form(batched):
+    """Class by class (the CPU default) and batched (the GPU default): values and gradients."""
+    torch.manual_seed(1)
+    w = torch.randn(C, A, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(C, A, A, dtype=torch.float64)
+    table = m @ m.transpose(1, 2)
+    classes = torch.tensor([3, 0, 4, 1])
+    up = torch.randn(4, C, dtype=torch.float64)
+    q = class_quadratic_terms(w, table, classes, batched=batched)
+    direct = torch.stack([torch.stack([(w[j] - w[k]) @ table[k] @ (w[j] - w[k]) for j in range(C)]) for k in classes])
+    torch.testing.assert_close(q, direct, rtol=1e-12, atol=1e-10)
+    g, = torch.autograd.grad((q * up).sum(), w)
+    g_ref, = torch.autograd.grad((direct * up).sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", [None, 0.8])
+def test_batched_and_class_by_class_training_agree(decay):
+    """Two ISDA losses, one batched, one class by class, fed the same training calls (hard and soft
+    targets, classes missing from some batches, a class seen for the first time): the losses
+    (computed from the pending update), the head gradients and the statistics agree."""
+    heads = [_head(dtype=torch.float64) for _ in range(2)]
+    losses = [ISDALoss.for_head(h, covariance="full", lambda0=0.7, decay=decay, batched=b)
+              for h, b in zip(heads, (False, True))]
+    assert [x._batched() for x in losses] == [False, True]
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        f, y = _data(9 + step, seed=20 + step)
+        f = f.double()
+        if step == 0:
+            y = y.clamp_max(C - 2)  # the last class appears first at step 1
+        if step % 2:
+            y = torch.softmax(3 * torch.randn(f.shape[0], C, generator=gen, dtype=torch.float64), 1)
+            y[:, 2] = 0  # a class without mass in this batch
+            y = y / y.sum(1, keepdim=True)
+        out = []
+        for h, isda in zip(heads, losses):
+            h.zero_grad()
+            loss = isda.per_sample_loss(f, h(f), y, h)
+            loss.sum().backward()
+            out.append((loss.detach(), h.weight.grad.clone()))
+        # the statistics are fp32, summed in another order by the two paths
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+        for name in ("count", "mean", "cov"):
+            torch.testing.assert_close(getattr(losses[0], name), getattr(losses[1], name), rtol=1e-5, atol=1e-6)
+    # and the loss does depend on the statistics (a non-vacuous comparison)
+    assert float(losses[1].cov.abs().max()) > 0.1
+
+
+def test_batched_option_is_checked_and_defaults_to_the_device():
+    isda = ISDALoss(4, 3, covariance="full")
+    assert isda.batched is None and not isda._batched()
+    assert ISDALoss(4, 3, covariance="full", batched=True)._batched()
+
+
 def test_lambda_zero_is_cross_entropy_exactly():
     head = _head()
     isda = ISDALoss.for_head(head, lambda0=0.0)
@@ -541,3 +598,22 @@ def test_docs_standalone_example_runs():
     exec(compile(block, str(doc), "exec"), ns)
     crit = ns["criterion"]
     assert int(crit.steps) == 6 and float(crit.count.sum()) == 48 and crit.lam == pytest.approx(0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the batched default applies on a GPU")
+def test_cuda_default_is_batched_and_matches_class_by_class():
+    heads = [_head().cuda() for _ in range(2)]
+    losses = [ISDALoss.for_head(h, covariance="full", lambda0=0.7, batched=b) for h, b in zip(heads, (None, False))]
+    for step in range(3):
+        f, y = _data(16, seed=40 + step)
+        f, y = f.cuda(), y.cuda()
+        out = []
+        for h, isda in zip(heads, losses):
+            h.zero_grad()
+            loss = isda.per_sample_loss(f, h(f), y, h)
+            loss.sum().backward()
+            out.append((loss.detach(), h.weight.grad.clone()))
+        assert losses[0]._batched() and not losses[1]._batched()
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses[0].cov, losses[1].cov, rtol=1e-4, atol=1e-5)
