@@ -319,9 +319,10 @@ class _Pending:
             order = torch.argsort(self.pos, stable=True)
             sorted_pos = self.pos[order]
             within = torch.arange(sorted_pos.numel(), device=self.pos.device) - (counts.cumsum(0) - counts)[sorted_pos]
-            out = self.rows.new_zeros(k + 1, width, a)
-            out[sorted_pos, within] = self.rows[order]
-            out[torch.arange(k, device=out.device), counts] = self.shift
+            dtype = torch.promote_types(self.rows.dtype, self.shift.dtype)  # fp16 rows under autocast
+            out = self.rows.new_zeros(k + 1, width, a, dtype=dtype)
+            out[sorted_pos, within] = self.rows[order].to(dtype)
+            out[torch.arange(k, device=out.device), counts] = self.shift.to(dtype)
             self._padded = out
         return self._padded
 
@@ -698,9 +699,10 @@ class ISDALoss(nn.Module):
         self._version += 1
         classes = pending.classes
         if self.covariance == "full" and self._batched():
-            g = pending.padded_factors[:classes.numel()].to(self.cov.dtype)
-            old = self.cov[classes] * pending.beta.to(self.cov.dtype)[:, None, None]
-            self.cov.index_copy_(0, classes, torch.baddbmm(old, g.transpose(1, 2), g))
+            with torch.autocast(device_type=self.cov.device.type, enabled=False):  # fp32, as the statistics
+                g = pending.padded_factors[:classes.numel()].to(self.cov.dtype)
+                old = self.cov[classes] * pending.beta.to(self.cov.dtype)[:, None, None]
+                self.cov.index_copy_(0, classes, torch.baddbmm(old, g.transpose(1, 2), g))
         elif self.covariance == "full":
             beta = pending.beta.tolist()
             for k, c in enumerate(classes.tolist()):

@@ -246,6 +246,23 @@ def test_batched_and_class_by_class_training_agree(decay):
     assert float(losses[1].cov.abs().max()) > 0.1
 
 
+def test_batched_and_class_by_class_agree_under_autocast():
+    """Low-precision features under autocast (bf16 on the CPU, as fp16 on a GPU): both paths keep
+    fp32 statistics and give the same loss."""
+    out = []
+    for batched in (False, True):
+        head = _head()
+        isda = ISDALoss.for_head(head, covariance="full", batched=batched)
+        for step in range(3):
+            f, y = _data(10, seed=60 + step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = isda.per_sample_loss(f.bfloat16(), head(f), y, head)
+        assert isda.cov.dtype == torch.float32 and loss.dtype == torch.float32
+        out.append((loss.detach(), isda.cov.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
+
+
 def test_batched_option_is_checked_and_defaults_to_the_device():
     isda = ISDALoss(4, 3, covariance="full")
     assert isda.batched is None and not isda._batched()
