@@ -80,8 +80,11 @@ def _peak_mib(device: str) -> float:
     return _maxrss_mib()
 
 
+BATCHED = {"auto": None, "on": True, "off": False}
+
+
 def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int, device: str = "cpu",
-                 amp: bool = False) -> Dict:
+                 amp: bool = False, batched: str = "auto") -> Dict:
     """Time one configuration (run in a child process)."""
     import timm
 
@@ -129,7 +132,7 @@ def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int, dev
         plain_step_on_isda_model()
     sync()
     peak_plain = _peak_mib(device)
-    criterion = ISDALoss.for_model(model, lambda0=0.5, **options)
+    criterion = ISDALoss.for_model(model, lambda0=0.5, batched=BATCHED[batched], **options)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
 
     def isda_step():
@@ -174,6 +177,7 @@ def overhead_one(name: str, rounds: int, warmup: int, batch: int, side: int, dev
         "stats_mib": criterion.statistics_bytes / 2 ** 20, "rss_plain_mib": peak_plain,
         "rss_peak_mib": _peak_mib(device), "seen_classes": int((criterion.count > 0).sum()),
         "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "batched": criterion.covariance == "full" and criterion._batched(),
     }
 
 
@@ -184,7 +188,7 @@ def overhead(args, argv: List[str]) -> None:
     for name in args.configs:
         cmd = [sys.executable, "-m", "benchmarks.isda", "--overhead-one", name, "--rounds", str(args.rounds),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--side", str(args.side),
-               "--device", args.device] + (["--amp"] if args.amp else [])
+               "--device", args.device, "--isda-batched", args.isda_batched] + (["--amp"] if args.amp else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -195,7 +199,7 @@ def overhead(args, argv: List[str]) -> None:
         target = TARGETS.get(r["name"]) if not cuda else None  # the targets are the CPU ones
         met = "–" if target is None else (f"≤ {target:.2f}: {'met' if r['ratio'] <= target else 'not met'}")
         digits = 1 if cuda else 0
-        rows.append([r["name"], r["covariance"], f"{r['plain_ms']:.{digits}f}", f"{r['isda_ms']:.{digits}f}",
+        rows.append([r["name"], r["covariance"] + (" (batched)" if r.get("batched") else ""), f"{r['plain_ms']:.{digits}f}", f"{r['isda_ms']:.{digits}f}",
                      f"{r['ratio']:.3f}", f"{r['q25']:.3f}–{r['q75']:.3f}", f"{r['ratio_of_medians']:.3f}", met,
                      f"{r['loss_fwd_ms']:.1f}", f"{r['stats_mib']:.2f}", f"{r['rss_plain_mib']:.0f}",
                      f"{r['rss_peak_mib']:.0f}"])
@@ -319,6 +323,8 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--amp", action="store_true", help="overhead, CUDA only: fp16 autocast + GradScaler in every step")
     ap.add_argument("--overhead-out", default="isda_overhead",
                     help="overhead result file stem under benchmarks/results (default isda_overhead)")
+    ap.add_argument("--isda-batched", default="auto", choices=sorted(BATCHED),
+                    help="overhead: ISDALoss(batched=...) for full covariances: auto (GPU: batched), on, off")
     ap.add_argument("--overhead-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(QUALITY_ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -330,7 +336,7 @@ def main(argv: List[str] = None) -> None:
     args = ap.parse_args(argv)
     if args.overhead_one:
         print(json.dumps(overhead_one(args.overhead_one, args.rounds, args.warmup, args.batch, args.side,
-                                      args.device, args.amp)))
+                                      args.device, args.amp, args.isda_batched)))
         return
     if not (args.overhead or args.quality):
         ap.error("pass --overhead and/or --quality")
