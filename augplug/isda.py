@@ -298,13 +298,16 @@ class _Pending:
         self._factors: Optional[List[torch.Tensor]] = None
         self._padded: Optional[torch.Tensor] = None
 
+    def _by_slot(self):
+        """``(order, counts)``: the rows' order grouped by class slot (stable), and each slot's row count."""
+        return torch.argsort(self.pos, stable=True), torch.bincount(self.pos, minlength=self.classes.numel())
+
     @property
     def factors(self) -> List[torch.Tensor]:
         """``G_c`` of every updated class, one ``(n_c + 1, A)`` tensor per slot."""
         if self._factors is None:
-            order = torch.argsort(self.pos, stable=True)
-            sizes = torch.bincount(self.pos, minlength=self.classes.numel()).tolist()
-            segments = torch.split(self.rows[order], sizes)
+            order, counts = self._by_slot()
+            segments = torch.split(self.rows[order], counts.tolist())
             self._factors = [torch.cat([seg, self.shift[k:k + 1]]) for k, seg in enumerate(segments)]
         return self._factors
 
@@ -314,9 +317,8 @@ class _Pending:
         (the factor of a class without an update)."""
         if self._padded is None:
             k, a = self.shift.shape
-            counts = torch.bincount(self.pos, minlength=k)
+            order, counts = self._by_slot()
             width = int(counts.max()) + 1 if self.pos.numel() else 1
-            order = torch.argsort(self.pos, stable=True)
             sorted_pos = self.pos[order]
             within = torch.arange(sorted_pos.numel(), device=self.pos.device) - (counts.cumsum(0) - counts)[sorted_pos]
             dtype = torch.promote_types(self.rows.dtype, self.shift.dtype)  # fp16 rows under autocast

@@ -591,9 +591,8 @@ class AugmentationRefiner:
         w_sum, n_all, orig_all, n_orig_all = (float(t) for t in stats)
         if renorm and self._by_class(n_orig_all):
             # every process reads the same global count, so all of them take part in the class sums
-            by_class = weights.clone()
-            by_class[aug] = class_renormalize(weights[aug], targets[aug], distributed=True)
-            weights = by_class
+            weights = weights.clone()
+            weights[aug] = class_renormalize(weights[aug], targets[aug], distributed=True)
         elif renorm and n_aug:
             weights = weights.clone()
             weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0

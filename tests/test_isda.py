@@ -212,6 +212,17 @@ def test_quadratic_terms_of_both_paths_match_the_direct_form(batched):
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-10)
 
 
+def _train_each(heads, losses, f, y):
+    """One training call of each ISDA loss on its own head: ``[(per-sample loss, head weight grad)]``."""
+    out = []
+    for h, isda in zip(heads, losses):
+        h.zero_grad()
+        loss = isda.per_sample_loss(f, h(f), y, h)
+        loss.sum().backward()
+        out.append((loss.detach(), h.weight.grad.clone()))
+    return out
+
+
 @pytest.mark.parametrize("decay", [None, 0.8])
 def test_batched_and_class_by_class_training_agree(decay):
     """Two ISDA losses, one batched, one class by class, fed the same training calls (hard and soft
@@ -231,12 +242,7 @@ def test_batched_and_class_by_class_training_agree(decay):
             y = torch.softmax(3 * torch.randn(f.shape[0], C, generator=gen, dtype=torch.float64), 1)
             y[:, 2] = 0  # a class without mass in this batch
             y = y / y.sum(1, keepdim=True)
-        out = []
-        for h, isda in zip(heads, losses):
-            h.zero_grad()
-            loss = isda.per_sample_loss(f, h(f), y, h)
-            loss.sum().backward()
-            out.append((loss.detach(), h.weight.grad.clone()))
+        out = _train_each(heads, losses, f, y)
         # the statistics are fp32, summed in another order by the two paths
         torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
@@ -623,13 +629,7 @@ def test_cuda_default_is_batched_and_matches_class_by_class():
     losses = [ISDALoss.for_head(h, covariance="full", lambda0=0.7, batched=b) for h, b in zip(heads, (None, False))]
     for step in range(3):
         f, y = _data(16, seed=40 + step)
-        f, y = f.cuda(), y.cuda()
-        out = []
-        for h, isda in zip(heads, losses):
-            h.zero_grad()
-            loss = isda.per_sample_loss(f, h(f), y, h)
-            loss.sum().backward()
-            out.append((loss.detach(), h.weight.grad.clone()))
+        out = _train_each(heads, losses, f.cuda(), y.cuda())
         assert losses[0]._batched() and not losses[1]._batched()
         torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
