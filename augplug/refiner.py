@@ -51,6 +51,7 @@ DEFAULTS: Dict[str, Any] = dict(
     weight_norm="auto",
     threshold=0.0,
     aug_weight="adaptive",
+    weight_signal="agreement",
 )
 
 _STATE_VERSION = 1
@@ -231,8 +232,8 @@ class AugmentationRefiner:
             originals, ``num_original=``/``augmented=``; policies that score augmented rows with
             ``Policy.refine``, such as SAflex and L2RW). Default (None): ``"adaptive"`` for
             ``method="saflex"``, 1.0 otherwise; batches of augmented rows alone are unaffected.
-        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold: SAflex hyperparameters
-            (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
+        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, weight_signal: SAflex
+            hyperparameters (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
             the augmented rows, so they keep their share of the loss), ``"class"`` (mean 1 within
             each upstream class of the augmented rows, :func:`~augplug.methods.class_renormalize`:
@@ -282,6 +283,7 @@ class AugmentationRefiner:
         normalize: Optional[str] = DEFAULTS["normalize"],
         weight_norm: Optional[str] = None,
         threshold: float = DEFAULTS["threshold"],
+        weight_signal: str = DEFAULTS["weight_signal"],
         seed: int = 0,
         check_train_mode: bool = True,
         method_options: Optional[Dict[str, Any]] = None,
@@ -301,7 +303,7 @@ class AugmentationRefiner:
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
         self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,
                                                 weight_tau=weight_tau, prior=prior, normalize=normalize,
-                                                threshold=threshold), method_options)
+                                                threshold=threshold, weight_signal=weight_signal), method_options)
         if self.share is not None and not (self.policy.needs_scores and type(self.policy).refine is Policy.refine):
             raise ConfigurationError(
                 f"aug_weight='adaptive' needs a policy that scores the augmented rows with class scores; "

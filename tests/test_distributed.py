@@ -40,6 +40,9 @@ CASES = {
     "saflex-originals-on-one-process": dict(refresh_every=1, seed=3, _n_orig=(0, 3)),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
     "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="adaptive"),
+    # weights from the standardised log-likelihood: mean and std of the global batch
+    "saflex-likelihood": dict(refresh_every=1, seed=3, weight_signal="likelihood"),
+    "saflex-likelihood-augmented-only": dict(refresh_every=1, seed=3, weight_signal="likelihood", _n_orig=(0, 0)),
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
 }
 

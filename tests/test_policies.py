@@ -98,8 +98,47 @@ def test_l2rw_formula():
     assert torch.allclose(l2rw_weights(scores, y), raw * 16 / raw.sum())
 
 
+def test_likelihood_weights_by_hand():
+    scores, y = _case(3)
+    # soft upstream targets too (a Mixup row): the log-likelihood is the target-weighted log-probability
+    y[0] = torch.tensor([0.6, 0.4, 0.0, 0.0, 0.0])
+    logp = torch.log_softmax(torch.randn(16, 5, generator=torch.Generator().manual_seed(4)), -1)
+    ll = (y * logp).sum(1).double()
+    z = ((ll - ll.mean()) / ll.std(unbiased=False)).float()
+    w, soft = saflex_targets(scores, y, math.inf, gumbel=False, weighting="soft", weight_tau=0.5,
+                             weight_signal="likelihood", log_probs=logp, renormalize_weights=False)
+    assert torch.allclose(w, 2 * torch.sigmoid(z / 0.5), atol=1e-6)
+    assert torch.equal(soft, y)
+    # the scores play no part in the weights; the order of the weights is that of the likelihood
+    w2, _ = saflex_targets(-scores, y, math.inf, weighting="soft", weight_signal="likelihood", log_probs=logp)
+    assert torch.equal(torch.argsort(w2), torch.argsort(ll.float()))
+    hard, _ = saflex_targets(scores, y, math.inf, weighting="hard", threshold=0.3, weight_signal="likelihood",
+                             log_probs=logp, renormalize_weights=False)
+    assert torch.equal(hard, (z >= 0.3).float())
+    # invariant to a per-batch shift and scale of the log-likelihood (only the ranks and spread matter)
+    w3, _ = saflex_targets(scores, y, math.inf, weighting="soft", weight_tau=0.5, weight_signal="likelihood",
+                           log_probs=3 * logp, renormalize_weights=False)
+    assert torch.allclose(w3, w, atol=1e-6)
+    # a constant likelihood (or one row) gives neutral weights
+    w1, _ = saflex_targets(scores[:1], y[:1], math.inf, weighting="soft", weight_signal="likelihood",
+                           log_probs=logp[:1], renormalize_weights=False)
+    assert w1.tolist() == [1.0]
+    # the soft labels (finite beta) still come from the scores
+    _, s_l = saflex_targets(scores, y, 1.0, gumbel=False, weight_signal="likelihood", log_probs=logp)
+    _, s_a = saflex_targets(scores, y, 1.0, gumbel=False)
+    assert torch.equal(s_l, s_a)
+
+
+def test_likelihood_weights_need_log_probs():
+    scores, y = _case()
+    with pytest.raises(ConfigurationError, match="log_probs"):
+        saflex_targets(scores, y, weight_signal="likelihood")
+    with pytest.raises(ConfigurationError, match="log_probs"):
+        saflex_targets(scores, y, weight_signal="likelihood", log_probs=torch.zeros(3, 5))
+
+
 @pytest.mark.parametrize("kw", [dict(tau=0), dict(beta=-1), dict(weighting="x"), dict(prior="x"),
-                                dict(normalize="l1")])
+                                dict(normalize="l1"), dict(weight_signal="loss")])
 def test_bad_options(kw):
     args = dict(beta=1.0, tau=1.0)
     args.update(kw)

@@ -130,6 +130,31 @@ def test_saflex_weights_keep_each_class_share_without_originals():
     assert AugmentationRefiner(model, None, _loader(), method="l2rw").weight_norm == "augmented"
 
 
+def test_likelihood_weights_from_the_training_logits():
+    from augplug.methods import class_renormalize, renormalize
+
+    model = _cnn()
+    x, y = _batch(b=24, seed=9)
+    for num_original, norm in ((0, class_renormalize), (4, None)):
+        m = copy.deepcopy(model)
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal="likelihood")
+        torch.manual_seed(1)
+        logits = m(x)
+        r(logits, y, num_original=num_original)
+        la, ya = logits.detach()[num_original:], y[num_original:]
+        ll = torch.log_softmax(la, -1).gather(1, ya[:, None]).squeeze(1).double()
+        raw = 2 * torch.sigmoid(((ll - ll.mean()) / ll.std(unbiased=False)).float())
+        expected = norm(raw, F.one_hot(ya, C).float()) if norm else renormalize(raw)
+        w = r.stats["weights"]
+        torch.testing.assert_close(w[num_original:], expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w[:num_original], torch.ones(num_original))
+        # the most likely upstream label gets the largest weight within its class
+        c = int(ya[int(ll.argmax())])
+        assert int(ll.argmax()) == int(torch.where(ya == c, w[num_original:], -1).argmax())
+        # the scores are still computed (the adaptive share and the statistics use them)
+        assert float(r.stats["scores"][num_original:].abs().sum()) > 0
+
+
 def test_class_weight_norm_rejected_where_it_cannot_apply():
     from augplug.errors import ConfigurationError
     model = _cnn()

@@ -208,6 +208,8 @@ class Policy:
     """
 
     needs_scores: bool = True
+    #: True: ``__call__`` also takes ``log_probs=`` (the rows' detached log-softmax outputs, fp32)
+    needs_log_probs: bool = False
     name: str = "policy"
 
     def __call__(self, scores: Optional[torch.Tensor], targets: torch.Tensor,
@@ -239,7 +241,8 @@ class Policy:
             return weights, soft, scores
         else:
             g = ctx.scores(aug)
-            w, s = self(g, y[aug], ctx.generator)
+            extra = {"log_probs": torch.log_softmax(ctx.logits[aug].detach().float(), -1)} if self.needs_log_probs else {}
+            w, s = self(g, y[aug], ctx.generator, **extra)
             scores[aug] = g.to(scores)
         weights[aug], soft[aug] = w.to(weights), s.to(soft)
         return weights, soft, scores

@@ -28,6 +28,12 @@ Options beyond the paper (all documented as deviations in the README):
     ``beta * log y~`` instead of ``beta * y~`` (keeps Mixup proportions when ``g`` is 0).
 ``beta=inf``
     keep the upstream targets (weights only).
+``weight_signal="likelihood"``
+    decide the weight from the current model's log-likelihood of the upstream label,
+    ``l_i = y~_i^T log p_i``, standardised over the batch (``z_i = (l_i - mean l) / std l``), in
+    place of the agreement ``y~^T g``: the small-loss criterion of the noisy-label literature (Arpit
+    et al. 2017; Han et al. 2018). The same rule (``weighting``, ``weight_tau``, ``threshold``) turns
+    ``z`` into weights. The soft labels (finite ``beta``) still come from ``g``.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from ..errors import ConfigurationError
 from ..transfer import to_device
 from .base import Policy, renormalize
 
-__all__ = ["saflex_targets", "SAflex", "normalize_scores", "SAFLEX_PAPER"]
+__all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS"]
 
 #: The paper's rule as refiner options: ``AugmentationRefiner(..., **SAFLEX_PAPER)``. Hard sign weights
 #: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores,
@@ -90,6 +96,30 @@ def normalize_scores(scores: torch.Tensor, how: Optional[str], *, distributed: b
     return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
 
 
+WEIGHT_SIGNALS = ("agreement", "likelihood")
+
+
+def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
+    """``(x - mean x) / std x`` over the batch (population std; a constant batch gives zeros).
+
+    ``distributed=True``: inside an initialised process group the mean and the std are those of the
+    global batch (one all-reduce; every process must call it)."""
+    x = values.double()
+    n = float(x.shape[0])
+    if distributed and is_distributed():
+        stats = torch.stack([x.sum(), x.pow(2).sum(), x.new_tensor(n)]).cpu()
+        all_reduce_sum_([stats])
+        total, sq, n = float(stats[0]), float(stats[1]), float(stats[2])
+        mean = total / max(n, 1.0)
+        var = max(sq / max(n, 1.0) - mean * mean, 0.0)
+        return ((x - mean) / max(var ** 0.5, 1e-12)).to(values.dtype) if var > 1e-24 else torch.zeros_like(values)
+    if x.shape[0] == 0:
+        return values
+    centred = x - x.mean()
+    std = centred.pow(2).mean().sqrt()
+    return torch.where(std > 1e-12, centred / std.clamp_min(1e-12), torch.zeros_like(centred)).to(values.dtype)
+
+
 def saflex_targets(
     scores: torch.Tensor,
     targets: torch.Tensor,
@@ -105,6 +135,8 @@ def saflex_targets(
     renormalize_weights: bool = True,
     threshold: float = 0.0,
     distributed: bool = False,
+    weight_signal: str = "agreement",
+    log_probs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
@@ -114,6 +146,9 @@ def saflex_targets(
     ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
     The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
     ``distributed=True`` takes the score normalisation's batch statistics over all processes.
+    ``weight_signal``: ``"agreement"`` (the paper: ``y~^T g``, on the possibly normalised ``g``) or
+    ``"likelihood"`` (the standardised ``y~^T log_probs``; pass ``log_probs`` (B, C), the rows'
+    log-softmax outputs).
     """
     if tau <= 0:
         raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
@@ -124,9 +159,19 @@ def saflex_targets(
                                  "use 'hard' (the paper) or 'soft'")
     if prior not in ("linear", "log"):
         raise ConfigurationError(f"prior must be 'linear' or 'log', got {prior!r}", "use 'linear' (the paper)")
+    if weight_signal not in WEIGHT_SIGNALS:
+        raise ConfigurationError(f"weight_signal must be one of {WEIGHT_SIGNALS}, got {weight_signal!r}",
+                                 "use 'agreement' (the paper) or 'likelihood'")
+    if weight_signal == "likelihood" and (log_probs is None or log_probs.shape != targets.shape):
+        got = "nothing" if log_probs is None else f"shape {tuple(log_probs.shape)}"
+        raise ConfigurationError(f"weight_signal='likelihood' needs log_probs of shape {tuple(targets.shape)}, "
+                                 f"got {got}", "pass log_probs=torch.log_softmax(logits, -1) for the same rows")
     y = targets.float()
     g = normalize_scores(scores.float(), normalize, distributed=distributed)
-    agreement = (y * g).sum(-1)
+    if weight_signal == "likelihood":
+        agreement = standardize((y * log_probs.detach().float()).sum(-1), distributed=distributed)
+    else:
+        agreement = (y * g).sum(-1)
     if weighting == "hard":
         raw = (agreement >= threshold).float()
     elif weighting == "soft":
@@ -152,20 +197,24 @@ class SAflex(Policy):
 
     def __init__(self, beta: float = 1.0, tau: float = 1.0, *, gumbel: bool = True, weighting: str = "hard",
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None,
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, weight_signal: str = "agreement"):
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
+        self.weight_signal = weight_signal
+        self.needs_log_probs = weight_signal == "likelihood"
         # validate once, eagerly
-        saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
-                       weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize)
+        y0 = torch.tensor([[1.0, 0.0]])
+        saflex_targets(torch.zeros(1, 2), y0, self.beta, self.tau, gumbel=False,
+                       weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize,
+                       weight_signal=weight_signal, log_probs=torch.zeros(1, 2))
 
-    def __call__(self, scores, targets, generator=None):
+    def __call__(self, scores, targets, generator=None, log_probs=None):
         return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
                               weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
                               normalize=self.normalize, renormalize_weights=False, threshold=self.threshold,
-                              distributed=True)
+                              distributed=True, weight_signal=self.weight_signal, log_probs=log_probs)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
                 f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}, "
-                f"threshold={self.threshold})")
+                f"threshold={self.threshold}, weight_signal={self.weight_signal!r}")
