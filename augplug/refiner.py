@@ -51,7 +51,7 @@ DEFAULTS: Dict[str, Any] = dict(
     weight_norm="auto",
     threshold=0.0,
     aug_weight="adaptive",
-    weight_signal="agreement",
+    weight_signal="auto",
 )
 
 _STATE_VERSION = 1

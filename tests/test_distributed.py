@@ -43,6 +43,9 @@ CASES = {
     # weights from the standardised log-likelihood: mean and std of the global batch
     "saflex-likelihood": dict(refresh_every=1, seed=3, weight_signal="likelihood"),
     "saflex-likelihood-augmented-only": dict(refresh_every=1, seed=3, weight_signal="likelihood", _n_orig=(0, 0)),
+    # weight_signal="auto" decides on the global batch: the likelihood only without originals anywhere
+    "saflex-auto-signal-augmented-only": dict(refresh_every=1, seed=3, weight_signal="auto", _n_orig=(0, 0)),
+    "saflex-auto-signal-originals-on-one-process": dict(refresh_every=1, seed=3, weight_signal="auto", _n_orig=(0, 3)),
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
 }
 
@@ -210,8 +213,12 @@ def _collectives_worker(out_dir: str) -> None:
         calls.append(1)
         return real(*a, **k)
 
-    for name, kw, n_orig in [("auto-with-originals", {}, N_ORIG), ("augmented-with-originals",
-                             dict(weight_norm="augmented"), N_ORIG), ("auto-augmented-only", {}, 0)]:
+    agree = dict(weight_signal="agreement")
+    for name, kw, n_orig in [("paper", dict(weight_norm="augmented", **agree), N_ORIG),
+                             ("auto-norm-with-originals", agree, N_ORIG),
+                             ("auto-norm-augmented-only", agree, 0),
+                             ("defaults-with-originals", {}, N_ORIG),
+                             ("defaults-augmented-only", {}, 0)]:
         model, opt, val, x, y = _setup()
         model, opt = acc.prepare(model, opt)
         refiner = AugmentationRefiner(model, opt, val, accelerator=acc, refresh_every=4, seed=3,
@@ -237,13 +244,20 @@ def _collectives_worker(out_dir: str) -> None:
 
 def test_class_sums_are_reduced_only_when_used(tmp_path):
     """weight_norm="auto" (SAflex's default) needs the class sums only for a global batch without
-    originals; with originals it costs no more collectives than the paper's normalisation."""
+    originals; with originals it costs no more collectives than the paper's normalisation.
+    weight_signal="auto" (also a default) costs one collective to count the originals, and the
+    likelihood's batch statistics one more when there are none."""
     _launch("_collectives_worker", str(tmp_path))
+
+    def extra(name):
+        return [a - b for a, b in zip(c[name], c["paper"])]
+
     for r in range(WORLD):
         c = torch.load(tmp_path / f"collectives{r}.pt", weights_only=True)
-        assert c["auto-with-originals"] == c["augmented-with-originals"], c
-        # the class sums of a batch without originals are one collective more
-        assert [a - b for a, b in zip(c["auto-augmented-only"], c["augmented-with-originals"])] == [1, 1, 1], c
+        assert extra("auto-norm-with-originals") == [0, 0, 0], c
+        assert extra("auto-norm-augmented-only") == [1, 1, 1], c      # the class sums
+        assert extra("defaults-with-originals") == [1, 1, 1], c       # the count of originals
+        assert extra("defaults-augmented-only") == [3, 3, 3], c       # count, likelihood statistics, class sums
 
 
 def _influence_worker(out_dir: str) -> None:

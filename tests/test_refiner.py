@@ -155,6 +155,23 @@ def test_likelihood_weights_from_the_training_logits():
         assert float(r.stats["scores"][num_original:].abs().sum()) > 0
 
 
+def test_auto_weight_signal_uses_the_likelihood_only_without_originals():
+    model = _cnn()
+    x, y = _batch(b=24, seed=9)
+
+    def weights(num_original, signal):
+        m = copy.deepcopy(model)
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal=signal)
+        torch.manual_seed(1)
+        r(m(x), y, num_original=num_original)
+        return r.stats["weights"]
+
+    assert torch.equal(weights(0, "auto"), weights(0, "likelihood"))
+    assert torch.equal(weights(4, "auto"), weights(4, "agreement"))
+    assert not torch.allclose(weights(4, "likelihood"), weights(4, "agreement"), atol=1e-3)
+    assert not torch.allclose(weights(0, "likelihood"), weights(0, "agreement"), atol=1e-3)
+
+
 def test_class_weight_norm_rejected_where_it_cannot_apply():
     from augplug.errors import ConfigurationError
     model = _cnn()

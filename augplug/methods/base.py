@@ -208,8 +208,6 @@ class Policy:
     """
 
     needs_scores: bool = True
-    #: True: ``__call__`` also takes ``log_probs=`` (the rows' detached log-softmax outputs, fp32)
-    needs_log_probs: bool = False
     name: str = "policy"
 
     def __call__(self, scores: Optional[torch.Tensor], targets: torch.Tensor,
@@ -220,6 +218,10 @@ class Policy:
     #: ``weight_norm`` is ``"augmented"``; policies whose weights are meaningful on their absolute
     #: scale set this to False.
     refiner_renormalizes: bool = True
+
+    def call_inputs(self, ctx: RefineContext) -> Dict[str, Any]:
+        """Extra keyword arguments :meth:`refine` passes to ``__call__`` (default: none)."""
+        return {}
 
     def refine(self, ctx: RefineContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full-batch absolute ``(weights (B,), soft_targets (B, C), scores (B, C))`` for one call.
@@ -241,8 +243,7 @@ class Policy:
             return weights, soft, scores
         else:
             g = ctx.scores(aug)
-            extra = {"log_probs": torch.log_softmax(ctx.logits[aug].detach().float(), -1)} if self.needs_log_probs else {}
-            w, s = self(g, y[aug], ctx.generator, **extra)
+            w, s = self(g, y[aug], ctx.generator, **self.call_inputs(ctx))
             scores[aug] = g.to(scores)
         weights[aug], soft[aug] = w.to(weights), s.to(soft)
         return weights, soft, scores

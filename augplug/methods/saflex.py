@@ -45,15 +45,15 @@ import torch
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError
 from ..transfer import to_device
-from .base import Policy, renormalize
+from .base import Policy, RefineContext, renormalize
 
-__all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS"]
+__all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS", "POLICY_WEIGHT_SIGNALS"]
 
 #: The paper's rule as refiner options: ``AugmentationRefiner(..., **SAFLEX_PAPER)``. Hard sign weights
 #: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores,
 #: augmented rows at their upstream share of the loss.
 SAFLEX_PAPER = dict(normalize=None, weighting="hard", threshold=0.0, beta=1.0, tau=1.0, gumbel=True,
-                    weight_norm="augmented", aug_weight=1.0)
+                    weight_norm="augmented", aug_weight=1.0, weight_signal="agreement")
 
 
 def _global_normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -97,6 +97,8 @@ def normalize_scores(scores: torch.Tensor, how: Optional[str], *, distributed: b
 
 
 WEIGHT_SIGNALS = ("agreement", "likelihood")
+#: values of the SAflex policy's (and the refiner's) ``weight_signal``
+POLICY_WEIGHT_SIGNALS = WEIGHT_SIGNALS + ("auto",)
 
 
 def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
@@ -191,7 +193,11 @@ def saflex_targets(
 
 
 class SAflex(Policy):
-    """Policy wrapper around :func:`saflex_targets` with fixed hyperparameters."""
+    """Policy wrapper around :func:`saflex_targets` with fixed hyperparameters.
+
+    ``weight_signal`` also accepts ``"auto"``: ``"likelihood"`` for a batch of augmented rows alone
+    and ``"agreement"`` when originals are in it (decided on the global batch in a process group).
+    """
 
     name = "saflex"
 
@@ -200,19 +206,41 @@ class SAflex(Policy):
                  threshold: float = 0.0, weight_signal: str = "agreement"):
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
+        if weight_signal not in POLICY_WEIGHT_SIGNALS:
+            raise ConfigurationError(f"weight_signal must be one of {POLICY_WEIGHT_SIGNALS}, got {weight_signal!r}",
+                                     "use 'auto' (augplug's default), 'agreement' (the paper) or 'likelihood'")
         self.weight_signal = weight_signal
-        self.needs_log_probs = weight_signal == "likelihood"
         # validate once, eagerly
-        y0 = torch.tensor([[1.0, 0.0]])
-        saflex_targets(torch.zeros(1, 2), y0, self.beta, self.tau, gumbel=False,
+        saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
                        weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize,
-                       weight_signal=weight_signal, log_probs=torch.zeros(1, 2))
+                       weight_signal="likelihood" if weight_signal == "auto" else weight_signal,
+                       log_probs=torch.zeros(1, 2))
 
-    def __call__(self, scores, targets, generator=None, log_probs=None):
+    def call_inputs(self, ctx: RefineContext):
+        if self.weight_signal == "agreement":
+            return {}
+        extra = {"log_probs": torch.log_softmax(ctx.logits[ctx.rows].detach().float(), -1)}
+        if self.weight_signal == "auto":
+            extra["originals"] = ctx.batch - ctx.n_augmented
+        return extra
+
+    def signal_for(self, originals: Optional[int]) -> str:
+        """The weight signal for a batch with ``originals`` original rows on this process (``"auto"``:
+        decided from the count over all processes, one all-reduce in a process group)."""
+        if self.weight_signal != "auto":
+            return self.weight_signal
+        total = float(originals or 0)
+        if is_distributed():
+            count = torch.tensor([total], dtype=torch.float64)
+            all_reduce_sum_([count])
+            total = float(count[0])
+        return "likelihood" if total == 0 else "agreement"
+
+    def __call__(self, scores, targets, generator=None, log_probs=None, originals=None):
         return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
                               weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
                               normalize=self.normalize, renormalize_weights=False, threshold=self.threshold,
-                              distributed=True, weight_signal=self.weight_signal, log_probs=log_probs)
+                              distributed=True, weight_signal=self.signal_for(originals), log_probs=log_probs)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
