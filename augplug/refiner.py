@@ -51,7 +51,7 @@ DEFAULTS: Dict[str, Any] = dict(
     weight_norm="auto",
     threshold=0.0,
     aug_weight="adaptive",
-    weight_signal="auto",
+    weight_signal="agreement",
 )
 
 _STATE_VERSION = 1

@@ -109,10 +109,10 @@ def _worker(out_dir: str, case: str) -> None:
 
 
 def _launch(worker: str, *args: str) -> None:
-    """Run ``worker(*args)`` in WORLD forked processes (``accelerate.debug_launcher``). Forking is
-    unsafe once this process has used CUDA (autograd's device threads do not survive a fork), so on a
-    GPU machine where an earlier test did, the launch happens from a fresh interpreter."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    """Run ``worker(*args)`` in WORLD forked processes (``accelerate.debug_launcher``). On a machine
+    with CUDA, autograd starts its device threads at the first backward pass (even a CPU one), and
+    they do not survive a fork, so there the launch always happens from a fresh interpreter."""
+    if not torch.cuda.is_available():
         from accelerate import debug_launcher
 
         debug_launcher(globals()[worker], args=args, num_processes=WORLD)
@@ -217,8 +217,8 @@ def _collectives_worker(out_dir: str) -> None:
     for name, kw, n_orig in [("paper", dict(weight_norm="augmented", **agree), N_ORIG),
                              ("auto-norm-with-originals", agree, N_ORIG),
                              ("auto-norm-augmented-only", agree, 0),
-                             ("defaults-with-originals", {}, N_ORIG),
-                             ("defaults-augmented-only", {}, 0)]:
+                             ("auto-signal-with-originals", dict(weight_signal="auto"), N_ORIG),
+                             ("auto-signal-augmented-only", dict(weight_signal="auto"), 0)]:
         model, opt, val, x, y = _setup()
         model, opt = acc.prepare(model, opt)
         refiner = AugmentationRefiner(model, opt, val, accelerator=acc, refresh_every=4, seed=3,
@@ -245,8 +245,8 @@ def _collectives_worker(out_dir: str) -> None:
 def test_class_sums_are_reduced_only_when_used(tmp_path):
     """weight_norm="auto" (SAflex's default) needs the class sums only for a global batch without
     originals; with originals it costs no more collectives than the paper's normalisation.
-    weight_signal="auto" (also a default) costs one collective to count the originals, and the
-    likelihood's batch statistics one more when there are none."""
+    weight_signal="auto" costs one collective to count the originals, and the likelihood's batch
+    statistics one more when there are none."""
     _launch("_collectives_worker", str(tmp_path))
 
     def extra(name):
@@ -256,8 +256,8 @@ def test_class_sums_are_reduced_only_when_used(tmp_path):
         c = torch.load(tmp_path / f"collectives{r}.pt", weights_only=True)
         assert extra("auto-norm-with-originals") == [0, 0, 0], c
         assert extra("auto-norm-augmented-only") == [1, 1, 1], c      # the class sums
-        assert extra("defaults-with-originals") == [1, 1, 1], c       # the count of originals
-        assert extra("defaults-augmented-only") == [3, 3, 3], c       # count, likelihood statistics, class sums
+        assert extra("auto-signal-with-originals") == [1, 1, 1], c    # the count of originals
+        assert extra("auto-signal-augmented-only") == [3, 3, 3], c    # count, likelihood statistics, class sums
 
 
 def _influence_worker(out_dir: str) -> None:
