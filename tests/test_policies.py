@@ -129,6 +129,19 @@ def test_likelihood_weights_by_hand():
     assert torch.equal(s_l, s_a)
 
 
+def test_standardize_by_formula_and_edge_cases():
+    from augplug.errors import ShapeError
+    from augplug.methods.saflex import standardize
+
+    x = torch.tensor([1.0, 2.0, 4.0, 9.0])
+    expected = (x - x.mean()) / x.std(unbiased=False)
+    assert torch.allclose(standardize(x), expected, atol=1e-6)
+    assert standardize(torch.full((5,), 3.0)).tolist() == [0.0] * 5     # constant batch: zeros
+    assert standardize(torch.zeros(0)).shape == (0,)
+    with pytest.raises(ShapeError, match="shape"):
+        standardize(torch.zeros(3, 2))
+
+
 def test_likelihood_weights_need_log_probs():
     scores, y = _case()
     with pytest.raises(ConfigurationError, match="log_probs"):

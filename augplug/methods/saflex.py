@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ShapeError
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
 
@@ -102,24 +102,24 @@ POLICY_WEIGHT_SIGNALS = WEIGHT_SIGNALS + ("auto",)
 
 
 def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
-    """``(x - mean x) / std x`` over the batch (population std; a constant batch gives zeros).
+    """``(x - mean x) / std x`` over a batch of scalars ``(B,)`` (population std; a constant batch
+    gives zeros).
 
     ``distributed=True``: inside an initialised process group the mean and the std are those of the
     global batch (one all-reduce; every process must call it)."""
+    if values.dim() != 1:
+        raise ShapeError(f"standardize needs one value per row, shape (B,), got {tuple(values.shape)}",
+                         "pass a 1-D tensor (e.g. the rows' log-likelihoods)")
     x = values.double()
-    n = float(x.shape[0])
+    moments = torch.stack([x.sum(), x.pow(2).sum(), x.new_tensor(float(x.shape[0]))])
     if distributed and is_distributed():
-        stats = torch.stack([x.sum(), x.pow(2).sum(), x.new_tensor(n)]).cpu()
-        all_reduce_sum_([stats])
-        total, sq, n = float(stats[0]), float(stats[1]), float(stats[2])
-        mean = total / max(n, 1.0)
-        var = max(sq / max(n, 1.0) - mean * mean, 0.0)
-        return ((x - mean) / max(var ** 0.5, 1e-12)).to(values.dtype) if var > 1e-24 else torch.zeros_like(values)
-    if x.shape[0] == 0:
-        return values
-    centred = x - x.mean()
-    std = centred.pow(2).mean().sqrt()
-    return torch.where(std > 1e-12, centred / std.clamp_min(1e-12), torch.zeros_like(centred)).to(values.dtype)
+        moments = moments.cpu()
+        all_reduce_sum_([moments])
+        moments = moments.to(x.device)
+    total, square, n = moments.unbind()
+    mean = total / n.clamp_min(1.0)
+    std = (square / n.clamp_min(1.0) - mean * mean).clamp_min(0).sqrt()
+    return torch.where(std > 1e-12, (x - mean) / std.clamp_min(1e-12), torch.zeros_like(x)).to(values.dtype)
 
 
 def saflex_targets(
@@ -208,7 +208,7 @@ class SAflex(Policy):
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
             raise ConfigurationError(f"weight_signal must be one of {POLICY_WEIGHT_SIGNALS}, got {weight_signal!r}",
-                                     "use 'auto' (augplug's default), 'agreement' (the paper) or 'likelihood'")
+                                     "use 'agreement' (the paper, the default), 'likelihood' or 'auto'")
         self.weight_signal = weight_signal
         # validate once, eagerly
         saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
