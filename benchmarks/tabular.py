@@ -68,8 +68,11 @@ ARM_CONFIGS = {
     f"orig+cutmix-p{HIGH_P}-mix": (HIGH_P, "none", {}, "orig+aug", "mix"),
     f"orig+cutmix-p{HIGH_P}-mix+saflex-paper-wnbatch": (HIGH_P, "saflex", {**PAPER, "weight_norm": "batch"},
                                                         "orig+aug", "mix"),
+    # augplug's defaults on CutMix rows whose labels are mixed by the replaced share (soft upstream targets)
+    f"orig+cutmix-p{HIGH_P}-mix+saflex-share": (HIGH_P, "saflex", {}, "orig+aug", "mix"),
 }
-TRIAL_ONLY = (f"orig+cutmix-p{HIGH_P}+saflex", f"orig+cutmix-p{HIGH_P}+saflex-share", f"cutmix-p{HIGH_P}+saflex-share")
+TRIAL_ONLY = (f"orig+cutmix-p{HIGH_P}+saflex", f"orig+cutmix-p{HIGH_P}+saflex-share", f"cutmix-p{HIGH_P}+saflex-share",
+              f"orig+cutmix-p{HIGH_P}-mix+saflex-share")
 ARMS = tuple(a for a in ARM_CONFIGS if a not in TRIAL_ONLY)
 
 #: Single-seed trials run before the study (UCI Letter, seed 0, 30 epochs), each reproducible with
