@@ -49,9 +49,10 @@ from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, N
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
 from .refiner import (DEFAULTS, augmented_rows, build_policy, check_shell_options, load_shell_state, num_val_batches,
-                      shell_state, unwrap_optimizer)
+                      resolve_share, shell_state, unwrap_optimizer)
 from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
+from .share import AdaptiveShare, share_agreements
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
 from .validation import CachedValidationStream, ValidationStream
@@ -336,7 +337,12 @@ class ContrastiveRefiner:
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode,
         cache_validation: as in :class:`~augplug.AugmentationRefiner` (same defaults,
             ``augplug.refiner.DEFAULTS``, except ``weight_norm="augmented"``: the rows' targets here
-            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered).
+            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered;
+            and ``aug_weight=1.0``, the upstream mixture). ``aug_weight="adaptive"`` (or an
+            :class:`~augplug.share.AdaptiveShare`) learns the augmented pairs' share of the loss as the
+            core refiner does, from the agreement ``y^T g`` of the augmented rows against that of the
+            originals; it needs originals in the batch (``num_original=`` / ``augmented=``), scores
+            them too (one more forward-mode row each), and pools both CLIP directions.
             With ``cache_validation=True`` the validation loader is read once and its batches are
             kept on the encoders' device, checked and converted once (class prompts: labels as soft
             targets; pairs: images and texts, row counts checked); the first pass's order and any
@@ -349,13 +355,15 @@ class ContrastiveRefiner:
                  directions: Sequence[str] = DIRECTIONS, score_params: Union[str, Sequence[str]] = "all",
                  refresh_every: int = DEFAULTS["refresh_every"], val_batches: Union[int, str] = DEFAULTS["val_batches"],
                  bn_mode: str = DEFAULTS["bn_mode"], warmup_steps: int = DEFAULTS["warmup_steps"],
-                 orig_weight: float = 1.0, aug_weight: float = 1.0, weight_norm: str = "augmented",
+                 orig_weight: float = 1.0, aug_weight: Union[float, str, AdaptiveShare] = 1.0,
+                 weight_norm: str = "augmented",
                  beta: float = DEFAULTS["beta"], tau: float = DEFAULTS["tau"], gumbel: bool = DEFAULTS["gumbel"],
                  weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
                  prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
                  threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True,
                  cache_validation: bool = False):
         self.directions = _check_directions(directions)
+        aug_weight, self.share = resolve_share(aug_weight)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight,
                             weight_norms=("augmented", "batch", "none"),
                             why="a row's targets are candidates of the batch, not classes, so there is no "
@@ -367,6 +375,10 @@ class ContrastiveRefiner:
             unknown=(f"unknown method {method!r} for contrastive refinement",
                      "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets"))
         self.method = self.policy.name
+        if self.share is not None and not self.policy.needs_scores:
+            raise ConfigurationError(f"aug_weight='adaptive' needs a policy that scores the rows; "
+                                     f"{self.policy.name!r} does not",
+                                     "use method='saflex' or 'l2rw', or a fixed aug_weight")
         self.model = DualEncoder(image_encoder, text_encoder, logit_scale, normalize_features)
         self.class_prompts = class_prompts
         self.prompt_mode = class_prompts is not None
@@ -381,7 +393,11 @@ class ContrastiveRefiner:
         self.score_params = score_params
         self.refresh_every, self.val_batches, self.bn_mode = int(refresh_every), val_batches, bn_mode
         self.warmup_steps = int(warmup_steps)
-        self.orig_weight, self.aug_weight, self.weight_norm = float(orig_weight), float(aug_weight), weight_norm
+        self.orig_weight, self.weight_norm = float(orig_weight), weight_norm
+        # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the encoders' device
+        if self.share is not None:
+            self.share.to(self._device())
+        self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.check_train_mode = check_train_mode
         self._rng = PrivateRNG(seed)
         self.val_loader = val_loader
@@ -513,6 +529,9 @@ class ContrastiveRefiner:
 
         active = self.step_count >= self.warmup_steps
         n_aug = int(aug.sum())
+        # the adaptive share compares the augmented rows' agreement with the originals': score both
+        share_on = self.share is not None and active and 0 < n_aug < batch
+        share_state = None
         v_new = None
         gen = None
         snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None)
@@ -530,7 +549,7 @@ class ContrastiveRefiner:
                         v = v_new.direction()
                     else:
                         v = self._v
-                    if self.prompt_mode and torch.is_tensor(images):
+                    if self.prompt_mode and torch.is_tensor(images) and not share_on:
                         # rows are independent given the prompts (scoring runs BatchNorm on running
                         # statistics or per-pass batch statistics): score the augmented rows only
                         g_all = contrastive_scores(self.model, images[aug], self._prompts(), v,
@@ -551,6 +570,8 @@ class ContrastiveRefiner:
                     soft[d][aug] = y2.to(soft[d]).detach()
                     if g is not None:
                         scores[d][aug] = g
+                if share_on:
+                    share_state = self._propose_share(g_all, ys, weights, soft, aug)
         except BaseException:
             self._rng.state = snapshot[0]
             if self._stream is not None and snapshot[1] is not None:
@@ -569,6 +590,10 @@ class ContrastiveRefiner:
         loss = loss / len(self.directions)
 
         # commit
+        used_share = self.aug_weight
+        if share_state is not None:
+            self.share.load_state_dict(share_state)
+            self.aug_weight = self.share.value
         if gen is not None:
             self._rng.commit(gen)
         if v_new is not None:
@@ -578,10 +603,27 @@ class ContrastiveRefiner:
         self.calls += 1
         if self._optimizer is None:
             self.step_count += 1
-        self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed)
+        self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share)
         return loss
 
-    def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed) -> Dict[str, Any]:
+    def _propose_share(self, g_all, ys, weights, soft, aug) -> Dict[str, Any]:
+        """The adaptive share's next state from this batch's scores (every row scored), pooled over
+        the trained directions: agreements ``y^T g`` of the augmented rows (upstream targets, weight 1,
+        for ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
+        originals' (their targets)."""
+        stats = None
+        for d in self.directions:
+            g = g_all[d]
+            a_orig = (ys[d][~aug] * g[~aug]).sum(-1)
+            if self.share.signal == "upstream":
+                a_aug, w_aug = (ys[d][aug] * g[aug]).sum(-1), None
+            else:
+                a_aug, w_aug = (soft[d][aug] * g[aug]).sum(-1), weights[d][aug]
+            part = share_agreements(a_aug, w_aug, a_orig)
+            stats = part if stats is None else stats + part
+        return self.share.propose(stats)
+
+    def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed, aug_weight) -> Dict[str, Any]:
         d0 = self.directions[0]
         n = max(int(aug.sum()), 1)
         out: Dict[str, Any] = {
@@ -596,6 +638,7 @@ class ContrastiveRefiner:
             "refreshed": bool(refreshed),
             "step": self.step_count,
             "val_loss": self._val_loss,
+            "aug_weight": float(aug_weight),
         }
         wa = weights[d0][aug]
         out["weight_mean"] = float(wa.mean()) if wa.numel() else float("nan")
@@ -606,13 +649,24 @@ class ContrastiveRefiner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-for-bit (with the encoders' and optimizer's own state)."""
-        return shell_state(self)
+        state = shell_state(self)
+        state["share"] = self.share.state_dict() if self.share is not None else None
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if (state.get("share") is not None) != (self.share is not None):
+            raise ConfigurationError(
+                "the state and this refiner disagree on the adaptive share "
+                f"(saved with {'an adaptive' if state.get('share') is not None else 'a fixed'} aug_weight)",
+                "build the refiner with the same aug_weight setting before loading")
         load_shell_state(self, state)
+        if self.share is not None:
+            self.share.load_state_dict(state["share"])
+            self.aug_weight = self.share.value
 
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "
                 f"refresh_every={self.refresh_every}, val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, "
                 f"warmup_steps={self.warmup_steps}, weight_norm={self.weight_norm!r}"
+                + (f", aug_weight={self.share!r}" if self.share is not None else f", aug_weight={self.aug_weight}")
                 + (", cache_validation=True" if self.cache_validation else "") + ")")

@@ -69,7 +69,7 @@ def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: s
     ``why`` a reason the error gives when a value of :data:`WEIGHT_NORMS` is left out."""
     if not isinstance(aug_weight, (int, float)) or isinstance(aug_weight, bool):
         raise ConfigurationError(f"aug_weight must be a number here, got {aug_weight!r}",
-                                 "pass a fixed aug_weight (an adaptive share needs AugmentationRefiner)")
+                                 "pass a number, or resolve 'adaptive' with resolve_share() first")
     if int(refresh_every) < 1:
         raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
     if val_batches != "all" and int(val_batches) < 1:

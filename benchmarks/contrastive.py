@@ -37,6 +37,8 @@ ARM_CONFIGS = {
     "upstream": ("none", {}),
     "saflex": ("saflex", {}),
     "saflex-paper": ("saflex", dict(SAFLEX_PAPER)),
+    # the augmented views' share of the loss learned as in the core refiner (aug_weight="adaptive")
+    "saflex-share": ("saflex", {"aug_weight": "adaptive"}),
 }
 ARMS = ("none", "upstream", "saflex")  # default arms; saflex-paper runs with --arms
 
@@ -66,7 +68,7 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
                                  class_prompts=torch.arange(data.num_classes), seed=seed, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     true_view = data.y_train[:, None].expand(n, v)
-    rec_w, rec_clean = [], []
+    rec_w, rec_clean, rec_share = [], [], []
     t0 = time.perf_counter()
     image_encoder.train()
     prompts.train()
@@ -86,6 +88,7 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
                 if method == "saflex" and st["active"]:
                     rec_w.append(st["weights"][st["augmented"]])
                     rec_clean.append(ya == true_view[idx, vi])
+                    rec_share.append(st["aug_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -101,7 +104,8 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     if rec_w:
         w, clean = torch.cat(rec_w).numpy(), torch.cat(rec_clean).numpy()
         out.update(auc_weight=binary_auc(w, clean), mean_w_clean=float(w[clean].mean()),
-                   mean_w_noisy=float(w[~clean].mean()))
+                   mean_w_noisy=float(w[~clean].mean()), share_mean=sum(rec_share) / len(rec_share),
+                   share_final=float(rec_share[-1]))
     return out
 
 
@@ -196,7 +200,7 @@ def main(argv: List[str] = None) -> None:
             print(json.dumps({"arm": arm, "seed": seed, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
     wall = time.perf_counter() - t0
     headers = ["arm", "test acc % (mean ± std)", "per seed", "AUC(weight, view label clean)",
-               "mean weight clean / corrupted views", "s/run"]
+               "mean weight clean / corrupted views", "share of augmented views: mean / final", "s/run"]
     rows = []
     for arm, rs in results.items():
         accs = [r["test_acc"] for r in rs]
@@ -205,6 +209,8 @@ def main(argv: List[str] = None) -> None:
               if auc else "–")
         rows.append([arm, fmt_mean_std(accs), " / ".join(f"{100 * a:.2f}" for a in accs),
                      fmt_mean_std(auc, scale=1, digits=3) if auc else "–", mw,
+                     (f"{mean_std([r['share_mean'] for r in rs])[0]:.2f} / {mean_std([r['share_final'] for r in rs])[0]:.2f}"
+                      if auc else "–"),
                      f"{mean_std([r['seconds'] for r in rs])[0]:.0f}"])
     pre = (f"Command: `python -m benchmarks.contrastive {' '.join(argv)}`".strip() +
            f"\n\nFashion-MNIST, 10k train / 1k clean validation / 10k test; upstream timm RandAugment "

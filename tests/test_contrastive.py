@@ -380,3 +380,101 @@ def test_refiner_leaves_global_rng_untouched():
     for x, t in batches:
         r(x, t)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _share_expected(g, ys, aug, **share_kw):
+    """What AdaptiveShare.propose gives for scores ``g`` (per direction, every row scored), upstream
+    signal, both directions pooled."""
+    from augplug.share import AdaptiveShare, share_agreements
+    stats = sum(share_agreements((ys[d][aug] * g[d][aug]).sum(-1), None, (ys[d][~aug] * g[d][~aug]).sum(-1))
+                for d in g)
+    return AdaptiveShare(**share_kw).propose(stats)
+
+
+def test_adaptive_share_class_prompts_by_hand():
+    """The share's update from oracle scores of originals and augmented rows; the loss uses the share
+    held at the call, the next call the updated one."""
+    from augplug.share import AdaptiveShare
+    torch.manual_seed(0)
+    img = TinyImage().double()
+    prompts = ClassEmbeddings(4, DIM).double()
+    x, y = torch.randn(10, 8).double(), torch.randint(0, 4, (10,))
+    val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
+    opt = torch.optim.SGD(list(img.parameters()) + list(prompts.parameters()), lr=0.1)
+    r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0,
+                           aug_weight=AdaptiveShare(init=0.5, lr=0.1))
+    img.train()
+    loss = r(x, y, num_original=4)
+    assert r.stats["aug_weight"] == pytest.approx(0.5)
+    img.eval()
+    g = {"image_to_text": _row_grad_oracle(r.model, x, torch.arange(4), r.validation_direction, "image_to_text")}
+    ys = {"image_to_text": F.one_hot(y, 4).double()}
+    aug = torch.arange(10) >= 4
+    want = _share_expected(g, ys, aug, init=0.5, lr=0.1)
+    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-6)
+    assert int(r.share.updates) == 1 and float(r.aug_weight) != pytest.approx(0.5)
+    # the refined rows' scores are the oracle's; the originals' are reported as zeros
+    assert torch.allclose(r.stats["scores"][4:].double(), g["image_to_text"][4:], rtol=1e-5, atol=1e-9)
+    assert torch.all(r.stats["scores"][:4] == 0)
+    # the loss weighed the augmented rows by the share held at the call
+    per = -(r.stats["soft_targets"].double() * F.log_softmax(r.stats["logits"].double(), 1)).sum(1)
+    w = r.stats["weights"].double()
+    want_loss = (per[:4].sum() + 0.5 * (w[4:] * per[4:]).sum()) / (4 + 0.5 * 6)
+    assert float(loss.detach()) == pytest.approx(float(want_loss), rel=1e-6)
+    new_share = float(r.aug_weight)
+    img.train()
+    r(x, y, num_original=4)
+    assert r.stats["aug_weight"] == pytest.approx(new_share)
+    # without originals there is nothing to compare: the share stays
+    state = copy.deepcopy(r.share.state_dict())
+    r(x, y)
+    assert _same(state, r.share.state_dict())
+
+
+def test_adaptive_share_pairs_pools_both_directions():
+    img, txt, scale = _models()
+    val = DataLoader(TensorDataset(*_pairs(6, 1)), batch_size=6)
+    from augplug.share import AdaptiveShare
+    opt, r = _refiner(img, txt, scale, val, aug_weight=AdaptiveShare(init=0.5, lr=0.1))
+    x, t = _pairs(6, 2)
+    img.train(); txt.train()
+    r(x, t, num_original=2)
+    img.eval(); txt.eval()
+    v = r.validation_direction
+    g = {d: _row_grad_oracle(r.model, x, t, v, d) for d in DIRECTIONS}
+    ys = {d: torch.eye(6, dtype=torch.float64) for d in DIRECTIONS}
+    aug = torch.arange(6) >= 2
+    want = _share_expected(g, ys, aug, init=0.5, lr=0.1)
+    # the first step is lr times the sign of d; the running mean square holds d itself
+    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-6)
+    # one direction alone would give another step
+    one = _share_expected({"image_to_text": g["image_to_text"]}, ys, aug, init=0.5, lr=0.1)
+    assert float(one["mean_square"]) != pytest.approx(float(want["mean_square"]), rel=1e-3)
+
+
+def test_adaptive_share_state_rejected_call_and_resume():
+    from augplug.share import AdaptiveShare
+    img, txt, scale = _models()
+    val = DataLoader(TensorDataset(*_pairs(6, 1)), batch_size=6)
+    opt, r = _refiner(img, txt, scale, val, aug_weight=AdaptiveShare(init=0.5, lr=0.1))
+    img.train(); txt.train()
+    for k in range(3):
+        r(*_pairs(6, 10 + k), num_original=2)
+    before = _state(r)
+    assert before["share"] is not None and int(before["share"]["updates"]) == 3
+    x, t = _pairs(6, 20)
+    with pytest.raises(NonFiniteError):
+        r(torch.where(torch.arange(6)[:, None] == 4, float("nan"), x), t, num_original=2)
+    assert _same(before, _state(r))
+    # a fresh adaptive refiner resumes the share; a fixed-share refiner refuses the state and keeps its own
+    _, r2 = _refiner(img, txt, scale, val, aug_weight=AdaptiveShare(init=0.5, lr=0.1))
+    r2.load_state_dict(before)
+    assert float(r2.aug_weight) == pytest.approx(float(r.aug_weight)) and _same(before, _state(r2))
+    _, r3 = _refiner(img, txt, scale, val)
+    fixed = _state(r3)
+    with pytest.raises(ConfigurationError, match="adaptive share"):
+        r3.load_state_dict(before)
+    assert _same(fixed, _state(r3)) and r3.aug_weight == 1.0
+    assert "AdaptiveShare" in repr(r) and "aug_weight=1.0" in repr(r3)

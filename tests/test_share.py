@@ -262,8 +262,10 @@ def test_configuration_errors():
         with pytest.raises(ConfigurationError):
             AdaptiveShare(**bad)
     from augplug.contrastive import ContrastiveRefiner
+    with pytest.raises(ConfigurationError, match="adaptive"):
+        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, method="none", aug_weight="adaptive")
     with pytest.raises(ConfigurationError, match="aug_weight"):
-        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, aug_weight="adaptive")
+        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, aug_weight="auto")
 
 
 def test_committed_state_stays_on_the_statistics_device():
