@@ -109,12 +109,13 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     return out
 
 
-def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0) -> Dict[str, float]:
+def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0, options: Dict = None) -> Dict[str, float]:
     """Step-time ratio of SAflex against a plain step (``method="none"``), interleaved in one process.
 
     Same model, optimizer and batches (128 originals + 128 views of Fashion-MNIST-sized images) for
     both; each round times one plain step and one SAflex step, in alternating order. Two settings:
     class prompts (C-way) and pairs (B x B CLIP loss, the "texts" being each image's class embedding).
+    ``options``: extra ``ContrastiveRefiner`` options for the SAflex refiner (``--set``).
     """
     import statistics
 
@@ -135,7 +136,8 @@ def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0) -> D
         kw = dict(class_prompts=torch.arange(10)) if setting == "class prompts" else {}
         # optimizer=None: each refiner counts its own calls as updates (a shared optimizer's step hook
         # would advance both refiners' refresh schedules on every step of either)
-        refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m, **kw) for m in ("none", "saflex")}
+        refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m, **kw, **(options if m == "saflex" else {}))
+                for m in ("none", "saflex")}
         times = {m: [] for m in refs}
         for k in range(steps + 4):
             order = ("none", "saflex") if k % 2 == 0 else ("saflex", "none")
@@ -171,7 +173,7 @@ def main(argv: List[str] = None) -> None:
     args = ap.parse_args(argv)
     set_threads(1)
     if args.overhead:
-        res = measure_overhead()
+        res = measure_overhead(options=parse_sets(args.set))
         rows = [[k, f"{v['plain_ms']:.0f}", f"{v['saflex_ms']:.0f}", f"{v['ratio_mean']:.2f}", f"{v['ratio_median']:.2f}"]
                 for k, v in res.items()]
         pre = (f"Command: `python -m benchmarks.contrastive {' '.join(argv)}`".strip() +
@@ -180,7 +182,8 @@ def main(argv: List[str] = None) -> None:
                "images every 4 updates, forward-mode scores every step). 30 timed rounds after 4 warm-up rounds, "
                "plain and SAflex steps interleaved in one process (1 thread, shared 2-core machine). Amortised "
                "ratio: total SAflex time / total plain time (includes the validation refresh every 4th step); "
-               "median ratio: the median of the per-round ratios (a step without refresh).")
+               "median ratio: the median of the per-round ratios (a step without refresh)."
+               + (f" SAflex options on top of the defaults: {parse_sets(args.set)}." if args.set else ""))
         table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}_overhead.md",
                                      ["setting", "plain step (ms, mean)", "SAflex step (ms, mean)",
                                       "amortised ratio SAflex / plain", "median per-step ratio"], rows, title="Contrastive refiner: step-time overhead",
