@@ -478,3 +478,24 @@ def test_adaptive_share_state_rejected_call_and_resume():
         r3.load_state_dict(before)
     assert _same(fixed, _state(r3)) and r3.aug_weight == 1.0
     assert "AdaptiveShare" in repr(r) and "aug_weight=1.0" in repr(r3)
+
+
+def test_adaptive_share_refined_signal_uses_policy_targets_and_weights():
+    from augplug.share import AdaptiveShare, share_agreements
+    torch.manual_seed(1)
+    img = TinyImage().double()
+    prompts = ClassEmbeddings(4, DIM).double()
+    x, y = torch.randn(10, 8).double(), torch.randint(0, 4, (10,))
+    val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
+    kw = dict(init=0.5, lr=0.1, signal="refined")
+    r = ContrastiveRefiner(img, prompts, None, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0,
+                           beta=1.0, gumbel=False, aug_weight=AdaptiveShare(**kw))
+    img.train()
+    r(x, y, num_original=4)
+    img.eval()
+    g = _row_grad_oracle(r.model, x, torch.arange(4), r.validation_direction, "image_to_text")
+    soft, w, yo = r.stats["soft_targets"].double(), r.stats["weights"].double(), F.one_hot(y, 4).double()
+    assert not torch.allclose(soft[4:], yo[4:])  # relabelled: the two signals differ
+    want = AdaptiveShare(**kw).propose(share_agreements((soft[4:] * g[4:]).sum(-1), w[4:], (yo[:4] * g[:4]).sum(-1)))
+    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-5)
+    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
