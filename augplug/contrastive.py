@@ -52,7 +52,7 @@ from .refiner import (DEFAULTS, augmented_rows, build_policy, check_shell_option
                       resolve_share, shell_state, unwrap_optimizer)
 from .rng import PrivateRNG
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
-from .share import AdaptiveShare, share_agreements
+from .share import AdaptiveShare
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
 from .validation import CachedValidationStream, ValidationStream
@@ -611,16 +611,8 @@ class ContrastiveRefiner:
         the trained directions: agreements ``y^T g`` of the augmented rows (upstream targets, weight 1,
         for ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
         originals' (their targets)."""
-        stats = None
-        for d in self.directions:
-            g = g_all[d]
-            a_orig = (ys[d][~aug] * g[~aug]).sum(-1)
-            if self.share.signal == "upstream":
-                a_aug, w_aug = (ys[d][aug] * g[aug]).sum(-1), None
-            else:
-                a_aug, w_aug = (soft[d][aug] * g[aug]).sum(-1), weights[d][aug]
-            part = share_agreements(a_aug, w_aug, a_orig)
-            stats = part if stats is None else stats + part
+        stats = sum(self.share.batch_statistics(ys[d], g_all[d], soft[d], weights[d], aug,
+                                                (ys[d][~aug] * g_all[d][~aug]).sum(-1)) for d in self.directions)
         return self.share.propose(stats)
 
     def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed, aug_weight) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
 from .methods.base import RefineContext
 from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
-from .share import AdaptiveShare, share_agreements
+from .share import AdaptiveShare
 from .stats import StepStats
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
@@ -554,11 +554,8 @@ class AugmentationRefiner:
             return None
         orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
         a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
-        if self.share.signal == "upstream":
-            a_aug, w_aug = (ctx.targets[rows] * scores[rows]).sum(-1), None
-        else:
-            a_aug, w_aug = (soft[rows] * scores[rows]).sum(-1), weights[rows]
-        return self.share.propose(share_agreements(a_aug, w_aug, a_orig, distributed=distributed))
+        return self.share.propose(self.share.batch_statistics(ctx.targets, scores, soft, weights, rows, a_orig,
+                                                              distributed=distributed))
 
     def _by_class(self, n_orig) -> bool:
         """Whether the augmented rows' weights are normalised by class, given the originals in the

@@ -53,7 +53,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .distributed import all_reduce_sum_, is_distributed
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ShapeError
 
 __all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
 
@@ -136,6 +136,24 @@ class AdaptiveShare:
         """The current share: a 0-dim fp32 tensor on the device of the last update (fp32, so that
         the loss it scales keeps its dtype)."""
         return self.log_share.exp().float()
+
+    def batch_statistics(self, targets: torch.Tensor, scores: torch.Tensor, soft: torch.Tensor,
+                         weights: torch.Tensor, aug_rows, agree_orig: torch.Tensor, *,
+                         distributed: bool = False) -> torch.Tensor:
+        """:func:`share_agreements` for this share's ``signal``: the augmented rows ``aug_rows`` (a
+        mask or a slice of the batch's ``(B, C)`` ``targets``, ``scores`` and ``soft`` targets and
+        ``(B,)`` ``weights``) agree through their upstream targets with weight 1 (``"upstream"``) or
+        through the policy's soft targets and weights (``"refined"``); ``agree_orig``: the originals'
+        agreements ``y^T g``."""
+        if not (targets.shape == scores.shape == soft.shape and targets.dim() == 2
+                and weights.shape == targets.shape[:1]):
+            raise ShapeError(f"batch_statistics needs (B, C) targets, scores and soft targets and (B,) weights, got "
+                             f"{tuple(targets.shape)}, {tuple(scores.shape)}, {tuple(soft.shape)}, {tuple(weights.shape)}",
+                             "pass the whole batch's tensors and pick the augmented rows with aug_rows")
+        g = scores[aug_rows]
+        if self.signal == "upstream":
+            return share_agreements((targets[aug_rows] * g).sum(-1), None, agree_orig, distributed=distributed)
+        return share_agreements((soft[aug_rows] * g).sum(-1), weights[aug_rows], agree_orig, distributed=distributed)
 
     def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
         """The state after one update from :func:`share_agreements` (None: unchanged), without

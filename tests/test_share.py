@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from augplug import AugmentationRefiner
-from augplug.errors import ConfigurationError, TargetError
+from augplug.errors import ConfigurationError, ShapeError, TargetError
 from augplug.share import AdaptiveShare, share_agreements
 
 from conftest import FlatNet, brute_force_scores
@@ -386,3 +386,20 @@ def test_evidence_state_round_trip_and_errors():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigurationError, match="evidence"):
             AdaptiveShare(evidence=bad)
+
+
+def test_batch_statistics_follow_the_signal():
+    """Upstream: the augmented rows' upstream agreements, weight 1; refined: the policy's targets and
+    weights; rows picked by a mask or a slice alike."""
+    g = torch.tensor([[0.5, -0.5], [1.0, 2.0], [-1.0, 0.25], [0.5, 0.5]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    soft = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    a_orig = torch.tensor([0.5])
+    mask = torch.tensor([False, True, True, True])
+    up = AdaptiveShare().batch_statistics(y, g, soft, w, mask, a_orig)
+    torch.testing.assert_close(up, torch.tensor([2.0 - 1.0 + 0.5, 3.0, 0.5, 1.0], dtype=torch.float64))
+    refined = AdaptiveShare(signal="refined").batch_statistics(y, g, soft, w, slice(1, None), a_orig)
+    torch.testing.assert_close(refined, torch.tensor([2.0 * 1.5 + 0.5 * 0.25, 2.5, 0.5, 1.0], dtype=torch.float64))
+    with pytest.raises(ShapeError, match="batch_statistics"):
+        AdaptiveShare().batch_statistics(y, g[:, :1], soft, w, mask, a_orig)

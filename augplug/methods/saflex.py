@@ -112,10 +112,8 @@ def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Ten
                          "pass a 1-D tensor (e.g. the rows' log-likelihoods)")
     x = values.double()
     moments = torch.stack([x.sum(), x.pow(2).sum(), x.new_tensor(float(x.shape[0]))])
-    if distributed and is_distributed():
-        moments = moments.cpu()
-        all_reduce_sum_([moments])
-        moments = moments.to(x.device)
+    if distributed:
+        all_reduce_sum_([moments])  # a no-op outside a process group
     total, square, n = moments.unbind()
     mean = total / n.clamp_min(1.0)
     std = (square / n.clamp_min(1.0) - mean * mean).clamp_min(0).sqrt()
