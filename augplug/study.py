@@ -135,7 +135,10 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
             weight_decay: float = 5e-4, aug_only: bool = False, val_batch_size: int = 500,
             model_fn: Optional[Callable[[], nn.Module]] = None, refiner_kwargs: Optional[dict] = None,
             warmup_epochs: float = 0.0) -> Dict[str, float]:
-    """Train one arm with one seed and return its metrics (see the module docstring)."""
+    """Train one arm with one seed and return its metrics (see the module docstring).
+
+    ``refiner_kwargs`` go to :class:`~augplug.AugmentationRefiner`; a ``method`` among them (e.g. a
+    :class:`~augplug.methods.Policy`) replaces the method the arm names."""
     torch.manual_seed(seed)
     n, v = data.view_labels.shape
     side = data.x_train.shape[-1]
@@ -146,10 +149,10 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refiner = None
     if arm not in ("none", "oracle-weights"):
-        method = {"upstream": "none", "clean": "none"}.get(arm, arm)
+        kw = dict(refiner_kwargs or {})
+        method = kw.pop("method", {"upstream": "none", "clean": "none"}.get(arm, arm))
         val_ds = torch.utils.data.TensorDataset(data.x_val, data.y_val)
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=val_batch_size, shuffle=True)
-        kw = dict(refiner_kwargs or {})
         kw.setdefault("warmup_steps", int(warmup_epochs * steps_per_epoch))
         kw.setdefault("seed", seed)
         refiner = AugmentationRefiner(model, opt, val_loader, method=method, **kw)
