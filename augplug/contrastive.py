@@ -44,18 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import (ConfigurationError, EmptyValidationError, ModelModeError, NonFiniteError, ShapeError,
+from .errors import (ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      TargetError)
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
-from .refiner import (DEFAULTS, augmented_rows, build_policy, check_shell_options, load_shell_state, num_val_batches,
-                      resolve_share, shell_state, unwrap_optimizer)
-from .rng import PrivateRNG
+from .core import RefinerCore, check_part_presence
+from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, resolve_share
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
 from .share import AdaptiveShare
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
-from .validation import CachedValidationStream, ValidationStream
 
 __all__ = [
     "DIRECTIONS",
@@ -300,7 +298,7 @@ def clip_loss(similarity: torch.Tensor, *, weights: Optional[Dict[str, torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------- refiner
-class ContrastiveRefiner:
+class ContrastiveRefiner(RefinerCore):
     """SAflex (or L2RW / no refinement) for contrastive training of two encoders, in two lines.
 
     Pairs (CLIP-style)::
@@ -361,7 +359,7 @@ class ContrastiveRefiner:
                  weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
                  prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
                  threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True,
-                 cache_validation: bool = False):
+                 cache_validation: bool = False, bad_val_batch: str = "skip"):
         self.directions = _check_directions(directions)
         aug_weight, self.share = resolve_share(aug_weight)
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight,
@@ -399,35 +397,13 @@ class ContrastiveRefiner:
             self.share.to(self._device())
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.check_train_mode = check_train_mode
-        self._rng = PrivateRNG(seed)
-        self.val_loader = val_loader
-        self.cache_validation = bool(cache_validation)
-        stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
-        self._stream = stream_cls(val_loader, self._rng) if self.policy.needs_scores else None
-        self._optimizer, self._hook = None, None
-        if optimizer is not None:
-            self._optimizer = unwrap_optimizer(optimizer)
-            self._hook = self._optimizer.register_step_post_hook(self._on_step)
-        self.step_count = 0
-        self.calls = 0
-        self._v: Optional[Dict[str, torch.Tensor]] = None
-        self._v_step = -1
-        self._val_loss = float("nan")
+        self._init_core(optimizer, val_loader, seed=seed, needs_validation=self.policy.needs_scores,
+                        cache_validation=cache_validation, bad_val_batch=bad_val_batch)
         self.stats: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self.step_count += 1
-
     def remove_hooks(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The cached ``v = -grad L_val`` over the :class:`DualEncoder`'s parameter names."""
-        return self._v
+        self._remove_step_hook()
 
     def _params(self) -> Dict[str, nn.Parameter]:
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -445,10 +421,6 @@ class ContrastiveRefiner:
     def _prompts(self):
         return self._to_device(self.class_prompts)
 
-    def _num_val_batches(self) -> int:
-        length = self._stream.pass_length if self.cache_validation else (lambda: len(self.val_loader))
-        return num_val_batches(self.val_batches, length)
-
     def _prepare_val_batch(self, x, t, num_classes: Optional[int]):
         """One validation batch on the encoders' device, checked: class prompts give ``(images, (B, C)
         soft targets)`` (labels checked where they are, then copied); pairs give ``(images, texts)``
@@ -463,31 +435,22 @@ class ContrastiveRefiner:
         return x, t
 
     def compute_validation_direction(self, num_classes: Optional[int] = None) -> GradSum:
-        """Average the validation contrastive-loss gradient over ``val_batches`` batches (advances the stream)."""
-        total = GradSum({}, 0)
+        """Sum the validation contrastive-loss gradient over one refresh's batches (advances the
+        stream; non-finite batches are skipped or rejected as ``bad_val_batch`` says)."""
         params = self._params()
-        cached = self.cache_validation
-        if cached:  # the stream prepares each batch once, when it reads the loader
-            self._stream.prepare = lambda x, t: self._prepare_val_batch(x, t, num_classes)
-        for _ in range(self._num_val_batches()):
-            x, t = self._stream.next()
-            if not cached:
-                x, t = self._prepare_val_batch(x, t, num_classes)
+
+        def gradient(x, t):
             if self.prompt_mode:
-                if t.shape[0] == 0:
-                    continue
-                part = contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=t,
+                return contrastive_validation_gradient(self.model, x, self._prompts(), params, targets=t,
                                                        bn=self.bn_mode)
-            else:
-                if not _rows(x):
-                    continue
-                part = contrastive_validation_gradient(self.model, x, t, params, directions=self.directions,
-                                                       bn=self.bn_mode)
-            total = total.add(part)
-        if total.count == 0:
-            raise EmptyValidationError("the validation batches drawn hold no samples",
-                                       "pass a loader over at least one clean pair (or labelled image)")
-        return total
+            return contrastive_validation_gradient(self.model, x, t, params, directions=self.directions,
+                                                   bn=self.bn_mode)
+
+        return self._validation_sum(lambda x, t: self._prepare_val_batch(x, t, num_classes), gradient,
+                                    lambda t: t.shape[0] if self.prompt_mode else (_rows(t) or 0))
+
+    def _direction_shapes(self) -> Dict[str, torch.Size]:
+        return {n: p.shape for n, p in self._params().items()}
 
     # ------------------------------------------------------------------ the loss
     def __call__(self, images, texts_or_targets, *, num_original: int = 0,
@@ -534,7 +497,7 @@ class ContrastiveRefiner:
         share_state = None
         v_new = None
         gen = None
-        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None)
+        snapshot = self._snapshot()
         try:
             weights = {d: torch.ones(batch, device=s.device) for d in self.directions}
             soft = {d: ys[d].clone() for d in self.directions}
@@ -543,7 +506,7 @@ class ContrastiveRefiner:
             if n_aug and (active or not self.policy.needs_scores):
                 g_all = None
                 if self.policy.needs_scores:
-                    refreshed = self._v is None or self.step_count - self._v_step >= self.refresh_every
+                    refreshed = self.direction_is_due()
                     if refreshed:
                         v_new = self.compute_validation_direction(s.shape[1])
                         v = v_new.direction()
@@ -573,9 +536,7 @@ class ContrastiveRefiner:
                 if share_on:
                     share_state = self._propose_share(g_all, ys, weights, soft, aug)
         except BaseException:
-            self._rng.state = snapshot[0]
-            if self._stream is not None and snapshot[1] is not None:
-                self._stream.load_state_dict(snapshot[1])
+            self._restore(snapshot)
             raise
 
         loss = 0.0
@@ -596,13 +557,8 @@ class ContrastiveRefiner:
             self.aug_weight = self.share.value
         if gen is not None:
             self._rng.commit(gen)
-        if v_new is not None:
-            self._v = v_new.direction()
-            self._v_step = self.step_count
-            self._val_loss = v_new.loss_sum / max(v_new.count, 1)
-        self.calls += 1
-        if self._optimizer is None:
-            self.step_count += 1
+        self._commit_direction(v_new)
+        self._count_call()
         self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share)
         return loss
 
@@ -641,17 +597,17 @@ class ContrastiveRefiner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-for-bit (with the encoders' and optimizer's own state)."""
-        state = shell_state(self)
+        state = self._core_state()
         state["share"] = self.share.state_dict() if self.share is not None else None
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if (state.get("share") is not None) != (self.share is not None):
-            raise ConfigurationError(
-                "the state and this refiner disagree on the adaptive share "
-                f"(saved with {'an adaptive' if state.get('share') is not None else 'a fixed'} aug_weight)",
-                "build the refiner with the same aug_weight setting before loading")
-        load_shell_state(self, state)
+        """Restore a :meth:`state_dict`; the whole state is checked first (a rejected one changes nothing)."""
+        self._check_core_state(state)
+        check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
+        if state["share"] is not None:
+            self.share.check_state(state["share"])
+        self._load_core_state(state)
         if self.share is not None:
             self.share.load_state_dict(state["share"])
             self.aug_weight = self.share.value

@@ -29,7 +29,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -546,10 +546,13 @@ class ISDALoss(nn.Module):
                     f"build the ISDALoss with {key}={state.get(key)!r} before loading (covariance='full' or "
                     "'diagonal' rather than 'auto' makes the layout explicit)")
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a state saved by :meth:`state_dict`; everything is checked before anything changes."""
+    def check_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Raise (changing nothing) unless ``state_dict`` is a complete, finite state for this loss."""
+        if not isinstance(state_dict, Mapping):
+            raise ConfigurationError(f"an ISDA state must be a dict, got {type(state_dict).__name__}",
+                                     "load a state saved by ISDALoss.state_dict()")
         extra = state_dict.get("_extra_state")
-        if extra is not None:
+        if extra is not None or strict:
             self._check_extra_state(extra)
         for name, buf in self.named_buffers():
             t = state_dict.get(name)
@@ -564,6 +567,10 @@ class ISDALoss(nn.Module):
                     "build the ISDALoss with the same classes, features and covariance mode")
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"the ISDA state's '{name}' holds NaN/inf", "load an intact checkpoint")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state saved by :meth:`state_dict`; everything is checked before anything changes."""
+        self.check_state_dict(state_dict, strict=strict)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._version += 1
         return result

@@ -17,22 +17,22 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .core import BAD_VAL_BATCH, RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
 from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
-from .errors import ConfigurationError, EmptyValidationError, ModelModeError, ShapeError, validate
+from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError, validate
 from .heads import ActivationCapture, find_classifier, unwrap_model
 from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
 from .methods.base import RefineContext
-from .rng import PrivateRNG
 from .scores import SCORE_MODES, GradSum, validation_gradient
 from .share import AdaptiveShare
 from .stats import StepStats
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
-from .validation import CachedValidationStream, ValidationStream
 
-__all__ = ["AugmentationRefiner", "DEFAULTS", "build_policy", "resolve_share", "unwrap_optimizer"]
+__all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "build_policy", "num_val_batches", "resolve_share",
+           "unwrap_optimizer"]
 
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
@@ -53,8 +53,6 @@ DEFAULTS: Dict[str, Any] = dict(
     aug_weight="adaptive",
     weight_signal="agreement",
 )
-
-_STATE_VERSION = 1
 
 #: Values of the refiners' ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
 WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
@@ -137,70 +135,7 @@ def build_policy(method, saflex_options: Dict[str, Any], method_options: Optiona
     raise ConfigurationError(message, fix)
 
 
-def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
-    """Validation batches per refresh: ``val_batches``, or for ``"all"`` the batches of one pass
-    (``pass_length()``, e.g. ``len`` of the loader)."""
-    if val_batches == "all":
-        try:
-            return max(pass_length(), 1)
-        except TypeError:
-            raise ConfigurationError("val_batches='all' needs a validation loader with len()",
-                                     "pass an integer val_batches") from None
-    return int(val_batches)
-
-
-def shell_state(refiner) -> Dict[str, Any]:
-    """The resumable state every refiner shell keeps: counters, cached direction, RNG, stream."""
-    return {
-        "version": _STATE_VERSION,
-        "method": refiner.method,
-        "step_count": refiner.step_count,
-        "calls": refiner.calls,
-        "v": None if refiner._v is None else {k: t.detach().clone() for k, t in refiner._v.items()},
-        "v_step": refiner._v_step,
-        "val_loss": float(refiner._val_loss),
-        "rng_state": refiner._rng.state.clone(),
-        "stream": refiner._stream.state_dict() if refiner._stream is not None else None,
-    }
-
-
-def load_shell_state(refiner, state: Dict[str, Any]) -> None:
-    """Restore :func:`shell_state` (checked first: a mismatched state changes nothing)."""
-    if state.get("version") != _STATE_VERSION:
-        raise ConfigurationError(f"refiner state version {state.get('version')} is not {_STATE_VERSION}",
-                                 "load a state saved by this version of augplug")
-    if state.get("method") != refiner.method:
-        raise ConfigurationError(f"state was saved by method {state.get('method')!r}, this refiner is "
-                                 f"{refiner.method!r}", "build the refiner with the same method before loading")
-    if refiner._stream is not None:  # cache setting and the loader's generators
-        refiner._stream.check_state(state.get("stream") or {})
-    dev = refiner._device()
-    refiner.step_count = int(state["step_count"])
-    refiner.calls = int(state["calls"])
-    refiner._v = None if state["v"] is None else {k: t.to(dev) for k, t in state["v"].items()}
-    refiner._v_step = int(state["v_step"])
-    refiner._val_loss = float(state["val_loss"])
-    refiner._rng.state = state["rng_state"].clone().cpu()
-    if refiner._stream is not None and state.get("stream") is not None:
-        refiner._stream.load_state_dict(state["stream"])
-
-
-def unwrap_optimizer(optimizer):
-    """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
-    seen = set()
-    opt = optimizer
-    while opt is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_post_hooks"):
-            return opt
-        opt = next((getattr(opt, a) for a in ("optimizer", "original_optimizer", "base_optimizer", "_optimizer")
-                    if getattr(opt, a, None) is not None), None)
-    raise ConfigurationError(
-        f"cannot register a step hook on {type(optimizer).__name__} or any optimizer it wraps",
-        "pass the underlying torch.optim.Optimizer, or optimizer=None (then every refiner call counts as a step)")
-
-
-class AugmentationRefiner:
+class AugmentationRefiner(RefinerCore):
     """Refine augmented samples (weights and soft targets) against a clean validation set.
 
     Args:
@@ -286,6 +221,7 @@ class AugmentationRefiner:
         weight_signal: str = DEFAULTS["weight_signal"],
         seed: int = 0,
         check_train_mode: bool = True,
+        bad_val_batch: str = "skip",
         method_options: Optional[Dict[str, Any]] = None,
         isda=None,
         accelerator=None,
@@ -335,48 +271,27 @@ class AugmentationRefiner:
         if needs_features or (val_params == "head" and self.policy.needs_scores):
             self.head_name, self.head = find_classifier(self.net, classifier)
         self.isda = self._build_isda(isda)
+        self._check_val_loader(val_loader)
+        # the hooks come last, so that a rejected option leaves none behind
+        self._init_core(optimizer, val_loader, seed=seed, needs_validation=self.policy.needs_scores,
+                        cache_validation=cache_validation, bad_val_batch=bad_val_batch)
+        self.accelerator = accelerator
+        self.stats: Dict[str, Any] = {}
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
                                           keep_graph=getattr(self.policy, "needs_feature_graph", False))
-        self.seed = int(seed)
-        self._rng = PrivateRNG(seed)   # the validation stream's RNG: identical on every process
-        self._check_val_loader(val_loader)
-        self.cache_validation = bool(cache_validation)
-        stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
-        self._stream = stream_cls(val_loader, self._rng) if self.policy.needs_scores else None
-        self.val_loader = val_loader
-        self.accelerator = accelerator
-
-        self._optimizer = None
-        self._hook = None
-        if optimizer is not None:
-            self._optimizer = unwrap_optimizer(optimizer)
-            self._hook = self._optimizer.register_step_post_hook(self._on_step)
-
-        self.step_count = 0  # optimizer updates seen (or calls when there is no optimizer)
-        self.calls = 0
-        self._v: Optional[Dict[str, torch.Tensor]] = None
-        self._v_step = -1
-        self._val_loss = float("nan")
-        self.stats: Dict[str, Any] = {}
-        if accelerator is not None:
-            accelerator.register_for_checkpointing(self)
-
-    @property
-    def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The cached ``v = -grad L_val`` (parameter name -> tensor), or None before the first refresh."""
-        return self._v
+        try:
+            if accelerator is not None:
+                accelerator.register_for_checkpointing(self)
+        except BaseException:
+            self.remove_hooks()
+            raise
 
     # ------------------------------------------------------------------ hooks and helpers
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self.step_count += 1
-
     def remove_hooks(self) -> None:
         """Detach every hook the refiner installed on the model and optimizer."""
         self._capture.remove()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._remove_step_hook()
 
     def _check_val_loader(self, val_loader) -> None:
         if type(val_loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher") and dist_world_size() > 1:
@@ -404,10 +319,6 @@ class AugmentationRefiner:
             named = {n: p for n, p in named.items() if n.startswith(self.head_name + ".")}
         return named
 
-    def _num_val_batches(self) -> int:
-        length = self._stream.pass_length if self.cache_validation else (lambda: len(self.val_loader))
-        return num_val_batches(self.val_batches, length)
-
     def _to_device(self, x):
         return to_device(x, self._device())
 
@@ -417,48 +328,26 @@ class AugmentationRefiner:
         return self._to_device(x), self._to_device(to_soft_targets(y, num_classes, what="validation targets"))
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:
-        """Average the validation gradient over ``val_batches`` batches (advances the stream)."""
-        total = GradSum({}, 0)
+        """Sum the validation gradient over one refresh's batches (advances the stream; non-finite
+        batches are skipped or rejected as ``bad_val_batch`` says, see :mod:`augplug.core`)."""
         params = None if self.mode == "last_layer" else self._score_params()
-        world, rank = dist_world_size(), dist_rank()
-        cached = self.cache_validation
-        if cached:
-            self._stream.prepare = lambda x, y: self._prepare_val_batch(x, y, num_classes)
-        with self._capture.paused(), self._autocast():
-            for j in range(self._num_val_batches()):
-                # every process draws the same batches; batch j is processed by process j % world
-                x, y = self._stream.next()
-                if j % world != rank:
-                    continue
-                if not cached:
-                    x, y = self._prepare_val_batch(x, y, num_classes)
-                if y.shape[0] == 0:
-                    continue
-                if self.mode == "last_layer":
-                    part = validation_gradient(self.net, x, y, head=self.head, head_name=self.head_name, bn=self.bn_mode)
-                else:
-                    part = validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
-                total = total.add(part)
-        if world > 1:
-            total = self._all_reduce(total, params)
-        if total.count == 0:
-            raise EmptyValidationError("the validation batches drawn hold no samples",
-                                       "pass a loader over at least one clean labelled sample")
-        return total
 
-    def _all_reduce(self, total: GradSum, params) -> GradSum:
-        """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
+        def gradient(x, y):
+            if self.mode == "last_layer":
+                return validation_gradient(self.net, x, y, head=self.head, head_name=self.head_name, bn=self.bn_mode)
+            return validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
+
+        with self._capture.paused(), self._autocast():
+            return self._validation_sum(lambda x, y: self._prepare_val_batch(x, y, num_classes), gradient,
+                                        lambda y: y.shape[0])
+
+    def _direction_shapes(self) -> Dict[str, torch.Size]:
         if self.mode == "last_layer":
-            shapes = {f"{self.head_name}.weight": self.head.weight}
+            shapes = {f"{self.head_name}.weight": self.head.weight.shape}
             if self.head.bias is not None:
-                shapes[f"{self.head_name}.bias"] = self.head.bias
-        else:
-            shapes = params
-        sums = {k: (total.sums[k].float().clone() if k in total.sums
-                    else torch.zeros_like(p, dtype=torch.float32)) for k, p in shapes.items()}
-        meta = torch.tensor([float(total.count), float(total.loss_sum)], dtype=torch.float64)
-        all_reduce_sum_(list(sums.values()) + [meta])
-        return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
+                shapes[f"{self.head_name}.bias"] = self.head.bias.shape
+            return shapes
+        return {n: p.shape for n, p in self._score_params().items()}
 
     # ------------------------------------------------------------------ the loss
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
@@ -486,10 +375,21 @@ class AugmentationRefiner:
                 "or pass check_train_mode=False")
         check_logits(logits, values=False)
         batch, num_classes = logits.shape
+        if batch == 0:
+            raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
+                             "before calling the refiner")
         check_target_structure(targets, num_classes, batch_size=batch)
-        if bool(value_problems(logits, targets)):  # the one device sync of the input checks
+        # what scoring and ISDA will read besides the logits: checked in the same device sync
+        if features is None:
+            features = self._capture.features(batch)
+        if inputs is None:
+            inputs = self._capture.inputs(batch)
+        if bool(value_problems(logits, targets, (features, inputs))):  # the one device sync of the input checks
             check_logits(logits)
             to_soft_targets(targets, num_classes, batch_size=batch)  # raise the error naming the problem
+            raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
+                                 "(the logits are finite)",
+                                 "check the batch's inputs and the features= / inputs= passed; skip the batch")
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
         aug, rows, n_aug = augmented_rows(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
@@ -500,39 +400,33 @@ class AugmentationRefiner:
         # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
         ctx.score_all_rows = (self.share is not None and self.mode != "last_layer" and self.bn_mode == "eval"
                               and 0 < n_aug < batch)
-        snapshot = (self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None,
-                    self.isda.state_snapshot() if self.isda is not None else None)
+        snapshot = (self._snapshot(), self.isda.state_snapshot() if self.isda is not None else None)
         try:
             if self.isda is not None:  # reject bad ISDA inputs before a stateful policy runs
                 self.isda._check_inputs(ctx.features(), logits, y, self.head, update=torch.is_grad_enabled())
             weights, soft, scores = self.policy.refine(ctx)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
-            weights, denom = self._normalise(weights, aug, rows, n_aug, y)
+            weights, denom = self._normalize(weights, aug, rows, n_aug, y)
             share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug)
         except BaseException:
-            self._rng.state = snapshot[0]
-            if self._stream is not None and snapshot[1] is not None:
-                self._stream.load_state_dict(snapshot[1])
+            self.policy.rollback()
+            self._restore(snapshot[0])
             if self.isda is not None:
-                self.isda.restore_snapshot(snapshot[2])
+                self.isda.restore_snapshot(snapshot[1])
             raise
 
         coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
         loss = (coef * per_sample).sum() / denom
 
         # commit
+        self.policy.commit()
         used_share = self.aug_weight
         if share_state is not None:
             self.share.load_state_dict(share_state)
             self.aug_weight = self.share.value
-        if ctx.v_new is not None:
-            self._v = ctx.v_new.direction()
-            self._v_step = self.step_count
-            self._val_loss = ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
-        self.calls += 1
-        if self._optimizer is None:
-            self.step_count += 1
+        self._commit_direction(ctx.v_new)
+        self._count_call()
         self._capture.clear()
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
@@ -562,7 +456,7 @@ class AugmentationRefiner:
         (global) batch: always for ``weight_norm="class"``, without originals for ``"auto"``."""
         return self.weight_norm == "class" or (self.weight_norm == "auto" and n_orig == 0)
 
-    def _normalise(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int, targets: torch.Tensor):
+    def _normalize(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int, targets: torch.Tensor):
         """Renormalised weights and the loss denominator, over the global batch of all processes.
 
         ``targets``: the upstream soft targets (B, C), for the class normalisation. Each process
@@ -651,19 +545,33 @@ class AugmentationRefiner:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-for-bit (with the model's and optimizer's own state)."""
         return {
-            **shell_state(self),
+            **self._core_state(),
             "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
             "isda": self.isda.state_dict() if self.isda is not None else None,
             "share": self.share.state_dict() if self.share is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        load_shell_state(self, state)
-        if state.get("policy") is not None and hasattr(self.policy, "load_state_dict"):
+        """Restore a :meth:`state_dict`. The whole state is checked first (keys, version, method,
+        shapes, the policy's, ISDA's and the share's parts, finiteness): a rejected state changes
+        nothing."""
+        self._check_core_state(state)
+        check_part_presence(state, "policy", hasattr(self.policy, "state_dict"), "the method's state")
+        check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
+        check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
+        if state["policy"] is not None:
+            self.policy.check_state(state["policy"])
+        if state["isda"] is not None:
+            self.isda.check_state_dict(state["isda"])
+        if state["share"] is not None:
+            self.share.check_state(state["share"])
+        # everything is checked: assign
+        self._load_core_state(state)
+        if state["policy"] is not None:
             self.policy.load_state_dict(state["policy"])
-        if state.get("isda") is not None and self.isda is not None:
+        if state["isda"] is not None:
             self.isda.load_state_dict(state["isda"])
-        if state.get("share") is not None and self.share is not None:
+        if state["share"] is not None:
             self.share.load_state_dict(state["share"])
             self.aug_weight = self.share.value
 

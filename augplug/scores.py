@@ -133,6 +133,7 @@ class GradSum:
     sums: Dict[str, torch.Tensor]
     count: int
     loss_sum: Union[float, torch.Tensor] = 0.0  # a 0-dim fp64 tensor on the device (read it lazily)
+    skipped: int = 0  # validation batches skipped as non-finite while this sum was built (augplug.core)
 
     def add(self, other: "GradSum") -> "GradSum":
         if not self.sums:

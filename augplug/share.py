@@ -53,7 +53,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .distributed import all_reduce_sum_, is_distributed
-from .errors import ConfigurationError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ShapeError
 
 __all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
 
@@ -209,6 +209,23 @@ class AdaptiveShare:
             t.to(device) for t in (self.log_share, self.mean_square, self.updates, self.test_mean,
                                    self.test_square))
         return self
+
+    def check_state(self, state: Any) -> None:
+        """Raise (changing nothing) unless ``state`` is a complete, finite :meth:`state_dict`."""
+        keys = ("log_share", "mean_square", "updates")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ConfigurationError(f"an adaptive share state needs the keys {keys}",
+                                     "load a state saved by AdaptiveShare.state_dict()")
+        for k in keys + ("test_mean", "test_square"):
+            v = state.get(k, 0.0)
+            if isinstance(v, torch.Tensor):
+                v = float(v)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise NonFiniteError(f"the adaptive share state's {k!r} is {state.get(k)!r}",
+                                     "load an intact checkpoint")
+        if int(state["updates"]) < 0 or float(state["mean_square"]) < 0:
+            raise ConfigurationError("the adaptive share state has a negative count or mean square",
+                                     "load a state saved by AdaptiveShare.state_dict()")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (floats, placed on the current state's device) or commit a

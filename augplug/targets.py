@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ClassCountMismatchError, NonFiniteError, ShapeError, TargetError
+from .finite import tensor_leaves
 
 __all__ = ["check_logits", "check_target_structure", "to_soft_targets", "value_problems", "soft_cross_entropy", "weighted_soft_ce"]
 
@@ -118,9 +119,11 @@ def _soft_target_flags(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([~finite, finite & bad])
 
 
-def value_problems(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> torch.Tensor:
     """A 0-dim bool tensor (on the logits' device): True when the values of a batch that passed the
-    type and shape checks would be rejected by :func:`check_logits` / :func:`to_soft_targets`.
+    type and shape checks would be rejected by :func:`check_logits` / :func:`to_soft_targets`, or
+    when a floating-point tensor in ``extra`` (features, model inputs; nested structures and None
+    allowed) holds NaN/inf.
 
     Computing it queues a few reductions and no host transfer; reading it is the single device sync
     of a checked refiner call. When it is True, the eager checks name the problem.
@@ -133,6 +136,9 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             bad = bad | (lo < 0).to(bad.device) | (hi >= logits.shape[1]).to(bad.device)
     else:
         bad = bad | _soft_target_flags(t.float()).any().to(bad.device)
+    for e in tensor_leaves(extra):
+        if e.is_floating_point():
+            bad = bad | (~torch.isfinite(e.detach()).all()).to(bad.device)
     return bad
 
 

@@ -123,34 +123,57 @@ class ValidationStream:
     _CACHED = False
     _GENERATORS_KEY = "generator_states"
 
+    _KEYS = ("pass_rng_state", "consumed", "generator_states")
+
     def check_state(self, state: dict) -> None:
         """Raise (changing nothing) when ``state`` cannot be restored on this stream's loader."""
+        if not isinstance(state, dict):
+            raise ConfigurationError(f"a validation stream state must be a dict, got {type(state).__name__}",
+                                     "load a state saved by the refiner's state_dict()")
         if bool(state.get("cached")) != self._CACHED:
             raise ConfigurationError(
                 f"state was saved with cache_validation={bool(state.get('cached'))}, this refiner has "
                 f"cache_validation={self._CACHED}",
                 "build the refiner with the same cache_validation setting before loading")
+        missing = [k for k in self._KEYS if k not in state]
+        position = state.get("consumed", state.get("pos"))
+        if missing or not isinstance(position, int) or position < 0:
+            raise ConfigurationError(f"the validation stream state lacks {missing} or has a bad position {position!r}",
+                                     "load a state saved by the refiner's state_dict()")
+        rng = state[self._KEYS[0]]
+        if rng is not None and (not torch.is_tensor(rng) or rng.dtype != torch.uint8):
+            raise ConfigurationError("the validation stream state's RNG state is not a generator state",
+                                     "load a state saved by the refiner's state_dict()")
         check_generator_states(self.loader, state.get(self._GENERATORS_KEY))
 
     def load_state_dict(self, state: dict) -> None:
         """Re-open the pass that was running and skip the batches already taken."""
         self.check_state(state)
         gen_states = state.get(self._GENERATORS_KEY)
-        self._it = None
-        self.pass_rng_state = state.get("pass_rng_state")
+        pass_rng_state = state.get("pass_rng_state")
+        it = None
+        if pass_rng_state is not None:
+            saved_gens = generator_states(self.loader)
+            set_generator_states(self.loader, gen_states)
+            saved = self.rng.state
+            self.rng.state = pass_rng_state.clone()
+            try:
+                with self.rng:
+                    it = iter(self.loader)
+                    for _ in range(int(state["consumed"])):
+                        if next(it, None) is None:
+                            raise ConfigurationError(
+                                f"the validation stream state is {state['consumed']} batches into a pass, but this "
+                                "loader's pass is shorter", "build the validation loader as it was when the state was saved")
+            except BaseException:
+                set_generator_states(self.loader, saved_gens)
+                raise
+            finally:
+                self.rng.state = saved
+        self._it = it
+        self.pass_rng_state = pass_rng_state
         self.pass_generator_states = gen_states
-        self.consumed = 0
-        if self.pass_rng_state is None:
-            return
-        set_generator_states(self.loader, gen_states)
-        saved = self.rng.state
-        self.rng.state = self.pass_rng_state.clone()
-        with self.rng:
-            self._it = iter(self.loader)
-            for _ in range(int(state["consumed"])):
-                next(self._it)
-        self.rng.state = saved
-        self.consumed = int(state["consumed"])
+        self.consumed = int(state["consumed"]) if it is not None else 0
 
 
 class CachedValidationStream(ValidationStream):
@@ -215,6 +238,7 @@ class CachedValidationStream(ValidationStream):
 
     _CACHED = True
     _GENERATORS_KEY = "fill_generator_states"
+    _KEYS = ("fill_rng_state", "pos", "fill_generator_states")
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state(state)

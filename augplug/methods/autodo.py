@@ -42,7 +42,7 @@ soft-label initialisation happens on a point's first visit unless ``labels=`` is
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ from torch import nn
 
 from ..augment.affine import DEFAULT_OPS, _check_images, check_ops, random_affine
 from ..distributed import world_size as dist_world_size
-from ..errors import ConfigurationError, ShapeError
+from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from ..finite import nonfinite
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
 from ..scores import last_layer_scores
 from ..stats import StepStats
@@ -226,6 +227,7 @@ class AutoDO(Policy):
                                                                  self.label_smoothing))
         self._pending: List[tuple] = []
         self._augment_calls = 0
+        self._undo: Optional[Dict[str, Any]] = None
         self.last_stats: Dict[str, Any] = {}
         #: hypergradients of the last hyper-step: "W" (B,), "S" (B, C), "A" (rows, gate (R, K), magnitude (R, K))
         self.last_hypergradients: Dict[str, Any] = {}
@@ -379,6 +381,9 @@ class AutoDO(Policy):
         self._device(dev)
         idx = idx.to(dev)
         t = self.tables
+        # undone by rollback() if this call fails anywhere (here or later in the refiner)
+        self._undo = {"pending": self._pending, "augment_calls": self._augment_calls, "rows": [],
+                      "hyper_steps": t.hyper_steps.clone(), "last_hypergradients": self.last_hypergradients}
         pending, self._pending = self._pending, []
         self._augment_calls = 0
 
@@ -399,6 +404,10 @@ class AutoDO(Policy):
 
         # commit: first-visit labels, then the lazy RMSprop step; in a process group the updates of
         # every process are merged first, so all processes keep identical tables
+        if grads is not None and nonfinite([g for k, g in grads.items() if k != "A"],
+                                           list(grads.get("A") or ())):
+            raise NonFiniteError("AutoDO's hypergradients hold NaN/inf (nothing was written to the tables)",
+                                 "lower hyper_lr or alpha, or check the training batch and the validation set")
         upd_rows = idx
         if dist_world_size() > 1:
             rows_new, lab_new, labels_new, grads = self._gather_updates(idx, new, lab_logits, y.argmax(-1), grads)
@@ -407,17 +416,21 @@ class AutoDO(Policy):
         else:
             rows_new, lab_new, labels_new = idx[new], lab_logits[new], y[new].argmax(-1)
         if rows_new.numel():
+            self._save_rows(rows_new, t.label_logits, t.given_labels)
             t.label_logits.index_copy_(0, rows_new, lab_new.to(t.label_logits.dtype))
             t.given_labels.index_copy_(0, rows_new, labels_new.to(t.given_labels.dtype))
         if grads is not None:
             opt = dict(alpha=self.rms_alpha, eps=self.rms_eps)
             lr = self.hyper_lr
             if "W" in self.models:
+                self._save_rows(upd_rows, t.weight_logits, t.rms_weight_logits)
                 lazy_rmsprop_(t.weight_logits, t.rms_weight_logits, upd_rows, grads["W"], lr=lr["W"], **opt)
             if "S" in self.models:
+                self._save_rows(upd_rows, t.label_logits, t.rms_label_logits)
                 lazy_rmsprop_(t.label_logits, t.rms_label_logits, upd_rows, grads["S"], lr=lr["S"], **opt)
             if "A" in self.models and grads.get("A") is not None:
                 rows, g_gate, g_mag = grads["A"]
+                self._save_rows(rows, t.gate_logits, t.rms_gate_logits, t.magnitude_logits, t.rms_magnitude_logits)
                 lazy_rmsprop_(t.gate_logits, t.rms_gate_logits, rows, g_gate, lr=lr["A"], **opt)
                 lazy_rmsprop_(t.magnitude_logits, t.rms_magnitude_logits, rows, g_mag, lr=lr["A"], **opt)
             self.last_hypergradients = grads
@@ -446,6 +459,26 @@ class AutoDO(Policy):
         keys = ("weight_mean", "weight_min", "weight_max", "relabelled", "hyper_steps") + tuple(lazy)
         self.last_stats = StepStats(eager, summaries, summary_keys=keys)
         return weights.detach(), soft.detach(), scores
+
+    def _save_rows(self, rows: torch.Tensor, *tables: torch.Tensor) -> None:
+        """Record ``rows`` of ``tables`` before this call writes them (for :meth:`rollback`)."""
+        for table in tables:
+            self._undo["rows"].append((table, rows, table.index_select(0, rows).clone()))
+
+    def commit(self) -> None:
+        self._undo = None
+
+    def rollback(self) -> None:
+        """Put back every table row this call wrote, the hyper-step count and the pending
+        augmentation record (so a retried call equals an uninterrupted one)."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        for table, rows, old in reversed(undo["rows"]):
+            table.index_copy_(0, rows, old)
+        self.tables.hyper_steps.copy_(undo["hyper_steps"])
+        self._pending, self._augment_calls = undo["pending"], undo["augment_calls"]
+        self.last_hypergradients = undo["last_hypergradients"]
 
     def _hypergradients(self, ctx: RefineContext, w_logits, lab_logits, pending):
         """Hypergradients ``dL_val/dlam`` of this batch's rows (no table is changed here)."""
@@ -476,7 +509,7 @@ class AutoDO(Policy):
             val_grad = [-v[k].float() for k in keys]
             prob = HeadProblem(a, z, coef, s, float(denom), loss=self.loss, damping=self.damping,
                                bias=head.bias is not None, log_targets=None if log_s is None else log_s)
-            u = prob.inverse_hvp(val_grad, self.alpha, self.neumann_steps, self.scaled)
+            u = [t.float() for t in prob.inverse_hvp(val_grad, self.alpha, self.neumann_steps, self.scaled)]
             e = loss_residual(z.float(), s, self.loss, log_s)
             proj = a.float() @ u[0].t()
             if len(u) > 1:
@@ -540,7 +573,7 @@ class AutoDO(Policy):
 
             extra["u_norm"] = lambda: head_stats()["u_norm"]
             extra["cos_u_val_grad"] = lambda: head_stats()["cos_u_val_grad"]
-        val_loss = ctx.refiner._val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
+        val_loss = ctx.refiner.val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
         extra["val_loss"] = lambda: float(val_loss)
         return grads, scores, extra
 
@@ -615,8 +648,12 @@ class AutoDO(Policy):
                            "augment": self.augment_mode, "models": self.models},
                 "tables": {k: v.detach().clone() for k, v in self.tables.state_dict().items()}}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        cfg = state.get("config", {})
+    def check_state(self, state: Any) -> None:
+        """Raise (changing nothing) unless ``state`` is a complete, finite AutoDO state for this policy."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+                or not isinstance(state.get("tables"), dict):
+            raise ConfigurationError("an AutoDO state needs 'config' and 'tables' dicts", "load a state saved by AutoDO")
+        cfg = state["config"]
         mine = self.state_dict()["config"]
         diff = [k for k in ("num_points", "num_classes", "ops", "augment") if cfg.get(k) != mine[k]]
         if diff:
@@ -625,9 +662,16 @@ class AutoDO(Policy):
                                      "build the policy with the same num_points, num_classes, ops and augment")
         own = self.tables.state_dict()
         tabs = state["tables"]
-        bad = [k for k in own if k not in tabs or tabs[k].shape != own[k].shape]
+        bad = [k for k in own if k not in tabs or not torch.is_tensor(tabs[k]) or tabs[k].shape != own[k].shape]
         if bad:
             raise ConfigurationError(f"AutoDO state tables missing or mis-shaped: {bad}", "load a state saved by AutoDO")
-        self.tables.load_state_dict({k: tabs[k] for k in own})
+        if nonfinite([tabs[k] for k in own]):
+            raise NonFiniteError("AutoDO state tables hold NaN/inf", "load an intact checkpoint")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state(state)
+        own = self.tables.state_dict()
+        self.tables.load_state_dict({k: state["tables"][k] for k in own})
         self._pending = []
         self._augment_calls = 0
+        self._undo = None

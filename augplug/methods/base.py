@@ -167,12 +167,12 @@ class RefineContext:
         """The validation direction ``v = -grad L_val``, refreshed on the refiner's schedule."""
         if self._direction is None:
             r = self.refiner
-            self.refreshed = r._v is None or r.step_count - r._v_step >= r.refresh_every
+            self.refreshed = r.direction_is_due()
             if self.refreshed:
                 self.v_new = r.compute_validation_direction(self.num_classes)
                 self._direction = self.v_new.direction()
             else:
-                self._direction = r._v
+                self._direction = r.validation_direction
         return self._direction
 
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
@@ -247,6 +247,19 @@ class Policy:
             scores[aug] = g.to(scores)
         weights[aug], soft[aug] = w.to(weights), s.to(soft)
         return weights, soft, scores
+
+    # ------------------------------------------------------------------ transactions and state
+    # A policy that changes its own state inside refine() (tables, buffers) makes the change undoable:
+    # the refiner calls commit() once the whole call has succeeded and rollback() when any part of it
+    # (the policy's or the refiner's) raised, so a rejected call leaves the policy as it was.
+    def commit(self) -> None:
+        """Make this call's changes final (default: nothing to do)."""
+
+    def rollback(self) -> None:
+        """Undo the changes of the call in progress (default: nothing to undo)."""
+
+    def check_state(self, state: Any) -> None:
+        """Raise (changing nothing) unless ``state`` can be loaded by ``load_state_dict``."""
 
     def extra_repr(self) -> str:
         return ""

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
+from ..finite import nonfinite
 from ..scores import scoring_mode
 from .base import Policy, RefineContext
 
@@ -792,7 +793,20 @@ class InfluencePolicy(Policy):
         return InfluenceScorer(model=refiner.net, params=list(refiner._score_params()), scope="full",
                                bn=refiner.bn_mode, curvature=self.curvature, **self.solver_options)
 
+    _STATE = ("_buffer", "_batches", "_u", "_u_step", "solve_info", "last_influence")
+
+    def commit(self) -> None:
+        self._undo = None
+
+    def rollback(self) -> None:
+        """Put the buffer and the solved direction back as they were before the failed call."""
+        undo, self._undo = getattr(self, "_undo", None), None
+        if undo is not None:
+            for name, value in zip(self._STATE, undo):
+                setattr(self, name, value)
+
     def refine(self, ctx: RefineContext):
+        self._undo = tuple(getattr(self, name) for name in self._STATE)  # attributes are replaced, never mutated
         y, aug = ctx.targets, ctx.augmented
         B, C = ctx.batch, ctx.num_classes
         weights = torch.ones(B, dtype=torch.float32, device=y.device)
@@ -858,7 +872,8 @@ class InfluencePolicy(Policy):
             "u_step": self._u_step,
         }
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def check_state(self, state: object) -> None:
+        """Raise (changing nothing) unless ``state`` is a complete, finite influence-policy state."""
         keys = {"buffer", "batches", "u", "u_step"}
         if not isinstance(state, dict) or set(state) != keys:
             raise ConfigurationError("influence policy state has the wrong keys",
@@ -866,10 +881,26 @@ class InfluencePolicy(Policy):
         buf = state["buffer"]
         if buf is not None and (not torch.is_tensor(buf) or buf.dim() != 2):
             raise ShapeError("influence policy buffer must be a 2-D tensor", "load a state saved by this policy")
+        batches, u = state["batches"], state["u"]
+        if not isinstance(batches, list) or not all(isinstance(b, (tuple, list)) and len(b) == 2 and
+                                                    all(torch.is_tensor(t) for t in b) for b in batches):
+            raise ConfigurationError("influence policy 'batches' must be a list of (inputs, targets) tensor pairs",
+                                     "load a state saved by this policy")
+        if u is not None and (not isinstance(u, dict) or not all(torch.is_tensor(t) for t in u.values())):
+            raise ConfigurationError("influence policy 'u' must be a dict of tensors", "load a state saved by this policy")
+        if not isinstance(state["u_step"], int):
+            raise ConfigurationError("influence policy 'u_step' must be an int", "load a state saved by this policy")
+        if nonfinite(buf, batches, u):
+            raise NonFiniteError("the influence policy state holds NaN/inf", "load an intact checkpoint")
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.check_state(state)
+        buf = state["buffer"]
         self._buffer = None if buf is None else buf.clone()
         self._batches = [(x.clone(), t.clone()) for x, t in state["batches"]]
         self._u = None if state["u"] is None else {k: t.clone() for k, t in state["u"].items()}
         self._u_step = int(state["u_step"])
+        self._undo = None
 
     def extra_repr(self) -> str:
         o = self.solver_options

@@ -1,0 +1,356 @@
+"""The bookkeeping every refiner shell shares: update counting, the validation stream and the cached
+validation direction with its refresh schedule, bad validation batches, and the resumable state.
+
+:class:`RefinerCore` is a base class of :class:`~augplug.AugmentationRefiner` and
+:class:`~augplug.contrastive.ContrastiveRefiner`. The shells say how one validation batch is prepared
+and differentiated and which parameters the direction covers; the core decides how many batches a
+refresh reads, skips or rejects non-finite ones, checks the result before it is kept, and saves and
+restores its state atomically (a rejected state changes nothing).
+
+Bad validation batches: a batch whose inputs or targets hold NaN/inf is skipped when
+``bad_val_batch="skip"`` (the default; counted in ``stats["skipped_val_batches"]``, with a
+warning) or rejected with :class:`~augplug.errors.NonFiniteError` (``"raise"``). A skipped batch is
+replaced by the next one: with an integer ``val_batches`` a refresh still averages that many good
+batches; with ``"all"`` it averages the good batches of one pass. A validation gradient that is not
+finite although its batch is (the model itself overflows) is always an error. Either way, nothing
+non-finite is ever kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from .distributed import all_reduce_sum_
+from .distributed import rank as dist_rank
+from .distributed import world_size as dist_world_size
+from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, ShapeError
+from .finite import nonfinite
+from .rng import PrivateRNG
+from .scores import GradSum
+from .steps import StepCounter
+from .validation import CachedValidationStream, ValidationStream
+
+__all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
+
+#: Version of the refiners' ``state_dict`` layout (version 1 states load too: they lack only the
+#: count of skipped validation batches, which restarts at 0).
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+#: Values of ``bad_val_batch``.
+BAD_VAL_BATCH = ("skip", "raise")
+
+_CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
+_CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
+
+
+def check_part_presence(state: Dict[str, Any], key: str, expected: bool, what: str) -> None:
+    """Raise unless ``state[key]`` is there exactly when this refiner keeps ``what`` (a state saved
+    with other options, or a truncated one, must not load half-way)."""
+    saved = state.get(key) is not None
+    if saved != expected:
+        if expected:
+            problem = f"the refiner state has no {key!r} entry, but this refiner keeps {what}"
+        else:
+            problem = f"the refiner state holds {what} ({key!r}), which this refiner does not keep"
+        raise ConfigurationError(problem, "build the refiner with the options the state was saved with "
+                                          "(method, isda, aug_weight) before loading")
+
+
+def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
+    """Validation batches per refresh: ``val_batches``, or for ``"all"`` the batches of one pass
+    (``pass_length()``, e.g. ``len`` of the loader)."""
+    if val_batches == "all":
+        try:
+            return max(pass_length(), 1)
+        except TypeError:
+            raise ConfigurationError("val_batches='all' needs a validation loader with len()",
+                                     "pass an integer val_batches") from None
+    return int(val_batches)
+
+
+def unwrap_optimizer(optimizer):
+    """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
+    seen = set()
+    opt = optimizer
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks"):
+            return opt
+        opt = next((getattr(opt, a) for a in ("optimizer", "original_optimizer", "base_optimizer", "_optimizer")
+                    if getattr(opt, a, None) is not None), None)
+    raise ConfigurationError(
+        f"cannot register a step hook on {type(optimizer).__name__} or any optimizer it wraps",
+        "pass the underlying torch.optim.Optimizer, or optimizer=None (then every refiner call counts as a step)")
+
+
+class RefinerCore:
+    """Shared state and schedule of a refiner shell (see the module docstring).
+
+    A shell calls :meth:`_init_core` in its constructor and implements :meth:`_direction_shapes`
+    (the parameter names and shapes a validation direction covers). Public attributes:
+    ``step_count`` (optimizer updates, or calls without an optimizer), ``calls``,
+    ``skipped_val_batches``.
+    """
+
+    method: str
+    refresh_every: int
+    val_batches: Any
+
+    # ------------------------------------------------------------------ construction
+    def _init_core(self, optimizer, val_loader, *, seed: int, needs_validation: bool, cache_validation: bool,
+                   bad_val_batch: str) -> None:
+        if bad_val_batch not in BAD_VAL_BATCH:
+            raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {bad_val_batch!r}",
+                                     "use 'skip' (skip and count non-finite validation batches) or 'raise'")
+        self._optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.bad_val_batch = bad_val_batch
+        self.seed = int(seed)
+        self._rng = PrivateRNG(seed)   # the validation stream's RNG: identical on every process
+        self.val_loader = val_loader
+        self.cache_validation = bool(cache_validation)
+        stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
+        self._stream = stream_cls(val_loader, self._rng) if needs_validation else None
+        self._steps = StepCounter(self._optimizer) if self._optimizer is not None else None
+        self._call_steps = 0
+        self.calls = 0
+        self.skipped_val_batches = 0
+        self._v: Optional[Dict[str, torch.Tensor]] = None
+        self._v_step = -1
+        self._val_loss = float("nan")
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer updates so far (every call counts as one when there is no optimizer)."""
+        return self._steps.count if self._steps is not None else self._call_steps
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        if self._steps is not None:
+            self._steps.count = int(value)
+        else:
+            self._call_steps = int(value)
+
+    def _remove_step_hook(self) -> None:
+        if self._steps is not None:
+            self._steps.remove()
+
+    @property
+    def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached ``v = -grad L_val`` (parameter name -> tensor), or None before the first refresh."""
+        return self._v
+
+    @property
+    def val_loss(self) -> float:
+        """Mean validation loss of the last refresh (NaN before the first)."""
+        return float(self._val_loss)
+
+    # ------------------------------------------------------------------ the refresh schedule
+    def direction_is_due(self) -> bool:
+        """Whether a call now recomputes the validation direction."""
+        return self._v is None or self.step_count - self._v_step >= self.refresh_every
+
+    def _num_val_batches(self) -> Optional[int]:
+        """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
+        return None if self.val_batches == "all" else int(self.val_batches)
+
+    def _pass_length(self) -> int:
+        return num_val_batches("all", self._stream.pass_length if self.cache_validation
+                               else (lambda: len(self.val_loader)))
+
+    def _validation_sum(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
+        """Sum the validation gradient over one refresh's batches (``skipped``: the batches skipped).
+
+        ``prepare(x, y)`` places and checks a raw batch (on the reading process only, or once by a
+        cached stream), ``gradient(x, y)`` returns its :class:`~augplug.scores.GradSum`, ``rows(y)``
+        its number of samples, ``reduce`` sums a partial result over processes. Every process reads
+        every batch; good batch ``j`` is differentiated by process ``j % world``. Advances the
+        stream; changes nothing else.
+        """
+        cached = self.cache_validation
+        if cached:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
+            self._stream.prepare = lambda x, y: (x, y) if nonfinite(x, y) else prepare(x, y)
+        want = self._num_val_batches()
+        reads = self._pass_length() if want is None else None
+        limit = want + self._skip_limit() if want is not None else reads
+        world, rank = dist_world_size(), dist_rank()
+        total, good, skipped, read = GradSum({}, 0), 0, 0, 0
+        while (good < want and read < limit) if want is not None else read < reads:
+            x, y = self._stream.next()
+            read += 1
+            if nonfinite(x, y):
+                if self.bad_val_batch == "raise":
+                    raise NonFiniteError("a validation batch holds NaN/inf in its inputs or targets",
+                                         "clean the validation set, or pass bad_val_batch='skip' to skip such "
+                                         "batches")
+                skipped += 1
+                continue
+            mine = good % world == rank
+            good += 1
+            if not mine:
+                continue
+            if not cached:
+                x, y = prepare(x, y)
+            if rows(y) == 0:
+                continue
+            try:
+                part = gradient(x, y)
+            except (AugplugError, NotImplementedError):
+                raise
+            except RuntimeError as e:  # a shape or dtype clash inside the model's forward
+                raise ShapeError(f"the model failed on a validation batch: {str(e).splitlines()[0]}",
+                                 "make the validation loader yield inputs like the training inputs (same shape, "
+                                 "channels, dtype and device placement)") from e
+            total = total.add(part)
+        if good == 0:
+            if skipped:
+                raise NonFiniteError(f"all {skipped} validation batches read for this refresh hold NaN/inf",
+                                     "clean the validation set: no finite batch is left to compute the direction from")
+            raise EmptyValidationError("the validation batches drawn hold no samples",
+                                       "pass a loader over at least one clean labelled sample")
+        if want is not None and good < want:
+            raise NonFiniteError(f"only {good} of {want} validation batches were finite after skipping {skipped}",
+                                 "clean the validation set, or lower val_batches")
+        if world > 1:
+            total = self._all_reduce(total)
+        if total.count == 0:
+            raise EmptyValidationError("the validation batches drawn hold no samples",
+                                       "pass a loader over at least one clean labelled sample")
+        if nonfinite(list(total.sums.values()), torch.as_tensor(total.loss_sum)):
+            raise NonFiniteError("the validation gradient is not finite although the validation batches are",
+                                 "the model overflows on clean data: lower the learning rate, or check the "
+                                 "model's weights for NaN/inf")
+        if skipped:
+            warnings.warn(f"augplug skipped {skipped} validation batch(es) holding NaN/inf "
+                          "(counted in stats['skipped_val_batches'])", RuntimeWarning, stacklevel=4)
+        return dataclasses.replace(total, skipped=skipped)
+
+    def _all_reduce(self, total: GradSum) -> GradSum:
+        """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
+        dev = self._device()
+        sums = {k: (total.sums[k].float().clone() if k in total.sums
+                    else torch.zeros(shape, dtype=torch.float32, device=dev))
+                for k, shape in self._direction_shapes().items()}
+        meta = torch.tensor([float(total.count), float(total.loss_sum)], dtype=torch.float64)
+        all_reduce_sum_(list(sums.values()) + [meta])
+        return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
+
+    def _skip_limit(self) -> int:
+        """Consecutive bad batches an integer ``val_batches`` refresh reads past: one pass (or 1000)."""
+        try:
+            return self._pass_length()
+        except ConfigurationError:
+            return 1000
+
+    def _commit_direction(self, v_new: Optional[GradSum]) -> None:
+        """Keep a freshly computed (and checked) direction as of this update."""
+        if v_new is None:
+            return
+        self._v = v_new.direction()
+        self._v_step = self.step_count
+        self._val_loss = v_new.loss_sum / max(v_new.count, 1)
+        self.skipped_val_batches += int(v_new.skipped)
+
+    def _count_call(self) -> None:
+        self.calls += 1
+        if self._steps is None:
+            self._call_steps += 1
+
+    def _snapshot(self) -> Tuple[Any, ...]:
+        """What a failing call must put back: the private RNG and the stream's position."""
+        return self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None
+
+    def _restore(self, snap: Tuple[Any, ...]) -> None:
+        self._rng.state = snap[0]
+        if self._stream is not None and snap[1] is not None:
+            self._stream.load_state_dict(snap[1])
+
+    # ------------------------------------------------------------------ resumable state
+    def _direction_shapes(self) -> Dict[str, torch.Size]:
+        """Names and shapes of the parameters a validation direction covers (shell specific)."""
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _core_state(self) -> Dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "method": self.method,
+            "step_count": self.step_count,
+            "calls": self.calls,
+            "v": None if self._v is None else {k: t.detach().clone() for k, t in self._v.items()},
+            "v_step": self._v_step,
+            "val_loss": float(self._val_loss),
+            "rng_state": self._rng.state.clone(),
+            "stream": self._stream.state_dict() if self._stream is not None else None,
+            "skipped_val_batches": self.skipped_val_batches,
+        }
+
+    def _check_core_state(self, state: Any) -> None:
+        """Raise (changing nothing) unless ``state`` is a complete, finite state for this refiner."""
+        if not isinstance(state, dict):
+            raise ConfigurationError(f"a refiner state must be a dict, got {type(state).__name__}", _CHECKPOINT_FIX)
+        if state.get("version") not in _READABLE_VERSIONS:
+            raise ConfigurationError(f"refiner state version {state.get('version')} is not one of "
+                                     f"{_READABLE_VERSIONS}", "load a state saved by this version of augplug")
+        missing = [k for k in _CORE_KEYS if k not in state]
+        if missing:
+            raise ConfigurationError(f"the refiner state lacks {missing} (truncated or not a refiner state)",
+                                     _CHECKPOINT_FIX)
+        if state["method"] != self.method:
+            raise ConfigurationError(f"state was saved by method {state['method']!r}, this refiner is "
+                                     f"{self.method!r}", "build the refiner with the same method before loading")
+        for key in ("step_count", "calls", "v_step"):
+            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < (-1 if key == "v_step" else 0):
+                raise ConfigurationError(f"the refiner state's {key!r} is {state[key]!r}, not a count", _CHECKPOINT_FIX)
+        skipped = state.get("skipped_val_batches", 0)
+        if not isinstance(skipped, int) or skipped < 0:
+            raise ConfigurationError(f"the refiner state's 'skipped_val_batches' is {skipped!r}", _CHECKPOINT_FIX)
+        v = state["v"]
+        if v is not None:
+            expected = self._direction_shapes()
+            if not isinstance(v, dict) or set(v) != set(expected):
+                names = sorted(v) if isinstance(v, dict) else type(v).__name__
+                raise ConfigurationError(
+                    f"the saved validation direction covers {names}, this refiner scores {sorted(expected)}",
+                    "build the refiner with the same model, mode and val_params before loading")
+            for k, t in v.items():
+                if not torch.is_tensor(t) or t.shape != expected[k]:
+                    raise ShapeError(
+                        f"the saved validation direction's {k!r} has shape {tuple(getattr(t, 'shape', ()))}, this "
+                        f"model's is {tuple(expected[k])} (another number of classes or features?)",
+                        "load a state saved with the same model architecture and number of classes")
+            if nonfinite(list(v.values())):
+                raise NonFiniteError("the saved validation direction holds NaN/inf",
+                                     "load an intact checkpoint (an earlier one), or drop the refiner's state: "
+                                     "the direction is recomputed at the next refresh")
+            if not isinstance(state["val_loss"], (int, float)) or not math.isfinite(state["val_loss"]):
+                raise NonFiniteError(f"the saved validation loss is {state['val_loss']!r}", "load an intact checkpoint")
+        rng = state["rng_state"]
+        if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
+            raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
+        if state["stream"] is not None and self._stream is None:
+            raise ConfigurationError("the state holds a validation stream but this refiner reads none",
+                                     "build the refiner with the same method before loading")
+        if self._stream is not None and state["stream"] is not None:
+            if not isinstance(state["stream"], dict):
+                raise ConfigurationError("the refiner state's 'stream' is not a stream state", _CHECKPOINT_FIX)
+            self._stream.check_state(state["stream"])
+
+    def _load_core_state(self, state: Dict[str, Any]) -> None:
+        """Assign a state :meth:`_check_core_state` accepted."""
+        dev = self._device()
+        self.step_count = int(state["step_count"])
+        self.calls = int(state["calls"])
+        self._v = None if state["v"] is None else {k: t.to(dev).clone() for k, t in state["v"].items()}
+        self._v_step = int(state["v_step"])
+        self._val_loss = float(state["val_loss"])
+        self._rng.state = state["rng_state"].clone().cpu()
+        self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
+        if self._stream is not None and state.get("stream") is not None:
+            self._stream.load_state_dict(state["stream"])
