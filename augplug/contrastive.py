@@ -585,6 +585,7 @@ class ContrastiveRefiner(RefinerCore):
             "active": bool(active),
             "refreshed": bool(refreshed),
             "step": self.step_count,
+            "skipped_val_batches": self.skipped_val_batches,
             "val_loss": self._val_loss,
             "aug_weight": float(aug_weight),
         }
@@ -605,7 +606,7 @@ class ContrastiveRefiner(RefinerCore):
         """Restore a :meth:`state_dict`; the whole state is checked first (a rejected one changes nothing)."""
         self._check_core_state(state)
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
-        if state["share"] is not None:
+        if self.share is not None:
             self.share.check_state(state["share"])
         self._load_core_state(state)
         if self.share is not None:

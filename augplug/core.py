@@ -343,7 +343,10 @@ class RefinerCore:
             self._stream.check_state(state["stream"])
 
     def _load_core_state(self, state: Dict[str, Any]) -> None:
-        """Assign a state :meth:`_check_core_state` accepted."""
+        """Assign a state :meth:`_check_core_state` accepted (the stream first: re-opening its pass is
+        the one step that can still fail, and it leaves the stream as it was when it does)."""
+        if self._stream is not None and state.get("stream") is not None:
+            self._stream.load_state_dict(state["stream"])
         dev = self._device()
         self.step_count = int(state["step_count"])
         self.calls = int(state["calls"])
@@ -352,5 +355,3 @@ class RefinerCore:
         self._val_loss = float(state["val_loss"])
         self._rng.state = state["rng_state"].clone().cpu()
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
-        if self._stream is not None and state.get("stream") is not None:
-            self._stream.load_state_dict(state["stream"])

@@ -532,7 +532,8 @@ class AugmentationRefiner(RefinerCore):
             }
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
-                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count},
+                          "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
+                          "skipped_val_batches": self.skipped_val_batches},
                          summaries, summary_keys=StepStats.SUMMARY_KEYS + ("aug_weight",))
 
     # ------------------------------------------------------------------ checks and state
@@ -559,20 +560,21 @@ class AugmentationRefiner(RefinerCore):
         check_part_presence(state, "policy", hasattr(self.policy, "state_dict"), "the method's state")
         check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
-        if state["policy"] is not None:
-            self.policy.check_state(state["policy"])
-        if state["isda"] is not None:
-            self.isda.check_state_dict(state["isda"])
-        if state["share"] is not None:
-            self.share.check_state(state["share"])
+        policy, isda, share = state.get("policy"), state.get("isda"), state.get("share")
+        if policy is not None:
+            self.policy.check_state(policy)
+        if isda is not None:
+            self.isda.check_state_dict(isda)
+        if share is not None:
+            self.share.check_state(share)
         # everything is checked: assign
         self._load_core_state(state)
-        if state["policy"] is not None:
-            self.policy.load_state_dict(state["policy"])
-        if state["isda"] is not None:
-            self.isda.load_state_dict(state["isda"])
-        if state["share"] is not None:
-            self.share.load_state_dict(state["share"])
+        if policy is not None:
+            self.policy.load_state_dict(policy)
+        if isda is not None:
+            self.isda.load_state_dict(isda)
+        if share is not None:
+            self.share.load_state_dict(share)
             self.aug_weight = self.share.value
 
     def __repr__(self) -> str:

@@ -258,7 +258,13 @@ class TabularCutMix:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
+        """Restore a :meth:`state_dict` (checked first: a rejected state changes nothing)."""
+        g = state.get("generator") if isinstance(state, dict) else None
+        own = self.generator.get_state()
+        if not torch.is_tensor(g) or g.dtype != own.dtype or g.shape != own.shape:
+            raise ConfigurationError("a TabularCutMix state needs the 'generator' state it saved",
+                                     "load a state saved by TabularCutMix.state_dict()")
+        self.generator.set_state(g.clone())
 
     def __repr__(self) -> str:
         return (f"TabularCutMix(p={self.p}, proportion={self.proportion!r}, label={self.label!r}, "
