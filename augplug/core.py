@@ -120,8 +120,12 @@ class RefinerCore:
         self.calls = 0
         self.skipped_val_batches = 0
         self._v: Optional[Dict[str, torch.Tensor]] = None
+        self._v_halves: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = None
         self._v_step = -1
         self._val_loss = float("nan")
+        #: also keep the directions of two disjoint halves of the validation samples (the refinement
+        #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
+        self.split_validation = False
 
     @property
     def step_count(self) -> int:
@@ -143,6 +147,11 @@ class RefinerCore:
     def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:
         """The cached ``v = -grad L_val`` (parameter name -> tensor), or None before the first refresh."""
         return self._v
+
+    @property
+    def half_directions(self) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        """The cached directions of the two validation halves (``split_validation``), or None."""
+        return self._v_halves
 
     @property
     def val_loss(self) -> float:
@@ -220,6 +229,8 @@ class RefinerCore:
         if total.count == 0:
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean labelled sample")
+        if self.split_validation and total.halves is None:  # this process drew no batch of its own
+            total = dataclasses.replace(total, halves=(GradSum({}, 0), GradSum({}, 0)))
         if nonfinite(list(total.sums.values()), torch.as_tensor(total.loss_sum)):
             raise NonFiniteError("the validation gradient is not finite although the validation batches are",
                                  "the model overflows on clean data: lower the learning rate, or check the "
@@ -229,7 +240,7 @@ class RefinerCore:
                           "(counted in stats['skipped_val_batches'])", RuntimeWarning, stacklevel=4)
         return dataclasses.replace(total, skipped=skipped)
 
-    def _all_reduce(self, total: GradSum) -> GradSum:
+    def _all_reduce(self, total: GradSum, with_halves: bool = True) -> GradSum:
         """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
         dev = self._device()
         sums = {k: (total.sums[k].float().clone() if k in total.sums
@@ -237,7 +248,11 @@ class RefinerCore:
                 for k, shape in self._direction_shapes().items()}
         meta = torch.tensor([float(total.count), float(total.loss_sum)], dtype=torch.float64)
         all_reduce_sum_(list(sums.values()) + [meta])
-        return GradSum(sums, int(round(float(meta[0]))), float(meta[1]))
+        halves = None
+        if self.split_validation and with_halves:
+            empty = GradSum({}, 0)
+            halves = tuple(self._all_reduce(h, with_halves=False) for h in (total.halves or (empty, empty)))
+        return GradSum(sums, int(round(float(meta[0]))), float(meta[1]), halves=halves)
 
     def _skip_limit(self) -> int:
         """Consecutive bad batches an integer ``val_batches`` refresh reads past: one pass (or 1000)."""
@@ -251,9 +266,15 @@ class RefinerCore:
         if v_new is None:
             return
         self._v = v_new.direction()
+        self._v_halves = None if v_new.halves is None else tuple(self._full_direction(h) for h in v_new.halves)
         self._v_step = self.step_count
         self._val_loss = v_new.loss_sum / max(v_new.count, 1)
         self.skipped_val_batches += int(v_new.skipped)
+
+    def _full_direction(self, half: GradSum) -> Dict[str, torch.Tensor]:
+        """A half's direction over every name the direction covers (zeros for a half with no rows)."""
+        v = half.direction()
+        return {k: v[k] if k in v else torch.zeros_like(t) for k, t in self._v.items()}
 
     def _count_call(self) -> None:
         self.calls += 1
@@ -289,6 +310,8 @@ class RefinerCore:
             "rng_state": self._rng.state.clone(),
             "stream": self._stream.state_dict() if self._stream is not None else None,
             "skipped_val_batches": self.skipped_val_batches,
+            "v_halves": None if self._v_halves is None else [{k: t.detach().clone() for k, t in h.items()}
+                                                              for h in self._v_halves],
         }
 
     def _check_core_state(self, state: Any) -> None:
@@ -331,6 +354,15 @@ class RefinerCore:
                                      "the direction is recomputed at the next refresh")
             if not isinstance(state["val_loss"], (int, float)) or not math.isfinite(state["val_loss"]):
                 raise NonFiniteError(f"the saved validation loss is {state['val_loss']!r}", "load an intact checkpoint")
+        halves = state.get("v_halves")
+        if halves is not None:
+            if v is None or not isinstance(halves, (list, tuple)) or len(halves) != 2 or \
+                    any(not isinstance(h, dict) or set(h) != set(v) for h in halves):
+                raise ConfigurationError("the saved half directions do not match the saved direction", _CHECKPOINT_FIX)
+            if any(not torch.is_tensor(t) or t.shape != v[k].shape for h in halves for k, t in h.items()):
+                raise ShapeError("the saved half directions have other shapes than the direction", _CHECKPOINT_FIX)
+            if nonfinite(list(halves)):
+                raise NonFiniteError("the saved half directions hold NaN/inf", "load an intact checkpoint")
         rng = state["rng_state"]
         if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
@@ -351,6 +383,8 @@ class RefinerCore:
         self.step_count = int(state["step_count"])
         self.calls = int(state["calls"])
         self._v = None if state["v"] is None else {k: t.to(dev).clone() for k, t in state["v"].items()}
+        halves = state.get("v_halves")
+        self._v_halves = None if halves is None else tuple({k: t.to(dev).clone() for k, t in h.items()} for h in halves)
         self._v_step = int(state["v_step"])
         self._val_loss = float(state["val_loss"])
         self._rng.state = state["rng_state"].clone().cpu()

@@ -27,12 +27,13 @@ from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
 from .methods.base import RefineContext
 from .scores import SCORE_MODES, GradSum, validation_gradient
 from .share import AdaptiveShare
+from .valve import RefinementStrength, cross_fit_statistics
 from .stats import StepStats
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
 
 __all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "build_policy", "num_val_batches", "resolve_share",
-           "unwrap_optimizer"]
+           "resolve_strength", "unwrap_optimizer"]
 
 #: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
 DEFAULTS: Dict[str, Any] = dict(
@@ -52,6 +53,7 @@ DEFAULTS: Dict[str, Any] = dict(
     threshold=0.0,
     aug_weight="adaptive",
     weight_signal="agreement",
+    strength=1.0,
 )
 
 #: Values of the refiners' ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
@@ -96,6 +98,29 @@ def resolve_share(aug_weight) -> Tuple[float, Optional[AdaptiveShare]]:
     if isinstance(aug_weight, AdaptiveShare):
         return aug_weight.init, aug_weight
     return aug_weight, None
+
+
+STRENGTHS = ("auto", "adaptive")
+
+
+def resolve_strength(strength) -> Tuple[Optional[float], Optional[RefinementStrength]]:
+    """``(fixed strength, RefinementStrength or None)`` from the refiner's ``strength`` option: a
+    number in [0, 1] (fixed), ``"auto"`` (fixed strength None: 1 for batches with originals, 0
+    without), ``"adaptive"`` (:class:`~augplug.valve.RefinementStrength` defaults) or a
+    ``RefinementStrength``."""
+    if isinstance(strength, str):
+        if strength not in STRENGTHS:
+            raise ConfigurationError(f"strength must be a number in [0, 1], 'auto', 'adaptive' or a RefinementStrength, "
+                                     f"got {strength!r}", "use strength='auto' or strength=1.0")
+        if strength == "auto":
+            return None, None
+        strength = RefinementStrength()
+    if isinstance(strength, RefinementStrength):
+        return strength.init, strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ConfigurationError(f"strength must be a number in [0, 1], 'adaptive' or a RefinementStrength, got "
+                                 f"{strength!r}", "use strength='adaptive' or strength=1.0 (full refinement)")
+    return float(strength), None
 
 
 def augmented_rows(batch: int, num_original: int, augmented, device, unit: str = "rows"):
@@ -167,6 +192,15 @@ class AugmentationRefiner(RefinerCore):
             originals, ``num_original=``/``augmented=``; policies that score augmented rows with
             ``Policy.refine``, such as SAflex and L2RW). Default (None): ``"adaptive"`` for
             ``method="saflex"``, 1.0 otherwise; batches of augmented rows alone are unaffected.
+        strength: the refinement strength ``gamma`` in [0, 1]: the augmented rows are trained with
+            ``w = 1 + gamma (w' - 1)`` and ``y = y~ + gamma (y' - y~)`` (``w'``, ``y'``: the policy's
+            weights and targets; 0 is plain upstream augmentation, 1 the full refinement).
+            ``"auto"`` (the default for ``method="saflex"``): 1 for batches that hold originals
+            (``num_original=`` / ``augmented=``), 0 for batches of augmented rows alone, which are
+            then trained as given at no cost (measured: per-sample weights without originals cost
+            accuracy, ``docs/trust.md``). ``"adaptive"`` (or a
+            :class:`~augplug.valve.RefinementStrength`): learned online from a cross-fitted
+            first-order signal (:mod:`augplug.valve`). A number: fixed. Other methods: 1.0.
         beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, weight_signal: SAflex
             hyperparameters (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
         weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
@@ -209,6 +243,7 @@ class AugmentationRefiner(RefinerCore):
         warmup_steps: int = DEFAULTS["warmup_steps"],
         orig_weight: float = 1.0,
         aug_weight: Union[None, float, str, AdaptiveShare] = None,
+        strength: Union[None, float, str, RefinementStrength] = None,
         beta: float = DEFAULTS["beta"],
         tau: float = DEFAULTS["tau"],
         gumbel: bool = DEFAULTS["gumbel"],
@@ -234,6 +269,9 @@ class AugmentationRefiner(RefinerCore):
         if aug_weight is None:  # SAflex learns the share by default; other methods keep the upstream mixture
             aug_weight = DEFAULTS["aug_weight"] if isinstance(method, str) and method == "saflex" else 1.0
         aug_weight, self.share = resolve_share(aug_weight)
+        if strength is None:  # SAflex's refinement has a safety valve by default; other methods keep theirs whole
+            strength = DEFAULTS["strength"] if isinstance(method, str) and method == "saflex" else 1.0
+        self.fixed_strength, self.strength = resolve_strength(strength)
         if weight_norm is None:  # SAflex keeps the classes' shares without originals; other methods the paper's norm
             weight_norm = DEFAULTS["weight_norm"] if isinstance(method, str) and method == "saflex" else "augmented"
         check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
@@ -245,6 +283,11 @@ class AugmentationRefiner(RefinerCore):
                 f"aug_weight='adaptive' needs a policy that scores the augmented rows with class scores; "
                 f"{self.policy.name!r} does not",
                 "use method='saflex' or 'l2rw' (or a Policy that keeps Policy.refine), or a fixed aug_weight")
+        scores_rows = self.policy.needs_scores and type(self.policy).refine is Policy.refine
+        if (self.strength is not None or self.fixed_strength is None or self.fixed_strength != 1.0) and not scores_rows:
+            raise ConfigurationError(
+                f"a refinement strength other than 1 needs a policy that refines rows from their class scores; "
+                f"{self.policy.name!r} does not", "use method='saflex' or 'l2rw', or strength=1.0")
         if weight_norm in ("auto", "class") and not self.policy.refiner_renormalizes:
             raise ConfigurationError(f"weight_norm={weight_norm!r} rescales the policy's weights by class, but "
                                      f"{self.policy.name!r} keeps its weights on their own scale",
@@ -275,6 +318,9 @@ class AugmentationRefiner(RefinerCore):
         # the hooks come last, so that a rejected option leaves none behind
         self._init_core(optimizer, val_loader, seed=seed, needs_validation=self.policy.needs_scores,
                         cache_validation=cache_validation, bad_val_batch=bad_val_batch)
+        self.split_validation = self.strength is not None
+        if self.strength is not None:
+            self.strength.to(self._device())
         self.accelerator = accelerator
         self.stats: Dict[str, Any] = {}
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
@@ -334,8 +380,9 @@ class AugmentationRefiner(RefinerCore):
 
         def gradient(x, y):
             if self.mode == "last_layer":
-                return validation_gradient(self.net, x, y, head=self.head, head_name=self.head_name, bn=self.bn_mode)
-            return validation_gradient(self.net, x, y, params=params, bn=self.bn_mode)
+                return validation_gradient(self.net, x, y, head=self.head, head_name=self.head_name, bn=self.bn_mode,
+                                           halves=self.split_validation)
+            return validation_gradient(self.net, x, y, params=params, bn=self.bn_mode, halves=self.split_validation)
 
         with self._capture.paused(), self._autocast():
             return self._validation_sum(lambda x, y: self._prepare_val_batch(x, y, num_classes), gradient,
@@ -393,6 +440,10 @@ class AugmentationRefiner(RefinerCore):
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
         aug, rows, n_aug = augmented_rows(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
+        used_strength = self.fixed_strength
+        if self.strength is None and self.fixed_strength is None:  # "auto": refine only beside originals
+            used_strength = 1.0 if self._global_count(batch - n_aug) > 0 else 0.0
+            active = active and used_strength > 0
         ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index,
                             rows=rows, n_augmented=n_aug)
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
@@ -405,6 +456,12 @@ class AugmentationRefiner(RefinerCore):
             if self.isda is not None:  # reject bad ISDA inputs before a stateful policy runs
                 self.isda._check_inputs(ctx.features(), logits, y, self.head, update=torch.is_grad_enabled())
             weights, soft, scores = self.policy.refine(ctx)
+            strength_state = None
+            if self.strength is not None:
+                used_strength = self.strength.value
+                strength_state = self._propose_strength(ctx, y, aug, rows, n_aug)
+            if self.strength is not None or used_strength != 1.0:
+                weights, soft = self._apply_strength(weights, soft, y, aug, used_strength)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
@@ -421,6 +478,8 @@ class AugmentationRefiner(RefinerCore):
 
         # commit
         self.policy.commit()
+        if strength_state is not None:
+            self.strength.load_state_dict(strength_state)
         used_share = self.aug_weight
         if share_state is not None:
             self.share.load_state_dict(share_state)
@@ -430,8 +489,48 @@ class AugmentationRefiner(RefinerCore):
         self._capture.clear()
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
-                                     used_share)
+                                     used_share, used_strength)
         return loss
+
+    @staticmethod
+    def _global_count(count: int) -> int:
+        """``count`` summed over the processes of a process group (itself in one process)."""
+        if dist_world_size() == 1:
+            return count
+        t = torch.tensor([float(count)], dtype=torch.float64)
+        all_reduce_sum_([t])
+        return int(t.item())
+
+    def _propose_strength(self, ctx: RefineContext, y, aug, rows, n_aug: int):
+        """The refinement strength's next state from this batch's cross-fitted signal (None: not
+        active, no rows to refine, or no half directions yet). In a process group every process
+        takes part, whatever its rows."""
+        distributed = dist_world_size() > 1
+        if not (ctx.active and ctx.scored) or (n_aug == 0 and not distributed):
+            return None
+        halves = ctx.half_directions()
+        if halves is None:
+            return None
+        ya = y[rows]
+        picks = []
+        for k, v_half in enumerate(halves):
+            g = ctx.scores(rows, v_half)
+            w, s = self.policy(g, ya, self.noise_generator(stream=1000 + k), **self.policy.call_inputs(ctx))
+            full = torch.ones(aug.shape[0], dtype=torch.float32, device=y.device)
+            full[rows] = w.to(full)
+            w, _ = self._normalize(full, aug, rows, n_aug, y)
+            picks.append((w[rows], s.to(ya), g))
+        (w_a, s_a, g_a), (w_b, s_b, g_b) = picks
+        return self.strength.propose(cross_fit_statistics(ya, w_a, s_a, g_b, w_b, s_b, g_a, distributed=distributed))
+
+    @staticmethod
+    def _apply_strength(weights, soft, y, aug, gamma):
+        """``w_eff = 1 + gamma (w - 1)`` and ``y_eff = y~ + gamma (y' - y~)`` on the augmented rows (before
+        the weights are normalized)."""
+        gamma = torch.as_tensor(gamma, dtype=torch.float32, device=weights.device)
+        weights = torch.where(aug, 1 + gamma * (weights - 1), weights)
+        soft = torch.where(aug[:, None], y + gamma * (soft - y), soft)
+        return weights, soft
 
     def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
@@ -513,7 +612,7 @@ class AugmentationRefiner(RefinerCore):
         opts = {} if isda is True else dict(isda)
         return ISDALoss.for_head(self.head, **opts)
 
-    def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight: float) -> StepStats:
+    def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight, strength) -> StepStats:
         weights, soft, scores, aug = weights.detach(), soft.detach(), scores.detach(), aug.detach()
         val_loss = self._val_loss
 
@@ -529,12 +628,13 @@ class AugmentationRefiner(RefinerCore):
                 "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
                 "val_loss": float(val_loss),
                 "aug_weight": float(aug_weight),
+                "strength": float(strength),
             }
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
                           "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
                           "skipped_val_batches": self.skipped_val_batches},
-                         summaries, summary_keys=StepStats.SUMMARY_KEYS + ("aug_weight",))
+                         summaries, summary_keys=StepStats.SUMMARY_KEYS + ("aug_weight", "strength"))
 
     # ------------------------------------------------------------------ checks and state
     def validate(self, logits: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
@@ -550,6 +650,7 @@ class AugmentationRefiner(RefinerCore):
             "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
             "isda": self.isda.state_dict() if self.isda is not None else None,
             "share": self.share.state_dict() if self.share is not None else None,
+            "strength": self.strength.state_dict() if self.strength is not None else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -560,7 +661,12 @@ class AugmentationRefiner(RefinerCore):
         check_part_presence(state, "policy", hasattr(self.policy, "state_dict"), "the method's state")
         check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
-        policy, isda, share = state.get("policy"), state.get("isda"), state.get("share")
+        if state.get("version") != 1:  # states before the refinement strength hold no such entry
+            check_part_presence(state, "strength", self.strength is not None,
+                                "an adaptive refinement strength (strength='adaptive')")
+        policy, isda, share, strength = state.get("policy"), state.get("isda"), state.get("share"), state.get("strength")
+        if strength is not None:
+            self.strength.check_state(strength)
         if policy is not None:
             self.policy.check_state(policy)
         if isda is not None:
@@ -576,10 +682,14 @@ class AugmentationRefiner(RefinerCore):
         if share is not None:
             self.share.load_state_dict(share)
             self.aug_weight = self.share.value
+        if strength is not None:
+            self.strength.load_state_dict(strength)
 
     def __repr__(self) -> str:
         return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
                 f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps}, "
                 f"weight_norm={self.weight_norm!r}"
+                + (f", strength={self.strength!r}" if self.strength is not None else
+                   f", strength={'auto' if self.fixed_strength is None else self.fixed_strength!r}")
                 + (f", aug_weight={self.share!r}" if self.share is not None else "")
                 + (", cache_validation=True" if self.cache_validation else "") + ")")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -134,15 +134,21 @@ class GradSum:
     count: int
     loss_sum: Union[float, torch.Tensor] = 0.0  # a 0-dim fp64 tensor on the device (read it lazily)
     skipped: int = 0  # validation batches skipped as non-finite while this sum was built (augplug.core)
+    #: the same sum over two disjoint halves of the samples (alternate rows), when asked for
+    halves: Optional[Tuple["GradSum", "GradSum"]] = None
 
     def add(self, other: "GradSum") -> "GradSum":
         if not self.sums:
             return other
+        halves = None
+        if self.halves is not None and other.halves is not None:
+            halves = (self.halves[0].add(other.halves[0]), self.halves[1].add(other.halves[1]))
         return GradSum({k: self.sums[k] + other.sums[k] for k in self.sums},
-                       self.count + other.count, self.loss_sum + other.loss_sum)
+                       self.count + other.count, self.loss_sum + other.loss_sum, halves=halves)
 
     def direction(self) -> Dict[str, torch.Tensor]:
-        return {k: -(s / max(self.count, 1)) for k, s in self.sums.items()}
+        count = self.count.clamp_min(1) if torch.is_tensor(self.count) else max(self.count, 1)
+        return {k: -(s / count) for k, s in self.sums.items()}
 
 
 def _forward_logits(model: nn.Module, inputs) -> torch.Tensor:
@@ -161,13 +167,16 @@ def validation_gradient(
     head: Optional[nn.Linear] = None,
     head_name: Optional[str] = None,
     bn: str = "eval",
+    halves: bool = False,
 ) -> GradSum:
     """Summed cross-entropy gradient of one validation batch.
 
     ``targets`` are (B, C) probabilities. With ``head``/``head_name`` given (last-layer mode) the
     gradient of the head's weight and bias is computed in closed form from the features the head
     receives, ``sum_j (p_j - y_j) a_j^T``; otherwise ``params`` (name -> parameter of the unwrapped
-    model) are differentiated by autograd without touching ``.grad``.
+    model) are differentiated by autograd without touching ``.grad``. ``halves=True`` also returns
+    the sums over the two fixed halves of the validation samples (:func:`half_mask`;
+    ``GradSum.halves``, the total is their sum), from the same forward pass.
     """
     net = unwrap_model(model)
     y = targets.float()
@@ -182,24 +191,63 @@ def validation_gradient(
         a = feats[-1].flatten(1).float()
         logp = F.log_softmax(logits.float(), -1)
         r = logp.exp() - y  # (B, C) residual: d CE / d z
-        sums = {f"{head_name}.weight": r.t() @ a}
-        if head.bias is not None:
-            sums[f"{head_name}.bias"] = r.sum(0)
-        return GradSum(sums, int(y.shape[0]), (-(y * logp).sum()).double())
+
+        def head_sum(m: Optional[torch.Tensor]) -> GradSum:  # m: (B,) 0/1 row mask, or None for all rows
+            rm, ym = (r, y) if m is None else (r * m[:, None], y * m[:, None])
+            sums = {f"{head_name}.weight": rm.t() @ a}
+            if head.bias is not None:
+                sums[f"{head_name}.bias"] = rm.sum(0)
+            count = int(y.shape[0]) if m is None else m.sum()
+            return GradSum(sums, count, (-(ym * logp).sum()).double())
+
+        if not halves:
+            return head_sum(None)
+        m = half_mask(inputs, y.shape[0], y.device).float()
+        return _from_halves(head_sum(m), head_sum(1 - m), int(y.shape[0]))
     if not params:
         raise ConfigurationError("no trainable parameters to differentiate",
                                  "make sure the model has parameters with requires_grad=True")
     with torch.enable_grad(), scoring_mode(net, bn):
         logits = _forward_logits(net, inputs)
-        loss = -(y * F.log_softmax(logits.float(), -1)).sum()
-        sums = grad_sums(loss, params)
-    return GradSum(sums, int(y.shape[0]), loss.detach().double())
+        if not halves:
+            loss = -(y * F.log_softmax(logits.float(), -1)).sum()
+            return GradSum(grad_sums(loss, params), int(y.shape[0]), loss.detach().double())
+        per = -(y * F.log_softmax(logits.float(), -1)).sum(-1)
+        m = half_mask(inputs, y.shape[0], y.device).float()
+        parts = []
+        for k, mk in enumerate((m, 1 - m)):
+            loss = (per * mk).sum()
+            parts.append(GradSum(grad_sums(loss, params, retain_graph=k == 0), mk.sum(), loss.detach().double()))
+    return _from_halves(*parts, int(y.shape[0]))
 
 
-def grad_sums(loss: torch.Tensor, params: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
+_PROJECTIONS: Dict[tuple, torch.Tensor] = {}
+
+
+def half_mask(inputs, rows: int, device=None) -> torch.Tensor:
+    """Which half (True: A) each validation row belongs to, decided by its content, so that a sample
+    stays in the same half however the loader batches or shuffles it: a fixed pseudo-random
+    projection of the row (fp64), its fractional part above or below 1/2. Inputs that are not one
+    tensor with a row per sample (dicts, token lists) fall back to alternate rows."""
+    if not torch.is_tensor(inputs) or inputs.dim() == 0 or inputs.shape[0] != rows:
+        return torch.arange(rows, device=device) % 2 == 0
+    flat = inputs.detach().reshape(rows, -1).double()
+    key = (flat.shape[1], flat.device)
+    if key not in _PROJECTIONS:
+        g = torch.Generator().manual_seed(0x5EED)
+        _PROJECTIONS[key] = (torch.rand(flat.shape[1], generator=g, dtype=torch.float64) * 2 - 1).to(flat.device) * 997.0
+    h = flat @ _PROJECTIONS[key]
+    return (torch.frac(h.abs()) < 0.5).to(device or flat.device)
+
+
+def _from_halves(a: GradSum, b: GradSum, count: int) -> GradSum:
+    return GradSum({k: a.sums[k] + b.sums[k] for k in a.sums}, count, a.loss_sum + b.loss_sum, halves=(a, b))
+
+
+def grad_sums(loss: torch.Tensor, params: Dict[str, nn.Parameter], retain_graph: bool = False) -> Dict[str, torch.Tensor]:
     """``d loss / d p`` for each named parameter, detached fp32 (zeros where ``loss`` does not depend on it)."""
     names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=retain_graph)
     return {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
             for n, g in zip(names, grads)}
 

@@ -175,6 +175,19 @@ class RefineContext:
                 self._direction = r.validation_direction
         return self._direction
 
+    def half_directions(self):
+        """The directions of the two validation halves (refreshed with :meth:`direction`), or None
+        when the refiner does not split its validation samples."""
+        self.direction()
+        if self.v_new is not None:
+            halves = self.v_new.halves
+            if halves is None:
+                return None
+            full = self._direction
+            return tuple({k: h.get(k, torch.zeros_like(t)) for k, t in full.items()}
+                         for h in (half.direction() for half in halves))
+        return self.refiner.half_directions
+
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Class scores ``g`` (fp32) of ``rows`` (a bool mask or any index; default: the augmented rows)
         along ``v`` (default: the validation direction)."""

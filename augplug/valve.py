@@ -1,0 +1,176 @@
+"""The refinement strength: a safety valve that scales the refinement toward the upstream targets
+when the validation set says it does not help.
+
+With refinement strength ``gamma`` in [0, 1] the augmented rows are trained with
+
+    w_eff = 1 + gamma * (w - 1),        y_eff = y~ + gamma * (y' - y~)
+
+(``w``, ``y'``: the policy's normalised weights and soft targets; ``y~``: the upstream targets), so
+``gamma = 0`` is plain upstream augmentation and ``gamma = 1`` the policy's full refinement.
+
+Whether refinement helps is measured by **cross-fitting**. Each refresh splits the validation
+samples into two disjoint halves A and B (alternate rows of every validation batch) and keeps their
+directions ``v_A``, ``v_B`` besides the full ``v``. On every call the policy is applied once more
+with the scores along ``v_A`` alone, giving ``(w^A, y'^A)``, and that choice is judged with the
+agreements along ``v_B``; and the other way round:
+
+    d = 1/2 [ mean_i (w^A_i y'^A_i - y~_i)^T g^B_i  +  mean_i (w^B_i y'^B_i - y~_i)^T g^A_i ]
+
+``y^T g`` is the first-order drop of the validation loss after a step on a row with target ``y``
+(:mod:`augplug.scores`), so ``d`` estimates how much more the refined rows lower the validation loss
+than the upstream rows would, per row. For kept labels (``beta=inf``) it is ``mean (w - 1) y~^T g``,
+the derivative of that drop in ``gamma``. Using one half to choose and the other to judge removes the
+winner's curse of judging weights with the same noisy scores that chose them (:mod:`augplug.share`
+documents that bias): when the weights carry no information about what helps, ``w^A`` is independent
+of the noise in ``g^B`` and ``E[d] = 0``; the test in ``tests/test_valve.py`` draws augmented rows
+exactly like the validation rows and checks that ``gamma`` stays where it started on average, and
+that oracle weights raise it.
+
+``gamma`` follows the sign of ``d`` with steps normalised by a running RMS of ``d`` (the scores
+shrink by orders of magnitude during training; the step should not), clipped to ``[0, 1]``:
+
+    gamma <- clip(gamma + lr * d / rms(d), 0, 1)
+
+The state lives on the model's device as 0-dim tensors; a training step reads nothing back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from .distributed import all_reduce_sum_, is_distributed
+from .errors import ConfigurationError, NonFiniteError
+
+__all__ = ["RefinementStrength", "cross_fit_statistics"]
+
+
+def cross_fit_statistics(upstream: torch.Tensor, weights_a: torch.Tensor, soft_a: torch.Tensor, scores_b: torch.Tensor,
+                         weights_b: torch.Tensor, soft_b: torch.Tensor, scores_a: torch.Tensor, *,
+                         distributed: bool = False) -> torch.Tensor:
+    """``[sum_i d_i, n]`` (fp64, on the rows' device; summed over processes when ``distributed``) with
+
+        d_i = 1/2 [ (w^A_i y'^A_i - y~_i)^T g^B_i + (w^B_i y'^B_i - y~_i)^T g^A_i ]
+
+    over the augmented rows: ``upstream`` (n, C) targets, the policy's normalised weights (n,) and
+    soft targets (n, C) chosen with the scores along one half's direction, and the other half's
+    scores (n, C)."""
+    y = upstream.double()
+    judged_b = ((weights_a.double()[:, None] * soft_a.double() - y) * scores_b.double()).sum(-1)
+    judged_a = ((weights_b.double()[:, None] * soft_b.double() - y) * scores_a.double()).sum(-1)
+    d = 0.5 * (judged_b + judged_a)
+    stats = torch.stack([d.sum(), torch.full((), float(d.shape[0]), dtype=torch.float64, device=d.device)])
+    if distributed and is_distributed():
+        all_reduce_sum_([stats])
+    return stats
+
+
+class RefinementStrength:
+    """The refinement strength ``gamma`` in [0, 1], moved by the cross-fitted signal (module docstring).
+
+    Args:
+        init: starting strength (1: the policy's full refinement; 0: upstream).
+        lr: step of ``gamma`` per update in units of the running RMS of the signal.
+        decay: EMA decay of the signal's running mean square (and of the evidence averages).
+        evidence: move only while the running mean of the signal lies at least this many standard
+            errors from zero; ``None``: every update moves it.
+    """
+
+    def __init__(self, init: float = 1.0, lr: float = 0.02, decay: float = 0.99, evidence: Optional[float] = None):
+        if not (0.0 <= init <= 1.0):
+            raise ConfigurationError(f"the strength's init must lie in [0, 1], got {init}", "use init=1.0")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigurationError(f"the strength's lr must be a positive number, got {lr}", "use lr=0.02")
+        if not 0 <= decay < 1:
+            raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
+        if evidence is not None and not (evidence >= 0 and math.isfinite(evidence)):
+            raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence}", "use evidence=None")
+        self.init, self.lr, self.decay = float(init), float(lr), float(decay)
+        self.evidence = None if evidence is None else float(evidence)
+        self.gamma = torch.tensor(self.init, dtype=torch.float64)
+        self.mean_square = torch.tensor(0.0, dtype=torch.float64)
+        self.updates = torch.tensor(0, dtype=torch.int64)
+        self.test_mean = torch.tensor(0.0, dtype=torch.float64)
+        self.test_square = torch.tensor(0.0, dtype=torch.float64)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The current strength, a 0-dim fp32 tensor on the state's device."""
+        return self.gamma.float()
+
+    def to(self, device) -> "RefinementStrength":
+        for name in ("gamma", "mean_square", "updates", "test_mean", "test_square"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The state after one update from :func:`cross_fit_statistics` (None: unchanged), without
+        changing this object (:meth:`load_state_dict` commits it). A batch without rows or with a
+        non-finite signal leaves the state as it is."""
+        state = {"gamma": self.gamma, "mean_square": self.mean_square, "updates": self.updates,
+                 "test_mean": self.test_mean, "test_square": self.test_square}
+        if stats is None:
+            return state
+        gamma, ms_old, updates, tm_old, ts_old = (t.to(stats.device) for t in state.values())
+        total, n = stats.double().unbind()
+        d = total / n.clamp_min(1.0)
+        valid = (n > 0) & torch.isfinite(d)
+        d = torch.where(valid, d, torch.zeros_like(d))
+        ms = torch.where(updates == 0, d * d, self.decay * ms_old + (1 - self.decay) * d * d)
+        step = torch.where(ms > 0, self.lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
+        tm, ts = tm_old, ts_old
+        if self.evidence is not None:
+            count = updates + 1
+            alpha = (1 - self.decay) / (1 - self.decay ** count.double())
+            tm, ts = tm_old + alpha * (d - tm_old), ts_old + alpha * (d * d - ts_old)
+            b, c = self.decay, count.double()
+            q = (1 - b) * (1 - b ** (2 * c)) / ((1 + b) * (1 - b ** c) ** 2)
+            var = (ts - tm * tm).clamp_min(0) / (1 - q).clamp_min(1e-300)
+            significant = (count >= 2) & (tm * tm >= self.evidence ** 2 * q * var) & (tm != 0)
+            step = torch.where(significant, step, torch.zeros_like(step))
+        new_gamma = (gamma + step).clamp(0.0, 1.0)
+
+        def keep(new, old):
+            return torch.where(valid, new, old)
+
+        return {"gamma": keep(new_gamma, gamma), "mean_square": keep(ms, ms_old), "updates": updates + valid.long(),
+                "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"gamma": float(self.gamma), "mean_square": float(self.mean_square), "updates": int(self.updates),
+                "test_mean": float(self.test_mean), "test_square": float(self.test_square)}
+
+    def check_state(self, state: Any) -> None:
+        """Raise (changing nothing) unless ``state`` is a complete, finite :meth:`state_dict`."""
+        keys = ("gamma", "mean_square", "updates", "test_mean", "test_square")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ConfigurationError(f"a refinement-strength state needs the keys {keys}",
+                                     "load a state saved by RefinementStrength.state_dict()")
+        for k in keys:
+            v = float(state[k]) if isinstance(state[k], (torch.Tensor, int, float)) else float("nan")
+            if not math.isfinite(v):
+                raise NonFiniteError(f"the refinement-strength state's {k!r} is {state[k]!r}", "load an intact checkpoint")
+        if not 0.0 <= float(state["gamma"]) <= 1.0 or int(state["updates"]) < 0 or float(state["mean_square"]) < 0:
+            raise ConfigurationError("the refinement-strength state is out of range (gamma outside [0, 1], or a "
+                                     "negative count or mean square)", "load an intact checkpoint")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (numbers) or commit a :meth:`propose` result (tensors, kept
+        where they are)."""
+        dev = self.gamma.device
+
+        def put(value, dtype):
+            if isinstance(value, torch.Tensor):
+                return value.detach().to(dtype)
+            return torch.tensor(value, dtype=dtype, device=dev)
+
+        self.gamma = put(state["gamma"], torch.float64)
+        self.mean_square = put(state["mean_square"], torch.float64)
+        self.updates = put(state["updates"], torch.int64)
+        self.test_mean = put(state["test_mean"], torch.float64)
+        self.test_square = put(state["test_square"], torch.float64)
+
+    def __repr__(self) -> str:
+        return f"RefinementStrength(init={self.init}, lr={self.lr}, decay={self.decay}, evidence={self.evidence})"

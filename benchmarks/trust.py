@@ -1,0 +1,361 @@
+"""Trust benchmark: does turning the refiner on ever cost accuracy?
+
+Every protocol runs each usage pattern against its controls, on three offline data sets and four
+kinds of upstream augmentation, with paired seeds.
+
+Data sets (seeded, stratified splits; 28x28 grey images get a small CNN, the table an MLP):
+  ``fmnist``  Fashion-MNIST, 3,000 train / 500 clean validation / 2,000 test;
+  ``digits``  scikit-learn digits (8x8), 1,000 / 300 / 497;
+  ``letter``  UCI Letter (16 features, 26 classes), 3,000 / 500 / 4,000.
+
+Upstream augmentation (4 views per training row, precomputed per seed):
+  ``random``    strong views (RandAugment(num_ops=2, magnitude=15) on images; Gaussian noise of 0.5
+                standard deviations and CutMix-style column swaps on the table), 30 % of the views
+                given a uniformly random wrong label;
+  ``pairflip``  the same views, 30 % of class c labelled c + 1 (class-dependent wrong labels);
+  ``identity``  labels kept, but the views of half of the classes lose their identity (images:
+                rotated by 90, 180 or 270 degrees and flipped; table: columns shuffled), the other
+                half gets mild views (RandAugment magnitude 5; noise of 0.1 standard deviations);
+  ``clean``     the strong views with their true labels: nothing is broken.
+
+Usage patterns (how the refiner is called):
+  ``batch``     originals and views in one batch, ``refiner(model(cat), cat_y, num_original=n)``;
+  ``separate``  the views alone through the refiner, plus the user's own CE on the originals
+                (a second forward);
+  ``alone``     views only, no originals at all;
+  ``mixup``     views only, mixed pairwise (Mixup, alpha 0.4): soft targets.
+
+Arms: ``none`` (originals only, plain CE), ``upstream`` (the pattern with ``method="none"``),
+``refiner`` (augplug's defaults, ``--set`` changes them), ``clean`` (the pattern with every view's
+true label; random and pairflip only).
+
+    python -m benchmarks.trust --workers 2 --seeds 0 1 2 3 4 --out trust/summary
+
+writes ``benchmarks/results/<out>.md`` (one table: per data set, upstream and pattern, the arms'
+accuracy and the paired differences refiner - upstream and refiner - max(none, upstream)) and the
+raw per-run JSON beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import mean_std, paired_difference, parse_sets, results_dir
+
+DATASETS = ("fmnist", "digits", "letter")
+UPSTREAMS = ("random", "pairflip", "identity", "clean")
+PATTERNS = ("batch", "separate", "alone", "mixup")
+ARMS = ("none", "upstream", "refiner", "clean")
+VIEWS, NOISE = 4, 0.3
+
+
+# ----------------------------------------------------------------------------- data
+def _split(y: np.ndarray, sizes: Tuple[int, int, int], seed: int):
+    from augplug.data import stratified_split
+    rest, test = stratified_split(y, sizes[2], seed=seed)
+    rest2, val = stratified_split(y[rest], sizes[1], seed=seed + 1)
+    _, train = stratified_split(y[rest][rest2], sizes[0], seed=seed + 2)
+    return rest[rest2][train], rest[val], test
+
+
+def load(dataset: str, seed: int):
+    """``(x_train_raw, y_train, x_val, y_val, x_test, y_test, kind)``; images as uint8 (N, H, W)."""
+    if dataset == "fmnist":
+        from benchmarks.datasets import load_fashion_mnist
+        x, y = load_fashion_mnist("train")
+        tr, va, _ = _split(y.numpy(), (3000, 500, 10), seed)
+        xt, yt = load_fashion_mnist("test")
+        g = torch.Generator().manual_seed(seed)
+        te = torch.randperm(len(yt), generator=g)[:2000]
+        return x[tr], y[tr], x[va], y[va], xt[te], yt[te], "image"
+    if dataset == "digits":
+        from benchmarks.datasets import load_digits_images
+        x, y = load_digits_images()
+        x = (x[:, 0] * 255).round().to(torch.uint8)
+        tr, va, te = _split(y.numpy(), (1000, 300, 497), seed)
+        return x[tr], y[tr], x[va], y[va], x[te], y[te], "image"
+    if dataset == "letter":
+        from benchmarks.datasets import load_uci
+        X, y, _, _ = load_uci("letter")
+        X, y = torch.from_numpy(X), torch.from_numpy(y)
+        tr, va, te = _split(y.numpy(), (3000, 500, 4000), seed)
+        mu, sd = X[tr].mean(0), X[tr].std(0).clamp_min(1e-6)
+        X = (X - mu) / sd
+        return X[tr], y[tr], X[va], y[va], X[te], y[te], "table"
+    raise ValueError(dataset)
+
+
+def _image_views(x_u8: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int, num_classes: int):
+    from torchvision.transforms import v2
+    g = torch.Generator().manual_seed(seed)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    strong = v2.RandAugment(num_ops=2, magnitude=15)
+    mild = v2.RandAugment(num_ops=2, magnitude=5)
+    broken_classes = set(range(0, num_classes, 2))
+    out = torch.empty((x_u8.shape[0], VIEWS) + tuple(x_u8.shape[1:]), dtype=torch.uint8)
+    try:
+        for i in range(x_u8.shape[0]):
+            img = x_u8[i][None]
+            for v in range(VIEWS):
+                if upstream == "identity":
+                    if int(labels[i]) in broken_classes:
+                        k = int(torch.randint(1, 4, (1,), generator=g))
+                        t = torch.rot90(img, k, (1, 2))
+                        out[i, v] = (t.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else t)[0]
+                    else:
+                        out[i, v] = mild(img)[0]
+                else:
+                    out[i, v] = strong(img)[0]
+    finally:
+        torch.set_rng_state(torch_state)
+    return out
+
+
+def _table_views(x: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int, num_classes: int):
+    g = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    out = torch.empty(n, VIEWS, d)
+    broken_classes = torch.tensor([c % 2 == 0 for c in range(num_classes)])
+    for v in range(VIEWS):
+        if upstream == "identity":
+            mild = x + 0.1 * torch.randn(n, d, generator=g)
+            shuffled = torch.stack([row[torch.randperm(d, generator=g)] for row in x])
+            out[:, v] = torch.where(broken_classes[labels][:, None], shuffled, mild)
+        else:
+            partner = x[torch.randint(0, n, (n,), generator=g)]
+            swap = torch.rand(n, d, generator=g) < 0.2
+            out[:, v] = torch.where(swap, partner, x) + 0.5 * torch.randn(n, d, generator=g)
+    return out
+
+
+def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tensor]:
+    """Normalised tensors and the view bank with given and true view labels."""
+    xr, y, xv, yv, xt, yt, kind = load(dataset, seed)
+    num_classes = int(max(y.max(), yv.max(), yt.max())) + 1
+    if kind == "image":
+        views = _image_views(xr, y, upstream, seed, num_classes)
+        mean, std = xr.float().mean() / 255, xr.float().std() / 255
+
+        def norm(t):
+            return ((t.float() / 255 - mean) / std).unsqueeze(-3)
+        xr, xv, xt, views = norm(xr), norm(xv), norm(xt), norm(views)
+    else:
+        views = _table_views(xr, y, upstream, seed, num_classes)
+    given = y[:, None].repeat(1, VIEWS)
+    if upstream in ("random", "pairflip"):
+        from augplug.study import corrupt_views
+        given, _ = corrupt_views(y, VIEWS, NOISE, num_classes, seed=seed, kind=upstream)
+    return dict(x=xr, y=y, xv=xv, yv=yv, xt=xt, yt=yt, views=views, given=given, num_classes=num_classes,
+                kind=kind)
+
+
+# ----------------------------------------------------------------------------- training
+def _model(data, seed: int):
+    from augplug.models import MLP, SmallCNN
+    torch.manual_seed(seed)
+    if data["kind"] == "image":
+        return SmallCNN(1, data["num_classes"], img_size=data["x"].shape[-1], width=16, hidden=128)
+    return MLP(data["x"].shape[1], data["num_classes"], hidden=256, depth=2)
+
+
+def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: int, options: dict) -> Dict:
+    from augplug import AugmentationRefiner
+    from augplug.study import accuracy, binary_auc
+    data = _setting_cache(dataset, upstream, seed)
+    model = _model(data, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y, views, given = data["x"], data["y"], data["views"], data["given"]
+    truth = y[:, None].expand_as(given)
+    refiner = None
+    if arm != "none":
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["xv"], data["yv"]), batch_size=128,
+                                          shuffle=True)
+        kw = dict(options) if arm == "refiner" else {"method": "none"}
+        kw.setdefault("seed", seed)
+        sub = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("strength.")}
+        if sub:  # --set strength.init=0.5 strength.lr=0.05: a RefinementStrength with those options
+            from augplug.valve import RefinementStrength
+            kw["strength"] = RefinementStrength(**sub)
+        share = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("share.")}
+        if share:  # --set share.lr=0.03: an AdaptiveShare with those options
+            from augplug.share import AdaptiveShare
+            kw["aug_weight"] = AdaptiveShare(**share)
+        refiner = AugmentationRefiner(model, opt, val, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    n, c = len(y), data["num_classes"]
+    rec_w, rec_clean, trace = [], [], []
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        pick = torch.randint(0, VIEWS, (n,), generator=g)
+        for s in range(0, n, 128):
+            idx = perm[s:s + 128]
+            xo, yo = x[idx], y[idx]
+            if arm == "none":
+                loss = F.cross_entropy(model(xo), yo)
+            else:
+                xa = views[idx, pick[idx]]
+                ya = (truth if arm == "clean" else given)[idx, pick[idx]]
+                clean_rows = given[idx, pick[idx]] == truth[idx, pick[idx]]
+                if pattern == "batch":
+                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx))
+                elif pattern == "separate":
+                    loss = refiner(model(xa), ya) + F.cross_entropy(model(xo), yo)
+                elif pattern == "alone":
+                    loss = refiner(model(xa), ya)
+                else:  # mixup on the views
+                    lam = float(np.random.default_rng(seed * 100003 + s).beta(0.4, 0.4))
+                    p = torch.randperm(len(idx), generator=g)
+                    soft = F.one_hot(ya, c).float()
+                    loss = refiner(model(lam * xa + (1 - lam) * xa[p]), lam * soft + (1 - lam) * soft[p])
+                    clean_rows = clean_rows & clean_rows[p]
+                st = refiner.stats
+                if arm == "refiner" and st["active"]:
+                    a = st["augmented"]
+                    rec_w.append(st["weights"][a])
+                    rec_clean.append(clean_rows)
+                    trace.append(float(st.get("strength", float("nan"))) if "strength" in st else float("nan"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    out = {"dataset": dataset, "upstream": upstream, "pattern": pattern, "arm": arm, "seed": seed,
+           "test_acc": accuracy(model, data["xt"], data["yt"]), "seconds": time.perf_counter() - t0}
+    if refiner is not None and arm == "refiner":
+        st = refiner.stats
+        out["share"] = float(st.get("aug_weight", float("nan")))
+        out["strength"] = float(st["strength"]) if "strength" in st else float("nan")
+        if rec_w:
+            w, cl = torch.cat(rec_w).numpy(), torch.cat(rec_clean).numpy()
+            out["auc_weight"] = binary_auc(w, cl) if upstream in ("random", "pairflip") else float("nan")
+    return out
+
+
+_CACHE: Dict = {}
+
+
+def _setting_cache(dataset, upstream, seed):
+    key = (dataset, upstream, seed)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = make_setting(dataset, upstream, seed)
+    return _CACHE[key]
+
+
+def _job(args):
+    torch.set_num_threads(1)
+    return run(*args)
+
+
+def jobs(datasets, upstreams, patterns, arms, seeds, epochs, options) -> List[tuple]:
+    """Every run once: ``none`` does not depend on the upstream (run with the first one given), and
+    the ``clean`` arm's views and labels are the same for random and pairflip (run with ``random``)."""
+    out = []
+    for d, s in itertools.product(datasets, seeds):
+        if "none" in arms:
+            out.append((d, upstreams[0], "none", "none", s, epochs, options))
+        for u, p, a in itertools.product(upstreams, patterns, arms):
+            if a == "none" or (a == "clean" and u not in ("random", "pairflip")):
+                continue
+            if a == "clean" and u == "pairflip" and "random" in upstreams:
+                continue
+            out.append((d, u, p, a, s, epochs, options))
+    return out
+
+
+def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
+    """One line per data set, upstream and pattern."""
+    def acc(d, u, p, a):
+        def same_upstream(r):  # none: any upstream; clean: random and pairflip share theirs
+            if a == "none":
+                return True
+            if a == "clean" and u == "pairflip" and not any(x["upstream"] == "pairflip" and x["arm"] == "clean"
+                                                           for x in rows):
+                return r["upstream"] == "random"
+            return r["upstream"] == u
+        return {r["seed"]: r["test_acc"] for r in rows if r["dataset"] == d and r["arm"] == a and same_upstream(r)
+                and (a == "none" or r["pattern"] == p)}
+    header = ["data set", "upstream", "pattern", "none", "upstream", "refiner", "clean", "refiner − upstream",
+              "refiner − max(none, upstream)", "strength", "AUC"]
+    lines = []
+    keys = sorted({(r["dataset"], r["upstream"], r["pattern"]) for r in rows if r["arm"] != "none"},
+                  key=lambda k: (DATASETS.index(k[0]), UPSTREAMS.index(k[1]), PATTERNS.index(k[2])))
+    for d, u, p in keys:
+        arms = {a: acc(d, u, p, a) for a in ARMS}
+        seeds = sorted(set(arms["refiner"]) & set(arms["upstream"]))
+
+        def cell(a):
+            v = [arms[a][s] for s in seeds if s in arms[a]]
+            if not v:
+                return "–"
+            m, sd = mean_std(v)
+            return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+        def diff(ref):
+            if not seeds or any(s not in ref for s in seeds):
+                return "–"
+            m, sd, wins, n = paired_difference([arms["refiner"][s] for s in seeds], [ref[s] for s in seeds])
+            return f"{100 * m:+.2f} ± {100 * sd:.2f} ({wins}/{n})"
+        best = {s: max(arms["upstream"][s], arms["none"].get(s, -1)) for s in seeds} if arms["none"] else {}
+        diff_best = diff(best) if p in ("batch", "separate") and best else "–"
+        extra = [r for r in rows if (r["dataset"], r["upstream"], r["pattern"], r["arm"]) == (d, u, p, "refiner")]
+        strength = np.nanmean([r.get("strength", float("nan")) for r in extra]) if extra else float("nan")
+        auc = np.nanmean([r.get("auc_weight", float("nan")) for r in extra]) if extra else float("nan")
+        lines.append([d, u, p, cell("none"), cell("upstream"), cell("refiner"), cell("clean"), diff(arms["upstream"]),
+                      diff_best, "–" if math.isnan(strength) else f"{strength:.2f}",
+                      "–" if math.isnan(auc) else f"{auc:.3f}"])
+    return header, lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    ap.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS)
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (paired across arms)")
+    ap.add_argument("--epochs", type=int, default=8, help="training epochs")
+    ap.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="refiner options of the refiner arm, e.g. valve=False")
+    ap.add_argument("--out", default=None, help="results name under benchmarks/results/ (no extension)")
+    args = ap.parse_args(argv)
+    options = parse_sets(args.set)
+    todo = jobs(args.datasets, args.upstreams, args.patterns, args.arms, args.seeds, args.epochs, options)
+    from tqdm import tqdm
+    rows = []
+    if args.workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            for r in tqdm(pool.imap_unordered(_job, todo), total=len(todo), desc="trust runs"):
+                rows.append(r)
+    else:
+        torch.set_num_threads(1)
+        for j in tqdm(todo, desc="trust runs"):
+            rows.append(run(*j))
+    header, lines = summarise(rows)
+    text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    text += ["| " + " | ".join(line) + " |" for line in lines]
+    table = "\n".join(text)
+    print(table)
+    if args.out:
+        path = results_dir() / f"{args.out}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = "python -m benchmarks.trust " + " ".join(os.sys.argv[1:] if argv is None else argv)
+        path.write_text(f"<!-- {cmd} -->\n\nTest accuracy (%), mean ± std over seeds {args.seeds}; paired "
+                        f"differences mean ± std (refiner better / seeds). Options: {options or 'defaults'}.\n\n"
+                        + table + "\n")
+        path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
