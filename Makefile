@@ -21,6 +21,7 @@ demo: venv
 	$(VPY) -m augplug demo
 
 test: venv
+	$(VENV)/bin/lint-imports
 	NO_ALBUMENTATIONS_UPDATE=1 $(VPY) -m pytest -q -p no:cacheprovider tests
 
 datasets:

@@ -7,9 +7,10 @@
 __version__ = "0.1.0"
 
 from . import functional
+from .checks import validate
 from .errors import (AugplugError, ClassCountMismatchError, ConfigurationError, EmptyValidationError,
                      ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
-                     UnsupportedModelError, ValidationFailed, validate)
+                     UnsupportedModelError, ValidationFailed)
 from .heads import find_classifier, unwrap_model
 from .isda import ISDALoss
 from .methods import L2RW, SAFLEX_PAPER, NoRefinement, Policy, RefineContext, SAflex

@@ -1,4 +1,4 @@
-"""Typed errors and :func:`validate`, which lists every problem it finds together with its fix.
+"""Typed errors (a leaf module: it imports nothing from the package).
 
 Every error augplug raises derives from :class:`AugplugError` and carries two strings: ``problem``
 (what is wrong) and ``fix`` (what to do about it). Each also derives from the closest built-in
@@ -8,10 +8,8 @@ A call that raises one of these errors leaves the refiner's state exactly as it 
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import List
 
-import torch
-from torch import nn
 
 __all__ = [
     "AugplugError",
@@ -25,7 +23,6 @@ __all__ = [
     "EmptyValidationError",
     "ModelModeError",
     "ValidationFailed",
-    "validate",
 ]
 
 
@@ -85,86 +82,3 @@ class ValidationFailed(AugplugError, ValueError):
             if p.fix:
                 lines.append(f"     fix: {p.fix}")
         super().__init__("\n".join(lines), "")
-
-
-def validate(
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    val_loader: Optional[Iterable] = None,
-    *,
-    mode: str = "last_layer",
-    classifier=None,
-    num_classes: Optional[int] = None,
-    logits: Optional[torch.Tensor] = None,
-    targets: Optional[torch.Tensor] = None,
-    strict: bool = False,
-) -> List[AugplugError]:
-    """Check a model / optimizer / validation loader / batch for everything augplug needs.
-
-    Returns the list of problems (empty when all is well); with ``strict=True`` raises
-    :class:`ValidationFailed` holding all of them instead. Nothing is modified. Checks:
-
-    - the model is in training mode;
-    - in last-layer mode, the classifier head can be found and is an ``nn.Linear``;
-    - the optimizer holds at least one of the model's trainable parameters;
-    - the validation loader yields at least one sample, its targets are in range and agree with
-      ``num_classes`` (taken from ``logits`` or the head when not given);
-    - ``logits`` and ``targets`` (a training batch) have matching shapes, finite values, valid labels.
-    """
-    from .heads import find_classifier  # local: heads imports errors
-    from .targets import check_logits, to_soft_targets
-    from .validation import split_batch
-
-    problems: List[AugplugError] = []
-    if not model.training:
-        problems.append(ModelModeError(
-            "the model is in eval mode",
-            "call model.train() before training steps; augplug switches to eval itself where needed"))
-    head = None
-    if mode in ("last_layer", "auto"):
-        try:
-            _, head = find_classifier(model, classifier)
-        except AugplugError as e:
-            problems.append(e)
-    if num_classes is None and logits is not None and logits.dim() == 2:
-        num_classes = logits.shape[1]
-    if num_classes is None and isinstance(head, nn.Linear):
-        num_classes = head.out_features
-    if optimizer is not None:
-        from .refiner import unwrap_optimizer
-        try:
-            inner = unwrap_optimizer(optimizer)
-            trainable = {id(p) for p in model.parameters() if p.requires_grad}
-            if not any(id(p) in trainable for g in inner.param_groups for p in g["params"]):
-                problems.append(ConfigurationError(
-                    "the optimizer holds none of the model's trainable parameters",
-                    "pass the optimizer that updates this model"))
-        except AugplugError as e:
-            problems.append(e)
-    if logits is not None:
-        try:
-            check_logits(logits)
-            if targets is not None:
-                to_soft_targets(targets, logits.shape[1], batch_size=logits.shape[0])
-        except AugplugError as e:
-            problems.append(e)
-    if val_loader is not None:
-        try:
-            it = iter(val_loader)
-            first = next(it, None)
-            if first is None:
-                raise EmptyValidationError(
-                    "the validation loader yields no batches",
-                    "pass a loader over at least one clean labelled sample (check drop_last and the split)")
-            _, y = split_batch(first)
-            if y.numel() == 0:
-                raise EmptyValidationError(
-                    "the validation loader's first batch is empty",
-                    "pass a loader over at least one clean labelled sample")
-            if num_classes is not None:
-                to_soft_targets(y, num_classes, what="validation targets")
-        except AugplugError as e:
-            problems.append(e)
-    if strict and problems:
-        raise ValidationFailed(problems)
-    return problems

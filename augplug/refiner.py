@@ -21,7 +21,8 @@ from .core import BAD_VAL_BATCH, RefinerCore, check_part_presence, num_val_batch
 from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
-from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError, validate
+from .checks import validate
+from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
 from .heads import ActivationCapture, find_classifier, unwrap_model
 from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
 from .methods.base import RefineContext

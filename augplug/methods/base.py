@@ -9,15 +9,12 @@ scores for any subset of rows.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ShapeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..refiner import AugmentationRefiner
 
 __all__ = ["Policy", "RefineContext", "renormalize", "class_renormalize"]
 
@@ -81,7 +78,7 @@ class RefineContext:
             the batch (``num_original=``; indexing needs no device sync), else the bool mask.
     """
 
-    def __init__(self, refiner: "AugmentationRefiner", logits, targets, augmented, active: bool,
+    def __init__(self, refiner: Any, logits, targets, augmented, active: bool,
                  inputs=None, features=None, index=None, rows=None, n_augmented: Optional[int] = None):
         self.refiner = refiner
         self.logits = logits
