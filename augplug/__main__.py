@@ -13,7 +13,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: augplug {demo,version} [options]\n\n"
               "  demo     refine a harmful RandAugment + label-noise augmentation on scikit-learn digits\n"
-              "  version  print the installed version")
+              "  version  print the installed version\n\n"
+              "installed with it: augplug-timm-train, augplug-accelerate-train, augplug-albumentations-example\n"
+              "(the scripts of augplug.integrations; each takes --help)")
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":

@@ -8,6 +8,7 @@ Arms: ``none`` (the originals, no augmentation), ``upstream`` (originals + augme
 given), ``upstream+SAflex`` and ``upstream+L2RW`` (refined with augplug's defaults), over a few
 seeds; ``--aug-only`` trains on the augmented views alone.
 Prints a table and writes a bar plot and the raw numbers to ``--out``.
+Needs scikit-learn and matplotlib: ``pip install "augplug[demo]"``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ._extras import pyplot, require
 from .data import stratified_split
 from .models import SmallCNN
 from .study import StudyData, corrupt_views, make_view_bank, run_arm
@@ -31,10 +33,9 @@ ARMS = {"none": "none", "upstream": "upstream", "upstream+SAflex": "saflex", "up
 def load_digits_study(seed: int = 0, noise: float = 0.3, views: int = 4, aa: str = "rand-m15-n3-mstd0.5",
                       n_val: int = 300, n_test: int = 500, noise_kind: str = "pairflip") -> StudyData:
     """Digits split into train / val / test with a RandAugment view bank and corrupted view labels."""
-    from sklearn.datasets import load_digits
     from timm.data.auto_augment import rand_augment_transform
 
-    d = load_digits()
+    d = require("sklearn.datasets", "demo", "the demo's digits data").load_digits()
     images = torch.from_numpy(np.round(d.images / 16.0 * 255).astype(np.uint8))
     labels = torch.from_numpy(d.target.astype(np.int64))
     rest, test_idx = stratified_split(labels.numpy(), n_test, seed=seed)
@@ -55,6 +56,10 @@ def run_demo(seeds: List[int], epochs: int = 30, noise: float = 0.3, out: Option
              ) -> Dict[str, List[Dict[str, float]]]:
     """Run every arm for every seed; return ``{arm: [metrics per seed]}`` and write the report to ``out``."""
     from tqdm import tqdm
+
+    require("sklearn.datasets", "demo", "the demo's digits data")   # fail before any training, not after
+    if out:
+        pyplot("demo", "the demo's plot (demo.png)")
 
     jobs = [(arm, seed) for seed in seeds for arm in ARMS]
     results: Dict[str, List[Dict[str, float]]] = {arm: [] for arm in ARMS}
@@ -104,12 +109,7 @@ def format_table(results, seeds, epochs, noise, noise_kind="pairflip", aug_only=
 
 
 def _plot(results, path) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot("demo", "the demo's plot (demo.png)")
     arms = list(results)
     ms = [_ms([r["test_acc"] * 100 for r in results[a]]) for a in arms]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -48,6 +48,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._extras import pyplot, require
 from .errors import ConfigurationError, ShapeError, TargetError
 from .targets import to_soft_targets
 
@@ -400,13 +401,14 @@ class AugmentationAudit:
         return ts, [self.class_name(c) for c in range(n_cls)], vals
 
     def table(self, by: str = "transform", format: str = "pandas", digits: int = 3, sort: Optional[str] = None):
-        """The audit as a ``pandas.DataFrame`` (``format="pandas"``), a markdown string
-        (``"markdown"``) or a list of dicts (``"records"``); ``by`` and ``sort`` as in :meth:`records`."""
+        """The audit as a ``pandas.DataFrame`` (``format="pandas"``, needs ``pip install "augplug[report]"``),
+        a markdown string (``"markdown"``) or a list of dicts (``"records"``); ``by`` and ``sort`` as in
+        :meth:`records`."""
         recs = self.records(by, sort)
         if format == "records":
             return recs
         if format == "pandas":
-            import pandas as pd
+            pd = require("pandas", "report", f"{type(self).__name__}.table(format='pandas')")
             cols = [k for k in ("transform", "class") if by in (k, "transform_class")] + list(METRICS)
             return pd.DataFrame(recs, columns=cols)
         if format == "markdown":
@@ -416,12 +418,8 @@ class AugmentationAudit:
 
     def plot(self, path: Union[str, Path], title: str = "Augmentation audit", max_transforms: int = 30) -> Path:
         """Save a figure: mean weight and relabel rate per transform (bars) and per transform and class
-        (heat maps). Needs matplotlib; returns the path."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        (heat maps). Needs matplotlib (``pip install "augplug[plot]"``); returns the path."""
+        plt = pyplot("plot", f"{type(self).__name__}.plot()")
         ts, classes, wmat = self.matrix("weight_mean")
         _, _, rmat = self.matrix("relabel_rate")
         if not ts:

@@ -1,1 +1,1 @@
-"""Training scripts and examples that use augplug inside other libraries' workflows."""
+"""Checkout shims: the scripts live in :mod:`augplug.integrations` (installed with the package)."""

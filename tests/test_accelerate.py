@@ -48,6 +48,7 @@ def test_launched_script_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["num_processes"] == 2
+    assert "accelerate_train: world size 2" in proc.stdout and res["world_size_warning"] is None
     assert res["refiner_updates"] == 3          # real optimizer updates
     assert res["refiner_calls"] == 6            # micro-batches: 2 per update
     ckpt = tmp_path / "checkpoint"

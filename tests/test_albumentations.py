@@ -101,7 +101,7 @@ def test_refiner_weights_attributed_to_transforms():
 
 
 def test_example_runs(tmp_path):
-    ex = pytest.importorskip("integrations.albumentations_example")
+    ex = pytest.importorskip("augplug.integrations.albumentations_example")
     out = ex.main(["--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--train-limit", "96",
                    "--val-size", "100", "--output", str(tmp_path)])
     audit = out["audit"]

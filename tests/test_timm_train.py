@@ -9,7 +9,7 @@ import torch
 import augplug
 from augplug.methods import POLICIES
 
-tt = pytest.importorskip("integrations.timm_train")
+tt = pytest.importorskip("augplug.integrations.timm_train")
 
 BASE = ["--dataset", "synthetic", "--synthetic-size", "96", "--model", "test_resnet", "--img-size", "16",
         "-b", "16", "--epochs", "1", "--max-steps", "3", "--val-split", "16", "--val-batch-size", "16",
