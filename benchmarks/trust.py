@@ -33,7 +33,8 @@ true label; random and pairflip only).
 
 writes ``benchmarks/results/<out>.md`` (one table: per data set, upstream and pattern, the arms'
 accuracy and the paired differences refiner - upstream and refiner - max(none, upstream)) and the
-raw per-run JSON beside it.
+raw runs beside it (``<out>.jsonl``, one line per run, written as each finishes; the same command
+run again skips the runs already there).
 """
 from __future__ import annotations
 
@@ -332,16 +333,34 @@ def main(argv=None) -> None:
     options = parse_sets(args.set)
     todo = jobs(args.datasets, args.upstreams, args.patterns, args.arms, args.seeds, args.epochs, options)
     from tqdm import tqdm
+    # every finished run is appended to <out>.jsonl at once; a rerun of the same command skips them
+    log = results_dir() / f"{args.out}.jsonl" if args.out else None
     rows = []
+    if log is not None and log.exists():
+        done = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        keys = {(r["dataset"], r["upstream"], r["pattern"], r["arm"], r["seed"]) for r in done}
+        rows = [r for r in done if r["seed"] in args.seeds]
+        todo = [j for j in todo if tuple(j[:5]) not in keys]
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(r):
+        rows.append(r)
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    # the slowest runs (Fashion-MNIST, one-batch pattern) first, so that the workers finish together
+    todo.sort(key=lambda j: (DATASETS.index(j[0]), j[2] != "batch"))
     if args.workers > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(args.workers) as pool:
             for r in tqdm(pool.imap_unordered(_job, todo), total=len(todo), desc="trust runs"):
-                rows.append(r)
+                keep(r)
     else:
         torch.set_num_threads(1)
         for j in tqdm(todo, desc="trust runs"):
-            rows.append(run(*j))
+            keep(run(*j))
     header, lines = summarise(rows)
     text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(line) + " |" for line in lines]
@@ -354,7 +373,7 @@ def main(argv=None) -> None:
         path.write_text(f"<!-- {cmd} -->\n\nTest accuracy (%), mean ± std over seeds {args.seeds}; paired "
                         f"differences mean ± std (refiner better / seeds). Options: {options or 'defaults'}.\n\n"
                         + table + "\n")
-        path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
 
 
 if __name__ == "__main__":
