@@ -54,7 +54,7 @@ DEFAULTS: Dict[str, Any] = dict(
     threshold=0.0,
     aug_weight="adaptive",
     weight_signal="agreement",
-    strength=1.0,
+    strength="auto",
 )
 
 #: Values of the refiners' ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).

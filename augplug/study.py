@@ -138,7 +138,8 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     """Train one arm with one seed and return its metrics (see the module docstring).
 
     ``refiner_kwargs`` go to :class:`~augplug.AugmentationRefiner`; a ``method`` among them (e.g. a
-    :class:`~augplug.methods.Policy`) replaces the method the arm names."""
+    :class:`~augplug.methods.Policy`) replaces the method the arm names. SAflex arms on augmented views
+    alone refine them (``strength=1.0``; the refiner's default would train them as given)."""
     torch.manual_seed(seed)
     n, v = data.view_labels.shape
     side = data.x_train.shape[-1]
@@ -155,6 +156,8 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=val_batch_size, shuffle=True)
         kw.setdefault("warmup_steps", int(warmup_epochs * steps_per_epoch))
         kw.setdefault("seed", seed)
+        if method == "saflex" and aug_only:  # the study measures the refinement itself, also without originals
+            kw.setdefault("strength", 1.0)
         refiner = AugmentationRefiner(model, opt, val_loader, method=method, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     true_view_labels = data.y_train[:, None].expand(n, v)

@@ -102,7 +102,7 @@ def run(data, arm: str, seed: int, args) -> Dict[str, float]:
                      generator=torch.Generator().manual_seed(seed + 3))
     refiner = None
     if arm == "saflex":
-        refiner = AugmentationRefiner(model, opt, val, method="saflex", seed=seed)
+        refiner = AugmentationRefiner(model, opt, val, method="saflex", seed=seed, strength=1.0)
     elif arm != "baseline":
         refiner = AugmentationRefiner(model, opt, val, method="autodo", seed=seed, val_batches=1,
                                       refresh_every=args.refresh_every,

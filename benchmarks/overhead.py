@@ -259,7 +259,8 @@ class Setup:
                 refresh_every: int, aug_weight: Optional[float] = None) -> AugmentationRefiner:
         r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode,
                                 refresh_every=refresh_every, val_batches=1, seed=self.seed,
-                                cache_validation=self.cache_validation, aug_weight=aug_weight)
+                                cache_validation=self.cache_validation, aug_weight=aug_weight,
+                                strength=1.0)  # time the refinement, also on batches without originals
         self.refiners.append(r)
         return r
 

@@ -149,6 +149,8 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
         warm = kw.pop("warmup_epochs", 0.0)
         kw.setdefault("warmup_steps", int(warm * steps))
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)
+        if method == "saflex":  # refine every batch, with or without originals, as the tables were made
+            kw.setdefault("strength", 1.0)
         refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **kw)
     cutmix = TabularCutMix(p=p, proportion=PROPORTION, label="keep" if label == "smooth" else label, num_classes=c, seed=seed + 17,
                            return_mask=True) if p > 0 else None

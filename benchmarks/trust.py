@@ -64,6 +64,8 @@ def _split(y: np.ndarray, sizes: Tuple[int, int, int], seed: int):
     from augplug.data import stratified_split
     rest, test = stratified_split(y, sizes[2], seed=seed)
     rest2, val = stratified_split(y[rest], sizes[1], seed=seed + 1)
+    if sizes[0] == len(rest2):  # the training set is all that is left
+        return rest[rest2], rest[val], test
     _, train = stratified_split(y[rest][rest2], sizes[0], seed=seed + 2)
     return rest[rest2][train], rest[val], test
 
@@ -329,6 +331,9 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="refiner options of the refiner arm, e.g. valve=False")
     ap.add_argument("--out", default=None, help="results name under benchmarks/results/ (no extension)")
+    ap.add_argument("--controls", default=None, metavar="NAME",
+                    help="take the none/upstream/clean arms from the runs of an earlier results name (same "
+                         "seeds and epochs; use with --arms refiner)")
     args = ap.parse_args(argv)
     options = parse_sets(args.set)
     todo = jobs(args.datasets, args.upstreams, args.patterns, args.arms, args.seeds, args.epochs, options)
@@ -361,6 +366,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
         for j in tqdm(todo, desc="trust runs"):
             keep(run(*j))
+    if args.controls:
+        earlier = results_dir() / f"{args.controls}.jsonl"
+        rows += [r for r in map(json.loads, earlier.read_text().splitlines())
+                 if r["arm"] != "refiner" and r["seed"] in args.seeds and r["dataset"] in args.datasets]
     header, lines = summarise(rows)
     text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(line) + " |" for line in lines]

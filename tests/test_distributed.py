@@ -47,12 +47,17 @@ CASES = {
     "saflex-auto-signal-augmented-only": dict(refresh_every=1, seed=3, weight_signal="auto", _n_orig=(0, 0)),
     "saflex-auto-signal-originals-on-one-process": dict(refresh_every=1, seed=3, weight_signal="auto", _n_orig=(0, 3)),
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
+    # strength="auto" (the default) decides on the global batch: refinement on every process as
+    # soon as one of them holds originals
+    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
 }
 
 
 def _case(case):
     """The refiner options of ``case`` and the number of original rows on each process."""
     kw = dict(CASES[case])
+    if kw.get("method", "saflex") == "saflex":
+        kw.setdefault("strength", 1.0)  # refine batches without originals too (the default trains them as given)
     return kw, kw.pop("_n_orig", (N_ORIG,) * WORLD)
 
 
@@ -73,7 +78,8 @@ def _train_and_record(refiner, opt, net, step_loss):
         out[f"grad{step}"] = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
         out[f"weights{step}"] = refiner.stats["weights"].clone()
         out[f"soft{step}"] = refiner.stats["soft_targets"].clone()
-        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
+        v = refiner.validation_direction  # None while nothing was refined (strength "auto" without originals)
+        out[f"v{step}"] = None if v is None else {k: t.clone() for k, t in v.items()}
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
         out[f"share{step}"] = float(refiner.aug_weight)
         opt.step()
@@ -222,7 +228,7 @@ def _collectives_worker(out_dir: str) -> None:
         model, opt, val, x, y = _setup()
         model, opt = acc.prepare(model, opt)
         refiner = AugmentationRefiner(model, opt, val, accelerator=acc, refresh_every=4, seed=3,
-                                      aug_weight=1.0, **kw)
+                                      aug_weight=1.0, strength=1.0, **kw)
         r = acc.process_index
         rows = slice(r * ROWS, (r + 1) * ROWS)
         per_call = []

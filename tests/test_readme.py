@@ -16,8 +16,10 @@ def test_two_line_example_runs():
     torch.manual_seed(0)
     model = SmallCNN(1, 10, img_size=8, width=4, hidden=8)
     data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    pairs = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)), torch.randn(32, 1, 8, 8),
+                          torch.randint(0, 10, (32,)))  # originals and their views
     ns = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
-          "val_loader": DataLoader(data, batch_size=16), "train_loader": DataLoader(data, batch_size=8, shuffle=True)}
+          "val_loader": DataLoader(data, batch_size=16), "train_loader": DataLoader(pairs, batch_size=8, shuffle=True)}
     exec(compile(blocks[0], str(README), "exec"), ns)
     refiner = ns["refiner"]
     assert refiner.step_count == 4 and refiner.stats["active"]

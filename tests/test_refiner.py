@@ -45,7 +45,7 @@ def _train(model, refiner, opt, steps, shape=(1, 8, 8), num_original=0):
 def test_two_line_integration_small_cnn(mode, method):
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    refiner = AugmentationRefiner(model, opt, _loader(), method=method, mode=mode)
+    refiner = AugmentationRefiner(model, opt, _loader(), method=method, mode=mode, strength=1.0)
     losses = _train(model, refiner, opt, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
     st = refiner.stats
@@ -108,7 +108,7 @@ def test_saflex_weights_keep_each_class_share_without_originals():
 
     def class_totals(num_original, **kw):
         m = copy.deepcopy(model)   # the same weights and BatchNorm statistics for every variant
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, **kw)
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, strength=1.0, **kw)
         torch.manual_seed(1)   # the same dropout masks
         r(m(x), y, num_original=num_original)
         w, ya = r.stats["weights"][num_original:], y[num_original:]
@@ -137,7 +137,7 @@ def test_likelihood_weights_from_the_training_logits():
     x, y = _batch(b=24, seed=9)
     for num_original, norm in ((0, class_renormalize), (4, None)):
         m = copy.deepcopy(model)
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal="likelihood")
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal="likelihood", strength=1.0)
         torch.manual_seed(1)
         logits = m(x)
         r(logits, y, num_original=num_original)
@@ -161,7 +161,7 @@ def test_auto_weight_signal_uses_the_likelihood_only_without_originals():
 
     def weights(num_original, signal):
         m = copy.deepcopy(model)
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal=signal)
+        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal=signal, strength=1.0)
         torch.manual_seed(1)
         r(m(x), y, num_original=num_original)
         return r.stats["weights"]
@@ -213,7 +213,7 @@ def test_no_side_effects_on_batchnorm_or_user_rng(mode, bn):
 def test_refresh_counts_optimizer_updates_and_warmup():
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    r = AugmentationRefiner(model, opt, _loader(), refresh_every=3, warmup_steps=2)
+    r = AugmentationRefiner(model, opt, _loader(), refresh_every=3, warmup_steps=2, strength=1.0)
     pattern = []
     for s in range(8):
         x, y = _batch(seed=s)
@@ -255,7 +255,7 @@ def test_any_optimizer(make_opt):
         opt = create_optimizer_v2(model, "lookahead_adamw", lr=1e-3)
     else:
         opt = make_opt(model.parameters())
-    r = AugmentationRefiner(model, opt, _loader())
+    r = AugmentationRefiner(model, opt, _loader(), strength=1.0)
     _train(model, r, opt, 3)
     assert r.step_count == 3
 
@@ -272,7 +272,7 @@ def test_any_classifier(kind):
         model, shape = MLP(10, C, hidden=16), (10,)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for mode in ("last_layer", "full"):
-        r = AugmentationRefiner(model, opt, _loader(shape=shape), mode=mode)
+        r = AugmentationRefiner(model, opt, _loader(shape=shape), mode=mode, strength=1.0)
         x, y = _batch(shape=shape)
         loss = r(model(x), y)
         loss.backward()

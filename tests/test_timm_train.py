@@ -13,7 +13,8 @@ tt = pytest.importorskip("augplug.integrations.timm_train")
 
 BASE = ["--dataset", "synthetic", "--synthetic-size", "96", "--model", "test_resnet", "--img-size", "16",
         "-b", "16", "--epochs", "1", "--max-steps", "3", "--val-split", "16", "--val-batch-size", "16",
-        "--seed", "3", "--device", "cpu"]  # CPU everywhere: the comparisons below are fp32-exact on CPU
+        "--seed", "3", "--device", "cpu",  # CPU everywhere: the comparisons below are fp32-exact on CPU
+        "--strength", "1"]  # refine the views alone too (the default, 'auto', trains them as given)
 
 
 def _method_available(name, options):
@@ -45,6 +46,15 @@ def recorder(monkeypatch):
 
 def _run(tmp_path, *extra):
     return tt.main(BASE + ["--output", str(tmp_path)] + list(extra))
+
+
+def test_default_strength_trains_views_alone_exactly_as_given(tmp_path):
+    """--strength auto (augplug's default) without originals: the run equals the soft-target CE arm."""
+    a = _run(tmp_path / "a", "--refiner", "saflex", "--strength", "auto", "--epochs", "2")
+    b = _run(tmp_path / "b", "--refiner", "none", "--epochs", "2")
+    for (k, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
+        assert torch.equal(p, q), k
+    assert a["refiner"].stats["strength"] == 0.0
 
 
 def _check_summary(tmp_path, epochs):
@@ -244,7 +254,7 @@ def test_refiner_as_timm_task_criterion():
         m = timm.create_model("test_resnet", num_classes=3, in_chans=1)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         val = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 2 + [0, 1]))]
-        return m, augplug.AugmentationRefiner(m, opt, val, method="saflex")
+        return m, augplug.AugmentationRefiner(m, opt, val, method="saflex", strength=1.0)
 
     x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 2, 1, 0])
     m1, r1 = make()

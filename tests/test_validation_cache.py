@@ -109,7 +109,7 @@ def test_cache_setting_must_match_the_state():
 def test_bad_validation_labels_rejected_state_unchanged():
     labels = torch.full((24,), 7)  # out of range for C = 4
     model = _model()
-    r = AugmentationRefiner(model, None, _loader(labels=labels), cache_validation=True)
+    r = AugmentationRefiner(model, None, _loader(labels=labels), cache_validation=True, strength=1.0)
     before = copy.deepcopy(r.state_dict())
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(TargetError, match="validation targets"):
@@ -122,6 +122,6 @@ def test_bad_validation_labels_rejected_state_unchanged():
 def test_empty_loader_with_cache():
     empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     model = _model()
-    r = AugmentationRefiner(model, None, empty, cache_validation=True)
+    r = AugmentationRefiner(model, None, empty, cache_validation=True, strength=1.0)
     with pytest.raises(EmptyValidationError):
         r(model(torch.randn(8, 1, 8, 8)), torch.randint(0, C, (8,)))

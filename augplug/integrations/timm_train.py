@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method of the AugmentationRefiner; 'none' = plain soft-target CE through the refiner, "
                         "'off' = timm's own loss (no refiner)")
     g.add_argument("--refiner-mode", default="last_layer", choices=("last_layer", "full", "double_backward", "auto"))
+    g.add_argument("--strength", default="auto",
+                   help="refinement strength: 'auto' (augplug's default: refine only batches that hold originals, "
+                        "see --with-originals; views alone are trained as given), 'adaptive', or a number in [0, 1] "
+                        "(1: refine the views alone too, worth it when the augmentation breaks labels)")
     g.add_argument("--refresh-every", type=int, default=4)
     g.add_argument("--val-batches", default="all", help="validation batches per refresh ('all' or an int)")
     g.add_argument("--refiner-warmup", type=int, default=0, help="optimizer updates before refinement starts")
@@ -437,6 +441,11 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _strength(value: str):
+    """``--strength``: 'auto', 'adaptive' or a number."""
+    return value if value in ("auto", "adaptive") else float(value)
+
+
 def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classes: int):
     """The ``AugmentationRefiner`` the flags describe (None for ``--refiner off``)."""
     if args.refiner == "off":
@@ -456,7 +465,8 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
     return AugmentationRefiner(
         model, optimizer, val_loader, method=args.refiner, mode=args.refiner_mode,
         refresh_every=args.refresh_every, val_batches=val_batches, warmup_steps=args.refiner_warmup,
-        seed=args.seed, method_options=method_options or None, isda=isda, **args.refiner_kwargs)
+        seed=args.seed, method_options=method_options or None, isda=isda,
+        **({"strength": _strength(args.strength)} if args.refiner in ("saflex", "l2rw") else {}), **args.refiner_kwargs)
 
 
 class ToModelInput:
