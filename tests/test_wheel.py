@@ -125,7 +125,7 @@ def test_wheel_in_fresh_venv_runs_demo_and_integrations():
         # the timm integration's console script: digits, a timm test model, three updates, the audit
         _ok(_run([bin_dir / "augplug-timm-train", "--dataset", "digits", "--model", "test_resnet", "--img-size", "16",
                   "-b", "32", "--epochs", "1", "--max-steps", "3", "--val-split", "100", "--val-batch-size", "200",
-                  "--aa", "rand-m9-mstd0.5", "--audit", "--refiner", "saflex", "--device", "cpu",
+                  "--aa", "rand-m9-mstd0.5", "--audit", "--refiner", "saflex", "--strength", "1", "--device", "cpu",
                   "--output", work / "timm"], 300, **run))
         with open(work / "timm" / "summary.csv") as f:
             rows = list(csv.DictReader(f))

@@ -669,6 +669,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             with open(os.path.join(args.output, "sources.md"), "w") as f:
                 f.write("# Generated sources\n\n" + table + "\n## Per source and class\n\n" +
                         sources.table("source_class", format="markdown"))
+    if audit is not None and args.output and not audit.updates:
+        _logger.warning("--audit: no refined batch to audit, so no audit.md is written (with --strength auto, "
+                        "batches without originals are trained as given; pass --strength 1 or --with-originals)")
     if audit is not None and args.output and audit.updates:
         with open(os.path.join(args.output, "audit.md"), "w") as f:
             f.write("# Augmentation audit\n\n## Per RandAugment op\n\n" + audit.table(format="markdown") +
