@@ -54,6 +54,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .online import normalized_step, significant, state_tensor
 
 __all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
 
@@ -168,17 +169,8 @@ class AdaptiveShare:
         d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
         valid = (w_sum > 0) & (n_orig > 0) & torch.isfinite(d)
         d = torch.where(valid, d, torch.zeros_like(d))
-        # the step's scale: the first update's square, then an exponential average
-        ms = torch.where(updates == 0, d * d, self.decay * ms_old + (1 - self.decay) * d * d)
-        step = torch.where(ms > 0, self.lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
-        tm, ts = tm_old, ts_old
-        if self.evidence is not None:
-            # the evidence: bias-corrected exponential averages of d and d^2 (update s of n weighted
-            # (1-b) b^(n-s) / (1-b^n))
-            count = updates + 1
-            alpha = (1 - self.decay) / (1 - self.decay ** count.double())
-            tm, ts = tm_old + alpha * (d - tm_old), ts_old + alpha * (d * d - ts_old)
-            step = torch.where(self._significant(tm, ts, count), step, torch.zeros_like(step))
+        step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.lr, decay=self.decay,
+                                           evidence=self.evidence)
         new_log = (log + step).clamp(math.log(self.min_share), math.log(self.max_share))
 
         def keep(new, old):  # batches without a valid signal leave the state as it is
@@ -188,15 +180,8 @@ class AdaptiveShare:
                 "updates": updates + valid.long(), "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
 
     def _significant(self, mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Whether the running mean lies ``evidence`` standard errors from zero after ``count`` updates.
-
-        ``mean``, ``ms``: the bias-corrected running averages of ``d`` and ``d**2``. With ``q`` the sum
-        of their squared weights, the signal's variance is estimated by ``(ms - mean**2) / (1 - q)``
-        and that of its running mean is ``q`` times it. One update gives no variance, so no evidence."""
-        b, n = self.decay, count.double()
-        q = (1 - b) * (1 - b ** (2 * n)) / ((1 + b) * (1 - b ** n) ** 2)
-        var = (ms - mean * mean).clamp_min(0) / (1 - q).clamp_min(1e-300)
-        return (count >= 2) & (mean * mean >= self.evidence ** 2 * q * var) & (mean != 0)
+        """:func:`augplug.online.significant` with this share's decay and evidence."""
+        return significant(mean, ms, count, self.decay, self.evidence)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"log_share": float(self.log_share), "mean_square": float(self.mean_square),
@@ -233,9 +218,7 @@ class AdaptiveShare:
         dev = self.log_share.device
 
         def put(value, dtype):
-            if isinstance(value, torch.Tensor):
-                return value.detach().to(dtype)
-            return torch.tensor(value, dtype=dtype, device=dev)
+            return state_tensor(value, dtype, dev)
 
         self.log_share = put(state["log_share"], torch.float64)
         self.mean_square = put(state["mean_square"], torch.float64)

@@ -42,6 +42,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError
+from .online import normalized_step, state_tensor
 
 __all__ = ["RefinementStrength", "cross_fit_statistics"]
 
@@ -117,18 +118,8 @@ class RefinementStrength:
         d = total / n.clamp_min(1.0)
         valid = (n > 0) & torch.isfinite(d)
         d = torch.where(valid, d, torch.zeros_like(d))
-        ms = torch.where(updates == 0, d * d, self.decay * ms_old + (1 - self.decay) * d * d)
-        step = torch.where(ms > 0, self.lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
-        tm, ts = tm_old, ts_old
-        if self.evidence is not None:
-            count = updates + 1
-            alpha = (1 - self.decay) / (1 - self.decay ** count.double())
-            tm, ts = tm_old + alpha * (d - tm_old), ts_old + alpha * (d * d - ts_old)
-            b, c = self.decay, count.double()
-            q = (1 - b) * (1 - b ** (2 * c)) / ((1 + b) * (1 - b ** c) ** 2)
-            var = (ts - tm * tm).clamp_min(0) / (1 - q).clamp_min(1e-300)
-            significant = (count >= 2) & (tm * tm >= self.evidence ** 2 * q * var) & (tm != 0)
-            step = torch.where(significant, step, torch.zeros_like(step))
+        step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.lr, decay=self.decay,
+                                           evidence=self.evidence)
         new_gamma = (gamma + step).clamp(0.0, 1.0)
 
         def keep(new, old):
@@ -162,9 +153,7 @@ class RefinementStrength:
         dev = self.gamma.device
 
         def put(value, dtype):
-            if isinstance(value, torch.Tensor):
-                return value.detach().to(dtype)
-            return torch.tensor(value, dtype=dtype, device=dev)
+            return state_tensor(value, dtype, dev)
 
         self.gamma = put(state["gamma"], torch.float64)
         self.mean_square = put(state["mean_square"], torch.float64)

@@ -1,0 +1,52 @@
+"""The step rule shared by the learned share (:mod:`augplug.share`) and the refinement strength
+(:mod:`augplug.valve`): follow the sign of a noisy signal ``d`` with steps normalized by its running
+RMS, optionally only while its running mean is significant. A leaf module (imports only torch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["normalized_step", "significant", "state_tensor"]
+
+
+def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
+                    test_square: torch.Tensor, *, lr: float, decay: float, evidence: Optional[float]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(step, mean_square, test_mean, test_square)`` after one signal ``d`` (0-dim fp64 tensors).
+
+    The step is ``lr * d / rms(d)``, the RMS an exponential average (decay ``decay``) started at the
+    first update's square. With ``evidence=k`` the step is 0 unless the bias-corrected running mean of
+    ``d`` lies ``k`` standard errors from zero (:func:`significant`)."""
+    ms = torch.where(updates == 0, d * d, decay * mean_square + (1 - decay) * d * d)
+    step = torch.where(ms > 0, lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
+    tm, ts = test_mean, test_square
+    if evidence is not None:
+        # bias-corrected exponential averages of d and d^2 (update s of n weighted (1-b) b^(n-s) / (1-b^n))
+        count = updates + 1
+        alpha = (1 - decay) / (1 - decay ** count.double())
+        tm, ts = test_mean + alpha * (d - test_mean), test_square + alpha * (d * d - test_square)
+        step = torch.where(significant(tm, ts, count, decay, evidence), step, torch.zeros_like(step))
+    return step, ms, tm, ts
+
+
+def significant(mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor, decay: float, evidence: float
+                ) -> torch.Tensor:
+    """Whether the running mean lies ``evidence`` standard errors from zero after ``count`` updates.
+
+    ``mean``, ``ms``: the bias-corrected running averages of ``d`` and ``d**2``. With ``q`` the sum of
+    their squared weights, the signal's variance is estimated by ``(ms - mean**2) / (1 - q)`` and that
+    of its running mean is ``q`` times it. One update gives no variance, so no evidence."""
+    b, n = decay, count.double()
+    q = (1 - b) * (1 - b ** (2 * n)) / ((1 + b) * (1 - b ** n) ** 2)
+    var = (ms - mean * mean).clamp_min(0) / (1 - q).clamp_min(1e-300)
+    return (count >= 2) & (mean * mean >= evidence ** 2 * q * var) & (mean != 0)
+
+
+def state_tensor(value, dtype: torch.dtype, device) -> torch.Tensor:
+    """A state entry as a 0-dim tensor: a tensor (a committed proposal) is kept where it is (no copy,
+    so no device sync); a number (a loaded state) is placed on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
