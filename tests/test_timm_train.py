@@ -61,7 +61,7 @@ def _check_summary(tmp_path, epochs):
     with open(os.path.join(tmp_path, "summary.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == epochs
-    for key in ("train_loss", "train_weight_mean", "train_kept_fraction", "train_relabel_rate",
+    for key in ("train_loss", "train_strength", "train_weight_mean", "train_kept_fraction", "train_relabel_rate",
                 "eval_val_top1", "eval_test_top1", "lr"):
         assert key in rows[0]
     assert np.isfinite(float(rows[-1]["train_loss"]))

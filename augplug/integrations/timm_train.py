@@ -373,7 +373,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn.mixup_enabled = False
     model.train()
-    m = {k: _Mean() for k in ("loss", "weight_mean", "kept_fraction", "relabel_rate")}
+    m = {k: _Mean() for k in ("loss", "weight_mean", "kept_fraction", "relabel_rate", "strength")}
     steps = min(len(loader), args.max_steps or len(loader))
     # a progress bar on a terminal (tqdm hides it when stderr is not one), none with --no-progress
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
@@ -421,6 +421,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
         m["loss"].update(float(loss.detach()), x.shape[0])
         if refiner is not None:
             st = refiner.stats
+            m["strength"].update(float(st.get("strength", float("nan"))))  # 0: trained as given (no originals)
             if st.get("active", True):
                 for k in ("weight_mean", "kept_fraction", "relabel_rate"):
                     m[k].update(float(st.get(k, float("nan"))))
@@ -655,9 +656,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_m.items()}, **eval_m, "lr": lr, "seconds": seconds}
         history.append(row)
-        _logger.info("epoch %d/%d  train_loss %.4f  weight_mean %.3f  kept %.3f  relabel %.3f  val_top1 %s  "
-                     "test_top1 %s  lr %.3g  %.1fs", epoch + 1, num_epochs, train_m["loss"], train_m["weight_mean"],
-                     train_m["kept_fraction"], train_m["relabel_rate"],
+        _logger.info("epoch %d/%d  train_loss %.4f  strength %.2f  weight_mean %.3f  kept %.3f  relabel %.3f  "
+                     "val_top1 %s  test_top1 %s  lr %.3g  %.1fs", epoch + 1, num_epochs, train_m["loss"],
+                     train_m["strength"], train_m["weight_mean"], train_m["kept_fraction"], train_m["relabel_rate"],
                      f"{eval_m['val_top1']:.2f}" if "val_top1" in eval_m else "-",
                      f"{eval_m['test_top1']:.2f}" if "test_top1" in eval_m else "-", lr, seconds)
         if summary_path:
