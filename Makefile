@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv demo test datasets bench-overhead bench-quality clean distclean
+.PHONY: venv demo test docs datasets bench-overhead bench-quality clean distclean
 
 venv: $(STAMP)
 
@@ -22,7 +22,12 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet
 	NO_ALBUMENTATIONS_UPDATE=1 $(VPY) -m pytest -q -p no:cacheprovider tests
+
+# The documentation site (docs/, API reference from the docstrings) into site/; warnings are errors.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
 
 datasets:
 	bash benchmarks/get_datasets.sh
@@ -34,7 +39,7 @@ bench-quality: venv
 	$(VPY) -m benchmarks.quality
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache augplug_demo_out
+	rm -rf build dist *.egg-info .pytest_cache augplug_demo_out site
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 # Also removes the virtual environment and downloaded benchmark data.

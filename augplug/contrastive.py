@@ -331,9 +331,7 @@ class ContrastiveRefiner(RefinerCore):
         score_params: ``"all"`` trainable parameters of both encoders (and a learnable logit scale), or a
             list of their names in :class:`DualEncoder` (``image.*``, ``text.*``, ``logit_scale``):
             the parameters ``v`` and ``g`` are taken over.
-        refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm,
-        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode,
-        cache_validation: as in :class:`~augplug.AugmentationRefiner` (same defaults,
+        refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm, beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode, cache_validation, bad_val_batch: as in :class:`~augplug.AugmentationRefiner` (same defaults,
             ``augplug.refiner.DEFAULTS``, except ``weight_norm="augmented"``: the rows' targets here
             are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered;
             and ``aug_weight=1.0``, the upstream mixture). ``aug_weight="adaptive"`` (or an
