@@ -11,6 +11,7 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 """
 from __future__ import annotations
 
+import operator
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -136,10 +137,14 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
             raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
                              f"pass a boolean mask marking the augmented {unit}")
         return m, m, int(m.sum())
-    if not 0 <= int(num_original) <= batch:
+    try:
+        k = operator.index(num_original)  # an int (numpy and 0-dim integer tensors too), never a float
+    except TypeError:
+        raise ShapeError(f"num_original must be an integer count, got {num_original!r}",
+                         f"pass the number of original (non-augmented) {unit} at the start of the batch") from None
+    if not 0 <= k <= batch:
         raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
                          f"pass the number of original (non-augmented) {unit} at the start of the batch")
-    k = int(num_original)
     m = torch.ones(batch, dtype=torch.bool, device=device)
     m[:k] = False
     return m, slice(k, None), batch - k

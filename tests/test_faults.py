@@ -44,6 +44,7 @@ TRAINING_FAULTS = {
     "logits-3d": (lambda z, y: (z[:, :, None], y, {}), ShapeError),
     "empty-batch": (lambda z, y: (z[:0], y[:0], {}), (ShapeError, PointIndexError)),
     "num-original-too-large": (lambda z, y: (z, y, {"num_original": B + 1}), ShapeError),
+    "num-original-not-an-integer": (lambda z, y: (z, y, {"num_original": 2.5}), ShapeError),
     "augmented-mask-wrong-dtype": (lambda z, y: (z, y, {"num_original": 0, "augmented": torch.ones(B)}), ShapeError),
     "augmented-mask-wrong-shape": (lambda z, y: (z, y, {"num_original": 0,
                                                         "augmented": torch.ones(B + 1, dtype=torch.bool)}), ShapeError),
