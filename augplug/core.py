@@ -229,8 +229,6 @@ class RefinerCore:
         if total.count == 0:
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean labelled sample")
-        if self.split_validation and total.halves is None:  # this process drew no batch of its own
-            total = dataclasses.replace(total, halves=(GradSum({}, 0), GradSum({}, 0)))
         if nonfinite(list(total.sums.values()), torch.as_tensor(total.loss_sum)):
             raise NonFiniteError("the validation gradient is not finite although the validation batches are",
                                  "the model overflows on clean data: lower the learning rate, or check the "
@@ -266,15 +264,10 @@ class RefinerCore:
         if v_new is None:
             return
         self._v = v_new.direction()
-        self._v_halves = None if v_new.halves is None else tuple(self._full_direction(h) for h in v_new.halves)
+        self._v_halves = None if v_new.halves is None else tuple(h.direction() for h in v_new.halves)
         self._v_step = self.step_count
         self._val_loss = v_new.loss_sum / max(v_new.count, 1)
         self.skipped_val_batches += int(v_new.skipped)
-
-    def _full_direction(self, half: GradSum) -> Dict[str, torch.Tensor]:
-        """A half's direction over every name the direction covers (zeros for a half with no rows)."""
-        v = half.direction()
-        return {k: v[k] if k in v else torch.zeros_like(t) for k, t in self._v.items()}
 
     def _count_call(self) -> None:
         self.calls += 1

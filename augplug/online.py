@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["normalized_step", "significant", "state_tensor"]
+__all__ = ["normalized_step", "significant", "state_tensor", "assign_state"]
 
 
 def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
@@ -50,3 +50,11 @@ def state_tensor(value, dtype: torch.dtype, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to(dtype)
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+def assign_state(obj, state, fields, device) -> None:
+    """``obj.<name> = state_tensor(state[name], dtype, device)`` for each ``(name, dtype, default)`` of
+    ``fields`` (``default`` None: the entry is required; otherwise used when it is missing)."""
+    for name, dtype, default in fields:
+        value = state[name] if default is None else state.get(name, default)
+        setattr(obj, name, state_tensor(value, dtype, device))

@@ -54,7 +54,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
-from .online import normalized_step, significant, state_tensor
+from .online import assign_state, normalized_step, significant
 
 __all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
 
@@ -215,18 +215,11 @@ class AdaptiveShare:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (floats, placed on the current state's device) or commit a
         :meth:`propose` result (tensors, kept where they are: no copy, so no device sync)."""
-        dev = self.log_share.device
-
-        def put(value, dtype):
-            return state_tensor(value, dtype, dev)
-
-        self.log_share = put(state["log_share"], torch.float64)
-        self.mean_square = put(state["mean_square"], torch.float64)
-        self.updates = put(state["updates"], torch.int64)
         # older checkpoints lack the evidence averages: they restart from 0, which holds the share
         # still until a few hundred updates have rebuilt the evidence
-        self.test_mean = put(state.get("test_mean", 0.0), torch.float64)
-        self.test_square = put(state.get("test_square", 0.0), torch.float64)
+        assign_state(self, state, (("log_share", torch.float64, None), ("mean_square", torch.float64, None),
+                                   ("updates", torch.int64, None), ("test_mean", torch.float64, 0.0),
+                                   ("test_square", torch.float64, 0.0)), self.log_share.device)
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "

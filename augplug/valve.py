@@ -42,7 +42,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError
-from .online import normalized_step, state_tensor
+from .online import assign_state, normalized_step
 
 __all__ = ["RefinementStrength", "cross_fit_statistics"]
 
@@ -150,16 +150,9 @@ class RefinementStrength:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (numbers) or commit a :meth:`propose` result (tensors, kept
         where they are)."""
-        dev = self.gamma.device
-
-        def put(value, dtype):
-            return state_tensor(value, dtype, dev)
-
-        self.gamma = put(state["gamma"], torch.float64)
-        self.mean_square = put(state["mean_square"], torch.float64)
-        self.updates = put(state["updates"], torch.int64)
-        self.test_mean = put(state["test_mean"], torch.float64)
-        self.test_square = put(state["test_square"], torch.float64)
+        assign_state(self, state, (("gamma", torch.float64, None), ("mean_square", torch.float64, None),
+                                   ("updates", torch.int64, None), ("test_mean", torch.float64, None),
+                                   ("test_square", torch.float64, None)), self.gamma.device)
 
     def __repr__(self) -> str:
         return f"RefinementStrength(init={self.init}, lr={self.lr}, decay={self.decay}, evidence={self.evidence})"

@@ -178,11 +178,7 @@ class RefineContext:
         self.direction()
         if self.v_new is not None:
             halves = self.v_new.halves
-            if halves is None:
-                return None
-            full = self._direction
-            return tuple({k: h.get(k, torch.zeros_like(t)) for k, t in full.items()}
-                         for h in (half.direction() for half in halves))
+            return None if halves is None else tuple(half.direction() for half in halves)
         return self.refiner.half_directions
 
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
