@@ -13,10 +13,13 @@ from .errors import (AugplugError, ClassCountMismatchError, ConfigurationError, 
                      UnsupportedModelError, ValidationFailed)
 from .heads import find_classifier, unwrap_model
 from .isda import ISDALoss
-from .methods import L2RW, SAFLEX_PAPER, NoRefinement, Policy, RefineContext, SAflex
-from .refiner import DEFAULTS, AugmentationRefiner
+from .methods import (L2RW, SAFLEX_PAPER, NoRefinement, Policy, RefineContext, SAflex, create_policy, list_policies,
+                      register_policy)
+from .refiner import DEFAULTS, AugmentationRefiner, refiner_kwargs
+from .schedule import Schedule
 
-__all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "SAFLEX_PAPER", "functional", "Policy", "RefineContext", "SAflex", "L2RW", "ISDALoss",
+__all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "Schedule", "refiner_kwargs", "create_policy",
+           "register_policy", "list_policies", "SAFLEX_PAPER", "functional", "Policy", "RefineContext", "SAflex", "L2RW", "ISDALoss",
            "NoRefinement", "find_classifier", "unwrap_model", "validate", "AugplugError", "ConfigurationError",
            "UnsupportedHeadError", "UnsupportedModelError", "TargetError", "ClassCountMismatchError",
            "ShapeError", "NonFiniteError", "EmptyValidationError", "ModelModeError", "ValidationFailed"]

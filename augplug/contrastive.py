@@ -49,9 +49,13 @@ from .errors import (ConfigurationError, ModelModeError, NonFiniteError, ShapeEr
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
 from .core import RefinerCore, check_part_presence
-from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, resolve_share
+from .distributed import all_reduce_sum_
+from .distributed import world_size as dist_world_size
+from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options
+from .schedule import Schedule, resolve_schedule
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
-from .share import AdaptiveShare
+from .share import AdaptiveShare, resolve_share
+from .valve import apply_strength, resolve_strength
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device
 
@@ -331,45 +335,48 @@ class ContrastiveRefiner(RefinerCore):
         score_params: ``"all"`` trainable parameters of both encoders (and a learnable logit scale), or a
             list of their names in :class:`DualEncoder` (``image.*``, ``text.*``, ``logit_scale``):
             the parameters ``v`` and ``g`` are taken over.
-        refresh_every, val_batches, bn_mode, warmup_steps, orig_weight, aug_weight, weight_norm, beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, seed, check_train_mode, cache_validation, bad_val_batch: as in :class:`~augplug.AugmentationRefiner` (same defaults,
-            ``augplug.refiner.DEFAULTS``, except ``weight_norm="augmented"``: the rows' targets here
-            are candidates of the batch, not classes, so ``"class"`` and ``"auto"`` are not offered;
-            and ``aug_weight=1.0``, the upstream mixture). ``aug_weight="adaptive"`` (or an
-            :class:`~augplug.share.AdaptiveShare`) learns the augmented pairs' share of the loss as the
-            core refiner does, from the agreement ``y^T g`` of the augmented rows against that of the
-            originals; it needs originals in the batch (``num_original=`` / ``augmented=``), scores
-            them too (one more forward-mode row each), and pools both CLIP directions.
-            With ``cache_validation=True`` the validation loader is read once and its batches are
-            kept on the encoders' device, checked and converted once (class prompts: labels as soft
-            targets; pairs: images and texts, row counts checked); the first pass's order and any
-            random validation transform are then fixed for the rest of training.
+        method_options: options of the method named by ``method``. By name, ``"saflex"`` and
+            ``"l2rw"`` mix the rows as the paper does here (``weight_norm="augmented"``,
+            ``aug_weight=1.0``, ``strength=1.0``: the contrastive results were measured so) unless
+            ``method_options`` say otherwise; a policy instance keeps its own options, with
+            ``weight_norm="auto"`` read as ``"augmented"`` (a row's targets are candidates of the
+            batch, not classes, so there is no class normalization). ``aug_weight="adaptive"`` (or
+            an :class:`~augplug.share.AdaptiveShare`) learns the augmented pairs' share as the core
+            refiner does; it needs originals in the batch, scores them too (one more forward-mode
+            row each) and pools both CLIP directions. ``strength``: a number in [0, 1] or
+            ``"auto"`` (refine only batches that hold originals), as in the core refiner.
+        bn_mode, schedule, orig_weight, seed, check_train_mode: as in :class:`~augplug.AugmentationRefiner`.
     """
 
+    #: The options a method named here gets unless ``method_options`` set them.
+    PRESETS = {"saflex": dict(weight_norm="augmented", aug_weight=1.0, strength=1.0)}
+
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optimizer=None, val_loader=None,
-                 method: Union[str, Policy] = "saflex", *, class_prompts=None,
-                 logit_scale: Union[float, nn.Parameter] = math.log(1 / 0.07), normalize_features: bool = True,
-                 directions: Sequence[str] = DIRECTIONS, score_params: Union[str, Sequence[str]] = "all",
-                 refresh_every: int = DEFAULTS["refresh_every"], val_batches: Union[int, str] = DEFAULTS["val_batches"],
-                 bn_mode: str = DEFAULTS["bn_mode"], warmup_steps: int = DEFAULTS["warmup_steps"],
-                 orig_weight: float = 1.0, aug_weight: Union[float, str, AdaptiveShare] = 1.0,
-                 weight_norm: str = "augmented",
-                 beta: float = DEFAULTS["beta"], tau: float = DEFAULTS["tau"], gumbel: bool = DEFAULTS["gumbel"],
-                 weighting: str = DEFAULTS["weighting"], weight_tau: float = DEFAULTS["weight_tau"],
-                 prior: str = DEFAULTS["prior"], normalize: Optional[str] = DEFAULTS["normalize"],
-                 threshold: float = DEFAULTS["threshold"], seed: int = 0, check_train_mode: bool = True,
-                 cache_validation: bool = False, bad_val_batch: str = "skip"):
+                 method: Union[str, Policy] = "saflex", *, method_options: Optional[Dict[str, Any]] = None,
+                 class_prompts=None, logit_scale: Union[float, nn.Parameter] = math.log(1 / 0.07),
+                 normalize_features: bool = True, directions: Sequence[str] = DIRECTIONS,
+                 score_params: Union[str, Sequence[str]] = "all", bn_mode: str = DEFAULTS["bn_mode"],
+                 schedule: Union[None, Schedule, Dict[str, Any]] = None, orig_weight: float = DEFAULTS["orig_weight"],
+                 seed: int = 0, check_train_mode: bool = True):
         self.directions = _check_directions(directions)
-        aug_weight, self.share = resolve_share(aug_weight)
-        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight,
-                            weight_norms=("augmented", "batch", "none"),
-                            why="a row's targets are candidates of the batch, not classes, so there is no "
-                                "class normalisation")
+        schedule = resolve_schedule(schedule)
         self.policy = build_policy(
-            method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting, weight_tau=weight_tau,
-                         prior=prior, normalize=normalize, threshold=threshold),
-            allowed=("none", "l2rw"),
+            method, method_options, allowed=("saflex", "none", "l2rw"), presets=self.PRESETS,
             unknown=(f"unknown method {method!r} for contrastive refinement",
                      "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets"))
+        aug_weight, self.share = resolve_share(self.policy.aug_weight)
+        weight_norm = "augmented" if self.policy.weight_norm == "auto" else self.policy.weight_norm
+        check_shell_options(bn_mode, weight_norm, orig_weight, aug_weight,
+                            weight_norms=("augmented", "batch", "none"),
+                            why="a row's targets are candidates of the batch, not classes, so there is no "
+                                "class normalization")
+        self.fixed_strength, strength = resolve_strength(self.policy.strength)
+        if strength is not None:
+            raise ConfigurationError("the contrastive refiner has no adaptive refinement strength",
+                                     "set the method's strength to a number in [0, 1] or 'auto'")
+        if (self.fixed_strength is None or self.fixed_strength != 1.0) and not self.policy.needs_scores:
+            raise ConfigurationError(f"a refinement strength other than 1 needs a policy that scores rows; "
+                                     f"{self.policy.name!r} does not", "use strength=1.0")
         self.method = self.policy.name
         if self.share is not None and not self.policy.needs_scores:
             raise ConfigurationError(f"aug_weight='adaptive' needs a policy that scores the rows; "
@@ -387,16 +394,14 @@ class ContrastiveRefiner(RefinerCore):
                 raise ConfigurationError(f"score_params names {missing[:3]} that are not trainable parameters",
                                          f"use names from {sorted(named)[:6]}...")
         self.score_params = score_params
-        self.refresh_every, self.val_batches, self.bn_mode = int(refresh_every), val_batches, bn_mode
-        self.warmup_steps = int(warmup_steps)
+        self.bn_mode = bn_mode
         self.orig_weight, self.weight_norm = float(orig_weight), weight_norm
         # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the encoders' device
         if self.share is not None:
             self.share.to(self._device())
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.check_train_mode = check_train_mode
-        self._init_core(optimizer, val_loader, seed=seed, needs_validation=self.policy.needs_scores,
-                        cache_validation=cache_validation, bad_val_batch=bad_val_batch)
+        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores)
         self.stats: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -488,20 +493,27 @@ class ContrastiveRefiner(RefinerCore):
         else:
             ys = {d: torch.eye(batch, device=s.device) for d in self.directions}
 
-        active = self.step_count >= self.warmup_steps
+        distributed = dist_world_size() > 1
         n_aug = int(aug.sum())
-        # the adaptive share compares the augmented rows' agreement with the originals': score both
-        share_on = self.share is not None and active and 0 < n_aug < batch
+        active = self.step_count >= self.warmup_steps
+        used_strength = self.fixed_strength
+        if used_strength is None:  # "auto": refine only beside originals (of the global batch)
+            used_strength = 1.0 if self._global_count(batch - n_aug) > 0 else 0.0
+            active = active and used_strength > 0
+        # the adaptive share compares the augmented rows' agreement with the originals': score both.
+        # In a process group every process takes part in the collectives (refresh, the policy's and
+        # the share's batch statistics, the weights' normalization), whatever its rows.
+        share_on = self.share is not None and active and (distributed or 0 < n_aug < batch)
+        refine = active or not self.policy.needs_scores
         share_state = None
         v_new = None
-        gen = None
         snapshot = self._snapshot()
         try:
             weights = {d: torch.ones(batch, device=s.device) for d in self.directions}
             soft = {d: ys[d].clone() for d in self.directions}
             scores = {d: torch.zeros_like(ys[d]) for d in self.directions}
             refreshed = False
-            if n_aug and (active or not self.policy.needs_scores):
+            if refine and (n_aug or distributed):
                 g_all = None
                 if self.policy.needs_scores:
                     refreshed = self.direction_is_due()
@@ -509,30 +521,21 @@ class ContrastiveRefiner(RefinerCore):
                         v_new = self.compute_validation_direction(s.shape[1])
                         v = v_new.direction()
                     else:
-                        v = self._v
-                    if self.prompt_mode and torch.is_tensor(images) and not share_on:
-                        # rows are independent given the prompts (scoring runs BatchNorm on running
-                        # statistics or per-pass batch statistics): score the augmented rows only
-                        g_all = contrastive_scores(self.model, images[aug], self._prompts(), v,
-                                                   directions=self.directions, bn=self.bn_mode)
-                        g_all = {d: g.new_zeros(batch, g.shape[1]).index_put_((aug.nonzero().flatten(),), g)
-                                 for d, g in g_all.items()}
-                    else:
-                        g_all = contrastive_scores(self.model, images,
-                                                   self._prompts() if self.prompt_mode else texts_or_targets, v,
-                                                   directions=self.directions, bn=self.bn_mode)
-                gen = self._rng.generator()
+                        v = self.validation_direction
+                    g_all = self._scores(images, texts_or_targets, v, aug, batch, score_all=share_on)
+                gen = self.noise_generator()
                 for d in self.directions:
                     g = g_all[d][aug] if g_all is not None else None
                     w, y2 = self.policy(g, ys[d][aug], gen)
-                    if self.weight_norm == "augmented" and self.policy.needs_scores:
-                        w = renormalize(w)
                     weights[d][aug] = w.to(weights[d]).detach()
                     soft[d][aug] = y2.to(soft[d]).detach()
                     if g is not None:
                         scores[d][aug] = g
+                    if used_strength != 1.0:
+                        weights[d], soft[d] = apply_strength(weights[d], soft[d], ys[d], aug, used_strength)
                 if share_on:
-                    share_state = self._propose_share(g_all, ys, weights, soft, aug)
+                    share_state = self._propose_share(g_all, ys, weights, soft, aug, distributed)
+            denoms = self._normalize(weights, aug, n_aug, batch)
         except BaseException:
             self._restore(snapshot)
             raise
@@ -541,11 +544,7 @@ class ContrastiveRefiner(RefinerCore):
         for d in self.directions:
             per = soft_cross_entropy(_log_probs(s, d), soft[d])
             coef = torch.where(aug, self.aug_weight * weights[d], torch.full_like(weights[d], self.orig_weight))
-            if self.weight_norm == "batch":
-                denom = coef.sum().clamp_min(1e-12)
-            else:
-                denom = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
-            loss = loss + (coef * per).sum() / denom
+            loss = loss + (coef * per).sum() / denoms[d]
         loss = loss / len(self.directions)
 
         # commit
@@ -553,23 +552,71 @@ class ContrastiveRefiner(RefinerCore):
         if share_state is not None:
             self.share.load_state_dict(share_state)
             self.aug_weight = self.share.value
-        if gen is not None:
-            self._rng.commit(gen)
         self._commit_direction(v_new)
         self._count_call()
-        self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share)
+        self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share,
+                                     used_strength)
         return loss
 
-    def _propose_share(self, g_all, ys, weights, soft, aug) -> Dict[str, Any]:
+    def _scores(self, images, texts_or_targets, v, aug, batch: int, score_all: bool) -> Dict[str, torch.Tensor]:
+        """Scores of every row of each direction (rows not scored stay 0)."""
+        if self.prompt_mode and torch.is_tensor(images) and not score_all:
+            # rows are independent given the prompts (scoring runs BatchNorm on running statistics
+            # or per-pass batch statistics): score the augmented rows only
+            g_aug = contrastive_scores(self.model, images[aug], self._prompts(), v, directions=self.directions,
+                                       bn=self.bn_mode)
+            return {d: g.new_zeros(batch, g.shape[1]).index_put_((aug.nonzero().flatten(),), g)
+                    for d, g in g_aug.items()}
+        return contrastive_scores(self.model, images, self._prompts() if self.prompt_mode else texts_or_targets, v,
+                                  directions=self.directions, bn=self.bn_mode)
+
+    def _normalize(self, weights: Dict[str, torch.Tensor], aug, n_aug: int, batch: int) -> Dict[str, Any]:
+        """Normalize the augmented rows' weights (in place) and return each direction's loss
+        denominator, over the global batch of all processes: each process returns
+        ``denominator_global / world``, so data-parallel gradient averaging yields the loss of one
+        process holding the whole global batch."""
+        world = dist_world_size()
+        renorm = self.weight_norm == "augmented" and self.policy.needs_scores
+        if world == 1:
+            out = {}
+            for d in self.directions:
+                if renorm and n_aug:
+                    weights[d][aug] = renormalize(weights[d][aug])
+                if self.weight_norm == "batch":
+                    coef = torch.where(aug, self.aug_weight * weights[d], torch.full_like(weights[d], self.orig_weight))
+                    out[d] = coef.sum().clamp_min(1e-12)
+                else:
+                    out[d] = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
+            return out
+        # one all-reduce: per direction the augmented rows' weight sum, then the counts
+        sums = [weights[d][aug].sum().double() if n_aug else torch.zeros((), dtype=torch.float64, device=aug.device)
+                for d in self.directions]
+        stats = torch.stack(sums + [torch.tensor(float(n_aug), dtype=torch.float64, device=aug.device),
+                                    torch.tensor(float(batch - n_aug), dtype=torch.float64, device=aug.device)]).cpu()
+        all_reduce_sum_([stats])
+        n_all, n_orig_all = float(stats[-2]), float(stats[-1])
+        out = {}
+        for k, d in enumerate(self.directions):
+            w_sum = float(stats[k])
+            if renorm:
+                if n_aug:
+                    weights[d][aug] = weights[d][aug] * (n_all / w_sum) if w_sum > 0 else 0.0
+                w_sum = n_all if w_sum > 0 else 0.0
+            aug_mass = w_sum if self.weight_norm == "batch" else n_all
+            out[d] = max(self.orig_weight * n_orig_all + self.aug_weight * aug_mass, 1e-12) / world
+        return out
+
+    def _propose_share(self, g_all, ys, weights, soft, aug, distributed: bool = False) -> Dict[str, Any]:
         """The adaptive share's next state from this batch's scores (every row scored), pooled over
         the trained directions: agreements ``y^T g`` of the augmented rows (upstream targets, weight 1,
         for ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
         originals' (their targets)."""
         stats = sum(self.share.batch_statistics(ys[d], g_all[d], soft[d], weights[d], aug,
-                                                (ys[d][~aug] * g_all[d][~aug]).sum(-1)) for d in self.directions)
+                                                (ys[d][~aug] * g_all[d][~aug]).sum(-1), distributed=distributed)
+                    for d in self.directions)
         return self.share.propose(stats)
 
-    def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed, aug_weight) -> Dict[str, Any]:
+    def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed, aug_weight, strength) -> Dict[str, Any]:
         d0 = self.directions[0]
         n = max(int(aug.sum()), 1)
         out: Dict[str, Any] = {
@@ -586,6 +633,7 @@ class ContrastiveRefiner(RefinerCore):
             "skipped_val_batches": self.skipped_val_batches,
             "val_loss": self._val_loss,
             "aug_weight": float(aug_weight),
+            "strength": float(strength),
         }
         wa = weights[d0][aug]
         out["weight_mean"] = float(wa.mean()) if wa.numel() else float("nan")
@@ -613,7 +661,5 @@ class ContrastiveRefiner(RefinerCore):
 
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "
-                f"refresh_every={self.refresh_every}, val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, "
-                f"warmup_steps={self.warmup_steps}, weight_norm={self.weight_norm!r}"
-                + (f", aug_weight={self.share!r}" if self.share is not None else f", aug_weight={self.aug_weight}")
-                + (", cache_validation=True" if self.cache_validation else "") + ")")
+                f"bn_mode={self.bn_mode!r}, schedule={self.schedule!r}"
+                + (f", aug_weight={self.share!r}" if self.share is not None else f", aug_weight={self.aug_weight}") + ")")

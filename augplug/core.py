@@ -30,6 +30,7 @@ from .distributed import world_size as dist_world_size
 from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, ShapeError
 from .finite import nonfinite
 from .rng import PrivateRNG
+from .schedule import BAD_VAL_BATCH, Schedule
 from .scores import GradSum
 from .steps import StepCounter
 from .validation import CachedValidationStream, ValidationStream
@@ -41,8 +42,6 @@ __all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence
 STATE_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 
-#: Values of ``bad_val_batch``.
-BAD_VAL_BATCH = ("skip", "raise")
 
 _CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
 _CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
@@ -102,13 +101,12 @@ class RefinerCore:
     val_batches: Any
 
     # ------------------------------------------------------------------ construction
-    def _init_core(self, optimizer, val_loader, *, seed: int, needs_validation: bool, cache_validation: bool,
-                   bad_val_batch: str) -> None:
-        if bad_val_batch not in BAD_VAL_BATCH:
-            raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {bad_val_batch!r}",
-                                     "use 'skip' (skip and count non-finite validation batches) or 'raise'")
+    def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool) -> None:
         self._optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
-        self.bad_val_batch = bad_val_batch
+        self.schedule = schedule
+        self.refresh_every, self.val_batches = schedule.refresh_every, schedule.val_batches
+        self.warmup_steps, self.bad_val_batch = schedule.warmup_steps, schedule.bad_val_batch
+        cache_validation = schedule.cache_validation
         self.seed = int(seed)
         self._rng = PrivateRNG(seed)   # the validation stream's RNG: identical on every process
         self.val_loader = val_loader
@@ -126,6 +124,22 @@ class RefinerCore:
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
+
+    def noise_generator(self, stream: int = 0) -> torch.Generator:
+        """A fresh CPU generator for this call's random draws (Gumbel noise, ...): seeded from the seed,
+        the process rank, the call count and ``stream``, so draws are reproducible after a resume and
+        independent across processes; the global RNG and the validation stream's RNG are untouched."""
+        key = hash((self.seed, dist_rank(), self.calls, int(stream))) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(key)
+
+    @staticmethod
+    def _global_count(count: int) -> int:
+        """``count`` summed over the processes of a process group (itself in one process)."""
+        if dist_world_size() == 1:
+            return count
+        t = torch.tensor([float(count)], dtype=torch.float64)
+        all_reduce_sum_([t])
+        return int(t.item())
 
     @property
     def step_count(self) -> int:

@@ -18,111 +18,81 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .core import BAD_VAL_BATCH, RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
+from .core import RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
 from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
 from .heads import ActivationCapture, find_classifier, unwrap_model
-from .methods import POLICIES, Policy, SAflex, class_renormalize, renormalize
-from .methods.base import RefineContext
+from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
+from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
+from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, validation_gradient
-from .share import AdaptiveShare
-from .valve import RefinementStrength, cross_fit_statistics
+from .share import AdaptiveShare, resolve_share
+from .valve import RefinementStrength, apply_strength, cross_fit_statistics, resolve_strength
 from .stats import StepStats
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
 
-__all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "build_policy", "num_val_batches", "resolve_share",
-           "resolve_strength", "unwrap_optimizer"]
+__all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "Schedule", "build_policy", "num_val_batches", "refiner_kwargs",
+           "resolve_share", "resolve_strength", "unwrap_optimizer"]
 
-#: Defaults of the SAflex policy inside the refiner, chosen by measurement (README, "Defaults").
-DEFAULTS: Dict[str, Any] = dict(
-    mode="last_layer",
-    refresh_every=4,
-    val_batches="all",
-    bn_mode="eval",
-    warmup_steps=0,
-    beta=float("inf"),
-    tau=1.0,
-    gumbel=False,
-    weighting="soft",
-    weight_tau=1.0,
-    prior="linear",
-    normalize="center",
-    weight_norm="auto",
-    threshold=0.0,
-    aug_weight="adaptive",
-    weight_signal="agreement",
-    strength="auto",
-)
-
-#: Values of the refiners' ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
-WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
+#: The shell's defaults (the method's own options and defaults live on the method class, e.g.
+#: :class:`~augplug.methods.SAflex`; the validation schedule's on :class:`~augplug.schedule.Schedule`).
+DEFAULTS: Dict[str, Any] = dict(method="saflex", mode="last_layer", bn_mode="eval", orig_weight=1.0)
 
 
-def check_shell_options(refresh_every, val_batches, bn_mode: str, weight_norm: str, orig_weight: float,
-                        aug_weight, weight_norms: Tuple[str, ...] = WEIGHT_NORMS, why: str = "") -> None:
+def check_shell_options(bn_mode: str, weight_norm: str, orig_weight: float, aug_weight,
+                        weight_norms: Tuple[str, ...] = WEIGHT_NORMS, why: str = "") -> None:
     """Reject invalid options shared by every refiner shell (before anything is built).
 
-    ``aug_weight`` is a number here; shells that learn it resolve ``"adaptive"`` first
-    (:func:`resolve_share`). ``weight_norms``: the values of ``weight_norm`` this shell accepts, and
-    ``why`` a reason the error gives when a value of :data:`WEIGHT_NORMS` is left out."""
-    if not isinstance(aug_weight, (int, float)) or isinstance(aug_weight, bool):
-        raise ConfigurationError(f"aug_weight must be a number here, got {aug_weight!r}",
-                                 "pass a number, or resolve 'adaptive' with resolve_share() first")
-    if int(refresh_every) < 1:
-        raise ConfigurationError(f"refresh_every must be >= 1, got {refresh_every}", "use 1 to refresh every step")
-    if val_batches != "all" and int(val_batches) < 1:
-        raise ConfigurationError(f"val_batches must be >= 1 or 'all', got {val_batches}", "use 1 or 'all'")
+    ``aug_weight`` is the starting share (a number). ``weight_norms``: the values of the policy's
+    ``weight_norm`` this shell accepts, and ``why`` a reason the error gives when a value of
+    :data:`~augplug.methods.WEIGHT_NORMS` is left out."""
     if bn_mode not in ("eval", "train"):
         raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}", "use 'eval' or 'train'")
     if weight_norm not in weight_norms:
         reason = f" ({why})" if why and weight_norm in WEIGHT_NORMS else ""
         raise ConfigurationError(f"weight_norm must be one of {weight_norms}{reason}, got {weight_norm!r}",
-                                 "use " + ", ".join(repr(w) for w in weight_norms if w != "none")
+                                 "set the method's weight_norm to " + ", ".join(repr(w) for w in weight_norms if w != "none")
                                  .replace("'augmented'", "'augmented' (the paper)"))
+    if isinstance(orig_weight, bool) or not isinstance(orig_weight, (int, float)):
+        raise ConfigurationError(f"orig_weight must be a number, got {orig_weight!r}", "use orig_weight=1.0")
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")
 
 
-def resolve_share(aug_weight) -> Tuple[float, Optional[AdaptiveShare]]:
-    """``(starting aug_weight, AdaptiveShare or None)`` from the refiner's ``aug_weight`` option: a
-    number (fixed), ``"adaptive"`` (:class:`~augplug.share.AdaptiveShare` defaults) or an
-    ``AdaptiveShare``."""
-    if isinstance(aug_weight, str):
-        if aug_weight != "adaptive":
-            raise ConfigurationError(f"aug_weight must be a number, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
-                                     "use aug_weight=1.0 or aug_weight='adaptive'")
-        aug_weight = AdaptiveShare()
-    if isinstance(aug_weight, AdaptiveShare):
-        return aug_weight.init, aug_weight
-    return aug_weight, None
+def refiner_kwargs(flat: Optional[Dict[str, Any]] = None, /, *, refiner: Optional[type] = None,
+                   **more: Any) -> Dict[str, Any]:
+    """Constructor keywords from one flat set of options (configuration files, command lines):
+    :class:`~augplug.schedule.Schedule` fields go to ``schedule``, the refiner's own options stay,
+    and everything else goes to ``method_options`` (where an option the method does not take is an
+    error). ``refiner_kwargs(refresh_every=1, beta=1.0, seed=3)`` gives
+    ``{"schedule": {"refresh_every": 1}, "method_options": {"beta": 1.0}, "seed": 3}``. ``refiner``:
+    the class whose own options stay (default :class:`AugmentationRefiner`)."""
+    import dataclasses
+    import inspect
 
-
-STRENGTHS = ("auto", "adaptive")
-
-
-def resolve_strength(strength) -> Tuple[Optional[float], Optional[RefinementStrength]]:
-    """``(fixed strength, RefinementStrength or None)`` from the refiner's ``strength`` option: a
-    number in [0, 1] (fixed), ``"auto"`` (fixed strength None: 1 for batches with originals, 0
-    without), ``"adaptive"`` (:class:`~augplug.valve.RefinementStrength` defaults) or a
-    ``RefinementStrength``."""
-    if isinstance(strength, str):
-        if strength not in STRENGTHS:
-            raise ConfigurationError(f"strength must be a number in [0, 1], 'auto', 'adaptive' or a RefinementStrength, "
-                                     f"got {strength!r}", "use strength='auto' or strength=1.0")
-        if strength == "auto":
-            return None, None
-        strength = RefinementStrength()
-    if isinstance(strength, RefinementStrength):
-        return strength.init, strength
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ConfigurationError(f"strength must be a number in [0, 1], 'adaptive' or a RefinementStrength, got "
-                                 f"{strength!r}", "use strength='adaptive' or strength=1.0 (full refinement)")
-    return float(strength), None
+    flat = {**(flat or {}), **more}
+    shell = set(inspect.signature((refiner or AugmentationRefiner).__init__).parameters) - {"self"}
+    fields = {f.name for f in dataclasses.fields(Schedule)}
+    out: Dict[str, Any] = {}
+    schedule = dict(flat.pop("schedule", None) or {})
+    options = dict(flat.pop("method_options", None) or {})
+    for key, value in flat.items():
+        if key in fields:
+            schedule[key] = value
+        elif key in shell:
+            out[key] = value
+        else:
+            options[key] = value
+    if schedule:
+        out["schedule"] = schedule
+    if options:
+        out["method_options"] = options
+    return out
 
 
 def augmented_rows(batch: int, num_original: int, augmented, device, unit: str = "rows"):
@@ -150,20 +120,24 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     return m, slice(k, None), batch - k
 
 
-def build_policy(method, saflex_options: Dict[str, Any], method_options: Optional[Dict[str, Any]] = None, *,
-                 allowed: Optional[tuple] = None, unknown: Optional[tuple] = None) -> Policy:
-    """The policy a refiner shell runs: ``method`` itself when it is a :class:`Policy`; SAflex built
-    from ``saflex_options`` (the shell's explicit SAflex arguments); or the registered policy named
-    ``method`` built from ``method_options``. ``allowed`` limits the registered names a shell accepts;
-    ``unknown`` is the ``(message, fix)`` of the error for any other name."""
+def build_policy(method, method_options: Optional[Dict[str, Any]] = None, *, allowed: Optional[tuple] = None,
+                 unknown: Optional[tuple] = None, presets: Optional[Dict[str, Dict[str, Any]]] = None) -> Policy:
+    """The policy a refiner shell runs: ``method`` itself when it is a :class:`Policy`, or the
+    registered policy named ``method`` built from ``method_options`` (an option it does not use is an
+    error). ``allowed`` limits the names a shell accepts and ``unknown`` is the ``(message, fix)`` of
+    the error for any other name; ``presets[name]``: options a shell sets unless given."""
     if isinstance(method, Policy):
+        if method_options:
+            raise ConfigurationError("method_options were given with a Policy instance",
+                                     "pass the options to the policy's constructor, e.g. method=SAflex(beta=1.0)")
         return method
-    if method == "saflex":
-        return SAflex(**saflex_options)
-    if method in POLICIES and (allowed is None or method in allowed):
-        return POLICIES[method](**(method_options or {}))
-    message, fix = unknown or (f"unknown method {method!r}", f"use one of {sorted(POLICIES)} or a Policy")
-    raise ConfigurationError(message, fix)
+    if not isinstance(method, str) or (allowed is not None and method not in allowed):
+        message, fix = unknown or (f"unknown method {method!r}", "use a registered name or a Policy")
+        raise ConfigurationError(message, fix)
+    if method_options is not None and not isinstance(method_options, dict):
+        raise ConfigurationError(f"method_options must be a dict, got {type(method_options).__name__}",
+                                 "pass e.g. method_options={'beta': 1.0}")
+    return create_policy(method, **{**((presets or {}).get(method) or {}), **(method_options or {})})
 
 
 class AugmentationRefiner(RefinerCore):
@@ -171,66 +145,57 @@ class AugmentationRefiner(RefinerCore):
 
     Args:
         model: the classifier being trained (timm, torchvision, ``nn.Sequential``, an MLP, ...).
-        optimizer: its optimizer; a post-step hook counts real updates (refresh interval, warm-up).
+        optimizer: its optimizer; its steps are counted (refresh interval, warm-up).
             ``None``: every refiner call counts as one update.
         val_loader: iterable of clean ``(inputs, targets)`` batches (or dicts); cycled forever.
-        method: ``"saflex"``, ``"l2rw"``, ``"none"`` (or another name in ``augplug.methods.POLICIES``)
-            or a :class:`~augplug.methods.Policy` instance.
-        method_options: keyword arguments for the policy named by ``method`` (methods other than
-            SAflex, whose options are the explicit arguments below).
-        isda: add ISDA (implicit semantic data augmentation) to the loss: ``True``, a dict of
-            :class:`~augplug.isda.ISDALoss` options, or an ``ISDALoss``. Needs a linear head.
+        method: a registered name (``"saflex"``, ``"l2rw"``, ``"none"``, ``"autodo"``,
+            ``"influence"``; :func:`~augplug.methods.list_policies`) or a
+            :class:`~augplug.methods.Policy` instance such as ``SAflex(beta=1.0)`` or
+            ``SAflex.paper()``. The method holds its options and defaults, including how its rows
+            are mixed into the loss: ``weight_norm``, ``aug_weight`` (the augmented rows' share;
+            SAflex learns it by default) and ``strength`` (SAflex: ``"auto"``, refinement only
+            beside originals); see :class:`~augplug.methods.SAflex` and ``docs/api.md``.
+        method_options: options of the method named by ``method`` (e.g. ``{"beta": 1.0}``); an option
+            the method does not take is an error.
         mode: how class scores are computed: ``"last_layer"`` (closed form on the linear head),
             ``"full"`` (forward-mode AD through the model), ``"double_backward"``, or ``"auto"``
             (full, falling back to double backward).
         classifier: the head module or its dotted name (found automatically otherwise).
-        val_params: ``"all"`` trainable parameters or ``"head"`` only, for full/double-backward modes.
-        refresh_every: recompute the validation direction every k optimizer updates.
-        val_batches: validation minibatches averaged per refresh (``"all"``: one pass of the loader).
         bn_mode: BatchNorm in scoring passes: ``"eval"`` (running statistics) or ``"train"`` (batch
             statistics; running statistics restored). Dropout is always off in scoring passes.
-        warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
-        orig_weight, aug_weight: relative weights of original and augmented rows in the loss.
-            ``aug_weight="adaptive"`` (or an :class:`~augplug.share.AdaptiveShare`) learns the
-            augmented rows' share online from the class scores: it falls while the augmented rows
-            (as given upstream; ``AdaptiveShare(signal="refined")``: as refined) agree with the
-            validation gradient less than the originals do (batches with
-            originals, ``num_original=``/``augmented=``; policies that score augmented rows with
-            ``Policy.refine``, such as SAflex and L2RW). Default (None): ``"adaptive"`` for
-            ``method="saflex"``, 1.0 otherwise; batches of augmented rows alone are unaffected.
-        strength: the refinement strength ``gamma`` in [0, 1]: the augmented rows are trained with
-            ``w = 1 + gamma (w' - 1)`` and ``y = y~ + gamma (y' - y~)`` (``w'``, ``y'``: the policy's
-            weights and targets; 0 is plain upstream augmentation, 1 the full refinement).
-            ``"auto"`` (the default for ``method="saflex"``): 1 for batches that hold originals
-            (``num_original=`` / ``augmented=``), 0 for batches of augmented rows alone, which are
-            then trained as given at no cost (measured: per-sample weights without originals cost
-            accuracy, ``docs/trust.md``). ``"adaptive"`` (or a
-            :class:`~augplug.valve.RefinementStrength`): learned online from a cross-fitted
-            first-order signal (:mod:`augplug.valve`). A number: fixed. Other methods: 1.0.
-        beta, tau, gumbel, weighting, weight_tau, prior, normalize, threshold, weight_signal: SAflex
-            hyperparameters (see :func:`augplug.functional.saflex_targets`); ignored by other methods.
-        weight_norm: how refined weights are normalised: ``"augmented"`` (the paper: mean 1 over
-            the augmented rows, so they keep their share of the loss), ``"class"`` (mean 1 within
-            each upstream class of the augmented rows, :func:`~augplug.methods.class_renormalize`:
-            the weights pick rows within a class but keep every class's share of the loss),
-            ``"auto"`` (``"class"`` for a batch of augmented rows alone, whose weights would
-            otherwise set the class balance of everything the model sees; ``"augmented"`` when
-            originals are in the batch), ``"batch"`` (weights stay absolute and the loss is divided
-            by the total weight of the batch, originals included: unhelpful augmented rows give
-            their share back to the originals), or ``"none"``. Default (None): ``"auto"`` for
-            ``method="saflex"``, ``"augmented"`` otherwise.
-        seed: seed of the refiner's private randomness (validation shuffling; per-call noise such as
-            Gumbel draws is derived from the seed, the process rank and the call count).
+        schedule: the validation work, a :class:`~augplug.schedule.Schedule` (or a dict of its
+            fields): ``refresh_every`` (4), ``val_batches`` (``"all"``), ``warmup_steps`` (0),
+            ``cache_validation`` (False), ``bad_val_batch`` (``"skip"``).
+        orig_weight: the weight of original rows in the loss (the augmented rows': the method's
+            ``aug_weight``).
+        isda: add ISDA (implicit semantic data augmentation) to the loss: ``True``, a dict of
+            :class:`~augplug.isda.ISDALoss` options, or an ``ISDALoss``. Needs a linear head.
         accelerator: an ``accelerate.Accelerator``: extra forwards run under ``accelerator.autocast()``
             and the refiner registers itself with ``accelerator.register_for_checkpointing`` (so
             ``save_state``/``load_state`` include it). Multi-process reductions need no accelerator:
             they use the initialised ``torch.distributed`` process group (Accelerate, torchrun, DDP).
+        seed: seed of the refiner's private randomness (validation shuffling; per-call noise such as
+            Gumbel draws is derived from the seed, the process rank and the call count).
         check_train_mode: raise :class:`~augplug.errors.ModelModeError` when called with the model
             in eval mode.
-        cache_validation: read the validation loader once and keep its batches on the model's device
-            (targets checked and converted once). Saves the loader's per-batch work and the copies on
-            every refresh, which dominates small validation batches on a GPU. The first pass's
-            order and any random validation transform are then fixed for the rest of training.
+
+    How the method's mixing options act (SAflex and L2RW take all three, ``"none"`` the first two):
+
+    - ``aug_weight="adaptive"`` (or an :class:`~augplug.share.AdaptiveShare`) learns the augmented
+      rows' share online from the class scores: it falls while the augmented rows agree with the
+      validation gradient less than the originals do (batches with originals, ``num_original=`` /
+      ``augmented=``); batches of augmented rows alone are unaffected.
+    - ``strength`` ``gamma`` in [0, 1]: the augmented rows are trained with ``w = 1 + gamma (w' - 1)``
+      and ``y = y~ + gamma (y' - y~)`` (``w'``, ``y'``: the policy's weights and targets; 0 is plain
+      upstream augmentation, 1 the full refinement). ``"auto"``: 1 for batches that hold originals,
+      0 for batches of augmented rows alone, which are then trained as given at no cost (measured:
+      per-sample weights without originals cost accuracy, ``docs/trust.md``). ``"adaptive"`` (or a
+      :class:`~augplug.valve.RefinementStrength`): learned online from a cross-fitted first-order
+      signal (:mod:`augplug.valve`).
+    - ``weight_norm``: ``"augmented"`` (the paper: mean 1 over the augmented rows), ``"class"``
+      (mean 1 within each upstream class of the augmented rows), ``"auto"`` (``"class"`` for a batch
+      of augmented rows alone, ``"augmented"`` beside originals), ``"batch"`` (weights stay
+      absolute; the loss is divided by the batch's total weight, originals included) or ``"none"``.
     """
 
     def __init__(
@@ -238,75 +203,47 @@ class AugmentationRefiner(RefinerCore):
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
         val_loader=None,
-        method: Union[str, Policy] = "saflex",
+        method: Union[str, Policy] = DEFAULTS["method"],
         *,
+        method_options: Optional[Dict[str, Any]] = None,
         mode: str = DEFAULTS["mode"],
         classifier: Union[None, str, nn.Module] = None,
-        val_params: str = "all",
-        refresh_every: int = DEFAULTS["refresh_every"],
-        val_batches: Union[int, str] = DEFAULTS["val_batches"],
         bn_mode: str = DEFAULTS["bn_mode"],
-        warmup_steps: int = DEFAULTS["warmup_steps"],
-        orig_weight: float = 1.0,
-        aug_weight: Union[None, float, str, AdaptiveShare] = None,
-        strength: Union[None, float, str, RefinementStrength] = None,
-        beta: float = DEFAULTS["beta"],
-        tau: float = DEFAULTS["tau"],
-        gumbel: bool = DEFAULTS["gumbel"],
-        weighting: str = DEFAULTS["weighting"],
-        weight_tau: float = DEFAULTS["weight_tau"],
-        prior: str = DEFAULTS["prior"],
-        normalize: Optional[str] = DEFAULTS["normalize"],
-        weight_norm: Optional[str] = None,
-        threshold: float = DEFAULTS["threshold"],
-        weight_signal: str = DEFAULTS["weight_signal"],
-        seed: int = 0,
-        check_train_mode: bool = True,
-        bad_val_batch: str = "skip",
-        method_options: Optional[Dict[str, Any]] = None,
+        schedule: Union[None, Schedule, Dict[str, Any]] = None,
+        orig_weight: float = DEFAULTS["orig_weight"],
         isda=None,
         accelerator=None,
-        cache_validation: bool = False,
+        seed: int = 0,
+        check_train_mode: bool = True,
     ):
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
-        if val_params not in ("all", "head"):
-            raise ConfigurationError(f"val_params must be 'all' or 'head', got {val_params!r}", "use 'all' or 'head'")
-        if aug_weight is None:  # SAflex learns the share by default; other methods keep the upstream mixture
-            aug_weight = DEFAULTS["aug_weight"] if isinstance(method, str) and method == "saflex" else 1.0
-        aug_weight, self.share = resolve_share(aug_weight)
-        if strength is None:  # SAflex's refinement has a safety valve by default; other methods keep theirs whole
-            strength = DEFAULTS["strength"] if isinstance(method, str) and method == "saflex" else 1.0
-        self.fixed_strength, self.strength = resolve_strength(strength)
-        if weight_norm is None:  # SAflex keeps the classes' shares without originals; other methods the paper's norm
-            weight_norm = DEFAULTS["weight_norm"] if isinstance(method, str) and method == "saflex" else "augmented"
-        check_shell_options(refresh_every, val_batches, bn_mode, weight_norm, orig_weight, aug_weight)
-        self.policy = build_policy(method, dict(beta=beta, tau=tau, gumbel=gumbel, weighting=weighting,
-                                                weight_tau=weight_tau, prior=prior, normalize=normalize,
-                                                threshold=threshold, weight_signal=weight_signal), method_options)
-        if self.share is not None and not (self.policy.needs_scores and type(self.policy).refine is Policy.refine):
+        schedule = resolve_schedule(schedule)
+        self.policy = build_policy(method, method_options)
+        policy = self.policy
+        aug_weight, self.share = resolve_share(policy.aug_weight)
+        self.fixed_strength, self.strength = resolve_strength(policy.strength)
+        weight_norm = policy.weight_norm
+        check_shell_options(bn_mode, weight_norm, orig_weight, aug_weight)
+        scores_rows = policy.needs_scores and type(policy).refine is Policy.refine
+        if self.share is not None and not scores_rows:
             raise ConfigurationError(
                 f"aug_weight='adaptive' needs a policy that scores the augmented rows with class scores; "
-                f"{self.policy.name!r} does not",
+                f"{policy.name!r} does not",
                 "use method='saflex' or 'l2rw' (or a Policy that keeps Policy.refine), or a fixed aug_weight")
-        scores_rows = self.policy.needs_scores and type(self.policy).refine is Policy.refine
         if (self.strength is not None or self.fixed_strength is None or self.fixed_strength != 1.0) and not scores_rows:
             raise ConfigurationError(
                 f"a refinement strength other than 1 needs a policy that refines rows from their class scores; "
-                f"{self.policy.name!r} does not", "use method='saflex' or 'l2rw', or strength=1.0")
-        if weight_norm in ("auto", "class") and not self.policy.refiner_renormalizes:
+                f"{policy.name!r} does not", "use method='saflex' or 'l2rw', or strength=1.0")
+        if weight_norm in ("auto", "class") and not policy.refiner_renormalizes:
             raise ConfigurationError(f"weight_norm={weight_norm!r} rescales the policy's weights by class, but "
-                                     f"{self.policy.name!r} keeps its weights on their own scale",
+                                     f"{policy.name!r} keeps its weights on their own scale",
                                      "use weight_norm='augmented' (or 'batch') with this method")
-        self.method = self.policy.name
+        self.method = policy.name
         self.model = model
         self.net = unwrap_model(model)
         self.mode = mode
-        self.val_params = val_params
-        self.refresh_every = int(refresh_every)
-        self.val_batches = val_batches
         self.bn_mode = bn_mode
-        self.warmup_steps = int(warmup_steps)
         self.orig_weight = float(orig_weight)
         # the augmented rows' share: a float, or (adaptive) a 0-dim tensor updated on the device
         if self.share is not None:
@@ -317,13 +254,12 @@ class AugmentationRefiner(RefinerCore):
 
         needs_features = mode == "last_layer" or isda not in (None, False) or getattr(self.policy, "needs_features", False)
         self.head_name, self.head = None, None
-        if needs_features or (val_params == "head" and self.policy.needs_scores):
+        if needs_features:
             self.head_name, self.head = find_classifier(self.net, classifier)
         self.isda = self._build_isda(isda)
         self._check_val_loader(val_loader)
         # the hooks come last, so that a rejected option leaves none behind
-        self._init_core(optimizer, val_loader, seed=seed, needs_validation=self.policy.needs_scores,
-                        cache_validation=cache_validation, bad_val_batch=bad_val_batch)
+        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores)
         self.split_validation = self.strength is not None
         if self.strength is not None:
             self.strength.to(self._device())
@@ -353,11 +289,6 @@ class AugmentationRefiner(RefinerCore):
                 "pass the plain DataLoader: the refiner splits the validation batches across processes "
                 "itself and sums gradients with true counts")
 
-    def noise_generator(self, stream: int = 0) -> torch.Generator:
-        """A fresh CPU generator for this call's random draws (see :attr:`RefineContext.generator`)."""
-        key = hash((self.seed, dist_rank(), self.calls, int(stream))) & ((1 << 63) - 1)
-        return torch.Generator().manual_seed(key)
-
     def _autocast(self):
         return self.accelerator.autocast() if self.accelerator is not None else nullcontext()
 
@@ -365,11 +296,9 @@ class AugmentationRefiner(RefinerCore):
         p = next(self.net.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _score_params(self) -> Dict[str, nn.Parameter]:
-        named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
-        if self.val_params == "head":
-            named = {n: p for n, p in named.items() if n.startswith(self.head_name + ".")}
-        return named
+    def score_params(self) -> Dict[str, nn.Parameter]:
+        """The parameters a full-model validation direction covers: every trainable one."""
+        return {n: p for n, p in self.net.named_parameters() if p.requires_grad}
 
     def _to_device(self, x):
         return to_device(x, self._device())
@@ -382,7 +311,7 @@ class AugmentationRefiner(RefinerCore):
     def compute_validation_direction(self, num_classes: int) -> GradSum:
         """Sum the validation gradient over one refresh's batches (advances the stream; non-finite
         batches are skipped or rejected as ``bad_val_batch`` says, see :mod:`augplug.core`)."""
-        params = None if self.mode == "last_layer" else self._score_params()
+        params = None if self.mode == "last_layer" else self.score_params()
 
         def gradient(x, y):
             if self.mode == "last_layer":
@@ -400,7 +329,7 @@ class AugmentationRefiner(RefinerCore):
             if self.head.bias is not None:
                 shapes[f"{self.head_name}.bias"] = self.head.bias.shape
             return shapes
-        return {n: p.shape for n, p in self._score_params().items()}
+        return {n: p.shape for n, p in self.score_params().items()}
 
     # ------------------------------------------------------------------ the loss
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
@@ -450,8 +379,8 @@ class AugmentationRefiner(RefinerCore):
         if self.strength is None and self.fixed_strength is None:  # "auto": refine only beside originals
             used_strength = 1.0 if self._global_count(batch - n_aug) > 0 else 0.0
             active = active and used_strength > 0
-        ctx = RefineContext(self, logits, y, aug, active, inputs=inputs, features=features, index=index,
-                            rows=rows, n_augmented=n_aug)
+        ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
+                            n_augmented=n_aug)
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
         # whole batch costs about what a pass over the augmented rows does (rows are independent
         # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
@@ -467,7 +396,7 @@ class AugmentationRefiner(RefinerCore):
                 used_strength = self.strength.value
                 strength_state = self._propose_strength(ctx, y, aug, rows, n_aug)
             if self.strength is not None or used_strength != 1.0:
-                weights, soft = self._apply_strength(weights, soft, y, aug, used_strength)
+                weights, soft = apply_strength(weights, soft, y, aug, used_strength)
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
@@ -498,14 +427,16 @@ class AugmentationRefiner(RefinerCore):
                                      used_share, used_strength)
         return loss
 
-    @staticmethod
-    def _global_count(count: int) -> int:
-        """``count`` summed over the processes of a process group (itself in one process)."""
-        if dist_world_size() == 1:
-            return count
-        t = torch.tensor([float(count)], dtype=torch.float64)
-        all_reduce_sum_([t])
-        return int(t.item())
+    def _context(self, logits, y, aug, active, **kw) -> RefineContext:
+        """The per-call context a policy works from: what it needs, passed in."""
+        scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head, head_name=self.head_name,
+                          capture=self._capture, params=self.score_params)
+        validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
+                                      current=lambda: self.validation_direction, halves=lambda: self.half_directions,
+                                      loss=lambda: self.val_loss)
+        mixing = Mixing(orig_weight=self.orig_weight, aug_weight=self.aug_weight, weight_norm=self.weight_norm)
+        return RefineContext(logits, y, aug, active, scoring=scoring, validation=validation, mixing=mixing,
+                             step=self.step_count, noise=self.noise_generator, **kw)
 
     def _propose_strength(self, ctx: RefineContext, y, aug, rows, n_aug: int):
         """The refinement strength's next state from this batch's cross-fitted signal (None: not
@@ -528,15 +459,6 @@ class AugmentationRefiner(RefinerCore):
             picks.append((w[rows], s.to(ya), g))
         (w_a, s_a, g_a), (w_b, s_b, g_b) = picks
         return self.strength.propose(cross_fit_statistics(ya, w_a, s_a, g_b, w_b, s_b, g_a, distributed=distributed))
-
-    @staticmethod
-    def _apply_strength(weights, soft, y, aug, gamma):
-        """``w_eff = 1 + gamma (w - 1)`` and ``y_eff = y~ + gamma (y' - y~)`` on the augmented rows (before
-        the weights are normalized)."""
-        gamma = torch.as_tensor(gamma, dtype=torch.float32, device=weights.device)
-        weights = torch.where(aug, 1 + gamma * (weights - 1), weights)
-        soft = torch.where(aug[:, None], y + gamma * (soft - y), soft)
-        return weights, soft
 
     def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
@@ -607,7 +529,7 @@ class AugmentationRefiner(RefinerCore):
         if fn is None:
             raise ConfigurationError(f"method {self.method!r} has no learned augmentation",
                                      "use method='autodo' for refiner.augment(x, index)")
-        return fn(x, index, self)
+        return fn(x, index, self.noise_generator)
 
     def _build_isda(self, isda):
         if isda is None or isda is False:
@@ -692,10 +614,4 @@ class AugmentationRefiner(RefinerCore):
             self.strength.load_state_dict(strength)
 
     def __repr__(self) -> str:
-        return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, refresh_every={self.refresh_every}, "
-                f"val_batches={self.val_batches!r}, bn_mode={self.bn_mode!r}, warmup_steps={self.warmup_steps}, "
-                f"weight_norm={self.weight_norm!r}"
-                + (f", strength={self.strength!r}" if self.strength is not None else
-                   f", strength={'auto' if self.fixed_strength is None else self.fixed_strength!r}")
-                + (f", aug_weight={self.share!r}" if self.share is not None else "")
-                + (", cache_validation=True" if self.cache_validation else "") + ")")
+        return f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, schedule={self.schedule!r})"

@@ -56,7 +56,7 @@ from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
 from .online import assign_state, normalized_step, significant
 
-__all__ = ["AdaptiveShare", "SIGNALS", "share_agreements"]
+__all__ = ["AdaptiveShare", "SIGNALS", "resolve_share", "share_agreements"]
 
 SIGNALS = ("upstream", "refined")
 
@@ -224,3 +224,19 @@ class AdaptiveShare:
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "
                 f"max_share={self.max_share}, decay={self.decay}, signal={self.signal!r}, evidence={self.evidence})")
+
+
+def resolve_share(aug_weight):
+    """``(starting aug_weight, AdaptiveShare or None)`` from a policy's ``aug_weight`` option: a
+    number >= 0 (fixed), ``"adaptive"`` (:class:`AdaptiveShare` defaults) or an ``AdaptiveShare``."""
+    if isinstance(aug_weight, str):
+        if aug_weight != "adaptive":
+            raise ConfigurationError(f"aug_weight must be a number, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
+                                     "use aug_weight=1.0 or aug_weight='adaptive'")
+        aug_weight = AdaptiveShare()
+    if isinstance(aug_weight, AdaptiveShare):
+        return aug_weight.init, aug_weight
+    if isinstance(aug_weight, bool) or not isinstance(aug_weight, (int, float)) or not aug_weight >= 0:
+        raise ConfigurationError(f"aug_weight must be a number >= 0, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
+                                 "use aug_weight=1.0 (the upstream mixture) or aug_weight='adaptive'")
+    return float(aug_weight), None

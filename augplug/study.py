@@ -33,6 +33,7 @@ from torch import nn
 
 from .methods import renormalize
 from .models import SmallCNN
+from . import refiner as _refiner
 from .refiner import AugmentationRefiner
 
 __all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_auc", "accuracy"]
@@ -158,7 +159,7 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
         kw.setdefault("seed", seed)
         if method == "saflex" and aug_only:  # the study measures the refinement itself, also without originals
             kw.setdefault("strength", 1.0)
-        refiner = AugmentationRefiner(model, opt, val_loader, method=method, **kw)
+        refiner = AugmentationRefiner(model, opt, val_loader, method=method, **_refiner.refiner_kwargs(kw))
     g = torch.Generator().manual_seed(seed + 1)
     true_view_labels = data.y_train[:, None].expand(n, v)
     rec = {"w": [], "agree": [], "clean": [], "relabel_true": []}

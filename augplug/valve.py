@@ -44,7 +44,10 @@ from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError
 from .online import assign_state, normalized_step
 
-__all__ = ["RefinementStrength", "cross_fit_statistics"]
+__all__ = ["RefinementStrength", "STRENGTHS", "apply_strength", "cross_fit_statistics", "resolve_strength"]
+
+#: Named values of a policy's ``strength`` option.
+STRENGTHS = ("auto", "adaptive")
 
 
 def cross_fit_statistics(upstream: torch.Tensor, weights_a: torch.Tensor, soft_a: torch.Tensor, scores_b: torch.Tensor,
@@ -156,3 +159,31 @@ class RefinementStrength:
 
     def __repr__(self) -> str:
         return f"RefinementStrength(init={self.init}, lr={self.lr}, decay={self.decay}, evidence={self.evidence})"
+
+
+def resolve_strength(strength):
+    """``(fixed strength, RefinementStrength or None)`` from a policy's ``strength`` option: a number
+    in [0, 1] (fixed), ``"auto"`` (fixed strength None: 1 for batches that hold originals, 0
+    without), ``"adaptive"`` (:class:`RefinementStrength` defaults) or a ``RefinementStrength``."""
+    if isinstance(strength, str):
+        if strength not in STRENGTHS:
+            raise ConfigurationError(f"strength must be a number in [0, 1], 'auto', 'adaptive' or a RefinementStrength, "
+                                     f"got {strength!r}", "use strength='auto' or strength=1.0")
+        if strength == "auto":
+            return None, None
+        strength = RefinementStrength()
+    if isinstance(strength, RefinementStrength):
+        return strength.init, strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ConfigurationError(f"strength must be a number in [0, 1], 'auto', 'adaptive' or a RefinementStrength, got "
+                                 f"{strength!r}", "use strength='adaptive' or strength=1.0 (full refinement)")
+    return float(strength), None
+
+
+def apply_strength(weights: torch.Tensor, soft: torch.Tensor, upstream: torch.Tensor, augmented: torch.Tensor, gamma):
+    """``w_eff = 1 + gamma (w - 1)`` and ``y_eff = y~ + gamma (y' - y~)`` on the ``augmented`` rows
+    (before the weights are normalized); other rows unchanged."""
+    gamma = torch.as_tensor(gamma, dtype=torch.float32, device=weights.device)
+    weights = torch.where(augmented, 1 + gamma * (weights - 1), weights)
+    soft = torch.where(augmented[:, None], upstream + gamma * (soft - upstream), soft)
+    return weights, soft

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from augplug import SAFLEX_PAPER, AugmentationRefiner
+from augplug import SAFLEX_PAPER, AugmentationRefiner, refiner_kwargs
 from augplug.models import SmallCNN
 from augplug.report import NAME_SEP, AugmentationAudit, TracedRandAugment
 from augplug.study import accuracy, corrupt_views
@@ -101,8 +101,8 @@ def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overri
     n, v = view_labels.shape
     model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method="saflex", seed=args.seed,
-                                  warmup_steps=int(args.warmup_epochs * steps),
-                                  **{"strength": 1.0, **ARMS[arm], **overrides})
+                                  **refiner_kwargs({"strength": 1.0, **ARMS[arm], **overrides},
+                                                   warmup_steps=int(args.warmup_epochs * steps)))
     ops = AugmentationAudit(FMNIST_CLASSES)
     control = AugmentationAudit(FMNIST_CLASSES)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -145,8 +145,8 @@ def run_sources(arm: str, data: Dict, args, overrides: Dict) -> Dict:
     n = len(y_tr)
     model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method=method, seed=args.seed,
-                                  **({"strength": 1.0, **kw, **overrides} if method == "saflex" else
-                                     {**kw, **overrides} if method != "none" else {}))
+                                  **refiner_kwargs({"strength": 1.0, **kw, **overrides} if method == "saflex" else
+                                                   {**kw, **overrides} if method != "none" else {}))
     sources = {name: GeneratedSamples(x, y) for name, (x, y) in data["sources"].items()}
     mixer = BatchMixer(sources, per_batch=args.per_source, seed=args.seed)
     audit = SourceAudit(mixer.source_names, FMNIST_CLASSES, only_active=method != "none")

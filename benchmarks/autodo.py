@@ -102,11 +102,12 @@ def run(data, arm: str, seed: int, args) -> Dict[str, float]:
                      generator=torch.Generator().manual_seed(seed + 3))
     refiner = None
     if arm == "saflex":
-        refiner = AugmentationRefiner(model, opt, val, method="saflex", seed=seed, strength=1.0)
+        refiner = AugmentationRefiner(model, opt, val, method="saflex", seed=seed,
+                                      method_options=dict(strength=1.0))
     elif arm != "baseline":
-        refiner = AugmentationRefiner(model, opt, val, method="autodo", seed=seed, val_batches=1,
-                                      refresh_every=args.refresh_every,
-                                      method_options=autodo_options(arm, n, spe, args))
+        refiner = AugmentationRefiner(model, opt, val, method="autodo", seed=seed,
+                                      method_options=autodo_options(arm, n, spe, args),
+                                      schedule=dict(val_batches=1, refresh_every=args.refresh_every))
     g = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
     model.train()
@@ -165,10 +166,9 @@ def overhead(args) -> Dict[str, float]:
         torch.manual_seed(0)
         model = SmallCNN(1, 10, img_size=28).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        ref = None if refresh is None else AugmentationRefiner(
-            model, opt, val, method="autodo", val_batches=1, refresh_every=refresh,
-            method_options=dict(num_points=n, num_classes=10, models="AWS", every=1),
-            cache_validation=args.cache_validation)
+        ref = None if refresh is None else AugmentationRefiner(model, opt, val, method="autodo",
+                                                               method_options=dict(num_points=n, num_classes=10, models='AWS', every=1),
+                                                               schedule=dict(val_batches=1, refresh_every=refresh, cache_validation=args.cache_validation))
         setups[key] = (model, opt, ref)
 
     def step(key, i):

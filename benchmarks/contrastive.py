@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from augplug.methods import SAFLEX_PAPER
+from augplug.refiner import refiner_kwargs
 
 from .common import fmt_mean_std, mean_std, parse_sets, results_dir, save_bar_plot, set_threads, write_markdown_table
 
@@ -65,7 +66,8 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_val, data.y_val), batch_size=500,
                                       shuffle=True)
     refiner = ContrastiveRefiner(image_encoder, prompts, opt, val, method=method or "none",
-                                 class_prompts=torch.arange(data.num_classes), seed=seed, **kw)
+                                 **refiner_kwargs(kw, class_prompts=torch.arange(data.num_classes), seed=seed,
+                                                  refiner=ContrastiveRefiner))
     g = torch.Generator().manual_seed(seed + 1)
     true_view = data.y_train[:, None].expand(n, v)
     rec_w, rec_clean, rec_share = [], [], []
@@ -136,7 +138,8 @@ def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0, opti
         kw = dict(class_prompts=torch.arange(10)) if setting == "class prompts" else {}
         # optimizer=None: each refiner counts its own calls as updates (a shared optimizer's step hook
         # would advance both refiners' refresh schedules on every step of either)
-        refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m, **kw, **(options if m == "saflex" else {}))
+        refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m,
+                                      **refiner_kwargs(kw, **(options if m == "saflex" else {}), refiner=ContrastiveRefiner))
                 for m in ("none", "saflex")}
         times = {m: [] for m in refs}
         for k in range(steps + 4):

@@ -257,10 +257,9 @@ class Setup:
 
     def refiner(self, model: nn.Module, opt: Optional[torch.optim.Optimizer], mode: str,
                 refresh_every: int, aug_weight: Optional[float] = None) -> AugmentationRefiner:
-        r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode,
-                                refresh_every=refresh_every, val_batches=1, seed=self.seed,
-                                cache_validation=self.cache_validation, aug_weight=aug_weight,
-                                strength=1.0)  # time the refinement, also on batches without originals
+        r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode, seed=self.seed,
+                                method_options=dict(aug_weight=aug_weight, strength=1.0),
+                                schedule=dict(refresh_every=refresh_every, val_batches=1, cache_validation=self.cache_validation))  # time the refinement, also on batches without originals
         self.refiners.append(r)
         return r
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from augplug.methods import SAFLEX_PAPER
+from augplug.refiner import refiner_kwargs
 
 from .common import (fmt_mean_std, mean_std, paired_difference, parse_sets, results_dir, save_bar_plot, set_threads,
                      share_options, write_markdown_table)
@@ -151,7 +152,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)
         if method == "saflex":  # refine every batch, with or without originals, as the tables were made
             kw.setdefault("strength", 1.0)
-        refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **kw)
+        refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **refiner_kwargs(kw))
     cutmix = TabularCutMix(p=p, proportion=PROPORTION, label="keep" if label == "smooth" else label, num_classes=c, seed=seed + 17,
                            return_mask=True) if p > 0 else None
     g = torch.Generator().manual_seed(seed + 1)

@@ -172,7 +172,7 @@ def _model(data, seed: int):
 
 
 def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: int, options: dict) -> Dict:
-    from augplug import AugmentationRefiner
+    from augplug import AugmentationRefiner, refiner_kwargs
     from augplug.study import accuracy, binary_auc
     data = _setting_cache(dataset, upstream, seed)
     model = _model(data, seed)
@@ -193,7 +193,7 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         if share:  # --set share.lr=0.03: an AdaptiveShare with those options
             from augplug.share import AdaptiveShare
             kw["aug_weight"] = AdaptiveShare(**share)
-        refiner = AugmentationRefiner(model, opt, val, **kw)
+        refiner = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
     g = torch.Generator().manual_seed(seed + 1)
     n, c = len(y), data["num_classes"]
     rec_w, rec_clean, trace = [], [], []

@@ -21,6 +21,7 @@ from augplug import AugmentationRefiner
 from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
 from augplug.errors import AugplugError
 from augplug.methods.autodo import AutoDO
+from augplug.refiner import refiner_kwargs
 
 C = 4          # classes
 B = 8          # training batch
@@ -149,14 +150,15 @@ def make_rig(kind: str = "saflex", *, val: Optional[PoisonableLoader] = None, op
         text = ClassEmbeddings(C, 8)
         model = nn.ModuleDict({"image": image, "text": text})
         opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=0.1)
-        r = ContrastiveRefiner(image, text, opt, val, class_prompts=torch.arange(C), **options)
+        r = ContrastiveRefiner(image, text, opt, val, class_prompts=torch.arange(C),
+                               **refiner_kwargs(options, refiner=ContrastiveRefiner))
         return Rig(kind, model, opt, r, val)
     model = Net()
     opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kw = dict(refresh_every=2)
     kw.update(copy.deepcopy(KINDS[kind]))
     kw.update(options)
-    r = AugmentationRefiner(model, opt, val, **kw)
+    r = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
     return Rig(kind, model, opt, r, val, num_original=0 if kind == "autodo" else 2)
 
 

@@ -59,7 +59,8 @@ def test_gradient_accumulation_counts_real_updates_only():
     acc = _accelerator(gradient_accumulation_steps=3)
     model, opt, x, y, val = _problem()
     model, opt = acc.prepare(model, opt)
-    refiner = AugmentationRefiner(model, opt, val, refresh_every=1, accelerator=acc, strength=1.0)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, method_options=dict(strength=1.0),
+                                  schedule=dict(refresh_every=1))
     refreshes = []
     for i in range(9):
         with acc.accumulate(model):
@@ -77,7 +78,8 @@ def test_gradient_accumulation_counts_real_updates_only():
 
 def _weights(dtype):
     model, opt, x, y, val = _problem(seed=1)
-    refiner = AugmentationRefiner(model, opt, val, refresh_every=1, strength=1.0)
+    refiner = AugmentationRefiner(model, opt, val, method_options=dict(strength=1.0),
+                                  schedule=dict(refresh_every=1))
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         logits = model(x[:16])
         loss = refiner(logits, y[:16], num_original=4)
@@ -97,7 +99,8 @@ def test_bf16_autocast_weights_match_fp32():
 
 def test_scaler_skipped_step_does_not_advance_refinement():
     model, opt, x, y, val = _problem(seed=2)
-    refiner = AugmentationRefiner(model, opt, val, refresh_every=1, strength=1.0)
+    refiner = AugmentationRefiner(model, opt, val, method_options=dict(strength=1.0),
+                                  schedule=dict(refresh_every=1))
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     loss = refiner(model(x[:8]), y[:8])
     scaler.scale(loss).backward()
@@ -119,7 +122,7 @@ def _run_with_checkpoint(tmp_path, save_at=None, load=None, steps=6):
     acc = _accelerator()
     model, opt, x, y, val = _problem(seed=3)
     model, opt = acc.prepare(model, opt)
-    refiner = AugmentationRefiner(model, opt, val, refresh_every=2, accelerator=acc, seed=5)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, seed=5, schedule=dict(refresh_every=2))
     start = 0
     if load is not None:
         acc.load_state(load)
@@ -149,7 +152,8 @@ def test_fp16_cuda_weights_match_fp32():
     val = [(a.cuda(), b.cuda()) for a, b in val]
     out = {}
     for dtype in (torch.float32, torch.float16):
-        refiner = AugmentationRefiner(model, opt, val, refresh_every=1, strength=1.0)
+        refiner = AugmentationRefiner(model, opt, val, method_options=dict(strength=1.0),
+                                      schedule=dict(refresh_every=1))
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             refiner(model(x[:16].cuda()), y[:16].cuda(), num_original=4)
         out[dtype] = refiner.stats["weights"].cpu()

@@ -67,8 +67,9 @@ def test_refiner_weights_attributed_to_transforms():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     vi, vl = _images(30, seed=9)
     val = [(torch.stack([clean(image=im)["image"] for im in vi]), torch.from_numpy(vl))]
-    refiner = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3,
-                                  normalize="rms", refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, method="saflex",
+                                  method_options=dict(weighting='hard', beta=0.2, tau=0.3, normalize='rms'),
+                                  schedule=dict(refresh_every=1))
     audit = AugmentationAudit(["a", "b", "c"])
     hand = {}
     for step in range(5):

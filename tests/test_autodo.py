@@ -36,8 +36,8 @@ def _model(seed=0):
 def _refiner(model, opt, val, mode="last_layer", **opts):
     kw = dict(num_points=N, num_classes=C)
     kw.update(opts)
-    return AugmentationRefiner(model, opt, val, method="autodo", mode=mode, val_batches=1, refresh_every=1,
-                               method_options=kw)
+    return AugmentationRefiner(model, opt, val, method="autodo", mode=mode, method_options=kw,
+                               schedule=dict(val_batches=1, refresh_every=1))
 
 
 def _step(model, opt, ref, x, y, idx, seed):
@@ -278,8 +278,8 @@ def test_isda_composes_when_available():
     x, y, val = _data(7)
     model = _model(7)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ref = AugmentationRefiner(model, opt, val, method="autodo", isda=True, val_batches=1,
-                              method_options=dict(num_points=N, num_classes=C))
+    ref = AugmentationRefiner(model, opt, val, method="autodo", isda=True,
+                              method_options=dict(num_points=N, num_classes=C), schedule=dict(val_batches=1))
     for s in range(3):
         loss = _step(model, opt, ref, x, y, torch.arange(B) + s * B, s)
         assert torch.isfinite(loss)

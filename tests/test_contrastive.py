@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from augplug.contrastive import (DIRECTIONS, ClassEmbeddings, ContrastiveRefiner, DualEncoder, clip_loss,
                                  contrastive_scores, contrastive_targets, contrastive_validation_gradient)
 from augplug.errors import AugplugError, ConfigurationError, NonFiniteError, ShapeError, TargetError
+from augplug.refiner import refiner_kwargs
 
 VOCAB, LEN, DIM = 12, 5, 6
 
@@ -87,7 +88,7 @@ def _refiner(img, txt, scale, loader, **kw):
     params = list(img.parameters()) + list(txt.parameters()) + [scale]
     opt = torch.optim.SGD(params, lr=0.05)
     kw.setdefault("refresh_every", 1)
-    return opt, ContrastiveRefiner(img, txt, opt, loader, logit_scale=scale, **kw)
+    return opt, ContrastiveRefiner(img, txt, opt, loader, logit_scale=scale, **refiner_kwargs(kw, refiner=ContrastiveRefiner))
 
 
 def test_scores_match_per_row_gradients_both_directions():
@@ -184,7 +185,8 @@ def test_identical_encoders_identity_limit():
     assert torch.allclose(y_inf, torch.eye(6), atol=1e-6)
     # and the refiner with identical encoders on unaugmented pairs trains towards the identity pairing
     loader = DataLoader(TensorDataset(t, t), batch_size=6)
-    r = ContrastiveRefiner(enc, enc, None, loader, beta=100.0, tau=1.0, gumbel=False, logit_scale=2.0)
+    r = ContrastiveRefiner(enc, enc, None, loader, logit_scale=2.0,
+                           method_options=dict(beta=100.0, tau=1.0, gumbel=False))
     enc.train()
     r(t, t)
     for d in DIRECTIONS:
@@ -199,7 +201,8 @@ def test_class_prompts_reduce_to_c_way_classification():
     y = torch.randint(0, 4, (10,))
     val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
     opt = torch.optim.SGD(list(img.parameters()) + list(prompts.parameters()), lr=0.1)
-    r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0)
+    r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), logit_scale=1.0,
+                           schedule=dict(refresh_every=1))
     img.train()
     r(x, y)
     assert r.stats["logits"].shape == (10, 4) and r.directions == ("image_to_text",)
@@ -236,7 +239,8 @@ def test_timm_image_encoder_with_text_encoder():
     txt = TinyText().double()
     g = torch.Generator().manual_seed(0)
     xv, tv = torch.randn(4, 3, 32, 32, generator=g).double(), torch.randint(0, VOCAB, (4, LEN), generator=g)
-    r = ContrastiveRefiner(img, txt, None, DataLoader(TensorDataset(xv, tv), batch_size=4), refresh_every=1)
+    r = ContrastiveRefiner(img, txt, None, DataLoader(TensorDataset(xv, tv), batch_size=4),
+                           schedule=dict(refresh_every=1))
     x, t = torch.randn(3, 3, 32, 32, generator=g).double(), torch.randint(0, VOCAB, (3, LEN), generator=g)
     img.train(); txt.train()
     r(x, t)
@@ -313,12 +317,13 @@ def test_functional_bad_input():
             ContrastiveRefiner(img, txt, None, bad_val, method=name)
     with pytest.raises(ConfigurationError):
         ContrastiveRefiner(img, txt, None, bad_val, score_params=["image.nope"])
-    for norm in ("class", "auto"):  # the refiner's class normalisations, with the reason they do not apply
-        with pytest.raises(ConfigurationError, match=f"not classes.*got '{norm}'") as info:
-            ContrastiveRefiner(img, txt, None, bad_val, weight_norm=norm)
-        assert "'auto'" not in info.value.fix and "'augmented' (the paper)" in info.value.fix
-    with pytest.raises(ConfigurationError, match=r"\('augmented', 'batch', 'none'\), got 'augmentd'") as info:
-        ContrastiveRefiner(img, txt, None, bad_val, weight_norm="augmentd")  # a typo: no reason, the valid values
+    # the class normalization, with the reason it does not apply ("auto" reads as "augmented" here)
+    with pytest.raises(ConfigurationError, match="not classes.*got 'class'") as info:
+        ContrastiveRefiner(img, txt, None, bad_val, method_options=dict(weight_norm="class"))
+    assert "'auto'" not in info.value.fix and "'augmented' (the paper)" in info.value.fix
+    assert ContrastiveRefiner(img, txt, None, bad_val, method_options=dict(weight_norm="auto")).weight_norm == "augmented"
+    with pytest.raises(ConfigurationError, match=r"got 'augmentd'") as info:
+        ContrastiveRefiner(img, txt, None, bad_val, method_options=dict(weight_norm='augmentd'))  # a typo: the valid values
     assert "not classes" not in str(info.value)
 
 
@@ -401,8 +406,9 @@ def test_adaptive_share_class_prompts_by_hand():
     x, y = torch.randn(10, 8).double(), torch.randint(0, 4, (10,))
     val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
     opt = torch.optim.SGD(list(img.parameters()) + list(prompts.parameters()), lr=0.1)
-    r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0,
-                           aug_weight=AdaptiveShare(init=0.5, lr=0.1))
+    r = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(4), logit_scale=1.0,
+                           method_options=dict(aug_weight=AdaptiveShare(init=0.5, lr=0.1)),
+                           schedule=dict(refresh_every=1))
     img.train()
     loss = r(x, y, num_original=4)
     assert r.stats["aug_weight"] == pytest.approx(0.5)
@@ -488,8 +494,9 @@ def test_adaptive_share_refined_signal_uses_policy_targets_and_weights():
     x, y = torch.randn(10, 8).double(), torch.randint(0, 4, (10,))
     val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
     kw = dict(init=0.5, lr=0.1, signal="refined")
-    r = ContrastiveRefiner(img, prompts, None, val, class_prompts=torch.arange(4), refresh_every=1, logit_scale=1.0,
-                           beta=1.0, gumbel=False, aug_weight=AdaptiveShare(**kw))
+    r = ContrastiveRefiner(img, prompts, None, val, class_prompts=torch.arange(4), logit_scale=1.0,
+                           method_options=dict(beta=1.0, gumbel=False, aug_weight=AdaptiveShare(**kw)),
+                           schedule=dict(refresh_every=1))
     img.train()
     r(x, y, num_original=4)
     img.eval()

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from augplug.contrastive import ContrastiveRefiner
 from augplug.errors import ConfigurationError, EmptyValidationError, ShapeError, TargetError
+from augplug.refiner import refiner_kwargs
 from conftest import CountingLoader
 
 C, VOCAB, LEN, DIM = 4, 11, 5, 6
@@ -51,7 +52,8 @@ def _build(mode, loader, cache, seed=0, **kw):
     kw.setdefault("refresh_every", 1)
     if mode == "prompts":
         kw["class_prompts"] = torch.arange(C)
-    r = ContrastiveRefiner(img, txt, opt, loader, cache_validation=cache, logit_scale=1.0, seed=seed, **kw)
+    r = ContrastiveRefiner(img, txt, opt, loader, logit_scale=1.0, seed=seed,
+                           **refiner_kwargs(kw, cache_validation=cache, refiner=ContrastiveRefiner))
     img.train(); txt.train()
     return r, opt
 
@@ -110,7 +112,7 @@ def test_loader_read_and_batches_prepared_once(mode):
     else:
         assert t.shape == (8, LEN) and t.dtype == torch.long
     assert "cache_validation=True" in repr(r)
-    assert "cache_validation" not in repr(_build(mode, _loader(mode), False)[0])
+    assert "cache_validation=False" in repr(_build(mode, _loader(mode), False)[0])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from augplug import AugmentationRefiner
+from augplug.refiner import refiner_kwargs
 
 WORLD = 2
 ROWS = 8            # rows per process
@@ -106,7 +107,7 @@ def _worker(out_dir: str, case: str) -> None:
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
     kw, n_orig = _case(case)
-    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **kw)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **refiner_kwargs(kw))
     r = acc.process_index
     rows = slice(r * ROWS, (r + 1) * ROWS)
     out = _train_and_record(refiner, opt, acc.unwrap_model(model),
@@ -139,7 +140,7 @@ def _two_processes(tmp_path, case):
 def _single_process(case):
     model, opt, val, x, y = _setup()
     kw, n_orig = _case(case)
-    refiner = AugmentationRefiner(model, opt, val, **kw)
+    refiner = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
     aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
     for r in range(WORLD):
         aug[r * ROWS: r * ROWS + n_orig[r]] = False
@@ -181,9 +182,9 @@ def _autodo_worker(out_dir: str) -> None:
     acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
-    refiner = AugmentationRefiner(model, opt, val, method="autodo", refresh_every=1, accelerator=acc,
-                                  method_options=dict(num_points=WORLD * ROWS, num_classes=C, models="WS",
-                                                      augment="off", hyper_lr=0.5))
+    refiner = AugmentationRefiner(model, opt, val, method="autodo", accelerator=acc,
+                                  method_options=dict(num_points=WORLD * ROWS, num_classes=C, models='WS', augment='off', hyper_lr=0.5),
+                                  schedule=dict(refresh_every=1))
     r = acc.process_index
     for step in range(3):
         # each process sees different points; the second half of the points changes owner every step
@@ -227,8 +228,8 @@ def _collectives_worker(out_dir: str) -> None:
                              ("auto-signal-augmented-only", dict(weight_signal="auto"), 0)]:
         model, opt, val, x, y = _setup()
         model, opt = acc.prepare(model, opt)
-        refiner = AugmentationRefiner(model, opt, val, accelerator=acc, refresh_every=4, seed=3,
-                                      aug_weight=1.0, strength=1.0, **kw)
+        refiner = AugmentationRefiner(model, opt, val, accelerator=acc, seed=3,
+                                      **refiner_kwargs(kw, aug_weight=1.0, strength=1.0, refresh_every=4))
         r = acc.process_index
         rows = slice(r * ROWS, (r + 1) * ROWS)
         per_call = []
@@ -270,8 +271,8 @@ def _influence_worker(out_dir: str) -> None:
     acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
-    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, method="influence", refresh_every=1,
-                                  method_options=dict(damping=0.1, pairing="none"))
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, method="influence",
+                                  method_options=dict(damping=0.1, pairing='none'), schedule=dict(refresh_every=1))
     r = acc.process_index
     rows = slice(r * ROWS, (r + 1) * ROWS)
     loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG)
@@ -294,3 +295,95 @@ def test_influence_weights_have_mean_one_over_the_global_batch(tmp_path):
     assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
     # each process's own mean is not 1: a per-process normalisation would be visible
     assert all(abs(float(d["weights"].mean()) - 1) > 1e-3 for d in ranks)
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+# Class prompts (FLYP-style): rows are independent given the prompts, so two processes with half the
+# batch each must train exactly like one process with the whole batch. (With pairs, each process
+# contrasts its own batch: its negatives are local, as in contrastive training without a gather.)
+CONTRASTIVE_CASES = {
+    "saflex": dict(refresh_every=1, seed=3),
+    "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
+    "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="_share"),
+    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
+    "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
+}
+
+
+def _contrastive_setup(case):
+    from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
+
+    torch.manual_seed(0)
+    img = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, 5))
+    prompts = ClassEmbeddings(C, 5)
+    params = list(img.parameters()) + list(prompts.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    xv, yv = torch.randn(22, D), torch.randint(0, C, (22,))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=5, shuffle=True)
+    x, y = torch.randn(WORLD * ROWS, D), torch.randint(0, C, (WORLD * ROWS,))
+    kw = dict(CONTRASTIVE_CASES[case])
+    n_orig = kw.pop("_n_orig", (N_ORIG,) * WORLD)
+    if kw.get("aug_weight") == "_share":
+        from augplug.share import AdaptiveShare
+        kw["aug_weight"] = AdaptiveShare(init=0.5, lr=0.1)
+    refiner = ContrastiveRefiner(img, prompts, opt, val, class_prompts=torch.arange(C), logit_scale=1.0,
+                                 **refiner_kwargs(kw, refiner=ContrastiveRefiner))
+    return refiner, opt, params, x, y, n_orig
+
+
+def _contrastive_record(refiner, opt, params, step_loss, average=None):
+    out = {}
+    for step in range(2):
+        loss = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        if average is not None:
+            average(params)   # what DDP does to the gradients
+        out[f"grad{step}"] = [p.grad.detach().clone() for p in params]
+        out[f"weights{step}"] = refiner.stats["weights"].clone()
+        out[f"share{step}"] = float(refiner.aug_weight)
+        out[f"strength{step}"] = refiner.stats["strength"]
+        out[f"v{step}"] = {k: t.clone() for k, t in refiner.validation_direction.items()}
+        opt.step()
+    return out
+
+
+def _contrastive_worker(out_dir: str, case: str) -> None:
+    import torch.distributed as dist
+
+    acc = _accelerator()
+    refiner, opt, params, x, y, n_orig = _contrastive_setup(case)
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+
+    def average(ps):
+        for p in ps:
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+
+    out = _contrastive_record(refiner, opt, params, lambda: refiner(x[rows], y[rows], num_original=n_orig[r]), average)
+    torch.save(out, os.path.join(out_dir, f"contrastive{r}.pt"))
+
+
+@pytest.mark.parametrize("case", sorted(CONTRASTIVE_CASES))
+def test_contrastive_two_processes_match_one_process(tmp_path, case):
+    _launch("_contrastive_worker", str(tmp_path), case)
+    ranks = [torch.load(tmp_path / f"contrastive{r}.pt", weights_only=True) for r in range(WORLD)]
+    refiner, opt, params, x, y, n_orig = _contrastive_setup(case)
+    aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
+    for r in range(WORLD):
+        aug[r * ROWS: r * ROWS + n_orig[r]] = False
+    one = _contrastive_record(refiner, opt, params, lambda: refiner(x, y, augmented=aug))
+    for step in range(2):
+        w = torch.cat([r[f"weights{step}"] for r in ranks])
+        torch.testing.assert_close(w, one[f"weights{step}"], rtol=1e-5, atol=1e-6)
+        assert float((one[f"weights{step}"] - 1).abs().max()) > 1e-3   # not vacuous
+        for r in ranks:
+            for a, b in zip(r[f"grad{step}"], one[f"grad{step}"]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            for k, t in one[f"v{step}"].items():
+                torch.testing.assert_close(r[f"v{step}"][k], t, rtol=1e-5, atol=1e-6)
+            assert r[f"share{step}"] == pytest.approx(one[f"share{step}"], rel=1e-6)
+            assert r[f"strength{step}"] == one[f"strength{step}"] == 1.0
+    if "adaptive" in case:
+        assert one["share0"] != 0.5 and one["share1"] != one["share0"]

@@ -11,6 +11,7 @@ from augplug.errors import (AugplugError, ClassCountMismatchError, Configuration
                             ValidationFailed)
 from augplug.models import SmallCNN
 from augplug.refiner import augmented_rows, num_val_batches
+from augplug.refiner import refiner_kwargs
 
 C = 4
 
@@ -26,7 +27,7 @@ def _setup(loader=None, **kw):
     torch.manual_seed(0)
     model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    r = AugmentationRefiner(model, opt, loader if loader is not None else _loader(), **kw)
+    r = AugmentationRefiner(model, opt, loader if loader is not None else _loader(), **refiner_kwargs(kw))
     return model, opt, r
 
 
@@ -171,7 +172,7 @@ def test_features_not_captured():
 def test_bad_configuration(kw, words):
     model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
     with pytest.raises(ConfigurationError, match=words):
-        AugmentationRefiner(model, None, _loader(), **kw)
+        AugmentationRefiner(model, None, _loader(), **refiner_kwargs(kw))
 
 
 def test_validate_lists_every_problem():

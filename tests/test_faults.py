@@ -16,6 +16,7 @@ from augplug.errors import (ClassCountMismatchError, ConfigurationError, EmptyVa
                             NonFiniteError, ShapeError, TargetError)
 from augplug.methods.autodo import PointIndexError
 
+from augplug.refiner import refiner_kwargs
 from fault_harness import (B, C, IMG, REFINER_KINDS, SCORING_KINDS, Net, PoisonableLoader, Rig, assert_rejected,
                            make_rig, poisoned, same, until_refresh, user_call, val_batches)
 
@@ -320,7 +321,7 @@ def test_rejected_constructor_leaves_no_hooks(fault):
     args = dict(optimizer=opt, val_loader=PoisonableLoader(val_batches()))
     args.update(kw)
     with pytest.raises(error):
-        AugmentationRefiner(model, args.pop("optimizer"), args.pop("val_loader"), **args)
+        AugmentationRefiner(model, args.pop("optimizer"), args.pop("val_loader"), **refiner_kwargs(args))
     assert _hooks(model, opt) == before
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from augplug import AugmentationRefiner
 from augplug.methods.saflex import SAFLEX_PAPER
 from augplug.stats import StepStats
+from augplug.refiner import refiner_kwargs
 
 # tensor methods that copy values to the host (a device sync on CUDA)
 _HOST_READS = {"__bool__", "item", "tolist", "__float__", "__int__", "__index__", "nonzero", "numpy"}
@@ -36,7 +37,7 @@ def _setup(device="cpu", **kw):
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     val = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 4, (32,))), batch_size=16)
-    return net, opt, AugmentationRefiner(net, opt, val, refresh_every=4, **kw)
+    return net, opt, AugmentationRefiner(net, opt, val, **refiner_kwargs(kw, refresh_every=4))
 
 
 @pytest.mark.parametrize("kw", [{}, {"mode": "full"}, {"method": "l2rw"}, {"method": "none"},
@@ -121,8 +122,9 @@ def test_autodo_diagnostics_are_read_only_on_demand():
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     val = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 4, (32,))), batch_size=16)
-    r = AugmentationRefiner(net, opt, val, method="autodo", refresh_every=4,
-                            method_options=dict(num_points=n, num_classes=4, models="WS", every=1))
+    r = AugmentationRefiner(net, opt, val, method="autodo",
+                            method_options=dict(num_points=n, num_classes=4, models='WS', every=1),
+                            schedule=dict(refresh_every=4))
     counts = []
     for i in range(4):
         idx = torch.arange(i * 16, (i + 1) * 16)

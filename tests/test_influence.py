@@ -378,8 +378,8 @@ def _same(a, b, path="state"):
 def test_bad_pairing_raises_and_leaves_state_unchanged(bad):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    r = AugmentationRefiner(model, opt, _val_loader(), method="influence", refresh_every=1,
-                            method_options=dict(damping=0.1))
+    r = AugmentationRefiner(model, opt, _val_loader(), method="influence", method_options=dict(damping=0.1),
+                            schedule=dict(refresh_every=1))
     x, y = _pair_batch(n=4)
     loss = r(model(x), y, num_original=4)
     opt.zero_grad()
@@ -401,8 +401,8 @@ def test_policy_resume_is_exact():
     def run(steps, state=None):
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        r = AugmentationRefiner(model, opt, _val_loader(), method="influence", refresh_every=2,
-                                method_options=dict(damping=0.1, buffer_size=10))
+        r = AugmentationRefiner(model, opt, _val_loader(), method="influence",
+                                method_options=dict(damping=0.1, buffer_size=10), schedule=dict(refresh_every=2))
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
@@ -427,7 +427,7 @@ def test_policy_resume_is_exact():
 def test_policy_full_mode_uses_model_curvature():
     """In full mode u solves (G + damping I) u = v with the Gauss-Newton matrix of the buffered originals."""
     model = _mlp()
-    r = AugmentationRefiner(model, None, _val_loader(), method="influence", mode="full", val_params="all",
+    r = AugmentationRefiner(model, None, _val_loader(), method="influence", mode="full",
                             method_options=dict(damping=0.5, cg_tol=1e-10))
     x, y = _pair_batch(n=4)
     r(model(x), y, num_original=4)

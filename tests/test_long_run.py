@@ -42,7 +42,7 @@ def _train(train_batches, loader):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    refiner = AugmentationRefiner(model, opt, loader, refresh_every=4, val_batches=2)
+    refiner = AugmentationRefiner(model, opt, loader, schedule=dict(refresh_every=4, val_batches=2))
     skipped = 0
     for x, y in train_batches:
         try:

@@ -1,4 +1,6 @@
 """SAflex and L2RW rules against their equations, including the edge cases."""
+import functools
+import inspect
 import math
 
 import pytest
@@ -8,6 +10,24 @@ import torch.nn.functional as F
 from augplug.errors import ConfigurationError
 from augplug.functional import l2rw_weights, saflex_targets
 from augplug.methods import SAflex, class_renormalize, renormalize
+
+
+# the paper's rule through the functional form (whose defaults are SAflex()'s measured ones)
+paper_targets = functools.partial(saflex_targets, gumbel=True, weighting="hard", normalize=None)
+
+
+def test_functional_defaults_match_the_policy_class():
+    """Composer's rule: SAflex() and saflex_targets() agree on every option they share."""
+    fn = inspect.signature(saflex_targets).parameters
+    cls = inspect.signature(SAflex).parameters
+    shared = [n for n in cls if n in fn]
+    assert set(shared) >= {"beta", "tau", "gumbel", "weighting", "weight_tau", "prior", "normalize", "threshold",
+                           "weight_signal"}
+    assert {n: fn[n].default for n in shared} == {n: cls[n].default for n in shared}
+    # and SAflex.paper() is the paper's rule
+    p = SAflex.paper()
+    assert (p.beta, p.tau, p.gumbel, p.weighting, p.normalize, p.weight_norm, p.aug_weight, p.strength) == \
+        (1.0, 1.0, True, "hard", None, "augmented", 1.0, 1.0)
 
 
 def _case(seed=0, b=16, c=5):
@@ -20,7 +40,7 @@ def _case(seed=0, b=16, c=5):
 def test_paper_rule_by_hand():
     scores, y = _case()
     beta, tau = 0.7, 0.4
-    w, soft = saflex_targets(scores, y, beta, tau, gumbel=False)
+    w, soft = paper_targets(scores, y, beta, tau, gumbel=False)
     keep = ((y * scores).sum(1) >= 0).float()
     assert torch.allclose(w, keep * len(keep) / keep.sum())
     assert torch.allclose(soft, torch.softmax((scores + beta * y) / tau, 1))
@@ -30,20 +50,20 @@ def test_paper_rule_by_hand():
 def test_gumbel_noise_is_standard_gumbel_before_tau():
     scores, y = _case()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    _, soft = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=g1)
+    _, soft = paper_targets(scores, y, 1.0, 0.5, gumbel=True, generator=g1)
     u = torch.rand(scores.shape, generator=g2)
     gumbel = -torch.log(-torch.log(u))
     assert torch.allclose(soft, torch.softmax((scores + y + gumbel) / 0.5, 1), atol=1e-6)
     # reproducible with the same generator, different otherwise
-    _, again = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(3))
-    _, other = saflex_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(4))
+    _, again = paper_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(3))
+    _, other = paper_targets(scores, y, 1.0, 0.5, gumbel=True, generator=torch.Generator().manual_seed(4))
     assert torch.equal(soft, again) and not torch.equal(soft, other)
 
 
 def test_all_weights_zero_guard():
     scores, y = _case()
     scores = scores - 100 * y  # every upstream label looks harmful
-    w, soft = saflex_targets(scores, y, 1.0, 1.0, gumbel=False)
+    w, soft = paper_targets(scores, y, 1.0, 1.0, gumbel=False)
     assert torch.equal(w, torch.zeros_like(w)) and torch.isfinite(soft).all()
     w_l2rw = l2rw_weights(scores, y)
     assert torch.equal(w_l2rw, torch.zeros_like(w_l2rw))
@@ -51,13 +71,13 @@ def test_all_weights_zero_guard():
 
 def test_large_beta_keeps_labels_and_small_tau_is_one_hot():
     scores, y = _case()
-    _, soft = saflex_targets(scores, y, 1e4, 1.0, gumbel=False)
+    _, soft = paper_targets(scores, y, 1e4, 1.0, gumbel=False)
     assert torch.allclose(soft, y, atol=1e-6)
-    _, keep = saflex_targets(scores, y, math.inf, 1.0)
+    _, keep = paper_targets(scores, y, math.inf, 1.0)
     assert torch.equal(keep, y)
-    _, sharp = saflex_targets(scores, y, 0.5, 1e-4, gumbel=False)
+    _, sharp = paper_targets(scores, y, 0.5, 1e-4, gumbel=False)
     assert torch.equal(sharp, F.one_hot((scores + 0.5 * y).argmax(1), y.shape[1]).float())
-    _, free = saflex_targets(scores, y, 0.0, 1e-4, gumbel=False)  # beta = 0: the LP solution argmax g
+    _, free = paper_targets(scores, y, 0.0, 1e-4, gumbel=False)  # beta = 0: the LP solution argmax g
     assert torch.equal(free.argmax(1), scores.argmax(1))
 
 
@@ -66,29 +86,29 @@ def test_soft_upstream_targets_mixup():
     lam = 0.7
     a, b = torch.arange(16) % 5, (torch.arange(16) + 2) % 5
     y = lam * F.one_hot(a, 5).float() + (1 - lam) * F.one_hot(b, 5).float()
-    w, soft = saflex_targets(scores, y, 2.0, 1.0, gumbel=False)
+    w, soft = paper_targets(scores, y, 2.0, 1.0, gumbel=False)
     keep = ((y * scores).sum(1) >= 0).float()
     assert torch.allclose(w, renormalize(keep))
     assert torch.allclose(soft, torch.softmax(scores + 2.0 * y, 1))
-    _, soft_log = saflex_targets(torch.zeros_like(scores), y, 1.0, 1.0, gumbel=False, prior="log")
+    _, soft_log = paper_targets(torch.zeros_like(scores), y, 1.0, 1.0, gumbel=False, prior="log")
     assert torch.allclose(soft_log, y, atol=1e-5)  # log prior keeps the mixing proportions when g = 0
 
 
 def test_options_normalize_soft_threshold_absolute():
     scores, y = _case()
-    w_a, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
-    w_b, _ = saflex_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    w_a, _ = paper_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    w_b, _ = paper_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
     assert torch.allclose(w_a, w_b)
-    _, s_a = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
-    _, s_b = saflex_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    _, s_a = paper_targets(scores, y, 1.0, 1.0, gumbel=False, normalize="rms")
+    _, s_b = paper_targets(scores * 1e-6, y, 1.0, 1.0, gumbel=False, normalize="rms")
     assert torch.allclose(s_a, s_b, atol=1e-5)  # scale-free soft labels
     agree = (y * scores).sum(1)
-    w_soft, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="soft", weight_tau=0.5,
+    w_soft, _ = paper_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="soft", weight_tau=0.5,
                                renormalize_weights=False)
     assert torch.allclose(w_soft, 2 * torch.sigmoid(agree / 0.5))
-    w_thr, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, threshold=0.3, renormalize_weights=False)
+    w_thr, _ = paper_targets(scores, y, 1.0, 1.0, gumbel=False, threshold=0.3, renormalize_weights=False)
     assert torch.equal(w_thr, (agree >= 0.3).float())
-    w_none, _ = saflex_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="none")
+    w_none, _ = paper_targets(scores, y, 1.0, 1.0, gumbel=False, weighting="none")
     assert torch.equal(w_none, torch.ones(16))
 
 
@@ -105,27 +125,27 @@ def test_likelihood_weights_by_hand():
     logp = torch.log_softmax(torch.randn(16, 5, generator=torch.Generator().manual_seed(4)), -1)
     ll = (y * logp).sum(1).double()
     z = ((ll - ll.mean()) / ll.std(unbiased=False)).float()
-    w, soft = saflex_targets(scores, y, math.inf, gumbel=False, weighting="soft", weight_tau=0.5,
+    w, soft = paper_targets(scores, y, math.inf, gumbel=False, weighting="soft", weight_tau=0.5,
                              weight_signal="likelihood", log_probs=logp, renormalize_weights=False)
     assert torch.allclose(w, 2 * torch.sigmoid(z / 0.5), atol=1e-6)
     assert torch.equal(soft, y)
     # the scores play no part in the weights; the order of the weights is that of the likelihood
-    w2, _ = saflex_targets(-scores, y, math.inf, weighting="soft", weight_signal="likelihood", log_probs=logp)
+    w2, _ = paper_targets(-scores, y, math.inf, weighting="soft", weight_signal="likelihood", log_probs=logp)
     assert torch.equal(torch.argsort(w2), torch.argsort(ll.float()))
-    hard, _ = saflex_targets(scores, y, math.inf, weighting="hard", threshold=0.3, weight_signal="likelihood",
+    hard, _ = paper_targets(scores, y, math.inf, weighting="hard", threshold=0.3, weight_signal="likelihood",
                              log_probs=logp, renormalize_weights=False)
     assert torch.equal(hard, (z >= 0.3).float())
     # invariant to a per-batch shift and scale of the log-likelihood (only the ranks and spread matter)
-    w3, _ = saflex_targets(scores, y, math.inf, weighting="soft", weight_tau=0.5, weight_signal="likelihood",
+    w3, _ = paper_targets(scores, y, math.inf, weighting="soft", weight_tau=0.5, weight_signal="likelihood",
                            log_probs=3 * logp, renormalize_weights=False)
     assert torch.allclose(w3, w, atol=1e-6)
     # a constant likelihood (or one row) gives neutral weights
-    w1, _ = saflex_targets(scores[:1], y[:1], math.inf, weighting="soft", weight_signal="likelihood",
+    w1, _ = paper_targets(scores[:1], y[:1], math.inf, weighting="soft", weight_signal="likelihood",
                            log_probs=logp[:1], renormalize_weights=False)
     assert w1.tolist() == [1.0]
     # the soft labels (finite beta) still come from the scores
-    _, s_l = saflex_targets(scores, y, 1.0, gumbel=False, weight_signal="likelihood", log_probs=logp)
-    _, s_a = saflex_targets(scores, y, 1.0, gumbel=False)
+    _, s_l = paper_targets(scores, y, 1.0, gumbel=False, weight_signal="likelihood", log_probs=logp)
+    _, s_a = paper_targets(scores, y, 1.0, gumbel=False)
     assert torch.equal(s_l, s_a)
 
 
@@ -145,9 +165,9 @@ def test_standardize_by_formula_and_edge_cases():
 def test_likelihood_weights_need_log_probs():
     scores, y = _case()
     with pytest.raises(ConfigurationError, match="log_probs"):
-        saflex_targets(scores, y, weight_signal="likelihood")
+        paper_targets(scores, y, weight_signal="likelihood")
     with pytest.raises(ConfigurationError, match="log_probs"):
-        saflex_targets(scores, y, weight_signal="likelihood", log_probs=torch.zeros(3, 5))
+        paper_targets(scores, y, weight_signal="likelihood", log_probs=torch.zeros(3, 5))
 
 
 @pytest.mark.parametrize("kw", [dict(tau=0), dict(beta=-1), dict(weighting="x"), dict(prior="x"),

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from augplug import AugmentationRefiner, Policy
+from augplug import L2RW, AugmentationRefiner, Policy
 from augplug.models import MLP, SmallCNN
+from augplug.refiner import refiner_kwargs
 
 C = 4
 
@@ -45,7 +46,8 @@ def _train(model, refiner, opt, steps, shape=(1, 8, 8), num_original=0):
 def test_two_line_integration_small_cnn(mode, method):
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    refiner = AugmentationRefiner(model, opt, _loader(), method=method, mode=mode, strength=1.0)
+    refiner = AugmentationRefiner(model, opt, _loader(), method=method, mode=mode,
+                                  method_options=dict(strength=1.0) if method != "none" else None)
     losses = _train(model, refiner, opt, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
     st = refiner.stats
@@ -65,7 +67,8 @@ def test_modes_agree_on_scores():
     model.eval()  # deterministic forward (dropout off, BN running stats) in both the user and scoring passes
     scores = {}
     for mode in ("last_layer", "full", "double_backward"):
-        r = AugmentationRefiner(model, None, _loader(shuffle=False), mode=mode, check_train_mode=False, gumbel=False)
+        r = AugmentationRefiner(model, None, _loader(shuffle=False), mode=mode, check_train_mode=False,
+                                method_options=dict(gumbel=False))
         x, y = _batch()
         logits = model(x)
         r(logits, y, inputs=x, features=model.features(x))
@@ -80,7 +83,7 @@ def test_none_method_is_plain_cross_entropy_and_orig_aug_weights():
     x, y = _batch()
     logits = model(x)
     assert torch.allclose(r(logits, y), F.cross_entropy(logits, y))
-    r2 = AugmentationRefiner(model, None, None, method="none", orig_weight=2.0, aug_weight=0.5)
+    r2 = AugmentationRefiner(model, None, None, method="none", orig_weight=2.0, method_options=dict(aug_weight=0.5))
     ce = F.cross_entropy(logits, y, reduction="none")
     expect = (2.0 * ce[:3].sum() + 0.5 * ce[3:].sum()) / (2.0 * 3 + 0.5 * 5)
     assert torch.allclose(r2(logits, y, num_original=3), expect)
@@ -91,7 +94,7 @@ def test_none_method_is_plain_cross_entropy_and_orig_aug_weights():
 def test_originals_keep_their_labels_and_weight():
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    r = AugmentationRefiner(model, opt, _loader(), beta=0.0, tau=0.05, gumbel=False)
+    r = AugmentationRefiner(model, opt, _loader(), method_options=dict(beta=0.0, tau=0.05, gumbel=False))
     x, y = _batch()
     r(model(x), y, num_original=4)
     st = r.stats
@@ -108,7 +111,7 @@ def test_saflex_weights_keep_each_class_share_without_originals():
 
     def class_totals(num_original, **kw):
         m = copy.deepcopy(model)   # the same weights and BatchNorm statistics for every variant
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, strength=1.0, **kw)
+        r = AugmentationRefiner(m, None, _loader(), **refiner_kwargs(kw, aug_weight=1.0, strength=1.0))
         torch.manual_seed(1)   # the same dropout masks
         r(m(x), y, num_original=num_original)
         w, ya = r.stats["weights"][num_original:], y[num_original:]
@@ -137,7 +140,8 @@ def test_likelihood_weights_from_the_training_logits():
     x, y = _batch(b=24, seed=9)
     for num_original, norm in ((0, class_renormalize), (4, None)):
         m = copy.deepcopy(model)
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal="likelihood", strength=1.0)
+        r = AugmentationRefiner(m, None, _loader(),
+                                method_options=dict(aug_weight=1.0, weight_signal='likelihood', strength=1.0))
         torch.manual_seed(1)
         logits = m(x)
         r(logits, y, num_original=num_original)
@@ -161,7 +165,8 @@ def test_auto_weight_signal_uses_the_likelihood_only_without_originals():
 
     def weights(num_original, signal):
         m = copy.deepcopy(model)
-        r = AugmentationRefiner(m, None, _loader(), aug_weight=1.0, weight_signal=signal, strength=1.0)
+        r = AugmentationRefiner(m, None, _loader(),
+                                method_options=dict(aug_weight=1.0, weight_signal=signal, strength=1.0))
         torch.manual_seed(1)
         r(m(x), y, num_original=num_original)
         return r.stats["weights"]
@@ -175,15 +180,21 @@ def test_auto_weight_signal_uses_the_likelihood_only_without_originals():
 def test_class_weight_norm_rejected_where_it_cannot_apply():
     from augplug.errors import ConfigurationError
     model = _cnn()
+    with pytest.raises(ConfigurationError, match="does not use the option.*weight_norm"):  # AutoDO keeps its own scale
+        AugmentationRefiner(model, None, _loader(), method="autodo",
+                            method_options=dict(num_points=8, num_classes=C, weight_norm="class"))
+
+    class Absolute(L2RW):
+        refiner_renormalizes = False
+
     for norm in ("class", "auto"):
         with pytest.raises(ConfigurationError, match=f"weight_norm='{norm}'"):
-            AugmentationRefiner(model, None, _loader(), method="autodo", weight_norm=norm,
-                                method_options=dict(num_points=8, num_classes=C))
+            AugmentationRefiner(model, None, _loader(), method=Absolute(weight_norm=norm))
 
 
 def test_loss_uses_weights_and_soft_targets_as_constants():
     model = _cnn()
-    r = AugmentationRefiner(model, None, _loader(), beta=1.0, tau=0.5, gumbel=False)
+    r = AugmentationRefiner(model, None, _loader(), method_options=dict(beta=1.0, tau=0.5, gumbel=False))
     x, y = _batch()
     logits = model(x)
     loss = r(logits, y)
@@ -198,7 +209,7 @@ def test_loss_uses_weights_and_soft_targets_as_constants():
 def test_no_side_effects_on_batchnorm_or_user_rng(mode, bn):
     """After the user's forward, a refiner call changes neither the model's buffers nor the global RNG."""
     model = _cnn()
-    r = AugmentationRefiner(model, None, _loader(), mode=mode, bn_mode=bn, gumbel=True)
+    r = AugmentationRefiner(model, None, _loader(), mode=mode, bn_mode=bn, method_options=dict(gumbel=True))
     for step in range(2):
         x, y = _batch(seed=step)
         logits = model(x)
@@ -213,7 +224,8 @@ def test_no_side_effects_on_batchnorm_or_user_rng(mode, bn):
 def test_refresh_counts_optimizer_updates_and_warmup():
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    r = AugmentationRefiner(model, opt, _loader(), refresh_every=3, warmup_steps=2, strength=1.0)
+    r = AugmentationRefiner(model, opt, _loader(), method_options=dict(strength=1.0),
+                            schedule=dict(refresh_every=3, warmup_steps=2))
     pattern = []
     for s in range(8):
         x, y = _batch(seed=s)
@@ -255,7 +267,7 @@ def test_any_optimizer(make_opt):
         opt = create_optimizer_v2(model, "lookahead_adamw", lr=1e-3)
     else:
         opt = make_opt(model.parameters())
-    r = AugmentationRefiner(model, opt, _loader(), strength=1.0)
+    r = AugmentationRefiner(model, opt, _loader(), method_options=dict(strength=1.0))
     _train(model, r, opt, 3)
     assert r.step_count == 3
 
@@ -272,7 +284,7 @@ def test_any_classifier(kind):
         model, shape = MLP(10, C, hidden=16), (10,)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for mode in ("last_layer", "full"):
-        r = AugmentationRefiner(model, opt, _loader(shape=shape), mode=mode, strength=1.0)
+        r = AugmentationRefiner(model, opt, _loader(shape=shape), mode=mode, method_options=dict(strength=1.0))
         x, y = _batch(shape=shape)
         loss = r(model(x), y)
         loss.backward()
@@ -283,7 +295,7 @@ def test_any_classifier(kind):
 def test_mixup_soft_targets_flow_through():
     from timm.data import Mixup
     model = _cnn()
-    r = AugmentationRefiner(model, None, _loader(), beta=2.0, gumbel=False)
+    r = AugmentationRefiner(model, None, _loader(), method_options=dict(beta=2.0, gumbel=False))
     mix = Mixup(mixup_alpha=1.0, num_classes=C, label_smoothing=0.0)
     x, y = _batch()
     xm, ym = mix(x.clone(), y)
@@ -294,7 +306,8 @@ def test_mixup_soft_targets_flow_through():
 def _run_with_checkpoint(split, total=6, **kw):
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    r = AugmentationRefiner(model, opt, _loader(), gumbel=True, refresh_every=2, **kw)
+    r = AugmentationRefiner(model, opt, _loader(), **kw, method_options=dict(gumbel=True),
+                            schedule=dict(refresh_every=2))
     losses = _train(model, r, opt, split)
     state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "ref": r.state_dict(),
                            "rng": torch.get_rng_state()})  # the user's own RNG (dropout) is theirs to save
@@ -306,7 +319,8 @@ def test_resume_from_state_dict_is_exact(mode):
     full_run, state = _run_with_checkpoint(3, mode=mode)
     model = _cnn(seed=123)  # different init, overwritten by the checkpoint
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    r = AugmentationRefiner(model, opt, _loader(), gumbel=True, refresh_every=2, mode=mode, seed=99)
+    r = AugmentationRefiner(model, opt, _loader(), mode=mode, seed=99, method_options=dict(gumbel=True),
+                            schedule=dict(refresh_every=2))
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     r.load_state_dict(state["ref"])

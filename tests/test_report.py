@@ -218,8 +218,9 @@ def test_audit_with_a_real_refiner():
     model = FlatNet(16, 12, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = [(torch.randn(30, 1, 4, 4), torch.randint(0, 3, (30,)))]
-    ref = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3, normalize="rms",
-                              refresh_every=1)
+    ref = AugmentationRefiner(model, opt, val, method="saflex",
+                              method_options=dict(weighting='hard', beta=0.2, tau=0.3, normalize='rms'),
+                              schedule=dict(refresh_every=1))
     audit = AugmentationAudit(["x", "y", "z"])
     g = torch.Generator().manual_seed(1)
     w_all, relabel_all, kept_all = [], [], []

@@ -50,7 +50,9 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
     model, opt, val, (xv, yv), x, y = _setup(freeze)
     share = AdaptiveShare(init=0.5, lr=0.1, signal=signal, evidence=None)   # a step on every update
     seen = _capture_agreements(share)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight=share, mode=mode, refresh_every=1, beta=1.0, tau=1.0)
+    refiner = AugmentationRefiner(model, opt, val, mode=mode,
+                                  method_options=dict(aug_weight=share, beta=1.0, tau=1.0),
+                                  schedule=dict(refresh_every=1))
     refiner(model(x), y, num_original=N_ORIG)
     w = refiner.stats["weights"][N_ORIG:].double()
     soft = refiner.stats["soft_targets"].double()
@@ -86,8 +88,9 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
 
 def test_loss_uses_the_current_share():
     model, opt, val, _, x, y = _setup(True)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight=AdaptiveShare(init=0.25, evidence=None),
-                                  refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val,
+                                  method_options=dict(aug_weight=AdaptiveShare(init=0.25, evidence=None)),
+                                  schedule=dict(refresh_every=1))
     loss = refiner(model(x), y, num_original=N_ORIG)
     st = refiner.stats
     per = F.cross_entropy(model(x), y, reduction="none")
@@ -151,8 +154,8 @@ def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         share = AdaptiveShare(signal=signal)
         seen = _capture_agreements(share)
-        refiner = AugmentationRefiner(model, opt, _rule_val(rule), aug_weight=share, weight_tau=0.2, beta=1.0,
-                                      tau=0.5)
+        refiner = AugmentationRefiner(model, opt, _rule_val(rule),
+                                      method_options=dict(aug_weight=share, weight_tau=0.2, beta=1.0, tau=0.5))
         for x, y in batches:     # no optimizer step: one model, one validation direction
             refiner(model(x), y, num_original=16)
         st = torch.stack(seen)
@@ -172,7 +175,8 @@ def test_share_falls_for_noisy_augmented_rows_and_not_for_clean_ones(noisy):
     torch.manual_seed(0)
     model = FlatNet(D, 16, C).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    refiner = AugmentationRefiner(model, opt, _rule_val(w), aug_weight=AdaptiveShare(lr=0.05), refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, _rule_val(w), method_options=dict(aug_weight=AdaptiveShare(lr=0.05)),
+                                  schedule=dict(refresh_every=1))
     shares = [s for _, s in _train(refiner, model, opt, batches, 16)]
     if noisy:
         assert shares[-1] < 0.5       # random labels: their gradients oppose the validation gradient
@@ -187,7 +191,8 @@ def test_resume_gives_identical_losses_and_shares():
         torch.manual_seed(0)
         model = FlatNet(D, 16, C).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-        return model, opt, AugmentationRefiner(model, opt, _rule_val(w), aug_weight="adaptive", refresh_every=2)
+        return model, opt, AugmentationRefiner(model, opt, _rule_val(w), method_options=dict(aug_weight='adaptive'),
+                                               schedule=dict(refresh_every=2))
 
     model, opt, refiner = build()
     _train(refiner, model, opt, batches[:4], 8)
@@ -204,7 +209,8 @@ def test_resume_gives_identical_losses_and_shares():
 
 def test_rejected_call_and_aug_only_batches_leave_the_share_unchanged():
     model, opt, val, _, x, y = _setup(True)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, method_options=dict(aug_weight='adaptive'),
+                                  schedule=dict(refresh_every=1))
     refiner(model(x), y, num_original=N_ORIG)
     before, share = refiner.share.state_dict(), float(refiner.aug_weight)
     bad = y.clone()
@@ -220,7 +226,8 @@ def test_rejected_call_and_aug_only_batches_leave_the_share_unchanged():
 
 def test_no_update_during_warmup():
     model, opt, val, _, x, y = _setup(True)
-    refiner = AugmentationRefiner(model, opt, val, aug_weight="adaptive", warmup_steps=5)
+    refiner = AugmentationRefiner(model, opt, val, method_options=dict(aug_weight='adaptive'),
+                                  schedule=dict(warmup_steps=5))
     refiner(model(x), y, num_original=N_ORIG)
     assert int(refiner.share.updates) == 0 and float(refiner.aug_weight) == 1.0
 
@@ -255,17 +262,18 @@ def test_share_agreements_edge_cases():
 def test_configuration_errors():
     model, opt, val, _, _, _ = _setup(True)
     with pytest.raises(ConfigurationError, match="adaptive"):
-        AugmentationRefiner(model, opt, val, method="none", aug_weight="adaptive")
+        AugmentationRefiner(model, opt, val, method="none", method_options=dict(aug_weight='adaptive'))
     with pytest.raises(ConfigurationError, match="aug_weight"):
-        AugmentationRefiner(model, opt, val, aug_weight="auto")
+        AugmentationRefiner(model, opt, val, method_options=dict(aug_weight='auto'))
     for bad in (dict(min_share=0.0), dict(init=2.0), dict(lr=-1.0), dict(decay=1.0), dict(signal="weighted")):
         with pytest.raises(ConfigurationError):
             AdaptiveShare(**bad)
     from augplug.contrastive import ContrastiveRefiner
     with pytest.raises(ConfigurationError, match="adaptive"):
-        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, method="none", aug_weight="adaptive")
+        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, method="none",
+                           method_options=dict(aug_weight='adaptive'))
     with pytest.raises(ConfigurationError, match="aug_weight"):
-        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, aug_weight="auto")
+        ContrastiveRefiner(model, nn.Linear(3, 3), opt, val, method_options=dict(aug_weight='auto'))
 
 
 def test_committed_state_stays_on_the_statistics_device():
@@ -297,7 +305,7 @@ def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, 
         return real(*args, **kw)
 
     monkeypatch.setattr(augplug.scores, "class_scores", counting)
-    refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, schedule=dict(refresh_every=1))
     share = _capture_agreements(refiner.share)
     refiner(model(x), y, num_original=N_ORIG)
     assert calls == ["full"] * passes

@@ -106,8 +106,9 @@ def test_per_source_statistics_equal_a_hand_computation():
     model = FlatNet(16, 12, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = [(torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,)))]
-    refiner = AugmentationRefiner(model, opt, val, method="saflex", weighting="hard", beta=0.2, tau=0.3,
-                                  normalize="rms", refresh_every=1, strength=1.0)
+    refiner = AugmentationRefiner(model, opt, val, method="saflex",
+                                  method_options=dict(weighting='hard', beta=0.2, tau=0.3, normalize='rms', strength=1.0),
+                                  schedule=dict(refresh_every=1))
     mixer = BatchMixer({"good": _source(40, 1), "noisy": _source(40, 2)}, per_batch={"good": 4, "noisy": 6}, seed=0,
                        real_augmented=True)
     audit = SourceAudit(mixer.source_names, num_classes=3)
@@ -144,7 +145,8 @@ def test_per_source_statistics_equal_a_hand_computation():
 def test_source_audit_counts_only_refined_rows():
     torch.manual_seed(0)
     model = FlatNet(16, 12, 3)
-    refiner = AugmentationRefiner(model, None, [(torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,)))], strength=1.0)
+    refiner = AugmentationRefiner(model, None, [(torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,)))],
+                                  method_options=dict(strength=1.0))
     mixer = BatchMixer(_source(10, 1), per_batch=3, seed=0)
     audit = SourceAudit(mixer.source_names, num_classes=3)
     mb = mixer(torch.rand(5, 1, 4, 4), torch.randint(0, 3, (5,)))

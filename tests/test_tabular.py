@@ -199,7 +199,7 @@ def test_refiner_with_tabular_mlp_matches_oracle(mode):
                        dropout=0.0).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16)
-    refiner = AugmentationRefiner(model, opt, val, mode=mode, refresh_every=1)
+    refiner = AugmentationRefiner(model, opt, val, mode=mode, schedule=dict(refresh_every=1))
     cutmix = TabularCutMix(p=0.7, proportion=0.4, categorical=[4, 5, 6], seed=0, return_mask=True)
     xb, yb, aug = cutmix(x[16:], y[16:])
     model.train()

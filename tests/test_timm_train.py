@@ -254,7 +254,7 @@ def test_refiner_as_timm_task_criterion():
         m = timm.create_model("test_resnet", num_classes=3, in_chans=1)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         val = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 2 + [0, 1]))]
-        return m, augplug.AugmentationRefiner(m, opt, val, method="saflex", strength=1.0)
+        return m, augplug.AugmentationRefiner(m, opt, val, method="saflex", method_options=dict(strength=1.0))
 
     x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 2, 1, 0])
     m1, r1 = make()

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from augplug import AugmentationRefiner
 from augplug.errors import ConfigurationError, EmptyValidationError, TargetError
 from augplug.models import SmallCNN
+from augplug.refiner import refiner_kwargs
 from conftest import CountingLoader
 
 C = 4
@@ -46,7 +47,7 @@ def _run(cache, steps=8, mode="last_layer", **kw):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loader = kw.pop("loader", None) or _loader()
-    r = AugmentationRefiner(model, opt, loader, mode=mode, refresh_every=2, cache_validation=cache, **kw)
+    r = AugmentationRefiner(model, opt, loader, mode=mode, **refiner_kwargs(kw, refresh_every=2, cache_validation=cache))
     return _train(model, r, opt, steps), loader, r
 
 
@@ -76,7 +77,8 @@ def test_shuffled_loader_first_pass_is_the_uncached_first_pass_and_then_repeats(
 def test_resume_is_exact_and_rebuilds_the_cache():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    r = AugmentationRefiner(model, opt, _loader(shuffle=True), refresh_every=2, val_batches=1, cache_validation=True)
+    r = AugmentationRefiner(model, opt, _loader(shuffle=True),
+                            schedule=dict(refresh_every=2, val_batches=1, cache_validation=True))
     _train(model, r, opt, 3)
     state = copy.deepcopy({"m": model.state_dict(), "o": opt.state_dict(), "r": r.state_dict(),
                            "rng": torch.get_rng_state()})  # the model's dropout draws from the user's RNG
@@ -85,7 +87,8 @@ def test_resume_is_exact_and_rebuilds_the_cache():
     model2 = _model(seed=7)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     loader2 = _loader(shuffle=True)
-    r2 = AugmentationRefiner(model2, opt2, loader2, refresh_every=2, val_batches=1, cache_validation=True, seed=5)
+    r2 = AugmentationRefiner(model2, opt2, loader2, seed=5,
+                             schedule=dict(refresh_every=2, val_batches=1, cache_validation=True))
     model2.load_state_dict(state["m"])
     opt2.load_state_dict(state["o"])
     r2.load_state_dict(state["r"])
@@ -109,7 +112,8 @@ def test_cache_setting_must_match_the_state():
 def test_bad_validation_labels_rejected_state_unchanged():
     labels = torch.full((24,), 7)  # out of range for C = 4
     model = _model()
-    r = AugmentationRefiner(model, None, _loader(labels=labels), cache_validation=True, strength=1.0)
+    r = AugmentationRefiner(model, None, _loader(labels=labels), method_options=dict(strength=1.0),
+                            schedule=dict(cache_validation=True))
     before = copy.deepcopy(r.state_dict())
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(TargetError, match="validation targets"):
@@ -122,6 +126,7 @@ def test_bad_validation_labels_rejected_state_unchanged():
 def test_empty_loader_with_cache():
     empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     model = _model()
-    r = AugmentationRefiner(model, None, empty, cache_validation=True, strength=1.0)
+    r = AugmentationRefiner(model, None, empty, method_options=dict(strength=1.0),
+                            schedule=dict(cache_validation=True))
     with pytest.raises(EmptyValidationError):
         r(model(torch.randn(8, 1, 8, 8)), torch.randint(0, C, (8,)))

@@ -85,7 +85,8 @@ def test_refiner_resume_with_a_seeded_validation_loader_is_exact():
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        return model, opt, AugmentationRefiner(model, opt, _seeded_loader(), refresh_every=1, val_batches=1)
+        return model, opt, AugmentationRefiner(model, opt, _seeded_loader(),
+                                               schedule=dict(refresh_every=1, val_batches=1))
 
     def train(model, opt, r, steps):
         out = []

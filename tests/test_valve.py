@@ -14,6 +14,7 @@ from augplug import AugmentationRefiner
 from augplug.errors import ConfigurationError, NonFiniteError
 from augplug.methods import Policy
 from augplug.valve import RefinementStrength, cross_fit_statistics
+from augplug.refiner import refiner_kwargs
 
 C, D = 4, 8
 
@@ -90,8 +91,11 @@ def _signal_run(seed: int, steps: int, *, labels_informative: bool, corrupt: flo
             model.fc.weight.zero_(), model.fc.bias.zero_()
     val = DataLoader(TensorDataset(xv, yv), batch_size=100, shuffle=True)
     strength = strength or RefinementStrength(init=0.5, lr=0.01)
-    r = AugmentationRefiner(model, opt, val, method=policy or "saflex", strength=strength, refresh_every=1,
-                            val_batches=2, aug_weight=1.0, seed=seed)
+    if policy is not None:
+        policy.strength, policy.aug_weight = strength, 1.0
+    r = AugmentationRefiner(model, opt, val, method=policy or "saflex", seed=seed,
+                            method_options=None if policy else dict(strength=strength, aug_weight=1.0),
+                            schedule=dict(refresh_every=1, val_batches=2))
     signals = []
     propose = strength.propose
     strength.propose = lambda stats: (signals.append((stats[0] / stats[1]).item()), propose(stats))[1]
@@ -151,7 +155,8 @@ def test_strength_one_is_the_policy_and_zero_is_upstream():
     def loss_with(**kw):
         torch.manual_seed(0)
         model = _Net()
-        r = AugmentationRefiner(model, None, DataLoader(TensorDataset(xv, yv), batch_size=32), aug_weight=1.0, **kw)
+        r = AugmentationRefiner(model, None, DataLoader(TensorDataset(xv, yv), batch_size=32),
+                                **refiner_kwargs(kw, aug_weight=1.0))
         out = r(model(x), y)
         return out, r
 
@@ -177,7 +182,8 @@ def test_adaptive_strength_resumes_exactly_and_its_state_is_checked():
         g = torch.Generator().manual_seed(2)
         val = DataLoader(TensorDataset(torch.randn(64, D, generator=g), torch.randint(0, C, (64,), generator=g)),
                          batch_size=32)
-        r = AugmentationRefiner(model, opt, val, refresh_every=2, strength="adaptive")
+        r = AugmentationRefiner(model, opt, val, method_options=dict(strength='adaptive'),
+                                schedule=dict(refresh_every=2))
         if state is not None:
             model.load_state_dict(state[0]), opt.load_state_dict(state[1]), r.load_state_dict(state[2])
         for i in range(steps):
@@ -209,7 +215,7 @@ def test_auto_strength_refines_beside_originals_and_trains_views_alone_as_given(
     def call(method, **kw):
         torch.manual_seed(0)
         model = _Net()
-        r = AugmentationRefiner(model, None, val, method=method, **({"strength": "auto"} if method == "saflex" else {}))
+        r = AugmentationRefiner(model, None, val, method=method, **refiner_kwargs({"strength": "auto"} if method == "saflex" else {}))
         return r(model(x), y, **kw), r
 
     auto, r = call("saflex")
@@ -222,4 +228,5 @@ def test_auto_strength_refines_beside_originals_and_trains_views_alone_as_given(
 
 def test_strength_needs_a_scoring_policy():
     with pytest.raises(ConfigurationError):
-        AugmentationRefiner(_Net(), None, [(torch.randn(4, D), torch.arange(4))], method="none", strength="adaptive")
+        AugmentationRefiner(_Net(), None, [(torch.randn(4, D), torch.arange(4))], method="none",
+                            method_options=dict(strength='adaptive'))

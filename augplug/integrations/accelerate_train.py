@@ -158,8 +158,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     options = {}
     if args.refiner == "autodo":
         options["method_options"] = {"num_points": len(train_set), "num_classes": data.num_classes}
-    refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, refresh_every=args.refresh_every,
-                                  isda=True if args.isda else None, seed=args.seed, accelerator=acc, **options)
+    refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, isda=True if args.isda else None,
+                                  seed=args.seed, accelerator=acc, **options, schedule=dict(refresh_every=args.refresh_every))
     if args.resume:
         acc.load_state(args.resume)
 

@@ -50,7 +50,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import NativeScaler, random_seed, update_summary  # noqa: E402
 
-from augplug import AugmentationRefiner, ConfigurationError  # noqa: E402
+from augplug import AugmentationRefiner, ConfigurationError, refiner_kwargs  # noqa: E402
 from augplug.data import IndexedDataset, stratified_split  # noqa: E402
 from augplug.report import AugmentationAudit, TracedRandAugment  # noqa: E402
 from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit  # noqa: E402
@@ -463,11 +463,13 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
                                  "pass --val-split (a fraction such as 0.1, or a count)")
     val_batches = args.val_batches if args.val_batches == "all" else int(args.val_batches)
     isda = {"lambda0": args.isda_lambda} if args.isda else None
-    return AugmentationRefiner(
-        model, optimizer, val_loader, method=args.refiner, mode=args.refiner_mode,
-        refresh_every=args.refresh_every, val_batches=val_batches, warmup_steps=args.refiner_warmup,
-        seed=args.seed, method_options=method_options or None, isda=isda,
-        **({"strength": _strength(args.strength)} if args.refiner in ("saflex", "l2rw") else {}), **args.refiner_kwargs)
+    return AugmentationRefiner(model, optimizer, val_loader, method=args.refiner, mode=args.refiner_mode,
+                               seed=args.seed, isda=isda,
+                               **refiner_kwargs({**({"strength": _strength(args.strength)}
+                                                    if args.refiner in ("saflex", "l2rw") else {}),
+                                                 **args.refiner_kwargs, **method_options},
+                                                refresh_every=args.refresh_every, val_batches=val_batches,
+                                                warmup_steps=args.refiner_warmup))
 
 
 class ToModelInput:

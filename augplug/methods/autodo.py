@@ -285,10 +285,10 @@ class AutoDO(Policy):
         return WEIGHT_SCALE * F.softplus(logits)
 
     # ------------------------------------------------------------------ augmentation
-    def augment(self, x: torch.Tensor, index, refiner) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, index, noise) -> torch.Tensor:
         """Warp ``x`` with each point's gates and magnitudes; keeps a graph to them when ``A`` is learned.
 
-        Random draws come from the refiner's per-call noise generator (the global RNG is untouched).
+        ``noise(stream)``: the refiner's per-call noise generators (the global RNG is untouched).
         """
         _check_images(x)
         idx = self.check_index(index, x.shape[0])
@@ -302,7 +302,7 @@ class AutoDO(Policy):
         ml = self.tables.magnitude_logits.index_select(0, rows).clone().requires_grad_(learn)
         # one stream per augment() call since the last refiner call: several calls in one step differ
         self._augment_calls += 1
-        gen = refiner.noise_generator(stream=self._augment_calls)
+        gen = noise(self._augment_calls)
         out, values = random_affine(x, gl.to(x.dtype), ml.to(x.dtype), self.ops, gen, tau=self.tau,
                                     padding_mode=self.padding_mode, min_scale=self.min_scale)
         if learn:
@@ -312,19 +312,19 @@ class AutoDO(Policy):
 
     # ------------------------------------------------------------------ the policy
     def _is_hyper_step(self, ctx: RefineContext) -> bool:
-        step = ctx.refiner.step_count
+        step = ctx.step
         return (bool(self.models) and ctx.active and step >= self.start_step
                 and (step - self.start_step) % self.every == 0)
 
     def _head_params(self, ctx: RefineContext):
-        r = ctx.refiner
-        if r.head is None:
+        sc = ctx.scoring
+        if sc.head is None:
             raise ConfigurationError("AutoDO needs the model's linear classifier", "pass classifier= to the refiner")
-        return r.head, r.head_name
+        return sc.head, sc.head_name
 
     def _coefficients(self, ctx: RefineContext, w: torch.Tensor):
         """The refiner's per-row loss coefficients and denominator, differentiable in ``w``."""
-        r, aug = ctx.refiner, ctx.augmented
+        r, aug = ctx.mixing, ctx.augmented
         coef = torch.where(aug, r.aug_weight * w, torch.full_like(w, r.orig_weight))
         if r.weight_norm == "batch":
             denom = coef.sum().clamp_min(1e-12)
@@ -396,7 +396,7 @@ class AutoDO(Policy):
 
         hyper = self._is_hyper_step(ctx)
         scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=dev)
-        eager: Dict[str, Any] = {"hyper_step": hyper, "step": ctx.refiner.step_count}
+        eager: Dict[str, Any] = {"hyper_step": hyper, "step": ctx.step}
         lazy: Dict[str, Any] = {}  # name -> zero-argument function, read back to the host on demand
         grads = None
         if hyper:
@@ -505,7 +505,7 @@ class AutoDO(Policy):
             missing = [k for k in keys if k not in v]
             if missing:
                 raise ConfigurationError(f"the refiner's validation direction has no entry for {missing}",
-                                         "use the refiner's default mode='last_layer' (or val_params='all')")
+                                         "use the refiner's default mode='last_layer'")
             val_grad = [-v[k].float() for k in keys]
             prob = HeadProblem(a, z, coef, s, float(denom), loss=self.loss, damping=self.damping,
                                bias=head.bias is not None, log_targets=None if log_s is None else log_s)
@@ -523,7 +523,7 @@ class AutoDO(Policy):
             scores = last_layer_scores(a.detach(), z.detach(), -u[0], -u[1] if len(u) > 1 else None).float()
             u_head = u
         else:
-            named = dict(ctx.refiner.net.named_parameters())
+            named = dict(ctx.scoring.net.named_parameters())
             names = [n for n in named if named[n].requires_grad and any(
                 n == p or n.startswith(p.rstrip(".") + ".") for p in self.hyper_params)]
             if not names:
@@ -532,13 +532,13 @@ class AutoDO(Policy):
             missing = [n for n in names if n not in v]
             if missing:
                 raise ConfigurationError(f"the refiner's validation direction has no entry for {missing[:3]}",
-                                         "build the refiner with mode='full' (or 'double_backward') and val_params='all'")
+                                         "build the refiner with mode='full' (or 'double_backward')")
             per = self._per_sample(z, s, log_s)
             train_loss = (coef * per).sum() / denom
             hg, u = ift_hypergradient(train_loss, [named[n] for n in names], [-v[n].float() for n in names], leaves,
                                       alpha=self.alpha, iters=self.neumann_steps, scaled=self.scaled,
                                       damping=self.damping)
-            head_name = ctx.refiner.head_name
+            head_name = ctx.scoring.head_name
             hw = f"{head_name}.weight" if head_name else None
             u_head = None
             if hw in names:
@@ -562,7 +562,7 @@ class AutoDO(Policy):
         extra["hypergrad_norm_W"] = lambda: float(norm_w)
         extra["hypergrad_norm_S"] = lambda: float(norm_s)
         if u_head is not None:
-            vg = [-v[k].float() for k in ([f"{ctx.refiner.head_name}.weight", f"{ctx.refiner.head_name}.bias"][:len(u_head)])]
+            vg = [-v[k].float() for k in ([f"{ctx.scoring.head_name}.weight", f"{ctx.scoring.head_name}.bias"][:len(u_head)])]
             sums = torch.stack([sum((ui * gi).sum() for ui, gi in zip(u_head, vg)),
                                 sum((ui ** 2).sum() for ui in u_head), sum((gi ** 2).sum() for gi in vg)])
 
@@ -573,7 +573,7 @@ class AutoDO(Policy):
 
             extra["u_norm"] = lambda: head_stats()["u_norm"]
             extra["cos_u_val_grad"] = lambda: head_stats()["cos_u_val_grad"]
-        val_loss = ctx.refiner.val_loss if ctx.v_new is None else ctx.v_new.loss_sum / max(ctx.v_new.count, 1)
+        val_loss = ctx.val_loss()
         extra["val_loss"] = lambda: float(val_loss)
         return grads, scores, extra
 

@@ -9,14 +9,20 @@ scores for any subset of rows.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
-from ..errors import ShapeError
+from ..errors import ConfigurationError, ShapeError
+from ..share import resolve_share
+from ..valve import resolve_strength
 
-__all__ = ["Policy", "RefineContext", "renormalize", "class_renormalize"]
+__all__ = ["Policy", "RefineContext", "Scoring", "ValidationSource", "Mixing", "renormalize", "class_renormalize", "WEIGHT_NORMS"]
+
+#: Values of a policy's ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
+WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
 
 
 def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:
@@ -64,11 +70,54 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
     return weights * (y @ ratio).to(weights.dtype)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How class scores are computed for a call (set up by the refiner shell).
+
+    ``net``: the unwrapped model; ``mode``: ``"last_layer"``, ``"full"``, ``"double_backward"`` or
+    ``"auto"``; ``bn_mode``: BatchNorm in scoring passes; ``head`` / ``head_name``: the linear
+    classifier and its dotted name (None when not needed); ``capture``: the
+    :class:`~augplug.heads.ActivationCapture` of the training forward; ``params``: the named
+    parameters a full-model direction covers."""
+
+    net: Any
+    mode: str
+    bn_mode: str
+    head: Any
+    head_name: Optional[str]
+    capture: Any
+    params: Callable[[], Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ValidationSource:
+    """The refiner core's validation direction, as a policy may read it: ``is_due()`` (a refresh is
+    due on this call), ``compute(num_classes)`` (a fresh :class:`~augplug.scores.GradSum`; advances
+    the stream), ``current()`` (the cached direction), ``halves()`` (the cached half directions or
+    None) and ``loss()`` (the last validation loss)."""
+
+    is_due: Callable[[], bool]
+    compute: Callable[[int], Any]
+    current: Callable[[], Optional[Dict[str, torch.Tensor]]]
+    halves: Callable[[], Any]
+    loss: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How the refiner mixes rows into the loss on this call: ``coef_i = orig_weight`` for originals,
+    ``aug_weight * w_i`` for augmented rows; the loss is ``sum_i coef_i l_i / denominator`` with the
+    denominator ``sum_i coef_i`` for ``weight_norm="batch"``, else the unweighted count."""
+
+    orig_weight: float
+    aug_weight: Any
+    weight_norm: str
+
+
 class RefineContext:
     """Everything a policy may use for one refiner call; expensive parts are computed on demand.
 
     Attributes:
-        refiner: the calling :class:`~augplug.AugmentationRefiner` (read its options, not its state).
         logits: ``(B, C)`` training logits (still attached to the graph).
         targets: ``(B, C)`` upstream soft targets (fp32).
         augmented: ``(B,)`` bool mask of the rows to refine.
@@ -76,11 +125,13 @@ class RefineContext:
         index: the batch's dataset positions (``index=`` of the call) or None.
         rows: the augmented rows as an index for (B, ...) tensors: a slice when they are the tail of
             the batch (``num_original=``; indexing needs no device sync), else the bool mask.
+        step: optimizer updates so far.
+        scoring: :class:`Scoring`; validation: :class:`ValidationSource`; mixing: :class:`Mixing`.
     """
 
-    def __init__(self, refiner: Any, logits, targets, augmented, active: bool,
-                 inputs=None, features=None, index=None, rows=None, n_augmented: Optional[int] = None):
-        self.refiner = refiner
+    def __init__(self, logits, targets, augmented, active: bool, *, scoring: Scoring, validation: ValidationSource,
+                 mixing: Mixing, step: int, noise: Callable[..., torch.Generator], inputs=None, features=None,
+                 index=None, rows=None, n_augmented: Optional[int] = None):
         self.logits = logits
         self.targets = targets
         self.augmented = augmented
@@ -88,6 +139,9 @@ class RefineContext:
         self._n_augmented = n_augmented
         self.active = bool(active)
         self.index = index
+        self.scoring, self.validation, self.mixing = scoring, validation, mixing
+        self.step = int(step)
+        self._noise = noise
         self._inputs = inputs
         self._features = features
         self._direction = None
@@ -123,13 +177,17 @@ class RefineContext:
         RNG or the validation stream's RNG (which must stay identical on every process).
         """
         if self._generator is None:
-            self._generator = self.refiner.noise_generator()
+            self._generator = self._noise()
         return self._generator
+
+    def noise(self, stream: int) -> torch.Generator:
+        """A fresh generator for another independent stream of this call's draws."""
+        return self._noise(stream)
 
     def features(self, required: bool = True) -> Optional[torch.Tensor]:
         """``(B, A)`` inputs of the classifier head for this batch (captured or passed as ``features=``)."""
         if self._features is None:
-            self._features = self.refiner._capture.features(self.batch)
+            self._features = self.scoring.capture.features(self.batch)
         f = self._features
         if f is None:
             if required:
@@ -144,7 +202,7 @@ class RefineContext:
 
     def inputs(self) -> Any:
         """The model inputs of this batch (captured or passed as ``inputs=``)."""
-        x = self._inputs if self._inputs is not None else self.refiner._capture.inputs(self.batch)
+        x = self._inputs if self._inputs is not None else self.scoring.capture.inputs(self.batch)
         if x is None:
             raise ShapeError(f"no model inputs for the {self.batch} rows of this batch were captured",
                              "pass inputs= (the tensor fed to the model) to the refiner")
@@ -155,7 +213,7 @@ class RefineContext:
 
     def check_score_inputs(self) -> None:
         """Raise now (before any validation pass) when the scoring inputs are missing."""
-        if self.refiner.mode == "last_layer":
+        if self.scoring.mode == "last_layer":
             self.features()
         else:
             self.inputs()
@@ -163,14 +221,18 @@ class RefineContext:
     def direction(self) -> Dict[str, torch.Tensor]:
         """The validation direction ``v = -grad L_val``, refreshed on the refiner's schedule."""
         if self._direction is None:
-            r = self.refiner
-            self.refreshed = r.direction_is_due()
+            self.refreshed = self.validation.is_due()
             if self.refreshed:
-                self.v_new = r.compute_validation_direction(self.num_classes)
+                self.v_new = self.validation.compute(self.num_classes)
                 self._direction = self.v_new.direction()
             else:
-                self._direction = r.validation_direction
+                self._direction = self.validation.current()
         return self._direction
+
+    def val_loss(self) -> float:
+        """The validation loss of the direction in use on this call."""
+        self.direction()
+        return self.validation.loss() if self.v_new is None else self.v_new.loss_sum / max(self.v_new.count, 1)
 
     def half_directions(self):
         """The directions of the two validation halves (refreshed with :meth:`direction`), or None
@@ -179,7 +241,7 @@ class RefineContext:
         if self.v_new is not None:
             halves = self.v_new.halves
             return None if halves is None else tuple(half.direction() for half in halves)
-        return self.refiner.half_directions
+        return self.validation.halves()
 
     def scores(self, rows: Optional[torch.Tensor] = None, v: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Class scores ``g`` (fp32) of ``rows`` (a bool mask or any index; default: the augmented rows)
@@ -196,13 +258,13 @@ class RefineContext:
 
         self.check_score_inputs()
         v = self.direction() if v is None else v
-        r = self.refiner
+        sc = self.scoring
         self.scored = True
-        if r.mode == "last_layer":
-            return class_scores(r.net, v=v, mode="last_layer", features=self.features()[rows],
-                                logits=self.logits[rows], head_name=r.head_name).float()
-        with r._capture.paused():
-            return class_scores(r.net, self.inputs()[rows], v, mode=r.mode, bn=r.bn_mode).float()
+        if sc.mode == "last_layer":
+            return class_scores(sc.net, v=v, mode="last_layer", features=self.features()[rows],
+                                logits=self.logits[rows], head_name=sc.head_name).float()
+        with sc.capture.paused():
+            return class_scores(sc.net, self.inputs()[rows], v, mode=sc.mode, bn=sc.bn_mode).float()
 
 
 class Policy:
@@ -224,6 +286,33 @@ class Policy:
     #: ``weight_norm`` is ``"augmented"``; policies whose weights are meaningful on their absolute
     #: scale set this to False.
     refiner_renormalizes: bool = True
+
+    #: How the refiner mixes the rows into the loss. Policies that choose per-row weights from class
+    #: scores (SAflex, L2RW) and ``"none"`` take these as options; the others keep these values.
+    #: ``weight_norm``: how the augmented rows' weights are normalized (:data:`WEIGHT_NORMS`);
+    #: ``aug_weight``: the augmented rows' share of the loss (a number, ``"adaptive"`` or an
+    #: :class:`~augplug.share.AdaptiveShare`); ``strength``: the refinement strength (a number in
+    #: [0, 1], ``"auto"``, ``"adaptive"`` or a :class:`~augplug.valve.RefinementStrength`).
+    weight_norm: str = "augmented"
+    aug_weight: Any = 1.0
+    strength: Any = 1.0
+
+    def _set_mixing(self, weight_norm: Optional[str] = None, aug_weight: Any = None, strength: Any = None) -> None:
+        """Check and keep the mixing options a subclass takes (None: the class's default)."""
+        if weight_norm is not None:
+            if weight_norm not in WEIGHT_NORMS:
+                raise ConfigurationError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}",
+                                         "use 'auto', 'class', 'augmented' (the paper) or 'batch'")
+            self.weight_norm = weight_norm
+        if aug_weight is not None:
+            resolve_share(aug_weight)
+            self.aug_weight = aug_weight
+        if strength is not None:
+            resolve_strength(strength)
+            self.strength = strength
+
+    def mixing_repr(self) -> str:
+        return f"weight_norm={self.weight_norm!r}, aug_weight={self.aug_weight!r}, strength={self.strength!r}"
 
     def call_inputs(self, ctx: RefineContext) -> Dict[str, Any]:
         """Extra keyword arguments :meth:`refine` passes to ``__call__`` (default: none)."""

@@ -787,11 +787,11 @@ class InfluencePolicy(Policy):
         """The current ``u = (H + damping I)^-1 v = -s_val`` (None before the first solve)."""
         return self._u
 
-    def _scorer(self, refiner) -> InfluenceScorer:
-        if refiner.mode == "last_layer":
-            return InfluenceScorer(refiner.head, head_name=refiner.head_name, **self.solver_options)
-        return InfluenceScorer(model=refiner.net, params=list(refiner._score_params()), scope="full",
-                               bn=refiner.bn_mode, curvature=self.curvature, **self.solver_options)
+    def _scorer(self, scoring) -> InfluenceScorer:
+        if scoring.mode == "last_layer":
+            return InfluenceScorer(scoring.head, head_name=scoring.head_name, **self.solver_options)
+        return InfluenceScorer(model=scoring.net, params=list(scoring.params()), scope="full",
+                               bn=scoring.bn_mode, curvature=self.curvature, **self.solver_options)
 
     _STATE = ("_buffer", "_batches", "_u", "_u_step", "solve_info", "last_influence")
 
@@ -814,8 +814,7 @@ class InfluencePolicy(Policy):
         scores = torch.zeros(B, C, dtype=torch.float32, device=y.device)
         # validate everything before touching state
         pairs = pair_rows(aug, ctx.index, self.pairing) if ctx.n_augmented else None
-        r = ctx.refiner
-        last_layer = r.mode == "last_layer"
+        last_layer = ctx.scoring.mode == "last_layer"
         if last_layer:
             feats = ctx.features().detach().float()
             new_buffer = feats if self._buffer is None else torch.cat([self._buffer.to(feats), feats])[-self.buffer_size:]
@@ -834,12 +833,12 @@ class InfluencePolicy(Policy):
         v = ctx.direction()
         u, u_step, info = self._u, self._u_step, self.solve_info
         if u is None or ctx.refreshed or set(u) != set(v):
-            scorer = self._scorer(r)
+            scorer = self._scorer(ctx.scoring)
             scorer.fit(new_buffer) if last_layer else scorer.fit(data=new_batches)
             warm = u if (u is not None and set(u) == set(v)) else None
             u = scorer.solve({k: v[k] for k in scorer.keys()}, x0=warm)
             u = {k: t.to(v[k]) for k, t in u.items()}
-            u_step, info = r.step_count, dict(scorer.info)
+            u_step, info = ctx.step, dict(scorer.info)
         rows = aug.clone()
         if pairs is not None:
             rows[pairs] = True

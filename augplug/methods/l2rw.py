@@ -23,9 +23,18 @@ def l2rw_weights(scores: torch.Tensor, targets: torch.Tensor, *, distributed: bo
 
 
 class L2RW(Policy):
-    """Weights from L2RW, targets unchanged."""
+    """Weights from L2RW, targets unchanged.
+
+    Options: how the refiner mixes the rows (:class:`~augplug.methods.Policy`): ``weight_norm``
+    (default ``"augmented"``), ``aug_weight`` (default 1.0), ``strength`` (default 1.0)."""
 
     name = "l2rw"
+
+    def __init__(self, *, weight_norm: str = "augmented", aug_weight=1.0, strength=1.0):
+        self._set_mixing(weight_norm, aug_weight, strength)
+
+    def extra_repr(self) -> str:
+        return self.mixing_repr()
 
     def __call__(self, scores, targets, generator=None):
         return l2rw_weights(scores, targets, distributed=True), targets.float()

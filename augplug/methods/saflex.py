@@ -49,11 +49,11 @@ from .base import Policy, RefineContext, renormalize
 
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS", "POLICY_WEIGHT_SIGNALS"]
 
-#: The paper's rule as refiner options: ``AugmentationRefiner(..., **SAFLEX_PAPER)``. Hard sign weights
-#: renormalised over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on raw scores,
-#: augmented rows at their upstream share of the loss.
-SAFLEX_PAPER = dict(normalize=None, weighting="hard", threshold=0.0, beta=1.0, tau=1.0, gumbel=True,
-                    weight_norm="augmented", aug_weight=1.0, weight_signal="agreement")
+#: The paper's rule as :class:`SAflex` options (``SAflex(**SAFLEX_PAPER)`` is ``SAflex.paper()``): hard
+#: sign weights normalized over the augmented rows, Gumbel-softmax soft labels with beta = tau = 1 on
+#: raw scores, augmented rows at their upstream share of the loss, full refinement in every batch.
+SAFLEX_PAPER = dict(beta=1.0, tau=1.0, gumbel=True, weighting="hard", weight_tau=1.0, prior="linear", normalize=None,
+                    threshold=0.0, weight_signal="agreement", weight_norm="augmented", aug_weight=1.0, strength=1.0)
 
 
 def _global_normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -123,15 +123,15 @@ def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Ten
 def saflex_targets(
     scores: torch.Tensor,
     targets: torch.Tensor,
-    beta: float = 1.0,
+    beta: float = math.inf,
     tau: float = 1.0,
     *,
-    gumbel: bool = True,
+    gumbel: bool = False,
     generator: Optional[torch.Generator] = None,
-    weighting: str = "hard",
+    weighting: str = "soft",
     weight_tau: float = 1.0,
     prior: str = "linear",
-    normalize: Optional[str] = None,
+    normalize: Optional[str] = "center",
     renormalize_weights: bool = True,
     threshold: float = 0.0,
     distributed: bool = False,
@@ -141,7 +141,9 @@ def saflex_targets(
     """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
     ``scores``: ``g`` (B, C), "positive = helps". ``targets``: upstream probabilities (B, C).
-    With the defaults (``normalize=None, weighting="hard", prior="linear"``) this is the paper's rule.
+    The defaults are :class:`SAflex`'s (measured: centred, RMS-normalized scores, soft weights, upstream
+    labels kept); ``**SAFLEX_PAPER`` minus the mixing options gives the paper's rule
+    (``normalize=None, weighting="hard", beta=1, gumbel=True``).
     Weights are renormalised to mean 1 over the batch (all 0 stays all 0) unless
     ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
     The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
@@ -191,17 +193,28 @@ def saflex_targets(
 
 
 class SAflex(Policy):
-    """Policy wrapper around :func:`saflex_targets` with fixed hyperparameters.
+    """SAflex as a policy: :func:`saflex_targets` with fixed hyperparameters, and how the refiner mixes
+    the refined rows into the loss.
+
+    The defaults are augplug's measured ones (``docs/saflex.md``): centred, RMS-normalized scores
+    (``normalize="center"``), soft weights (``weighting="soft"``), upstream labels kept
+    (``beta=inf``); weights normalized per class for a batch of augmented rows alone
+    (``weight_norm="auto"``); the augmented rows' share learned when originals are in the batch
+    (``aug_weight="adaptive"``); refinement only beside originals (``strength="auto"``).
+    :meth:`paper` gives the paper's rule.
 
     ``weight_signal`` also accepts ``"auto"``: ``"likelihood"`` for a batch of augmented rows alone
     and ``"agreement"`` when originals are in it (decided on the global batch in a process group).
+    ``weight_norm``, ``aug_weight``, ``strength``: see :class:`~augplug.methods.Policy` and
+    :class:`~augplug.AugmentationRefiner`.
     """
 
     name = "saflex"
 
-    def __init__(self, beta: float = 1.0, tau: float = 1.0, *, gumbel: bool = True, weighting: str = "hard",
-                 weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = None,
-                 threshold: float = 0.0, weight_signal: str = "agreement"):
+    def __init__(self, beta: float = math.inf, tau: float = 1.0, *, gumbel: bool = False, weighting: str = "soft",
+                 weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
+                 threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
+                 aug_weight="adaptive", strength="auto"):
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
@@ -213,6 +226,12 @@ class SAflex(Policy):
                        weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize,
                        weight_signal="likelihood" if weight_signal == "auto" else weight_signal,
                        log_probs=torch.zeros(1, 2))
+        self._set_mixing(weight_norm, aug_weight, strength)
+
+    @classmethod
+    def paper(cls, **overrides) -> "SAflex":
+        """The paper's rule (:data:`SAFLEX_PAPER`), with any option overridden."""
+        return cls(**{**SAFLEX_PAPER, **overrides})
 
     def call_inputs(self, ctx: RefineContext):
         if self.weight_signal == "agreement":
@@ -243,4 +262,4 @@ class SAflex(Policy):
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
                 f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}, "
-                f"threshold={self.threshold}, weight_signal={self.weight_signal!r}")
+                f"threshold={self.threshold}, weight_signal={self.weight_signal!r}, {self.mixing_repr()}")

@@ -1,0 +1,68 @@
+"""When and how the refiner computes its validation direction: :class:`Schedule`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+from .errors import ConfigurationError
+
+__all__ = ["Schedule", "BAD_VAL_BATCH", "resolve_schedule"]
+
+#: Values of ``Schedule.bad_val_batch``.
+BAD_VAL_BATCH = ("skip", "raise")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The validation work of a refiner.
+
+    Args:
+        refresh_every: recompute the validation direction every k optimizer updates.
+        val_batches: validation minibatches averaged per refresh (``"all"``: one pass of the loader).
+        warmup_steps: optimizer updates before refinement starts (plain soft-target CE until then).
+        cache_validation: read the validation loader once and keep its batches on the model's device
+            (targets checked and converted once). Saves the loader's per-batch work and the copies on
+            every refresh, which dominates small validation batches on a GPU. The first pass's order
+            and any random validation transform are then fixed for the rest of training.
+        bad_val_batch: a validation batch holding NaN/inf is skipped and counted (``"skip"``) or
+            rejected with :class:`~augplug.errors.NonFiniteError` (``"raise"``).
+    """
+
+    refresh_every: int = 4
+    val_batches: Union[int, str] = "all"
+    warmup_steps: int = 0
+    cache_validation: bool = False
+    bad_val_batch: str = "skip"
+
+    def __post_init__(self):
+        def integer(name, value, low):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}",
+                                         f"use e.g. {name}={max(low, 1)}")
+        integer("refresh_every", self.refresh_every, 1)
+        if self.val_batches != "all":
+            integer("val_batches", self.val_batches, 1)
+        integer("warmup_steps", self.warmup_steps, 0)
+        if self.bad_val_batch not in BAD_VAL_BATCH:
+            raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {self.bad_val_batch!r}",
+                                     "use 'skip' (skip and count non-finite validation batches) or 'raise'")
+        if not isinstance(self.cache_validation, bool):
+            raise ConfigurationError(f"cache_validation must be True or False, got {self.cache_validation!r}",
+                                     "pass a bool")
+
+
+def resolve_schedule(schedule: Union[None, Schedule, Dict[str, Any]]) -> Schedule:
+    """A :class:`Schedule` from ``None`` (the defaults), a ``Schedule`` or a dict of its fields."""
+    if schedule is None:
+        return Schedule()
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, dict):
+        fields = {f.name for f in dataclasses.fields(Schedule)}
+        unknown = sorted(set(schedule) - fields)
+        if unknown:
+            raise ConfigurationError(f"schedule has no option(s) {unknown}", f"use {sorted(fields)}")
+        return Schedule(**schedule)
+    raise ConfigurationError(f"schedule must be a Schedule, a dict of its fields or None, got {type(schedule).__name__}",
+                             "pass augplug.Schedule(refresh_every=..., val_batches=...)")
