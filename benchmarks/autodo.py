@@ -287,8 +287,8 @@ def main(argv: List[str] = None) -> None:
                       ", ".join(f"{k[2:]} {np.mean([r[k] for r in aug]):.3f}" for k in ops) + "."]
         if not args.no_save:
             ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-            save_bar_plot(results_dir("autodo") / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
-                          "test accuracy (%)", "Fashion-MNIST, IR 10, 20% symmetric noise")
+            save_bar_plot(results_dir("autodo") / f"{args.out}.png", list(results), [m for m, _ in ms],
+                          [s for _, s in ms], "test accuracy (%)", "Fashion-MNIST, IR 10, 20% symmetric noise")
     if args.part in ("all", "overhead"):
         o = overhead(args)
         print(json.dumps(o), flush=True)

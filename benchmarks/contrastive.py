@@ -230,8 +230,8 @@ def main(argv: List[str] = None) -> None:
     print(table)
     if not args.no_save:
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir("contrastive") / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
-                      "test accuracy (%)", f"FLYP-style Fashion-MNIST, RandAugment + {args.noise:.0%} corrupted views")
+        save_bar_plot(results_dir("contrastive") / f"{args.out}.png", list(results), [m for m, _ in ms],
+                      [s for _, s in ms], "test accuracy (%)", f"FLYP-style Fashion-MNIST, RandAugment + {args.noise:.0%} corrupted views")
 
 
 if __name__ == "__main__":

@@ -202,8 +202,8 @@ def quality(args, argv) -> None:
     if not args.no_save:
         labels = [f"{f * 100:g}%\n{a}" for (f, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir("influence") / "influence_quality.png", labels, [m for m, _ in ms], [s for _, s in ms],
-                      "test accuracy (%)", "Fashion-MNIST, 1 % / 10 % labels")
+        save_bar_plot(results_dir("influence") / "influence_quality.png", labels, [m for m, _ in ms],
+                      [s for _, s in ms], "test accuracy (%)", "Fashion-MNIST, 1 % / 10 % labels")
 
 
 # ----------------------------------------------------------------------------- overhead
