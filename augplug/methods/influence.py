@@ -7,9 +7,8 @@ validation direction), an augmented row ``z~`` paired with its original ``z`` sc
 This file holds the policy and its functional parts: :func:`pair_rows` (which original each
 augmented row replaces) and :func:`influence_weights` (scores to weights).
 
-The scorer, the solvers and the head Hessians used to live here; they are re-exported so that
-``from augplug.methods.influence import InfluenceScorer`` (and ``conjugate_gradient``, ``lissa``,
-``head_hvp``, ``head_hessian``) keeps working.
+``InfluenceScorer``, ``conjugate_gradient``, ``lissa``, ``head_hvp`` and ``head_hessian`` are
+re-exported here (their homes: :mod:`augplug.influence`, :mod:`augplug.ihvp`, :mod:`augplug.curvature`).
 """
 from __future__ import annotations
 
