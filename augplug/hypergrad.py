@@ -10,7 +10,8 @@ minimiser ``theta*(lam)`` the implicit function theorem gives
 mixed term is one reverse pass: ``dL_val/dlam = - d/dlam [ grad_theta L_train(theta, lam) . u ]``,
 where ``grad_theta L_train`` is kept differentiable in ``lam`` and ``u`` is a constant.
 
-``u`` is approximated by a truncated Neumann series with step ``alpha`` and ``T`` terms:
+``u`` is approximated by a truncated Neumann series with step ``alpha`` and ``T`` terms
+(:func:`augplug.ihvp.neumann_inverse_hvp`, re-exported here):
 
     u_T = alpha * sum_{t=0}^{T} (I - alpha H)^t grad L_val   ->  H^{-1} grad L_val   (T -> inf)
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigurationError, ShapeError
+from .ihvp import estimate_top_eigenvalue, neumann_inverse_hvp
 
 __all__ = [
     "LOSSES",
@@ -58,31 +60,6 @@ LOSSES = ("ce", "sym_kl")
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def neumann_inverse_hvp(hvp: Callable[[Tensors], Tensors], vec: Sequence[torch.Tensor], alpha: float = 0.01,
-                        iters: int = 5, scaled: bool = True) -> Tensors:
-    """Approximate ``H^{-1} vec`` by ``alpha * sum_{t=0}^{iters} (I - alpha H)^t vec``.
-
-    Args:
-        hvp: ``x -> H x`` on lists of tensors shaped like ``vec``.
-        vec: the right-hand side (a list of tensors).
-        alpha: Neumann step; the series converges for ``0 < alpha < 2 / lambda_max(H)``.
-        iters: ``T``, the number of Hessian-vector products (``T + 1`` terms).
-        scaled: multiply the sum by ``alpha`` (True: an approximation of ``H^{-1} vec``; False: of
-            ``H^{-1} vec / alpha``, the authors' convention).
-    """
-    if iters < 0:
-        raise ConfigurationError(f"the number of Neumann steps must be >= 0, got {iters}", "use e.g. 5")
-    if not alpha > 0:
-        raise ConfigurationError(f"the Neumann step alpha must be > 0, got {alpha}", "use e.g. 0.01")
-    term = [v.detach().clone() for v in vec]
-    acc = [t.clone() for t in term]
-    for _ in range(int(iters)):
-        h = hvp(term)
-        term = [t - alpha * hh.detach() for t, hh in zip(term, h)]
-        acc = [a + t for a, t in zip(acc, term)]
-    return [alpha * a for a in acc] if scaled else acc
 
 
 def autograd_hvp(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
@@ -252,22 +229,6 @@ class HeadProblem:
                     scaled: bool = True) -> Tensors:
         """Neumann approximation of ``H^{-1} vec`` (:func:`neumann_inverse_hvp`)."""
         return neumann_inverse_hvp(self.hvp, [v.to(self.a.dtype) for v in vec], alpha, iters, scaled)
-
-
-def estimate_top_eigenvalue(hvp: Callable[[Tensors], Tensors], like: Sequence[torch.Tensor], iters: int = 20,
-                            generator: Optional[torch.Generator] = None) -> float:
-    """Largest eigenvalue of a symmetric PSD operator by power iteration (to choose a Neumann step)."""
-    x = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in like]
-    lam = 0.0
-    for _ in range(iters):
-        norm = float(torch.sqrt(_dot(x, x)))
-        if norm == 0:
-            return 0.0
-        x = [t / norm for t in x]
-        hx = hvp(x)
-        lam = float(_dot(x, hx))
-        x = [h.detach() for h in hx]
-    return lam
 
 
 def lazy_rmsprop_(table: torch.Tensor, square_avg: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, *,

@@ -16,7 +16,7 @@ weights and Gumbel-softmax soft labels), from every refiner call after warm-up:
 - the control: the same metrics for views with a correct and with a wrong label;
 - per class (views with a correct label).
 
-    python -m benchmarks.audit                          # both arms, writes benchmarks/results/audit.md
+    python -m benchmarks.audit                          # both arms, writes benchmarks/results/audit/audit.md
     python -m benchmarks.audit --arms saflex --epochs 2 --n-train 2000 --no-save   # a quick look
 
 ``--study sources`` audits generated-sample sources instead (``augplug.sources``; writes
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from augplug import SAFLEX_PAPER, AugmentationRefiner, refiner_kwargs
+from augplug.demo.study import accuracy, corrupt_views
 from augplug.models import SmallCNN
 from augplug.report import NAME_SEP, AugmentationAudit, TracedRandAugment
-from augplug.study import accuracy, corrupt_views
 
 from .common import parse_sets, results_dir, set_threads
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
@@ -220,8 +220,8 @@ def sources_study(args, argv: List[str], overrides: Dict) -> Dict:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:
-        (results_dir() / f"{args.out}_sources.md").write_text(text, encoding="utf-8")
-        save_bar_plot(results_dir() / f"{args.out}_sources.png", labels_, means, None, "mean weight of the rows",
+        (results_dir("audit") / f"{args.out}_sources.md").write_text(text, encoding="utf-8")
+        save_bar_plot(results_dir("audit") / f"{args.out}_sources.png", labels_, means, None, "mean weight of the rows",
                       "Generated-source stand-ins on Fashion-MNIST", zoom=False)
     return results
 
@@ -247,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra refiner option for every arm")
-    ap.add_argument("--out", default="audit", help="result file stem under benchmarks/results")
+    ap.add_argument("--out", default="audit", help="result file stem under benchmarks/results/audit")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -300,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
-        out = results_dir()
+        out = results_dir("audit")
         (out / f"{args.out}.md").write_text(text, encoding="utf-8")
         for arm, res in results.items():
             res["ops"].plot(out / f"{args.out}_{arm}.png",

@@ -1,8 +1,8 @@
 """AutoDO on biased, noisy Fashion-MNIST: quality (baseline / W / W+S / A+W+S / SAflex) and overhead.
 
 Setting (``quality``): a stratified pool of Fashion-MNIST training images; classes 5-9 subsampled to
-1/10 of the majority count (``augplug.data.make_imbalanced``, imbalance ratio 10); 20 % symmetric
-label noise on the result (``augplug.data.add_label_noise``); 1k clean, balanced validation images
+1/10 of the majority count (``benchmarks.corrupt.make_imbalanced``, imbalance ratio 10); 20 % symmetric
+label noise on the result (``benchmarks.corrupt.add_label_noise``); 1k clean, balanced validation images
 (disjoint); the official 10k test set. Small CNN (``augplug.models.SmallCNN``), SGD + Nesterov,
 cosine schedule, batch 128. Arms:
 
@@ -14,13 +14,13 @@ cosine schedule, batch 128. Arms:
 
 Metrics: test accuracy, accuracy on the under-represented classes 5-9, share of corrupted training
 labels whose learned soft label's argmax is the true class, and the ROC AUC of the learned weights
-for "the given label is clean" (``augplug.study.binary_auc``).
+for "the given label is clean" (``augplug.demo.study.binary_auc``).
 
     python -m benchmarks.autodo                        # quality (3 seeds) + overhead, writes results
     python -m benchmarks.autodo --part quality --seeds 0 --epochs 4 --no-save      # a quick look
     python -m benchmarks.autodo --part overhead
 
-Writes ``benchmarks/results/autodo.md`` (and ``autodo.png``); ``--part overhead`` alone writes
+Writes ``benchmarks/results/autodo/autodo.md`` (and ``autodo.png``); ``--part overhead`` alone writes
 ``autodo_overhead.md``.
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import AugmentationRefiner
-from augplug.data import add_label_noise, make_imbalanced
+from augplug.demo.study import binary_auc
 from augplug.models import SmallCNN
-from augplug.study import binary_auc
 
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads
+from .corrupt import add_label_noise, make_imbalanced
 
 ARMS = ("baseline", "W", "W+S", "A+W+S", "saflex")
 MINORITY = (5, 6, 7, 8, 9)
@@ -287,8 +287,8 @@ def main(argv: List[str] = None) -> None:
                       ", ".join(f"{k[2:]} {np.mean([r[k] for r in aug]):.3f}" for k in ops) + "."]
         if not args.no_save:
             ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-            save_bar_plot(results_dir() / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
-                          "test accuracy (%)", "Fashion-MNIST, IR 10, 20% symmetric noise")
+            save_bar_plot(results_dir("autodo") / f"{args.out}.png", list(results), [m for m, _ in ms],
+                          [s for _, s in ms], "test accuracy (%)", "Fashion-MNIST, IR 10, 20% symmetric noise")
     if args.part in ("all", "overhead"):
         o = overhead(args)
         print(json.dumps(o), flush=True)
@@ -310,7 +310,7 @@ def main(argv: List[str] = None) -> None:
     print(text)
     if not args.no_save:
         name = args.out if args.part != "overhead" else f"{args.out}_overhead"
-        (results_dir() / f"{name}.md").write_text(text, encoding="utf-8")
+        (results_dir("autodo") / f"{name}.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

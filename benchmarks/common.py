@@ -53,9 +53,10 @@ def share_options(options: dict) -> dict:
     return out
 
 
-def results_dir() -> Path:
-    """Return ``benchmarks/results`` (created if missing)."""
-    path = _BENCH_DIR / "results"
+def results_dir(study: Optional[str] = None) -> Path:
+    """Return ``benchmarks/results/<study>`` (one folder per study; ``benchmarks/results`` without a
+    study), created if missing."""
+    path = _BENCH_DIR / "results" / study if study else _BENCH_DIR / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -14,7 +14,7 @@ embeddings. Arms (the first three by default): ``none`` (originals only), ``upst
     python -m benchmarks.contrastive                       # none / upstream / saflex, seeds 0 1 2
     python -m benchmarks.contrastive --arms saflex --seeds 0 --epochs 3 --no-save
 
-Writes ``benchmarks/results/contrastive.md`` and ``contrastive.png``.
+Writes ``benchmarks/results/contrastive/contrastive.md`` and ``contrastive.png``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
             weight_decay: float = 1e-4, overrides: Dict = None) -> Dict[str, float]:
     from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
     from augplug.models import SmallCNN
-    from augplug.study import binary_auc
+    from augplug.demo.study import binary_auc
 
     torch.manual_seed(seed)
     image_encoder = SmallCNN(1, EMBED, img_size=28)
@@ -187,7 +187,7 @@ def main(argv: List[str] = None) -> None:
                "ratio: total SAflex time / total plain time (includes the validation refresh every 4th step); "
                "median ratio: the median of the per-round ratios (a step without refresh)."
                + (f" SAflex options on top of the defaults: {parse_sets(args.set)}." if args.set else ""))
-        table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}_overhead.md",
+        table = write_markdown_table(None if args.no_save else results_dir("contrastive") / f"{args.out}_overhead.md",
                                      ["setting", "plain step (ms, mean)", "SAflex step (ms, mean)",
                                       "amortised ratio SAflex / plain", "median per-step ratio"], rows, title="Contrastive refiner: step-time overhead",
                                      preamble=pre)
@@ -228,13 +228,13 @@ def main(argv: List[str] = None) -> None:
            f"Refiner: augplug defaults (`augplug.refiner.DEFAULTS`); `saflex-paper` = {SAFLEX_PAPER}"
            + (f"; plus {overrides}" if overrides else "") +
            f"; validation loader batch 500. Wall-clock for the whole command: {wall / 60:.1f} min.")
-    table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md", headers, rows,
+    table = write_markdown_table(None if args.no_save else results_dir("contrastive") / f"{args.out}.md", headers, rows,
                                  title="Contrastive (FLYP-style): Fashion-MNIST vs class embeddings", preamble=pre)
     print(table)
     if not args.no_save:
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir() / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
-                      "test accuracy (%)", f"FLYP-style Fashion-MNIST, RandAugment + {args.noise:.0%} corrupted views")
+        save_bar_plot(results_dir("contrastive") / f"{args.out}.png", list(results), [m for m, _ in ms],
+                      [s for _, s in ms], "test accuracy (%)", f"FLYP-style Fashion-MNIST, RandAugment + {args.noise:.0%} corrupted views")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from augplug import AugmentationRefiner, refiner_kwargs
 from augplug.augment.augnet import (AugmentationNetwork, InfluenceAugTrainer, features_and_logits,
                                     heuristic_augment)
-from augplug.methods.influence import InfluenceScorer
+from augplug.demo.study import accuracy as evaluate
+from augplug.influence import InfluenceScorer
 from augplug.models import SmallCNN
-from augplug.study import accuracy as evaluate
 
 from .common import fmt_mean_std, mean_std, results_dir, save_bar_plot, set_threads, write_markdown_table
 
@@ -195,15 +195,15 @@ def quality(args, argv) -> None:
            "(divided by the batch's score RMS) with label CE weight 1, mean squared change of its input kept in "
            "[0.05, 0.3] (hinge weight 10), applied on top of the heuristic views; then a fresh "
            "classifier. Single process, one thread.")
-    out = None if args.no_save else results_dir() / "influence_quality.md"
+    out = None if args.no_save else results_dir("influence") / "influence_quality.md"
     table = write_markdown_table(out, headers, rows, title="Influence augmentation: Fashion-MNIST with few labels",
                                  preamble=pre)
     print(table)
     if not args.no_save:
         labels = [f"{f * 100:g}%\n{a}" for (f, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir() / "influence_quality.png", labels, [m for m, _ in ms], [s for _, s in ms],
-                      "test accuracy (%)", "Fashion-MNIST, 1 % / 10 % labels")
+        save_bar_plot(results_dir("influence") / "influence_quality.png", labels, [m for m, _ in ms],
+                      [s for _, s in ms], "test accuracy (%)", "Fashion-MNIST, 1 % / 10 % labels")
 
 
 # ----------------------------------------------------------------------------- overhead
@@ -295,7 +295,7 @@ def overhead(args, argv) -> None:
            "when it is refreshed). Each component is timed in interleaved rounds against the plain step "
            f"({args.rounds} rounds x {args.reps} repetitions); ratios are medians over rounds of time / plain-step time "
            "of the same round.")
-    out = None if args.no_save else results_dir() / "influence_overhead.md"
+    out = None if args.no_save else results_dir("influence") / "influence_overhead.md"
     print(write_markdown_table(out, ["what", "ms (median)", "ratio to a plain step"], rows,
                                title="Influence augmentation: overhead", preamble=pre))
     del ref4, ref1

@@ -10,14 +10,14 @@ translation is a constant flow), ``E`` a small MLP on the point and a noise vect
 the papers:
 
 1. fit the classifier on the training points;
-2. ``s_val = (H + lambda I)^-1 grad L_val`` on its head (:class:`augplug.methods.influence.InfluenceScorer`);
+2. ``s_val = (H + lambda I)^-1 grad L_val`` on its head (:class:`augplug.influence.InfluenceScorer`);
 3. train ``E`` to maximise the replacement score ``s_val^T (grad l(x~) - grad l(x))`` through the
    frozen classifier (Adam), with a penalty on the squared translation length (without it the
    translations saturate at their bound in every direction the score does not care about);
 4. refit the classifier on the training points plus their augmented copies and compare the
    validation loss and accuracy with step 1, and with random translations of the same length.
 
-    python -m benchmarks.influence_toy                 # 5 seeds; writes results/influence_toy.{md,png}
+    python -m benchmarks.influence_toy                 # 5 seeds; writes results/influence/influence_toy.{md,png}
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augplug.methods.influence import InfluenceScorer
+from augplug.influence import InfluenceScorer
 
 from .common import fmt_mean_std, results_dir, set_threads, write_markdown_table
 
@@ -221,11 +221,11 @@ def main(argv: List[str] = None) -> None:
            f"augmented minus original coordinates (the validation set sits {args.shift} lower).  'random "
            "shifts' refits on translations of the same lengths in random directions. Plot: seed "
            f"{runs[0]['seed']}.")
-    table = write_markdown_table(None if args.no_save else results_dir() / "influence_toy.md", headers, rows,
+    table = write_markdown_table(None if args.no_save else results_dir("influence") / "influence_toy.md", headers, rows,
                                  title="Influence augmentation: 2-D toy", preamble=pre)
     print(table)
     if not args.no_save:
-        plot(runs[0], results_dir() / "influence_toy.png")
+        plot(runs[0], results_dir("influence") / "influence_toy.png")
 
 
 if __name__ == "__main__":

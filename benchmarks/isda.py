@@ -13,14 +13,14 @@ RSS (``resource.getrusage``) is its own; the RSS after the plain warm-up steps i
 Quality (``--quality``): the Fashion-MNIST study of ``benchmarks/quality.py`` (10k train / 1k val /
 10k test, upstream timm RandAugment views with 30 % random wrong labels, originals + augmented
 views, small CNN with batch norm, SGD + cosine), arms CE, CE+ISDA, SAflex, SAflex+ISDA through
-``augplug.study.run_arm`` (CE = the refiner with ``method="none"``). ISDA's lambda ramps linearly
+``augplug.demo.study.run_arm`` (CE = the refiner with ``method="none"``). ISDA's lambda ramps linearly
 from 0 to lambda0 over the run (``total_steps``).
 
     python -m benchmarks.isda --overhead
     python -m benchmarks.isda --overhead --device cuda [--amp] --overhead-out isda_overhead_cuda
     python -m benchmarks.isda --quality --epochs 8 --seeds 0 1 2 --lambda0 0.5
 
-Writes ``benchmarks/results/isda_overhead.{md,png}`` and ``benchmarks/results/isda_quality.{md,png}``.
+Writes ``benchmarks/results/isda/isda_overhead.{md,png}`` and ``benchmarks/results/isda/isda_quality.{md,png}``.
 """
 from __future__ import annotations
 
@@ -231,10 +231,10 @@ def overhead(args, argv: List[str]) -> None:
     headers = ["configuration", "covariance", "plain ms/step", "ISDA ms/step", "ratio (paired median)", "IQR",
                "ratio of medians", "target", "ISDA loss fwd ms", "statistics MiB", f"{mem} plain MiB",
                f"{mem} end MiB"]
-    table = write_markdown_table(results_dir() / f"{args.overhead_out}.md", headers, rows,
+    table = write_markdown_table(results_dir("isda") / f"{args.overhead_out}.md", headers, rows,
                                  title="ISDA overhead: step time vs plain cross-entropy", preamble=pre)
     print(table)
-    save_bar_plot(results_dir() / f"{args.overhead_out}.png", [r["name"] for r in results],
+    save_bar_plot(results_dir("isda") / f"{args.overhead_out}.png", [r["name"] for r in results],
                   [r["ratio"] for r in results], None, "ISDA step / plain step",
                   f"ISDA overhead, resnet18, {'CUDA' if cuda else 'CPU'}{', fp16 AMP' if args.amp else ''}", zoom=False)
 
@@ -251,7 +251,7 @@ def _quality_job(job):
     arm, seed, epochs, lambda0 = job
     set_threads(1)
     from augplug.models import SmallCNN
-    from augplug.study import run_arm
+    from augplug.demo.study import run_arm
 
     from .quality import load_study
 
@@ -300,12 +300,12 @@ def quality(args, argv: List[str]) -> None:
         "from 0 to lambda0; full covariance, 10 x 64 x 64)",
         "- test accuracy in %, mean ± sample std over seeds",
     ])
-    table = write_markdown_table(results_dir() / f"{args.out}.md", ["arm", "test acc % (mean ± std)", "per seed",
+    table = write_markdown_table(results_dir("isda") / f"{args.out}.md", ["arm", "test acc % (mean ± std)", "per seed",
                                                                      "s/run"], rows,
                                  title="ISDA quality: Fashion-MNIST, RandAugment + 30 % corrupted views", preamble=pre)
     print(table)
     ms = [mean_std([100 * r["test_acc"] for r in rs]) for rs in results.values()]
-    save_bar_plot(results_dir() / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
+    save_bar_plot(results_dir("isda") / f"{args.out}.png", list(results), [m for m, _ in ms], [s for _, s in ms],
                   "test accuracy (%)", f"Fashion-MNIST, {args.epochs} epochs, lambda0 = "
                   + ", ".join(f"{v:g}" for v in args.lambda0))
 
@@ -322,7 +322,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="overhead: device (default cpu)")
     ap.add_argument("--amp", action="store_true", help="overhead, CUDA only: fp16 autocast + GradScaler in every step")
     ap.add_argument("--overhead-out", default="isda_overhead",
-                    help="overhead result file stem under benchmarks/results (default isda_overhead)")
+                    help="overhead result file stem under benchmarks/results/isda (default isda_overhead)")
     ap.add_argument("--isda-batched", default="auto", choices=sorted(BATCHED),
                     help="overhead: ISDALoss(batched=...) for full covariances: auto (GPU: batched), on, off")
     ap.add_argument("--overhead-one", default=None, help=argparse.SUPPRESS)
@@ -331,7 +331,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lambda0", type=float, nargs="+", default=[0.5], help="one or more lambda0 for the +ISDA arms")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="isda_quality", help="quality result file stem under benchmarks/results")
+    ap.add_argument("--out", default="isda_quality", help="quality result file stem under benchmarks/results/isda")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.overhead_one:

@@ -23,7 +23,7 @@ pass, and the last-layer equivalents (validation gradient and closed-form scores
     python -m benchmarks.overhead --num-original 32       # half originals: the adaptive share at work
 
 Writes ``<results-dir>/<out>.md`` and ``<results-dir>/<out>.png`` (default
-``benchmarks/results/overhead.{md,png}``).
+``benchmarks/results/overhead/overhead.{md,png}``).
 """
 from __future__ import annotations
 
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write the bar chart")
     p.add_argument("--quick", action="store_true", help="smoke test: rounds=3, K=4, warm-up 1 (unless given)")
     p.add_argument("--out", default="overhead", help="file stem of the outputs (default: overhead)")
-    p.add_argument("--results-dir", default=None, help="output folder (default: benchmarks/results)")
+    p.add_argument("--results-dir", default=None, help="output folder (default: benchmarks/results/overhead)")
     return p
 
 
@@ -640,7 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    out_dir = Path(args.results_dir) if args.results_dir else results_dir()
+    out_dir = Path(args.results_dir) if args.results_dir else results_dir("overhead")
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 

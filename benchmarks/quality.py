@@ -9,7 +9,7 @@ Trained on originals plus augmented views (the paper's setting) and on augmented
     python -m benchmarks.quality --settings orig+aug --arms saflex --seeds 0 --epochs 6 \
         --set beta=2 --set weighting=hard            # a quick variant (printed, not saved)
 
-Writes ``benchmarks/results/quality.md`` (and ``quality.png``) when run with the default arms.
+Writes ``benchmarks/results/quality/quality.md`` (and ``quality.png``) when run with the default arms.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Dict, List
 
 import torch
 
+from augplug.demo.study import StudyData, corrupt_views, make_view_bank
 from augplug.methods import SAFLEX_PAPER
 from augplug.models import SmallCNN
-from augplug.study import StudyData, corrupt_views, make_view_bank
 
 from .common import (fmt_mean_std, mean_std, paired_difference, parse_sets, results_dir, save_bar_plot, set_threads,
                      share_options, write_markdown_table)
@@ -96,7 +96,7 @@ def paired_summary(acc: Dict) -> str:
 def _job(args):
     setting, arm, seed, epochs, overrides, extra = args
     set_threads(1)
-    from augplug.study import run_arm
+    from augplug.demo.study import run_arm
 
     data = load_study(seed, n_train=extra.get("n_train", 10000), noise_kind=extra.get("noise_kind", "random"),
                       aa=extra.get("aa", AA))
@@ -126,7 +126,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset)")
     ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
                     help="normalisation layers of the small CNN")
-    ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results")
+    ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results/quality")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -168,10 +168,10 @@ def main(argv: List[str] = None) -> None:
     table += "\n" + paired_summary(acc)
     print(table)
     if not args.no_save:
-        (results_dir() / f"{args.out}.md").write_text(table, encoding="utf-8")
+        (results_dir("quality") / f"{args.out}.md").write_text(table, encoding="utf-8")
         labels = [f"{s}\n{a}" for (s, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir() / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
+        save_bar_plot(results_dir("quality") / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
                       "test accuracy (%)", f"Fashion-MNIST, RandAugment + 30% {args.noise_kind} corrupted views")
 
 

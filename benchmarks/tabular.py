@@ -11,7 +11,7 @@ probability ``p``, and the refiner is told which rows were augmented (``augmente
     python -m benchmarks.tabular --datasets spambase --arms saflex --seeds 0 --no-save \
         --set beta=1 --set gumbel=true                           # a variant (printed, not saved)
 
-Writes ``benchmarks/results/tabular.md`` and ``tabular.png``.
+Writes ``benchmarks/results/tabular/tabular.md`` and ``tabular.png``.
 """
 from __future__ import annotations
 
@@ -281,11 +281,11 @@ def main(argv: List[str] = None) -> None:
     table += "\n" + target_summary(results, args.seeds, chosen)
     print(table)
     if not args.no_save:
-        (results_dir() / f"{args.out}.md").write_text(table + "\n" + TRIALS, encoding="utf-8")
+        (results_dir("tabular") / f"{args.out}.md").write_text(table + "\n" + TRIALS, encoding="utf-8")
     if not args.no_save:
         labels = [f"{d}\n{a}" for (d, a) in results]
         ms = [mean_std([r["test_acc"] * 100 for r in rs]) for rs in results.values()]
-        save_bar_plot(results_dir() / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
+        save_bar_plot(results_dir("tabular") / f"{args.out}.png", labels, [m for m, _ in ms], [s for _, s in ms],
                       "test accuracy (%)", "UCI tables, MLP: CutMix with and without SAflex")
 
 

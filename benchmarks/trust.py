@@ -156,7 +156,7 @@ def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tens
         views = _table_views(xr, y, upstream, seed, num_classes)
     given = y[:, None].repeat(1, VIEWS)
     if upstream in ("random", "pairflip"):
-        from augplug.study import corrupt_views
+        from augplug.demo.study import corrupt_views
         given, _ = corrupt_views(y, VIEWS, NOISE, num_classes, seed=seed, kind=upstream)
     return dict(x=xr, y=y, xv=xv, yv=yv, xt=xt, yt=yt, views=views, given=given, num_classes=num_classes,
                 kind=kind)
@@ -173,7 +173,7 @@ def _model(data, seed: int):
 
 def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: int, options: dict) -> Dict:
     from augplug import AugmentationRefiner, refiner_kwargs
-    from augplug.study import accuracy, binary_auc
+    from augplug.demo.study import accuracy, binary_auc
     data = _setting_cache(dataset, upstream, seed)
     model = _model(data, seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

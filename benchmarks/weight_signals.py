@@ -18,7 +18,7 @@ originals), so compare the arms with each other only.
 
     python -m benchmarks.weight_signals --noise-kind random --seeds 0 1 2 --out weight_signals_random
 
-Writes ``<results-dir>/<out>.md`` (test accuracy and the weights' AUC for "label is clean").
+Writes ``benchmarks/results/weight_signals/<out>.md`` (test accuracy and the weights' AUC for "label is clean").
 """
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def make_policy(signal: str):
 
 
 def run(arm: str, seed: int, noise_kind: str, epochs: int) -> Dict[str, float]:
-    """One arm and seed through :func:`augplug.study.run_arm` on augmented views alone."""
-    from augplug.study import run_arm
+    """One arm and seed through :func:`augplug.demo.study.run_arm` on augmented views alone."""
+    from augplug.demo.study import run_arm
 
     from .quality import load_study
 
@@ -112,7 +112,7 @@ def main(argv: List[str] = None) -> None:
            + f"\n\nFashion-MNIST, 10k training views' images, augmented views alone, {args.epochs} epochs, seeds "
              f"{args.seeds}, 30 % wrong labels ({args.noise_kind}); weight 2·sigmoid(signal), labels kept, mean 1 "
              f"over the batch; 1 thread per run. See the module docstring for the signals.")
-    table = write_markdown_table(None if args.no_save else results_dir() / f"{args.out}.md",
+    table = write_markdown_table(None if args.no_save else results_dir("weight_signals") / f"{args.out}.md",
                                  ["arm", "test acc % (mean ± std)", "per seed", "AUC(weight, clean)", "s/run"], rows,
                                  title="Weight signals on augmented views alone", preamble=pre)
     print(table)

@@ -11,7 +11,7 @@ from augplug.augment.augnet import (AdversarialPretrainer, AugmentationNetwork, 
                                     apply_color, features_and_logits, gradient_penalty, heuristic_augment,
                                     identity_grid, random_affine_flow, warp)
 from augplug.errors import ConfigurationError, ShapeError
-from augplug.methods.influence import InfluenceScorer
+from augplug.influence import InfluenceScorer
 
 DT = torch.float64
 

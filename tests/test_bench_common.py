@@ -64,6 +64,8 @@ def test_write_markdown_table_no_file_and_errors():
 def test_results_dir_exists():
     path = results_dir()
     assert path.is_dir() and path.name == "results"
+    study = results_dir("overhead")
+    assert study.is_dir() and study.parent == path and study.name == "overhead"
 
 
 def test_timer_and_seeding():

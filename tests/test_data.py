@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from augplug.data import IndexedDataset, add_label_noise, make_imbalanced, stratified_split
+from augplug.data import IndexedDataset, stratified_split
+from benchmarks.corrupt import add_label_noise, make_imbalanced
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,5 @@
-"""Every relative link in the README and the docs pages points to a file that exists, and every
-#anchor to a heading that exists (mkdocs checks only the links inside docs/)."""
+"""Every relative link in the README, the docs pages and the results index points to a file that
+exists, and every #anchor to a heading that exists (mkdocs checks only the links inside docs/)."""
 from __future__ import annotations
 
 import re
@@ -35,7 +35,7 @@ def broken_links(files, root: Path = ROOT) -> list:
 
 
 def test_readme_and_docs_links_resolve():
-    files = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    files = [ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
     assert broken_links(files) == []
 
 

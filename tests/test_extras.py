@@ -79,7 +79,7 @@ def test_audit_plot_without_matplotlib_names_plot_extra(monkeypatch, tmp_path):
 
 @pytest.fixture
 def demo_without_training(monkeypatch):
-    from augplug import demo
+    from augplug.demo import cli as demo
 
     def no_training(*a, **kw):
         raise AssertionError("trained although a package is missing")

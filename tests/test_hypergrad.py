@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from augplug.errors import ConfigurationError, ShapeError
-from augplug.hypergrad import (HeadProblem, estimate_top_eigenvalue, ift_hypergradient, lazy_rmsprop_,
-                               loss_residual, neumann_inverse_hvp, per_sample_loss)
+from augplug.hypergrad import HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual, per_sample_loss
+from augplug.ihvp import estimate_top_eigenvalue, neumann_inverse_hvp
 
 N, A, C = 14, 4, 3
 DAMP = 0.05  # L2 term of the training objective: makes H positive definite (softmax CE has a null direction)

@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from augplug import AugmentationRefiner
 from augplug.errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
 from augplug.methods import renormalize
-from augplug.methods.influence import (InfluencePolicy, InfluenceScorer, conjugate_gradient, head_hessian,
-                                       influence_weights, pair_rows)
+from augplug.curvature import head_hessian
+from augplug.ihvp import conjugate_gradient
+from augplug.influence import InfluenceScorer
+from augplug.methods.influence import InfluencePolicy, influence_weights, pair_rows
 from augplug.models import MLP
 from augplug.scores import last_layer_scores
 

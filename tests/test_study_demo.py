@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from augplug.study import binary_auc, corrupt_views, make_view_bank
+from augplug.demo.study import binary_auc, corrupt_views, make_view_bank
 
 
 def test_binary_auc_matches_sklearn():
@@ -51,7 +51,7 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def _tiny_study(noisy: bool):
-    from augplug.study import StudyData
+    from augplug.demo.study import StudyData
     g = torch.Generator().manual_seed(0)
     n, v = 48, 2
     x = torch.randn(n, 1, 8, 8, generator=g)
@@ -65,7 +65,7 @@ def _tiny_study(noisy: bool):
 @pytest.mark.parametrize("aug_only", [False, True])
 def test_oracle_weights_arm_is_upstream_when_no_view_is_corrupted(aug_only):
     from augplug.models import SmallCNN
-    from augplug.study import run_arm
+    from augplug.demo.study import run_arm
 
     def run(arm, noisy):   # the trained parameters
         models = []

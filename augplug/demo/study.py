@@ -1,4 +1,4 @@
-"""A small controlled study of augmentation refinement, shared by the demo and the benchmarks.
+"""A small controlled study of augmentation refinement: the demo runs it, and the benchmarks reuse it.
 
 Setting: a training set of images, an upstream augmentation that produces ``views`` augmented copies
 of each image (precomputed once, a "view bank"), and a share ``noise`` of those augmented copies given
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods import renormalize
-from .models import SmallCNN
-from . import refiner as _refiner
-from .refiner import AugmentationRefiner
+from ..methods import renormalize
+from ..models import SmallCNN
+from .. import refiner as _refiner
+from ..refiner import AugmentationRefiner
 
 __all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_auc", "accuracy"]
 
