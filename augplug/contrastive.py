@@ -2,7 +2,7 @@
 fine-tuning against class prompts.
 
 A batch of ``B`` image–text pairs gives similarity logits ``S = s * f(x) t(u)^T`` (``B x B``; ``f``,
-``t`` the two encoders with L2-normalised outputs, ``s = exp(logit_scale)``). CLIP's loss reads each
+``t`` the two encoders with L2-normalized outputs, ``s = exp(logit_scale)``). CLIP's loss reads each
 row as a ``B``-way classification whose correct class is the diagonal: image ``i`` against the ``B``
 texts (image→text, rows of ``S``) and text ``j`` against the ``B`` images (text→image, columns of
 ``S``). With ``log p_i = log_softmax_j(S_ij)`` (and the same down the columns) the class scores are
@@ -88,7 +88,7 @@ class DualEncoder(nn.Module):
             are then named ``image.*`` only).
         logit_scale: the log of the multiplier (CLIP's convention, default ``log(1/0.07)``). A float is
             fixed (a buffer); an ``nn.Parameter`` is learned (put it in your optimizer).
-        normalize: L2-normalise both embeddings (cosine similarities), as CLIP does.
+        normalize: L2-normalize both embeddings (cosine similarities), as CLIP does.
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module,
@@ -169,7 +169,7 @@ def check_similarity(similarity: torch.Tensor, square: bool = True, what: str = 
 
 def _check_inputs(x, what: str) -> None:
     if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{what} contain NaN/inf", "check the data pipeline (normalisation, augmentation)")
+        raise NonFiniteError(f"{what} contain NaN/inf", "check the data pipeline (normalization, augmentation)")
 
 
 def _rows(x) -> Optional[int]:

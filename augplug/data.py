@@ -137,7 +137,7 @@ class IndexedDataset(Dataset):
     or list, a copy of the dict with an extra ``"index"`` key when it is a
     dict, and ``(ds[i], i)`` otherwise. The default collate function then
     yields the batch's indices as the last element (or under ``"index"``).
-    Negative positions are normalised (``ds[-1]`` reports ``len(ds) - 1``), so
+    Negative positions are normalized (``ds[-1]`` reports ``len(ds) - 1``), so
     every reported position lies in ``[0, len(ds))`` and identifies one sample.
 
     Positions of a :class:`torch.utils.data.ConcatDataset` are already global,

@@ -12,7 +12,7 @@ class SmallCNN(nn.Sequential):
     Works for square inputs whose side is divisible by 4 (8x8 digits, 28x28 Fashion-MNIST, 32x32).
     The classifier is the attribute ``fc`` (found automatically by augplug). ``norm``: ``"batch"``,
     ``"group"`` (GroupNorm with 4 groups: per-sample statistics, so augmented rows in a batch do not
-    change how the originals are normalised) or ``"none"``.
+    change how the originals are normalized) or ``"none"``.
     """
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, img_size: int = 28, width: int = 16,

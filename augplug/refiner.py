@@ -479,14 +479,14 @@ class AugmentationRefiner(RefinerCore):
                                                               distributed=distributed))
 
     def _by_class(self, n_orig) -> bool:
-        """Whether the augmented rows' weights are normalised by class, given the originals in the
+        """Whether the augmented rows' weights are normalized by class, given the originals in the
         (global) batch: always for ``weight_norm="class"``, without originals for ``"auto"``."""
         return self.weight_norm == "class" or (self.weight_norm == "auto" and n_orig == 0)
 
     def _normalize(self, weights: torch.Tensor, aug: torch.Tensor, rows, n_aug: int, targets: torch.Tensor):
-        """Renormalised weights and the loss denominator, over the global batch of all processes.
+        """Renormalized weights and the loss denominator, over the global batch of all processes.
 
-        ``targets``: the upstream soft targets (B, C), for the class normalisation. Each process
+        ``targets``: the upstream soft targets (B, C), for the class normalization. Each process
         returns ``sum_local / (denominator_global / world)``; data-parallel gradient averaging then
         yields exactly the loss of one process holding the whole global batch.
         """

@@ -14,7 +14,7 @@ produced each row and the rows' upstream labels::
 For every upstream transform and every class it accumulates, over the augmented rows:
 
 - ``weight_mean``: the mean refined weight (as applied in the loss: after the refiner's
-  ``weight_norm``, so with the ``"augmented"``, ``"class"`` and ``"auto"`` normalisations 1 is an
+  ``weight_norm``, so with the ``"augmented"``, ``"class"`` and ``"auto"`` normalizations 1 is an
   average row);
 - ``kept``: the share of rows with a weight above zero;
 - ``relabel_rate``: the share of rows whose refined soft target's argmax differs from the upstream

@@ -14,7 +14,7 @@ with ``N = n_orig + lam * W_aug``, ``W_aug = sum_aug w_i`` and ``a = mean of y_i
 class-score agreement ``grad l_i . grad L_val``, weighted by ``w`` over the augmented rows). So the
 validation loss falls by raising ``lam`` exactly when the (refined) augmented rows' gradients agree
 with the validation gradient more than the originals' do. :class:`AdaptiveShare` follows the sign of
-that derivative in log space, with steps normalised by a running RMS of ``d = a_aug - a_orig`` (the
+that derivative in log space, with steps normalized by a running RMS of ``d = a_aug - a_orig`` (the
 agreements shrink by orders of magnitude during training, the step size should not):
 
     log lam <- clip(log lam + lr * d / rms(d), log min_share, log max_share),   d = a_aug - a_orig

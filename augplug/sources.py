@@ -63,7 +63,7 @@ class GeneratedSamples(torch.utils.data.Dataset):
     Args:
         images: ``(N, C, H, W)`` float tensor, or a map-style dataset yielding ``(image, label)``.
         labels: ``(N,)`` class ids (with tensor images).
-        transform: applied to each image tensor on access (e.g. the normalisation of the real data).
+        transform: applied to each image tensor on access (e.g. the normalization of the real data).
         num_classes: when given, labels are checked to lie in ``[0, num_classes)``.
     """
 
@@ -320,7 +320,7 @@ class BatchMixer:
                 if x.shape[1:] != inputs.shape[1:]:
                     raise ShapeError(f"source {self.source_names[j + 1]!r} yields images of shape {tuple(x.shape[1:])}, "
                                      f"the real batch {tuple(inputs.shape[1:])}",
-                                     "resize / normalise the generated images like the real ones (transform=)")
+                                     "resize / normalize the generated images like the real ones (transform=)")
                 if targets.dim() == 2:
                     c = targets.shape[1]
                     if y.numel() and int(y.max()) >= c:

@@ -1,4 +1,4 @@
-"""Targets: normalise class indices / one-hot / Mixup-CutMix soft targets, and soft-target losses.
+"""Targets: normalize class indices / one-hot / Mixup-CutMix soft targets, and soft-target losses.
 
 All losses are computed in fp32 from ``log_softmax`` of the logits, whatever the logits' dtype.
 """

@@ -5,7 +5,7 @@ With refinement strength ``gamma`` in [0, 1] the augmented rows are trained with
 
     w_eff = 1 + gamma * (w - 1),        y_eff = y~ + gamma * (y' - y~)
 
-(``w``, ``y'``: the policy's normalised weights and soft targets; ``y~``: the upstream targets), so
+(``w``, ``y'``: the policy's normalized weights and soft targets; ``y~``: the upstream targets), so
 ``gamma = 0`` is plain upstream augmentation and ``gamma = 1`` the policy's full refinement.
 
 Whether refinement helps is measured by **cross-fitting**. Each refresh splits the validation
@@ -26,7 +26,7 @@ of the noise in ``g^B`` and ``E[d] = 0``; the test in ``tests/test_valve.py`` dr
 exactly like the validation rows and checks that ``gamma`` stays where it started on average, and
 that oracle weights raise it.
 
-``gamma`` follows the sign of ``d`` with steps normalised by a running RMS of ``d`` (the scores
+``gamma`` follows the sign of ``d`` with steps normalized by a running RMS of ``d`` (the scores
 shrink by orders of magnitude during training; the step should not), clipped to ``[0, 1]``:
 
     gamma <- clip(gamma + lr * d / rms(d), 0, 1)
@@ -57,7 +57,7 @@ def cross_fit_statistics(upstream: torch.Tensor, weights_a: torch.Tensor, soft_a
 
         d_i = 1/2 [ (w^A_i y'^A_i - y~_i)^T g^B_i + (w^B_i y'^B_i - y~_i)^T g^A_i ]
 
-    over the augmented rows: ``upstream`` (n, C) targets, the policy's normalised weights (n,) and
+    over the augmented rows: ``upstream`` (n, C) targets, the policy's normalized weights (n,) and
     soft targets (n, C) chosen with the scores along one half's direction, and the other half's
     scores (n, C)."""
     y = upstream.double()

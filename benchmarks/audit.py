@@ -285,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              f"`augplug.SAFLEX_PAPER` {dict(SAFLEX_PAPER)}" + (f"; overrides {overrides}" if overrides else "") + ".",
              "",
              "Columns: `rows` views counted (all refiner calls after warm-up), `weight_mean` the mean weight in the "
-             "loss (weights are renormalised to mean 1 over the augmented rows of each batch, so 1 = average), "
+             "loss (weights are renormalized to mean 1 over the augmented rows of each batch, so 1 = average), "
              "`kept` the share with weight > 0, `relabel_rate` the share whose soft label's argmax differs from the "
              "view's label, `agreement_mean` the mean of ỹᵀg (first-order drop of the validation loss from one step "
              "on the view; positive = helps).", ""]

@@ -51,7 +51,7 @@ MINORITY = (5, 6, 7, 8, 9)
 
 
 def load_biased(seed: int, pool: int, n_val: int = 1000, ratio: float = 10.0, noise: float = 0.2):
-    """Imbalanced, noisy training set + clean validation + test (normalised float images)."""
+    """Imbalanced, noisy training set + clean validation + test (normalized float images)."""
     from .datasets import FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
 
     sp = fashion_mnist_splits(pool, n_val, seed=seed)

@@ -189,7 +189,7 @@ def quality(args, argv) -> None:
            f"{ {f: args.epochs or EPOCHS.get(f, 20) for f in args.fractions} } (by label fraction), seeds {args.seeds}. "
            "Heuristic views: random rotation ±15°, scale 0.9–1.1, translation ±10 %, horizontal flip. "
            "`heuristic+influence`: refiner defaults (last layer, validation direction every 10 updates over the whole "
-           "validation split), damping 1e-2, soft weights 2·sigmoid(r / rms r) renormalised over the views. "
+           "validation split), damping 1e-2, soft weights 2·sigmoid(r / rms r) renormalized over the views. "
            f"`learned`: s_val by CG (damping 1e-2) over all training features of the heuristic classifier, "
            f"{args.augnet_steps} Adam steps (lr 1e-3, batch 64) of the augmentation network on the influence objective "
            "(divided by the batch's score RMS) with label CE weight 1, mean squared change of its input kept in "

@@ -35,9 +35,9 @@ AA = "rand-m9-mstd0.5"
 #: The paper's rule, literally (hard sign weights, Gumbel-softmax soft labels, beta = tau = 1, raw scores).
 PAPER_RULE = SAFLEX_PAPER
 #: arm name -> (study arm, refiner options). "saflex-share" runs augplug's defaults unchanged (per-sample
-#: weights, normalised by class without originals, and the adaptive share of the augmented rows); "saflex"
+#: weights, normalized by class without originals, and the adaptive share of the augmented rows); "saflex"
 #: the per-sample weights as first measured: augmented rows at their upstream share (``aug_weight=1.0``)
-#: and weights normalised over all augmented rows (``weight_norm="augmented"``), so its tables reproduce.
+#: and weights normalized over all augmented rows (``weight_norm="augmented"``), so its tables reproduce.
 ARM_CONFIGS = {
     "none": ("none", {}),
     "upstream": ("upstream", {}),
@@ -125,7 +125,7 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--aa", default=AA, help="timm RandAugment policy string of the upstream augmentation")
     ap.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset)")
     ap.add_argument("--norm", default="batch", choices=("batch", "group", "none"),
-                    help="normalisation layers of the small CNN")
+                    help="normalization layers of the small CNN")
     ap.add_argument("--out", default="quality", help="result file stem under benchmarks/results/quality")
     ap.add_argument("--no-save", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -142,7 +142,7 @@ def _table_views(x: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int
 
 
 def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tensor]:
-    """Normalised tensors and the view bank with given and true view labels."""
+    """Normalized tensors and the view bank with given and true view labels."""
     xr, y, xv, yv, xt, yt, kind = load(dataset, seed)
     num_classes = int(max(y.max(), yv.max(), yt.max())) + 1
     if kind == "image":

@@ -12,8 +12,8 @@ of
 * ``margin``: the standardised logit margin ``z_y~ - max_{k != y~} z_k`` (area-under-the-margin),
 * ``zsum``: ``(z(agreement) + z(likelihood)) / sqrt(2)``,
 
-renormalised to mean 1 over the batch by the refiner (``weight_norm="augmented"``). ``upstream``
-trains on the views as given. This rule is not augplug's default (which normalises by class without
+renormalized to mean 1 over the batch by the refiner (``weight_norm="augmented"``). ``upstream``
+trains on the views as given. This rule is not augplug's default (which normalizes by class without
 originals), so compare the arms with each other only.
 
     python -m benchmarks.weight_signals --noise-kind random --seeds 0 1 2 --out weight_signals_random

@@ -208,7 +208,7 @@ def test_autodo_tables_identical_across_processes(tmp_path):
 
 
 def _collectives_worker(out_dir: str) -> None:
-    """Count the all-reduces of one refiner call (forward only) for three weight normalisations."""
+    """Count the all-reduces of one refiner call (forward only) for three weight normalizations."""
     import torch.distributed as dist
 
     acc = _accelerator()
@@ -251,7 +251,7 @@ def _collectives_worker(out_dir: str) -> None:
 
 def test_class_sums_are_reduced_only_when_used(tmp_path):
     """weight_norm="auto" (SAflex's default) needs the class sums only for a global batch without
-    originals; with originals it costs no more collectives than the paper's normalisation.
+    originals; with originals it costs no more collectives than the paper's normalization.
     weight_signal="auto" costs one collective to count the originals, and the likelihood's batch
     statistics one more when there are none."""
     _launch("_collectives_worker", str(tmp_path))
@@ -283,7 +283,7 @@ def _influence_worker(out_dir: str) -> None:
 
 
 def test_influence_weights_have_mean_one_over_the_global_batch(tmp_path):
-    """The influence policy's weights are renormalised once, by the refiner, over the augmented rows
+    """The influence policy's weights are renormalized once, by the refiner, over the augmented rows
     of all processes (the RMS of the scores is each process's own)."""
     from augplug.methods.influence import influence_weights
 
@@ -293,7 +293,7 @@ def test_influence_weights_have_mean_one_over_the_global_batch(tmp_path):
     w = torch.cat([d["weights"] for d in ranks])
     torch.testing.assert_close(w, raw * (raw.numel() / raw.sum()), rtol=1e-5, atol=1e-6)
     assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
-    # each process's own mean is not 1: a per-process normalisation would be visible
+    # each process's own mean is not 1: a per-process normalization would be visible
     assert all(abs(float(d["weights"].mean()) - 1) > 1e-3 for d in ranks)
 
 

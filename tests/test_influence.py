@@ -286,7 +286,7 @@ def _pair_batch(n=6, views=1, seed=1):
 
 
 def test_policy_weights_follow_influence():
-    """Weights are 2 sigmoid(r / rms r) renormalised, r = s_val^T (grad l(z~) - grad l(z)) computed here from
+    """Weights are 2 sigmoid(r / rms r) renormalized, r = s_val^T (grad l(z~) - grad l(z)) computed here from
     scratch: dense damped Hessian of this batch's head features, per-sample autograd gradients."""
     model = _mlp()
     val = _val_loader()

@@ -568,7 +568,7 @@ def test_refiner_composition_equals_hand_computation(method):
         # statistics: pooled covariance of every feature seen, weighted by the refined soft targets
         n, mu, cov = weighted_stats(torch.cat(feats), torch.cat(soft_seen))
         assert torch.allclose(r.isda.cov.double(), cov, atol=1e-4, rtol=1e-4)
-        # loss: refiner weights times the per-sample ISDA loss (direct loop), normalised as the refiner does
+        # loss: refiner weights times the per-sample ISDA loss (direct loop), normalized as the refiner does
         with torch.no_grad():
             logits = model(x).double()
             per = sum(st["soft_targets"][:, k].double() * F.cross_entropy(

@@ -190,7 +190,7 @@ def test_class_renormalize_keeps_each_class_share_for_one_hot_targets():
         ratio = out[y == c] / w[y == c]
         assert torch.allclose(ratio, ratio[0].expand_as(ratio))
     assert float(out.sum()) == pytest.approx(9.0, rel=1e-6)
-    # plain renormalisation moves weight between classes; the class version does not
+    # plain renormalization moves weight between classes; the class version does not
     assert float(renormalize(w)[y == 0].sum()) != pytest.approx(3.0, rel=1e-3)
 
 

@@ -122,14 +122,14 @@ def test_saflex_weights_keep_each_class_share_without_originals():
     norm, totals = class_totals(0)
     assert norm == "auto"
     assert torch.allclose(totals, torch.bincount(y, minlength=C).float(), rtol=1e-5)
-    # with originals in the batch, "auto" is the paper's normalisation, which moves weight between classes
+    # with originals in the batch, "auto" is the paper's normalization, which moves weight between classes
     _, auto_with_orig = class_totals(4)
     _, paper = class_totals(4, weight_norm="augmented")
     assert torch.equal(auto_with_orig, paper) and not torch.allclose(paper, counts, rtol=1e-3)
     # "class" keeps the classes' shares with originals too
     _, by_class = class_totals(4, weight_norm="class")
     assert torch.allclose(by_class, counts, rtol=1e-5)
-    # other methods keep the paper's normalisation by default
+    # other methods keep the paper's normalization by default
     assert AugmentationRefiner(model, None, _loader(), method="l2rw").weight_norm == "augmented"
 
 

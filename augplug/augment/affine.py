@@ -25,7 +25,7 @@ operation       effect (forward map of the image content)              range
 
 The forward map is ``p' = S Sh_y Sh_x R p + t`` in pixel units centred on the image centre (x to
 the right, y down, so a positive angle turns the content clockwise on screen). It is inverted in
-closed form and converted to the normalised coordinates of ``torch.nn.functional.affine_grid``
+closed form and converted to the normalized coordinates of ``torch.nn.functional.affine_grid``
 (``align_corners=False``), so the geometry is right at any resolution and aspect ratio and the pivot
 is the image centre. Every operation at parameter 0 is the identity (exactly, up to float rounding).
 Scale factors are clamped at ``min_scale`` so that the map stays invertible under the Gaussian tails.
@@ -98,7 +98,7 @@ def _op_values(values: torch.Tensor, ops: Sequence[str]) -> Dict[str, torch.Tens
 
 def affine_theta(values: torch.Tensor, ops: Sequence[str], height: int, width: int,
                  min_scale: float = 0.1) -> torch.Tensor:
-    """``(B, 2, 3)`` matrices for ``affine_grid`` (output -> input, normalised coordinates).
+    """``(B, 2, 3)`` matrices for ``affine_grid`` (output -> input, normalized coordinates).
 
     ``values`` (B, K) are the unscaled operation parameters ``b * m`` (multiplied here by each
     operation's range); column ``k`` belongs to ``ops[k]``.
@@ -129,7 +129,7 @@ def affine_theta(values: torch.Tensor, ops: Sequence[str], height: int, width: i
     s_inv = mat(1 / sx, zero, zero, 1 / sy)
     a_inv = r_inv @ shx_inv @ shy_inv @ s_inv
     half = values.new_tensor([width / 2.0, height / 2.0])
-    # normalised x_n = p / half:  x_in_n = (D^-1 A^-1 D) x_out_n - D^-1 A^-1 t
+    # normalized x_n = p / half:  x_in_n = (D^-1 A^-1 D) x_out_n - D^-1 A^-1 t
     lin = a_inv * half[None, None, :] / half[None, :, None]
     t = torch.stack([tx, ty], -1)
     off = -(a_inv @ t[..., None])[..., 0] / half
@@ -140,7 +140,7 @@ def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ShapeError(f"images must be a floating (B, C, H, W) tensor, got {desc}",
-                         "convert the batch to float (after normalisation) before augmenting")
+                         "convert the batch to float (after normalization) before augmenting")
 
 
 def apply_affine(x: torch.Tensor, values: torch.Tensor, ops: Sequence[str] = DEFAULT_OPS, *,

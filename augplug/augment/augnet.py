@@ -391,7 +391,7 @@ class AdversarialPretrainer:
     Fake samples are the network's images and flow fields. Each step makes ``n_critic`` updates of an
     image-space critic and a flow-space critic on ``D(fake) - D(real) + gp_weight * GP``, then one
     update of the network on ``-D_img(fake) - flow_weight * D_flow(flow_fake)``. Critics have no
-    normalisation layers (the gradient penalty is per sample).
+    normalization layers (the gradient penalty is per sample).
 
     Args:
         augnet: the network (its spatial part must be enabled for the flow critic to matter).

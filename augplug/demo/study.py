@@ -11,7 +11,7 @@ Arms:
 ``l2rw``      originals + views reweighted by L2RW;
 ``clean``     originals + views with their true labels (the ceiling a perfect refiner could reach);
 ``oracle-weights``  originals + views, the corrupted views at weight 0 and the clean ones
-              renormalised to mean 1 over the augmented rows (the ceiling of any per-sample weighting
+              renormalized to mean 1 over the augmented rows (the ceiling of any per-sample weighting
               that keeps the given labels).
 
 With ``aug_only=True`` the batches hold augmented views only (the ``none`` arm is unchanged).
@@ -41,7 +41,7 @@ __all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_au
 
 @dataclass
 class StudyData:
-    """Normalised float images (N, 1, H, W) and labels for train / val / test, plus the view bank."""
+    """Normalized float images (N, 1, H, W) and labels for train / val / test, plus the view bank."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -49,7 +49,7 @@ class StudyData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    views: torch.Tensor  # (N, V, 1, H, W) float, normalised
+    views: torch.Tensor  # (N, V, 1, H, W) float, normalized
     view_labels: torch.Tensor  # (N, V) labels given to the views (some corrupted)
     num_classes: int
     extra: Dict[str, Any] = field(default_factory=dict)

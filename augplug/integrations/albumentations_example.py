@@ -45,7 +45,7 @@ IGNORE = ("Resize", "Normalize", "ToTensorV2")
 
 
 def build_pipeline(size: int = 16, seed: Optional[int] = 0, augment: bool = True):
-    """The training pipeline (``augment=True``) or the evaluation one: resize, normalise, to tensor."""
+    """The training pipeline (``augment=True``) or the evaluation one: resize, normalize, to tensor."""
     A = require("albumentations", "albumentations", "the albumentations example")
     ToTensorV2 = require("albumentations.pytorch", "albumentations", "the albumentations example").ToTensorV2
 

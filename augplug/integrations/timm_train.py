@@ -473,7 +473,7 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
 
 
 class ToModelInput:
-    """Generated images (float ``(C, H, W)`` in [0, 1]) to the model's input: channels, size, normalisation."""
+    """Generated images (float ``(C, H, W)`` in [0, 1]) to the model's input: channels, size, normalization."""
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int):
         self.size, self.in_chans = int(img_size), int(in_chans)

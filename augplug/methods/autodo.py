@@ -17,7 +17,7 @@ Three sub-models, each a table indexed by the dataset position of the training p
 Training loss (computed by the refiner): ``sum_i c_i loss(z_i, s_i) / denom`` with
 ``c_i = aug_weight * w_i`` on augmented rows (all rows by default), ``orig_weight`` on rows
 marked original, and the refiner's denominator (``weight_norm="augmented"``: the batch size, i.e.
-the paper's ``mean_i w_i loss_i`` without renormalisation; ``"batch"``: the sum of the
+the paper's ``mean_i w_i loss_i`` without renormalization; ``"batch"``: the sum of the
 coefficients). Weights and soft labels are constants for the model update.
 
 Hyper-step (every ``every`` optimizer updates from ``start_step`` on), over the classifier
@@ -36,7 +36,7 @@ batch and their optimizer state are untouched).
 Deviations from the authors' code (documented in ``docs/autodo.md``): ``u`` carries the leading
 ``alpha`` (``scaled=False`` restores the authors' unscaled sum); ``theta`` includes the head's bias;
 hyper-steps interleave with training instead of a separate pass over the data; RMSprop is lazy;
-six affine operations (isotropic scale) in normalised coordinates without the 4x resampling; the
+six affine operations (isotropic scale) in normalized coordinates without the 4x resampling; the
 soft-label initialisation happens on a point's first visit unless ``labels=`` is given.
 """
 from __future__ import annotations

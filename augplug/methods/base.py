@@ -1,4 +1,4 @@
-"""The policy interface, the per-call context policies work from, and the shared weight renormalisation.
+"""The policy interface, the per-call context policies work from, and the shared weight renormalization.
 
 A policy turns class scores ``g`` (and whatever else the context offers) into per-row weights and soft
 targets. Simple policies (SAflex, L2RW) only implement ``__call__(scores, targets, generator)`` and
@@ -271,7 +271,7 @@ class Policy:
     """A refinement policy. ``needs_scores=False`` lets the refiner skip computing ``g``.
 
     ``__call__`` returns weights on their absolute scale (1 = an ordinary sample); the refiner applies
-    the normalisation chosen by its ``weight_norm`` option. Policies that keep state (tables, networks)
+    the normalization chosen by its ``weight_norm`` option. Policies that keep state (tables, networks)
     also implement ``state_dict`` / ``load_state_dict``; the refiner saves and restores it.
     """
 

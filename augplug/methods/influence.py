@@ -44,7 +44,7 @@ def influence_weights(scores: torch.Tensor, *, weighting: str = "soft", temperat
     ``normalize="rms"`` divides by the scores' root-mean-square over the batch (their raw scale
     shrinks as training goes on); ``weighting``: ``"soft"`` ``2 sigmoid(s / temperature)``,
     ``"hard"`` ``1[s >= 0]``, ``"relu"`` ``max(s, 0)``, ``"none"`` all ones. ``threshold`` (in the
-    normalised units) additionally filters: rows with ``s < threshold`` get weight 0.
+    normalized units) additionally filters: rows with ``s < threshold`` get weight 0.
     """
     if weighting not in ("soft", "hard", "relu", "none"):
         raise ConfigurationError(f"weighting must be 'soft', 'hard', 'relu' or 'none', got {weighting!r}",

@@ -2,7 +2,7 @@
 
 The paper's rules, for upstream target ``y~`` (one-hot or Mixup/CutMix soft) and class scores ``g``:
 
-    w  = 1[y~^T g >= 0], renormalised over the augmented batch
+    w  = 1[y~^T g >= 0], renormalized over the augmented batch
     y' = softmax((g + beta * y~ + G) / tau),   G ~ Gumbel(0, 1) i.i.d.
 
 ``y'`` is the entropy- and prior-regularised solution of the per-sample linear program
@@ -19,10 +19,10 @@ Options beyond the paper (all documented as deviations in the README):
     same for every sample (the validation residual on the bias and on the mean feature); left in, it
     switches whole classes on and off with the validation errors of the moment.
 ``weighting="soft"``
-    ``w = 2 * sigmoid(y~^T g_hat / weight_tau)``, renormalised: a graded version of the hard sign
+    ``w = 2 * sigmoid(y~^T g_hat / weight_tau)``, renormalized: a graded version of the hard sign
     test that does not discard borderline clean samples when ``g`` is noisy.
 ``threshold=t``
-    keep samples with ``y~^T g >= t`` (in the units of the possibly normalised ``g``); the paper's
+    keep samples with ``y~^T g >= t`` (in the units of the possibly normalized ``g``); the paper's
     rule is ``t = 0``.
 ``prior="log"``
     ``beta * log y~`` instead of ``beta * y~`` (keeps Mixup proportions when ``g`` is 0).
@@ -144,11 +144,11 @@ def saflex_targets(
     The defaults are :class:`SAflex`'s (measured: centred, RMS-normalized scores, soft weights, upstream
     labels kept); ``**SAFLEX_PAPER`` minus the mixing options gives the paper's rule
     (``normalize=None, weighting="hard", beta=1, gumbel=True``).
-    Weights are renormalised to mean 1 over the batch (all 0 stays all 0) unless
+    Weights are renormalized to mean 1 over the batch (all 0 stays all 0) unless
     ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
     The Gumbel noise is drawn on the CPU from ``generator`` (pass one for reproducibility).
-    ``distributed=True`` takes the score normalisation's batch statistics over all processes.
-    ``weight_signal``: ``"agreement"`` (the paper: ``y~^T g``, on the possibly normalised ``g``) or
+    ``distributed=True`` takes the score normalization's batch statistics over all processes.
+    ``weight_signal``: ``"agreement"`` (the paper: ``y~^T g``, on the possibly normalized ``g``) or
     ``"likelihood"`` (the standardised ``y~^T log_probs``; pass ``log_probs`` (B, C), the rows'
     log-softmax outputs).
     """
