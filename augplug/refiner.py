@@ -31,7 +31,7 @@ from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, validation_gradient
 from .share import AdaptiveShare, resolve_share
 from .valve import RefinementStrength, apply_strength, cross_fit_statistics, resolve_strength
-from .stats import StepStats
+from .stats import SPREAD_KEYS, StepStats, weight_spread
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device
 
@@ -554,6 +554,7 @@ class AugmentationRefiner(RefinerCore):
                 "kept_fraction": float((wa > 0).float().sum() / n),
                 "relabel_rate": float((sa.argmax(-1) != ya.argmax(-1)).float().sum() / n),
                 "agreement_mean": float(agree.mean()) if agree.numel() else float("nan"),
+                **weight_spread(wa, ya),
                 "val_loss": float(val_loss),
                 "aug_weight": float(aug_weight),
                 "strength": float(strength),
@@ -562,7 +563,7 @@ class AugmentationRefiner(RefinerCore):
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
                           "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
                           "skipped_val_batches": self.skipped_val_batches},
-                         summaries, summary_keys=StepStats.SUMMARY_KEYS + ("aug_weight", "strength"))
+                         summaries, summary_keys=StepStats.SUMMARY_KEYS + SPREAD_KEYS + ("aug_weight", "strength"))
 
     # ------------------------------------------------------------------ checks and state
     def validate(self, logits: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,

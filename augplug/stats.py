@@ -10,7 +10,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, Optional
 
-__all__ = ["StepStats"]
+__all__ = ["StepStats", "SPREAD_KEYS", "weight_spread"]
+
+#: what the refinement decided, as scalars that are not constant by construction
+SPREAD_KEYS = ("weight_ess", "moved_weight", "moved_class_weight")
+
+
+def weight_spread(weights, targets) -> Dict[str, float]:
+    """How far the augmented rows' weights ``(n,)`` (upstream targets ``(n, C)``) are from uniform.
+
+    ``weight_ess``: the effective sample size ``(sum w)^2 / sum w^2`` as a fraction of ``n`` (1: all
+    equal; ``k/n``: ``k`` rows carry the weight). ``moved_weight``: the share of the total weight moved
+    between rows, ``1/2 sum_i |w_i / sum w - 1/n|`` (0 to 1). ``moved_class_weight``: the share moved
+    between upstream classes, ``1/2 sum_c |m_c / sum m - n_c / n|`` with ``m_c = sum_i y_ic w_i`` and
+    ``n_c = sum_i y_ic`` (0 when every class keeps its share, as ``weight_norm="class"`` makes it).
+    NaN without rows or without weight."""
+    n = int(weights.shape[0])
+    total = float(weights.sum()) if n else 0.0
+    if n == 0 or total <= 0:
+        return {k: float("nan") for k in SPREAD_KEYS}
+    w = weights.double()
+    y = targets.double()
+    share = w / w.sum()
+    mass, count = (y * w[:, None]).sum(0), y.sum(0)
+    return {"weight_ess": float(w.sum() ** 2 / (w.pow(2).sum() * n)),
+            "moved_weight": float(0.5 * (share - 1.0 / n).abs().sum()),
+            "moved_class_weight": float(0.5 * (mass / mass.sum() - count / count.sum()).abs().sum())}
 
 
 class StepStats(Mapping):

@@ -1,4 +1,5 @@
 """AugmentationRefiner: two-line integration, loss formula, side effects, steps, state."""
+import math
 import copy
 
 import pytest
@@ -343,3 +344,28 @@ def test_custom_policy_object():
     x, y = _batch()
     r(model(x), y)
     assert r.stats["weights"].tolist() == [2.0] * 4 + [0.0] * 4
+
+
+def test_weight_spread_by_hand():
+    from augplug.stats import weight_spread
+    y = torch.eye(2)[[0, 0, 1, 1]]
+    out = weight_spread(torch.tensor([2.0, 0.0, 1.0, 1.0]), y)
+    # ESS (4)^2 / (4 + 0 + 1 + 1) / 4 = 2/3; moved: 1/2 (|.5-.25| + |0-.25| + 0 + 0) = 0.25; classes keep .5/.5
+    assert out["weight_ess"] == pytest.approx(2 / 3)
+    assert out["moved_weight"] == pytest.approx(0.25)
+    assert out["moved_class_weight"] == pytest.approx(0.0)
+    out = weight_spread(torch.tensor([1.0, 1.0, 0.0, 2.0]), y)   # class 0: mass 2 of 4, class 1: 2 of 4
+    assert out["moved_class_weight"] == pytest.approx(0.0)
+    out = weight_spread(torch.tensor([3.0, 1.0, 0.0, 0.0]), y)   # all weight on class 0
+    assert out["moved_class_weight"] == pytest.approx(0.5) and out["weight_ess"] == pytest.approx(16 / 10 / 4)
+    assert all(math.isnan(v) for v in weight_spread(torch.zeros(3), torch.eye(3)).values())
+
+
+def test_stats_report_what_was_decided():
+    model = _cnn()
+    r = AugmentationRefiner(model, None, _loader(), method_options=dict(strength=1.0, weight_norm="augmented"))
+    x, y = _batch()
+    r(model(x), y, num_original=4)
+    st = r.stats
+    assert 0 < st["weight_ess"] <= 1 and 0 <= st["moved_weight"] < 1 and 0 <= st["moved_class_weight"] < 1
+    assert st["moved_weight"] > 0   # the refined weights are not uniform
