@@ -32,18 +32,16 @@ Which agreement of the augmented rows enters ``d`` (``signal``):
   targets because their agreement with this noisy validation gradient is high, so the same
   agreement overstates how much they help (a winner's curse; with augmented rows drawn exactly like
   the originals the refined signal is positive on average, the upstream one zero:
-  ``tests/test_share.py``). On UCI Letter with CutMix it kept the share near its upper bound,
-  where the upstream signal takes it to its lower bound (README, "The adaptive share: upstream signal against refined signal").
+  ``tests/test_share.py``; measured on tables in ``docs/saflex.md``).
 
 The signal is first order and one step ahead: it sees label noise at once but not the slower benefit
-of augmentation as a regulariser, so it leans toward the originals (README, "The adaptive share of augmented rows").
+of augmentation as a regulariser, so it leans toward the originals (``docs/saflex.md``).
 
 The evidence test (``evidence=``, off by default): when the two kinds of rows help equally, ``d`` is
 pure noise, and a step on every update turns it into a random walk of ``log lam``; held below
-``max_share``, that walk drifts down. In ``tests/test_share.py``, four runs of 3,000 updates of pure
-noise end at 0.62, 1.00, 0.40 and 0.73 without the test and at 0.97 or above with ``evidence=3``. The test
-is off by default: no benchmark gained from it, and it holds back the first steps of a real signal
-until the evidence is in (README, "The adaptive share of augmented rows").
+``max_share``, that walk drifts down; the test stops it (``tests/test_share.py``). It is off by
+default: no benchmark gained from it, and it holds back the first steps of a real signal until the
+evidence is in (``docs/saflex.md``).
 """
 from __future__ import annotations
 
