@@ -14,7 +14,9 @@ tt = pytest.importorskip("augplug.integrations.timm_train")
 BASE = ["--dataset", "synthetic", "--synthetic-size", "96", "--model", "test_resnet", "--img-size", "16",
         "-b", "16", "--epochs", "1", "--max-steps", "3", "--val-split", "16", "--val-batch-size", "16",
         "--seed", "3", "--device", "cpu",  # CPU everywhere: the comparisons below are fp32-exact on CPU
-        "--strength", "1"]  # refine the views alone too (the default, 'auto', trains them as given)
+        "--strength", "1",  # refine the views alone too (the default, 'auto', trains them as given)
+        # timm's defaults (smoothing 0.1, 5 warm-up epochs, lr from --lr-base) off: hard labels, a real step size
+        "--smoothing", "0", "--warmup-epochs", "0", "--lr", "0.05"]
 
 
 def _method_available(name, options):
@@ -45,7 +47,8 @@ def recorder(monkeypatch):
 
 
 def _run(tmp_path, *extra):
-    return tt.main(BASE + ["--output", str(tmp_path)] + list(extra))
+    """The script with its run directory (timm's <output>/<experiment>) at ``tmp_path``."""
+    return tt.main(BASE + ["--output", str(tmp_path.parent), "--experiment", tmp_path.name] + list(extra))
 
 
 def test_default_strength_trains_views_alone_exactly_as_given(tmp_path):
@@ -180,7 +183,8 @@ def test_image_folder_data_dir(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
                     tmp_path / "data" / split / c / f"{i}.png")
     out = tt.main(["--data-dir", str(tmp_path / "data"), "--model", "test_resnet", "--img-size", "16", "-b", "8",
-                   "--epochs", "1", "--max-steps", "2", "--val-split", "8", "--refiner", "saflex"])
+                   "--epochs", "1", "--max-steps", "2", "--val-split", "8", "--refiner", "saflex",
+                   "--output", str(tmp_path), "--experiment", "run"])
     assert out["refiner"].stats["weights"].shape == (8,)
     assert out["final"]["test_top1"] >= 0
 
