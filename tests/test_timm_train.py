@@ -438,6 +438,18 @@ def test_gradient_accumulation_counts_updates(tmp_path):
     assert out["refiner"].calls == 5 and out["refiner"].step_count == 3
 
 
+def test_accumulated_updates_equal_full_batch_updates(tmp_path):
+    """Without batch statistics (a ViT) and without refinement, 2 micro-batches of 8 accumulate the
+    gradient of one batch of 16: the same data order, the same weights after 3 updates."""
+    vit = ["--model", "test_vit", "--model-kwargs", "img_size=16", "patch_size=4", "--refiner", "none",
+           "--color-jitter", "0", "--train-interpolation", "bilinear"]
+    a = _run(tmp_path / "full", *vit, "-b", "16")
+    b = _run(tmp_path / "accum", *vit, "-b", "8", "--grad-accum-steps", "2")
+    assert a["refiner"].step_count == b["refiner"].step_count == 3 and b["refiner"].calls == 6
+    for (k, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_drop_path_reaches_the_model(tmp_path):
     out = _run(tmp_path, "--refiner", "none", "--drop-path", "0.2")
     rates = [m.drop_prob for m in out["model"].modules() if type(m).__name__ == "DropPath"]
