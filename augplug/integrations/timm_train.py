@@ -84,7 +84,7 @@ except ImportError as e:
         f"augplug-timm-train saves and resumes the refiner as timm's task state (CheckpointSaver(task=...), "
         f"resume_task_checkpoint), which timm {timm.__version__} lacks (it came with timm {MIN_TIMM_SCRIPT})",
         f'pip install -U "timm>={MIN_TIMM_SCRIPT}"') from e
-_timm_trim_summary = getattr(timm.utils, "trim_summary", None)   # timm >= 1.0.30
+_timm_trim_summary = getattr(timm.utils, "trim_summary", None)   # timm >= 1.0.31
 
 _logger = logging.getLogger("timm_train")
 
@@ -714,7 +714,7 @@ def _keep_summary_rows_before(path: str, start_epoch: int) -> None:
     if _timm_trim_summary is not None:
         _timm_trim_summary(path, start_epoch)
         return
-    if not os.path.exists(path):   # timm < 1.0.30: the same rule, written out
+    if not os.path.exists(path):   # timm < 1.0.31: the same rule, written out
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
@@ -828,7 +828,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                             max_history=args.checkpoint_hist, task=task)
     if resume_path and os.path.realpath(os.path.dirname(resume_path)) == os.path.realpath(output_dir) \
             and hasattr(saver, "load_state_dict_from_checkpoint"):
-        saver.load_state_dict_from_checkpoint(resume_path)   # continue its ranked history in place (timm >= 1.0.30)
+        saver.load_state_dict_from_checkpoint(resume_path)   # continue its ranked history in place (timm >= 1.0.31)
     with open(os.path.join(output_dir, "args.yaml"), "w") as f:
         f.write(args_text)
 
