@@ -27,13 +27,13 @@ def _val():
     return [(torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 4) for _ in range(2)]
 
 
-def _setup(seed=0, **refiner_kwargs):
+def _setup(seed=0):
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", num_classes=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    # strength=1: refine these rows although no originals are in the batch, so the weights are not all 1
-    refiner = augplug.AugmentationRefiner(model, opt, _val(), method="saflex", strength=1.0, refresh_every=2,
-                                          seed=seed, **refiner_kwargs)
+    # the one refiner construction of this file; strength=1: refine these rows although no originals
+    # are in the batch, so the weights are not all 1
+    refiner = augplug.AugmentationRefiner(model, opt, _val(), method="saflex", strength=1.0, seed=seed)
     return model, opt, refiner
 
 
