@@ -1,20 +1,26 @@
 """The timm training script, run in-process on tiny data (a timm test model at 16x16, 2-3 steps)."""
+import argparse
 import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import augplug
 from augplug.methods import POLICIES
 
-tt = pytest.importorskip("augplug.integrations.timm_train")
+# skips where timm is too old for the script (TimmVersionError is an ImportError)
+tt = pytest.importorskip("augplug.integrations.timm_train", exc_type=ImportError)
 
 BASE = ["--dataset", "synthetic", "--synthetic-size", "96", "--model", "test_resnet", "--img-size", "16",
         "-b", "16", "--epochs", "1", "--max-steps", "3", "--val-split", "16", "--val-batch-size", "16",
         "--seed", "3", "--device", "cpu",  # CPU everywhere: the comparisons below are fp32-exact on CPU
-        "--strength", "1"]  # refine the views alone too (the default, 'auto', trains them as given)
+        "--strength", "1",  # refine the views alone too (the default, 'auto', trains them as given)
+        # timm's defaults (smoothing 0.1, 5 warm-up epochs, lr from --lr-base) off: hard labels, a real step size
+        "--smoothing", "0", "--warmup-epochs", "0", "--lr", "0.05"]
 
 
 def _method_available(name, options):
@@ -45,7 +51,8 @@ def recorder(monkeypatch):
 
 
 def _run(tmp_path, *extra):
-    return tt.main(BASE + ["--output", str(tmp_path)] + list(extra))
+    """The script with its run directory (timm's <output>/<experiment>) at ``tmp_path``."""
+    return tt.main(BASE + ["--output", str(tmp_path.parent), "--experiment", tmp_path.name] + list(extra))
 
 
 def test_default_strength_trains_views_alone_exactly_as_given(tmp_path):
@@ -180,7 +187,8 @@ def test_image_folder_data_dir(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
                     tmp_path / "data" / split / c / f"{i}.png")
     out = tt.main(["--data-dir", str(tmp_path / "data"), "--model", "test_resnet", "--img-size", "16", "-b", "8",
-                   "--epochs", "1", "--max-steps", "2", "--val-split", "8", "--refiner", "saflex"])
+                   "--epochs", "1", "--max-steps", "2", "--val-split", "8", "--refiner", "saflex",
+                   "--output", str(tmp_path), "--experiment", "run"])
     assert out["refiner"].stats["weights"].shape == (8,)
     assert out["final"]["test_top1"] >= 0
 
@@ -301,3 +309,177 @@ def test_generated_images_become_model_inputs():
     torch.testing.assert_close(out, expected)
     rgb = torch.rand(3, 16, 16)
     torch.testing.assert_close(tt.ToModelInput(16, (0.5,), (0.5,), in_chans=1)(rgb), (rgb.mean(0, keepdim=True) - 0.5) / 0.5)
+
+
+# ------------------------------------------------------------------------------- checkpoints, resume, timm's layout
+# Everything with state or randomness across the resume point: the refiner (refresh every 2 updates, so
+# the direction in use at the stop was computed before it) with ISDA, Mixup/CutMix, RandAugment, drop
+# path, an EMA, gradient accumulation (5 micro-batches per epoch in updates of 2, 2 and 1), warm-up.
+RESUME = ["--refiner", "saflex", "--isda", "--refresh-every", "2", "--epochs", "3", "--max-steps", "3",
+          "--grad-accum-steps", "2", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1",
+          "--aa", "rand-m9-mstd0.5", "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9",
+          "--warmup-epochs", "1", "--checkpoint-hist", "2"]
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "summary.csv")) as f:
+        lines = [line for line in f.read().splitlines() if line]
+    assert sum(line.startswith("epoch,") for line in lines) == 1, "one header"
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in csv.DictReader(lines)]
+
+
+def _load(path):
+    """A checkpoint as timm's resume reads it (weights only, plus the args Namespace)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "full"
+    out = tt.main(BASE + ["--output", str(run.parent), "--experiment", run.name] + RESUME)
+    return run, out
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    """3 epochs in one go == 1 epoch, stop, `--resume auto` to 3: bit-identical weights, EMA, optimizer
+    and refiner, and the same summary rows; a third `--resume auto` finds the run complete."""
+    full_dir, full = uninterrupted
+    run = tmp_path / "run"
+    first = _run(run, *RESUME, "--resume", "auto", "--stop-epoch", "1")   # nothing to resume yet: a fresh run
+    assert [r["epoch"] for r in first["history"]] == [0]
+    ckpt = _load(run / "last.pth.tar")
+    assert ckpt["epoch"] == 0 and ckpt["task_state"]["refiner"]["step_count"] == 3 and "state_dict_ema" in ckpt
+    second = _run(run, *RESUME, "--resume", "auto")
+    assert [r["epoch"] for r in second["history"]] == [1, 2]
+    assert second["refiner"].step_count == full["refiner"].step_count == 9 and second["refiner"].calls == 15
+    _assert_same_tensors(full["model"].state_dict(), second["model"].state_dict())
+    ema = lambda out: out["task"].get_trainable_module(ema=True).state_dict()  # noqa: E731
+    _assert_same_tensors(ema(full), ema(second))
+    assert not torch.equal(ema(full)["module.fc.weight"], full["model"].state_dict()["fc.weight"])
+    a, b = (_load(d / "last.pth.tar") for d in (full_dir, run))
+    assert a["epoch"] == b["epoch"] == 2
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        _assert_same_tensors(sa, sb)
+    ra, rb = a["task_state"]["refiner"], b["task_state"]["refiner"]
+    assert ra.keys() == rb.keys() and ra["step_count"] == rb["step_count"] and torch.equal(ra["rng_state"], rb["rng_state"])
+    _assert_same_tensors(ra["v"], rb["v"])
+    _assert_same_tensors({k: ra["isda"][k] for k in ("mean", "cov")}, {k: rb["isda"][k] for k in ("mean", "cov")})
+    assert _rows(run) == _rows(full_dir)                                  # summary continued, not restarted
+    if hasattr(tt.CheckpointSaver, "load_state_dict_from_checkpoint"):  # timm >= 1.0.31 continues its history
+        kept = sorted(p.name for p in run.glob("checkpoint-*.pth.tar"))
+        assert kept == sorted(p.name for p in full_dir.glob("checkpoint-*.pth.tar")) and len(kept) == 2
+    assert yaml.safe_load((run / "args.yaml").read_text())["resume"] == "auto"
+    third = _run(run, *RESUME, "--resume", "auto")                        # complete: nothing to do
+    assert third["history"] == [] and _rows(run) == _rows(full_dir)
+
+
+def test_resume_without_the_refiner_state_diverges(tmp_path, uninterrupted, caplog):
+    """Control for the test above: the same stop and resume from a checkpoint whose refiner state was
+    dropped (a fresh refiner: new direction, refresh schedule and random stream) ends elsewhere."""
+    full_dir, full = uninterrupted
+    _run(tmp_path / "part", *RESUME, "--stop-epoch", "1")
+    ckpt = _load(tmp_path / "part" / "last.pth.tar")
+    del ckpt["task_state"]
+    torch.save(ckpt, tmp_path / "no_refiner.pth.tar")
+    with caplog.at_level("WARNING"):
+        out = _run(tmp_path / "resumed", *RESUME, "--resume", str(tmp_path / "no_refiner.pth.tar"))
+    assert "no refiner state" in caplog.text
+    assert [r["epoch"] for r in out["history"]] == [1, 2]
+    assert not torch.equal(out["model"].state_dict()["fc.weight"], full["model"].state_dict()["fc.weight"])
+
+
+def test_timm_layout_default_output_dir_and_a_fresh_run_into_an_existing_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tt.main(BASE + ["--refiner", "none", "--epochs", "2"])          # no --output, no --experiment
+    run = Path(out["output_dir"])
+    assert run.parent.resolve() == (tmp_path / "output" / "train").resolve()
+    assert run.name.endswith("-test_resnet-16")
+    for f in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "checkpoint-0.pth.tar",
+              "checkpoint-1.pth.tar"):
+        assert (run / f).is_file(), f
+    assert [r["epoch"] for r in _rows(run)] == ["0", "1"]
+    best = _load(run / "model_best.pth.tar")
+    assert best["metric"] == max(r["val_top1"] for r in out["history"])   # ranked on the clean validation split
+    # the same experiment again without --resume: timm starts its summary over (the file stays)
+    again = tt.main(BASE + ["--refiner", "none", "--epochs", "1", "--output", str(run.parent), "--experiment", run.name])
+    assert again["output_dir"] == str(run) and [r["epoch"] for r in _rows(run)] == ["0"]
+
+
+def test_summary_rule_without_timms_trim_summary(tmp_path, monkeypatch):
+    """timm < 1.0.31 has no trim_summary; the script applies the same rule itself."""
+    run = tmp_path / "run"
+    _run(run, "--refiner", "none", "--epochs", "3", "--stop-epoch", "2")
+    monkeypatch.setattr(tt, "_timm_trim_summary", None)
+    with open(run / "summary.csv", "a") as f:                             # a row a crash left behind
+        f.write("2,9,9,9,9,9,9,9,9,9,9,9\n")
+    _run(run, "--refiner", "none", "--epochs", "3", "--resume", str(run / "last.pth.tar"))
+    assert [r["epoch"] for r in _rows(run)] == ["0", "1", "2"]
+    _run(run, "--refiner", "none", "--epochs", "1")
+    assert [r["epoch"] for r in _rows(run)] == ["0"]
+
+
+def test_resume_errors_name_the_fix(tmp_path):
+    with pytest.raises(SystemExit):
+        tt.main(BASE + ["--resume", "auto"])                              # no --experiment
+    with pytest.raises(augplug.ConfigurationError, match="no such checkpoint"):
+        _run(tmp_path, "--resume", str(tmp_path / "missing.pth.tar"))
+    with pytest.raises(augplug.ConfigurationError, match="stop-epoch"):
+        _run(tmp_path, "--epochs", "2", "--stop-epoch", "3")
+
+
+def test_gradient_accumulation_counts_updates(tmp_path):
+    """5 micro-batches in updates of 2: 3 optimizer updates (the last one short), 5 refiner calls."""
+    out = _run(tmp_path, "--refiner", "saflex", "--grad-accum-steps", "2", "--max-steps", "3")
+    assert out["refiner"].calls == 5 and out["refiner"].step_count == 3
+
+
+def test_accumulated_updates_equal_full_batch_updates(tmp_path):
+    """Without batch statistics (a ViT) and without refinement, 2 micro-batches of 8 accumulate the
+    gradient of one batch of 16: the same data order, the same weights after 3 updates."""
+    vit = ["--model", "test_vit", "--model-kwargs", "img_size=16", "patch_size=4", "--refiner", "none",
+           "--color-jitter", "0", "--train-interpolation", "bilinear"]
+    a = _run(tmp_path / "full", *vit, "-b", "16")
+    b = _run(tmp_path / "accum", *vit, "-b", "8", "--grad-accum-steps", "2")
+    assert a["refiner"].step_count == b["refiner"].step_count == 3 and b["refiner"].calls == 6
+    for (k, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_drop_path_reaches_the_model(tmp_path):
+    out = _run(tmp_path, "--refiner", "none", "--drop-path", "0.2")
+    rates = [m.drop_prob for m in out["model"].modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+
+
+def test_torchcompile_trains_like_eager(tmp_path):
+    """--torchcompile (here the 'eager' backend: Dynamo without code generation) trains the compiled
+    model with the refiner's hooks firing, to the same weights as the plain run."""
+    a = _run(tmp_path / "plain", "--refiner", "saflex")
+    b = _run(tmp_path / "compiled", "--refiner", "saflex", "--torchcompile", "eager")
+    assert hasattr(b["task"].get_trainable_module(), "_orig_mod")
+    assert not torch.allclose(b["refiner"].stats["weights"], torch.ones(16))
+    for (k, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_timm_defaults():
+    """Flags named as in timm's train.py default to timm's values (deviations are listed in --help)."""
+    args = tt.build_parser().parse_args([])
+    assert (args.smoothing, args.warmup_epochs, args.weight_decay, args.lr, args.lr_base, args.lr_base_size) == \
+        (0.1, 5, 2e-5, None, 0.1, 256)
+    assert (args.checkpoint_hist, args.model_ema_decay, args.grad_accum_steps, args.drop_path, args.log_interval) == \
+        (10, 0.9998, 1, None, 50)
+    assert (args.color_jitter, args.scale, args.train_interpolation, args.output, args.experiment) == \
+        (0.4, [0.08, 1.0], "random", "", "")
+    tt._resolve_lr(args)
+    assert args.lr == pytest.approx(0.1 * 64 / 256)
+    help_text = tt.build_parser().format_help()
+    for flag in tt.DEVIATIONS:
+        assert flag in help_text

@@ -74,6 +74,7 @@ def _check_wheel_contents(wheel: Path):
         entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
         meta = z.read(f"{dist_info}/METADATA").decode()
     for module in ("py.typed", "_extras.py", "integrations/__init__.py", "integrations/timm_train.py",
+                   "integrations/timm_task.py",
                    "integrations/accelerate_train.py", "integrations/albumentations_example.py",
                    "integrations/datasets.py"):
         assert f"augplug/{module}" in names, module
@@ -126,11 +127,14 @@ def test_wheel_in_fresh_venv_runs_demo_and_integrations():
         _ok(_run([bin_dir / "augplug-timm-train", "--dataset", "digits", "--model", "test_resnet", "--img-size", "16",
                   "-b", "32", "--epochs", "1", "--max-steps", "3", "--val-split", "100", "--val-batch-size", "200",
                   "--aa", "rand-m9-mstd0.5", "--audit", "--refiner", "saflex", "--strength", "1", "--device", "cpu",
-                  "--output", work / "timm"], 300, **run))
-        with open(work / "timm" / "summary.csv") as f:
+                  "--output", work / "timm", "--experiment", "run"], 300, **run))
+        timm_run = work / "timm" / "run"      # timm's layout: <output>/<experiment>/
+        with open(timm_run / "summary.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 1 and float(rows[0]["eval_test_top1"]) >= 0
-        assert (work / "timm" / "audit.md").exists() and (work / "timm" / "audit.png").exists()
+        for name in ("audit.md", "audit.png", "args.yaml", "last.pth.tar", "model_best.pth.tar"):
+            assert (timm_run / name).exists(), name
+        _ok(_run([py, "-c", "from augplug.integrations.timm_task import RefinedClassificationTask"], 120, **run))
 
         # the Accelerate example without a launcher: prints the world size
         acc = _ok(_run([bin_dir / "augplug-accelerate-train", "--cpu", "--epochs", "1", "--max-steps", "2",

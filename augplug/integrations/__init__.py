@@ -1,10 +1,11 @@
-"""Training scripts that use augplug inside other libraries' workflows, shipped with the package.
+"""augplug inside other libraries' workflows (a timm task, training scripts), shipped with the package.
 
 =======================================  ===============================  ==============================
 module                                   console script                   needs
 =======================================  ===============================  ==============================
-:mod:`~.timm_train`                      ``augplug-timm-train``           timm; ``augplug[demo]`` for
-                                                                          ``--dataset digits``
+:mod:`~.timm_task`                       none (a ``timm.task`` class)     timm >= 1.0.23
+:mod:`~.timm_train`                      ``augplug-timm-train``           timm >= 1.0.27; ``augplug[demo]``
+                                                                          for ``--dataset digits``
 :mod:`~.accelerate_train`                ``augplug-accelerate-train``     accelerate; ``augplug[demo]``
                                          (or ``accelerate launch -m
                                          augplug.integrations.
@@ -13,6 +14,6 @@ module                                   console script                   needs
                                          example``
 =======================================  ===============================  ==============================
 
-Each module's ``main(argv)`` runs in-process and returns what it trained. Nothing is imported here, so
+Each script module's ``main(argv)`` runs in-process and returns what it trained. Nothing is imported here, so
 ``import augplug.integrations`` stays cheap.
 """

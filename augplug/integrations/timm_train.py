@@ -2,14 +2,18 @@
 
 Built from timm's own parts (``timm.create_model``, ``timm.data.create_transform`` with ``--aa``,
 ``timm.data.Mixup``, ``timm.optim.create_optimizer_v2``, ``timm.scheduler.create_scheduler_v2``,
-``timm.loss`` for the plain arm, ``timm.utils.update_summary`` for the CSV), with the loss replaced
-by an :class:`augplug.AugmentationRefiner` fed a clean validation split held out of the training set.
+``timm.loss`` for the plain arm) and run through timm's training-task machinery: the loss is a
+:class:`~augplug.integrations.timm_task.RefinedClassificationTask` (timm's ``ClassificationTask``
+with an :class:`augplug.AugmentationRefiner` fed a clean validation split held out of the training
+set), checkpoints are timm's ``CheckpointSaver`` files with the refiner's state as the task state,
+``--resume`` is timm's ``resume_task_checkpoint``, ``--model-ema`` timm's ``ModelEmaV3``.
 
     augplug-timm-train --dataset digits --model resnet10t --img-size 32 \\
-        --aa rand-m9-mstd0.5 --refiner saflex --epochs 10 --output runs/digits
+        --aa rand-m9-mstd0.5 --refiner saflex --epochs 10 --experiment digits
+    augplug-timm-train --dataset digits --epochs 10 --experiment digits --resume auto   # continue it
     augplug-timm-train --data-dir /data/imagenette --model resnet26d --img-size 160 \\
-        --aa rand-m9-mstd0.5-inc1 --mixup 0.2 --cutmix 1.0 --smoothing 0.1 --opt adamw --lr 1e-3 \\
-        --weight-decay 0.05 --sched cosine --warmup-epochs 2 --epochs 40 -b 64 --amp --refiner saflex
+        --aa rand-m9-mstd0.5-inc1 --mixup 0.2 --cutmix 1.0 --opt adamw --lr 1e-3 \\
+        --weight-decay 0.05 --epochs 40 -b 64 --amp --model-ema --refiner saflex
 
 (``augplug-timm-train`` is the console script of ``augplug.integrations.timm_train``; also
 ``python -m augplug.integrations.timm_train``, or ``python integrations/timm_train.py`` in a checkout.)
@@ -21,17 +25,25 @@ IDX files in ``$AUGPLUG_FMNIST_DIR`` or Debian's ``/usr/share/datasets/fashion-m
 ``--dataset digits`` (scikit-learn's bundled 8x8 digits, resized by the transforms; needs
 ``pip install "augplug[demo]"``); ``--dataset synthetic`` (random images, for smoke tests).
 
-Each epoch logs the training loss, the refiner's statistics (mean weight, kept share and relabel
-rate of the augmented rows) and validation / test top-1, and appends them to
-``<output>/summary.csv``. ``main(argv)`` runs everything in-process and returns the history.
+Output, as timm's ``train.py`` lays it out: ``<--output, default ./output/train>/<--experiment,
+default date-time-model-size>/`` with ``args.yaml``, ``summary.csv`` (one row per epoch: training
+loss, the refiner's statistics, validation / test loss and top-1), ``last.pth.tar``,
+``model_best.pth.tar`` and the last ``--checkpoint-hist`` ranked ``checkpoint-<epoch>.pth.tar``.
+A resumed run keeps the summary's earlier rows; a fresh run into an existing experiment directory
+starts the summary over (timm's rule). Every epoch reseeds its random streams from (seed, epoch),
+so stopping (``--stop-epoch``) and resuming gives the uninterrupted run's weights bit for bit on
+the CPU. ``main(argv)`` runs everything in-process and returns the history.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
+from datetime import datetime
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,15 +52,18 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import timm  # noqa: E402
+import timm.utils  # noqa: E402
 from timm.data import Mixup, create_transform  # noqa: E402
 from timm.data.auto_augment import RandAugment  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.models import safe_model_name  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import NativeScaler, random_seed, update_summary  # noqa: E402
+from timm.utils import CheckpointSaver, NativeScaler, dispatch_clip_grad, get_outdir, random_seed, update_summary  # noqa: E402
 
 from augplug import AugmentationRefiner, ConfigurationError, refiner_kwargs  # noqa: E402
 from augplug.data import IndexedDataset, stratified_split  # noqa: E402
@@ -56,6 +71,20 @@ from augplug.report import AugmentationAudit, TracedRandAugment  # noqa: E402
 from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit  # noqa: E402
 
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_digits_u8, load_fashion_mnist  # noqa: E402
+from .timm_task import RefinedClassificationTask, TimmVersionError  # noqa: E402
+
+#: the first timm whose CheckpointSaver and resume helper carry a task's state (the refiner's)
+MIN_TIMM_SCRIPT = "1.0.27"
+try:
+    from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint  # noqa: E402
+    if not hasattr(ClassificationTask, "get_task_state"):
+        raise ImportError("timm.task has no task-state checkpoints")
+except ImportError as e:
+    raise TimmVersionError(
+        f"augplug-timm-train saves and resumes the refiner as timm's task state (CheckpointSaver(task=...), "
+        f"resume_task_checkpoint), which timm {timm.__version__} lacks (it came with timm {MIN_TIMM_SCRIPT})",
+        f'pip install -U "timm>={MIN_TIMM_SCRIPT}"') from e
+_timm_trim_summary = getattr(timm.utils, "trim_summary", None)   # timm >= 1.0.31
 
 _logger = logging.getLogger("timm_train")
 
@@ -97,8 +126,29 @@ def _size(s: str):
     return int(v) if v >= 1 and v == int(v) and "." not in s else v
 
 
+#: flags named as in timm's train.py whose defaults differ from timm's, and why (also in --help)
+DEVIATIONS = {
+    "--model": "resnet10t (timm: resnet50): a small model for small data",
+    "--img-size": "32 (timm: the model's input size): the built-in data sets are 8x8 to 28x28",
+    "-b/--batch-size": "64 (timm: 128)",
+    "--epochs": "10 (timm: 300)",
+    "--workers": "0 (timm: 4): the built-in data sets are in memory",
+    "--device": "cuda when available, else cpu (timm: cuda)",
+    "--amp-dtype": "float16 on CUDA as timm, bfloat16 on CPU",
+    "--dataset": "a built-in data set name (timm: a dataset spec such as torch/cifar10)",
+    "--val-split": "the clean validation set held out of the training pool for the refiner (timm: the name "
+                   "of the evaluation split; here the evaluation set is DIR/val or the built-in test split)",
+    "--eval-metric": "ranks checkpoints on the clean validation split (timm: on its evaluation split, here "
+                     "the test set)",
+    "mean / std, eval crop": "the data set's mean and std and crop_pct 1.0 (timm: the model's pretrained "
+                             "config)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = ("Flags named as in timm's train.py take timm's defaults, except:\n" +
+              "".join(f"  {k}: {v}\n" for k, v in DEVIATIONS.items()))
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="image folder (root/train, root/val; or root/<class>)")
     g.add_argument("--dataset", default="digits", choices=DATASETS, help="built-in data when --data-dir is not given")
@@ -116,18 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--in-chans", type=int, default=None, help="default: the data set's")
     g.add_argument("--img-size", type=int, default=32)
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate before the classifier")
+    g.add_argument("--drop-path", type=float, default=None, help="drop path (stochastic depth) rate")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_KeyValue)
+    g.add_argument("--torchcompile", nargs="?", default=None, const="inductor",
+                   help="torch.compile the model with this backend (inductor when the flag is given alone)")
+    g.add_argument("--torchcompile-mode", default=None, help="torch.compile mode")
     g = p.add_argument_group("augmentation (timm)")
     g.add_argument("--aa", default=None, help="auto-augment policy, e.g. rand-m9-mstd0.5")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.5, 1.0), help="RandomResizedCrop scale")
-    g.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="RandomResizedCrop scale")
+    g.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3])
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--vflip", type=float, default=0.0)
-    g.add_argument("--color-jitter", type=float, default=0.0)
+    g.add_argument("--color-jitter", type=float, default=0.4)
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--interpolation", default="bilinear")
+    g.add_argument("--interpolation", default="", help="evaluation resize interpolation (default: the model's)")
+    g.add_argument("--train-interpolation", default="random", help="training crop interpolation")
     g.add_argument("--mixup", type=float, default=0.0)
     g.add_argument("--cutmix", type=float, default=0.0)
     g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None)
@@ -135,27 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
     g.add_argument("--mixup-off-epoch", type=int, default=0)
-    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g = p.add_argument_group("optimisation (timm)")
     g.add_argument("--opt", default="sgd")
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: --lr-base scaled by the batch size, as timm does)")
+    g.add_argument("--lr-base", type=float, default=0.1, help="lr = lr_base * global batch / lr_base_size")
+    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument("--lr-base-scale", default="", choices=("", "linear", "sqrt"),
+                   help="'' = sqrt for ada*/lamb optimizers, linear otherwise")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--weight-decay", type=float, default=2e-5)
     g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     g.add_argument("--sched", default="cosine")
     g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--warmup-epochs", type=int, default=5)
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--sched-on-updates", action="store_true", help="step the schedule every update")
     g.add_argument("-b", "--batch-size", type=int, default=64)
+    g.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
     g.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many updates")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CPU; fp16 autocast + GradScaler on CUDA")
     g.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="override the autocast dtype")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--output", default=None, help="directory for summary.csv (and audit files)")
-    g.add_argument("--log-interval", type=int, default=0, help="log every k steps (0: epochs only)")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm's ModelEmaV3)")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--model-ema-warmup", action="store_true", help="warm the EMA decay up over the first updates")
+    g = p.add_argument_group("output and checkpoints (timm)")
+    g.add_argument("--output", default="", help="base directory (default ./output/train); the run writes to "
+                                                "<output>/<experiment>/")
+    g.add_argument("--experiment", default="", help="run directory name (default: <date-time>-<model>-<img size>)")
+    g.add_argument("--resume", default="", help="continue from a checkpoint (e.g. .../last.pth.tar); 'auto': "
+                                               "from <output>/<experiment>/last.pth.tar when there is one")
+    g.add_argument("--no-resume-opt", action="store_true", help="do not restore the optimizer and loss scaler")
+    g.add_argument("--start-epoch", type=int, default=None, help="override the epoch to start from")
+    g.add_argument("--stop-epoch", type=int, default=None,
+                   help="stop after this many epochs of the --epochs schedule (resume later to finish it)")
+    g.add_argument("--checkpoint-hist", type=int, default=10, help="numbered checkpoints to keep")
+    g.add_argument("--eval-metric", default="top1", choices=("top1", "loss"),
+                   help="metric that ranks checkpoints (model_best.pth.tar)")
+    g.add_argument("--log-interval", type=int, default=50, help="log every k steps (0: epochs only)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar over each epoch's steps (shown only on a terminal anyway)")
     g = p.add_argument_group("augplug")
@@ -357,30 +434,38 @@ def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch
     return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], 1.0 - smoothing + off)
 
 
-def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refiner=None, loss_fn=None,
+def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refiner=None,
                     lr_scheduler=None, amp_autocast=nullcontext, loss_scaler=None, mixup_fn=None,
                     num_classes: int, audit: Optional[AugmentationAudit] = None,
                     mixer: Optional[BatchMixer] = None, sources: Optional[SourceAudit] = None,
                     num_updates: int = 0) -> Tuple[Dict[str, float], int]:
-    """One epoch; returns the epoch's metrics and the update count so far.
+    """One epoch of timm's loop (gradient accumulation, loss scaler, EMA, per-update schedule);
+    returns the epoch's metrics and the update count so far.
 
-    The refiner replaces the loss: ``loss = refiner(output, target, index=index)``. With originals
-    (``--with-originals``) each batch is ``[originals; augmented views]`` with ``num_original=B``
-    and the index repeated for both halves (the pairing influence functions need). With a
-    ``mixer`` (``--generated``), generated rows are appended after the (mixed) training rows and
-    every row is refined.
+    The loss is the task's: ``task(x, y, index=index)["loss"]``, i.e. ``refiner(model(x), y, ...)``.
+    With originals (``--with-originals``) each batch is ``[originals; augmented views]`` with
+    ``num_original=B`` and the index repeated for both halves (the pairing influence functions
+    need). With a ``mixer`` (``--generated``), generated rows are appended after the (mixed)
+    training rows and every row is refined.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn.mixup_enabled = False
-    model.train()
+    task.get_trainable_module().train()
     m = {k: _Mean() for k in ("loss", "weight_mean", "kept_fraction", "relabel_rate", "strength")}
-    steps = min(len(loader), args.max_steps or len(loader))
+    batches = _batches_per_epoch(len(loader), args)
+    accum = args.grad_accum_steps
+    last_accum = batches % accum                    # micro-batches of a short last update (timm's rule)
+    last_accum_from = batches - last_accum
     # a progress bar on a terminal (tqdm hides it when stderr is not one), none with --no-progress
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+    bar = tqdm(total=batches, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=True if getattr(args, "no_progress", False) else None)
+    optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
-        if args.max_steps and step >= args.max_steps:
+        if step >= batches:
             break
+        need_update = step == batches - 1 or (step + 1) % accum == 0
+        if step >= last_accum_from:
+            accum = last_accum
         batch = list(batch)
         index = batch.pop().to(device)                 # IndexedDataset appends the position
         names = batch.pop() if args.audit else None    # "|"-joined RandAugment op names
@@ -398,26 +483,18 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
                 y_o = y_orig if y.dim() == 1 else (smooth_targets(y_orig, num_classes, args.smoothing)
                                                    if args.smoothing else F.one_hot(y_orig, num_classes).to(y.dtype))
                 targets = torch.cat([y_o, y])
-                loss = refiner(model(torch.cat([x_orig, x])), targets, num_original=x.shape[0],
-                               index=torch.cat([index, index]))
+                loss = task(torch.cat([x_orig, x]), targets, num_original=x.shape[0],
+                            index=torch.cat([index, index]))["loss"]
             elif mixer is not None:
                 mb = mixer(x, y)   # generated rows after the training rows; one-hot when y is soft
                 targets = mb.targets
-                loss = refiner(model(mb.inputs), targets, augmented=mb.augmented)
+                loss = task(mb.inputs, targets, augmented=mb.augmented)["loss"]
             elif refiner is not None:
                 targets = y
-                loss = refiner(model(x), targets, index=index)
+                loss = task(x, targets, index=index)["loss"]
             else:
-                loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-        num_updates += 1
+                loss = task(x, y)["loss"]
+        _backward(loss / accum if accum > 1 else loss, task, optimizer, loss_scaler, args, need_update)
         m["loss"].update(float(loss.detach()), x.shape[0])
         if refiner is not None:
             st = refiner.stats
@@ -431,14 +508,40 @@ def train_one_epoch(epoch: int, model, loader, optimizer, args, *, device, refin
                 audit.update(st, names_all, targets)   # one "|"-joined entry per augmented row
             if sources is not None:
                 sources.update(st, mb.source_ids, targets)
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=m["loss"].avg)
         if args.log_interval and step % args.log_interval == 0:
-            _logger.info("epoch %d step %d/%d  loss %.4f", epoch, step, len(loader), m["loss"].avg)
+            _logger.info("epoch %d step %d/%d  loss %.4f", epoch, step, batches, m["loss"].avg)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss'].avg:.4f}", refresh=False)
+        if not need_update:
+            continue
+        num_updates += 1
+        optimizer.zero_grad(set_to_none=True)
+        task.update_ema(step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=m["loss"].avg)
     bar.close()
+    if hasattr(optimizer, "sync_lookahead"):
+        optimizer.sync_lookahead()
     return {k: v.avg for k, v in m.items()}, num_updates
+
+
+def _batches_per_epoch(loader_len: int, args) -> int:
+    """Micro-batches per epoch: all, or ``--max-steps`` updates' worth."""
+    return min(loader_len, args.max_steps * args.grad_accum_steps) if args.max_steps else loader_len
+
+
+def _backward(loss, task, optimizer, loss_scaler, args, need_update: bool) -> None:
+    """timm's backward: through the loss scaler, or ``backward`` then (on updates) clip and step."""
+    params = task.get_clip_parameters(exclude_head="agc" in args.clip_mode) if args.clip_grad is not None else None
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=params,
+                    need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if args.clip_grad is not None:
+            dispatch_clip_grad(params, value=args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -509,6 +612,17 @@ def build_mixer(args, classes: Sequence[str], num_classes: int, in_chans: int, m
     return BatchMixer(found, per_batch=args.generated_per_batch, seed=args.seed, real_augmented=True)
 
 
+def eval_interpolation(args) -> str:
+    """``--interpolation``, or (when empty, as in timm) the model's pretrained config's, else bicubic."""
+    if args.interpolation:
+        return args.interpolation
+    try:
+        cfg = timm.models.get_pretrained_cfg(args.model)
+    except RuntimeError:   # an unknown pretrained tag
+        cfg = None
+    return getattr(cfg, "interpolation", None) or "bicubic"
+
+
 def build_datasets(args) -> Dict[str, Any]:
     """Training (``IndexedDataset``), clean validation and test sets for the flags.
 
@@ -540,9 +654,9 @@ def build_datasets(args) -> Dict[str, Any]:
 
     train_tf = create_transform(args.img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
                                 hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-                                auto_augment=args.aa, interpolation=args.interpolation, mean=mean, std=std,
+                                auto_augment=args.aa, interpolation=args.train_interpolation, mean=mean, std=std,
                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    eval_tf = create_transform(args.img_size, is_training=False, interpolation=args.interpolation, mean=mean,
+    eval_tf = create_transform(args.img_size, is_training=False, interpolation=eval_interpolation(args), mean=mean,
                                std=std, crop_pct=1.0)
     if args.audit and not args.aa:
         raise ConfigurationError("--audit reports per RandAugment op", "pass --aa rand-... as well")
@@ -558,17 +672,82 @@ def build_datasets(args) -> Dict[str, Any]:
                 in_chans=in_chans, train_indices=train_idx, val_indices=val_idx, mean=mean, std=std)
 
 
+def _seed_epoch(seed: int, epoch: int, loader_generator: torch.Generator) -> None:
+    """Reseed every stream an epoch draws from (shuffling, transforms, Mixup, dropout / drop path) from
+    ``(seed, epoch)`` alone, so that a resumed run draws exactly what an uninterrupted one draws."""
+    s = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    random_seed(s)
+    loader_generator.manual_seed(s)
+
+
+def _resolve_lr(args) -> None:
+    """timm's rule when ``--lr`` is not given: ``lr_base`` scaled by the global batch (linear, or
+    sqrt for ada*/lamb optimizers)."""
+    if args.lr is not None:
+        return
+    ratio = args.batch_size * args.grad_accum_steps / args.lr_base_size
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    args.lr = args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+    _logger.info("lr %.4g from --lr-base %g and the global batch %d (%s scaling)", args.lr, args.lr_base,
+                 args.batch_size * args.grad_accum_steps, scale)
+
+
+def _output_dir(args) -> str:
+    """timm's layout: ``<--output or ./output/train>/<--experiment or date-time-model-size>``."""
+    name = args.experiment or "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model),
+                                        str(args.img_size)])
+    return get_outdir(args.output or "./output/train", name)
+
+
+def _resume_path(args, output_dir: str) -> str:
+    if args.resume == "auto":   # timm's in-place continuation: the run directory's own last checkpoint
+        last = os.path.join(output_dir, "last.pth.tar")
+        return last if os.path.isfile(last) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        raise ConfigurationError(f"--resume {args.resume}: no such checkpoint file",
+                                 "pass a .pth.tar written by this script (e.g. <run dir>/last.pth.tar), or --resume auto")
+    return args.resume
+
+
+def _keep_summary_rows_before(path: str, start_epoch: int) -> None:
+    """timm's rule for a run directory that already has a summary (``timm.utils.trim_summary``):
+    keep the rows of the epochs before ``start_epoch``, so a resume continues the file and a fresh
+    run (epoch 0) starts it over; the file itself is never removed."""
+    if _timm_trim_summary is not None:
+        _timm_trim_summary(path, start_epoch)
+        return
+    if not os.path.exists(path):   # timm < 1.0.31: the same rule, written out
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [r for r in rows[1:] if r and r[0] != "epoch" and int(float(r[0])) < start_epoch]
+    if len(keep) == len(rows) - 1:
+        return
+    with open(path, "w", newline="") as f:
+        if keep:
+            csv.writer(f).writerows([rows[0]] + keep)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Parse ``argv``, train, and return ``{"history": [...], "final": {...}, "args": ...}``."""
+    """Parse ``argv``, train, and return ``{"history": [...], "final": {...}, "args": ...,
+    "output_dir": ..., "model", "refiner", "task", ...}``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.refiner == "autodo" and args.with_originals:
         parser.error("--refiner autodo keeps one table row per training image, so it trains on the augmented "
                      "view alone; drop --with-originals")
+    if args.resume == "auto" and not args.experiment:
+        parser.error("--resume auto continues the run directory <output>/<experiment>: pass --experiment NAME")
+    if args.grad_accum_steps < 1:
+        parser.error("--grad-accum-steps must be at least 1")
+    args_text = yaml.safe_dump(vars(args), default_flow_style=False)   # the command as given
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.refiner == "influence":
         args.with_originals = True
+    _resolve_lr(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random_seed(args.seed, 0)
 
@@ -592,15 +771,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                  "lower -b/--batch-size or --val-split")
 
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=in_chans,
-                              drop_rate=args.drop, **args.model_kwargs).to(device)
+                              drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs).to(device)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
     refiner = build_refiner(args, model, optimizer, loader_val, len(train_set), num_classes)   # after the optimizer
-    updates_per_epoch = min(len(loader_train), args.max_steps or len(loader_train))
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=not args.sched_on_updates,
-        updates_per_epoch=updates_per_epoch)
 
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
@@ -614,47 +788,92 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
-    loss_fn = None
-    if refiner is None:   # timm train.py's choice of loss
-        loss_fn = (SoftTargetCrossEntropy() if mixup_active else
-                   LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss())
-        if args.with_originals:
-            raise ConfigurationError("--with-originals needs the refiner", "drop --refiner off")
     audit = AugmentationAudit(classes[:num_classes] if len(classes) == num_classes else None,
                               num_classes=num_classes) if args.audit else None
     mixer = sources = None
     if args.generated:
         mixer = build_mixer(args, classes, num_classes, in_chans, ds["mean"], ds["std"])
         sources = SourceAudit(mixer.source_names, num_classes=num_classes, only_active=args.refiner != "none")
+    if refiner is not None:   # the refiner is the task's loss; it and the script's stateful parts are the task state
+        stateful = {k: v for k, v in (("audit", audit), ("mixer", mixer), ("sources", sources)) if v is not None}
+        task = RefinedClassificationTask(model, refiner, stateful=stateful, device=device, verbose=False)
+    else:                     # timm train.py's choice of loss
+        if args.with_originals:
+            raise ConfigurationError("--with-originals needs the refiner", "drop --refiner off")
+        loss_fn = (SoftTargetCrossEntropy() if mixup_active else
+                   LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss())
+        task = ClassificationTask(model, criterion=loss_fn, device=device, verbose=False)
 
-    _logger.info("timm_train: %s on %s (%d train / %d val / %s test images, %d classes), refiner=%s%s, device=%s%s",
-                 args.model, args.data_dir or args.dataset, len(train_set), len(val_idx),
+    # timm's order: output directory, resume (model, optimizer, scaler, task state), EMA, compile
+    output_dir = _output_dir(args)
+    resume_path = _resume_path(args, output_dir)
+    resume_epoch = None
+    if resume_path:
+        resume_epoch = resume_task_checkpoint(task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
+                                              loss_scaler=None if args.no_resume_opt else loss_scaler)
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if resume_path:
+            load_task_ema_checkpoint(task, resume_path)
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+    eval_model = task.get_eval_model()
+
+    metric_set = "val" if loader_val is not None else "test" if loader_test is not None else None
+    eval_metric = f"{'ema_' if args.model_ema and metric_set else ''}{metric_set}_{args.eval_metric}" \
+        if metric_set else "loss"   # timm: the EMA's metric when there is an EMA; the training loss without eval data
+    decreasing = eval_metric.endswith("loss")
+    saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
+                            max_history=args.checkpoint_hist, task=task)
+    if resume_path and os.path.realpath(os.path.dirname(resume_path)) == os.path.realpath(output_dir) \
+            and hasattr(saver, "load_state_dict_from_checkpoint"):
+        saver.load_state_dict_from_checkpoint(resume_path)   # continue its ranked history in place (timm >= 1.0.31)
+    with open(os.path.join(output_dir, "args.yaml"), "w") as f:
+        f.write(args_text)
+
+    updates_per_epoch = math.ceil(_batches_per_epoch(len(loader_train), args) / args.grad_accum_steps)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=updates_per_epoch)
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:   # the schedule is a function of the epoch / update
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    stop_epoch = num_epochs if args.stop_epoch is None else args.stop_epoch
+    if not 0 < stop_epoch <= num_epochs:
+        raise ConfigurationError(f"--stop-epoch {args.stop_epoch} is outside the schedule's 1..{num_epochs} epochs",
+                                 f"pass --stop-epoch between 1 and {num_epochs}, or drop it")
+
+    _logger.info("timm_train: %s on %s (%d train / %d val / %s test images, %d classes), refiner=%s%s, device=%s%s, "
+                 "output %s", args.model, args.data_dir or args.dataset, len(train_set), len(val_idx),
                  len(test_set) if test_set is not None else "no", num_classes, args.refiner,
-                 " + ISDA" if args.isda else "", device, f", amp {dtype}" if args.amp else "")
-    summary_path = None
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
-        summary_path = os.path.join(args.output, "summary.csv")
-        if os.path.exists(summary_path):
-            os.remove(summary_path)
+                 " + ISDA" if args.isda else "", device, f", amp {dtype}" if args.amp else "", output_dir)
+    summary_path = os.path.join(output_dir, "summary.csv")
+    _keep_summary_rows_before(summary_path, start_epoch)
     history: List[Dict[str, Any]] = []
-    num_updates = 0
-    for epoch in range(num_epochs):
+    best_metric = best_epoch = None
+    num_updates = start_epoch * updates_per_epoch
+    for epoch in range(start_epoch, stop_epoch):
         t0 = time.perf_counter()
+        _seed_epoch(args.seed, epoch, gen)
         if refiner is not None and refiner.isda is not None:
             refiner.isda.set_epoch(epoch, num_epochs)   # the paper's schedule: lambda = lambda0 * epoch / epochs
         train_m, num_updates = train_one_epoch(
-            epoch, model, loader_train, optimizer, args, device=device, refiner=refiner, loss_fn=loss_fn,
+            epoch, task, loader_train, optimizer, args, device=device, refiner=refiner,
             lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
             num_classes=num_classes, audit=audit, mixer=mixer, sources=sources, num_updates=num_updates)
         eval_m = {}
-        if loader_val is not None:
-            eval_m.update({f"val_{k}": v for k, v in evaluate(model, loader_val, device, amp_autocast).items()})
-        if loader_test is not None:
-            eval_m.update({f"test_{k}": v for k, v in evaluate(model, loader_test, device, amp_autocast).items()})
+        for prefix, net in (("", eval_model), ("ema_", task.get_eval_model(ema=True) if task.has_ema() else None)):
+            for name, loader in (("val", loader_val), ("test", loader_test)):
+                if net is not None and loader is not None:
+                    eval_m.update({f"{prefix}{name}_{k}": v for k, v in evaluate(net, loader, device, amp_autocast).items()})
         lr = float(np.mean([g["lr"] for g in optimizer.param_groups]))
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_m.get("val_top1"))
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_m.items()}, **eval_m, "lr": lr, "seconds": seconds}
         history.append(row)
@@ -663,25 +882,32 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                      train_m["strength"], train_m["weight_mean"], train_m["kept_fraction"], train_m["relabel_rate"],
                      f"{eval_m['val_top1']:.2f}" if "val_top1" in eval_m else "-",
                      f"{eval_m['test_top1']:.2f}" if "test_top1" in eval_m else "-", lr, seconds)
-        if summary_path:
-            update_summary(epoch, {**train_m, "seconds": seconds}, eval_m, summary_path, lr=lr, write_header=epoch == 0)
+        update_summary(epoch, {**train_m, "seconds": seconds}, eval_m, summary_path, lr=lr,
+                       write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
+        latest = eval_m[eval_metric] if metric_set else train_m["loss"]
+        best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, latest)
+    if best_metric is not None:
+        _logger.info("best %s %.4f (epoch %d): %s", eval_metric, best_metric, best_epoch,
+                     os.path.join(output_dir, "model_best.pth.tar"))
     if sources is not None and sources.updates:
         table = sources.table(format="markdown")
         _logger.info("generated sources (rows, mean weight, kept share, relabel rate, mean y~^T g):\n%s", table)
-        if args.output:
-            with open(os.path.join(args.output, "sources.md"), "w") as f:
-                f.write("# Generated sources\n\n" + table + "\n## Per source and class\n\n" +
-                        sources.table("source_class", format="markdown"))
-    if audit is not None and args.output and not audit.updates:
+        with open(os.path.join(output_dir, "sources.md"), "w") as f:
+            f.write("# Generated sources\n\n" + table + "\n## Per source and class\n\n" +
+                    sources.table("source_class", format="markdown"))
+    if audit is not None and not audit.updates:
         _logger.warning("--audit: no refined batch to audit, so no audit.md is written (with --strength auto, "
                         "batches without originals are trained as given; pass --strength 1 or --with-originals)")
-    if audit is not None and args.output and audit.updates:
-        with open(os.path.join(args.output, "audit.md"), "w") as f:
+    if audit is not None and audit.updates:
+        with open(os.path.join(output_dir, "audit.md"), "w") as f:
             f.write("# Augmentation audit\n\n## Per RandAugment op\n\n" + audit.table(format="markdown") +
                     "\n## Per class\n\n" + audit.table("class", format="markdown"))
-        audit.plot(os.path.join(args.output, "audit.png"), title=f"{args.model}, {args.aa}, refiner={args.refiner}")
-    return {"history": history, "final": history[-1] if history else {}, "args": args,
-            "refiner": refiner, "model": model, "audit": audit, "sources": sources, "mixer": mixer}
+        audit.plot(os.path.join(output_dir, "audit.png"), title=f"{args.model}, {args.aa}, refiner={args.refiner}")
+    return {"history": history, "final": history[-1] if history else {}, "args": args, "output_dir": output_dir,
+            "refiner": refiner, "model": model, "task": task, "audit": audit, "sources": sources, "mixer": mixer,
+            "best_metric": best_metric, "best_epoch": best_epoch}
 
 
 def cli() -> None:
