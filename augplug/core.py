@@ -121,6 +121,7 @@ class RefinerCore:
         self._v_halves: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = None
         self._v_step = -1
         self._val_loss = float("nan")
+        self._window = None        # (slots, next slot) of the validation window (Schedule.fresh_batches)
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
@@ -140,6 +141,11 @@ class RefinerCore:
         t = torch.tensor([float(count)], dtype=torch.float64)
         all_reduce_sum_([t])
         return int(t.item())
+
+    @property
+    def optimizer(self):
+        """The optimizer whose steps are counted (the innermost one of a wrapper), or None."""
+        return self._optimizer
 
     @property
     def step_count(self) -> int:
@@ -190,18 +196,49 @@ class RefinerCore:
 
         ``prepare(x, y)`` places and checks a raw batch (on the reading process only, or once by a
         cached stream), ``gradient(x, y)`` returns its :class:`~augplug.scores.GradSum`, ``rows(y)``
-        its number of samples, ``reduce`` sums a partial result over processes. Every process reads
-        every batch; good batch ``j`` is differentiated by process ``j % world``. Advances the
-        stream; changes nothing else.
+        its number of samples. Every process reads every batch; good batch ``j`` is differentiated by
+        process ``j % world``. With ``fresh_batches`` only that many batches are read (the first
+        refresh reads the whole window) and the rest of the window is kept (:meth:`_window_entry`,
+        :meth:`_window_sum`); the new window travels in ``GradSum.window`` until the call commits.
+        Advances the stream; changes nothing else.
         """
+        fresh = self.schedule.fresh_batches
+        if fresh is None:
+            parts = []
+            good, skipped = self._read_validation(prepare, self._num_val_batches(), rows,
+                                                  lambda j, x, y: parts.append(gradient(x, y)))
+            total = GradSum({}, 0)
+            for part in parts:
+                total = total.add(part)
+            return self._finish_sum(total, skipped)
+        # the window: every process keeps every slot (identical windows, identical states); process
+        # r sums the slots k with k % world == r
+        size = self._num_val_batches() or self._pass_length()
+        slots, pos = self._window if self._window is not None else ({}, 0)
+        slots = dict(slots)
+        want = min(fresh, size) if self._window is not None else size
+
+        def keep(j, x, y):
+            slots[(pos + j) % size] = self._window_entry(x, y, gradient) if rows(y) > 0 else None
+
+        good, skipped = self._read_validation(prepare, want, rows, keep, every_process=True)
+        world, rank = dist_world_size(), dist_rank()
+        total = self._window_sum([e for k, e in sorted(slots.items()) if e is not None and k % world == rank])
+        total = self._finish_sum(total, skipped)
+        return dataclasses.replace(total, window=(slots, (pos + good) % size))
+
+    def _read_validation(self, prepare: Callable, want: Optional[int], rows: Callable, visit: Callable,
+                         every_process: bool = False):
+        """Read ``want`` good batches (None: one pass), skipping or rejecting non-finite ones, and call
+        ``visit(j, x, y)`` on good batch ``j`` on the process that differentiates it (``j % world``;
+        on every process for ``every_process``). Returns ``(good, skipped)``."""
         cached = self.cache_validation
         if cached:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
             self._stream.prepare = lambda x, y: (x, y) if nonfinite(x, y) else prepare(x, y)
-        want = self._num_val_batches()
         reads = self._pass_length() if want is None else None
         limit = want + self._skip_limit() if want is not None else reads
         world, rank = dist_world_size(), dist_rank()
-        total, good, skipped, read = GradSum({}, 0), 0, 0, 0
+        good, skipped, read = 0, 0, 0
         while (good < want and read < limit) if want is not None else read < reads:
             x, y = self._stream.next()
             read += 1
@@ -212,23 +249,22 @@ class RefinerCore:
                                          "batches")
                 skipped += 1
                 continue
-            mine = good % world == rank
+            j = good
             good += 1
-            if not mine:
+            if not every_process and j % world != rank:
                 continue
             if not cached:
                 x, y = prepare(x, y)
-            if rows(y) == 0:
+            if rows(y) == 0 and not every_process:
                 continue
             try:
-                part = gradient(x, y)
+                visit(j, x, y)
             except (AugplugError, NotImplementedError):
                 raise
             except RuntimeError as e:  # a shape or dtype clash inside the model's forward
                 raise ShapeError(f"the model failed on a validation batch: {str(e).splitlines()[0]}",
                                  "make the validation loader yield inputs like the training inputs (same shape, "
                                  "channels, dtype and device placement)") from e
-            total = total.add(part)
         if good == 0:
             if skipped:
                 raise NonFiniteError(f"all {skipped} validation batches read for this refresh hold NaN/inf",
@@ -238,6 +274,11 @@ class RefinerCore:
         if want is not None and good < want:
             raise NonFiniteError(f"only {good} of {want} validation batches were finite after skipping {skipped}",
                                  "clean the validation set, or lower val_batches")
+        return good, skipped
+
+    def _finish_sum(self, total: GradSum, skipped: int) -> GradSum:
+        """All-reduce a refresh's local sum and check it (see :meth:`_validation_sum`)."""
+        world = dist_world_size()
         if world > 1:
             total = self._all_reduce(total)
         if total.count == 0:
@@ -249,8 +290,21 @@ class RefinerCore:
                                  "model's weights for NaN/inf")
         if skipped:
             warnings.warn(f"augplug skipped {skipped} validation batch(es) holding NaN/inf "
-                          "(counted in stats['skipped_val_batches'])", RuntimeWarning, stacklevel=4)
+                          "(counted in stats['skipped_val_batches'])", RuntimeWarning, stacklevel=5)
         return dataclasses.replace(total, skipped=skipped)
+
+    # ------------------------------------------------------------------ the validation window
+    def _window_entry(self, x, y, gradient: Callable) -> Any:
+        """What the window keeps of one validation batch (default: its gradient sum, as computed).
+        Shells override it to keep something cheaper to refresh (last-layer features)."""
+        return gradient(x, y)
+
+    def _window_sum(self, entries) -> GradSum:
+        """The gradient sum of the window's entries this process owns (default: the kept sums)."""
+        total = GradSum({}, 0)
+        for e in entries:
+            total = total.add(e)
+        return total
 
     def _all_reduce(self, total: GradSum, with_halves: bool = True) -> GradSum:
         """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
@@ -282,6 +336,8 @@ class RefinerCore:
         self._v_step = self.step_count
         self._val_loss = v_new.loss_sum / max(v_new.count, 1)
         self.skipped_val_batches += int(v_new.skipped)
+        if v_new.window is not None:
+            self._window = v_new.window
 
     def _count_call(self) -> None:
         self.calls += 1
@@ -319,7 +375,37 @@ class RefinerCore:
             "skipped_val_batches": self.skipped_val_batches,
             "v_halves": None if self._v_halves is None else [{k: t.detach().clone() for k, t in h.items()}
                                                               for h in self._v_halves],
+            "window": self._window_state(),
         }
+
+    def _window_state(self) -> Optional[Dict[str, Any]]:
+        """The validation window as plain tensors and dicts (``torch.load(weights_only=True)`` reads it)."""
+        if self._window is None:
+            return None
+        slots, pos = self._window
+
+        def plain(e):
+            if e is None or isinstance(e, dict):
+                return None if e is None else {k: (t.detach().clone() if torch.is_tensor(t) else t) for k, t in e.items()}
+            return {"sums": {k: t.detach().clone() for k, t in e.sums.items()}, "count": int(e.count),
+                    "loss_sum": torch.as_tensor(e.loss_sum, dtype=torch.float64).detach().clone(),
+                    "halves": None if e.halves is None else [plain(h) for h in e.halves]}
+
+        return {"position": int(pos), "slots": {int(k): plain(e) for k, e in slots.items()}}
+
+    def _window_from_state(self, state: Dict[str, Any]):
+        dev = self._device()
+
+        def entry(e):
+            if e is None:
+                return None
+            if "sums" in e:
+                return GradSum({k: t.to(dev).clone() for k, t in e["sums"].items()}, int(e["count"]),
+                               e["loss_sum"].to(dev).clone(),
+                               halves=None if e["halves"] is None else tuple(entry(h) for h in e["halves"]))
+            return {k: (t.to(dev).clone() if torch.is_tensor(t) else t) for k, t in e.items()}
+
+        return {int(k): entry(e) for k, e in state["slots"].items()}, int(state["position"])
 
     def _check_core_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` is a complete, finite state for this refiner."""
@@ -370,6 +456,21 @@ class RefinerCore:
                 raise ShapeError("the saved half directions have other shapes than the direction", _CHECKPOINT_FIX)
             if nonfinite(list(halves)):
                 raise NonFiniteError("the saved half directions hold NaN/inf", "load an intact checkpoint")
+        window = state.get("window")
+        if window is not None:
+            if self.schedule.fresh_batches is None:
+                raise ConfigurationError("the state holds a validation window (Schedule.fresh_batches) but this "
+                                         "refiner recomputes the whole direction", "build the refiner with the same "
+                                         "schedule before loading")
+            if not isinstance(window, dict) or set(window) != {"position", "slots"} or \
+                    not isinstance(window["position"], int) or not isinstance(window["slots"], dict):
+                raise ConfigurationError("the refiner state's 'window' is not a validation window", _CHECKPOINT_FIX)
+            if nonfinite(window["slots"]):
+                raise NonFiniteError("the saved validation window holds NaN/inf", "load an intact checkpoint")
+            try:
+                self._window_from_state(window)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ConfigurationError(f"the refiner state's 'window' is malformed ({e})", _CHECKPOINT_FIX) from None
         rng = state["rng_state"]
         if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
@@ -396,3 +497,5 @@ class RefinerCore:
         self._val_loss = float(state["val_loss"])
         self._rng.state = state["rng_state"].clone().cpu()
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
+        window = state.get("window")
+        self._window = None if window is None else self._window_from_state(window)

@@ -28,7 +28,7 @@ from .heads import ActivationCapture, find_classifier, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
-from .scores import SCORE_MODES, GradSum, validation_gradient
+from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
 from .share import AdaptiveShare, resolve_share
 from .valve import RefinementStrength, apply_strength, cross_fit_statistics, resolve_strength
 from .stats import SPREAD_KEYS, StepStats, weight_spread
@@ -322,6 +322,23 @@ class AugmentationRefiner(RefinerCore):
         with self._capture.paused(), self._autocast():
             return self._validation_sum(lambda x, y: self._prepare_val_batch(x, y, num_classes), gradient,
                                         lambda y: y.shape[0])
+
+    def _window_entry(self, x, y, gradient):
+        """Last-layer mode keeps a validation batch's classifier features (and its targets and half
+        mask), so every refresh rebuilds the head gradient of the whole window with the current head."""
+        if self.mode != "last_layer":
+            return gradient(x, y)
+        a, _ = head_features(self.net, x, self.head, bn=self.bn_mode)
+        mask = half_mask(x, y.shape[0], y.device) if self.split_validation else None
+        return {"features": a, "targets": y.float(), "half": mask}
+
+    def _window_sum(self, entries) -> GradSum:
+        if self.mode != "last_layer" or not entries:
+            return super()._window_sum(entries)
+        a = torch.cat([e["features"] for e in entries])
+        y = torch.cat([e["targets"] for e in entries])
+        mask = torch.cat([e["half"] for e in entries]) if self.split_validation else None
+        return head_gradient(a, y, self.head, self.head_name, mask)
 
     def _direction_shapes(self) -> Dict[str, torch.Size]:
         if self.mode == "last_layer":

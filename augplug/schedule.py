@@ -27,6 +27,14 @@ class Schedule:
             and any random validation transform are then fixed for the rest of training.
         bad_val_batch: a validation batch holding NaN/inf is skipped and counted (``"skip"``) or
             rejected with :class:`~augplug.errors.NonFiniteError` (``"raise"``).
+        fresh_batches: validation batches recomputed per refresh; the direction still covers all
+            ``val_batches`` (a window over the loader): the other batches' parts are kept from earlier
+            refreshes. ``None`` (default): every refresh recomputes all of them (exact). In
+            last-layer mode the window keeps the batches' classifier *features* and rebuilds the head
+            gradient from them with the current head at every refresh (exact for the head, stale only
+            in the body's features, which are renewed ``fresh_batches`` batches at a time); in other
+            modes it keeps each batch's gradient as computed (stale in every parameter, and memory of
+            one gradient per batch). The first refresh reads the whole window.
     """
 
     refresh_every: int = 4
@@ -34,6 +42,7 @@ class Schedule:
     warmup_steps: int = 0
     cache_validation: bool = False
     bad_val_batch: str = "skip"
+    fresh_batches: Optional[int] = None
 
     def __post_init__(self):
         def integer(name, value, low):
@@ -44,6 +53,11 @@ class Schedule:
         if self.val_batches != "all":
             integer("val_batches", self.val_batches, 1)
         integer("warmup_steps", self.warmup_steps, 0)
+        if self.fresh_batches is not None:
+            integer("fresh_batches", self.fresh_batches, 1)
+            if self.val_batches != "all" and self.fresh_batches > self.val_batches:
+                raise ConfigurationError(f"fresh_batches={self.fresh_batches} exceeds val_batches={self.val_batches}",
+                                         "recompute at most the batches the direction covers")
         if self.bad_val_batch not in BAD_VAL_BATCH:
             raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {self.bad_val_batch!r}",
                                      "use 'skip' (skip and count non-finite validation batches) or 'raise'")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -136,6 +136,8 @@ class GradSum:
     skipped: int = 0  # validation batches skipped as non-finite while this sum was built (augplug.core)
     #: the same sum over two disjoint halves of the samples (alternate rows), when asked for
     halves: Optional[Tuple["GradSum", "GradSum"]] = None
+    #: the validation window after this refresh (``Schedule.fresh_batches``; kept by the core on commit)
+    window: Optional[Any] = None
 
     def add(self, other: "GradSum") -> "GradSum":
         if not self.sums:
@@ -181,29 +183,9 @@ def validation_gradient(
     net = unwrap_model(model)
     y = targets.float()
     if head is not None:
-        feats = []
-        h = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach()))
-        try:
-            with torch.no_grad(), scoring_mode(net, bn):
-                logits = _forward_logits(net, inputs)
-        finally:
-            h.remove()
-        a = feats[-1].flatten(1).float()
-        logp = F.log_softmax(logits.float(), -1)
-        r = logp.exp() - y  # (B, C) residual: d CE / d z
-
-        def head_sum(m: Optional[torch.Tensor]) -> GradSum:  # m: (B,) 0/1 row mask, or None for all rows
-            rm, ym = (r, y) if m is None else (r * m[:, None], y * m[:, None])
-            sums = {f"{head_name}.weight": rm.t() @ a}
-            if head.bias is not None:
-                sums[f"{head_name}.bias"] = rm.sum(0)
-            count = int(y.shape[0]) if m is None else m.sum()
-            return GradSum(sums, count, (-(ym * logp).sum()).double())
-
-        if not halves:
-            return head_sum(None)
-        m = half_mask(inputs, y.shape[0], y.device).float()
-        return _from_halves(head_sum(m), head_sum(1 - m), int(y.shape[0]))
+        a, logits = head_features(net, inputs, head, bn=bn)
+        mask = half_mask(inputs, y.shape[0], y.device) if halves else None
+        return _head_gradient(a, logits, y, head_name, head.bias is not None, mask)
     if not params:
         raise ConfigurationError("no trainable parameters to differentiate",
                                  "make sure the model has parameters with requires_grad=True")
@@ -219,6 +201,51 @@ def validation_gradient(
             loss = (per * mk).sum()
             parts.append(GradSum(grad_sums(loss, params, retain_graph=k == 0), mk.sum(), loss.detach().double()))
     return _from_halves(*parts, int(y.shape[0]))
+
+
+def head_features(model: nn.Module, inputs, head: nn.Module, *, bn: str = "eval") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(features (B, A) fp32, logits (B, C))`` of a batch: what the head receives and returns in a
+    scoring pass (no grad, dropout off, BatchNorm in ``bn`` mode, running statistics untouched)."""
+    net = unwrap_model(model)
+    feats = []
+    h = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach()))
+    try:
+        with torch.no_grad(), scoring_mode(net, bn):
+            logits = _forward_logits(net, inputs)
+    finally:
+        h.remove()
+    return feats[-1].flatten(1).float(), logits
+
+
+def _head_gradient(a: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head_name: str, bias: bool,
+                   mask: Optional[torch.Tensor] = None) -> GradSum:
+    """Closed-form summed cross-entropy gradient of a linear head, ``sum_j (p_j - y_j) a_j^T`` (and
+    the bias's ``sum_j (p_j - y_j)``), from its features and logits; ``mask``: the rows of half A
+    (:func:`half_mask`), to add the two halves' sums."""
+    logp = F.log_softmax(logits.float(), -1)
+    r = logp.exp() - y  # (B, C) residual: d CE / d z
+
+    def head_sum(m: Optional[torch.Tensor]) -> GradSum:  # m: (B,) 0/1 row mask, or None for all rows
+        rm, ym = (r, y) if m is None else (r * m[:, None], y * m[:, None])
+        sums = {f"{head_name}.weight": rm.t() @ a}
+        if bias:
+            sums[f"{head_name}.bias"] = rm.sum(0)
+        count = int(y.shape[0]) if m is None else m.sum()
+        return GradSum(sums, count, (-(ym * logp).sum()).double())
+
+    if mask is None:
+        return head_sum(None)
+    m = mask.float()
+    return _from_halves(head_sum(m), head_sum(1 - m), int(y.shape[0]))
+
+
+def head_gradient(features: torch.Tensor, targets: torch.Tensor, head: nn.Module, head_name: str,
+                  mask: Optional[torch.Tensor] = None) -> GradSum:
+    """The last-layer validation gradient of cached ``features`` (B, A) with (B, C) ``targets``, at the
+    head's current weights: exact for the head however old the features are."""
+    w = head.weight.detach().flatten(1).float()
+    b = head.bias.detach().float() if head.bias is not None else None
+    return _head_gradient(features, F.linear(features, w, b), targets.float(), head_name, b is not None, mask)
 
 
 _PROJECTIONS: Dict[tuple, torch.Tensor] = {}

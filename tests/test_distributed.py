@@ -51,6 +51,10 @@ CASES = {
     # strength="auto" (the default) decides on the global batch: refinement on every process as
     # soon as one of them holds originals
     "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
+    # a validation window (one fresh batch per refresh): identical windows on every process, each
+    # summing its own slots
+    "saflex-window": dict(refresh_every=1, seed=3, fresh_batches=1),
+    "saflex-window-full-model": dict(refresh_every=1, seed=3, fresh_batches=2, mode="full"),
 }
 
 
@@ -307,6 +311,7 @@ CONTRASTIVE_CASES = {
     "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="_share"),
     "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
+    "saflex-window": dict(refresh_every=1, seed=3, fresh_batches=1),
 }
 
 
