@@ -470,6 +470,7 @@ class ContrastiveRefiner(RefinerCore):
         if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
             raise ModelModeError("the refiner was called with the encoders in eval mode",
                                  "call .train() on the encoders before training steps, or pass check_train_mode=False")
+        started = self._budget_begin()
         batch = _rows(images)
         if not batch:
             raise ShapeError("the image batch is empty or not a batched tensor", "pass a (B, ...) tensor with B >= 1")
@@ -556,6 +557,7 @@ class ContrastiveRefiner(RefinerCore):
         self._count_call()
         self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share,
                                      used_strength)
+        self._budget_end(started)
         return loss
 
     def _scores(self, images, texts_or_targets, v, aug, batch: int, score_all: bool) -> Dict[str, torch.Tensor]:
@@ -634,6 +636,7 @@ class ContrastiveRefiner(RefinerCore):
             "val_loss": self._val_loss,
             "aug_weight": float(aug_weight),
             "strength": float(strength),
+            **self._schedule_stats(),
         }
         wa = weights[d0][aug]
         out["weight_mean"] = float(wa.mean()) if wa.numel() else float("nan")

@@ -28,6 +28,7 @@ from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, ShapeError
+from .budget import OverheadBudget
 from .finite import nonfinite
 from .rng import PrivateRNG
 from .schedule import BAD_VAL_BATCH, Schedule
@@ -122,6 +123,9 @@ class RefinerCore:
         self._v_step = -1
         self._val_loss = float("nan")
         self._window = None        # (slots, next slot) of the validation window (Schedule.fresh_batches)
+        self.budget = (OverheadBudget(schedule.budget, min_interval=schedule.refresh_every)
+                       if schedule.budget is not None else None)
+        self._refresh_seconds: Optional[float] = None
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
@@ -179,9 +183,44 @@ class RefinerCore:
         return float(self._val_loss)
 
     # ------------------------------------------------------------------ the refresh schedule
+    @property
+    def refresh_interval(self) -> int:
+        """Updates between refreshes: the schedule's ``refresh_every``, or the budget's choice."""
+        return self.budget.interval if self.budget is not None else self.refresh_every
+
     def direction_is_due(self) -> bool:
         """Whether a call now recomputes the validation direction."""
-        return self._v is None or self.step_count - self._v_step >= self.refresh_every
+        return self._v is None or self.step_count - self._v_step >= self.refresh_interval
+
+    # ------------------------------------------------------------------ the overhead budget
+    def _sync(self) -> None:
+        dev = self._device()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def _schedule_stats(self) -> Dict[str, float]:
+        """``refresh_interval`` (updates between refreshes) and, with a budget, ``overhead`` (the
+        refiner's measured share of a plain iteration at that interval)."""
+        out = {"refresh_interval": self.refresh_interval}
+        if self.budget is not None:
+            out["overhead"] = self.budget.overhead()
+        return out
+
+    def _budget_begin(self) -> Optional[float]:
+        """At a call's start: the time (None without a budget)."""
+        self._refresh_seconds = None
+        return self.budget.call_started() if self.budget is not None else None
+
+    def _budget_end(self, started: Optional[float]) -> None:
+        """At a successful call's end: record its own time. On a GPU the call's own time needs a
+        device sync; it is taken on refresh calls (synchronised anyway) and every 8th call."""
+        if started is None:
+            return
+        if self._refresh_seconds is None and self._device().type == "cuda":
+            if self.calls % 8:
+                return
+            self._sync()
+        self.budget.call_finished(started, self._refresh_seconds)
 
     def _num_val_batches(self) -> Optional[int]:
         """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
@@ -202,6 +241,29 @@ class RefinerCore:
         :meth:`_window_sum`); the new window travels in ``GradSum.window`` until the call commits.
         Advances the stream; changes nothing else.
         """
+        if self.budget is not None:
+            self._sync()
+            t0 = self.budget.clock()
+        total = self._validation_sum_untimed(prepare, gradient, rows)
+        if self.budget is not None:
+            self._sync()
+            self._refresh_seconds = self.budget.clock() - t0
+            self._choose_interval()
+        return total
+
+    def _choose_interval(self) -> None:
+        """The budget's next refresh interval, from measurements averaged over the processes (inside
+        the refresh, which every process reaches), so every process chooses the same one."""
+        m = self.budget.measurements()
+        t, c = (m[0], m[1]) if m is not None else (0.0, 0.0)
+        stats = torch.tensor([t, c, float(self._refresh_seconds), float(m is not None)], dtype=torch.float64)
+        if dist_world_size() > 1:
+            all_reduce_sum_([stats])
+        world = dist_world_size()
+        if float(stats[3]) == world:
+            self.budget.choose(tuple(float(v) / world for v in stats[:3]))
+
+    def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
         fresh = self.schedule.fresh_batches
         if fresh is None:
             parts = []
@@ -376,6 +438,7 @@ class RefinerCore:
             "v_halves": None if self._v_halves is None else [{k: t.detach().clone() for k, t in h.items()}
                                                               for h in self._v_halves],
             "window": self._window_state(),
+            "budget": self.budget.state_dict() if self.budget is not None else None,
         }
 
     def _window_state(self) -> Optional[Dict[str, Any]]:
@@ -471,6 +534,12 @@ class RefinerCore:
                 self._window_from_state(window)
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ConfigurationError(f"the refiner state's 'window' is malformed ({e})", _CHECKPOINT_FIX) from None
+        budget = state.get("budget")
+        if budget is not None:
+            if self.budget is None:
+                raise ConfigurationError("the state holds an overhead budget but this refiner has none",
+                                         "build the refiner with the same schedule before loading")
+            self.budget.check_state(budget)
         rng = state["rng_state"]
         if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
@@ -499,3 +568,5 @@ class RefinerCore:
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
         window = state.get("window")
         self._window = None if window is None else self._window_from_state(window)
+        if state.get("budget") is not None:
+            self.budget.load_state_dict(state["budget"])

@@ -372,6 +372,7 @@ class AugmentationRefiner(RefinerCore):
                 "the refiner was called with the model in eval mode",
                 "call model.train() before training steps (use a plain criterion for evaluation), "
                 "or pass check_train_mode=False")
+        started = self._budget_begin()
         check_logits(logits, values=False)
         batch, num_classes = logits.shape
         if batch == 0:
@@ -442,6 +443,7 @@ class AugmentationRefiner(RefinerCore):
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
                                      used_share, used_strength)
+        self._budget_end(started)
         return loss
 
     def _context(self, logits, y, aug, active, **kw) -> RefineContext:
@@ -579,7 +581,7 @@ class AugmentationRefiner(RefinerCore):
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
                           "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
-                          "skipped_val_batches": self.skipped_val_batches},
+                          "skipped_val_batches": self.skipped_val_batches, **self._schedule_stats()},
                          summaries, summary_keys=StepStats.SUMMARY_KEYS + SPREAD_KEYS + ("aug_weight", "strength"))
 
     # ------------------------------------------------------------------ checks and state

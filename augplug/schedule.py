@@ -35,6 +35,12 @@ class Schedule:
             in the body's features, which are renewed ``fresh_batches`` batches at a time); in other
             modes it keeps each batch's gradient as computed (stale in every parameter, and memory of
             one gradient per batch). The first refresh reads the whole window.
+        budget: the refiner's allowed share of a plain training step (e.g. 0.1). The refiner then
+            times its own work and the iteration and chooses the refresh interval (at least
+            ``refresh_every``) to stay within it (:mod:`augplug.budget`); ``stats["refresh_interval"]``
+            and ``stats["overhead"]`` report the choice and the measured share. The schedule then
+            depends on measured time (not bit-reproducible). ``None`` (default): refresh every
+            ``refresh_every`` updates.
     """
 
     refresh_every: int = 4
@@ -43,6 +49,7 @@ class Schedule:
     cache_validation: bool = False
     bad_val_batch: str = "skip"
     fresh_batches: Optional[int] = None
+    budget: Optional[float] = None
 
     def __post_init__(self):
         def integer(name, value, low):
@@ -58,6 +65,10 @@ class Schedule:
             if self.val_batches != "all" and self.fresh_batches > self.val_batches:
                 raise ConfigurationError(f"fresh_batches={self.fresh_batches} exceeds val_batches={self.val_batches}",
                                          "recompute at most the batches the direction covers")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not self.budget > 0):
+            raise ConfigurationError(f"budget must be a positive fraction of a training step, got {self.budget!r}",
+                                     "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
         if self.bad_val_batch not in BAD_VAL_BATCH:
             raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {self.bad_val_batch!r}",
                                      "use 'skip' (skip and count non-finite validation batches) or 'raise'")

@@ -392,3 +392,31 @@ def test_contrastive_two_processes_match_one_process(tmp_path, case):
             assert r[f"strength{step}"] == one[f"strength{step}"] == 1.0
     if "adaptive" in case:
         assert one["share0"] != 0.5 and one["share1"] != one["share0"]
+
+
+def _budget_worker(out_dir: str) -> None:
+    acc = _accelerator()
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = AugmentationRefiner(model, opt, val, accelerator=acc, method_options=dict(strength=1.0),
+                                  schedule=dict(refresh_every=1, budget=0.05))
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    intervals, refreshed = [], []
+    for step in range(30):
+        loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        intervals.append(refiner.stats["refresh_interval"])
+        refreshed.append(refiner.stats["refreshed"])
+    torch.save({"intervals": intervals, "refreshed": refreshed}, os.path.join(out_dir, f"budget{r}.pt"))
+
+
+def test_budget_chooses_the_same_interval_on_every_process(tmp_path):
+    """Each process measures its own times; they average them inside the refresh, so the refresh
+    schedule (and with it every collective) stays the same on all of them."""
+    _launch("_budget_worker", str(tmp_path))
+    a, b = (torch.load(tmp_path / f"budget{r}.pt", weights_only=True) for r in range(WORLD))
+    assert a == b
+    assert sum(a["refreshed"]) >= 2
