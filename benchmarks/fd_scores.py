@@ -46,9 +46,9 @@ SHAPES = {"smallcnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 DEFAULT_STEPS = (1e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2)
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, dropout: float = 0.2) -> torch.nn.Module:
     if name == "smallcnn":
-        return SmallCNN(1, NUM_CLASSES, img_size=28)
+        return SmallCNN(1, NUM_CLASSES, img_size=28, dropout=dropout)
     import timm
 
     return timm.create_model("resnet18", num_classes=NUM_CLASSES, pretrained=False)
@@ -61,11 +61,11 @@ def synthetic(shape, n: int, gen: torch.Generator, templates: torch.Tensor):
     return x, y
 
 
-def prepared(name: str, seed: int, sgd_steps: int, batch: int):
+def prepared(name: str, seed: int, sgd_steps: int, batch: int, dropout: float = 0.2):
     """A model after ``sgd_steps`` SGD steps, a scored batch with labels, and a validation direction."""
     shape = SHAPES[name]
     torch.manual_seed(seed)
-    model = build(name).train()
+    model = build(name, dropout).train()
     gen = torch.Generator().manual_seed(seed + 1000)
     templates = torch.randn(NUM_CLASSES, *shape, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -104,19 +104,22 @@ def accuracy_rows(args) -> List[List[str]]:
             per: Dict[tuple, List[Dict[str, float]]] = {}
             oracle_err = []
             for seed in args.seeds:
-                model, x, y, v = prepared(name, seed, sgd_steps, args.batch)
+                model, x, y, v = prepared(name, seed, sgd_steps, args.batch, 0.0 if args.bn == "train" else 0.2)
                 g = full_scores(model, x, v, bn=args.bn)
                 model64 = copy.deepcopy(model).double()
                 g64 = full_scores(model64, x.double(), {k: t.double() for k, t in v.items()}, bn=args.bn)
                 oracle_err.append(float((g.double() - g64.double()).norm() / g64.double().norm()))
-                base = base_log_probs(model, x, args.bn)
+                schemes = {"central": None, "one-sided": base_log_probs(model, x, args.bn)}
+                if args.bn == "train":  # the training forward itself (grad enabled, train mode) as the base
+                    with torch.enable_grad():
+                        schemes["one-sided, base: training forward"] = F.log_softmax(
+                            copy.deepcopy(model).train()(x).float(), -1).detach()
                 theta = torch.sqrt(sum((p.detach().double() ** 2).sum() for n, p in model.named_parameters() if n in v))
                 v_norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
                 for step in [None] + list(args.steps):  # None: the function's default
                     eps = None if step is None else float(step * theta / v_norm)
-                    for scheme in ("central", "one_sided"):
-                        g_fd = finite_difference_scores(model, x, v, bn=args.bn, eps=eps,
-                                                        base_log_probs=base if scheme == "one_sided" else None)
+                    for scheme, base in schemes.items():
+                        g_fd = finite_difference_scores(model, x, v, bn=args.bn, eps=eps, base_log_probs=base)
                         per.setdefault((scheme, step), []).append(agreement_metrics(g_fd, g, y))
             state = "random init" if sgd_steps == 0 else f"after {sgd_steps} SGD steps"
             rows.append([name, state, "forward-mode fp32 vs fp64", "—", f"{np.mean(oracle_err):.1e}", "—", "—", "—"])
@@ -125,7 +128,7 @@ def accuracy_rows(args) -> List[List[str]]:
                 worst = {"rel_err": max(m["rel_err"] for m in ms), "spearman": min(m["spearman"] for m in ms),
                          "kendall": min(m["kendall"] for m in ms), "flips": max(m["flips"] for m in ms)}
                 step_cell = f"default ({FD_RELATIVE_STEP:g})" if step is None else f"{step:g}"
-                rows.append([name, state, scheme.replace("_", "-"), step_cell,
+                rows.append([name, state, scheme, step_cell,
                              f"{mean['rel_err']:.2e} ({worst['rel_err']:.2e})",
                              f"{mean['spearman']:.4f} ({worst['spearman']:.4f})",
                              f"{mean['kendall']:.4f} ({worst['kendall']:.4f})",
@@ -210,7 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     cmd = " ".join(["python -m benchmarks.fd_scores"] + ([shlex.join(argv)] if argv else []))
     pre = (f"Command: `{cmd}`\n\ntorch {torch.__version__}; batch {args.batch}; BatchNorm {args.bn}; "
            f"seeds {args.seeds}; oracle `full_scores` (fp32); a = y^T g with the batch's labels; "
-           "each cell: mean over seeds (worst seed).")
+           "each cell: mean over seeds (worst seed)."
+           + (" BatchNorm train: SmallCNN without dropout, so that the training forward can be the base."
+              if args.bn == "train" else ""))
     text = write_markdown_table(
         None, ["model", "state", "scores", "step ||eps v||/||theta||", "rel. error", "Spearman (a)",
                "Kendall (a)", "sign flips of a"], accuracy_rows(args),

@@ -343,9 +343,9 @@ def lookahead_meta_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    eps = torch.zeros(x.shape[0], device=x.device, requires_grad=True)
     with torch.enable_grad():
         losses = F.cross_entropy(functional_call(model, (params, buffers), (x,)), y, reduction="none")
+        eps = torch.zeros_like(losses, requires_grad=True)
         grads = torch.autograd.grad((eps * losses).sum(), list(params.values()), create_graph=True,
                                     allow_unused=True)
         virtual = {n: p if gr is None else p - lr * gr for (n, p), gr in zip(params.items(), grads)}
