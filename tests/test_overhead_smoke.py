@@ -74,6 +74,13 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(overhead, "AugmentationRefiner", Recording)
+    fd_rows = []  # rows scored by finite differences (the fd-r4 configuration)
+
+    def counting_fd(model, inputs, v, **kwargs):
+        fd_rows.append(inputs.shape[0])
+        return augplug.scores.finite_difference_scores(model, inputs, v, **kwargs)
+
+    monkeypatch.setattr(overhead, "finite_difference_scores", counting_fd)
     threads = torch.get_num_threads()
     try:
         result = overhead.main(["--quick", "--models", "smallcnn", "--val-sizes", "64", "--budgets", "0.5", "2",
@@ -82,6 +89,8 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [0.5, 2, 0.5, 2]
+    # fd-r4, 2 budgets, (warm-up 1 + 3 rounds x K 4) steps each, every one scoring the 64 rows
+    assert fd_rows == [64] * (2 * 13)
     text = (tmp_path / "budgets.md").read_text(encoding="utf-8")
     steps = _table_rows(text, "model")
     assert [(r[1], r[3]) for r in steps] == [
