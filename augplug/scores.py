@@ -312,8 +312,8 @@ def finite_difference_scores(
     eps: Union[None, float, torch.Tensor] = None,
     base_log_probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``g`` (B, C) from no-grad forwards at parameters moved along ``v``: a cheap stand-in for
-    :func:`full_scores`.
+    """``g`` (B, C) from no-grad forwards at parameters moved along ``v``: a stand-in for
+    :func:`full_scores` that needs only plain forwards (no forward-mode formulas, no tangents).
 
     Without ``base_log_probs``: the central difference
     ``(log p(x; theta + eps v) - log p(x; theta - eps v)) / (2 eps)``, two forwards, error O(eps^2).
@@ -355,32 +355,40 @@ def finite_difference_scores(
         else:
             eps = torch.as_tensor(eps, dtype=dtype, device=device)
 
-    def logits(sign: float) -> torch.Tensor:
-        params = {}
-        if thetas:
-            params = dict(zip(names, torch._foreach_add(thetas, torch._foreach_mul(tangents, sign * eps))))
-        out = functional_call(net, params, (x,), strict=False)
+    step = torch._foreach_mul(tangents, eps) if thetas else []  # eps v, once for both sides
+
+    def logits(sign: int) -> torch.Tensor:
+        """The logits at ``theta + sign * eps v``."""
+        if sign == 0:
+            moved = thetas
+        else:
+            moved = torch._foreach_add(thetas, step) if sign > 0 else torch._foreach_sub(thetas, step)
+        out = functional_call(net, dict(zip(names, moved)), (x,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out if out.dtype == torch.float64 else out.float()
 
     x = inputs
+    rows = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else None
+    if one_sided and (base_log_probs.dim() != 2 or (rows is not None and base_log_probs.shape[0] != rows)):
+        raise ShapeError(f"base_log_probs has shape {tuple(base_log_probs.shape)} for {rows} input rows",
+                         "pass log_softmax of the logits of exactly these rows, shape (rows, classes)")
     with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), \
             preserved_parameters(net):
         if torch.is_tensor(x) and x.is_floating_point() and thetas:
             x = x.to(thetas[0].dtype)
         if not thetas:
-            return torch.zeros_like(logits(0.0), dtype=torch.float32)
-        upper = logits(1.0)
+            return torch.zeros_like(logits(0), dtype=torch.float32)
+        upper = logits(1)
         if one_sided:
             base = base_log_probs.detach().to(upper.dtype)
             if base.shape != upper.shape:
-                raise ShapeError(f"base_log_probs has shape {tuple(base.shape)}, the scored rows give "
+                raise ShapeError(f"base_log_probs has shape {tuple(base.shape)}, the model gives "
                                  f"{tuple(upper.shape)}", "pass log_softmax of the logits of exactly these rows")
             d = (F.log_softmax(upper, -1) - base) / eps
             p = base.exp()
         else:
-            lower = logits(-1.0)
+            lower = logits(-1)
             d = (upper - lower) / (2 * eps)
             p = torch.softmax((upper + lower) / 2, -1)
         # the log-softmax Jacobian is (I - 1 p^T) times the logit Jacobian: centring the difference
