@@ -19,6 +19,9 @@ first-order drop of the validation loss after one SGD step on ``(x, y)``. Three 
     reverse-over-reverse: ``g = d/d zeta [ (d/d theta sum_i zeta_i^T log p_i) . v ]`` for layers
     without forward-mode formulas (1 forward + 2 backwards).
 
+:func:`finite_difference_scores` approximates ``"full"`` with plain no-grad forwards at parameters
+moved along ``v`` (two forwards, central difference; one when ``log p(x; theta)`` is at hand).
+
 The log-softmax Jacobian (not the logit Jacobian) is used throughout: the two differ by a
 per-sample shift ``(p^T g_logit) 1`` that changes the sign test ``y^T g >= 0``.
 """
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import ConfigurationError, UnsupportedModelError
+from .errors import ConfigurationError, ShapeError, UnsupportedModelError
 from .heads import unwrap_model
 
 __all__ = [
@@ -48,6 +51,8 @@ __all__ = [
     "validation_gradient",
     "last_layer_scores",
     "full_scores",
+    "finite_difference_scores",
+    "FD_RELATIVE_STEP",
     "double_backward_scores",
     "class_scores",
 ]
@@ -314,6 +319,109 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
     if tangent is None:
         return torch.zeros_like(logp)
     return tangent.float()
+
+
+#: Default length of the parameter step of :func:`finite_difference_scores` relative to the
+#: parameters' norm, ``||eps v|| = FD_RELATIVE_STEP * ||theta||`` (norms over the parameters named in
+#: ``v``): about 100 fp32 ulps per parameter. Smaller steps drown the difference in the forwards'
+#: rounding (error ~ 1/step), larger ones cross more ReLU/max-pool kinks and add curvature; measured
+#: on SmallCNN and resnet18, the error is flat between 3e-6 and 3e-5 (docs/benchmarks.md,
+#: "Finite-difference scores").
+FD_RELATIVE_STEP = 1e-5
+
+
+def finite_difference_scores(
+    model: nn.Module,
+    inputs,
+    v: Dict[str, torch.Tensor],
+    *,
+    bn: str = "eval",
+    eps: Union[None, float, torch.Tensor] = None,
+    base_log_probs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``g`` (B, C) from no-grad forwards at parameters moved along ``v``: a stand-in for
+    :func:`full_scores` that needs only plain forwards (no forward-mode formulas, no tangents).
+
+    Without ``base_log_probs``: the central difference
+    ``(log p(x; theta + eps v) - log p(x; theta - eps v)) / (2 eps)``, two forwards, error O(eps^2).
+    With ``base_log_probs`` (``log p(x; theta)``, fp32, from a forward of the same rows with the same
+    parameters, BatchNorm in the same ``bn`` mode and dropout off): the one-sided difference, one
+    forward, error O(eps). The moved parameters are passed through ``functional_call``; the model's
+    own parameters are never modified, and BatchNorm's running statistics are restored.
+
+    ``eps`` (the multiplier of ``v``) defaults to ``FD_RELATIVE_STEP * ||theta|| / ||v||``, computed
+    on the device (no host sync). The result is centred, ``g - (p^T g) 1`` with ``p`` the softmax at
+    ``theta``, as exact log-softmax scores are. Forwards run in the parameters' precision with
+    autocast off; fp16/bf16 parameters are refused, their rounding swamps the difference. At a
+    ReLU input exactly 0 (e.g. timm's zero-initialised last BatchNorm of a residual block) the
+    central difference takes slope 1/2 where forward mode takes 0.
+    """
+    net = unwrap_model(model)
+    named = dict(net.named_parameters())
+    unknown = [n for n in v if n not in named]
+    if unknown:
+        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}",
+                                 "compute the validation gradient on this model")
+    names = list(v)
+    thetas = [named[n].detach() for n in names]
+    low = sorted({str(t.dtype) for t in thetas if t.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ConfigurationError(f"finite-difference scores need fp32 or fp64 parameters, got {', '.join(low)}",
+                                 "keep the parameters in fp32 (autocast is fine) or use full_scores")
+    tangents = [v[n].to(t.dtype) for n, t in zip(names, thetas)]
+    device_type = inputs.device.type if torch.is_tensor(inputs) else "cpu"
+    one_sided = base_log_probs is not None
+    if thetas:
+        dtype, device = thetas[0].dtype, thetas[0].device
+        if eps is None:
+            theta_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(thetas)).to(dtype))
+            v_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tangents)).to(dtype))
+            # v = 0 gives a finite eps and a zero difference; theta = 0 falls back to a unit scale
+            eps = FD_RELATIVE_STEP * torch.where(theta_norm > 0, theta_norm, torch.ones_like(theta_norm)) \
+                / v_norm.clamp_min(torch.finfo(dtype).tiny)
+        else:
+            eps = torch.as_tensor(eps, dtype=dtype, device=device)
+
+    step = torch._foreach_mul(tangents, eps) if thetas else []  # eps v, once for both sides
+
+    def logits(sign: int) -> torch.Tensor:
+        """The logits at ``theta + sign * eps v``."""
+        if sign == 0:
+            moved = thetas
+        else:
+            moved = torch._foreach_add(thetas, step) if sign > 0 else torch._foreach_sub(thetas, step)
+        out = functional_call(net, dict(zip(names, moved)), (x,), strict=False)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out if out.dtype == torch.float64 else out.float()
+
+    x = inputs
+    rows = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else None
+    if one_sided and (base_log_probs.dim() != 2 or (rows is not None and base_log_probs.shape[0] != rows)):
+        raise ShapeError(f"base_log_probs has shape {tuple(base_log_probs.shape)} for {rows} input rows",
+                         "pass log_softmax of the logits of exactly these rows, shape (rows, classes)")
+    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), \
+            preserved_parameters(net):
+        if torch.is_tensor(x) and x.is_floating_point() and thetas:
+            x = x.to(thetas[0].dtype)
+        if not thetas:
+            return torch.zeros_like(logits(0), dtype=torch.float32)
+        upper = logits(1)
+        if one_sided:
+            base = base_log_probs.detach().to(upper.dtype)
+            if base.shape != upper.shape:
+                raise ShapeError(f"base_log_probs has shape {tuple(base.shape)}, the model gives "
+                                 f"{tuple(upper.shape)}", "pass log_softmax of the logits of exactly these rows")
+            d = (F.log_softmax(upper, -1) - base) / eps
+            p = base.exp()
+        else:
+            lower = logits(-1)
+            d = (upper - lower) / (2 * eps)
+            p = torch.softmax((upper + lower) / 2, -1)
+        # the log-softmax Jacobian is (I - 1 p^T) times the logit Jacobian: centring the difference
+        # gives p^T g = 0 exactly, and y^T g = (y - p)^T d damps the rounding noise of confident rows
+        g = d - (p * d).sum(-1, keepdim=True)
+    return g.float()
 
 
 def double_backward_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:

@@ -1,9 +1,12 @@
 """Step-time overhead of ``AugmentationRefiner`` relative to a plain training step.
 
-For each model, one plain configuration (``F.cross_entropy``) and several SAflex configurations
-(``loss = refiner(logits, y)``) are built from deep copies of one initial model, each with its own
-SGD optimizer (and refiner), all in train mode, all fed the same fixed training batch. Timing is
-interleaved in a single process so that machine noise hits every configuration alike:
+For each model, one plain configuration (``F.cross_entropy``), several SAflex configurations
+(``loss = refiner(logits, y)``), each at every validation-set size of ``--val-sizes`` (and every
+``--budgets`` value, passed to the refiner as ``budget=``), and a peer, the one-step look-ahead
+meta-gradient of L2RW / Meta-Weight-Net (:func:`l2rw_lookahead_step`), are built from deep copies
+of one initial model, each with its own SGD optimizer (and refiner), all in train mode, all fed the
+same fixed training batch. Timing is interleaved in a single process so that machine noise hits
+every configuration alike:
 
 * warm-up: ``--warmup`` steps per configuration;
 * ``--rounds`` rounds; in each round every configuration, in a freshly shuffled order, runs a block
@@ -21,6 +24,11 @@ pass, and the last-layer equivalents (validation gradient and closed-form scores
     python -m benchmarks.overhead                          # both models, defaults
     python -m benchmarks.overhead --quick --models smallcnn   # smoke run
     python -m benchmarks.overhead --num-original 32       # half originals: the adaptive share at work
+    python -m benchmarks.overhead --val-sizes 256 --val-batches 1 --configs full-r1 ll-r4  # a subset
+
+The "finite differences" configurations are the full-model configurations with their scores from
+``augplug.scores.finite_difference_scores`` (central difference, two no-grad forwards) instead of
+the forward-mode pass; see :func:`finite_difference_patch`.
 
 Writes ``<results-dir>/<out>.md`` and ``<results-dir>/<out>.png`` (default
 ``benchmarks/results/overhead/overhead.{md,png}``).
@@ -28,6 +36,7 @@ Writes ``<results-dir>/<out>.md`` and ``<results-dir>/<out>.png`` (default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -40,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -48,14 +57,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import augplug
+import augplug.scores
 from augplug import AugmentationRefiner, find_classifier
 from augplug.functional import class_scores, last_layer_scores
 from augplug.models import SmallCNN
+from augplug.scores import finite_difference_scores
 
-from .common import amp_autocast, backward_and_step, results_dir, save_bar_plot, set_threads, write_markdown_table
+from .common import amp_autocast, backward_and_step, parse_value, results_dir, set_threads, write_markdown_table
 
 NUM_CLASSES = 10
 PLAIN = "plain"
@@ -85,38 +97,52 @@ MODELS: Dict[str, ModelSpec] = {
 @dataclass(frozen=True)
 class Config:
     label: str
+    #: short name: the plot's bar label and the ``--configs`` selector
+    key: str
     mode: str
     refresh_every: int
     #: ``None``: the refiner's default (SAflex: the adaptive share); a number: a fixed share
     aug_weight: Optional[float] = None
+    #: ``"fd"``: full-model scores by finite differences (:func:`finite_difference_patch`)
+    scores: str = "forward"
 
 
-#: The refined configurations, each compared with the plain step.
+#: The refined configurations, each compared with the plain step (extend here: every entry is timed
+#: at every validation size and budget).
 CONFIGS: Tuple[Config, ...] = (
-    Config("saflex full, refresh 1", "full", 1),
-    Config("saflex full, refresh 4", "full", 4),
-    Config("saflex last_layer, refresh 1", "last_layer", 1),
-    Config("saflex last_layer, refresh 4", "last_layer", 4),
-    Config("saflex double_backward, refresh 4 (fallback)", "double_backward", 4),
+    Config("saflex full, refresh 1", "full-r1", "full", 1),
+    Config("saflex full, refresh 4", "full-r4", "full", 4),
+    Config("saflex full (finite differences), refresh 1", "fd-r1", "full", 1, scores="fd"),
+    Config("saflex full (finite differences), refresh 4", "fd-r4", "full", 4, scores="fd"),
+    Config("saflex last_layer, refresh 1", "ll-r1", "last_layer", 1),
+    Config("saflex last_layer, refresh 4", "ll-r4", "last_layer", 4),
+    Config("saflex double_backward, refresh 4 (fallback)", "dbl-r4", "double_backward", 4),
 )
 #: Added with ``--num-original N``: the default configurations again with a fixed share of augmented
 #: rows (``aug_weight=1.0``, the paper's loss), so the cost of the adaptive share can be read off.
 FIXED_SHARE_CONFIGS: Tuple[Config, ...] = (
-    Config("saflex full, refresh 4, fixed share", "full", 4, 1.0),
-    Config("saflex last_layer, refresh 1, fixed share", "last_layer", 1, 1.0),
+    Config("saflex full, refresh 4, fixed share", "full-r4-fixed", "full", 4, 1.0),
+    Config("saflex last_layer, refresh 1, fixed share", "ll-r1-fixed", "last_layer", 1, 1.0),
 )
-CONFIG_LABELS: Tuple[str, ...] = (PLAIN,) + tuple(c.label for c in CONFIGS)
+#: The peer timed beside the refiner (once per model: it reads one validation batch per step).
+PEER = "L2RW look-ahead meta-gradient (peer)"
+PEER_KEY = "l2rw-lookahead"
+CONFIG_LABELS: Tuple[str, ...] = (PLAIN,) + tuple(c.label for c in CONFIGS) + (PEER,)
+CONFIG_KEYS: Tuple[str, ...] = tuple(c.key for c in CONFIGS + FIXED_SHARE_CONFIGS) + (PEER_KEY,)
 
 
-def configs_for(num_original: int) -> Tuple[Config, ...]:
-    """The refined configurations timed for a batch whose first ``num_original`` rows are originals."""
-    return CONFIGS + (FIXED_SHARE_CONFIGS if num_original > 0 else ())
+def configs_for(num_original: int, keys: Optional[Sequence[str]] = None) -> Tuple[Config, ...]:
+    """The refined configurations timed for a batch whose first ``num_original`` rows are originals
+    (only those whose key is in ``keys``, when given)."""
+    configs = CONFIGS + (FIXED_SHARE_CONFIGS if num_original > 0 else ())
+    return tuple(c for c in configs if keys is None or c.key in keys)
 
 #: Rows of the breakdown table, in order (keys of the timed items, then the derived row).
 BREAKDOWN_ITEMS: Tuple[Tuple[str, str], ...] = (
     ("plain", "(i) forward + backward + step (plain)"),
     ("vgrad_full", "(ii) validation gradient, full (1 batch)"),
     ("scores_full", "(iii) scores pass, full (forward-mode)"),
+    ("scores_fd", "(iii') scores, full (finite differences, central: 2 no-grad forwards)"),
     ("vgrad_ll", "(iv) validation gradient, last_layer (1 batch)"),
     ("scores_ll", "(iv) scores, last_layer (closed form)"),
     ("refined", "whole refined step, full refresh 1"),
@@ -243,7 +269,8 @@ class Setup:
     base: nn.Module
     x: torch.Tensor
     y: torch.Tensor
-    val_set: TensorDataset
+    #: validation sets by size, nested (each is the first rows of the largest)
+    val_sets: Dict[int, TensorDataset]
     val_batch: int
     seed: int
     cache_validation: bool = False
@@ -252,16 +279,34 @@ class Setup:
     def copy_model(self) -> nn.Module:
         return copy.deepcopy(self.base).train()
 
-    def val_loader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch, shuffle=True)
+    def val_loader(self, val_size: Optional[int] = None) -> DataLoader:
+        size = min(self.val_sets) if val_size is None else val_size
+        return DataLoader(self.val_sets[size], batch_size=self.val_batch, shuffle=True)
 
     def refiner(self, model: nn.Module, opt: Optional[torch.optim.Optimizer], mode: str,
-                refresh_every: int, aug_weight: Optional[float] = None) -> AugmentationRefiner:
-        r = AugmentationRefiner(model, opt, self.val_loader(), method="saflex", mode=mode, seed=self.seed,
-                                method_options=dict(aug_weight=aug_weight, strength=1.0),
-                                schedule=dict(refresh_every=refresh_every, val_batches=1, cache_validation=self.cache_validation))  # time the refinement, also on batches without originals
+                refresh_every: int, aug_weight: Optional[float] = None, *, val_size: Optional[int] = None,
+                val_batches="all", budget=None, fresh_batches=None) -> AugmentationRefiner:
+        """The one place the benchmark builds refiners; ``budget`` / ``fresh_batches`` are passed on only
+        when given."""
+        extra = {k: v for k, v in (("budget", budget), ("fresh_batches", fresh_batches)) if v is not None}
+        r = AugmentationRefiner(model, opt, self.val_loader(val_size), method="saflex", mode=mode, seed=self.seed,
+                                method_options=dict(aug_weight=aug_weight, strength=1.0),  # refine batches without originals too
+                                schedule=dict(refresh_every=refresh_every, val_batches=val_batches,
+                                              cache_validation=self.cache_validation, **extra))
         self.refiners.append(r)
         return r
+
+    def val_stream(self, device: torch.device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Validation batches of the largest set forever (for the peer): from the DataLoader, or
+        kept on the device with ``cache_validation``."""
+        loader = self.val_loader(max(self.val_sets))
+        if self.cache_validation:
+            cached = [(vx.to(device), vy.to(device)) for vx, vy in loader]
+            while True:
+                yield from cached
+        while True:
+            for vx, vy in loader:
+                yield vx.to(device, non_blocking=True), vy.to(device, non_blocking=True)
 
     def close(self) -> None:
         for r in self.refiners:
@@ -269,16 +314,109 @@ class Setup:
         self.refiners.clear()
 
 
-def make_setup(spec: ModelSpec, device: torch.device, batch: int, val_batch: int, val_size: int,
+def make_setup(spec: ModelSpec, device: torch.device, batch: int, val_batch: int, val_sizes: Sequence[int],
                seed: int, cache_validation: bool = False) -> Setup:
     torch.manual_seed(seed)
     base = spec.build().to(device).train()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, *spec.input_shape, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
-    vx = torch.randn(val_size, *spec.input_shape, generator=g)
-    vy = torch.randint(0, NUM_CLASSES, (val_size,), generator=g)
-    return Setup(spec, base, x, y, TensorDataset(vx, vy), val_batch, seed, cache_validation)
+    largest = max(val_sizes)
+    vx = torch.randn(largest, *spec.input_shape, generator=g)
+    vy = torch.randint(0, NUM_CLASSES, (largest,), generator=g)
+    val_sets = {n: TensorDataset(vx[:n], vy[:n]) for n in sorted(set(val_sizes))}
+    return Setup(spec, base, x, y, val_sets, val_batch, seed, cache_validation)
+
+
+# ---------------------------------------------------------------------------------------------
+# the peer: L2RW / Meta-Weight-Net's one-step look-ahead
+
+
+def lookahead_meta_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor,
+                            val_y: torch.Tensor, lr: float) -> torch.Tensor:
+    """``d/d eps L_val(theta - lr * grad_theta sum_i eps_i l_i(theta))`` at ``eps = 0``, shape (B,).
+
+    L2RW's (Ren et al., 2018) meta-gradient, as its users compute it: a virtual SGD step through
+    ``torch.func.functional_call`` (the model's parameters are not touched), both passes in the
+    model's current mode. The passes run on copies of the buffers, so BatchNorm's running
+    statistics are left alone.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.enable_grad():
+        losses = F.cross_entropy(functional_call(model, (params, buffers), (x,)), y, reduction="none")
+        eps = torch.zeros_like(losses, requires_grad=True)
+        grads = torch.autograd.grad((eps * losses).sum(), list(params.values()), create_graph=True,
+                                    allow_unused=True)
+        virtual = {n: p if gr is None else p - lr * gr for (n, p), gr in zip(params.items(), grads)}
+        val_loss = F.cross_entropy(functional_call(model, (virtual, buffers), (val_x,)), val_y)
+        (meta,) = torch.autograd.grad(val_loss, eps)
+    return meta
+
+
+def l2rw_weights_from_meta(meta: torch.Tensor) -> torch.Tensor:
+    """L2RW's weights: ``max(-meta, 0)`` normalised to sum 1 (left as they are when all are 0)."""
+    w = (-meta).clamp_min(0)
+    total = w.sum()
+    return w / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def l2rw_lookahead_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                        val_batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], amp: bool) -> Callable[[], None]:
+    """One L2RW training step per call: the look-ahead meta-gradient on the next validation batch,
+    then the weighted real step ``sum_i w_i l_i`` (a fresh forward, as the reference code does)."""
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    lr = opt.param_groups[0]["lr"]
+
+    def step() -> None:
+        val_x, val_y = next(val_batches)
+        with amp_autocast(amp):
+            w = l2rw_weights_from_meta(lookahead_meta_gradient(model, x, y, val_x, val_y, lr))
+            loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum()
+        backward_and_step(loss, opt, scaler)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# finite-difference scores inside the refiner
+
+
+@contextlib.contextmanager
+def finite_difference_patch(calls: List[int]):
+    """While active, full-model class scores (``augplug.scores.class_scores(mode="full")``, which
+    the refiner looks up at each call) come from ``finite_difference_scores``; ``calls[0]`` counts
+    them. The refiner has no finite-difference mode yet: once it has one, give the "fd"
+    configurations that mode instead of this patch."""
+    original = augplug.scores.class_scores
+
+    def fd_class_scores(model, inputs=None, v=None, *, mode="full", bn="eval", **kwargs):
+        if mode != "full":
+            return original(model, inputs, v, mode=mode, bn=bn, **kwargs)
+        calls[0] += 1
+        return finite_difference_scores(model, inputs, v, bn=bn)
+
+    augplug.scores.class_scores = fd_class_scores
+    try:
+        yield
+    finally:
+        augplug.scores.class_scores = original
+
+
+def with_finite_differences(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with its full-model scores by finite differences; raises when no score went through
+    the patch (the refiner stopped looking the scores up where the patch puts them)."""
+    calls = [0]
+
+    def fd_step() -> None:
+        before = calls[0]
+        with finite_difference_patch(calls):
+            step()
+        if calls[0] == before:
+            raise RuntimeError("the refiner computed no scores through augplug.scores.class_scores; "
+                               "update benchmarks.overhead.finite_difference_patch")
+
+    return fd_step
 
 
 def _tensor_mib(tensors) -> float:
@@ -310,6 +448,10 @@ def peak_step_memory_mib(step: Callable[[], None], k: int, device: torch.device)
 class StepResult:
     model: str
     label: str
+    key: str = PLAIN
+    item: str = PLAIN  # the name the item was timed under
+    val_size: Optional[int] = None  # validation images per refresh pass (None: plain and the peer)
+    budget: object = None
     ms: float = float("nan")
     ratio: float = float("nan")  # paired median
     q25: float = float("nan")
@@ -320,24 +462,39 @@ class StepResult:
     error: Optional[str] = None
 
 
+def _item_name(cfg: Config, val_size: int, budget) -> str:
+    return f"{cfg.label} | val {val_size}" + ("" if budget is None else f" | budget {budget}")
+
+
 def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) -> List[StepResult]:
     items: Dict[str, Callable[[], None]] = {}
     refiners: Dict[str, AugmentationRefiner] = {}
+    results: List[StepResult] = [StepResult(setup.spec.name, PLAIN)]  # in table order
     m = setup.copy_model()
     opt = _sgd(m)
     items[PLAIN] = make_step(m, opt, F.cross_entropy, setup.x, setup.y, args.amp)
     build_errors: Dict[str, str] = {}
-    configs = configs_for(args.num_original)
-    for cfg in configs:
+    for val_size in args.val_sizes:
+        for cfg in configs_for(args.num_original, args.configs):
+            for budget in args.budgets or [None]:
+                name = _item_name(cfg, val_size, budget)
+                results.append(StepResult(setup.spec.name, cfg.label, cfg.key, name, val_size, budget))
+                m = setup.copy_model()
+                opt = _sgd(m)
+                try:
+                    r = setup.refiner(m, opt, cfg.mode, cfg.refresh_every, cfg.aug_weight, val_size=val_size,
+                                      val_batches=args.val_batches, budget=budget,
+                                      fresh_batches=args.fresh_batches)
+                except Exception as e:  # reported in the table like a failure during warm-up
+                    build_errors[name] = _describe_error(e)
+                    continue
+                refiners[name] = r
+                step = make_step(m, opt, r, setup.x, setup.y, args.amp, args.num_original)
+                items[name] = with_finite_differences(step) if cfg.scores == "fd" else step
+    if args.configs is None or PEER_KEY in args.configs:
+        results.append(StepResult(setup.spec.name, PEER, PEER_KEY, PEER))
         m = setup.copy_model()
-        opt = _sgd(m)
-        try:
-            r = setup.refiner(m, opt, cfg.mode, cfg.refresh_every, cfg.aug_weight)
-        except Exception as e:  # reported in the table like a failure during warm-up
-            build_errors[cfg.label] = _describe_error(e)
-            continue
-        refiners[cfg.label] = r
-        items[cfg.label] = make_step(m, opt, r, setup.x, setup.y, args.amp, args.num_original)
+        items[PEER] = l2rw_lookahead_step(m, _sgd(m), setup.x, setup.y, setup.val_stream(device), args.amp)
 
     sync = _sync_fn(device)
     times, errors = interleaved_timing(items, rounds=args.rounds, k=args.k, warmup=args.warmup, sync=sync, rng=rng)
@@ -346,28 +503,25 @@ def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) 
     if PLAIN not in times:
         raise RuntimeError(f"the plain step of {name} failed: {errors.get(PLAIN)}")
     plain_ms = median(times[PLAIN]) / args.k * 1e3
-    out = []
-    for label in (PLAIN,) + tuple(c.label for c in configs):
-        res = StepResult(name, label)
-        if label in errors:
-            res.error = errors[label]
-            out.append(res)
+    for res in results:
+        item = res.item
+        if item in errors:
+            res.error = errors[item]
             continue
-        res.ms = median(times[label]) / args.k * 1e3
-        ratios = paired_ratios(times, label, PLAIN)
+        res.ms = median(times[item]) / args.k * 1e3
+        ratios = paired_ratios(times, item, PLAIN)
         res.ratio = median(ratios)
         res.q25, res.q75 = quartiles(ratios)
         res.ratio_of_medians = res.ms / plain_ms
-        if label in refiners:
-            res.state_mib = refiner_state_mib(refiners[label])
+        if item in refiners:
+            res.state_mib = refiner_state_mib(refiners[item])
         if device.type == "cuda":
             try:
-                res.peak_mib = peak_step_memory_mib(items[label], args.k, device)
+                res.peak_mib = peak_step_memory_mib(items[item], args.k, device)
             except Exception as e:  # keep the timing; say why the memory cell is empty
-                print(f"[overhead] {name} / {label}: memory measurement failed: {_describe_error(e)}",
+                print(f"[overhead] {name} / {item}: memory measurement failed: {_describe_error(e)}",
                       file=sys.stderr, flush=True)
-        out.append(res)
-    return out
+    return results
 
 
 @dataclass
@@ -390,12 +544,12 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
     # the whole refined step (full, refresh 1), for the remainder
     m_ref = setup.copy_model()
     opt_ref = _sgd(m_ref)
-    refined_step = make_step(m_ref, opt_ref, setup.refiner(m_ref, opt_ref, "full", 1), x, y, amp,
+    refined_step = make_step(m_ref, opt_ref, setup.refiner(m_ref, opt_ref, "full", 1, val_batches=1), x, y, amp,
                              args.num_original)
 
     # (ii) + (iii): full-model validation gradient and forward-mode scores
     m_full = setup.copy_model()
-    r_full = setup.refiner(m_full, None, "full", 1)
+    r_full = setup.refiner(m_full, None, "full", 1, val_batches=1)
     with amp_autocast(amp):
         v_full = r_full.compute_validation_direction(NUM_CLASSES).direction()
 
@@ -407,9 +561,13 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
         with amp_autocast(amp):
             class_scores(m_full, x, v_full, mode="full")
 
+    def scores_fd() -> None:
+        with amp_autocast(amp):
+            finite_difference_scores(m_full, x, v_full)
+
     # (iv): last-layer validation gradient and closed-form scores on captured features
     m_ll = setup.copy_model()
-    r_ll = setup.refiner(m_ll, None, "last_layer", 1)
+    r_ll = setup.refiner(m_ll, None, "last_layer", 1, val_batches=1)
     head_name, head = find_classifier(m_ll)
     captured: List[torch.Tensor] = []
     hook = head.register_forward_hook(lambda mod, a, o: captured.append(a[0].detach()))
@@ -430,7 +588,7 @@ def measure_breakdown(setup: Setup, args, device: torch.device, rng: random.Rand
     def scores_ll() -> None:
         last_layer_scores(feats, logits_ll, v_w, v_b)
 
-    items = {"plain": plain_step, "vgrad_full": vgrad_full, "scores_full": scores_full,
+    items = {"plain": plain_step, "vgrad_full": vgrad_full, "scores_full": scores_full, "scores_fd": scores_fd,
              "vgrad_ll": vgrad_ll, "scores_ll": scores_ll, "refined": refined_step}
     times, errors = interleaved_timing(items, rounds=args.rounds, k=args.k, warmup=args.warmup,
                                        sync=_sync_fn(device), rng=rng)
@@ -463,23 +621,27 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def step_table(results: List[StepResult], cuda: bool) -> Tuple[List[str], List[List[str]]]:
-    headers = ["model", "configuration", "ms/step (median)", "ratio vs plain (paired median)", "IQR",
-               "ratio of medians", "refiner state (MiB)"]
+def step_table(results: List[StepResult], cuda: bool, val_batch: int,
+               budgets: bool = False) -> Tuple[List[str], List[List[str]]]:
+    """The step table; ``budgets`` adds the budget column (only when ``--budgets`` was given)."""
+    headers = ["model", "configuration", "validation images"] + (["budget"] if budgets else []) + [
+        "ms/step (median)", "ratio vs plain (paired median)", "IQR", "ratio of medians", "refiner state (MiB)"]
     if cuda:
         headers += ["peak step memory (MiB)", "vs plain (MiB)"]
     plain_peak = {r.model: r.peak_mib for r in results if r.label == PLAIN}
     rows = []
     for r in results:
+        val = str(r.val_size) if r.val_size is not None else (f"{val_batch} per step" if r.label == PEER else "—")
+        head = [r.model, r.label, val] + (["—" if r.budget is None else str(r.budget)] if budgets else [])
         if r.error:
-            row = [r.model, r.label, "—", "failed", r.error, "—", "—"]
+            row = head + ["—", "failed", r.error, "—", "—"]
             if cuda:
                 row += ["—", "—"]
             rows.append(row)
             continue
         iqr = "—" if r.label == PLAIN else f"{_fmt(r.q25)}–{_fmt(r.q75)}"
-        row = [r.model, r.label, _fmt(r.ms, 2), _fmt(r.ratio), iqr, _fmt(r.ratio_of_medians),
-               "—" if r.state_mib is None else _fmt(r.state_mib, 3)]
+        row = head + [_fmt(r.ms, 2), _fmt(r.ratio), iqr, _fmt(r.ratio_of_medians),
+                      "—" if r.state_mib is None else _fmt(r.state_mib, 3)]
         if cuda:
             base = plain_peak.get(r.model)
             extra = r.peak_mib - base if (r.peak_mib is not None and base is not None) else float("nan")
@@ -497,6 +659,47 @@ def breakdown_table(rows: List[BreakdownRow]) -> Tuple[List[str], List[List[str]
         else:
             out.append([r.model, r.label, _fmt(r.ms, 3), _fmt(r.fraction, 3)])
     return headers, out
+
+
+def save_grouped_plot(path: Path, results: List[StepResult]) -> Path:
+    """Paired median ratios: one panel per model, a group of bars per configuration key, one bar per
+    validation size (and budget); the peer is a single grey bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in results))
+    keys = list(dict.fromkeys(r.key for r in results))
+    series = list(dict.fromkeys((r.val_size, r.budget) for r in results if r.val_size is not None))
+    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, max(len(series), 1)))
+    width = 0.8 / max(len(series), 1)
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.1 * len(keys) + 2), 3.2 * len(models)),
+                             squeeze=False)
+    try:
+        for ax, model in zip(axes[:, 0], models):
+            mine = {(r.key, r.val_size, r.budget): r.ratio for r in results if r.model == model}
+            for j, (val, budget) in enumerate(series):
+                xs = [i + (j - (len(series) - 1) / 2) * width for i, k in enumerate(keys) if (k, val, budget) in mine]
+                ys = [mine[(k, val, budget)] for k in keys if (k, val, budget) in mine]
+                label = f"{val} val images" + ("" if budget is None else f", budget {budget}")
+                ax.bar(xs, ys, width, color=colors[j], edgecolor="black", linewidth=0.5, label=label)
+            if (PEER_KEY, None, None) in mine:
+                ax.bar([keys.index(PEER_KEY)], [mine[(PEER_KEY, None, None)]], 0.8 / 3, color="0.6",
+                       edgecolor="black", linewidth=0.5, label="L2RW peer (1 val batch / step)")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels(keys)
+            ax.set_ylabel("step time / plain step")
+            ax.set_title(f"{model}: refined step vs plain step (paired median ratio)")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def device_description(device: torch.device) -> str:
@@ -533,11 +736,22 @@ def preamble(args, argv: Sequence[str], device: torch.device) -> str:
         f"AMP (fp16 autocast + GradScaler): {'on' if args.amp else 'off'}",
         f"- load average at start (1/5/15 min): {load}",
         f"- inputs: resnet18 3x{args.img_size}x{args.img_size}, smallcnn 1x28x28; "
-        f"training batch {args.batch}; validation: random TensorDataset of {args.val_size} samples, "
-        f"DataLoader batch {args.val_batch}, shuffle=True, val_batches=1"
+        f"training batch {args.batch}; validation: random TensorDataset of "
+        f"{' / '.join(map(str, args.val_sizes))} samples (the 'validation images' column; nested sets), "
+        f"DataLoader batch {args.val_batch}, shuffle=True, val_batches={args.val_batches!r}"
         f"{', cache_validation=True (batches kept on the device)' if args.cache_validation else ''}; "
         "SGD(lr=0.01, momentum=0.9); "
-        "models in train mode; SAflex defaults otherwise",
+        "models in train mode; SAflex defaults otherwise"
+        + (f"; refiner option budget= {' / '.join(map(str, args.budgets))} (the 'budget' column)"
+           if args.budgets else "")
+        + (f"; Schedule(fresh_batches={args.fresh_batches}) (a validation window)" if args.fresh_batches else ""),
+        "- 'finite differences' rows: the full-model configuration with its scores from "
+        "`augplug.scores.finite_difference_scores` (central difference, 2 no-grad forwards, BatchNorm eval) "
+        "instead of the forward-mode pass",
+        f"- peer: L2RW's one-step look-ahead meta-gradient (a virtual SGD step through "
+        f"`torch.func.functional_call`, then d L_val / d eps_i at eps = 0 on one validation batch of "
+        f"{args.val_batch} per step, BatchNorm in train mode), then the weighted real step (a fresh forward); "
+        "same model, batch and optimizer",
         (f"- the first {args.num_original} of the {args.batch} rows are originals (`num_original={args.num_original}`): "
          "the default configurations run SAflex's adaptive share of augmented rows; the 'fixed share' rows "
          "pass `aug_weight=1.0` (the paper's loss)" if args.num_original else
@@ -558,7 +772,8 @@ def preamble(args, argv: Sequence[str], device: torch.device) -> str:
         lines.append("- peak memory is not measured on CPU (RSS increments are too noisy to attribute); "
                      "only the refiner's cached state is listed")
     if not args.no_plot:
-        lines.append(f"- `{args.out}.png`: the paired median ratios as bars (no error bars; the IQR is in the table)")
+        lines.append(f"- `{args.out}.png`: the paired median ratios as bars, one panel per model, grouped by "
+                     "configuration, one bar per validation size (no error bars; the IQR is in the table)")
     return "\n".join(lines)
 
 
@@ -581,7 +796,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "default adaptive share is exercised; adds fixed-share (aug_weight=1.0) rows "
                         "(default 0: augmented rows only)")
     p.add_argument("--val-batch", type=int, default=64, help="validation batch size (default 64)")
-    p.add_argument("--val-size", type=int, default=256, help="validation set size (default 256)")
+    p.add_argument("--val-sizes", "--val-size", nargs="+", type=int, default=[64, 256, 1024],
+                   help="validation set sizes, each timed with every configuration (default: 64 256 1024)")
+    p.add_argument("--val-batches", default="all",
+                   help="the refiners' val_batches: 'all' (a refresh reads the whole validation set; "
+                        "the default) or a number of batches")
+    p.add_argument("--budgets", nargs="+", type=parse_value, default=None,
+                   help="time every configuration once per value, passed to the refiner as budget=VALUE "
+                        "(default: the option is not passed)")
+    p.add_argument("--fresh-batches", type=int, default=None,
+                   help="the refiners' Schedule(fresh_batches=K): a validation window, K batches recomputed "
+                        "per refresh (default: not passed, every refresh recomputes all)")
+    p.add_argument("--configs", nargs="+", choices=CONFIG_KEYS, default=None,
+                   help="time only these configurations (keys as in the plot; default: all); "
+                        f"'{PEER_KEY}' is the L2RW peer")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:i] (default: cuda if available, else cpu)")
@@ -605,6 +833,16 @@ def _resolve(args, parser: argparse.ArgumentParser) -> None:
     for key, default in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, default)
+    if args.val_batches != "all":
+        try:
+            args.val_batches = int(args.val_batches)
+        except ValueError:
+            parser.error(f"--val-batches must be 'all' or a positive integer, got {args.val_batches!r}")
+        if args.val_batches < 1:
+            parser.error(f"--val-batches must be 'all' or a positive integer, got {args.val_batches}")
+    if min(args.val_sizes) < 1:
+        parser.error("--val-sizes must be >= 1")
+    args.val_sizes = list(dict.fromkeys(args.val_sizes))
     period = math.lcm(*(c.refresh_every for c in CONFIGS))
     if args.k < 1 or args.k % period:
         parser.error(f"--k must be a positive multiple of {period} (every refresh_every used), got {args.k}")
@@ -612,7 +850,7 @@ def _resolve(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--rounds must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    for key in ("batch", "val_batch", "val_size", "threads", "img_size"):
+    for key in ("batch", "val_batch", "threads", "img_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if not 0 <= args.num_original < args.batch:
@@ -650,15 +888,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         spec = MODELS[name]
         if name == "resnet18" and args.img_size != 32:
             spec = ModelSpec("resnet18", (3, args.img_size, args.img_size))
-        setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed, args.cache_validation)
+        setup = make_setup(spec, device, args.batch, args.val_batch, args.val_sizes, args.seed, args.cache_validation)
         try:
-            print(f"[overhead] {name}: timing {1 + len(configs_for(args.num_original))} configurations "
+            count = len(configs_for(args.num_original, args.configs)) * len(args.val_sizes) * len(args.budgets or [None])
+            count += 1 + (args.configs is None or PEER_KEY in args.configs)
+            print(f"[overhead] {name}: timing {count} configurations "
                   f"({args.rounds} rounds x {args.k} steps)", file=sys.stderr, flush=True)
             steps += measure_steps(setup, args, device, rng)
         finally:
             setup.close()
         if not args.no_breakdown:
-            setup = make_setup(spec, device, args.batch, args.val_batch, args.val_size, args.seed, args.cache_validation)
+            setup = make_setup(spec, device, args.batch, args.val_batch, args.val_sizes, args.seed, args.cache_validation)
             try:
                 print(f"[overhead] {name}: breakdown", file=sys.stderr, flush=True)
                 breakdown += measure_breakdown(setup, args, device, rng)
@@ -671,17 +911,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             torch.cuda.empty_cache()
 
     cuda = device.type == "cuda"
-    headers, rows = step_table(steps, cuda)
+    headers, rows = step_table(steps, cuda, args.val_batch, budgets=bool(args.budgets))
     text = write_markdown_table(None, headers, rows, title="Refiner overhead: step time vs a plain step",
                                 preamble=preamble(args, argv, device))
     if breakdown:
         bh, brows = breakdown_table(breakdown)
         text += "\n" + write_markdown_table(
             None, bh, brows,
-            preamble="## Where the time goes (full model, refresh 1)\n\n"
-                     "Each part timed on its own with the same interleaved protocol; (ii) draws from the "
+            preamble="## Where the time goes (full model, refresh 1, one validation batch per refresh)\n\n"
+                     "Each part timed on its own with the same interleaved protocol, the refiners reading "
+                     f"`val_batches=1` from the {min(args.val_sizes)}-image set; (ii) draws from the "
                      "validation stream like a refresh does, (iii) reuses one validation direction, (iv) "
-                     "scores features captured from one training forward. The last row is derived, not "
+                     "scores features captured from one training forward, (iii') is the finite-difference "
+                     "stand-in for (iii) along the same direction. The last row is derived, not "
                      "measured: per round, the whole refined block minus the (i), (ii) and (iii) blocks "
                      "(policy, loss, refiner bookkeeping; noise can make it negative).")
     md_path = out_dir / f"{args.out}.md"
@@ -691,15 +933,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     png_path = None
     plotted = [r for r in steps if r.label != PLAIN and not r.error]
     if plotted and not args.no_plot:
-        short = {c.label: f"{c.mode.replace('double_backward', 'dbl-bwd')} r{c.refresh_every}"
-                          + (" fixed" if c.aug_weight is not None else "")
-                 for c in configs_for(args.num_original)}
-        png_path = save_bar_plot(
-            out_dir / f"{args.out}.png",
-            [f"{r.model}\n{short[r.label]}" for r in plotted],
-            [r.ratio for r in plotted], None,
-            ylabel="step time / plain step", title="Refined step vs plain step (paired median ratio)",
-            zoom=False)
+        png_path = save_grouped_plot(out_dir / f"{args.out}.png", plotted)
     print(f"[overhead] wrote {md_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
     return {"markdown": md_path, "plot": png_path, "steps": steps, "breakdown": breakdown, "args": args}
 
