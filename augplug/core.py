@@ -184,6 +184,19 @@ class RefinerCore:
 
     # ------------------------------------------------------------------ the refresh schedule
     @property
+    def fresh_batches(self) -> Optional[int]:
+        """Validation batches a refresh recomputes (None: all of them, the exact schedule); the
+        schedule's ``"auto"`` resolves to 1 where the shell's window is exact for what it scores."""
+        fresh = self.schedule.fresh_batches
+        if fresh == "auto":
+            return 1 if self._window_is_exact() else None
+        return fresh
+
+    def _window_is_exact(self) -> bool:
+        """Whether this shell's validation window stays exact for what it scores (default: no)."""
+        return False
+
+    @property
     def refresh_interval(self) -> int:
         """Updates between refreshes: the schedule's ``refresh_every``, or the budget's choice."""
         return self.budget.interval if self.budget is not None else self.refresh_every
@@ -264,7 +277,9 @@ class RefinerCore:
             self.budget.choose(tuple(float(v) / world for v in stats[:3]))
 
     def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
-        fresh = self.schedule.fresh_batches
+        if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
+            self._stream.prepare = lambda x, y: (x, y) if nonfinite(x, y) else prepare(x, y)
+        fresh = self.fresh_batches
         if fresh is None:
             parts = []
             good, skipped = self._read_validation(prepare, self._num_val_batches(), rows,
@@ -274,16 +289,20 @@ class RefinerCore:
                 total = total.add(part)
             return self._finish_sum(total, skipped)
         # the window: every process keeps every slot (identical windows, identical states); process
-        # r sums the slots k with k % world == r
-        size = self._num_val_batches() or self._pass_length()
-        slots, pos = self._window if self._window is not None else ({}, 0)
-        slots = dict(slots)
-        want = min(fresh, size) if self._window is not None else size
+        # r sums the slots k with k % world == r. The first refresh fills it as the exact schedule
+        # reads (val_batches good batches, or the good batches of one pass); its size is then fixed.
+        if self._window is None:
+            slots, pos, size, want = {}, 0, None, self._num_val_batches()
+        else:
+            slots, pos = self._window
+            slots, size = dict(slots), len(slots)
+            want = min(fresh, size)
 
         def keep(j, x, y):
-            slots[(pos + j) % size] = self._window_entry(x, y, gradient) if rows(y) > 0 else None
+            slots[j if size is None else (pos + j) % size] = self._window_entry(x, y, gradient) if rows(y) > 0 else None
 
         good, skipped = self._read_validation(prepare, want, rows, keep, every_process=True)
+        size = size or good
         world, rank = dist_world_size(), dist_rank()
         total = self._window_sum([e for k, e in sorted(slots.items()) if e is not None and k % world == rank])
         total = self._finish_sum(total, skipped)
@@ -295,8 +314,6 @@ class RefinerCore:
         ``visit(j, x, y)`` on good batch ``j`` on the process that differentiates it (``j % world``;
         on every process for ``every_process``). Returns ``(good, skipped)``."""
         cached = self.cache_validation
-        if cached:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
-            self._stream.prepare = lambda x, y: (x, y) if nonfinite(x, y) else prepare(x, y)
         reads = self._pass_length() if want is None else None
         limit = want + self._skip_limit() if want is not None else reads
         world, rank = dist_world_size(), dist_rank()
@@ -521,7 +538,7 @@ class RefinerCore:
                 raise NonFiniteError("the saved half directions hold NaN/inf", "load an intact checkpoint")
         window = state.get("window")
         if window is not None:
-            if self.schedule.fresh_batches is None:
+            if self.fresh_batches is None:
                 raise ConfigurationError("the state holds a validation window (Schedule.fresh_batches) but this "
                                          "refiner recomputes the whole direction", "build the refiner with the same "
                                          "schedule before loading")

@@ -323,6 +323,9 @@ class AugmentationRefiner(RefinerCore):
             return self._validation_sum(lambda x, y: self._prepare_val_batch(x, y, num_classes), gradient,
                                         lambda y: y.shape[0])
 
+    def _window_is_exact(self) -> bool:
+        return self.mode == "last_layer"
+
     def _window_entry(self, x, y, gradient):
         """Last-layer mode keeps a validation batch's classifier features (and its targets and half
         mask), so every refresh rebuilds the head gradient of the whole window with the current head."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -103,19 +102,32 @@ def transform_names(entry: Any, ignore: Iterable[str] = IGNORED_TRANSFORMS) -> T
     return tuple(names) if names else (IDENTITY,)
 
 
+class _RecordingOp:
+    """A RandAugment op that notes its name when it applied (its probability gate passed: timm's
+    ops return the input image itself when the gate fails, a new image otherwise)."""
+
+    def __init__(self, op, record: List[str]):
+        self.op, self.record = op, record
+
+    def __call__(self, img):
+        out = self.op(img)
+        if out is not img:
+            self.record.append(self.op.name)
+        return out
+
+
 class TracedRandAugment:
     """timm's RandAugment that also returns the names of the ops it applied.
 
     ``traced = TracedRandAugment(rand_augment_transform("rand-m9-mstd0.5", hparams))``;
-    ``img, names = traced(pil_image)``. Ops are drawn exactly as timm draws them (NumPy's global
-    generator picks ``num_layers`` ops, Python's ``random`` decides each op's probability gate and
-    magnitude noise, in the same order), so under the same seeds the image equals the one timm's
-    transform returns; ``names`` lists the ops whose gate passed. With ``"rand-m9-n1-p1.0"`` each
-    image gets exactly one op.
+    ``img, names = traced(pil_image)``. The image comes from timm's own ``RandAugment.__call__`` on a
+    copy of the transform whose ops note their names when they apply, so it is the image timm's
+    transform returns under the same seeds, and nothing of timm's drawing is re-implemented.
+    ``names`` lists the ops whose gate passed; with ``"rand-m9-n1-p1.0"`` each image gets exactly one.
 
     Args:
-        transform: a ``timm.data.auto_augment.RandAugment`` (anything with ``ops``, ``num_layers``
-            and ``choice_weights``), or a config string for ``rand_augment_transform``.
+        transform: a ``timm.data.auto_augment.RandAugment`` (anything with ``ops`` whose ops have a
+            ``name``, called as ``transform(img)``), or a config string for ``rand_augment_transform``.
         hparams: ``rand_augment_transform`` hyperparameters when ``transform`` is a string.
     """
 
@@ -128,14 +140,9 @@ class TracedRandAugment:
                                      "pass the object timm.data.auto_augment.rand_augment_transform returns")
         self.transform = transform
         self.ops = list(transform.ops)
-        self.num_layers = int(transform.num_layers)
-        self.choice_weights = getattr(transform, "choice_weights", None)
-        # Copies whose own probability gate always passes: the gate is drawn here, so that we know.
-        self._forced = []
-        for op in self.ops:
-            f = copy.copy(op)
-            f.prob = 1.0
-            self._forced.append(f)
+        self._applied: List[str] = []
+        self._traced = copy.copy(transform)
+        self._traced.ops = [_RecordingOp(op, self._applied) for op in self.ops]
 
     @property
     def op_names(self) -> List[str]:
@@ -143,16 +150,9 @@ class TracedRandAugment:
         return [op.name for op in self.ops]
 
     def __call__(self, img):
-        picks = np.random.choice(len(self.ops), self.num_layers, replace=self.choice_weights is None,
-                                 p=self.choice_weights)
-        names: List[str] = []
-        for i in picks:
-            op = self.ops[int(i)]
-            if op.prob < 1.0 and random.random() > op.prob:
-                continue
-            img = self._forced[int(i)](img)
-            names.append(op.name)
-        return img, tuple(names)
+        self._applied.clear()
+        img = self._traced(img)
+        return img, tuple(self._applied)
 
     def __repr__(self) -> str:
         return f"TracedRandAugment({self.transform!r})"
@@ -417,41 +417,59 @@ class AugmentationAudit:
                                  "use format='markdown'")
 
     def plot(self, path: Union[str, Path], title: str = "Augmentation audit", max_transforms: int = 30) -> Path:
-        """Save a figure: mean weight and relabel rate per transform (bars) and per transform and class
-        (heat maps). Needs matplotlib (``pip install "augplug[plot]"``); returns the path."""
+        """Save a figure read at a glance: per transform, the mean refined weight drawn from 1 (an
+        average row) with an axis fitted to the spread, and per transform and class the mean weight
+        on a colour scale centred at 1 (blue: trusted more than average, red: less). A relabel-rate
+        heat map is added only when some row was relabelled. Needs matplotlib
+        (``pip install "augplug[plot]"``); returns the path."""
         plt = pyplot("plot", f"{type(self).__name__}.plot()")
+        from matplotlib.colors import TwoSlopeNorm
+
         ts, classes, wmat = self.matrix("weight_mean")
         _, _, rmat = self.matrix("relabel_rate")
         if not ts:
             raise ConfigurationError("the audit holds no rows yet", "call update() after refiner calls first")
         ts, wmat, rmat = ts[:max_transforms], wmat[:max_transforms], rmat[:max_transforms]
         per_t = {r["transform"]: r for r in self.records("transform")}
+        relabelled = bool(np.nan_to_num(rmat).max() > 0)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        height = max(3.5, 0.32 * len(ts) + 1.6)
-        fig, axes = plt.subplots(1, 3, figsize=(6 + 0.55 * len(classes) * 2, height),
-                                 gridspec_kw={"width_ratios": [1.0, 0.12 * len(classes) + 0.4, 0.12 * len(classes) + 0.4]})
+        height = max(2.6, 0.28 * len(ts) + 1.4)
+        heat_w = 0.28 * len(classes) + 1.2
+        widths = [3.2, heat_w] + ([heat_w] if relabelled else [])
+        fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths) + 1.4, height),
+                                 gridspec_kw={"width_ratios": widths})
         try:
             y = np.arange(len(ts))
+            w = np.array([per_t[t]["weight_mean"] for t in ts], dtype=float)
             ax = axes[0]
-            ax.barh(y, [per_t[t]["weight_mean"] for t in ts], color="#4C72B0", label="mean weight")
-            ax.barh(y, [per_t[t]["relabel_rate"] for t in ts], height=0.35, color="#DD8452", label="relabel rate")
-            ax.axvline(1.0, color="black", lw=0.6, ls=":")
+            ax.barh(y, w - 1.0, left=1.0, color=np.where(w >= 1.0, "#4C72B0", "#C44E52"), height=0.6)
+            ax.axvline(1.0, color="black", lw=0.8)
+            spread = float(np.nanmax(np.abs(w - 1.0))) if np.isfinite(w).any() else 0.0
+            pad = max(spread * 1.25, 0.02)
+            ax.set_xlim(1.0 - pad, 1.0 + pad)
             ax.set_yticks(y)
             ax.set_yticklabels([f"{t} ({per_t[t]['rows']})" for t in ts], fontsize=8)
             ax.invert_yaxis()
-            ax.set_xlabel("per transform (rows)")
-            ax.legend(fontsize=7, loc="lower right")
-            for ax, mat, name, cmap in ((axes[1], wmat, "mean weight", "viridis"),
-                                        (axes[2], rmat, "relabel rate", "magma")):
-                im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap)
+            ax.set_xlabel("mean weight (1 = average row)", fontsize=8)
+            ax.set_title("per transform (rows)", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+            finite = wmat[np.isfinite(wmat)]
+            dev = float(np.abs(finite - 1.0).max()) if finite.size else 0.0
+            norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - max(dev, 1e-3), vmax=1.0 + max(dev, 1e-3))
+            panels = [(axes[1], wmat, "mean weight (transform × class)", "RdBu", norm)]
+            if relabelled:
+                panels.append((axes[2], rmat, "relabel rate (transform × class)", "magma", None))
+            for ax, mat, name, cmap, nrm in panels:
+                im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, norm=nrm)
                 ax.set_xticks(np.arange(len(classes)))
                 ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
                 ax.set_yticks(y)
                 ax.set_yticklabels([])
-                ax.set_title(name + " (transform × class)", fontsize=9)
-                fig.colorbar(im, ax=ax, fraction=0.08)
-            fig.suptitle(title, fontsize=10)
+                ax.set_title(name, fontsize=9)
+                cb = fig.colorbar(im, ax=ax, fraction=0.08)
+                cb.ax.tick_params(labelsize=7)
+            fig.suptitle(title + ("" if relabelled else " (no row relabelled)"), fontsize=10)
             fig.tight_layout()
             fig.savefig(path, dpi=120)
         finally:

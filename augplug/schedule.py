@@ -29,7 +29,8 @@ class Schedule:
             rejected with :class:`~augplug.errors.NonFiniteError` (``"raise"``).
         fresh_batches: validation batches recomputed per refresh; the direction still covers all
             ``val_batches`` (a window over the loader): the other batches' parts are kept from earlier
-            refreshes. ``None`` (default): every refresh recomputes all of them (exact). In
+            refreshes. ``None``: every refresh recomputes all of them (exact). ``"auto"`` (default):
+            1 where the window is exact for what it scores (last-layer mode), ``None`` elsewhere. In
             last-layer mode the window keeps the batches' classifier *features* and rebuilds the head
             gradient from them with the current head at every refresh (exact for the head, stale only
             in the body's features, which are renewed ``fresh_batches`` batches at a time); in other
@@ -48,7 +49,7 @@ class Schedule:
     warmup_steps: int = 0
     cache_validation: bool = False
     bad_val_batch: str = "skip"
-    fresh_batches: Optional[int] = None
+    fresh_batches: Union[None, int, str] = "auto"
     budget: Optional[float] = None
 
     def __post_init__(self):
@@ -60,7 +61,7 @@ class Schedule:
         if self.val_batches != "all":
             integer("val_batches", self.val_batches, 1)
         integer("warmup_steps", self.warmup_steps, 0)
-        if self.fresh_batches is not None:
+        if self.fresh_batches not in (None, "auto"):
             integer("fresh_batches", self.fresh_batches, 1)
             if self.val_batches != "all" and self.fresh_batches > self.val_batches:
                 raise ConfigurationError(f"fresh_batches={self.fresh_batches} exceeds val_batches={self.val_batches}",

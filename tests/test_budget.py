@@ -70,7 +70,7 @@ def test_refiner_spaces_refreshes_by_measured_time():
 
     val = Slow()
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                    schedule=augplug.Schedule(refresh_every=1, budget=0.5))
+                                    schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
     r.budget.decay = 0.0
     refreshes = []
@@ -89,7 +89,7 @@ def test_refiner_spaces_refreshes_by_measured_time():
     state = r.state_dict()
     assert state["budget"]["interval"] == 20
     fresh = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                        schedule=augplug.Schedule(refresh_every=1, budget=0.5))
+                                        schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.remove_hooks()
     fresh.load_state_dict(state)
     assert fresh.refresh_interval == 20

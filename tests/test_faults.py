@@ -193,16 +193,21 @@ def test_non_finite_validation_batch_skipped_like_a_dropped_batch(kind):
     _skip_equals_dropped(kind)
 
 
-def test_skipping_with_val_batches_all_reads_one_pass_of_good_batches():
+@pytest.mark.parametrize("fresh", [None, "auto"])
+def test_skipping_with_val_batches_all_reads_one_pass_of_good_batches(fresh):
+    """The exact schedule reads one pass per refresh; the window fills with one pass of good
+    batches and then refreshes one good batch at a time: either way the run equals one without the
+    bad batch."""
     clean = PoisonableLoader(val_batches(n=3))
     dirty = PoisonableLoader(val_batches(n=3))
     dirty.extra = {2: (torch.full((8, *IMG), NAN), torch.randint(0, C, (8,)))}
-    a, b = make_rig("saflex", val=clean), make_rig("saflex", val=dirty)
+    a, b = make_rig("saflex", val=clean, fresh_batches=fresh), make_rig("saflex", val=dirty, fresh_batches=fresh)
     with pytest.warns(RuntimeWarning):
         for i in range(5):
             assert a.step(i) == b.step(i)
     same(a.refiner.validation_direction, b.refiner.validation_direction)
-    assert b.refiner.skipped_val_batches == 3 and b.refiner.stats["skipped_val_batches"] == 3
+    skipped = 3 if fresh is None else 1
+    assert b.refiner.skipped_val_batches == skipped and b.refiner.stats["skipped_val_batches"] == skipped
 
 
 @pytest.mark.parametrize("kind", ["saflex", "contrastive", "saflex-cached"])
@@ -255,8 +260,19 @@ def test_keyboard_interrupt_in_the_validation_loader_mid_refresh(kind):
         until_refresh(rig)
         return poisoned(rig, user_call(rig), interrupt_at=1)
 
-    # a whole pass per refresh, so that the interrupt falls inside the refresh
-    assert_rejected(kind, fault, KeyboardInterrupt, prime=2, **({"val_batches": "all"} if kind == "autodo" else {}))
+    # a whole pass per refresh (the exact schedule), so that the interrupt falls inside the refresh
+    assert_rejected(kind, fault, KeyboardInterrupt, prime=2, fresh_batches=None,
+                    **({"val_batches": "all"} if kind == "autodo" else {}))
+
+
+def test_keyboard_interrupt_in_a_window_refresh():
+    """The same with the validation window (last-layer default): the interrupt hits its one fresh
+    batch, and the window is left as it was."""
+    def fault(rig):
+        until_refresh(rig)
+        return poisoned(rig, user_call(rig), interrupt_at=0)
+
+    assert_rejected("saflex", fault, KeyboardInterrupt, prime=2)
 
 
 def test_autodo_interrupted_after_augment_retries_like_an_uninterrupted_step():

@@ -101,17 +101,24 @@ def _saved(obj):
     return torch.load(buf, weights_only=True)
 
 
+def _same(x, y, where="state"):
+    """Nested dicts, lists and tensors equal, tensors bit for bit."""
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), where
+        for k in x:
+            _same(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _same(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
+    else:
+        assert x == y, where
+
+
 def _same_refiner_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        va, vb = sa[k], sb[k]
-        if isinstance(va, dict):
-            assert va.keys() == vb.keys(), k
-            for kk in va:
-                assert torch.equal(va[kk], vb[kk]) if isinstance(va[kk], torch.Tensor) else va[kk] == vb[kk], (k, kk)
-        else:
-            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
+    _same(a.state_dict(), b.state_dict())
 
 
 def test_state_dict_round_trips_the_refiner():
