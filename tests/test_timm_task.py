@@ -14,6 +14,7 @@ import augplug
 pytest.importorskip("timm.task")
 import timm  # noqa: E402
 from timm.data import Mixup  # noqa: E402
+from fault_harness import same
 
 timm_task = importlib.import_module("augplug.integrations.timm_task")
 RefinedClassificationTask = timm_task.RefinedClassificationTask
@@ -101,24 +102,8 @@ def _saved(obj):
     return torch.load(buf, weights_only=True)
 
 
-def _same(x, y, where="state"):
-    """Nested dicts, lists and tensors equal, tensors bit for bit."""
-    if isinstance(x, dict):
-        assert isinstance(y, dict) and x.keys() == y.keys(), where
-        for k in x:
-            _same(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, (list, tuple)):
-        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
-            _same(u, v, f"{where}[{i}]")
-    elif isinstance(x, torch.Tensor):
-        assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
-    else:
-        assert x == y, where
-
-
 def _same_refiner_state(a, b):
-    _same(a.state_dict(), b.state_dict())
+    same(a.state_dict(), b.state_dict())
 
 
 def test_state_dict_round_trips_the_refiner():
