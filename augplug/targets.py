@@ -143,8 +143,10 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32, shape ``(B,)``."""
-    return -(soft_targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32, shape ``(B,)``: torch's
+    ``F.cross_entropy`` with probability targets (bit-identical to the written-out sum on the CPU,
+    ``tests/test_targets.py``), after casting to fp32 so half-precision logits are not rounded."""
+    return F.cross_entropy(logits.float(), soft_targets.float(), reduction="none")
 
 
 def weighted_soft_ce(

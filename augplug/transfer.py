@@ -4,6 +4,10 @@ A copy from ordinary (pageable) host memory to a GPU first waits for all work qu
 so a refiner call that moved a validation batch or a few random numbers that way would stall the
 training loop once per copy. Copies from page-locked memory are queued like kernels; small host
 tensors are therefore staged through PyTorch's cached pinned-memory pool first.
+
+``accelerate.utils.send_to_device(..., non_blocking=True)`` does not pin, so from pageable memory its
+copies wait for the stream; :func:`to_device` is kept for that (``tests/test_host_sync.py`` counts the
+device syncs of a refiner call on CUDA).
 """
 from __future__ import annotations
 

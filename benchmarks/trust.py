@@ -290,7 +290,10 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
     header = ["data set", "upstream", "pattern", "none", "upstream", "refiner", "clean", "refiner − upstream",
               "refiner − max(none, upstream)", "strength", "AUC"]
     lines = []
-    keys = sorted({(r["dataset"], r["upstream"], r["pattern"]) for r in rows if r["arm"] != "none"},
+    # the settings the refiner ran in (controls taken from another run cover more), else every setting
+    shown = "refiner" if any(r["arm"] == "refiner" for r in rows) else None
+    keys = sorted({(r["dataset"], r["upstream"], r["pattern"]) for r in rows
+                   if r["arm"] != "none" and (shown is None or r["arm"] == shown)},
                   key=lambda k: (DATASETS.index(k[0]), UPSTREAMS.index(k[1]), PATTERNS.index(k[2])))
     for d, u, p in keys:
         arms = {a: acc(d, u, p, a) for a in ARMS}

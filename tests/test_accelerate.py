@@ -158,3 +158,41 @@ def test_fp16_cuda_weights_match_fp32():
             refiner(model(x[:16].cuda()), y[:16].cuda(), num_original=4)
         out[dtype] = refiner.stats["weights"].cpu()
     torch.testing.assert_close(out[torch.float16], out[torch.float32], atol=0.02, rtol=0.02)
+
+
+def test_example_logs_what_the_refinement_decided_through_accelerate_trackers(tmp_path):
+    """The example's per-epoch rows go to accelerator.log: here a recording tracker stands for
+    TensorBoard / W&B; the rows carry the weights' spread, the share, the strength and the refresh
+    interval, not the weights' mean (1 by construction)."""
+    from accelerate.tracking import GeneralTracker
+
+    from augplug.integrations.accelerate_train import main
+
+    class Recording(GeneralTracker):
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.config = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+    _accelerator()   # reset any state an earlier test left
+    rec = Recording()
+    res = main(["--epochs", "2", "--no-progress", "--cpu", "--output", str(tmp_path)], trackers=[rec])
+    assert rec.config is not None and rec.config["refiner"] == "saflex"
+    assert [s for s, _ in rec.logged] == [0, 1]
+    row = rec.logged[-1][1]
+    for key in ("test_acc", "weight_std", "weight_ess", "moved_weight", "aug_weight", "strength", "refresh_interval"):
+        assert key in row, key
+    assert "weight_mean" not in row and 0 < row["weight_ess"] <= 1
+    assert res["history"][-1]["moved_weight"] == row["moved_weight"]

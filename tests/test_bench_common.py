@@ -124,3 +124,23 @@ def test_parse_sets_parses_values_and_builds_an_evidence_share():
     sets = parse_sets(["beta=1", "tau=0.5", "gumbel=false", "share_evidence=none", "normalize=center", "x=a=b"])
     assert sets == {"beta": 1, "tau": 0.5, "gumbel": False, "share_evidence": None, "normalize": "center", "x": "a=b"}
     assert share_options(parse_sets(["share_evidence=3"]))["aug_weight"].evidence == 3.0
+
+
+def test_paired_differences(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import paired
+
+    def write(name, accs):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for seed, acc in enumerate(accs):
+                f.write(json.dumps({"dataset": "digits", "upstream": "random", "pattern": "batch", "arm": "refiner",
+                                    "seed": seed, "test_acc": acc, "auc_weight": 0.6}) + "\n")
+            f.write(json.dumps({"dataset": "digits", "upstream": "random", "pattern": "batch", "arm": "none",
+                                "seed": 0, "test_acc": 0.1}) + "\n")
+
+    write("a", [0.90, 0.80, 0.70])
+    write("b", [0.91, 0.80, 0.69])
+    monkeypatch.setattr(paired, "results_dir", lambda: tmp_path)
+    text = paired.table("a", "b")
+    assert "+0.00 ± 1.00 (1 / 1 / 1)" in text and "All 3 paired runs" in text and "0.600 / 0.600" in text

@@ -68,7 +68,8 @@ def _check_summary(tmp_path, epochs):
     with open(os.path.join(tmp_path, "summary.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == epochs
-    for key in ("train_loss", "train_strength", "train_weight_mean", "train_kept_fraction", "train_relabel_rate",
+    for key in ("train_loss", "train_strength", "train_aug_weight", "train_weight_ess", "train_moved_weight",
+                "train_moved_class_weight", "train_relabel_rate",
                 "eval_val_top1", "eval_test_top1", "lr"):
         assert key in rows[0]
     assert np.isfinite(float(rows[-1]["train_loss"]))
@@ -91,7 +92,7 @@ def test_refiners_run_and_get_dataset_positions(tmp_path, recorder, method):
     if method != "none":
         st = out["refiner"].stats
         assert st["weights"].shape == (16,) and torch.isfinite(st["weights"]).all()
-        assert out["final"]["train_kept_fraction"] == out["final"]["train_kept_fraction"]  # not NaN
+        assert out["final"]["train_weight_ess"] == out["final"]["train_weight_ess"]  # not NaN
 
 
 def test_none_refiner_equals_timms_own_loss(tmp_path):

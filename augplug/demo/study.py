@@ -148,6 +148,8 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
+    # cosine decay in closed form (as transformers' get_cosine_schedule_with_warmup builds it); torch's
+    # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     refiner = None
     if arm not in ("none", "oracle-weights"):

@@ -122,19 +122,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", default="accelerate_out", help="folder for results.json (default: accelerate_out)")
     p.add_argument("--save-state", action="store_true", help="accelerator.save_state(<output>/checkpoint) at the end")
     p.add_argument("--resume", default="", help="accelerator.load_state(<dir>) before training")
+    p.add_argument("--log-with", nargs="+", default=None,
+                   help="Accelerate trackers to log the per-epoch rows to (accelerator.log), e.g. tensorboard "
+                        "or wandb (each needs its package); files go under --output")
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (shown by the main process, and only on a terminal)")
     return p.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> dict:
+    """Train and return the results; ``trackers``: Accelerate trackers (e.g. ``GeneralTracker``
+    instances) added to ``--log-with``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     args = parse_args(argv)
     launch_env = dict(os.environ)   # before the Accelerator, which may set WORLD_SIZE
-    acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+    log_with = list(args.log_with or []) + list(trackers or [])
+    acc = Accelerator(log_with=log_with or None, project_dir=args.output,
+                      mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
                       cpu=args.cpu)
     acc.print(f"accelerate_train: world size {acc.num_processes} (distributed_type {acc.distributed_type.value}), "
               f"device {acc.device}, mixed precision {args.mixed_precision}, grad accum {args.grad_accum}", flush=True)
@@ -152,6 +159,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     updates_per_epoch = math.ceil(len(train_loader) / (acc.num_processes * args.grad_accum))
     total = max(args.epochs * updates_per_epoch, 1)
+    # cosine decay in closed form (as transformers' get_cosine_schedule_with_warmup builds it); torch's
+    # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model, opt, train_loader, test_loader, sched = acc.prepare(model, opt, train_loader, test_loader, sched)
 
@@ -162,6 +171,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                   seed=args.seed, accelerator=acc, **options, schedule=dict(refresh_every=args.refresh_every))
     if args.resume:
         acc.load_state(args.resume)
+    if log_with:
+        acc.init_trackers("augplug_accelerate_train", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
 
     history = []
     for epoch in range(args.epochs):
@@ -187,10 +199,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 break
         acc_test = evaluate(acc, model, test_loader)
         st = refiner.stats
+        # what the refinement decided on the last batch (the weights' mean is 1 by construction)
         row = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "test_acc": acc_test, "updates": refiner.step_count,
-               "weight_mean": st.get("weight_mean"), "kept_fraction": st.get("kept_fraction")}
+               **{k: st.get(k) for k in ("weight_std", "weight_ess", "moved_weight", "moved_class_weight",
+                                         "relabel_rate", "agreement_mean", "aug_weight", "strength", "val_loss",
+                                         "refresh_interval")}}
         history.append(row)
         acc.print(json.dumps(row))
+        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch)
         if args.max_steps and refiner.step_count >= args.max_steps:
             break
 
@@ -199,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               "history": history}
     if args.save_state:
         acc.save_state(os.path.join(args.output, "checkpoint"))
+    acc.end_training()
     if acc.is_main_process:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "results.json"), "w") as f:

@@ -127,6 +127,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = min(len(loader), args.max_steps or len(loader))
     total = args.epochs * steps
+    # cosine decay in closed form (as transformers' get_cosine_schedule_with_warmup builds it); torch's
+    # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_val, y_val), batch_size=100)
     refiner = AugmentationRefiner(model, opt, val_loader, method=args.method, seed=args.seed)

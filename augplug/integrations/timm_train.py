@@ -451,7 +451,9 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refine
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn.mixup_enabled = False
     task.get_trainable_module().train()
-    m = {k: _Mean() for k in ("loss", "weight_mean", "kept_fraction", "relabel_rate", "strength")}
+    # what the refinement decided (the weights' mean is 1 by construction, so it is not logged)
+    m = {k: _Mean() for k in ("loss", "weight_ess", "moved_weight", "moved_class_weight", "relabel_rate", "aug_weight",
+                              "strength")}
     batches = _batches_per_epoch(len(loader), args)
     accum = args.grad_accum_steps
     last_accum = batches % accum                    # micro-batches of a short last update (timm's rule)
@@ -499,8 +501,9 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refine
         if refiner is not None:
             st = refiner.stats
             m["strength"].update(float(st.get("strength", float("nan"))))  # 0: trained as given (no originals)
+            m["aug_weight"].update(float(st.get("aug_weight", float("nan"))))
             if st.get("active", True):
-                for k in ("weight_mean", "kept_fraction", "relabel_rate"):
+                for k in ("weight_ess", "moved_weight", "moved_class_weight", "relabel_rate"):
                     m[k].update(float(st.get(k, float("nan"))))
             if audit is not None:
                 names_all = names if mixer is None else (       # generated rows: their source's name
@@ -877,9 +880,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_m.items()}, **eval_m, "lr": lr, "seconds": seconds}
         history.append(row)
-        _logger.info("epoch %d/%d  train_loss %.4f  strength %.2f  weight_mean %.3f  kept %.3f  relabel %.3f  "
-                     "val_top1 %s  test_top1 %s  lr %.3g  %.1fs", epoch + 1, num_epochs, train_m["loss"],
-                     train_m["strength"], train_m["weight_mean"], train_m["kept_fraction"], train_m["relabel_rate"],
+        _logger.info("epoch %d/%d  train_loss %.4f  strength %.2f  share %.3f  weight_ess %.3f  moved %.3f  "
+                     "moved_class %.3f  relabel %.3f  val_top1 %s  test_top1 %s  lr %.3g  %.1fs", epoch + 1, num_epochs,
+                     train_m["loss"], train_m["strength"], train_m["aug_weight"], train_m["weight_ess"],
+                     train_m["moved_weight"], train_m["moved_class_weight"], train_m["relabel_rate"],
                      f"{eval_m['val_top1']:.2f}" if "val_top1" in eval_m else "-",
                      f"{eval_m['test_top1']:.2f}" if "test_top1" in eval_m else "-", lr, seconds)
         update_summary(epoch, {**train_m, "seconds": seconds}, eval_m, summary_path, lr=lr,
