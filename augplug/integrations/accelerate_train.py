@@ -215,12 +215,13 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
               "history": history}
     if args.save_state:
         acc.save_state(os.path.join(args.output, "checkpoint"))
-    acc.end_training()
     if acc.is_main_process:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
     acc.wait_for_everyone()
+    if log_with:
+        acc.end_training()   # finishes the trackers (and ends the process group: the last collective call)
     return result
 
 
