@@ -51,7 +51,7 @@ from .methods import Policy, renormalize, saflex_targets
 from .core import RefinerCore, check_part_presence
 from .distributed import all_reduce_sum_
 from .distributed import world_size as dist_world_size
-from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options
+from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, reject_moved_options
 from .schedule import Schedule, resolve_schedule
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
 from .share import AdaptiveShare, resolve_share
@@ -357,7 +357,8 @@ class ContrastiveRefiner(RefinerCore):
                  normalize_features: bool = True, directions: Sequence[str] = DIRECTIONS,
                  score_params: Union[str, Sequence[str]] = "all", bn_mode: str = DEFAULTS["bn_mode"],
                  schedule: Union[None, Schedule, Dict[str, Any]] = None, orig_weight: float = DEFAULTS["orig_weight"],
-                 seed: int = 0, check_train_mode: bool = True):
+                 seed: int = 0, check_train_mode: bool = True, **moved: Any):
+        reject_moved_options(moved, type(self).__name__)
         self.directions = _check_directions(directions)
         schedule = resolve_schedule(schedule)
         self.policy = build_policy(

@@ -76,7 +76,8 @@ def refiner_kwargs(flat: Optional[Dict[str, Any]] = None, /, *, refiner: Optiona
     import inspect
 
     flat = {**(flat or {}), **more}
-    shell = set(inspect.signature((refiner or AugmentationRefiner).__init__).parameters) - {"self"}
+    params = inspect.signature((refiner or AugmentationRefiner).__init__).parameters.values()
+    shell = {p.name for p in params if p.kind is not p.VAR_KEYWORD} - {"self"}
     fields = {f.name for f in dataclasses.fields(Schedule)}
     out: Dict[str, Any] = {}
     schedule = dict(flat.pop("schedule", None) or {})
@@ -120,12 +121,36 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     return m, slice(k, None), batch - k
 
 
+def reject_moved_options(moved: Dict[str, Any], shell: str) -> None:
+    """A clear error for keyword arguments a refiner shell does not take, naming where an option that
+    used to be one now lives (a :class:`~augplug.schedule.Schedule` field or a method option)."""
+    if not moved:
+        return
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(Schedule)}
+    key = sorted(moved)[0]
+    if key in fields:
+        fix = f"pass schedule=augplug.Schedule({key}=...) (or schedule={{'{key}': ...}})"
+    elif key in ("beta", "tau", "gumbel", "weighting", "weight_tau", "prior", "normalize", "threshold",
+                 "weight_signal", "weight_norm", "aug_weight", "strength"):
+        fix = f"it is an option of the method: method_options={{'{key}': ...}} or method=SAflex({key}=...)"
+    elif key == "val_params":
+        fix = "drop it: with val_params='head' a full-model mode gave the last-layer scores; use mode='last_layer'"
+    else:
+        fix = "see the constructor's arguments (help(augplug.AugmentationRefiner)); augplug.refiner_kwargs() sorts flat options"
+    raise ConfigurationError(f"{shell} got an unexpected keyword argument {key!r}", fix)
+
+
 def build_policy(method, method_options: Optional[Dict[str, Any]] = None, *, allowed: Optional[tuple] = None,
                  unknown: Optional[tuple] = None, presets: Optional[Dict[str, Dict[str, Any]]] = None) -> Policy:
     """The policy a refiner shell runs: ``method`` itself when it is a :class:`Policy`, or the
     registered policy named ``method`` built from ``method_options`` (an option it does not use is an
     error). ``allowed`` limits the names a shell accepts and ``unknown`` is the ``(message, fix)`` of
     the error for any other name; ``presets[name]``: options a shell sets unless given."""
+    if isinstance(method, type) and issubclass(method, Policy):
+        raise ConfigurationError(f"method is the class {method.__name__}, not a policy",
+                                 f"pass an instance, method={method.__name__}(...), or a registered name")
     if isinstance(method, Policy):
         if method_options:
             raise ConfigurationError("method_options were given with a Policy instance",
@@ -215,7 +240,9 @@ class AugmentationRefiner(RefinerCore):
         accelerator=None,
         seed: int = 0,
         check_train_mode: bool = True,
+        **moved: Any,
     ):
+        reject_moved_options(moved, type(self).__name__)
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
         schedule = resolve_schedule(schedule)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import augplug
-from augplug import AugmentationRefiner
+from augplug import AugmentationRefiner, SAflex
 from augplug.errors import (AugplugError, ClassCountMismatchError, ConfigurationError, EmptyValidationError,
                             ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
                             ValidationFailed)
@@ -231,3 +231,21 @@ def test_num_val_batches():
     assert num_val_batches(3, lambda: 5) == 3
     with pytest.raises(ConfigurationError, match="len"):
         num_val_batches("all", lambda: len(iter([])))
+
+
+@pytest.mark.parametrize("kw, words, fix", [
+    (dict(beta=1.0), "unexpected keyword argument 'beta'", "method_options"),
+    (dict(refresh_every=2), "unexpected keyword argument 'refresh_every'", "Schedule"),
+    (dict(val_params="head"), "'val_params'", "last_layer"),
+    (dict(refresh_evry=2), "'refresh_evry'", "refiner_kwargs"),
+    (dict(method=SAflex), "the class SAflex", "instance"),
+    (dict(method_options={"beta": "high"}), "beta must be a number", "beta="),
+])
+def test_options_that_moved_or_are_mistyped_get_a_clear_error(kw, words, fix):
+    """Options that moved to the method or the schedule (or a class passed for an instance) get an
+    error that says where they live now."""
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    with pytest.raises(ConfigurationError, match=words) as info:
+        AugmentationRefiner(model, None, _loader(), **kw)
+    assert fix in info.value.fix
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())

@@ -215,6 +215,10 @@ class SAflex(Policy):
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
                  aug_weight="adaptive", strength="auto"):
+        for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
+                                         f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
