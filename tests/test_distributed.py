@@ -55,6 +55,8 @@ CASES = {
     # summing its own slots
     "saflex-window": dict(refresh_every=1, seed=3, fresh_batches=1),
     "saflex-window-full-model": dict(refresh_every=1, seed=3, fresh_batches=2, mode="full"),
+    # the adaptive strength: cross-fitted on the global batch, the same value on every process
+    "saflex-adaptive-strength": dict(refresh_every=1, seed=3, strength="_adaptive"),
 }
 
 
@@ -63,6 +65,9 @@ def _case(case):
     kw = dict(CASES[case])
     if kw.get("method", "saflex") == "saflex":
         kw.setdefault("strength", 1.0)  # refine batches without originals too (the default trains them as given)
+    if kw.get("strength") == "_adaptive":
+        from augplug.valve import RefinementStrength
+        kw["strength"] = RefinementStrength(init=0.5, lr=0.2)
     return kw, kw.pop("_n_orig", (N_ORIG,) * WORLD)
 
 
@@ -87,8 +92,10 @@ def _train_and_record(refiner, opt, net, step_loss):
         out[f"v{step}"] = None if v is None else {k: t.clone() for k, t in v.items()}
         out[f"val_loss{step}"] = refiner.stats["val_loss"]
         out[f"share{step}"] = float(refiner.aug_weight)
+        out[f"strength{step}"] = float(refiner.stats["strength"])
         opt.step()
     out["step_count"] = refiner.step_count
+    out["strength_state"] = None if refiner.strength is None else float(refiner.strength.value)
     out["isda"] = _isda_state(refiner)
     return out
 
@@ -171,8 +178,15 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
             for n, g in one[f"grad{step}"].items():
                 torch.testing.assert_close(r[f"grad{step}"][n], g, rtol=1e-4, atol=1e-6)
     assert all(r["step_count"] == one["step_count"] == 2 for r in ranks)
-    if "adaptive" in case:
+    for r in ranks:   # the strength each call used, and the learned one, as in one process
+        assert [r[f"strength{k}"] for k in range(2)] == pytest.approx([one[f"strength{k}"] for k in range(2)], rel=1e-6)
+        assert (r["strength_state"] is None) == (one["strength_state"] is None)
+        if one["strength_state"] is not None:
+            assert r["strength_state"] == pytest.approx(one["strength_state"], rel=1e-5)
+    if "adaptive-share" in case:
         assert one["share0"] != 1.0 and one["share1"] != one["share0"]
+    if "adaptive-strength" in case:
+        assert one["strength_state"] != 0.5 and one["strength1"] != one["strength0"]
     # ISDA's class statistics are identical on every process and equal those of one process
     if case.endswith("isda"):
         assert one["isda"] and float(one["isda"]["count"].sum()) > 0
