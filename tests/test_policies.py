@@ -216,3 +216,53 @@ def test_class_renormalize_rejects_mismatched_shapes():
                  (torch.ones(3), torch.tensor([0, 1, 1]))]:
         with pytest.raises(ShapeError, match=r"weights \(B,\) and targets \(B, C\)"):
             class_renormalize(w, y)
+
+
+def test_policy_registry_builds_by_name_and_rejects_what_it_cannot():
+    import augplug
+    from augplug.methods import POLICIES, Policy
+
+    class Halve(Policy):
+        """Every augmented row at weight 1/2 (absolute), targets unchanged."""
+        name = "halve"
+        refiner_renormalizes = False
+
+        def __init__(self, *, factor: float = 0.5):
+            self.factor = factor
+
+        def __call__(self, scores, targets, generator=None):
+            return torch.full((targets.shape[0],), self.factor), targets.float()
+
+    try:
+        assert augplug.register_policy("halve", Halve) is Halve
+        assert "halve" in augplug.list_policies()
+        assert isinstance(augplug.create_policy("halve", factor=0.25), Halve)
+        with pytest.raises(ConfigurationError, match="does not use the option.*beta") as info:
+            augplug.create_policy("halve", beta=1.0)
+        assert "factor" in info.value.fix
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        val = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+        r = augplug.AugmentationRefiner(model, None, val, method="halve", method_options={"factor": 0.25})
+        r(model(torch.randn(6, 4)), torch.randint(0, 3, (6,)), num_original=2)
+        assert torch.equal(r.stats["weights"], torch.tensor([1, 1, 0.25, 0.25, 0.25, 0.25]))
+    finally:
+        POLICIES.pop("halve", None)
+    with pytest.raises(ConfigurationError, match="needs a Policy subclass"):
+        augplug.register_policy("bad", object)
+    with pytest.raises(ConfigurationError, match="non-empty string"):
+        augplug.register_policy("", Halve)
+    with pytest.raises(ConfigurationError, match="unknown method 'halve'"):
+        augplug.create_policy("halve")
+
+
+def test_refiner_kwargs_sorts_a_flat_configuration():
+    from augplug import refiner_kwargs
+    from augplug.contrastive import ContrastiveRefiner
+
+    assert refiner_kwargs(refresh_every=1, beta=1.0, seed=3, fresh_batches=None) == {
+        "seed": 3, "schedule": {"refresh_every": 1, "fresh_batches": None}, "method_options": {"beta": 1.0}}
+    assert refiner_kwargs({"mode": "full"}, strength="auto") == {"mode": "full", "method_options": {"strength": "auto"}}
+    # the contrastive shell's own options stay with it
+    assert refiner_kwargs({"class_prompts": [0, 1], "warmup_steps": 2}, refiner=ContrastiveRefiner) == {
+        "class_prompts": [0, 1], "schedule": {"warmup_steps": 2}}
+    assert refiner_kwargs() == {}
