@@ -54,7 +54,7 @@ from .distributed import world_size as dist_world_size
 from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, reject_moved_options
 from .schedule import Schedule, resolve_schedule
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
-from .share import AdaptiveShare, resolve_share
+from .share import resolve_share
 from .valve import apply_strength, resolve_strength
 from .targets import soft_cross_entropy, to_soft_targets
 from .transfer import to_device

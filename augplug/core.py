@@ -270,9 +270,9 @@ class RefinerCore:
         m = self.budget.measurements()
         t, c = (m[0], m[1]) if m is not None else (0.0, 0.0)
         stats = torch.tensor([t, c, float(self._refresh_seconds), float(m is not None)], dtype=torch.float64)
-        if dist_world_size() > 1:
-            all_reduce_sum_([stats])
         world = dist_world_size()
+        if world > 1:
+            all_reduce_sum_([stats])
         if float(stats[3]) == world:
             self.budget.choose(tuple(float(v) / world for v in stats[:3]))
 
@@ -284,10 +284,7 @@ class RefinerCore:
             parts = []
             good, skipped = self._read_validation(prepare, self._num_val_batches(), rows,
                                                   lambda j, x, y: parts.append(gradient(x, y)))
-            total = GradSum({}, 0)
-            for part in parts:
-                total = total.add(part)
-            return self._finish_sum(total, skipped)
+            return self._finish_sum(GradSum.sum_of(parts), skipped)
         # the window: every process keeps every slot (identical windows, identical states); process
         # r sums the slots k with k % world == r. The first refresh fills it as the exact schedule
         # reads (val_batches good batches, or the good batches of one pass); its size is then fixed.
@@ -380,10 +377,7 @@ class RefinerCore:
 
     def _window_sum(self, entries) -> GradSum:
         """The gradient sum of the window's entries this process owns (default: the kept sums)."""
-        total = GradSum({}, 0)
-        for e in entries:
-            total = total.add(e)
-        return total
+        return GradSum.sum_of(entries)
 
     def _all_reduce(self, total: GradSum, with_halves: bool = True) -> GradSum:
         """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import operator
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .core import RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
 from .distributed import all_reduce_sum_
-from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
@@ -29,8 +28,8 @@ from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, ren
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
-from .share import AdaptiveShare, resolve_share
-from .valve import RefinementStrength, apply_strength, cross_fit_statistics, resolve_strength
+from .share import resolve_share
+from .valve import apply_strength, cross_fit_statistics, resolve_strength
 from .stats import SPREAD_KEYS, StepStats, weight_spread
 from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
 from .transfer import to_device

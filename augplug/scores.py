@@ -153,6 +153,14 @@ class GradSum:
         return GradSum({k: self.sums[k] + other.sums[k] for k in self.sums},
                        self.count + other.count, self.loss_sum + other.loss_sum, halves=halves)
 
+    @staticmethod
+    def sum_of(parts) -> "GradSum":
+        """The sum of several sums (an empty sum for none)."""
+        total = GradSum({}, 0)
+        for part in parts:
+            total = total.add(part)
+        return total
+
     def direction(self) -> Dict[str, torch.Tensor]:
         count = self.count.clamp_min(1) if torch.is_tensor(self.count) else max(self.count, 1)
         return {k: -(s / count) for k, s in self.sums.items()}
