@@ -115,9 +115,7 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     if not 0 <= k <= batch:
         raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
                          f"pass the number of original (non-augmented) {unit} at the start of the batch")
-    m = torch.ones(batch, dtype=torch.bool, device=device)
-    m[:k] = False
-    return m, slice(k, None), batch - k
+    return torch.arange(batch, device=device) >= k, slice(k, None), batch - k
 
 
 def reject_moved_options(moved: Dict[str, Any], shell: str) -> None:
@@ -291,6 +289,7 @@ class AugmentationRefiner(RefinerCore):
             self.strength.to(self._device())
         self.accelerator = accelerator
         self.stats: Dict[str, Any] = {}
+        self._context_parts = None
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
                                           keep_graph=getattr(self.policy, "needs_feature_graph", False))
@@ -477,11 +476,14 @@ class AugmentationRefiner(RefinerCore):
 
     def _context(self, logits, y, aug, active, **kw) -> RefineContext:
         """The per-call context a policy works from: what it needs, passed in."""
-        scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head, head_name=self.head_name,
-                          capture=self._capture, params=self.score_params)
-        validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
-                                      current=lambda: self.validation_direction, halves=lambda: self.half_directions,
-                                      loss=lambda: self.val_loss)
+        if self._context_parts is None:  # fixed for the refiner's life: built on the first call
+            scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
+                              head_name=self.head_name, capture=self._capture, params=self.score_params)
+            validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
+                                          current=lambda: self.validation_direction,
+                                          halves=lambda: self.half_directions, loss=lambda: self.val_loss)
+            self._context_parts = (scoring, validation)
+        scoring, validation = self._context_parts
         mixing = Mixing(orig_weight=self.orig_weight, aug_weight=self.aug_weight, weight_norm=self.weight_norm)
         return RefineContext(logits, y, aug, active, scoring=scoring, validation=validation, mixing=mixing,
                              step=self.step_count, noise=self.noise_generator, **kw)
@@ -542,9 +544,13 @@ class AugmentationRefiner(RefinerCore):
         world = dist_world_size()
         if world == 1:  # one process: plain fp32 arithmetic on the batch, no device sync
             if renorm and n_aug:
-                weights = weights.clone()
-                weights[rows] = (class_renormalize(weights[rows], targets[rows]) if self._by_class(aug.shape[0] - n_aug)
-                                 else renormalize(weights[rows]))
+                by_class = self._by_class(aug.shape[0] - n_aug)
+                if n_aug == aug.shape[0]:  # every row augmented: no copy, no scatter
+                    weights = class_renormalize(weights, targets) if by_class else renormalize(weights)
+                else:
+                    weights = weights.clone()
+                    weights[rows] = (class_renormalize(weights[rows], targets[rows]) if by_class
+                                     else renormalize(weights[rows]))
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)

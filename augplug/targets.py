@@ -128,7 +128,14 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
     Computing it queues a few reductions and no host transfer; reading it is the single device sync
     of a checked refiner call. When it is True, the eager checks name the problem.
     """
-    bad = ~torch.isfinite(logits.detach()).all()
+    total = _finite_probe(logits)
+    for e in (extra if isinstance(extra, tuple) else (extra,)):
+        if e is None:
+            continue
+        for t in (e,) if torch.is_tensor(e) else tensor_leaves(e):
+            if t.is_floating_point():
+                total = total + _finite_probe(t).to(total.device)
+    bad = ~torch.isfinite(total)
     t = targets.detach()
     if t.dim() == 1:
         if t.numel():
@@ -136,10 +143,20 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
             bad = bad | (lo < 0).to(bad.device) | (hi >= logits.shape[1]).to(bad.device)
     else:
         bad = bad | _soft_target_flags(t.float()).any().to(bad.device)
-    for e in tensor_leaves(extra):
-        if e.is_floating_point():
-            bad = bad | (~torch.isfinite(e.detach()).all()).to(bad.device)
     return bad
+
+
+def _finite_probe(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim fp64 tensor that is finite exactly when every value of ``x`` is.
+
+    For fp32/fp16/bf16 tensors it is their sum in fp64: a NaN or inf entry makes it non-finite, and
+    finite entries (at most 3.4e38 each) cannot overflow fp64 in any tensor that fits in memory. One
+    reduction, against the three of ``isfinite(x).all()``. fp64 tensors, whose sum could overflow,
+    get the exact test (0 or NaN)."""
+    x = x.detach()
+    if x.dtype == torch.float64:
+        return torch.where(torch.isfinite(x).all(), 0.0, float("nan")).to(torch.float64)
+    return x.sum(dtype=torch.float64)
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,11 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
                          "(class indices as one-hot probabilities)")
     y = targets.to(torch.float64)
     w = weights.to(torch.float64)
-    sums = torch.stack([y.sum(0), (y * w[:, None]).sum(0)])  # (2, C): upstream and weighted class mass
+    sums = torch.stack([torch.ones_like(w), w]) @ y  # (2, C): upstream and weighted class mass
     if distributed and is_distributed():
         all_reduce_sum_([sums])
-    count, mass = sums.unbind()
-    ratio = torch.where(mass > 0, count / mass.clamp_min(1e-300), torch.zeros_like(mass))
+    # count / mass; a class without mass (0/0 = NaN, or n/0 = inf) gets 0
+    ratio = torch.nan_to_num(sums[0] / sums[1], nan=0.0, posinf=0.0)
     return weights * (y @ ratio).to(weights.dtype)
 
 
@@ -325,6 +325,10 @@ class Policy:
         them; other rows keep weight 1, their upstream target and zero scores.
         """
         y, aug = ctx.targets, ctx.rows
+        if ctx.active and self.needs_scores and ctx.n_augmented == ctx.batch:  # every row refined
+            g = ctx.scores(aug)
+            w, s = self(g, y[aug], ctx.generator, **self.call_inputs(ctx))
+            return w.to(torch.float32), s.to(y.dtype), g.to(torch.float32)
         weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
         soft = y.clone()
         scores = torch.zeros(ctx.batch, ctx.num_classes, dtype=torch.float32, device=y.device)
