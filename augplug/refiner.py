@@ -23,7 +23,7 @@ from .distributed import all_reduce_sum_
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
-from .heads import ActivationCapture, find_classifier, unwrap_model
+from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
@@ -470,7 +470,7 @@ class AugmentationRefiner(RefinerCore):
         self._capture.clear()
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
-                                     used_share, used_strength)
+                                     used_share, used_strength, ctx.score_pass)
         self._budget_end(started)
         return loss
 
@@ -478,7 +478,9 @@ class AugmentationRefiner(RefinerCore):
         """The per-call context a policy works from: what it needs, passed in."""
         if self._context_parts is None:  # fixed for the refiner's life: built on the first call
             scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
-                              head_name=self.head_name, capture=self._capture, params=self.score_params)
+                              head_name=self.head_name, capture=self._capture, params=self.score_params,
+                              replay_forward=self.mode == "full" and self.bn_mode == "train"
+                              and not is_compiled(self.model))
             validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
                                           current=lambda: self.validation_direction,
                                           halves=lambda: self.half_directions, loss=lambda: self.val_loss)
@@ -594,7 +596,8 @@ class AugmentationRefiner(RefinerCore):
         opts = {} if isda is True else dict(isda)
         return ISDALoss.for_head(self.head, **opts)
 
-    def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight, strength) -> StepStats:
+    def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight, strength,
+                   score_pass=None) -> StepStats:
         weights, soft, scores, aug = weights.detach(), soft.detach(), scores.detach(), aug.detach()
         val_loss = self._val_loss
 
@@ -616,7 +619,7 @@ class AugmentationRefiner(RefinerCore):
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
                           "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
-                          "skipped_val_batches": self.skipped_val_batches, **self._schedule_stats()},
+                          "score_pass": score_pass, "skipped_val_batches": self.skipped_val_batches, **self._schedule_stats()},
                          summaries, summary_keys=StepStats.SUMMARY_KEYS + SPREAD_KEYS + ("aug_weight", "strength"))
 
     # ------------------------------------------------------------------ checks and state

@@ -28,7 +28,7 @@ per-sample shift ``(p^T g_logit) 1`` that changes the sign test ``y^T g >= 0``.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ConfigurationError, ShapeError, UnsupportedModelError
-from .heads import unwrap_model
+from .heads import ForwardReplay, unwrap_model
 
 __all__ = [
     "SCORE_MODES",
@@ -53,6 +53,8 @@ __all__ = [
     "full_scores",
     "finite_difference_scores",
     "FD_RELATIVE_STEP",
+    "REPLAY_TOLERANCE",
+    "BaseMismatchError",
     "double_backward_scores",
     "class_scores",
 ]
@@ -65,8 +67,9 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 def scoring_mode(model: nn.Module, bn: str = "eval"):
     """Run extra passes with dropout off and BatchNorm in ``bn`` mode, changing nothing persistent.
 
-    ``bn="eval"`` uses the running statistics; ``bn="train"`` uses the batch statistics and restores
-    the running statistics (and ``num_batches_tracked``) afterwards. All modules' ``training`` flags
+    ``bn="eval"`` uses the running statistics; ``bn="train"`` uses the batch statistics, updating
+    copies of the running statistics (and ``num_batches_tracked``): the module's own tensors are
+    never written. All modules' ``training`` flags
     are restored on exit.
     """
     if bn not in ("eval", "train"):
@@ -78,18 +81,20 @@ def scoring_mode(model: nn.Module, bn: str = "eval"):
         model.eval()
         if bn == "train":
             for m in model.modules():
-                if isinstance(m, _BN_TYPES) and m.track_running_stats:
-                    saved.append((m, [b.detach().clone() if b is not None else None
-                                      for b in (m.running_mean, m.running_var, m.num_batches_tracked)]))
-                    m.train()
-                elif isinstance(m, _BN_TYPES):
+                if isinstance(m, _BN_TYPES):
+                    # the pass updates copies: the module's own statistics are swapped back untouched
+                    # (an in-place restore would bump their version counters, and the training
+                    # forward's graph, which saved them, could then not run its backward)
+                    for name in ("running_mean", "running_var", "num_batches_tracked"):
+                        b = m._buffers.get(name)
+                        if b is not None:
+                            saved.append((m, name, b))
+                            m._buffers[name] = b.detach().clone()
                     m.train()
         yield
     finally:
-        for m, bufs in saved:
-            for name, b in zip(("running_mean", "running_var", "num_batches_tracked"), bufs):
-                if b is not None:
-                    getattr(m, name).copy_(b)
+        for m, name, b in saved:
+            m._buffers[name] = b
         for m, flag in flags:
             m.training = flag
 
@@ -338,6 +343,15 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
 FD_RELATIVE_STEP = 1e-5
 
 
+#: Largest change of a log-probability that the step of :func:`finite_difference_scores` may cause
+#: before the base is taken not to be ``log p(x; theta)`` of the rows (``base_tolerance``).
+REPLAY_TOLERANCE = 0.01
+
+
+class BaseMismatchError(ShapeError):
+    """The base log-probabilities given to :func:`finite_difference_scores` are not those of its forward."""
+
+
 def finite_difference_scores(
     model: nn.Module,
     inputs,
@@ -346,9 +360,21 @@ def finite_difference_scores(
     bn: str = "eval",
     eps: Union[None, float, torch.Tensor] = None,
     base_log_probs: Optional[torch.Tensor] = None,
+    replay: Optional[ForwardReplay] = None,
+    base_tolerance: Optional[float] = None,
 ) -> torch.Tensor:
     """``g`` (B, C) from no-grad forwards at parameters moved along ``v``: a stand-in for
     :func:`full_scores` that needs only plain forwards (no forward-mode formulas, no tangents).
+
+    ``replay`` (with ``base_log_probs`` from the training forward it describes, see
+    :class:`~augplug.heads.ForwardReplay`): the forward reruns the training forward itself, every
+    module in its current mode (``bn`` is not used: BatchNorm in training mode takes the batch's
+    statistics) and the random generators reset, so dropout draws the same masks; the module's
+    buffers (BatchNorm's running statistics) are not touched and the generators are left as they were.
+    ``base_tolerance``: with ``base_log_probs``, raise :class:`BaseMismatchError` when the moved
+    forward's log-probabilities differ from the base by more than this anywhere (the base then did
+    not come from a forward of these rows at these parameters; a step of ``FD_RELATIVE_STEP`` moves
+    them by far less, ``REPLAY_TOLERANCE``).
 
     Without ``base_log_probs``: the central difference
     ``(log p(x; theta + eps v) - log p(x; theta - eps v)) / (2 eps)``, two forwards, error O(eps^2).
@@ -398,7 +424,7 @@ def finite_difference_scores(
             moved = thetas
         else:
             moved = torch._foreach_add(thetas, step) if sign > 0 else torch._foreach_sub(thetas, step)
-        out = functional_call(net, dict(zip(names, moved)), (x,), strict=False)
+        out = functional_call(net, {**buffers, **dict(zip(names, moved))}, (x,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out if out.dtype == torch.float64 else out.float()
@@ -408,8 +434,14 @@ def finite_difference_scores(
     if one_sided and (base_log_probs.dim() != 2 or (rows is not None and base_log_probs.shape[0] != rows)):
         raise ShapeError(f"base_log_probs has shape {tuple(base_log_probs.shape)} for {rows} input rows",
                          "pass log_softmax of the logits of exactly these rows, shape (rows, classes)")
-    with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), \
-            preserved_parameters(net):
+    if replay is not None and not one_sided:
+        raise ConfigurationError("replay= needs base_log_probs=", "pass log_softmax of the training forward's logits")
+    # the rerun of a training forward updates copies of the buffers (BatchNorm's running statistics),
+    # never the module's own, which the training forward's graph may still need
+    modes = scoring_mode(net, bn) if replay is None else nullcontext()
+    rng = replay.rng() if replay is not None else nullcontext()
+    buffers = {n: b.clone() for n, b in net.named_buffers()} if replay is not None else {}
+    with torch.no_grad(), modes, rng, torch.autocast(device_type, enabled=False), preserved_parameters(net):
         if torch.is_tensor(x) and x.is_floating_point() and thetas:
             x = x.to(thetas[0].dtype)
         if not thetas:
@@ -420,7 +452,13 @@ def finite_difference_scores(
             if base.shape != upper.shape:
                 raise ShapeError(f"base_log_probs has shape {tuple(base.shape)}, the model gives "
                                  f"{tuple(upper.shape)}", "pass log_softmax of the logits of exactly these rows")
-            d = (F.log_softmax(upper, -1) - base) / eps
+            gap = F.log_softmax(upper, -1) - base
+            if base_tolerance is not None and bool(gap.abs().amax() > base_tolerance):
+                raise BaseMismatchError(
+                    f"base_log_probs differ from the forward's log-probabilities by {float(gap.abs().amax()):.3g} "
+                    f"(tolerance {base_tolerance:g})",
+                    "pass log_softmax of the logits the model returned for exactly these inputs")
+            d = gap / eps
             p = base.exp()
         else:
             lower = logits(-1)

@@ -9,6 +9,7 @@ scores for any subset of rows.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -87,6 +88,10 @@ class Scoring:
     head_name: Optional[str]
     capture: Any
     params: Callable[[], Dict[str, Any]]
+    #: full-model scores may rerun the training forward: one-sided finite differences on the training
+    #: forward's own log-probabilities (set by the refiner for ``mode="full"`` with ``bn_mode="train"``
+    #: on a model that is not compiled; :meth:`RefineContext.scores` checks the rest per call)
+    replay_forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,9 @@ class RefineContext:
         self.score_all_rows = False
         self._all_scores: Optional[torch.Tensor] = None
         self._generator: Optional[torch.Generator] = None
+        #: how the scores of this call were computed (:data:`SCORE_PASSES`), None before any
+        self.score_pass: Optional[str] = None
+        self._replayed: list = []  # (direction, scores of all rows) of the training-forward pass
 
     @property
     def batch(self) -> int:
@@ -261,10 +269,57 @@ class RefineContext:
         sc = self.scoring
         self.scored = True
         if sc.mode == "last_layer":
+            self.score_pass = "closed_form"
             return class_scores(sc.net, v=v, mode="last_layer", features=self.features()[rows],
                                 logits=self.logits[rows], head_name=sc.head_name).float()
+        if sc.replay_forward and sc.mode == "full":
+            g = self._training_forward_scores(v)
+            if g is not None:
+                return g[rows]
+        self.score_pass = {"full": "forward_mode"}.get(sc.mode, sc.mode)
         with sc.capture.paused():
             return class_scores(sc.net, self.inputs()[rows], v, mode=sc.mode, bn=sc.bn_mode).float()
+
+    def _training_forward_scores(self, v: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Scores of every row by one more forward: the training forward rerun at ``theta + eps v``
+        (same batch statistics, same dropout masks), differenced against the training logits.
+
+        None (forward mode is used) unless one fp32 forward without autocast produced the whole
+        batch. When the logits passed to the refiner are not that forward's output (transformed by
+        the caller), the difference would be meaningless: a one-time warning, and forward mode."""
+        from ..scores import REPLAY_TOLERANCE, BaseMismatchError, finite_difference_scores
+
+        for done, g in self._replayed:
+            if done is v:
+                return g
+        sc = self.scoring
+        replay = sc.capture.replay(self.batch)
+        if replay is None or replay.autocast or self.logits.dtype != torch.float32:
+            return None
+        base = torch.log_softmax(self.logits.detach(), -1)
+        try:
+            with sc.capture.paused():
+                g = finite_difference_scores(sc.net, self.inputs(), v, base_log_probs=base, replay=replay,
+                                             base_tolerance=REPLAY_TOLERANCE)
+        except BaseMismatchError as e:
+            _warn_once("replay", f"full-model scores use forward mode: the logits passed to the refiner are not the "
+                                 f"model's output for its captured inputs ({e.args[0]})")
+            return None
+        self._replayed.append((v, g))
+        self.score_pass = "finite_difference"
+        return g
+
+
+#: Values of ``RefineContext.score_pass`` (and ``refiner.stats["score_pass"]``).
+#: ``"auto"``: forward mode, or double backward where an operation has no forward-mode formula.
+SCORE_PASSES = ("closed_form", "forward_mode", "finite_difference", "double_backward", "auto")
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class Policy:
