@@ -105,6 +105,9 @@ class Config:
     aug_weight: Optional[float] = None
     #: ``"fd"``: full-model scores by finite differences (:func:`finite_difference_patch`)
     scores: str = "forward"
+    #: the refiner's ``bn_mode``; ``"train"`` in full mode scores the training forward itself
+    #: (one more forward, differenced against the training logits)
+    bn_mode: str = "eval"
 
 
 #: The refined configurations, each compared with the plain step (extend here: every entry is timed
@@ -112,6 +115,8 @@ class Config:
 CONFIGS: Tuple[Config, ...] = (
     Config("saflex full, refresh 1", "full-r1", "full", 1),
     Config("saflex full, refresh 4", "full-r4", "full", 4),
+    Config("saflex full, BatchNorm train (training-forward differences), refresh 4", "full-train-r4", "full", 4,
+           bn_mode="train"),
     Config("saflex full (finite differences), refresh 1", "fd-r1", "full", 1, scores="fd"),
     Config("saflex full (finite differences), refresh 4", "fd-r4", "full", 4, scores="fd"),
     Config("saflex last_layer, refresh 1", "ll-r1", "last_layer", 1),
@@ -285,11 +290,12 @@ class Setup:
 
     def refiner(self, model: nn.Module, opt: Optional[torch.optim.Optimizer], mode: str,
                 refresh_every: int, aug_weight: Optional[float] = None, *, val_size: Optional[int] = None,
-                val_batches="all", budget=None, fresh_batches=None) -> AugmentationRefiner:
+                val_batches="all", budget=None, fresh_batches=None, bn_mode: str = "eval") -> AugmentationRefiner:
         """The one place the benchmark builds refiners; ``budget`` / ``fresh_batches`` are passed on only
         when given."""
         extra = {k: v for k, v in (("budget", budget), ("fresh_batches", fresh_batches)) if v is not None}
         r = AugmentationRefiner(model, opt, self.val_loader(val_size), method="saflex", mode=mode, seed=self.seed,
+                                bn_mode=bn_mode,
                                 method_options=dict(aug_weight=aug_weight, strength=1.0),  # refine batches without originals too
                                 schedule=dict(refresh_every=refresh_every, val_batches=val_batches,
                                               cache_validation=self.cache_validation, **extra))
@@ -484,7 +490,7 @@ def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) 
                 try:
                     r = setup.refiner(m, opt, cfg.mode, cfg.refresh_every, cfg.aug_weight, val_size=val_size,
                                       val_batches=args.val_batches, budget=budget,
-                                      fresh_batches=args.fresh_batches)
+                                      fresh_batches=args.fresh_batches, bn_mode=cfg.bn_mode)
                 except Exception as e:  # reported in the table like a failure during warm-up
                     build_errors[name] = _describe_error(e)
                     continue
