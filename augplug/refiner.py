@@ -379,7 +379,7 @@ class AugmentationRefiner(RefinerCore):
     # ------------------------------------------------------------------ the loss
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
-                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 index: Optional[torch.Tensor] = None, sources: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the refined loss (a scalar) for a batch.
 
         Args:
@@ -394,6 +394,8 @@ class AugmentationRefiner(RefinerCore):
                 automatically when omitted.
             index: dataset positions of the rows (``IndexedDataset``), for policies with per-point
                 state such as AutoDO.
+            sources: (B,) integer ids of what produced each row (a RandAugment op, a generator),
+                for policies that pool evidence by source (``SAflex(pool=...)``).
         """
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
@@ -426,7 +428,7 @@ class AugmentationRefiner(RefinerCore):
             used_strength = 1.0 if self._global_count(batch - n_aug) > 0 else 0.0
             active = active and used_strength > 0
         ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
-                            n_augmented=n_aug)
+                            n_augmented=n_aug, sources=sources)
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
         # whole batch costs about what a pass over the augmented rows does (rows are independent
         # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
@@ -633,7 +635,7 @@ class AugmentationRefiner(RefinerCore):
         """Everything needed to resume bit-for-bit (with the model's and optimizer's own state)."""
         return {
             **self._core_state(),
-            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
+            "policy": self.policy.state_dict() if self.policy.has_state else None,
             "isda": self.isda.state_dict() if self.isda is not None else None,
             "share": self.share.state_dict() if self.share is not None else None,
             "strength": self.strength.state_dict() if self.strength is not None else None,
@@ -644,7 +646,7 @@ class AugmentationRefiner(RefinerCore):
         shapes, the policy's, ISDA's and the share's parts, finiteness): a rejected state changes
         nothing."""
         self._check_core_state(state)
-        check_part_presence(state, "policy", hasattr(self.policy, "state_dict"), "the method's state")
+        check_part_presence(state, "policy", self.policy.has_state, "the method's state")
         check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
         if state.get("version") != 1:  # states before the refinement strength hold no such entry

@@ -97,6 +97,11 @@ def load(dataset: str, seed: int):
     raise ValueError(dataset)
 
 
+def broken_class_mask(num_classes: int) -> torch.Tensor:
+    """The classes whose views the ``identity`` upstream breaks (every other class, from 0)."""
+    return torch.tensor([c % 2 == 0 for c in range(num_classes)])
+
+
 def _image_views(x_u8: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int, num_classes: int):
     from torchvision.transforms import v2
     g = torch.Generator().manual_seed(seed)
@@ -104,14 +109,14 @@ def _image_views(x_u8: torch.Tensor, labels: torch.Tensor, upstream: str, seed: 
     torch.manual_seed(seed)
     strong = v2.RandAugment(num_ops=2, magnitude=15)
     mild = v2.RandAugment(num_ops=2, magnitude=5)
-    broken_classes = set(range(0, num_classes, 2))
+    broken_classes = broken_class_mask(num_classes)
     out = torch.empty((x_u8.shape[0], VIEWS) + tuple(x_u8.shape[1:]), dtype=torch.uint8)
     try:
         for i in range(x_u8.shape[0]):
             img = x_u8[i][None]
             for v in range(VIEWS):
                 if upstream == "identity":
-                    if int(labels[i]) in broken_classes:
+                    if bool(broken_classes[int(labels[i])]):
                         k = int(torch.randint(1, 4, (1,), generator=g))
                         t = torch.rot90(img, k, (1, 2))
                         out[i, v] = (t.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else t)[0]
@@ -128,7 +133,7 @@ def _table_views(x: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int
     g = torch.Generator().manual_seed(seed)
     n, d = x.shape
     out = torch.empty(n, VIEWS, d)
-    broken_classes = torch.tensor([c % 2 == 0 for c in range(num_classes)])
+    broken_classes = broken_class_mask(num_classes)
     for v in range(VIEWS):
         if upstream == "identity":
             mild = x + 0.1 * torch.randn(n, d, generator=g)
@@ -158,8 +163,9 @@ def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tens
     if upstream in ("random", "pairflip"):
         from augplug.demo.study import corrupt_views
         given, _ = corrupt_views(y, VIEWS, NOISE, num_classes, seed=seed, kind=upstream)
+    broken = broken_class_mask(num_classes)
     return dict(x=xr, y=y, xv=xv, yv=yv, xt=xt, yt=yt, views=views, given=given, num_classes=num_classes,
-                kind=kind)
+                kind=kind, broken=broken)
 
 
 # ----------------------------------------------------------------------------- training
@@ -179,7 +185,7 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
-    refiner = None
+    refiner, kw = None, {}
     if arm != "none":
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["xv"], data["yv"]), batch_size=128,
                                           shuffle=True)
@@ -210,17 +216,21 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 xa = views[idx, pick[idx]]
                 ya = (truth if arm == "clean" else given)[idx, pick[idx]]
                 clean_rows = given[idx, pick[idx]] == truth[idx, pick[idx]]
+                # what made each view, for SAflex(pool=2): 1 for the identity-breaking transform
+                src = (data["broken"][y[idx]] if upstream == "identity" else torch.zeros(len(idx))).long()
+                extra = {"sources": src} if "pool" in kw else {}
                 if pattern == "batch":
-                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx))
+                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx),
+                                   **({"sources": torch.cat([src, src])} if extra else {}))
                 elif pattern == "separate":
-                    loss = refiner(model(xa), ya) + F.cross_entropy(model(xo), yo)
+                    loss = refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
                 elif pattern == "alone":
-                    loss = refiner(model(xa), ya)
+                    loss = refiner(model(xa), ya, **extra)
                 else:  # mixup on the views
                     lam = float(np.random.default_rng(seed * 100003 + s).beta(0.4, 0.4))
                     p = torch.randperm(len(idx), generator=g)
                     soft = F.one_hot(ya, c).float()
-                    loss = refiner(model(lam * xa + (1 - lam) * xa[p]), lam * soft + (1 - lam) * soft[p])
+                    loss = refiner(model(lam * xa + (1 - lam) * xa[p]), lam * soft + (1 - lam) * soft[p], **extra)
                     clean_rows = clean_rows & clean_rows[p]
                 st = refiner.stats
                 if arm == "refiner" and st["active"]:

@@ -57,7 +57,15 @@ CASES = {
     "saflex-window-full-model": dict(refresh_every=1, seed=3, fresh_batches=2, mode="full"),
     # the adaptive strength: cross-fitted on the global batch, the same value on every process
     "saflex-adaptive-strength": dict(refresh_every=1, seed=3, strength="_adaptive"),
+    # evidence pooled by (source, class): the tables are sums over the global batch, so the second
+    # step's weights (read from the first step's tables) match one process
+    "saflex-pooled": dict(refresh_every=1, seed=3, pool=3),
 }
+
+
+def _sources(kw):
+    """The rows' source ids for a case that pools evidence (empty otherwise)."""
+    return torch.arange(WORLD * ROWS) % kw["pool"] if "pool" in kw else None
 
 
 def _case(case):
@@ -121,8 +129,10 @@ def _worker(out_dir: str, case: str) -> None:
     refiner = AugmentationRefiner(model, opt, val, accelerator=acc, **refiner_kwargs(kw))
     r = acc.process_index
     rows = slice(r * ROWS, (r + 1) * ROWS)
+    src = _sources(kw)
+    extra = {} if src is None else {"sources": src[rows]}
     out = _train_and_record(refiner, opt, acc.unwrap_model(model),
-                            lambda: refiner(model(x[rows]), y[rows], num_original=n_orig[r]))
+                            lambda: refiner(model(x[rows]), y[rows], num_original=n_orig[r], **extra))
     torch.save(out, os.path.join(out_dir, f"rank{r}.pt"))
 
 
@@ -155,7 +165,9 @@ def _single_process(case):
     aug = torch.ones(WORLD * ROWS, dtype=torch.bool)
     for r in range(WORLD):
         aug[r * ROWS: r * ROWS + n_orig[r]] = False
-    return _train_and_record(refiner, opt, model, lambda: refiner(model(x), y, augmented=aug))
+    src = _sources(kw)
+    extra = {} if src is None else {"sources": src}
+    return _train_and_record(refiner, opt, model, lambda: refiner(model(x), y, augmented=aug, **extra))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

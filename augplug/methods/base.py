@@ -128,6 +128,8 @@ class RefineContext:
         augmented: ``(B,)`` bool mask of the rows to refine.
         active: True once the warm-up is over.
         index: the batch's dataset positions (``index=`` of the call) or None.
+        sources: the rows' source ids (``sources=`` of the call: which operation or generator made
+            each row) or None.
         rows: the augmented rows as an index for (B, ...) tensors: a slice when they are the tail of
             the batch (``num_original=``; indexing needs no device sync), else the bool mask.
         step: optimizer updates so far.
@@ -136,8 +138,9 @@ class RefineContext:
 
     def __init__(self, logits, targets, augmented, active: bool, *, scoring: Scoring, validation: ValidationSource,
                  mixing: Mixing, step: int, noise: Callable[..., torch.Generator], inputs=None, features=None,
-                 index=None, rows=None, n_augmented: Optional[int] = None):
+                 index=None, rows=None, n_augmented: Optional[int] = None, sources=None):
         self.logits = logits
+        self.sources = sources
         self.targets = targets
         self.augmented = augmented
         self.rows = augmented if rows is None else rows
@@ -369,6 +372,11 @@ class Policy:
     def mixing_repr(self) -> str:
         return f"weight_norm={self.weight_norm!r}, aug_weight={self.aug_weight!r}, strength={self.strength!r}"
 
+    def observe(self, ctx: RefineContext, scores: torch.Tensor) -> None:
+        """Called by :meth:`refine` with the augmented rows' scores along the validation direction,
+        after ``__call__`` chose their weights, for policies that learn from the scores they see
+        (default: nothing). A change must wait for :meth:`commit` (and be dropped by :meth:`rollback`)."""
+
     def call_inputs(self, ctx: RefineContext) -> Dict[str, Any]:
         """Extra keyword arguments :meth:`refine` passes to ``__call__`` (default: none)."""
         return {}
@@ -383,6 +391,7 @@ class Policy:
         if ctx.active and self.needs_scores and ctx.n_augmented == ctx.batch:  # every row refined
             g = ctx.scores(aug)
             w, s = self(g, y[aug], ctx.generator, **self.call_inputs(ctx))
+            self.observe(ctx, g)
             return w.to(torch.float32), s.to(y.dtype), g.to(torch.float32)
         weights = torch.ones(ctx.batch, dtype=torch.float32, device=y.device)
         soft = y.clone()
@@ -398,6 +407,7 @@ class Policy:
         else:
             g = ctx.scores(aug)
             w, s = self(g, y[aug], ctx.generator, **self.call_inputs(ctx))
+            self.observe(ctx, g)
             scores[aug] = g.to(scores)
         weights[aug], soft[aug] = w.to(weights), s.to(soft)
         return weights, soft, scores
@@ -406,6 +416,11 @@ class Policy:
     # A policy that changes its own state inside refine() (tables, buffers) makes the change undoable:
     # the refiner calls commit() once the whole call has succeeded and rollback() when any part of it
     # (the policy's or the refiner's) raised, so a rejected call leaves the policy as it was.
+    @property
+    def has_state(self) -> bool:
+        """Whether the refiner saves this policy's state (``state_dict`` / ``load_state_dict``)."""
+        return hasattr(self, "state_dict")
+
     def commit(self) -> None:
         """Make this call's changes final (default: nothing to do)."""
 

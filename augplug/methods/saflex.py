@@ -44,6 +44,7 @@ import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError, ShapeError
+from ..pooled import PooledEvidence
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
 
@@ -156,6 +157,7 @@ def saflex_targets(
         raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
     if beta < 0:
         raise ConfigurationError(f"beta must be >= 0, got {beta}", "beta=0 relabels freely, larger keeps labels")
+    weighting = "none" if weighting is None else weighting
     if weighting not in ("hard", "soft", "none"):
         raise ConfigurationError(f"weighting must be 'hard', 'soft' or 'none', got {weighting!r}",
                                  "use 'hard' (the paper) or 'soft'")
@@ -214,12 +216,13 @@ class SAflex(Policy):
     def __init__(self, beta: float = math.inf, tau: float = 1.0, *, gumbel: bool = False, weighting: str = "soft",
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
-                 aug_weight="adaptive", strength="auto"):
+                 aug_weight="adaptive", strength="auto", pool=None):
         for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
                                          f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
+        weighting = "none" if weighting is None else weighting  # None: no per-sample weighting, as "none"
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
             raise ConfigurationError(f"weight_signal must be one of {POLICY_WEIGHT_SIGNALS}, got {weight_signal!r}",
@@ -231,6 +234,53 @@ class SAflex(Policy):
                        weight_signal="likelihood" if weight_signal == "auto" else weight_signal,
                        log_probs=torch.zeros(1, 2))
         self._set_mixing(weight_norm, aug_weight, strength)
+        if pool is None or isinstance(pool, PooledEvidence):
+            self.pool = pool
+        elif isinstance(pool, int) and not isinstance(pool, bool):
+            self.pool = PooledEvidence(pool)
+        else:
+            raise ConfigurationError(f"pool must be None, a number of sources or a PooledEvidence, got {pool!r}",
+                                     "pass pool=<number of source ids>, and sources= to each refiner call")
+        self._pending = None
+
+    # ------------------------------------------------------------------ pooled evidence
+    @property
+    def has_state(self) -> bool:
+        return self.pool is not None
+
+    def state_dict(self):
+        return self.pool.state_dict() if self.pool is not None else None
+
+    def check_state(self, state) -> None:
+        if self.pool is not None:
+            self.pool.check_state(state)
+
+    def load_state_dict(self, state) -> None:
+        if self.pool is not None:
+            self.pool.load_state_dict(state)
+            self._pending = None
+
+    def observe(self, ctx: RefineContext, scores: torch.Tensor) -> None:
+        """Queue this batch's agreements for the pooled evidence (the weights were read before),
+        with the originals' agreements as the per-class reference."""
+        if self.pool is None:
+            return
+        rows, y = ctx.rows, ctx.targets[ctx.rows].float()
+        sources = self.pool.check_sources(ctx.sources, ctx.batch, y.device)[rows]
+        reference = None
+        if ctx.n_augmented < ctx.batch:
+            orig = ~ctx.augmented
+            y_orig = ctx.targets[orig].float()
+            reference = (y_orig, (y_orig * ctx.scores(orig)).sum(-1))
+        self._pending = self.pool.updated(sources, y, (y * scores.float()).sum(-1), reference, distributed=True)
+
+    def commit(self) -> None:
+        if self._pending is not None:
+            self.pool.tables = self._pending
+        self._pending = None
+
+    def rollback(self) -> None:
+        self._pending = None
 
     @classmethod
     def paper(cls, **overrides) -> "SAflex":
@@ -238,9 +288,12 @@ class SAflex(Policy):
         return cls(**{**SAFLEX_PAPER, **overrides})
 
     def call_inputs(self, ctx: RefineContext):
+        extra = {}
+        if self.pool is not None:
+            extra["sources"] = self.pool.check_sources(ctx.sources, ctx.batch, ctx.targets.device)[ctx.rows]
         if self.weight_signal == "agreement":
-            return {}
-        extra = {"log_probs": torch.log_softmax(ctx.logits[ctx.rows].detach().float(), -1)}
+            return extra
+        extra["log_probs"] = torch.log_softmax(ctx.logits[ctx.rows].detach().float(), -1)
         if self.weight_signal == "auto":
             extra["originals"] = ctx.batch - ctx.n_augmented
         return extra
@@ -257,13 +310,20 @@ class SAflex(Policy):
             total = float(count[0])
         return "likelihood" if total == 0 else "agreement"
 
-    def __call__(self, scores, targets, generator=None, log_probs=None, originals=None):
-        return saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
-                              weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
-                              normalize=self.normalize, renormalize_weights=False, threshold=self.threshold,
-                              distributed=True, weight_signal=self.signal_for(originals), log_probs=log_probs)
+    def __call__(self, scores, targets, generator=None, log_probs=None, originals=None, sources=None):
+        weights, soft = saflex_targets(scores, targets, self.beta, self.tau, gumbel=self.gumbel, generator=generator,
+                                       weighting=self.weighting, weight_tau=self.weight_tau, prior=self.prior,
+                                       normalize=self.normalize, renormalize_weights=False, threshold=self.threshold,
+                                       distributed=True, weight_signal=self.signal_for(originals),
+                                       log_probs=log_probs)
+        if self.pool is not None:  # the evidence of earlier batches, pooled by (source, class)
+            if sources is None:
+                raise ShapeError("SAflex(pool=...) needs the rows' sources", "pass sources= to the refiner call")
+            weights = weights * self.pool.weights(sources, targets.float()).to(weights)
+        return weights, soft
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, tau={self.tau}, gumbel={self.gumbel}, weighting={self.weighting!r}, "
                 f"weight_tau={self.weight_tau}, prior={self.prior!r}, normalize={self.normalize!r}, "
-                f"threshold={self.threshold}, weight_signal={self.weight_signal!r}, {self.mixing_repr()}")
+                f"threshold={self.threshold}, weight_signal={self.weight_signal!r}, {self.mixing_repr()}"
+                + (f", pool={self.pool.num_sources}" if self.pool is not None else ""))
