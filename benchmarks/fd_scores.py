@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch.func import functional_call
 
+from augplug.heads import ForwardReplay
 from augplug.models import SmallCNN
 from augplug.scores import (FD_RELATIVE_STEP, finite_difference_scores, full_scores, scoring_mode,
                             validation_gradient)
@@ -48,12 +49,59 @@ SHAPES = {"smallcnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 DEFAULT_STEPS = (1e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2)
 
 
-def build(name: str, dropout: float = 0.2) -> torch.nn.Module:
+def build(name: str, dropout: float = 0.2, resnet_dropout: float = 0.0) -> torch.nn.Module:
     if name == "smallcnn":
         return SmallCNN(1, NUM_CLASSES, img_size=28, dropout=dropout)
     import timm
 
-    return timm.create_model("resnet18", num_classes=NUM_CLASSES, pretrained=False)
+    return timm.create_model("resnet18", num_classes=NUM_CLASSES, pretrained=False, drop_rate=resnet_dropout)
+
+
+def training_forward_oracle(model: torch.nn.Module, x: torch.Tensor, v: Dict[str, torch.Tensor],
+                            replay: ForwardReplay) -> torch.Tensor:
+    """Exact ``J v`` of the training forward's log-probabilities, by forward-mode AD through
+    ``functional_call`` with every module in its current mode, the random generators reset to the
+    forward's start (so dropout draws the same masks) and copies of the buffers."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), fwAD.dual_level(), replay.rng():
+        duals = {n: fwAD.make_dual(p, v[n] if n in v else torch.zeros_like(p)) for n, p in params.items()}
+        out = F.log_softmax(functional_call(model, {**buffers, **duals}, (x,)).float(), -1)
+        return fwAD.unpack_dual(out).tangent
+
+
+def replay_rows(args) -> List[List[str]]:
+    """The refiner's ``mode="full", bn_mode="train"`` scores: the training forward (dropout 0.2 in
+    both models) rerun at ``theta + eps v`` with its masks replayed, differenced against its own
+    logits, against the exact forward-mode scores of the same forward; and the same difference
+    without the replay (fresh masks)."""
+    rows = []
+    for name in args.models:
+        for sgd_steps in args.sgd_steps:
+            per: Dict[str, List[Dict[str, float]]] = {}
+            for seed in args.seeds:
+                model, x, y, v = prepared(name, seed, sgd_steps, args.batch, 0.2, resnet_dropout=0.2)
+                replay = ForwardReplay.before(x)
+                with torch.enable_grad():
+                    base = F.log_softmax(model.train()(x).float(), -1).detach()
+                oracle = training_forward_oracle(model, x, v, replay)
+                fresh = ForwardReplay(torch.get_rng_state(), None, False)
+                for scheme, rp in (("one-sided, training forward replayed", replay),
+                                   ("one-sided, training forward, masks not replayed", fresh)):
+                    g_fd = finite_difference_scores(model, x, v, base_log_probs=base, replay=rp)
+                    per.setdefault(scheme, []).append(agreement_metrics(g_fd, oracle, y))
+            state = "random init" if sgd_steps == 0 else f"after {sgd_steps} SGD steps"
+            for scheme, ms in per.items():
+                mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+                worst = {"rel_err": max(m["rel_err"] for m in ms), "spearman": min(m["spearman"] for m in ms),
+                         "kendall": min(m["kendall"] for m in ms), "flips": max(m["flips"] for m in ms)}
+                rows.append([name, state, scheme, f"default ({FD_RELATIVE_STEP:g})",
+                             f"{mean['rel_err']:.2e} ({worst['rel_err']:.2e})",
+                             f"{mean['spearman']:.4f} ({worst['spearman']:.4f})",
+                             f"{mean['kendall']:.4f} ({worst['kendall']:.4f})",
+                             f"{mean['flips']:.3f} ({worst['flips']:.3f})"])
+            print(f"[fd_scores] replay, {name}, {state}: done", file=sys.stderr, flush=True)
+    return rows
 
 
 def synthetic(shape, n: int, gen: torch.Generator, templates: torch.Tensor):
@@ -63,11 +111,11 @@ def synthetic(shape, n: int, gen: torch.Generator, templates: torch.Tensor):
     return x, y
 
 
-def prepared(name: str, seed: int, sgd_steps: int, batch: int, dropout: float = 0.2):
+def prepared(name: str, seed: int, sgd_steps: int, batch: int, dropout: float = 0.2, resnet_dropout: float = 0.0):
     """A model after ``sgd_steps`` SGD steps, a scored batch with labels, and a validation direction."""
     shape = SHAPES[name]
     torch.manual_seed(seed)
-    model = build(name, dropout).train()
+    model = build(name, dropout, resnet_dropout).train()
     gen = torch.Generator().manual_seed(seed + 1000)
     templates = torch.randn(NUM_CLASSES, *shape, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -209,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-timing", action="store_true", help="skip the CPU timing table")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table (timing only)")
+    p.add_argument("--replay", action="store_true",
+                   help="add the table of the replayed training forward (mode='full', bn_mode='train') "
+                        "against the exact scores of that forward, dropout 0.2 in both models")
     p.add_argument("--quick", action="store_true", help="one seed, steps 1e-5 and 1e-3, no SGD steps")
     p.add_argument("--out", default="fd_scores")
     p.add_argument("--results-dir", default=None)
@@ -236,6 +287,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
            + (" BatchNorm train: SmallCNN without dropout, so that the training forward can be the base."
               if args.bn == "train" else ""))
     text = f"# Finite-difference class scores vs forward mode\n\n{pre}\n"
+    if args.replay:
+        text += "\n" + write_markdown_table(
+            None, ["model", "state", "scores", "step ||eps v||/||theta||", "rel. error", "Spearman (a)",
+                   "Kendall (a)", "sign flips of a"], replay_rows(args),
+            preamble="## The training forward replayed (`mode=\"full\", bn_mode=\"train\"`)\n\nOracle: forward-mode "
+                     "AD through the same training forward (BatchNorm batch statistics, dropout 0.2 with the "
+                     "same masks); the difference's base is that forward's own log-probabilities.")
     if not args.no_accuracy:
         text += "\n" + write_markdown_table(
             None, ["model", "state", "scores", "step ||eps v||/||theta||", "rel. error", "Spearman (a)",

@@ -1,20 +1,19 @@
 """Full-model scores on the training forward itself (``mode="full"``, ``bn_mode="train"``): one-sided
 finite differences against the training logits, with the forward's dropout masks replayed, checked
-against an exact oracle (``torch.func.jvp`` through the same forward, same masks)."""
+against an exact oracle (forward-mode AD through the same forward, same masks)."""
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import AugmentationRefiner
 from augplug.heads import ForwardReplay
 from augplug.scores import (BaseMismatchError, finite_difference_scores, full_scores, scoring_mode,
                             validation_gradient)
+from benchmarks.fd_scores import training_forward_oracle
 
 C = 6
 
@@ -38,15 +37,8 @@ def _direction(net):
 
 
 def _oracle(net, x, v, replay):
-    """Exact J v of the training forward's log-probabilities: forward-mode AD through functional_call
-    in train mode, the generators reset to the forward's start, on copies of the buffers."""
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    buffers = {n: b.clone() for n, b in net.named_buffers()}
-    tangents = {n: v.get(n, torch.zeros_like(p)) for n, p in params.items()}
-    with torch.no_grad(), fwAD.dual_level(), replay.rng():
-        duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
-        out = F.log_softmax(functional_call(net, {**buffers, **duals}, (x,)), -1)
-        return fwAD.unpack_dual(out).tangent
+    """Exact J v of the training forward (forward-mode AD through the same forward, same masks)."""
+    return training_forward_oracle(net, x, v, replay)
 
 
 def _training_forward(net, x):
