@@ -13,13 +13,17 @@ row's agreement relative to the class, ``d_ic = (y_i^T g_i - r_c) / s``, with ``
 agreement of the batch's originals of class ``c``, or of its augmented rows of ``c`` where it has no
 originals of ``c``, and ``s`` the augmented rows' RMS agreement), and gives each group the weight
 
-    w_k = 2 sigmoid(t_k / T),    t_k = m_k / sqrt(v_k / n_k),   m_k = A_k / n_k,  v_k = Q_k / n_k - m_k^2
+    w_k = 2 sigmoid(t_k / T),   t_k = (m_k - m) / sqrt(v_k / n_k),   m_k = A_k / n_k,  v_k = Q_k / n_k - m_k^2,
+                                m = sum_k A_k / sum_k n_k
 
-a t-statistic of the group's mean relative agreement squashed to (0, 2): a group whose views
-consistently help its class less than the class's originals do is weighted down once the evidence
-is several standard errors strong; a group with little or mixed evidence stays near 1. Without
-originals the reference is the class's augmented rows, so only sources are compared within a class
-(one source per class gives ``t = 0``, weight 1). A row's weight is ``sum_c y_ic w_(s_i, c)``.
+a t-statistic of how much more the group's views fall short of their class's reference than the
+views of all groups do, squashed to (0, 2). The overall shortfall ``m`` (augmented views usually
+help less than originals) is the share's business, not the weights': subtracting it keeps the
+weights' mean near 1, so the mean-1 renormalization cannot blow up tiny differences between groups
+that are all near 0. A group whose views consistently fall short more than the others is weighted
+down once the evidence is several standard errors strong; a group with little or mixed evidence
+stays near 1. Without originals the reference is the class's augmented rows, so only sources within
+a class are compared. A row's weight is ``sum_c y_ic w_(s_i, c)``.
 
 The weights of a batch are read from the sums *before* the batch is added: a row's own (noisy)
 agreement does not choose its weight, which is the selection bias a per-sample weight carries.
@@ -84,11 +88,13 @@ class PooledEvidence:
         return (targets.double() * self.group_weights()[sources]).sum(-1).float()
 
     def t_statistics(self) -> torch.Tensor:
-        """``(S, C)`` fp64 ``t_k`` of every group (0 where it has fewer than 2 rows of evidence)."""
+        """``(S, C)`` fp64 ``t_k`` of every group (0 where it has fewer than 2 rows of evidence): its
+        mean relative agreement minus that of all groups together, in standard errors."""
         n, total, sq = self.tables.unbind()
         mean = total / n.clamp_min(1e-12)
         var = (sq / n.clamp_min(1e-12) - mean ** 2).clamp_min(0)
-        t = mean / (var / n.clamp_min(1e-12)).sqrt().clamp_min(1e-12)
+        overall = total.sum() / n.sum().clamp_min(1e-12)
+        t = (mean - overall) / (var / n.clamp_min(1e-12)).sqrt().clamp_min(1e-12)
         return torch.where(n >= 2, t, torch.zeros_like(t))
 
     def group_weights(self) -> torch.Tensor:

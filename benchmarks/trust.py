@@ -16,7 +16,12 @@ Upstream augmentation (4 views per training row, precomputed per seed):
   ``identity``  labels kept, but the views of half of the classes lose their identity (images:
                 rotated by 90, 180 or 270 degrees and flipped; table: columns shuffled), the other
                 half gets mild views (RandAugment magnitude 5; noise of 0.1 standard deviations);
-  ``clean``     the strong views with their true labels: nothing is broken.
+  ``clean``     the strong views with their true labels: nothing is broken;
+  ``ops``       (only when named; images) one timm RandAugment op per view at magnitude 15, true
+                labels, the op recorded as the view's source.
+
+Each view has a source id (the op; identity-breaking or mild; else 0), passed as ``sources=`` when
+``--set pool=S`` asks the refiner for evidence pooled by (source, class).
 
 Usage patterns (how the refiner is called):
   ``batch``     originals and views in one batch, ``refiner(model(cat), cat_y, num_original=n)``;
@@ -54,6 +59,10 @@ from benchmarks.common import mean_std, paired_difference, parse_sets, results_d
 
 DATASETS = ("fmnist", "digits", "letter")
 UPSTREAMS = ("random", "pairflip", "identity", "clean")
+#: upstreams run only when named (images only): ``ops`` gives each view one timm RandAugment op at
+#: magnitude 15 with its true label, and records the op as the view's source
+EXTRA_UPSTREAMS = ("ops",)
+OPS_CONFIG = "rand-m15-n1-p1.0"
 PATTERNS = ("batch", "separate", "alone", "mixup")
 ARMS = ("none", "upstream", "refiner", "clean")
 VIEWS, NOISE = 4, 0.3
@@ -100,6 +109,36 @@ def load(dataset: str, seed: int):
 def broken_class_mask(num_classes: int) -> torch.Tensor:
     """The classes whose views the ``identity`` upstream breaks (every other class, from 0)."""
     return torch.tensor([c % 2 == 0 for c in range(num_classes)])
+
+
+def _op_views(x_u8: torch.Tensor, seed: int):
+    """One timm RandAugment op per view (``OPS_CONFIG``) and the op's index as its source: (N, V, H, W)
+    uint8 views and (N, V) int64 sources. timm draws with Python's and NumPy's generators, seeded here
+    and restored after."""
+    import random
+
+    from PIL import Image
+
+    from augplug.report import TracedRandAugment
+    fill = int(round(float(x_u8.float().mean())))
+    traced = TracedRandAugment(OPS_CONFIG, {"img_mean": (fill,)})
+    index = {name: k for k, name in enumerate(traced.op_names)}
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    out = torch.empty((x_u8.shape[0], VIEWS) + tuple(x_u8.shape[1:]), dtype=torch.uint8)
+    sources = torch.empty(x_u8.shape[0], VIEWS, dtype=torch.long)
+    try:
+        for i in range(x_u8.shape[0]):
+            img = Image.fromarray(x_u8[i].numpy(), mode="L")
+            for v in range(VIEWS):
+                view, names = traced(img)
+                out[i, v] = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy())
+                sources[i, v] = index[names[0]]
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return out, sources, traced.op_names
 
 
 def _image_views(x_u8: torch.Tensor, labels: torch.Tensor, upstream: str, seed: int, num_classes: int):
@@ -150,8 +189,15 @@ def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tens
     """Normalized tensors and the view bank with given and true view labels."""
     xr, y, xv, yv, xt, yt, kind = load(dataset, seed)
     num_classes = int(max(y.max(), yv.max(), yt.max())) + 1
+    sources = None
+    source_names = ["mild", "identity-breaking"] if upstream == "identity" else ["views"]
+    if upstream == "ops" and kind != "image":
+        raise ValueError("the 'ops' upstream is for image data sets (fmnist, digits)")
     if kind == "image":
-        views = _image_views(xr, y, upstream, seed, num_classes)
+        if upstream == "ops":
+            views, sources, source_names = _op_views(xr, seed)
+        else:
+            views = _image_views(xr, y, upstream, seed, num_classes)
         mean, std = xr.float().mean() / 255, xr.float().std() / 255
 
         def norm(t):
@@ -163,9 +209,11 @@ def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tens
     if upstream in ("random", "pairflip"):
         from augplug.demo.study import corrupt_views
         given, _ = corrupt_views(y, VIEWS, NOISE, num_classes, seed=seed, kind=upstream)
-    broken = broken_class_mask(num_classes)
+    if sources is None:  # the identity upstream's two kinds of view; one kind elsewhere
+        broken = broken_class_mask(num_classes)[y] if upstream == "identity" else torch.zeros(len(y), dtype=torch.bool)
+        sources = broken.long()[:, None].expand(len(y), VIEWS)
     return dict(x=xr, y=y, xv=xv, yv=yv, xt=xt, yt=yt, views=views, given=given, num_classes=num_classes,
-                kind=kind, broken=broken)
+                kind=kind, sources=sources, source_names=source_names)
 
 
 # ----------------------------------------------------------------------------- training
@@ -216,8 +264,9 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 xa = views[idx, pick[idx]]
                 ya = (truth if arm == "clean" else given)[idx, pick[idx]]
                 clean_rows = given[idx, pick[idx]] == truth[idx, pick[idx]]
-                # what made each view, for SAflex(pool=2): 1 for the identity-breaking transform
-                src = (data["broken"][y[idx]] if upstream == "identity" else torch.zeros(len(idx))).long()
+                # what made each view, for SAflex(pool=S): the op (ops), the identity-breaking transform
+                # or not (identity), one source elsewhere
+                src = data["sources"][idx, pick[idx]]
                 extra = {"sources": src} if "pool" in kw else {}
                 if pattern == "batch":
                     loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx),
@@ -247,6 +296,9 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         st = refiner.stats
         out["share"] = float(st.get("aug_weight", float("nan")))
         out["strength"] = float(st["strength"]) if "strength" in st else float("nan")
+        pool = getattr(refiner.policy, "pool", None)
+        if pool is not None:  # the groups the pooled evidence weighted down most, at the end
+            out["pooled_lowest"] = pool.table(data["source_names"])[:5]
         if rec_w:
             w, cl = torch.cat(rec_w).numpy(), torch.cat(rec_clean).numpy()
             out["auc_weight"] = binary_auc(w, cl) if upstream in ("random", "pairflip") else float("nan")
@@ -304,7 +356,7 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
     shown = "refiner" if any(r["arm"] == "refiner" for r in rows) else None
     keys = sorted({(r["dataset"], r["upstream"], r["pattern"]) for r in rows
                    if r["arm"] != "none" and (shown is None or r["arm"] == shown)},
-                  key=lambda k: (DATASETS.index(k[0]), UPSTREAMS.index(k[1]), PATTERNS.index(k[2])))
+                  key=lambda k: (DATASETS.index(k[0]), (UPSTREAMS + EXTRA_UPSTREAMS).index(k[1]), PATTERNS.index(k[2])))
     for d, u, p in keys:
         arms = {a: acc(d, u, p, a) for a in ARMS}
         seeds = sorted(set(arms["refiner"]) & set(arms["upstream"]))
@@ -335,7 +387,7 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    ap.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS)
+    ap.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS + EXTRA_UPSTREAMS)
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (paired across arms)")

@@ -48,12 +48,13 @@ def test_tables_and_weights_by_hand():
     n, A, Q = _by_hand([(src, y, a, None), (src, y, 2 * a, ref)])
     np.testing.assert_allclose(pool.tables.numpy(), np.stack([n, A, Q]), rtol=1e-6, atol=1e-9)
     w = np.ones((2, 2))
+    overall = A.sum() / n.sum()
     for s in range(2):
         for c in range(2):
             if n[s, c] >= 2:
                 m = A[s, c] / n[s, c]
                 v = max(Q[s, c] / n[s, c] - m * m, 0.0)
-                t = m / max(math.sqrt(v / n[s, c]), 1e-12)
+                t = (m - overall) / max(math.sqrt(v / n[s, c]), 1e-12)
                 w[s, c] = 2 / (1 + math.exp(-t / 2.0))
     np.testing.assert_allclose(pool.group_weights().numpy(), w, rtol=1e-6)
     # a row's weight mixes its classes' group weights by its target
