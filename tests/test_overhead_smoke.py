@@ -234,3 +234,11 @@ def test_isda_overhead_child_reports_one_configuration(device):
     assert res["plain_ms"] > 0 and res["isda_ms"] > 0 and 0 < res["loss_fwd_ms"] < res["isda_ms"]
     assert res["q25"] <= res["ratio"] <= res["q75"] and res["seen_classes"] > 0
     assert res["stats_mib"] == pytest.approx(2 * 100 * 512 * 4 / 2 ** 20, rel=0.05)
+
+
+def test_call_cost_measures_one_model():
+    from benchmarks.call_cost import measure
+
+    row = measure("smallcnn", 3)
+    assert row[0] == "smallcnn" and len(row) == 5
+    assert float(row[1]) > 0 and float(row[3]) > 0 and float(row[4]) > 50  # ms, ms, aten ops per call

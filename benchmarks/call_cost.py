@@ -1,0 +1,101 @@
+"""The refiner's own work per call, apart from any validation refresh.
+
+    python -m benchmarks.call_cost --out call_cost
+
+For each model (the overhead benchmark's SmallCNN and timm resnet18, batch 64, CPU) a last-layer
+refiner whose validation direction is computed once and then kept (``refresh_every`` far beyond the
+run), timed three ways: a plain training step (forward, cross-entropy, backward, SGD step) for scale;
+the refiner's call right after a training forward, as in a real loop (median over calls); and the same
+call repeated in a tight loop over stored forward outputs, where the caches stay warm (median over
+blocks). The number of aten operations one call dispatches is counted with ``torch.profiler``.
+Writes ``benchmarks/results/overhead/<out>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from augplug import AugmentationRefiner
+
+from .common import results_dir, set_threads, write_markdown_table
+from .overhead import MODELS, _sgd, make_setup
+
+
+def measure(name: str, calls: int) -> List[str]:
+    setup = make_setup(MODELS[name], torch.device("cpu"), 64, 64, [256], 0)
+    model = setup.copy_model()
+    opt = _sgd(model)
+    refiner = AugmentationRefiner(model, opt, setup.val_loader(256), mode="last_layer",
+                                  method_options=dict(strength=1.0), schedule=dict(refresh_every=10 ** 9))
+    x, y = setup.x, setup.y
+
+    def plain_step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def call_after_forward() -> float:
+        out = model(x)
+        t0 = time.perf_counter()
+        refiner(out, y)
+        return time.perf_counter() - t0
+
+    for _ in range(10):
+        plain_step()
+        call_after_forward()
+    plain, after = [], []
+    for _ in range(calls):  # interleaved
+        t0 = time.perf_counter()
+        plain_step()
+        plain.append(time.perf_counter() - t0)
+        after.append(call_after_forward())
+    stored = []
+    for _ in range(20):
+        out = model(x)
+        stored.append((out, refiner._capture.features(64)))
+        refiner._capture.clear()
+    blocks = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        for out, feats in stored:
+            refiner(out, y, features=feats)
+        blocks.append((time.perf_counter() - t0) / len(stored))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for out, feats in stored:
+            refiner(out, y, features=feats)
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / len(stored)
+    refiner.remove_hooks()
+    p, a, w = statistics.median(plain), statistics.median(after), statistics.median(blocks)
+    return [name, f"{p * 1e3:.2f}", f"{a * 1e3:.3f} ({a / p:.3f})", f"{w * 1e3:.3f}", f"{ops:.0f}"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"], choices=sorted(MODELS))
+    ap.add_argument("--calls", type=int, default=200, help="timed calls per model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="call_cost")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    rows = [measure(m, args.calls) for m in args.models]
+    cmd = "python -m benchmarks.call_cost" + ("" if argv is None else " " + " ".join(argv))
+    text = write_markdown_table(
+        None, ["model", "plain step (ms)", "refiner call after a forward (ms; share of the step)",
+               "refiner call, warm tight loop (ms)", "aten ops per call"], rows,
+        title="The refiner's call, apart from refreshes",
+        preamble=f"Command: `{cmd}`\n\n{args.threads} threads, CPU, batch 64, last-layer SAflex with a kept "
+                 f"direction; medians over {args.calls} interleaved calls (tight loop: 15 blocks of 20 calls).")
+    path = results_dir("overhead") / f"{args.out}.md"
+    path.write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
