@@ -54,9 +54,17 @@ from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
 from .online import assign_state, normalized_step, significant
 
-__all__ = ["AdaptiveShare", "SIGNALS", "resolve_share", "share_agreements"]
+__all__ = ["AdaptiveShare", "SIGNALS", "WANDER", "DEFAULT_LR", "resolve_share", "share_agreements"]
 
 SIGNALS = ("upstream", "refined")
+#: The share's step without a horizon.
+DEFAULT_LR = 0.01
+#: With ``horizon=T`` the step is ``WANDER / sqrt(T)``: under a signal of pure noise the normalized
+#: steps add up to a random walk of ``log lam`` whose spread after the ``T`` updates of the run is
+#: about ``WANDER`` (a factor ``e^0.4 = 1.5``) whatever ``T``, while a consistent signal moves it by
+#: about ``WANDER * sqrt(T)`` times its mean: a longer run can afford smaller steps. 0.4 puts the two
+#: rates measured in ``docs/trust.md`` on one rule (0.03 for an 8-epoch, 0.01 for a 30-epoch run).
+WANDER = 0.4
 
 
 def share_agreements(agree_aug: torch.Tensor, weights_aug: Optional[torch.Tensor], agree_orig: torch.Tensor,
@@ -89,7 +97,10 @@ class AdaptiveShare:
 
     Args:
         lr: step of ``log lam`` per optimizer update, in units of the running RMS of the signal
-            (0.01: about 100 consistent updates to change ``lam`` by a factor e).
+            (0.01: about 100 consistent updates to change ``lam`` by a factor e). Default: 0.01, or
+            ``WANDER / sqrt(horizon)`` when ``horizon`` is given.
+        horizon: the number of optimizer updates the run will make (epochs times steps per epoch),
+            for the step that suits its length (:data:`WANDER`); an explicit ``lr`` wins.
         init: starting share (1: the upstream mixture).
         min_share, max_share: bounds of ``lam`` (``max_share > 1`` lets augmented rows outweigh
             the originals).
@@ -105,9 +116,16 @@ class AdaptiveShare:
             averages behind the test are not kept (they stay at 0).
     """
 
-    def __init__(self, lr: float = 0.01, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
-                 decay: float = 0.99, signal: str = "upstream", evidence: Optional[float] = None):
-        if not (lr > 0 and math.isfinite(lr)):
+    def __init__(self, lr: Optional[float] = None, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
+                 decay: float = 0.99, signal: str = "upstream", evidence: Optional[float] = None,
+                 horizon: Optional[int] = None):
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+            raise ConfigurationError(f"the share's horizon must be a positive number of updates, got {horizon!r}",
+                                     "pass the run's optimizer updates (epochs x steps per epoch), or None")
+        self.horizon = horizon
+        if lr is None:
+            lr = WANDER / math.sqrt(horizon) if horizon is not None else DEFAULT_LR
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
             raise ConfigurationError(f"the share's lr must be a positive number, got {lr}", "use lr=0.01")
         if not (0 < min_share <= init <= max_share and math.isfinite(max_share)):
             raise ConfigurationError(
@@ -221,7 +239,8 @@ class AdaptiveShare:
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "
-                f"max_share={self.max_share}, decay={self.decay}, signal={self.signal!r}, evidence={self.evidence})")
+                f"max_share={self.max_share}, decay={self.decay}, signal={self.signal!r}, evidence={self.evidence}, "
+                f"horizon={self.horizon})")
 
 
 def resolve_share(aug_weight):

@@ -246,6 +246,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         share = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("share.")}
         if share:  # --set share.lr=0.03: an AdaptiveShare with those options
             from augplug.share import AdaptiveShare
+            if share.get("horizon") == "run":  # --set share.horizon=run: this run's number of updates
+                share["horizon"] = epochs * math.ceil(len(data["y"]) / 128)
             kw["aug_weight"] = AdaptiveShare(**share)
         refiner = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
     g = torch.Generator().manual_seed(seed + 1)

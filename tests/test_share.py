@@ -411,3 +411,27 @@ def test_batch_statistics_follow_the_signal():
     torch.testing.assert_close(refined, torch.tensor([2.0 * 1.5 + 0.5 * 0.25, 2.5, 0.5, 1.0], dtype=torch.float64))
     with pytest.raises(ShapeError, match="batch_statistics"):
         AdaptiveShare().batch_statistics(y, g[:, :1], soft, w, mask, a_orig)
+
+
+def test_horizon_sets_the_step_and_keeps_the_noise_wander_fixed():
+    """lr = WANDER / sqrt(T): under pure noise the log-share's spread after T updates is about WANDER
+    for a short and a long run alike; an explicit lr wins; bad horizons are refused."""
+    from augplug.share import DEFAULT_LR, WANDER
+
+    assert AdaptiveShare().lr == DEFAULT_LR
+    assert AdaptiveShare(horizon=400).lr == pytest.approx(WANDER / 20)
+    assert AdaptiveShare(lr=0.05, horizon=400).lr == 0.05
+    for bad in (0, -3, 2.5, True, "long"):
+        with pytest.raises(ConfigurationError, match="horizon"):
+            AdaptiveShare(horizon=bad)
+    g = torch.Generator().manual_seed(0)
+    for horizon in (100, 1600):
+        finals = []
+        for _ in range(60):
+            s = AdaptiveShare(horizon=horizon, init=0.05, evidence=None)  # far from the bounds
+            for _ in range(horizon):
+                d = float(torch.randn((), generator=g))
+                s.load_state_dict(s.propose(torch.tensor([d, 1.0, 0.0, 1.0], dtype=torch.float64)))
+            finals.append(float(s.log_share) - math.log(0.05))
+        spread = float(torch.tensor(finals).std())
+        assert 0.25 < spread < 0.6, (horizon, spread)
