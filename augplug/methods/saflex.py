@@ -209,6 +209,12 @@ class SAflex(Policy):
     and ``"agreement"`` when originals are in it (decided on the global batch in a process group).
     ``weight_norm``, ``aug_weight``, ``strength``: see :class:`~augplug.methods.Policy` and
     :class:`~augplug.AugmentationRefiner`.
+
+    ``pool``: None (per-sample weights only), the number of source ids, or a
+    :class:`~augplug.pooled.PooledEvidence`: each augmented row's weight is multiplied by the
+    evidence pooled over earlier updates for its (source, class) group; the refiner call then needs
+    ``sources=`` (one id per row). Measured not to beat per-sample weights on the trust study
+    (``docs/trust.md``); ``refiner.policy.pool.table()`` lists the groups, the most harmful first.
     """
 
     name = "saflex"
