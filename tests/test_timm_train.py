@@ -484,3 +484,20 @@ def test_timm_defaults():
     help_text = tt.build_parser().format_help()
     for flag in tt.DEVIATIONS:
         assert flag in help_text
+
+
+def test_saflex_share_steps_for_the_runs_length(tmp_path, monkeypatch):
+    """The script knows the run's updates (1 epoch of --max-steps 3): SAflex's learned share steps
+    0.4 / sqrt(3); an aug_weight the user sets is kept."""
+    built = []
+
+    class Keep(augplug.AugmentationRefiner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    monkeypatch.setattr(tt, "AugmentationRefiner", Keep)
+    _run(tmp_path, "--refiner", "saflex", "--with-originals")
+    assert built[-1].share.horizon == 3 and built[-1].share.lr == pytest.approx(0.4 / 3 ** 0.5)
+    _run(tmp_path / "fixed", "--refiner", "saflex", "--with-originals", "--method-options", "aug_weight=0.5")
+    assert built[-1].share is None and float(built[-1].aug_weight) == 0.5

@@ -68,6 +68,7 @@ from timm.utils import CheckpointSaver, NativeScaler, dispatch_clip_grad, get_ou
 from augplug import AugmentationRefiner, ConfigurationError, refiner_kwargs  # noqa: E402
 from augplug.data import IndexedDataset, stratified_split  # noqa: E402
 from augplug.report import AugmentationAudit, TracedRandAugment  # noqa: E402
+from augplug.share import AdaptiveShare  # noqa: E402
 from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit  # noqa: E402
 
 from .datasets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_digits_u8, load_fashion_mnist  # noqa: E402
@@ -553,8 +554,11 @@ def _strength(value: str):
     return value if value in ("auto", "adaptive") else float(value)
 
 
-def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classes: int):
-    """The ``AugmentationRefiner`` the flags describe (None for ``--refiner off``)."""
+def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classes: int,
+                  horizon: Optional[int] = None):
+    """The ``AugmentationRefiner`` the flags describe (None for ``--refiner off``). ``horizon``: the
+    run's optimizer updates; SAflex's learned share then steps for the run's length
+    (``AdaptiveShare(horizon=...)``, ``docs/trust.md``) unless ``aug_weight`` is set."""
     if args.refiner == "off":
         if args.isda:
             raise ConfigurationError("--isda needs the refiner", "use --refiner none --isda for ISDA alone")
@@ -568,6 +572,8 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
         raise ConfigurationError(f"--refiner {args.refiner} needs a clean validation split",
                                  "pass --val-split (a fraction such as 0.1, or a count)")
     val_batches = args.val_batches if args.val_batches == "all" else int(args.val_batches)
+    if args.refiner == "saflex" and horizon and "aug_weight" not in {**args.refiner_kwargs, **method_options}:
+        method_options["aug_weight"] = AdaptiveShare(horizon=horizon)
     isda = {"lambda0": args.isda_lambda} if args.isda else None
     return AugmentationRefiner(model, optimizer, val_loader, method=args.refiner, mode=args.refiner_mode,
                                seed=args.seed, isda=isda,
@@ -777,7 +783,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                               drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs).to(device)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
-    refiner = build_refiner(args, model, optimizer, loader_val, len(train_set), num_classes)   # after the optimizer
+    horizon = args.epochs * math.ceil(_batches_per_epoch(len(loader_train), args) / args.grad_accum_steps)
+    refiner = build_refiner(args, model, optimizer, loader_val, len(train_set), num_classes,
+                            horizon=horizon)   # after the optimizer
 
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
