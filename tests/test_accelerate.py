@@ -196,3 +196,21 @@ def test_example_logs_what_the_refinement_decided_through_accelerate_trackers(tm
         assert key in row, key
     assert "weight_mean" not in row and 0 < row["weight_ess"] <= 1
     assert res["history"][-1]["moved_weight"] == row["moved_weight"]
+
+
+def test_example_share_steps_for_the_runs_length(tmp_path, monkeypatch):
+    """The example knows its number of updates (here --max-steps 3) and gives it to SAflex's share."""
+    import augplug.integrations.accelerate_train as at
+    from augplug.share import AdaptiveShare
+
+    made = []
+
+    class Recording(AdaptiveShare):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(at, "AdaptiveShare", Recording)
+    _accelerator()   # reset any state an earlier test left
+    at.main(["--epochs", "1", "--max-steps", "3", "--no-progress", "--cpu", "--output", str(tmp_path)])
+    assert len(made) == 1 and made[0].horizon == 3 and made[0].lr == pytest.approx(0.4 / 3 ** 0.5)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from augplug import AugmentationRefiner
 from augplug.demo import load_digits_study
 from augplug.models import SmallCNN
+from augplug.share import AdaptiveShare
 
 #: Variables ``accelerate launch`` sets in every process it starts (any of them marks a launched run).
 _LAUNCH_MARKERS = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
@@ -167,6 +168,9 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
     options = {}
     if args.refiner == "autodo":
         options["method_options"] = {"num_points": len(train_set), "num_classes": data.num_classes}
+    if args.refiner == "saflex":  # the learned share of the views steps for the run's length (docs/trust.md)
+        horizon = min(total, args.max_steps) if args.max_steps else total
+        options["method_options"] = {"aug_weight": AdaptiveShare(horizon=horizon)}
     refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, isda=True if args.isda else None,
                                   seed=args.seed, accelerator=acc, **options, schedule=dict(refresh_every=args.refresh_every))
     if args.resume:
