@@ -92,14 +92,7 @@ def replay_rows(args) -> List[List[str]]:
                     per.setdefault(scheme, []).append(agreement_metrics(g_fd, oracle, y))
             state = "random init" if sgd_steps == 0 else f"after {sgd_steps} SGD steps"
             for scheme, ms in per.items():
-                mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
-                worst = {"rel_err": max(m["rel_err"] for m in ms), "spearman": min(m["spearman"] for m in ms),
-                         "kendall": min(m["kendall"] for m in ms), "flips": max(m["flips"] for m in ms)}
-                rows.append([name, state, scheme, f"default ({FD_RELATIVE_STEP:g})",
-                             f"{mean['rel_err']:.2e} ({worst['rel_err']:.2e})",
-                             f"{mean['spearman']:.4f} ({worst['spearman']:.4f})",
-                             f"{mean['kendall']:.4f} ({worst['kendall']:.4f})",
-                             f"{mean['flips']:.3f} ({worst['flips']:.3f})"])
+                rows.append([name, state, scheme, f"default ({FD_RELATIVE_STEP:g})"] + metric_cells(ms))
             print(f"[fd_scores] replay, {name}, {state}: done", file=sys.stderr, flush=True)
     return rows
 
@@ -147,6 +140,15 @@ def agreement_metrics(g_fd: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> D
     }
 
 
+def metric_cells(ms: List[Dict[str, float]]) -> List[str]:
+    """The table cells of :func:`agreement_metrics` over seeds: mean (worst seed)."""
+    mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+    worst = {"rel_err": max(m["rel_err"] for m in ms), "spearman": min(m["spearman"] for m in ms),
+             "kendall": min(m["kendall"] for m in ms), "flips": max(m["flips"] for m in ms)}
+    return [f"{mean['rel_err']:.2e} ({worst['rel_err']:.2e})", f"{mean['spearman']:.4f} ({worst['spearman']:.4f})",
+            f"{mean['kendall']:.4f} ({worst['kendall']:.4f})", f"{mean['flips']:.3f} ({worst['flips']:.3f})"]
+
+
 def accuracy_rows(args) -> List[List[str]]:
     rows = []
     for name in args.models:
@@ -174,15 +176,8 @@ def accuracy_rows(args) -> List[List[str]]:
             state = "random init" if sgd_steps == 0 else f"after {sgd_steps} SGD steps"
             rows.append([name, state, "forward-mode fp32 vs fp64", "—", f"{np.mean(oracle_err):.1e}", "—", "—", "—"])
             for (scheme, step), ms in per.items():
-                mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
-                worst = {"rel_err": max(m["rel_err"] for m in ms), "spearman": min(m["spearman"] for m in ms),
-                         "kendall": min(m["kendall"] for m in ms), "flips": max(m["flips"] for m in ms)}
                 step_cell = f"default ({FD_RELATIVE_STEP:g})" if step is None else f"{step:g}"
-                rows.append([name, state, scheme, step_cell,
-                             f"{mean['rel_err']:.2e} ({worst['rel_err']:.2e})",
-                             f"{mean['spearman']:.4f} ({worst['spearman']:.4f})",
-                             f"{mean['kendall']:.4f} ({worst['kendall']:.4f})",
-                             f"{mean['flips']:.3f} ({worst['flips']:.3f})"])
+                rows.append([name, state, scheme, step_cell] + metric_cells(ms))
             print(f"[fd_scores] {name}, {state}: done", file=sys.stderr, flush=True)
     return rows
 
