@@ -44,6 +44,7 @@ from .heads import ForwardReplay, unwrap_model
 __all__ = [
     "SCORE_MODES",
     "scoring_mode",
+    "buffers_on_copies",
     "preserved_parameters",
     "forward_mode_duals",
     "GradSum",
@@ -64,37 +65,48 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 @contextmanager
+def buffers_on_copies(model: nn.Module):
+    """Run extra passes on copies of every buffer (BatchNorm's running statistics and any other a
+    forward in training mode updates), then swap the module's own tensors back untouched.
+
+    Restoring them in place instead would bump their version counters, and the training forward's
+    graph, which saved them, could then not run its backward. A buffer shared by several modules
+    gets one copy, so it stays shared during the pass."""
+    copies: Dict[int, torch.Tensor] = {}
+    saved = []
+    try:
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    saved.append((m, name, b))
+                    m._buffers[name] = copies.setdefault(id(b), b.detach().clone())
+        yield
+    finally:
+        for m, name, b in saved:
+            m._buffers[name] = b
+
+
+@contextmanager
 def scoring_mode(model: nn.Module, bn: str = "eval"):
     """Run extra passes with dropout off and BatchNorm in ``bn`` mode, changing nothing persistent.
 
     ``bn="eval"`` uses the running statistics; ``bn="train"`` uses the batch statistics, updating
-    copies of the running statistics (and ``num_batches_tracked``): the module's own tensors are
-    never written. All modules' ``training`` flags
-    are restored on exit.
+    copies of the running statistics (and ``num_batches_tracked``, :func:`buffers_on_copies`): the
+    module's own tensors are never written. All modules' ``training`` flags are restored on exit.
     """
     if bn not in ("eval", "train"):
         raise ConfigurationError(f"bn_mode must be 'eval' or 'train', got {bn!r}",
                                  "use 'eval' (running statistics) or 'train' (batch statistics)")
     flags = [(m, m.training) for m in model.modules()]
-    saved = []
     try:
         model.eval()
         if bn == "train":
             for m in model.modules():
                 if isinstance(m, _BN_TYPES):
-                    # the pass updates copies: the module's own statistics are swapped back untouched
-                    # (an in-place restore would bump their version counters, and the training
-                    # forward's graph, which saved them, could then not run its backward)
-                    for name in ("running_mean", "running_var", "num_batches_tracked"):
-                        b = m._buffers.get(name)
-                        if b is not None:
-                            saved.append((m, name, b))
-                            m._buffers[name] = b.detach().clone()
                     m.train()
-        yield
+        with buffers_on_copies(model) if bn == "train" else nullcontext():
+            yield
     finally:
-        for m, name, b in saved:
-            m._buffers[name] = b
         for m, flag in flags:
             m.training = flag
 
@@ -120,7 +132,7 @@ def preserved_parameters(model: nn.Module):
 def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, device_type: str, fix: str):
     """Dual parameters ``name -> make_dual(param, v[name])`` for one forward-mode pass of ``net``.
 
-    Inside: no grad, dropout off and BatchNorm in ``bn`` mode (buffers restored), autocast off (its
+    Inside: no grad, dropout off and BatchNorm in ``bn`` mode (on copies of the buffers), autocast off (its
     casts drop tangents), a dual level, and the model's own parameters put back on exit. Raises
     :class:`ConfigurationError` with ``fix`` when ``v`` names parameters ``net`` does not have.
     """
@@ -424,7 +436,7 @@ def finite_difference_scores(
             moved = thetas
         else:
             moved = torch._foreach_add(thetas, step) if sign > 0 else torch._foreach_sub(thetas, step)
-        out = functional_call(net, {**buffers, **dict(zip(names, moved))}, (x,), strict=False)
+        out = functional_call(net, dict(zip(names, moved)), (x,), strict=False)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out if out.dtype == torch.float64 else out.float()
@@ -438,9 +450,8 @@ def finite_difference_scores(
         raise ConfigurationError("replay= needs base_log_probs=", "pass log_softmax of the training forward's logits")
     # the rerun of a training forward updates copies of the buffers (BatchNorm's running statistics),
     # never the module's own, which the training forward's graph may still need
-    modes = scoring_mode(net, bn) if replay is None else nullcontext()
+    modes = scoring_mode(net, bn) if replay is None else buffers_on_copies(net)
     rng = replay.rng() if replay is not None else nullcontext()
-    buffers = {n: b.clone() for n, b in net.named_buffers()} if replay is not None else {}
     with torch.no_grad(), modes, rng, torch.autocast(device_type, enabled=False), preserved_parameters(net):
         if torch.is_tensor(x) and x.is_floating_point() and thetas:
             x = x.to(thetas[0].dtype)
