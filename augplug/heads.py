@@ -169,8 +169,8 @@ class ActivationCapture:
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8,
-                 keep_graph: bool = False):
-        self.keep_graph = keep_graph
+                 keep_graph: bool = False, record_replay: bool = False):
+        self.keep_graph, self.record_replay = keep_graph, record_replay
         self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
@@ -192,7 +192,8 @@ class ActivationCapture:
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
             x = args[0].detach()
             self._inputs.append(x)
-            self._replays.append(ForwardReplay.before(x))
+            if self.record_replay:
+                self._replays.append(ForwardReplay.before(x))
 
     @staticmethod
     def _cat(chunks: Deque[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
@@ -218,8 +219,9 @@ class ActivationCapture:
 
     def replay(self, rows: int) -> Optional["ForwardReplay"]:
         """How to rerun the last training forward, when that one forward alone saw the ``rows`` rows
-        (None when the batch came from several forwards, or no input was captured)."""
-        if not self._inputs or self._inputs[-1].shape[0] != rows:
+        (None when the batch came from several forwards, no input was captured, or the capture was
+        not asked to ``record_replay``)."""
+        if not self.record_replay or not self._inputs or self._inputs[-1].shape[0] != rows:
             return None
         return self._replays[-1]
 

@@ -290,9 +290,12 @@ class AugmentationRefiner(RefinerCore):
         self.accelerator = accelerator
         self.stats: Dict[str, Any] = {}
         self._context_parts = None
+        # full-model scores on the training forward itself (RefineContext decides per call)
+        self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
-                                          keep_graph=getattr(self.policy, "needs_feature_graph", False))
+                                          keep_graph=getattr(self.policy, "needs_feature_graph", False),
+                                          record_replay=self._replay_forward)
         try:
             if accelerator is not None:
                 accelerator.register_for_checkpointing(self)
@@ -481,8 +484,7 @@ class AugmentationRefiner(RefinerCore):
         if self._context_parts is None:  # fixed for the refiner's life: built on the first call
             scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
                               head_name=self.head_name, capture=self._capture, params=self.score_params,
-                              replay_forward=self.mode == "full" and self.bn_mode == "train"
-                              and not is_compiled(self.model))
+                              replay_forward=self._replay_forward)
             validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
                                           current=lambda: self.validation_direction,
                                           halves=lambda: self.half_directions, loss=lambda: self.val_loss)
