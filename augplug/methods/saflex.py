@@ -248,8 +248,15 @@ class SAflex(Policy):
             raise ConfigurationError(f"pool must be None, a number of sources or a PooledEvidence, got {pool!r}",
                                      "pass pool=<number of source ids>, and sources= to each refiner call")
         self._pending = None
+        self._checked = None  # (the call's context, its sources checked once; device sync) during a call
 
     # ------------------------------------------------------------------ pooled evidence
+    def _sources(self, ctx: RefineContext) -> torch.Tensor:
+        """The call's ``sources=`` checked (:meth:`PooledEvidence.check_sources`), once per call."""
+        if self._checked is None or self._checked[0] is not ctx:
+            self._checked = (ctx, self.pool.check_sources(ctx.sources, ctx.batch, ctx.targets.device))
+        return self._checked[1]
+
     @property
     def has_state(self) -> bool:
         return self.pool is not None
@@ -272,7 +279,7 @@ class SAflex(Policy):
         if self.pool is None:
             return
         rows, y = ctx.rows, ctx.targets[ctx.rows].float()
-        sources = self.pool.check_sources(ctx.sources, ctx.batch, y.device)[rows]
+        sources = self._sources(ctx)[rows]
         reference = None
         if ctx.n_augmented < ctx.batch:
             orig = ~ctx.augmented
@@ -283,10 +290,10 @@ class SAflex(Policy):
     def commit(self) -> None:
         if self._pending is not None:
             self.pool.tables = self._pending
-        self._pending = None
+        self._pending = self._checked = None
 
     def rollback(self) -> None:
-        self._pending = None
+        self._pending = self._checked = None
 
     @classmethod
     def paper(cls, **overrides) -> "SAflex":
@@ -296,7 +303,7 @@ class SAflex(Policy):
     def call_inputs(self, ctx: RefineContext):
         extra = {}
         if self.pool is not None:
-            extra["sources"] = self.pool.check_sources(ctx.sources, ctx.batch, ctx.targets.device)[ctx.rows]
+            extra["sources"] = self._sources(ctx)[ctx.rows]
         if self.weight_signal == "agreement":
             return extra
         extra["log_probs"] = torch.log_softmax(ctx.logits[ctx.rows].detach().float(), -1)
