@@ -41,8 +41,6 @@ from .errors import ConfigurationError, ShapeError
 
 __all__ = ["PooledEvidence"]
 
-_KEYS = ("count", "sum", "sum_sq")
-
 
 class PooledEvidence:
     """Per-(source, class) evidence tables (see the module docstring).
@@ -97,9 +95,10 @@ class PooledEvidence:
         t = (mean - overall) / (var / n.clamp_min(1e-12)).sqrt().clamp_min(1e-12)
         return torch.where(n >= 2, t, torch.zeros_like(t))
 
-    def group_weights(self) -> torch.Tensor:
-        """``(S, C)`` fp64 weight ``2 sigmoid(t_k / T)`` of every group."""
-        return 2 * torch.sigmoid(self.t_statistics() / self.temperature)
+    def group_weights(self, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(S, C)`` fp64 weight ``2 sigmoid(t_k / T)`` of every group (``t``: the groups'
+        :meth:`t_statistics`, when already computed)."""
+        return 2 * torch.sigmoid((self.t_statistics() if t is None else t) / self.temperature)
 
     def updated(self, sources: torch.Tensor, targets: torch.Tensor, agreements: torch.Tensor,
                 reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *,
@@ -142,8 +141,8 @@ class PooledEvidence:
         if self.tables is None:
             return []
         t = self.t_statistics()
-        w = 2 * torch.sigmoid(t / self.temperature)
-        n, total, sq = self.tables.unbind()
+        w = self.group_weights(t)
+        n, total, _ = self.tables.unbind()
         out = []
         for s, c in (n > 0).nonzero().tolist():
             mean = float(total[s, c] / n[s, c])
