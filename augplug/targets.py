@@ -129,12 +129,9 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
     of a checked refiner call. When it is True, the eager checks name the problem.
     """
     total = _finite_probe(logits)
-    for e in (extra if isinstance(extra, tuple) else (extra,)):
-        if e is None:
-            continue
-        for t in (e,) if torch.is_tensor(e) else tensor_leaves(e):
-            if t.is_floating_point():
-                total = total + _finite_probe(t).to(total.device)
+    for e in tensor_leaves(extra):
+        if e.is_floating_point():
+            total = total + _finite_probe(e).to(total.device)
     bad = ~torch.isfinite(total)
     t = targets.detach()
     if t.dim() == 1:

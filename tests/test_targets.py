@@ -22,3 +22,21 @@ def test_soft_cross_entropy_is_the_written_out_sum():
     y = torch.softmax(torch.randn(8, 5), -1)
     assert soft_cross_entropy(z, y).dtype == torch.float32
     assert torch.equal(soft_cross_entropy(z, y), -(y * F.log_softmax(z.float(), -1)).sum(-1))
+
+
+def test_value_problems_flags_exactly_the_non_finite_batches():
+    """One fp64 sum per fp32/fp16/bf16 tensor is finite exactly when every entry is; fp64 tensors,
+    whose sum could overflow, get the exact test (large finite values are not flagged)."""
+    from augplug.targets import value_problems
+
+    logits, y = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])
+    big = torch.full((4, 5), 1e308, dtype=torch.float64)  # sums to inf, every entry finite
+    assert not bool(value_problems(logits, y, (big, None)))
+    assert not bool(value_problems(torch.full((4, 3), 3e38), y))  # fp32 near its maximum
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            f = torch.zeros(4, 5, dtype=dtype)
+            f[2, 3] = bad
+            assert bool(value_problems(logits, y, ({"features": [f]},))), (dtype, bad)
+            assert bool(value_problems(f[:, 2:].float(), y)), (dtype, bad)  # the logits themselves
+    assert bool(value_problems(logits, torch.tensor([0, 1, 3, 0])))  # a label out of range
