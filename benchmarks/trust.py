@@ -66,6 +66,8 @@ OPS_CONFIG = "rand-m15-n1-p1.0"
 PATTERNS = ("batch", "separate", "alone", "mixup")
 ARMS = ("none", "upstream", "refiner", "clean")
 VIEWS, NOISE = 4, 0.3
+#: original rows per training batch (each with one view); a run makes epochs * ceil(n / BATCH) updates
+BATCH = 128
 
 
 # ----------------------------------------------------------------------------- data
@@ -247,7 +249,7 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         if share:  # --set share.lr=0.03: an AdaptiveShare with those options
             from augplug.share import AdaptiveShare
             if share.get("horizon") == "run":  # --set share.horizon=run: this run's number of updates
-                share["horizon"] = epochs * math.ceil(len(data["y"]) / 128)
+                share["horizon"] = epochs * math.ceil(len(data["y"]) / BATCH)
             kw["aug_weight"] = AdaptiveShare(**share)
         refiner = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
     g = torch.Generator().manual_seed(seed + 1)
@@ -257,8 +259,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         pick = torch.randint(0, VIEWS, (n,), generator=g)
-        for s in range(0, n, 128):
-            idx = perm[s:s + 128]
+        for s in range(0, n, BATCH):
+            idx = perm[s:s + BATCH]
             xo, yo = x[idx], y[idx]
             if arm == "none":
                 loss = F.cross_entropy(model(xo), yo)
