@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from augplug import AugmentationRefiner
+from augplug import AugmentationRefiner, find_classifier
 
 from .common import results_dir, set_threads, write_markdown_table
 from .overhead import MODELS, _sgd, make_setup
@@ -56,11 +56,12 @@ def measure(name: str, calls: int) -> List[str]:
         plain_step()
         plain.append(time.perf_counter() - t0)
         after.append(call_after_forward())
-    stored = []
-    for _ in range(20):
-        out = model(x)
-        stored.append((out, refiner._capture.features(64)))
-        refiner._capture.clear()
+    features = []  # what the classifier received in each stored forward, passed as features=
+    _, head = find_classifier(model)
+    hook = head.register_forward_hook(lambda module, args, out: features.append(args[0].detach().flatten(1)))
+    outs = [model(x) for _ in range(20)]
+    hook.remove()
+    stored = list(zip(outs, features))
     blocks = []
     for _ in range(15):
         t0 = time.perf_counter()
