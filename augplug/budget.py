@@ -1,16 +1,21 @@
 """An overhead budget: the refiner times its own work against the training step and spaces its
 validation refreshes so that its share of the step stays within the budget.
 
-Measured per update (exponential averages): ``P`` the plain part of an iteration (the time from one
-refiner call's start to the next, minus the first call's own time), ``c`` the refiner's own time in a
-call without a refresh, and ``R`` the time of a refresh (validation reads and gradients). With
-refreshes every ``k`` updates the refiner costs ``c + R / k`` per iteration; the budget ``b`` asks
-for ``c + R / k <= b * P``, so
+Measured (running medians of the last ``window`` measurements): ``P`` the plain part of an iteration
+(the time from one refiner call's start to the next, minus the first call's own time), ``c`` the
+refiner's own time in a call without a refresh, and ``R`` the time of a refresh (validation reads and
+gradients). With refreshes every ``k`` updates the refiner costs ``c + R / k`` per iteration; the
+budget ``b`` asks for ``c + R / k <= b * P``, so
 
     k = ceil(R / (b * P - c)),   clipped to [refresh_every of the schedule, max_interval].
 
 When ``c`` alone exceeds ``b * P`` (a full-model score pass costs more than the budget) ``k`` goes to
 ``max_interval`` and ``stats["overhead"]`` reports the measured share above the budget.
+
+Medians, not averages: the time between two calls also holds whatever the loop does besides
+training steps now and then (an evaluation pass, a checkpoint, logging, a slow batch from the
+loader). One such gap in an average inflates ``P`` for many iterations, so the budget would allow
+more validation work than it should; the median of recent iterations ignores it.
 
 The schedule then depends on measured time, so a run with a budget is not bit-reproducible across
 machines or resumes (``budget=None`` is). In a process group the processes average their
@@ -19,8 +24,10 @@ measurements at each refresh, inside the refresh's collectives, so they all choo
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from typing import Any, Callable, Dict, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional
 
 from .errors import ConfigurationError
 
@@ -31,33 +38,53 @@ class OverheadBudget:
     """Chooses the refresh interval from measured times (see the module docstring).
 
     ``fraction``: the refiner's allowed share of a plain training step (0.1: at most 10 % on top).
-    ``clock``: a function returning seconds (tests pass a fake one). ``decay``: of the averages.
+    ``clock``: a function returning seconds (tests pass a fake one). ``window``: how many recent
+    measurements of each kind the medians are taken over.
     """
 
     def __init__(self, fraction: float, *, min_interval: int = 1, max_interval: int = 1024,
-                 decay: float = 0.8, clock: Callable[[], float] = time.perf_counter):
+                 window: int = 16, clock: Callable[[], float] = time.perf_counter):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
             raise ConfigurationError(f"budget must be a positive fraction of a training step, got {fraction!r}",
                                      "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigurationError(f"the budget's window must be a positive number of measurements, got {window!r}",
+                                     "use e.g. window=16")
         self.fraction = float(fraction)
         self.min_interval, self.max_interval = int(min_interval), int(max_interval)
-        self.decay, self.clock = float(decay), clock
+        self.window, self.clock = window, clock
         self.interval = int(min_interval)
-        self.plain: Optional[float] = None       # P
-        self.call: Optional[float] = None        # c
-        self.refresh: Optional[float] = None     # R
+        self._plain: Deque[float] = deque(maxlen=window)     # P
+        self._call: Deque[float] = deque(maxlen=window)      # c
+        self._refresh: Deque[float] = deque(maxlen=window)   # R
         self._last_start: Optional[float] = None
         self._last_own: Optional[float] = None
 
-    def _avg(self, old: Optional[float], new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
+    @staticmethod
+    def _median(values: Deque[float]) -> Optional[float]:
+        return statistics.median(values) if values else None
+
+    @property
+    def plain(self) -> Optional[float]:
+        """``P``: the median plain part of recent iterations (seconds; None before one is measured)."""
+        return self._median(self._plain)
+
+    @property
+    def call(self) -> Optional[float]:
+        """``c``: the median own time of recent calls without a refresh."""
+        return self._median(self._call)
+
+    @property
+    def refresh(self) -> Optional[float]:
+        """``R``: the median time of recent refreshes."""
+        return self._median(self._refresh)
 
     # ------------------------------------------------------------------ measurements
     def call_started(self) -> float:
         """Mark the start of a refiner call (the end of the previous iteration); returns the time."""
         now = self.clock()
         if self._last_start is not None and self._last_own is not None:
-            self.plain = self._avg(self.plain, max(now - self._last_start - self._last_own, 0.0))
+            self._plain.append(max(now - self._last_start - self._last_own, 0.0))
         self._last_start, self._last_own = now, None
         return now
 
@@ -66,10 +93,11 @@ class OverheadBudget:
         own = self.clock() - started
         self._last_own = own
         if refresh_seconds is None:
-            self.call = self._avg(self.call, own)
+            self._call.append(own)
         else:
-            self.refresh = self._avg(self.refresh, refresh_seconds)
-            self.call = self._avg(self.call, max(own - refresh_seconds, 0.0)) if self.call is None else self.call
+            self._refresh.append(refresh_seconds)
+            if not self._call:  # until a call without a refresh is measured: the rest of this one
+                self._call.append(max(own - refresh_seconds, 0.0))
 
     # ------------------------------------------------------------------ the decision
     def measurements(self):
@@ -99,6 +127,7 @@ class OverheadBudget:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        """The interval and the medians (a loaded state starts each window from its median)."""
         return {"interval": self.interval, "plain": self.plain, "call": self.call, "refresh": self.refresh}
 
     def check_state(self, state: Any) -> None:
@@ -114,5 +143,9 @@ class OverheadBudget:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state(state)
         self.interval = int(state["interval"])
-        self.plain, self.call, self.refresh = state["plain"], state["call"], state["refresh"]
+        for window, value in ((self._plain, state["plain"]), (self._call, state["call"]),
+                              (self._refresh, state["refresh"])):
+            window.clear()
+            if value is not None:
+                window.append(float(value))
         self._last_start = self._last_own = None
