@@ -12,15 +12,20 @@ __all__ = ["normalized_step", "significant", "state_tensor", "assign_state"]
 
 
 def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
-                    test_square: torch.Tensor, *, lr: float, decay: float, evidence: Optional[float]
+                    test_square: torch.Tensor, *, lr, decay: float, evidence: Optional[float]
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(step, mean_square, test_mean, test_square)`` after one signal ``d`` (0-dim fp64 tensors).
 
-    The step is ``lr * d / rms(d)``, the RMS an exponential average (decay ``decay``) started at the
-    first update's square. With ``evidence=k`` the step is 0 unless the bias-corrected running mean of
-    ``d`` lies ``k`` standard errors from zero (:func:`significant`)."""
-    ms = torch.where(updates == 0, d * d, decay * mean_square + (1 - decay) * d * d)
-    step = torch.where(ms > 0, lr * d / ms.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
+    The step is ``lr * d / rms(d)`` (``lr`` a number or a 0-dim tensor). ``mean_square`` is an
+    exponential average of ``d**2`` (decay ``decay``) started at 0; the RMS divides it by
+    ``1 - decay**n`` after ``n`` updates, so that it is the weighted mean of the squares seen so far
+    (the bias correction of Adam's second moment). Without the correction an average started at the
+    first square stays near that one value for about ``1 / (1 - decay)`` updates, and a small first
+    signal inflates every early step. With ``evidence=k`` the step is 0 unless the bias-corrected
+    running mean of ``d`` lies ``k`` standard errors from zero (:func:`significant`)."""
+    ms = decay * mean_square + (1 - decay) * d * d
+    corrected = ms / (1 - decay ** (updates + 1).double())
+    step = torch.where(ms > 0, lr * d / corrected.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
     tm, ts = test_mean, test_square
     if evidence is not None:
         # bias-corrected exponential averages of d and d^2 (update s of n weighted (1-b) b^(n-s) / (1-b^n))

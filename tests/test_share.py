@@ -181,7 +181,9 @@ def test_share_falls_for_noisy_augmented_rows_and_not_for_clean_ones(noisy):
     if noisy:
         assert shares[-1] < 0.5       # random labels: their gradients oppose the validation gradient
     else:
-        assert shares[-1] > 0.8       # correct labels near the originals: the share stays high
+        # correct labels near the originals: the share stays high (it drifts down a little, since to
+        # first order views help slightly less than the originals they were made from)
+        assert shares[-1] > 0.7
 
 
 def test_resume_gives_identical_losses_and_shares():
@@ -413,25 +415,54 @@ def test_batch_statistics_follow_the_signal():
         AdaptiveShare().batch_statistics(y, g[:, :1], soft, w, mask, a_orig)
 
 
+def _noise_walks(make, updates, runs=60, seed=0):
+    """Final ``log lam`` minus its start for ``runs`` shares fed a signal of pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    finals = []
+    for _ in range(runs):
+        s = make()
+        for _ in range(updates):
+            d = float(torch.randn((), generator=g))
+            s.load_state_dict(s.propose(torch.tensor([d, 1.0, 0.0, 1.0], dtype=torch.float64)))
+        finals.append(float(s.log_share) - math.log(s.init))
+    return torch.tensor(finals)
+
+
 def test_horizon_sets_the_step_and_keeps_the_noise_wander_fixed():
     """lr = WANDER / sqrt(T): under pure noise the log-share's spread after T updates is about WANDER
     for a short and a long run alike; an explicit lr wins; bad horizons are refused."""
-    from augplug.share import DEFAULT_LR, WANDER
+    from augplug.share import WANDER
 
-    assert AdaptiveShare().lr == DEFAULT_LR
     assert AdaptiveShare(horizon=400).lr == pytest.approx(WANDER / 20)
     assert AdaptiveShare(lr=0.05, horizon=400).lr == 0.05
     for bad in (0, -3, 2.5, True, "long"):
         with pytest.raises(ConfigurationError, match="horizon"):
             AdaptiveShare(horizon=bad)
-    g = torch.Generator().manual_seed(0)
     for horizon in (100, 1600):
-        finals = []
-        for _ in range(60):
-            s = AdaptiveShare(horizon=horizon, init=0.05, evidence=None)  # far from the bounds
-            for _ in range(horizon):
-                d = float(torch.randn((), generator=g))
-                s.load_state_dict(s.propose(torch.tensor([d, 1.0, 0.0, 1.0], dtype=torch.float64)))
-            finals.append(float(s.log_share) - math.log(0.05))
-        spread = float(torch.tensor(finals).std())
+        spread = float(_noise_walks(lambda: AdaptiveShare(horizon=horizon, init=0.05, evidence=None), horizon).std())
         assert 0.25 < spread < 0.6, (horizon, spread)
+
+
+def test_default_step_shrinks_as_one_over_sqrt_t():
+    """Without lr or horizon the t-th update steps WANDER / (2 sqrt t) (in units of the signal's RMS):
+    a constant signal moves log lam by exactly the sum of those steps, the average step over any T
+    updates is about the horizon rule's WANDER / sqrt(T), and under pure noise the spread grows only
+    like sqrt(ln T)."""
+    from augplug.share import WANDER
+
+    assert AdaptiveShare().lr is None
+    for bad in (0.0, -0.1, float("nan"), True, "fast"):
+        with pytest.raises(ConfigurationError, match="lr"):
+            AdaptiveShare(lr=bad)
+    s = AdaptiveShare(evidence=None)
+    for _ in range(100):  # a constant signal (views below originals): d / rms(d) = -1 on every update
+        s.load_state_dict(s.propose(torch.tensor([0.0, 1.0, 0.3, 1.0], dtype=torch.float64)))
+    moved = -float(s.log_share)
+    expected = sum(WANDER / (2 * math.sqrt(t)) for t in range(1, 101))
+    assert moved == pytest.approx(expected, rel=1e-9)
+    assert expected / 100 == pytest.approx(WANDER / math.sqrt(100), rel=0.1)
+    assert int(s.updates) == 100
+    for updates in (100, 1600):
+        spread = float(_noise_walks(lambda: AdaptiveShare(init=0.05, evidence=None), updates).std())
+        wander = WANDER / 2 * math.sqrt(math.log(updates) + 0.58)  # sqrt of the harmonic sum
+        assert 0.7 * wander < spread < 1.3 * wander, (updates, spread, wander)
