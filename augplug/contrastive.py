@@ -49,7 +49,6 @@ from .errors import (ConfigurationError, ModelModeError, NonFiniteError, ShapeEr
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
 from .core import RefinerCore, check_part_presence
-from .distributed import all_reduce_sum_
 from .distributed import world_size as dist_world_size
 from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, reject_moved_options
 from .schedule import Schedule, resolve_schedule
@@ -592,21 +591,15 @@ class ContrastiveRefiner(RefinerCore):
                     out[d] = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
             return out
         # one all-reduce: per direction the augmented rows' weight sum, then the counts
-        sums = [weights[d][aug].sum().double() if n_aug else torch.zeros((), dtype=torch.float64, device=aug.device)
-                for d in self.directions]
-        stats = torch.stack(sums + [torch.tensor(float(n_aug), dtype=torch.float64, device=aug.device),
-                                    torch.tensor(float(batch - n_aug), dtype=torch.float64, device=aug.device)]).cpu()
-        all_reduce_sum_([stats])
-        n_all, n_orig_all = float(stats[-2]), float(stats[-1])
+        sums = [weights[d][aug].sum() if n_aug else torch.zeros((), device=aug.device) for d in self.directions]
+        w_sums, n_all, n_orig_all = self._global_weight_sums(sums, n_aug, batch, aug.device)
         out = {}
-        for k, d in enumerate(self.directions):
-            w_sum = float(stats[k])
+        for d, w_sum in zip(self.directions, w_sums):
             if renorm:
                 if n_aug:
                     weights[d][aug] = weights[d][aug] * (n_all / w_sum) if w_sum > 0 else 0.0
                 w_sum = n_all if w_sum > 0 else 0.0
-            aug_mass = w_sum if self.weight_norm == "batch" else n_all
-            out[d] = max(self.orig_weight * n_orig_all + self.aug_weight * aug_mass, 1e-12) / world
+            out[d] = self._loss_denominator(w_sum if self.weight_norm == "batch" else n_all, n_orig_all, world)
         return out
 
     def _propose_share(self, g_all, ys, weights, soft, aug, distributed: bool = False) -> Dict[str, Any]:

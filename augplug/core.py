@@ -205,6 +205,25 @@ class RefinerCore:
         """Whether a call now recomputes the validation direction."""
         return self._v is None or self.step_count - self._v_step >= self.refresh_interval
 
+    # ------------------------------------------------------------------ the loss over the global batch
+    @staticmethod
+    def _global_weight_sums(sums, n_aug: int, batch: int, device) -> Tuple[list, float, float]:
+        """Sum over the process group, in one all-reduce read back on the host: each of ``sums`` (this
+        process's augmented rows' weight sums, one per loss), its augmented rows and its originals.
+        Returns ``(weight sums, augmented rows, originals)`` of the global batch."""
+        counts = torch.tensor([float(n_aug), float(batch - n_aug)], dtype=torch.float64, device=device)
+        stats = torch.cat([torch.stack([s.double() for s in sums]), counts]) if sums else counts
+        stats = stats.cpu()
+        all_reduce_sum_([stats])
+        return [float(v) for v in stats[:-2]], float(stats[-2]), float(stats[-1])
+
+    def _loss_denominator(self, aug_mass, n_orig: float, world: int):
+        """One process's share of the global loss denominator, ``orig_weight`` per original plus
+        ``aug_weight`` per unit of ``aug_mass`` (the augmented rows' count, or their weight sum with
+        ``weight_norm="batch"``), divided by the ``world`` size: data-parallel gradient averaging then
+        yields exactly the loss of one process holding the whole global batch."""
+        return max(self.orig_weight * n_orig + self.aug_weight * aug_mass, 1e-12) / world
+
     # ------------------------------------------------------------------ the overhead budget
     def _sync(self) -> None:
         dev = self._device()

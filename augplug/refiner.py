@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .core import RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
-from .distributed import all_reduce_sum_
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
@@ -561,14 +560,8 @@ class AugmentationRefiner(RefinerCore):
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
             return weights, self.orig_weight * (aug.shape[0] - n_aug) + self.aug_weight * n_aug
-        batch, n_aug = aug.shape[0], aug.sum()
         w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
-        orig_coef = self.orig_weight * (batch - n_aug)
-        stats = torch.stack([w_aug.double(), n_aug.double(), torch.as_tensor(orig_coef, dtype=torch.float64,
-                                                                           device=weights.device),
-                             (batch - n_aug).double()]).cpu()
-        all_reduce_sum_([stats])
-        w_sum, n_all, orig_all, n_orig_all = (float(t) for t in stats)
+        (w_sum,), n_all, n_orig_all = self._global_weight_sums([w_aug], n_aug, aug.shape[0], weights.device)
         if renorm and self._by_class(n_orig_all):
             # every process reads the same global count, so all of them take part in the class sums
             weights = weights.clone()
@@ -577,11 +570,7 @@ class AugmentationRefiner(RefinerCore):
             weights = weights.clone()
             weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0
             w_sum = n_all if w_sum > 0 else 0.0
-        if self.weight_norm == "batch":
-            denom = orig_all + self.aug_weight * w_sum
-        else:
-            denom = orig_all + self.aug_weight * n_all
-        return weights, max(denom, 1e-12) / world
+        return weights, self._loss_denominator(w_sum if self.weight_norm == "batch" else n_all, n_orig_all, world)
 
     def augment(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the policy's learned differentiable augmentation (AutoDO) to a batch."""
