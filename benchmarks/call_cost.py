@@ -5,9 +5,10 @@
 For each model (the overhead benchmark's SmallCNN and timm resnet18, batch 64, CPU) a last-layer
 refiner whose validation direction is computed once and then kept (``refresh_every`` far beyond the
 run), timed three ways: a plain training step (forward, cross-entropy, backward, SGD step) for scale;
-the refiner's call right after a training forward, as in a real loop (median over calls); and the same
+the refiner's call right after a training forward, as in a real loop (median over calls); the same
 call repeated in a tight loop over stored forward outputs, where the caches stay warm (median over
-blocks). The number of aten operations one call dispatches is counted with ``torch.profiler``.
+blocks); and that warm call after a 5 ms sleep, which tells whether the cost after a forward comes
+from the forward's data or from whatever else ran in between. The number of aten operations one call dispatches is counted with ``torch.profiler``.
 Writes ``benchmarks/results/overhead/<out>.md``.
 """
 from __future__ import annotations
@@ -62,6 +63,13 @@ def measure(name: str, calls: int) -> List[str]:
     outs = [model(x) for _ in range(20)]
     hook.remove()
     stored = list(zip(outs, features))
+    rested = []
+    out0, feats0 = stored[0]
+    for _ in range(calls):
+        time.sleep(0.005)
+        t0 = time.perf_counter()
+        refiner(out0, y, features=feats0)
+        rested.append(time.perf_counter() - t0)
     blocks = []
     for _ in range(15):
         t0 = time.perf_counter()
@@ -74,7 +82,8 @@ def measure(name: str, calls: int) -> List[str]:
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / len(stored)
     refiner.remove_hooks()
     p, a, w = statistics.median(plain), statistics.median(after), statistics.median(blocks)
-    return [name, f"{p * 1e3:.2f}", f"{a * 1e3:.3f} ({a / p:.3f})", f"{w * 1e3:.3f}", f"{ops:.0f}"]
+    r = statistics.median(rested)
+    return [name, f"{p * 1e3:.2f}", f"{a * 1e3:.3f} ({a / p:.3f})", f"{w * 1e3:.3f}", f"{r * 1e3:.3f}", f"{ops:.0f}"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -89,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cmd = "python -m benchmarks.call_cost" + ("" if argv is None else " " + " ".join(argv))
     text = write_markdown_table(
         None, ["model", "plain step (ms)", "refiner call after a forward (ms; share of the step)",
-               "refiner call, warm tight loop (ms)", "aten ops per call"], rows,
+               "refiner call, warm tight loop (ms)", "the same call after a 5 ms sleep (ms)",
+               "aten ops per call"], rows,
         title="The refiner's call, apart from refreshes",
         preamble=f"Command: `{cmd}`\n\n{args.threads} threads, CPU, batch 64, last-layer SAflex with a kept "
                  f"direction; medians over {args.calls} interleaved calls (tight loop: 15 blocks of 20 calls).")
