@@ -4,11 +4,11 @@ RMS, optionally only while its running mean is significant. A leaf module (impor
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["normalized_step", "significant", "state_tensor", "assign_state"]
+__all__ = ["normalized_step", "significant", "state_tensor", "assign_state", "NormalizedWalk"]
 
 
 def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
@@ -63,3 +63,72 @@ def assign_state(obj, state, fields, device) -> None:
     for name, dtype, default in fields:
         value = state[name] if default is None else state.get(name, default)
         setattr(obj, name, state_tensor(value, dtype, device))
+
+
+class NormalizedWalk:
+    """A learned scalar that :func:`normalized_step` moves, with the running statistics of its signal.
+
+    The scalar (named ``VALUE`` in the state: the share's ``log_share``, the strength's ``gamma``),
+    the signal's mean square, the update count and the evidence test's averages are 0-dim tensors
+    on one device, updated there, so a learned scalar adds no host read to a training step. A
+    subclass calls :meth:`_init_walk`, computes its signal ``d`` and whether it is ``valid``, and
+    returns :meth:`_propose_walk`; committing is :meth:`load_state_dict`.
+    """
+
+    #: the scalar's name in the state
+    VALUE = "value"
+    #: the evidence averages of a state that lacks them (None: a state must hold them)
+    EVIDENCE_DEFAULT: Optional[float] = None
+
+    def _init_walk(self, value: float, decay: float, evidence: Optional[float]) -> None:
+        self.decay = float(decay)
+        self.evidence = None if evidence is None else float(evidence)
+        setattr(self, self.VALUE, torch.tensor(float(value), dtype=torch.float64))
+        self.mean_square = torch.tensor(0.0, dtype=torch.float64)
+        self.updates = torch.tensor(0, dtype=torch.int64)
+        self.test_mean = torch.tensor(0.0, dtype=torch.float64)
+        self.test_square = torch.tensor(0.0, dtype=torch.float64)
+
+    def _fields(self) -> Tuple[str, ...]:
+        return (self.VALUE, "mean_square", "updates", "test_mean", "test_square")
+
+    def step_size(self, updates: torch.Tensor):
+        """The step ``lr`` of the next update after ``updates`` updates (a number or a 0-dim tensor)."""
+        return self.lr
+
+    def _propose_walk(self, d: torch.Tensor, valid: torch.Tensor, low: float, high: float) -> Dict[str, torch.Tensor]:
+        """The state after one update with signal ``d`` (0-dim fp64), the scalar clipped to
+        ``[low, high]``; an invalid signal leaves the state as it is."""
+        value, ms_old, updates, tm_old, ts_old = (getattr(self, k).to(d.device) for k in self._fields())
+        d = torch.where(valid, d, torch.zeros_like(d))
+        step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.step_size(updates),
+                                           decay=self.decay, evidence=self.evidence)
+
+        def keep(new, old):
+            return torch.where(valid, new, old)
+
+        return {self.VALUE: keep((value + step).clamp(low, high), value), "mean_square": keep(ms, ms_old),
+                "updates": updates + valid.long(), "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
+
+    def _walk_state(self) -> Dict[str, torch.Tensor]:
+        """The current state as tensors (what :meth:`propose` returns when nothing changes)."""
+        return {k: getattr(self, k) for k in self._fields()}
+
+    def to(self, device):
+        """Move the state to ``device`` (the refiner puts it beside the model's parameters)."""
+        for k in self._fields():
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {self.VALUE: float(getattr(self, self.VALUE)), "mean_square": float(self.mean_square),
+                "updates": int(self.updates), "test_mean": float(self.test_mean),
+                "test_square": float(self.test_square)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (numbers, placed on the current state's device) or commit a
+        proposal (tensors, kept where they are: no copy, so no device sync)."""
+        assign_state(self, state, ((self.VALUE, torch.float64, None), ("mean_square", torch.float64, None),
+                                   ("updates", torch.int64, None), ("test_mean", torch.float64, self.EVIDENCE_DEFAULT),
+                                   ("test_square", torch.float64, self.EVIDENCE_DEFAULT)),
+                     getattr(self, self.VALUE).device)

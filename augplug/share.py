@@ -52,7 +52,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
-from .online import assign_state, normalized_step, significant
+from .online import NormalizedWalk, significant
 
 __all__ = ["AdaptiveShare", "SIGNALS", "WANDER", "resolve_share", "share_agreements"]
 
@@ -92,7 +92,7 @@ def share_agreements(agree_aug: torch.Tensor, weights_aug: Optional[torch.Tensor
     return stats
 
 
-class AdaptiveShare:
+class AdaptiveShare(NormalizedWalk):
     """The augmented rows' weight ``lam`` in the loss, moved by its first-order validation hypergradient.
 
     The state (``log lam``, the signal's running mean square, the number of updates, the running
@@ -121,6 +121,11 @@ class AdaptiveShare:
             averages behind the test are not kept (they stay at 0).
     """
 
+    VALUE = "log_share"
+    #: older checkpoints lack the evidence averages: they restart from 0, which holds the share still
+    #: until a few hundred updates have rebuilt the evidence
+    EVIDENCE_DEFAULT = 0.0
+
     def __init__(self, lr: Optional[float] = None, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
                  decay: float = 0.99, signal: str = "upstream", evidence: Optional[float] = None,
                  horizon: Optional[int] = None):
@@ -146,16 +151,10 @@ class AdaptiveShare:
             raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence}",
                                      "use evidence=3.0 (standard errors), or None to step on every update")
         self.signal = signal
-        self.evidence = None if evidence is None else float(evidence)
         #: the fixed step, or None for the step that shrinks as ``WANDER / (2 sqrt(t))``
         self.lr = None if lr is None else float(lr)
-        self.decay = float(decay)
         self.init, self.min_share, self.max_share = float(init), float(min_share), float(max_share)
-        self.log_share = torch.tensor(math.log(self.init), dtype=torch.float64)
-        self.mean_square = torch.tensor(0.0, dtype=torch.float64)
-        self.updates = torch.tensor(0, dtype=torch.int64)
-        self.test_mean = torch.tensor(0.0, dtype=torch.float64)
-        self.test_square = torch.tensor(0.0, dtype=torch.float64)
+        self._init_walk(math.log(self.init), decay, evidence)
 
     @property
     def value(self) -> torch.Tensor:
@@ -185,41 +184,20 @@ class AdaptiveShare:
         """The state after one update from :func:`share_agreements` (None: unchanged), without
         changing this object; :meth:`load_state_dict` commits it. Batches without originals or
         without augmented weight, and non-finite signals, leave the state as it is."""
-        state = {"log_share": self.log_share, "mean_square": self.mean_square, "updates": self.updates,
-                 "test_mean": self.test_mean, "test_square": self.test_square}
         if stats is None:
-            return state
-        log, ms_old, updates, tm_old, ts_old = (t.to(stats.device) for t in state.values())
+            return self._walk_state()
         wa_sum, w_sum, ao_sum, n_orig = stats.double().unbind()
         d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
         valid = (w_sum > 0) & (n_orig > 0) & torch.isfinite(d)
-        d = torch.where(valid, d, torch.zeros_like(d))
-        lr = self.lr if self.lr is not None else (WANDER / 2) * (updates.double() + 1).rsqrt()
-        step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=lr, decay=self.decay,
-                                           evidence=self.evidence)
-        new_log = (log + step).clamp(math.log(self.min_share), math.log(self.max_share))
+        return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share))
 
-        def keep(new, old):  # batches without a valid signal leave the state as it is
-            return torch.where(valid, new, old)
-
-        return {"log_share": keep(new_log, log), "mean_square": keep(ms, ms_old),
-                "updates": updates + valid.long(), "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
+    def step_size(self, updates: torch.Tensor):
+        """``lr``, or without one ``WANDER / (2 sqrt(t))`` for the ``t = updates + 1``-th update."""
+        return self.lr if self.lr is not None else (WANDER / 2) * (updates.double() + 1).rsqrt()
 
     def _significant(self, mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """:func:`augplug.online.significant` with this share's decay and evidence."""
         return significant(mean, ms, count, self.decay, self.evidence)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"log_share": float(self.log_share), "mean_square": float(self.mean_square),
-                "updates": int(self.updates), "test_mean": float(self.test_mean),
-                "test_square": float(self.test_square)}
-
-    def to(self, device) -> "AdaptiveShare":
-        """Move the state to ``device`` (the refiner puts it beside the model's parameters)."""
-        self.log_share, self.mean_square, self.updates, self.test_mean, self.test_square = (
-            t.to(device) for t in (self.log_share, self.mean_square, self.updates, self.test_mean,
-                                   self.test_square))
-        return self
 
     def check_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` is a complete, finite :meth:`state_dict`."""
@@ -237,15 +215,6 @@ class AdaptiveShare:
         if int(state["updates"]) < 0 or float(state["mean_square"]) < 0:
             raise ConfigurationError("the adaptive share state has a negative count or mean square",
                                      "load a state saved by AdaptiveShare.state_dict()")
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (floats, placed on the current state's device) or commit a
-        :meth:`propose` result (tensors, kept where they are: no copy, so no device sync)."""
-        # older checkpoints lack the evidence averages: they restart from 0, which holds the share
-        # still until a few hundred updates have rebuilt the evidence
-        assign_state(self, state, (("log_share", torch.float64, None), ("mean_square", torch.float64, None),
-                                   ("updates", torch.int64, None), ("test_mean", torch.float64, 0.0),
-                                   ("test_square", torch.float64, 0.0)), self.log_share.device)
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "

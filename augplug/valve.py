@@ -42,7 +42,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError
-from .online import assign_state, normalized_step
+from .online import NormalizedWalk
 
 __all__ = ["RefinementStrength", "STRENGTHS", "apply_strength", "cross_fit_statistics", "resolve_strength"]
 
@@ -70,7 +70,7 @@ def cross_fit_statistics(upstream: torch.Tensor, weights_a: torch.Tensor, soft_a
     return stats
 
 
-class RefinementStrength:
+class RefinementStrength(NormalizedWalk):
     """The refinement strength ``gamma`` in [0, 1], moved by the cross-fitted signal (module docstring).
 
     Args:
@@ -81,6 +81,8 @@ class RefinementStrength:
             errors from zero; ``None``: every update moves it.
     """
 
+    VALUE = "gamma"
+
     def __init__(self, init: float = 1.0, lr: float = 0.02, decay: float = 0.99, evidence: Optional[float] = None):
         if not (0.0 <= init <= 1.0):
             raise ConfigurationError(f"the strength's init must lie in [0, 1], got {init}", "use init=1.0")
@@ -90,52 +92,26 @@ class RefinementStrength:
             raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
         if evidence is not None and not (evidence >= 0 and math.isfinite(evidence)):
             raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence}", "use evidence=None")
-        self.init, self.lr, self.decay = float(init), float(lr), float(decay)
-        self.evidence = None if evidence is None else float(evidence)
-        self.gamma = torch.tensor(self.init, dtype=torch.float64)
-        self.mean_square = torch.tensor(0.0, dtype=torch.float64)
-        self.updates = torch.tensor(0, dtype=torch.int64)
-        self.test_mean = torch.tensor(0.0, dtype=torch.float64)
-        self.test_square = torch.tensor(0.0, dtype=torch.float64)
+        self.init, self.lr = float(init), float(lr)
+        self._init_walk(self.init, decay, evidence)
 
     @property
     def value(self) -> torch.Tensor:
         """The current strength, a 0-dim fp32 tensor on the state's device."""
         return self.gamma.float()
 
-    def to(self, device) -> "RefinementStrength":
-        for name in ("gamma", "mean_square", "updates", "test_mean", "test_square"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
     def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The state after one update from :func:`cross_fit_statistics` (None: unchanged), without
         changing this object (:meth:`load_state_dict` commits it). A batch without rows or with a
         non-finite signal leaves the state as it is."""
-        state = {"gamma": self.gamma, "mean_square": self.mean_square, "updates": self.updates,
-                 "test_mean": self.test_mean, "test_square": self.test_square}
         if stats is None:
-            return state
-        gamma, ms_old, updates, tm_old, ts_old = (t.to(stats.device) for t in state.values())
+            return self._walk_state()
         total, n = stats.double().unbind()
         d = total / n.clamp_min(1.0)
         valid = (n > 0) & torch.isfinite(d)
-        d = torch.where(valid, d, torch.zeros_like(d))
-        step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.lr, decay=self.decay,
-                                           evidence=self.evidence)
-        new_gamma = (gamma + step).clamp(0.0, 1.0)
-
-        def keep(new, old):
-            return torch.where(valid, new, old)
-
-        return {"gamma": keep(new_gamma, gamma), "mean_square": keep(ms, ms_old), "updates": updates + valid.long(),
-                "test_mean": keep(tm, tm_old), "test_square": keep(ts, ts_old)}
+        return self._propose_walk(d, valid, 0.0, 1.0)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        return {"gamma": float(self.gamma), "mean_square": float(self.mean_square), "updates": int(self.updates),
-                "test_mean": float(self.test_mean), "test_square": float(self.test_square)}
-
     def check_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` is a complete, finite :meth:`state_dict`."""
         keys = ("gamma", "mean_square", "updates", "test_mean", "test_square")
@@ -149,13 +125,6 @@ class RefinementStrength:
         if not 0.0 <= float(state["gamma"]) <= 1.0 or int(state["updates"]) < 0 or float(state["mean_square"]) < 0:
             raise ConfigurationError("the refinement-strength state is out of range (gamma outside [0, 1], or a "
                                      "negative count or mean square)", "load an intact checkpoint")
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (numbers) or commit a :meth:`propose` result (tensors, kept
-        where they are)."""
-        assign_state(self, state, (("gamma", torch.float64, None), ("mean_square", torch.float64, None),
-                                   ("updates", torch.int64, None), ("test_mean", torch.float64, None),
-                                   ("test_square", torch.float64, None)), self.gamma.device)
 
     def __repr__(self) -> str:
         return f"RefinementStrength(init={self.init}, lr={self.lr}, decay={self.decay}, evidence={self.evidence})"
