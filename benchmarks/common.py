@@ -228,15 +228,18 @@ def save_bar_plot(
         raise ValueError("labels, means and stds must have the same length")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    width = max(4.0, 0.9 * len(labels) + 1.5)
-    fig, ax = plt.subplots(figsize=(width, 3.6))
+    # wide enough for the title, and slanted tick labels when they would collide
+    longest = max((len(line) for label in labels for line in str(label).splitlines()), default=0)
+    slant = len(labels) > 4 or longest > 14
+    width = max(4.0, 0.9 * len(labels) + 1.5, 0.1 * len(title) + 0.6)
+    fig, ax = plt.subplots(figsize=(width, 3.6 + (0.06 * longest if slant else 0.0)))
     try:
         x = np.arange(len(labels))
         ax.bar(x, means, yerr=stds, capsize=4, color="#4C72B0", edgecolor="black", linewidth=0.6)
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=20 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+        ax.set_xticklabels(labels, rotation=20 if slant else 0, ha="right" if slant else "center")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        fig.suptitle(title)
         if zoom and len(means):
             m = np.asarray(means, dtype=np.float64)
             e = np.asarray(stds, dtype=np.float64) if stds is not None else np.zeros_like(m)
