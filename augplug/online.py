@@ -100,7 +100,7 @@ class NormalizedWalk:
         """The state after one update with signal ``d`` (0-dim fp64), the scalar clipped to
         ``[low, high]``; an invalid signal leaves the state as it is."""
         value, ms_old, updates, tm_old, ts_old = (getattr(self, k).to(d.device) for k in self._fields())
-        d = torch.where(valid, d, torch.zeros_like(d))
+        # an invalid signal's results (NaN or inf included) are dropped by keep() below
         step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.step_size(updates),
                                            decay=self.decay, evidence=self.evidence)
 
