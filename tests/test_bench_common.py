@@ -144,3 +144,25 @@ def test_paired_differences(tmp_path, monkeypatch):
     monkeypatch.setattr(paired, "results_dir", lambda: tmp_path)
     text = paired.table("a", "b")
     assert "+0.00 ± 1.00 (1 / 1 / 1)" in text and "All 3 paired runs" in text and "0.600 / 0.600" in text
+
+
+def test_replot_reads_the_mean_and_std_of_each_row(tmp_path, monkeypatch):
+    """benchmarks.replot draws one bar per (setting, arm) row from the table's mean ± std column."""
+    from benchmarks import replot
+
+    table = ("# Quality\n\nnoise: pairflip; options\n\n"
+             "| setting | arm | test acc % (mean ± std) | per seed |\n|---|---|---|---|\n"
+             "| orig+aug | none | 89.55 ± 0.10 | 89.6 / 89.5 |\n| orig+aug | saflex | 89.62 ± 0.05 | 89.6 / 89.7 |\n\n"
+             "Paired by seed: ...\n")
+    assert replot.read_rows(table) == [("orig+aug", "none", 89.55, 0.10), ("orig+aug", "saflex", 89.62, 0.05)]
+    (tmp_path / "quality").mkdir()
+    (tmp_path / "quality" / "x.md").write_text(table, encoding="utf-8")
+    drawn = {}
+    monkeypatch.setattr(replot, "results_dir", lambda study=None: tmp_path)
+    monkeypatch.setattr(replot, "save_bar_plot", lambda path, *args: drawn.setdefault("call", (path, args)))
+    replot.replot("quality/x")
+    path, (labels, means, stds, ylabel, title) = drawn["call"]
+    assert path == tmp_path / "quality" / "x.png" and labels == ["orig+aug\nnone", "orig+aug\nsaflex"]
+    assert means == [89.55, 89.62] and stds == [0.10, 0.05] and "pairflip" in title
+    with pytest.raises(ValueError, match="arm"):
+        replot.read_rows("no table here")
