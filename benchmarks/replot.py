@@ -1,9 +1,10 @@
-"""Redraw the bar plot of a quality or tabular results table from the table itself.
+"""Redraw the bar plot of a quality, tabular or contrastive results table from the table itself.
 
     python -m benchmarks.replot quality/quality_30ep_share tabular/tabular_holdout_letter_share
 
-``benchmarks.quality`` and ``benchmarks.tabular`` draw one bar per (setting, arm) row: the mean and
-sample standard deviation of the row's per-seed test accuracies. This draws the same bars from the
+``benchmarks.quality``, ``benchmarks.tabular`` and ``benchmarks.contrastive`` draw one bar per row
+(setting and arm, or arm): the mean and sample standard deviation of the row's per-seed test
+accuracies. This draws the same bars from the
 "mean ± std" column of ``benchmarks/results/<name>.md`` (as printed there, to two decimals), so a
 plot can be redrawn after the plotting helper changes without training anything again. Writes
 ``benchmarks/results/<name>.png``.
@@ -17,17 +18,20 @@ from typing import List, Optional, Sequence, Tuple
 
 from .common import results_dir, save_bar_plot
 
-#: the plot titles of the studies whose tables this reads (the quality title names the noise kind)
+#: the plot titles of the studies whose tables this reads (with the noise kind or share the table names)
 TITLES = {"quality": "Fashion-MNIST, RandAugment + 30% {noise} corrupted views",
-          "tabular": "UCI tables, MLP: CutMix with and without SAflex"}
+          "tabular": "UCI tables, MLP: CutMix with and without SAflex",
+          "contrastive": "FLYP-style Fashion-MNIST, RandAugment + {percent} corrupted views"}
 
 
-def read_rows(text: str) -> List[Tuple[str, str, float, float]]:
-    """``(setting or data set, arm, mean, std)`` of each row of the table's first block."""
+def read_rows(text: str) -> List[Tuple[str, float, float]]:
+    """``(label, mean, std)`` of each row of the table's first block, the label being the cells
+    before the accuracy column on two lines (``"setting\narm"``, or the arm alone)."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) > 2 and cells[1] == "arm" and cells[2].startswith("test acc % (mean ± std"):
+        if "arm" in cells[:2] and any(c.startswith("test acc % (mean ± std") for c in cells):
+            at = next(k for k, c in enumerate(cells) if c.startswith("test acc % (mean ± std"))
             break
     else:
         raise ValueError("no table with 'arm' and 'test acc % (mean ± std)' columns")
@@ -36,8 +40,8 @@ def read_rows(text: str) -> List[Tuple[str, str, float, float]]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        mean, std = (float(v) for v in cells[2].split(" ± "))
-        rows.append((cells[0], cells[1], mean, std))
+        mean, std = (float(v) for v in cells[at].split(" ± "))
+        rows.append(("\n".join(cells[:at]), mean, std))
     return rows
 
 
@@ -47,11 +51,11 @@ def replot(name: str) -> Path:
         raise ValueError(f"{name!r}: only {sorted(TITLES)} tables can be redrawn")
     md = results_dir() / f"{name}.md"
     text = md.read_text(encoding="utf-8")
-    noise = re.search(r"noise: (\w+)", text)
-    title = TITLES[study].format(noise=noise.group(1) if noise else "")
+    noise, percent = re.search(r"noise: (\w+)", text), re.search(r"(\d+)% of the views", text)
+    title = TITLES[study].format(noise=noise.group(1) if noise else "", percent=f"{percent.group(1)}%" if percent else "")
     rows = read_rows(text)
-    return save_bar_plot(md.with_suffix(".png"), [f"{s}\n{a}" for s, a, _, _ in rows], [r[2] for r in rows],
-                         [r[3] for r in rows], "test accuracy (%)", title)
+    return save_bar_plot(md.with_suffix(".png"), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                         "test accuracy (%)", title)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

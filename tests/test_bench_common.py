@@ -154,7 +154,9 @@ def test_replot_reads_the_mean_and_std_of_each_row(tmp_path, monkeypatch):
              "| setting | arm | test acc % (mean ± std) | per seed |\n|---|---|---|---|\n"
              "| orig+aug | none | 89.55 ± 0.10 | 89.6 / 89.5 |\n| orig+aug | saflex | 89.62 ± 0.05 | 89.6 / 89.7 |\n\n"
              "Paired by seed: ...\n")
-    assert replot.read_rows(table) == [("orig+aug", "none", 89.55, 0.10), ("orig+aug", "saflex", 89.62, 0.05)]
+    assert replot.read_rows(table) == [("orig+aug\nnone", 89.55, 0.10), ("orig+aug\nsaflex", 89.62, 0.05)]
+    arms_only = "| arm | test acc % (mean ± std) | per seed |\n|---|---|---|\n| saflex-share | 87.27 ± 0.49 | 87.3 |\n"
+    assert replot.read_rows(arms_only) == [("saflex-share", 87.27, 0.49)]
     (tmp_path / "quality").mkdir()
     (tmp_path / "quality" / "x.md").write_text(table, encoding="utf-8")
     drawn = {}
