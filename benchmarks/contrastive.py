@@ -50,7 +50,7 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
             weight_decay: float = 1e-4, overrides: Dict = None) -> Dict[str, float]:
     from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
     from augplug.models import SmallCNN
-    from augplug.demo.study import binary_auc
+    from augplug.demo.study import binary_auc, view_batches
 
     torch.manual_seed(seed)
     image_encoder = SmallCNN(1, EMBED, img_size=28)
@@ -74,27 +74,22 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     t0 = time.perf_counter()
     image_encoder.train()
     prompts.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        pick = torch.randint(0, v, (n,), generator=g)
-        for s in range(steps):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            xo, yo = data.x_train[idx], data.y_train[idx]
-            if method is None:
-                loss = refiner(xo, yo)
-            else:
-                vi = pick[idx]
-                ya = data.view_labels[idx, vi]
-                loss = refiner(torch.cat([xo, data.views[idx, vi]]), torch.cat([yo, ya]), num_original=len(idx))
-                st = refiner.stats
-                if method == "saflex" and st["active"]:
-                    rec_w.append(st["weights"][st["augmented"]])
-                    rec_clean.append(ya == true_view[idx, vi])
-                    rec_share.append(st["aug_weight"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    for idx, vi in view_batches(n, v, batch_size, epochs, g):
+        xo, yo = data.x_train[idx], data.y_train[idx]
+        if method is None:
+            loss = refiner(xo, yo)
+        else:
+            ya = data.view_labels[idx, vi]
+            loss = refiner(torch.cat([xo, data.views[idx, vi]]), torch.cat([yo, ya]), num_original=len(idx))
+            st = refiner.stats
+            if method == "saflex" and st["active"]:
+                rec_w.append(st["weights"][st["augmented"]])
+                rec_clean.append(ya == true_view[idx, vi])
+                rec_share.append(st["aug_weight"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     image_encoder.eval()
     prompts.eval()
     correct = 0

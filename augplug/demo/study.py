@@ -36,7 +36,7 @@ from ..models import SmallCNN
 from .. import refiner as _refiner
 from ..refiner import AugmentationRefiner
 
-__all__ = ["StudyData", "make_view_bank", "corrupt_views", "run_arm", "binary_auc", "accuracy"]
+__all__ = ["StudyData", "make_view_bank", "corrupt_views", "view_batches", "run_arm", "binary_auc", "accuracy"]
 
 
 @dataclass
@@ -99,6 +99,19 @@ def corrupt_views(labels: torch.Tensor, views: int, rate: float, num_classes: in
     shift = torch.randint(1, num_classes, lab.shape, generator=g) if kind == "random" else torch.ones_like(lab)
     lab = torch.where(noisy, (lab + shift) % num_classes, lab)
     return lab, noisy
+
+
+def view_batches(n: int, views: int, batch_size: int, epochs: int, generator: torch.Generator):
+    """The training order of a view-bank study: for each epoch a fresh permutation of the ``n``
+    images and one of their ``views`` precomputed views per image, drawn from ``generator``; yields
+    ``(image indices, view indices)`` batch by batch."""
+    steps = math.ceil(n / batch_size)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        pick = torch.randint(0, views, (n,), generator=generator)
+        for s in range(steps):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            yield idx, pick[idx]
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -167,41 +180,36 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
     rec = {"w": [], "agree": [], "clean": [], "relabel_true": []}
     t0 = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        pick = torch.randint(0, v, (n,), generator=g)
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            vi = pick[idx]
-            xo, yo = data.x_train[idx], data.y_train[idx]
-            if arm == "none":
-                loss = F.cross_entropy(model(xo), yo)
+    for idx, vi in view_batches(n, v, batch_size, epochs, g):
+        xo, yo = data.x_train[idx], data.y_train[idx]
+        if arm == "none":
+            loss = F.cross_entropy(model(xo), yo)
+        else:
+            xa = data.views[idx, vi]
+            ya = yo if arm == "clean" else data.view_labels[idx, vi]
+            if aug_only:
+                x, y, n_orig = xa, ya, 0
             else:
-                xa = data.views[idx, vi]
-                ya = yo if arm == "clean" else data.view_labels[idx, vi]
-                if aug_only:
-                    x, y, n_orig = xa, ya, 0
-                else:
-                    x, y, n_orig = torch.cat([xo, xa]), torch.cat([yo, ya]), len(idx)
-                if arm == "oracle-weights":  # the refiner's loss with weights that know which views are clean
-                    clean = (ya == true_view_labels[idx, vi]).float()
-                    w = torch.cat([torch.ones(n_orig), renormalize(clean)])
-                    loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / len(y)
-                else:
-                    loss = refiner(model(x), y, num_original=n_orig)
-                    st = refiner.stats
-                    if refiner.share is not None:
-                        rec.setdefault("share", []).append(st["aug_weight"])
-                    if st["active"] and arm not in ("upstream", "clean"):
-                        a = st["augmented"]
-                        rec["w"].append(st["weights"][a].cpu())
-                        rec["agree"].append((st["scores"][a].gather(1, ya[:, None]).squeeze(1)).cpu())
-                        rec["clean"].append((ya == true_view_labels[idx, vi]).cpu())
-                        rec["relabel_true"].append((st["soft_targets"][a].argmax(1) == data.y_train[idx]).cpu())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+                x, y, n_orig = torch.cat([xo, xa]), torch.cat([yo, ya]), len(idx)
+            if arm == "oracle-weights":  # the refiner's loss with weights that know which views are clean
+                clean = (ya == true_view_labels[idx, vi]).float()
+                w = torch.cat([torch.ones(n_orig), renormalize(clean)])
+                loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / len(y)
+            else:
+                loss = refiner(model(x), y, num_original=n_orig)
+                st = refiner.stats
+                if refiner.share is not None:
+                    rec.setdefault("share", []).append(st["aug_weight"])
+                if st["active"] and arm not in ("upstream", "clean"):
+                    a = st["augmented"]
+                    rec["w"].append(st["weights"][a].cpu())
+                    rec["agree"].append((st["scores"][a].gather(1, ya[:, None]).squeeze(1)).cpu())
+                    rec["clean"].append((ya == true_view_labels[idx, vi]).cpu())
+                    rec["relabel_true"].append((st["soft_targets"][a].argmax(1) == data.y_train[idx]).cpu())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     out = {"test_acc": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
     if rec.get("share"):
         out.update(share_mean=sum(rec["share"]) / len(rec["share"]), share_final=float(refiner.aug_weight))
