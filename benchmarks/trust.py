@@ -28,7 +28,10 @@ Usage patterns (how the refiner is called):
   ``separate``  the views alone through the refiner, plus the user's own CE on the originals
                 (a second forward);
   ``alone``     views only, no originals at all;
-  ``mixup``     views only, mixed pairwise (Mixup, alpha 0.4): soft targets.
+  ``mixup``     views only, mixed pairwise (Mixup, alpha 0.4): soft targets;
+  ``concat``    (only when named) the originals through their own forward, as in ``separate``, but
+                the two forwards' logits concatenated into one refiner call with ``num_original=n``
+                (the README's advice for that pattern).
 
 Arms: ``none`` (originals only, plain CE), ``upstream`` (the pattern with ``method="none"``),
 ``refiner`` (augplug's defaults, ``--set`` changes them), ``clean`` (the pattern with every view's
@@ -64,6 +67,8 @@ UPSTREAMS = ("random", "pairflip", "identity", "clean")
 EXTRA_UPSTREAMS = ("ops",)
 OPS_CONFIG = "rand-m15-n1-p1.0"
 PATTERNS = ("batch", "separate", "alone", "mixup")
+#: patterns run only when named (``--patterns concat``)
+EXTRA_PATTERNS = ("concat",)
 ARMS = ("none", "upstream", "refiner", "clean")
 VIEWS, NOISE = 4, 0.3
 #: original rows per training batch (each with one view); a run makes epochs * ceil(n / BATCH) updates
@@ -277,6 +282,9 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                                    **({"sources": torch.cat([src, src])} if extra else {}))
                 elif pattern == "separate":
                     loss = refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
+                elif pattern == "concat":  # two forwards, one refiner call
+                    loss = refiner(torch.cat([model(xo), model(xa)]), torch.cat([yo, ya]), num_original=len(idx),
+                                   **({"sources": torch.cat([src, src])} if extra else {}))
                 elif pattern == "alone":
                     loss = refiner(model(xa), ya, **extra)
                 else:  # mixup on the views
@@ -360,7 +368,8 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
     shown = "refiner" if any(r["arm"] == "refiner" for r in rows) else None
     keys = sorted({(r["dataset"], r["upstream"], r["pattern"]) for r in rows
                    if r["arm"] != "none" and (shown is None or r["arm"] == shown)},
-                  key=lambda k: (DATASETS.index(k[0]), (UPSTREAMS + EXTRA_UPSTREAMS).index(k[1]), PATTERNS.index(k[2])))
+                  key=lambda k: (DATASETS.index(k[0]), (UPSTREAMS + EXTRA_UPSTREAMS).index(k[1]),
+                                 (PATTERNS + EXTRA_PATTERNS).index(k[2])))
     for d, u, p in keys:
         arms = {a: acc(d, u, p, a) for a in ARMS}
         seeds = sorted(set(arms["refiner"]) & set(arms["upstream"]))
@@ -378,7 +387,7 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
             m, sd, wins, n = paired_difference([arms["refiner"][s] for s in seeds], [ref[s] for s in seeds])
             return f"{100 * m:+.2f} ± {100 * sd:.2f} ({wins}/{n})"
         best = {s: max(arms["upstream"][s], arms["none"].get(s, -1)) for s in seeds} if arms["none"] else {}
-        diff_best = diff(best) if p in ("batch", "separate") and best else "–"
+        diff_best = diff(best) if p in ("batch", "separate", "concat") and best else "–"
         extra = [r for r in rows if (r["dataset"], r["upstream"], r["pattern"], r["arm"]) == (d, u, p, "refiner")]
         strength = np.nanmean([r.get("strength", float("nan")) for r in extra]) if extra else float("nan")
         auc = np.nanmean([r.get("auc_weight", float("nan")) for r in extra]) if extra else float("nan")
@@ -392,7 +401,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     ap.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS + EXTRA_UPSTREAMS)
-    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS + EXTRA_PATTERNS)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (paired across arms)")
     ap.add_argument("--epochs", type=int, default=8, help="training epochs")
