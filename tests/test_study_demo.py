@@ -76,3 +76,21 @@ def test_oracle_weights_arm_is_upstream_when_no_view_is_corrupted(aug_only):
     torch.testing.assert_close(run("oracle-weights", False), run("upstream", False), rtol=1e-5, atol=1e-6)
     # with corrupted views it trains on a different loss (the comparison above is not vacuous)
     assert float((run("oracle-weights", True) - run("upstream", True)).abs().max()) > 1e-3
+
+
+def test_view_batches_cover_every_image_once_per_epoch():
+    """The view-bank studies' training order: each epoch a permutation of the images in batches,
+    one view index per image, reproducible from the generator; bad sizes are refused."""
+    import torch
+
+    from augplug.demo.study import view_batches
+
+    batches = list(view_batches(10, 3, 4, 2, torch.Generator().manual_seed(0)))
+    assert [len(i) for i, _ in batches] == [4, 4, 2] * 2
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(torch.cat([i for i, _ in epoch]).tolist()) == list(range(10))
+        assert all(((v >= 0) & (v < 3)).all() for _, v in epoch)
+    again = list(view_batches(10, 3, 4, 2, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, again))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(view_batches(10, 3, 0, 1, torch.Generator()))

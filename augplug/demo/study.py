@@ -105,6 +105,9 @@ def view_batches(n: int, views: int, batch_size: int, epochs: int, generator: to
     """The training order of a view-bank study: for each epoch a fresh permutation of the ``n``
     images and one of their ``views`` precomputed views per image, drawn from ``generator``; yields
     ``(image indices, view indices)`` batch by batch."""
+    if n < 1 or views < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"view_batches needs n, views and batch_size >= 1 and epochs >= 0, got {n}, {views}, "
+                         f"{batch_size}, {epochs}")
     steps = math.ceil(n / batch_size)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator)
