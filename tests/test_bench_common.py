@@ -168,3 +168,16 @@ def test_replot_reads_the_mean_and_std_of_each_row(tmp_path, monkeypatch):
     assert means == [89.55, 89.62] and stds == [0.10, 0.05] and "pairflip" in title
     with pytest.raises(ValueError, match="arm"):
         replot.read_rows("no table here")
+
+
+def test_share_walk_spread_matches_a_random_walk():
+    """benchmarks.share_walk: with a fixed step the spread of the summed normalized steps is about
+    step * sqrt(T); the RMS started at the first square inflates the default step's early walk."""
+    import math
+
+    from benchmarks.share_walk import spread
+
+    fixed = spread(100, lambda t: 0.05, True, walks=300)
+    assert 0.8 * 0.05 * math.sqrt(100) < fixed < 1.25 * 0.05 * math.sqrt(100)
+    default = lambda t: 0.2 / math.sqrt(t)  # noqa: E731
+    assert spread(64, default, False, walks=300) > 1.4 * spread(64, default, True, walks=300)
