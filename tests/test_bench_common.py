@@ -181,3 +181,26 @@ def test_share_walk_spread_matches_a_random_walk():
     assert 0.8 * 0.05 * math.sqrt(100) < fixed < 1.25 * 0.05 * math.sqrt(100)
     default = lambda t: 0.2 / math.sqrt(t)  # noqa: E731
     assert spread(64, default, False, walks=300) > 1.4 * spread(64, default, True, walks=300)
+
+
+def test_paired_tables_matches_rows_by_seed(tmp_path, monkeypatch):
+    """benchmarks.paired_tables: per-seed columns read against the table's seeds, tables pooled with
+    '+', a per-seed maximum over ',' references, and a demo's 'Per seed' line."""
+    from benchmarks import paired_tables
+
+    def table(name, seeds, rows):
+        lines = [f"seeds {seeds}; x", "", "| setting | arm | test acc % (mean ± std) | per seed |", "|---|---|---|---|"]
+        lines += [f"| s | {arm} | 0 ± 0 | {' / '.join(map(str, vals))} |" for arm, vals in rows]
+        (tmp_path / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    table("a", [0, 1], [("none", [1.0, 2.0]), ("up", [1.5, 1.0])])
+    table("b", [2], [("none", [3.0]), ("up", [2.0])])
+    table("c", [0, 1, 2], [("ref", [1.5, 2.5, 3.0])])
+    (tmp_path / "demo.md").write_text("Per seed (3 to 4): none 98.4 / 98.2; upstream+SAflex 98.6 / 98.2.\n")
+    monkeypatch.setattr(paired_tables, "results_dir", lambda study=None: tmp_path)
+    assert paired_tables.side("a+b:s:none") == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert paired_tables.side("a+b:s:none,a+b:s:up") == {0: 1.5, 1: 2.0, 2: 3.0}
+    assert "+0.33 ± 0.29 points (better 2, equal 1, worse 0)" in paired_tables.compare("a+b:s:none", "c:s:ref")
+    assert "+0.10 ± 0.14 points (better 1, equal 1, worse 0)" in paired_tables.compare("demo:none", "demo:upstream+SAflex")
+    with pytest.raises(ValueError, match="no row"):
+        paired_tables.side("a:s:missing")
