@@ -8,7 +8,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,6 +17,7 @@ __all__ = [
     "mean_std",
     "fmt_mean_std",
     "write_markdown_table",
+    "read_markdown_table",
     "set_threads",
     "seed_everything",
     "Timer",
@@ -145,6 +146,26 @@ def write_markdown_table(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     return text
+
+
+def _row_cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def read_markdown_table(text: str, header: Callable[[List[str]], bool], what: str) -> Tuple[List[str], List[List[str]]]:
+    """The header cells and the body rows' cells of the first markdown table in ``text`` whose
+    header row satisfies ``header`` (what :func:`write_markdown_table` writes). ``what`` names the
+    table in the ``ValueError`` raised when there is none."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and header(_row_cells(line)):
+            rows = []
+            for body in lines[i + 2:]:
+                if not body.startswith("|"):
+                    break
+                rows.append(_row_cells(body))
+            return _row_cells(line), rows
+    raise ValueError(f"no table with {what}")
 
 
 def set_threads(n: int) -> None:

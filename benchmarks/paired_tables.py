@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics as st
 from typing import Dict, List, Optional, Sequence
 
-from .common import results_dir
+from .common import mean_std, read_markdown_table, results_dir
 
 
 def _seeds(text: str) -> List[int]:
@@ -26,10 +25,6 @@ def _seeds(text: str) -> List[int]:
     if not found:
         raise ValueError("the table names no seeds [...]")
     return [int(s) for s in found.group(1).split(",")]
-
-
-def _cells(line: str) -> List[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def row_values(table: str, setting: Optional[str], arm: str) -> Dict[int, float]:
@@ -46,13 +41,9 @@ def row_values(table: str, setting: Optional[str], arm: str) -> Dict[int, float]
                 return dict(zip(range(first, last + 1), (float(v) for v in values.split(" / "))))
         raise ValueError(f"{table}: no arm {arm!r} in its 'Per seed' line")
     seeds = _seeds(text)
-    lines = text.splitlines()
-    header = next(i for i, ln in enumerate(lines) if ln.startswith("|") and "per seed" in _cells(ln))
-    at = _cells(lines[header]).index("per seed")
-    for ln in lines[header + 2:]:
-        if not ln.startswith("|"):
-            break
-        cells = _cells(ln)
+    header, body = read_markdown_table(text, lambda cells: "per seed" in cells, f"a 'per seed' column ({table})")
+    at = header.index("per seed")
+    for cells in body:
         if cells[0] == setting and cells[1] == arm:
             values = [float(v) for v in cells[at].split(" / ")]
             if len(values) != len(seeds):
@@ -80,8 +71,8 @@ def compare(reference: str, compared: str) -> str:
     if not seeds:
         raise SystemExit("no seeds in common")
     d = [round(b[s] - a[s], 6) for s in seeds]
-    sd = st.stdev(d) if len(d) > 1 else 0.0
-    return (f"{compared} − {reference}, seeds {seeds}: {st.mean(d):+.2f} ± {sd:.2f} points "
+    mean, sd = mean_std(d)
+    return (f"{compared} − {reference}, seeds {seeds}: {mean:+.2f} ± {sd:.2f} points "
             f"(better {sum(x > 0 for x in d)}, equal {sum(x == 0 for x in d)}, worse {sum(x < 0 for x in d)})")
 
 

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .common import results_dir, save_bar_plot
+from .common import read_markdown_table, results_dir, save_bar_plot
 
 #: the plot titles of the studies whose tables this reads (with the noise kind or share the table names)
 TITLES = {"quality": "Fashion-MNIST, RandAugment + 30% {noise} corrupted views",
@@ -24,24 +24,22 @@ TITLES = {"quality": "Fashion-MNIST, RandAugment + 30% {noise} corrupted views",
           "contrastive": "FLYP-style Fashion-MNIST, RandAugment + {percent} corrupted views"}
 
 
+#: the start of the accuracy column's header
+ACCURACY = "test acc % (mean ± std"
+
+
 def read_rows(text: str) -> List[Tuple[str, float, float]]:
     """``(label, mean, std)`` of each row of the table's first block, the label being the cells
     before the accuracy column on two lines (``"setting\narm"``, or the arm alone)."""
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if "arm" in cells[:2] and any(c.startswith("test acc % (mean ± std") for c in cells):
-            at = next(k for k, c in enumerate(cells) if c.startswith("test acc % (mean ± std"))
-            break
-    else:
-        raise ValueError("no table with 'arm' and 'test acc % (mean ± std)' columns")
+    def is_header(cells):
+        return "arm" in cells[:2] and any(c.startswith(ACCURACY) for c in cells)
+
+    cells, body = read_markdown_table(text, is_header, f"'arm' and '{ACCURACY})' columns")
+    at = next(k for k, c in enumerate(cells) if c.startswith(ACCURACY))
     rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        mean, std = (float(v) for v in cells[at].split(" ± "))
-        rows.append(("\n".join(cells[:at]), mean, std))
+    for row in body:
+        mean, std = (float(v) for v in row[at].split(" ± "))
+        rows.append(("\n".join(row[:at]), mean, std))
     return rows
 
 

@@ -277,14 +277,14 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 # or not (identity), one source elsewhere
                 src = data["sources"][idx, pick[idx]]
                 extra = {"sources": src} if "pool" in kw else {}
+                extra_both = {"sources": torch.cat([src, src])} if extra else {}  # originals, then views
                 if pattern == "batch":
-                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx),
-                                   **({"sources": torch.cat([src, src])} if extra else {}))
+                    loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx), **extra_both)
                 elif pattern == "separate":
                     loss = refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
                 elif pattern == "concat":  # two forwards, one refiner call
                     loss = refiner(torch.cat([model(xo), model(xa)]), torch.cat([yo, ya]), num_original=len(idx),
-                                   **({"sources": torch.cat([src, src])} if extra else {}))
+                                   **extra_both)
                 elif pattern == "alone":
                     loss = refiner(model(xa), ya, **extra)
                 else:  # mixup on the views

@@ -204,3 +204,13 @@ def test_paired_tables_matches_rows_by_seed(tmp_path, monkeypatch):
     assert "+0.10 ± 0.14 points (better 1, equal 1, worse 0)" in paired_tables.compare("demo:none", "demo:upstream+SAflex")
     with pytest.raises(ValueError, match="no row"):
         paired_tables.side("a:s:missing")
+
+
+def test_read_markdown_table_reads_what_write_markdown_table_writes():
+    from benchmarks.common import read_markdown_table, write_markdown_table
+
+    text = "intro\n\n" + write_markdown_table(None, ["arm", "acc"], [["none", "1.0"], ["up", "2.0"]]) + "\nafter\n"
+    header, rows = read_markdown_table(text, lambda cells: "acc" in cells, "an 'acc' column")
+    assert header == ["arm", "acc"] and rows == [["none", "1.0"], ["up", "2.0"]]
+    with pytest.raises(ValueError, match="a 'loss' column"):
+        read_markdown_table(text, lambda cells: "loss" in cells, "a 'loss' column")
