@@ -30,7 +30,8 @@ from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradien
 from .share import resolve_share
 from .valve import apply_strength, cross_fit_statistics, resolve_strength
 from .stats import SPREAD_KEYS, StepStats, weight_spread
-from .targets import check_logits, check_target_structure, soft_cross_entropy, to_soft_targets, value_problems
+from .targets import (check_logits, check_row_tensor, check_target_structure, soft_cross_entropy, to_soft_targets,
+                      value_problems)
 from .transfer import to_device
 
 __all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "Schedule", "build_policy", "num_val_batches", "refiner_kwargs",
@@ -411,6 +412,12 @@ class AugmentationRefiner(RefinerCore):
             raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
                              "before calling the refiner")
         check_target_structure(targets, num_classes, batch_size=batch)
+        if features is not None:
+            check_row_tensor(features, batch, "features", width=self._head_width())
+        if sources is not None:
+            check_row_tensor(sources, batch, "sources", integer=True)
+        if index is not None and not self.policy.checks_index:
+            check_row_tensor(index, batch, "index", integer=True)
         # what scoring and ISDA will read besides the logits: checked in the same device sync
         if features is None:
             features = self._capture.features(batch)
@@ -477,6 +484,11 @@ class AugmentationRefiner(RefinerCore):
                                      used_share, used_strength, ctx.score_pass)
         self._budget_end(started)
         return loss
+
+    def _head_width(self) -> Optional[int]:
+        """The number of inputs of the classifier head (None when there is no 2-D weight to read it from)."""
+        weight = getattr(self.head, "weight", None)
+        return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
     def _context(self, logits, y, aug, active, **kw) -> RefineContext:
         """The per-call context a policy works from: what it needs, passed in."""

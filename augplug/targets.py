@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from .errors import ClassCountMismatchError, NonFiniteError, ShapeError, TargetError
 from .finite import tensor_leaves
 
-__all__ = ["check_logits", "check_target_structure", "to_soft_targets", "value_problems", "soft_cross_entropy", "weighted_soft_ce"]
+__all__ = ["check_logits", "check_target_structure", "check_row_tensor", "to_soft_targets", "value_problems",
+           "soft_cross_entropy", "weighted_soft_ce"]
 
 _PROB_TOL = 1e-3
 
@@ -70,6 +71,28 @@ def check_target_structure(targets: torch.Tensor, num_classes: int, *, batch_siz
     raise TargetError(
         f"{what} must be class indices (B,) or probabilities (B, C); got shape {tuple(targets.shape)} dtype {targets.dtype}",
         "pass labels as a LongTensor of shape (B,) or a float tensor of shape (B, C)")
+
+
+def check_row_tensor(t, batch_size: int, name: str, *, integer: bool = False, width: Optional[int] = None) -> None:
+    """Raise :class:`ShapeError` unless ``t`` is a tensor with one row per sample of the batch.
+
+    ``integer=True``: a ``(B,)`` tensor of an integer dtype (ids, dataset positions). Otherwise a
+    floating ``(B, ...)`` tensor whose rows flatten to ``width`` values when ``width`` is given (the
+    classifier's input size). Looks at no values."""
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"{name}= must be a torch.Tensor, got {type(t).__name__}", f"pass {name} as a tensor")
+    if integer:
+        if t.dim() != 1 or t.shape[0] != batch_size or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ShapeError(f"{name}= must be an integer tensor of shape ({batch_size},), got {t.dtype} "
+                             f"{tuple(t.shape)}", f"pass one integer {name} id per row of the batch (e.g. .long())")
+        return
+    if t.dim() < 2 or t.shape[0] != batch_size or not t.is_floating_point():
+        raise ShapeError(f"{name}= must be a floating tensor of shape ({batch_size}, ...), got {t.dtype} {tuple(t.shape)}",
+                         f"pass the classifier's inputs for the batch's rows, one row each")
+    flat = t[0].numel() if batch_size else 0
+    if width is not None and batch_size and flat != width:
+        raise ShapeError(f"{name}= rows have {flat} values but the classifier takes {width} inputs",
+                         "pass what the classifier head receives (its input, flattened per row)")
 
 
 def to_soft_targets(

@@ -249,3 +249,46 @@ def test_options_that_moved_or_are_mistyped_get_a_clear_error(kw, words, fix):
         AugmentationRefiner(model, None, _loader(), **kw)
     assert fix in info.value.fix
     assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+
+
+BAD_ROW_KWARGS = {
+    # what the call's keyword tensors must be: one row per sample, of the right kind and width
+    "features of the wrong width": (lambda: dict(features=torch.randn(8, 5)), "takes 8 inputs"),
+    "features with too few rows": (lambda: dict(features=torch.randn(7, 8)), "shape (8, ...)"),
+    "integer features": (lambda: dict(features=torch.ones(8, 8, dtype=torch.long)), "floating"),
+    "sources with too few rows": (lambda: dict(sources=torch.zeros(7, dtype=torch.long)), "shape (8,)"),
+    "floating sources": (lambda: dict(sources=torch.zeros(8)), "integer"),
+    "2-D index": (lambda: dict(index=torch.zeros(8, 1, dtype=torch.long)), "shape (8,)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROW_KWARGS))
+@pytest.mark.parametrize("num_original", [0, 4])
+def test_bad_row_tensors_rejected_state_unchanged(case, num_original):
+    """Checked whether or not the call uses them (a wrong ``sources=`` is a mistake even where the
+    policy pools nothing), before anything runs: a ShapeError naming the argument, state unchanged."""
+    make, words = BAD_ROW_KWARGS[case]
+    model, opt, r = _setup()
+    _good_step(model, opt, r, seed=1)
+    before = _state(r)
+    with pytest.raises(ShapeError, match=None) as info:
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long), num_original=num_original, **make())
+    assert words in str(info.value) and info.value.fix
+    _same_state(before, _state(r))
+
+
+def test_features_flattened_per_row_are_accepted():
+    model, opt, r = _setup()
+    x = torch.randn(8, 1, 8, 8)
+    feats = model.features(x)  # the head's input, (8, 8)
+    logits = model.fc(feats)
+    y = torch.zeros(8, dtype=torch.long)
+    flat = r(logits, y, features=feats.detach())  # computes the direction; the next call keeps it
+    assert torch.equal(r(logits, y, features=feats.detach().view(8, 2, 4)), flat)
+
+
+def test_missing_policy_options_are_named():
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    with pytest.raises(ConfigurationError) as info:
+        AugmentationRefiner(model, None, _loader(), method="autodo")
+    assert "['num_points', 'num_classes']" in str(info.value) and "tau" not in info.value.problem

@@ -155,6 +155,7 @@ class AutoDO(Policy):
     name = "autodo"
     needs_scores = True
     needs_features = True
+    checks_index = True
     refiner_renormalizes = False
 
     def __init__(self, num_points: int, num_classes: int, *, models: str = "AWS", augment: str = "per_point",

@@ -335,6 +335,9 @@ class Policy:
 
     needs_scores: bool = True
     name: str = "policy"
+    #: The policy reads ``index=`` (dataset positions, for per-point state) and checks it itself, with
+    #: its own error; for the others the refiner checks only that it has one integer per row.
+    checks_index: bool = False
 
     def __call__(self, scores: Optional[torch.Tensor], targets: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -62,10 +62,13 @@ def create_policy(name: str, **options: Any) -> Policy:
     except TypeError:
         known = policy_options(name)
         unused = [k for k in options if k not in known]
+        params = inspect.signature(cls).parameters.values()
+        missing = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                   and p.default is p.empty and p.name not in options]
         raise ConfigurationError(
             f"method {name!r} does not use the option(s) {unused}" if unused else
-            f"method {name!r} needs options that were not given ({set(known) - set(options)})",
-            f"its options are {known}") from None
+            f"method {name!r} needs the option(s) {missing}, which were not given",
+            f"pass them in method_options; its options are {known}") from None
     return cls(**options)
 
 
