@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
-from .core import unwrap_optimizer
+from .core import optimizer_problem
 from .errors import AugplugError, ConfigurationError, EmptyValidationError, ModelModeError, ValidationFailed
 from .heads import find_classifier
 from .targets import check_logits, to_soft_targets
@@ -57,12 +57,9 @@ def validate(
         num_classes = head.out_features
     if optimizer is not None:
         try:
-            inner = unwrap_optimizer(optimizer)
-            trainable = {id(p) for p in model.parameters() if p.requires_grad}
-            if not any(id(p) in trainable for g in inner.param_groups for p in g["params"]):
-                problems.append(ConfigurationError(
-                    "the optimizer holds none of the model's trainable parameters",
-                    "pass the optimizer that updates this model"))
+            problem = optimizer_problem(model.parameters(), optimizer)
+            if problem is not None:
+                problems.append(problem)
         except AugplugError as e:
             problems.append(e)
     if logits is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -88,6 +89,17 @@ def unwrap_optimizer(optimizer):
         "pass the underlying torch.optim.Optimizer, or optimizer=None (then every refiner call counts as a step)")
 
 
+def optimizer_problem(parameters, optimizer) -> Optional[ConfigurationError]:
+    """The error for an optimizer that holds none of ``parameters`` (the trainable ones of the
+    model(s) being refined), or None. An optimizer that cannot be unwrapped is the other error."""
+    inner = unwrap_optimizer(optimizer)
+    trainable = {id(p) for p in parameters if p.requires_grad}
+    if trainable and not any(id(p) in trainable for g in inner.param_groups for p in g["params"]):
+        return ConfigurationError("the optimizer holds none of the model's trainable parameters",
+                                  "pass the optimizer that updates this model")
+    return None
+
+
 class RefinerCore:
     """Shared state and schedule of a refiner shell (see the module docstring).
 
@@ -103,6 +115,12 @@ class RefinerCore:
 
     # ------------------------------------------------------------------ construction
     def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool) -> None:
+        try:
+            if isinstance(seed, bool):
+                raise TypeError
+            seed = operator.index(seed)  # ints, NumPy integers and 0-dim integer tensors
+        except TypeError:
+            raise ConfigurationError(f"seed must be an integer, got {seed!r}", "pass e.g. seed=0") from None
         self._optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.schedule = schedule
         self.refresh_every, self.val_batches = schedule.refresh_every, schedule.val_batches

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .core import RefinerCore, check_part_presence, num_val_batches, unwrap_optimizer
+from .core import RefinerCore, check_part_presence, num_val_batches, optimizer_problem, unwrap_optimizer
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
@@ -240,6 +240,13 @@ class AugmentationRefiner(RefinerCore):
         **moved: Any,
     ):
         reject_moved_options(moved, type(self).__name__)
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}",
+                                     "pass the model being trained (the module whose logits the refiner sees)")
+        if optimizer is not None:
+            problem = optimizer_problem(model.parameters(), optimizer)
+            if problem is not None:
+                raise problem
         if mode not in SCORE_MODES:
             raise ConfigurationError(f"unknown mode {mode!r}", f"use one of {SCORE_MODES}")
         schedule = resolve_schedule(schedule)

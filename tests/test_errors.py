@@ -292,3 +292,25 @@ def test_missing_policy_options_are_named():
     with pytest.raises(ConfigurationError) as info:
         AugmentationRefiner(model, None, _loader(), method="autodo")
     assert "['num_points', 'num_classes']" in str(info.value) and "tau" not in info.value.problem
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda m: dict(model=lambda t: t), "torch.nn.Module"),
+    (lambda m: dict(optimizer=torch.optim.SGD(SmallCNN(1, C, img_size=8, width=4, hidden=8).parameters(), lr=0.1)),
+     "none of the model's trainable parameters"),
+    (lambda m: dict(seed="0"), "seed must be an integer"),
+    (lambda m: dict(seed=1.5), "seed must be an integer")])
+def test_bad_constructor_arguments(make, words):
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    kw = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), val_loader=_loader())
+    kw.update(make(model))
+    with pytest.raises(ConfigurationError, match=words):
+        AugmentationRefiner(**kw)
+    assert not model.fc._forward_hooks  # nothing left behind
+
+
+def test_numpy_and_tensor_seeds_are_integers():
+    import numpy as np
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    assert AugmentationRefiner(model, None, _loader(), seed=np.int64(3)).seed == 3
+    assert AugmentationRefiner(model, None, _loader(), seed=torch.tensor(4)).seed == 4
