@@ -115,7 +115,9 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     if not 0 <= k <= batch:
         raise ShapeError(f"num_original={num_original} is outside 0..{batch}",
                          f"pass the number of original (non-augmented) {unit} at the start of the batch")
-    return torch.arange(batch, device=device) >= k, slice(k, None), batch - k
+    mask = torch.zeros(batch, dtype=torch.bool, device=device)
+    mask[k:] = True  # a fill, a kernel the call runs anyway (an arange and a comparison would be two more)
+    return mask, slice(k, None), batch - k
 
 
 def reject_moved_options(moved: Dict[str, Any], shell: str) -> None:
@@ -472,7 +474,8 @@ class AugmentationRefiner(RefinerCore):
                 self.isda.restore_snapshot(snapshot[1])
             raise
 
-        coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
+        coef = (self.aug_weight * weights if n_aug == batch else
+                torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight)))
         loss = (coef * per_sample).sum() / denom
 
         # commit

@@ -123,7 +123,10 @@ def to_soft_targets(
                     f"(valid: 0..{num_classes - 1})",
                     "check the label encoding and the classifier's number of outputs; "
                     "ignore_index-style labels (e.g. -100) are not supported: drop those samples")
-        return F.one_hot(targets.long(), num_classes).to(dtype)
+        # zeros + scatter rather than F.one_hot, which on the CPU checks the labels' range again
+        # with two reductions and two host reads
+        index = targets.long().unsqueeze(1)
+        return torch.zeros(targets.shape[0], num_classes, dtype=dtype, device=targets.device).scatter_(1, index, 1.0)
     t = targets.detach().to(dtype)
     if check_values:
         non_finite, not_prob = _soft_target_flags(t).tolist()  # one device sync
@@ -143,27 +146,31 @@ def _soft_target_flags(t: torch.Tensor) -> torch.Tensor:
 
 
 def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> torch.Tensor:
-    """A 0-dim bool tensor (on the logits' device): True when the values of a batch that passed the
-    type and shape checks would be rejected by :func:`check_logits` / :func:`to_soft_targets`, or
-    when a floating-point tensor in ``extra`` (features, model inputs; nested structures and None
+    """A 0-dim fp64 tensor (on the logits' device) that is exactly 0 when the batch's values are
+    fine, and NaN or positive (so ``bool()`` of it is True) when the values of a batch that passed
+    the type and shape checks would be rejected by :func:`check_logits` / :func:`to_soft_targets`,
+    or when a floating-point tensor in ``extra`` (features, model inputs; nested structures and None
     allowed) holds NaN/inf.
 
     Computing it queues a few reductions and no host transfer; reading it is the single device sync
-    of a checked refiner call. When it is True, the eager checks name the problem.
+    of a checked refiner call. When it is True, the eager checks name the problem. It is built from
+    arithmetic the refiner's call runs anyway (sums, products, clamps) rather than from comparison
+    kernels of its own: right after a training step every kernel a call uses for the first time
+    costs tens of microseconds on a CPU, whatever its size.
     """
     total = _finite_probe(logits)
     for e in tensor_leaves(extra):
         if e.is_floating_point():
             total = total + _finite_probe(e).to(total.device)
-    bad = ~torch.isfinite(total)
+    flag = total * 0.0  # 0 for a finite sum, NaN when any entry was NaN/inf
     t = targets.detach()
     if t.dim() == 1:
         if t.numel():
-            lo, hi = torch.aminmax(t)
-            bad = bad | (lo < 0).to(bad.device) | (hi >= logits.shape[1]).to(bad.device)
+            lo, hi = (v.to(flag) for v in torch.aminmax(t))  # fp64: no wrap-around of small integer dtypes
+            flag = flag + (hi - (logits.shape[1] - 1)).clamp_min(0) + (-lo).clamp_min(0)
     else:
-        bad = bad | _soft_target_flags(t.float()).any().to(bad.device)
-    return bad
+        flag = flag + _soft_target_flags(t.float()).any().to(flag)
+    return flag
 
 
 def _finite_probe(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Soft-target cross-entropy: torch's cross_entropy with probability targets, against the sum written out."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +41,18 @@ def test_value_problems_flags_exactly_the_non_finite_batches():
             assert bool(value_problems(logits, y, ({"features": [f]},))), (dtype, bad)
             assert bool(value_problems(f[:, 2:].float(), y)), (dtype, bad)  # the logits themselves
     assert bool(value_problems(logits, torch.tensor([0, 1, 3, 0])))  # a label out of range
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_value_problems_label_range_in_every_integer_dtype(dtype):
+    """The range test runs in fp64, so labels of small unsigned dtypes cannot wrap around (0 - 2 in
+    uint8 is 254) and the extremes of int64 cannot overflow."""
+    from augplug.targets import value_problems
+
+    logits = torch.zeros(3, 3)
+    assert not bool(value_problems(logits, torch.tensor([0, 1, 2], dtype=dtype)))
+    assert bool(value_problems(logits, torch.tensor([0, 3, 2], dtype=dtype)))
+    if dtype.is_signed:
+        assert bool(value_problems(logits, torch.tensor([0, -1, 2], dtype=dtype)))
+    low = torch.iinfo(torch.int64).min
+    assert bool(value_problems(logits, torch.tensor([0, low, 2])))

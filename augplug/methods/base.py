@@ -63,11 +63,13 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
                          "(class indices as one-hot probabilities)")
     y = targets.to(torch.float64)
     w = weights.to(torch.float64)
-    sums = torch.stack([torch.ones_like(w), w]) @ y  # (2, C): upstream and weighted class mass
+    count, mass = y.sum(0), w @ y  # (C,) each: upstream and weighted class mass
     if distributed and is_distributed():
+        sums = torch.stack([count, mass])
         all_reduce_sum_([sums])
+        count, mass = sums.unbind()
     # count / mass; a class without mass (0/0 = NaN, or n/0 = inf) gets 0
-    ratio = torch.nan_to_num(sums[0] / sums[1], nan=0.0, posinf=0.0)
+    ratio = torch.nan_to_num(count / mass, nan=0.0, posinf=0.0)
     return weights * (y @ ratio).to(weights.dtype)
 
 

@@ -94,7 +94,7 @@ def normalize_scores(scores: torch.Tensor, how: Optional[str], *, distributed: b
     if how == "center":
         scores = scores - scores.mean(0, keepdim=True)
         how = "rms"
-    return scores / scores.pow(2).mean().sqrt().clamp_min(1e-12)
+    return scores / (scores * scores).mean().sqrt().clamp_min(1e-12)
 
 
 WEIGHT_SIGNALS = ("agreement", "likelihood")
