@@ -4,6 +4,7 @@ RMS, optionally only while its running mean is significant. A leaf module (impor
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -24,8 +25,10 @@ def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.T
     signal inflates every early step. With ``evidence=k`` the step is 0 unless the bias-corrected
     running mean of ``d`` lies ``k`` standard errors from zero (:func:`significant`)."""
     ms = decay * mean_square + (1 - decay) * d * d
-    corrected = ms / (1 - decay ** (updates + 1).double())
-    step = torch.where(ms > 0, lr * d / corrected.clamp_min(1e-300).sqrt(), torch.zeros_like(d))
+    # 1 - decay**n as -expm1(n log decay): exact for small n, and no power kernel of its own
+    corrected = ms / -torch.expm1((updates + 1).double() * math.log(decay)) if decay > 0 else ms
+    # ms is 0 only while every signal has been 0, and then d is 0 and so is the step
+    step = lr * d / corrected.clamp_min(1e-300).sqrt()
     tm, ts = test_mean, test_square
     if evidence is not None:
         # bias-corrected exponential averages of d and d^2 (update s of n weighted (1-b) b^(n-s) / (1-b^n))

@@ -188,12 +188,13 @@ class AdaptiveShare(NormalizedWalk):
             return self._walk_state()
         wa_sum, w_sum, ao_sum, n_orig = stats.double().unbind()
         d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
-        valid = (w_sum > 0) & (n_orig > 0) & torch.isfinite(d)
+        # both sums are >= 0, and d * 0 + 1 is 1 for a finite d, NaN otherwise: one comparison
+        valid = w_sum * n_orig * (d * 0 + 1) > 0
         return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share))
 
     def step_size(self, updates: torch.Tensor):
         """``lr``, or without one ``WANDER / (2 sqrt(t))`` for the ``t = updates + 1``-th update."""
-        return self.lr if self.lr is not None else (WANDER / 2) * (updates.double() + 1).rsqrt()
+        return self.lr if self.lr is not None else (WANDER / 2) / (updates.double() + 1).sqrt()
 
     def _significant(self, mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """:func:`augplug.online.significant` with this share's decay and evidence."""
