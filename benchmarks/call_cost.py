@@ -8,7 +8,10 @@ run), timed three ways: a plain training step (forward, cross-entropy, backward,
 the refiner's call right after a training forward, as in a real loop (median over calls); the same
 call repeated in a tight loop over stored forward outputs, where the caches stay warm (median over
 blocks); and that warm call after a 5 ms sleep, which tells whether the cost after a forward comes
-from the forward's data or from whatever else ran in between. The number of aten operations one call dispatches is counted with ``torch.profiler``.
+from the forward's data or from whatever else ran in between. The number of aten operations one call dispatches is counted with ``torch.profiler``. A second
+table times small kernels of the kind a call runs, each right after a training forward (its first
+use since the last step) and again at once, which is why the number of different kernels a call
+runs sets its cost.
 Writes ``benchmarks/results/overhead/<out>.md``.
 """
 from __future__ import annotations
@@ -86,6 +89,48 @@ def measure(name: str, calls: int) -> List[str]:
     return [name, f"{p * 1e3:.2f}", f"{a * 1e3:.3f} ({a / p:.3f})", f"{w * 1e3:.3f}", f"{r * 1e3:.3f}", f"{ops:.0f}"]
 
 
+#: small kernels of the kind a refiner call runs, on tensors of a call's sizes (batch 64, 10 classes)
+KERNELS = {
+    "sum (fp64)": lambda t: t["z"].sum(dtype=torch.float64),
+    "isfinite (0-dim)": lambda t: torch.isfinite(t["s"]),
+    "aminmax": lambda t: torch.aminmax(t["y"]),
+    "one_hot": lambda t: F.one_hot(t["y"], 10),
+    "arange": lambda t: torch.arange(64),
+    "softmax": lambda t: torch.softmax(t["z"], -1),
+    "mean": lambda t: t["z"].mean(0),
+    "nan_to_num": lambda t: torch.nan_to_num(t["z"]),
+    "sigmoid": lambda t: torch.sigmoid(t["z"]),
+}
+
+
+def first_use(calls: int) -> List[List[str]]:
+    """Each kernel of :data:`KERNELS` timed in sequence right after a SmallCNN training forward (its
+    first use since the last training step) and once more right after (its second use)."""
+    setup = make_setup(MODELS["smallcnn"], torch.device("cpu"), 64, 64, [256], 0)
+    model = setup.copy_model()
+    opt = _sgd(model)
+    t = {"z": torch.randn(64, 10), "s": torch.tensor(3.0, dtype=torch.float64), "y": setup.y}
+    first = {k: [] for k in KERNELS}
+    again = {k: [] for k in KERNELS}
+    for i in range(calls + 5):
+        out = model(setup.x)
+        for name, kernel in KERNELS.items():
+            t0 = time.perf_counter()
+            kernel(t)
+            t1 = time.perf_counter()
+            kernel(t)
+            t2 = time.perf_counter()
+            if i >= 5:
+                first[name].append(t1 - t0)
+                again[name].append(t2 - t1)
+        loss = F.cross_entropy(out, setup.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [[name, f"{statistics.median(first[name]) * 1e6:.1f}", f"{statistics.median(again[name]) * 1e6:.1f}"]
+            for name in KERNELS]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"], choices=sorted(MODELS))
@@ -103,6 +148,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         title="The refiner's call, apart from refreshes",
         preamble=f"Command: `{cmd}`\n\n{args.threads} threads, CPU, batch 64, last-layer SAflex with a kept "
                  f"direction; medians over {args.calls} interleaved calls (tight loop: 15 blocks of 20 calls).")
+    text += "\n" + write_markdown_table(
+        None, ["kernel", "first use after a training forward (µs)", "used again at once (µs)"],
+        first_use(args.calls // 5),
+        title="What a kernel costs the first time after a training step",
+        preamble="SmallCNN, batch 64: each kernel timed in turn right after a training forward, then once "
+                 f"more; medians over {args.calls // 5} steps. A call pays the first column once for every "
+                 "different kernel it runs.").replace("# What", "## What", 1)
     path = results_dir("overhead") / f"{args.out}.md"
     path.write_text(text, encoding="utf-8")
     print(text)
