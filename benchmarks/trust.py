@@ -8,6 +8,9 @@ Data sets (seeded, stratified splits; 28x28 grey images get a small CNN, the tab
   ``digits``  scikit-learn digits (8x8), 1,000 / 300 / 497;
   ``letter``  UCI Letter (16 features, 26 classes), 3,000 / 500 / 4,000.
 
+``--image-model cnn-group`` trains every arm's images with GroupNorm instead of BatchNorm (per-sample
+statistics: the views in a one-batch forward then do not change how the originals are normalized).
+
 Held out (run only when named; no default was chosen on them): ``spambase`` UCI Spambase (57
 features, 2 classes), 3,000 / 500 / 1,101; ``cancer`` scikit-learn breast cancer (30 features,
 2 classes), 250 / 100 / 219. Both get the table's MLP and views.
@@ -235,11 +238,17 @@ def make_setting(dataset: str, upstream: str, seed: int) -> Dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- training
-def _model(data, seed: int):
+#: image models (``--image-model``): the small CNN with BatchNorm (default) or GroupNorm (per-sample
+#: statistics, so the views in a batch do not change how the originals are normalized)
+IMAGE_MODELS = ("cnn", "cnn-group")
+
+
+def _model(data, seed: int, image_model: str = "cnn"):
     from augplug.models import MLP, SmallCNN
     torch.manual_seed(seed)
     if data["kind"] == "image":
-        return SmallCNN(1, data["num_classes"], img_size=data["x"].shape[-1], width=16, hidden=128)
+        return SmallCNN(1, data["num_classes"], img_size=data["x"].shape[-1], width=16, hidden=128,
+                        norm="group" if image_model == "cnn-group" else "batch")
     return MLP(data["x"].shape[1], data["num_classes"], hidden=256, depth=2)
 
 
@@ -247,7 +256,9 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     from augplug import AugmentationRefiner, refiner_kwargs
     from augplug.demo.study import accuracy, binary_auc
     data = _setting_cache(dataset, upstream, seed)
-    model = _model(data, seed)
+    image_model = options.get("image_model", "cnn")  # every arm trains the same model
+    options = {k: v for k, v in options.items() if k != "image_model"}
+    model = _model(data, seed, image_model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
@@ -315,6 +326,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             opt.step()
     out = {"dataset": dataset, "upstream": upstream, "pattern": pattern, "arm": arm, "seed": seed,
            "test_acc": accuracy(model, data["xt"], data["yt"]), "seconds": time.perf_counter() - t0}
+    if image_model != "cnn":
+        out["image_model"] = image_model
     if refiner is not None and arm == "refiner":
         st = refiner.stats
         out["share"] = float(st.get("aug_weight", float("nan")))
@@ -417,6 +430,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (paired across arms)")
     ap.add_argument("--epochs", type=int, default=8, help="training epochs")
     ap.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
+    ap.add_argument("--image-model", default="cnn", choices=IMAGE_MODELS,
+                    help="the images' model for every arm: the small CNN with BatchNorm (cnn) or GroupNorm")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="refiner options of the refiner arm, e.g. valve=False")
     ap.add_argument("--out", default=None, help="results name under benchmarks/results/ (no extension)")
@@ -425,6 +440,8 @@ def main(argv=None) -> None:
                          "seeds and epochs; use with --arms refiner)")
     args = ap.parse_args(argv)
     options = parse_sets(args.set)
+    if args.image_model != "cnn":
+        options["image_model"] = args.image_model
     todo = jobs(args.datasets, args.upstreams, args.patterns, args.arms, args.seeds, args.epochs, options)
     from tqdm import tqdm
     # every finished run is appended to <out>.jsonl at once; a rerun of the same command skips them
