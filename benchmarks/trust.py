@@ -8,6 +8,7 @@ Data sets (seeded, stratified splits; 28x28 grey images get a small CNN, the tab
   ``digits``  scikit-learn digits (8x8), 1,000 / 300 / 497;
   ``letter``  UCI Letter (16 features, 26 classes), 3,000 / 500 / 4,000.
 
+``--optimizer sgd`` trains every arm with SGD (lr 0.05, momentum 0.9) instead of Adam (lr 1e-3).
 ``--image-model cnn-group`` trains every arm's images with GroupNorm instead of BatchNorm (per-sample
 statistics: the views in a one-batch forward then do not change how the originals are normalized).
 
@@ -259,7 +260,12 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     image_model = options.get("image_model", "cnn")  # every arm trains the same model
     options = {k: v for k, v in options.items() if k != "image_model"}
     model = _model(data, seed, image_model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if options.get("optimizer", "adam") == "sgd":  # every arm trains with the same optimizer
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer_name = options.get("optimizer", "adam")
+    options = {k: v for k, v in options.items() if k != "optimizer"}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
     refiner, kw = None, {}
@@ -328,6 +334,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
            "test_acc": accuracy(model, data["xt"], data["yt"]), "seconds": time.perf_counter() - t0}
     if image_model != "cnn":
         out["image_model"] = image_model
+    if optimizer_name != "adam":
+        out["optimizer"] = optimizer_name
     if refiner is not None and arm == "refiner":
         st = refiner.stats
         out["share"] = float(st.get("aug_weight", float("nan")))
@@ -432,6 +440,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
     ap.add_argument("--image-model", default="cnn", choices=IMAGE_MODELS,
                     help="the images' model for every arm: the small CNN with BatchNorm (cnn) or GroupNorm")
+    ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                    help="every arm's optimizer: Adam lr 1e-3 (default) or SGD lr 0.05, momentum 0.9")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="refiner options of the refiner arm, e.g. valve=False")
     ap.add_argument("--out", default=None, help="results name under benchmarks/results/ (no extension)")
@@ -442,6 +452,8 @@ def main(argv=None) -> None:
     options = parse_sets(args.set)
     if args.image_model != "cnn":
         options["image_model"] = args.image_model
+    if args.optimizer != "adam":
+        options["optimizer"] = args.optimizer
     todo = jobs(args.datasets, args.upstreams, args.patterns, args.arms, args.seeds, args.epochs, options)
     from tqdm import tqdm
     # every finished run is appended to <out>.jsonl at once; a rerun of the same command skips them
