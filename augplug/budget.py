@@ -9,8 +9,21 @@ budget ``b`` asks for ``c + R / k <= b * P``, so
 
     k = ceil(R / (b * P - c)),   clipped to [refresh_every of the schedule, max_interval].
 
-When ``c`` alone exceeds ``b * P`` (a full-model score pass costs more than the budget) ``k`` goes to
-``max_interval`` and ``stats["overhead"]`` reports the measured share above the budget.
+When ``c`` alone exceeds ``b * P`` ``k`` goes to ``max_interval`` and ``stats["overhead"]`` reports
+the measured share above the budget.
+
+In the model-forward score modes (``mode="full"`` and the others that run the model to score) a
+score pass costs about a forward, often more than the whole budget. There the budget also spaces out
+those passes (``model_scores=True``): a call scores with the model every ``s`` calls and with the
+closed-form last layer between. It measures both kinds of call, ``c`` (closed form) and ``c_m``
+(model scores), and with ``D = max(c_m - c, 0)`` asks for ``c + D / s + R / k <= b * P``:
+
+    k = clip(ceil((D + R) / (b * P - c)), min_interval, max_interval),
+    s = clip(ceil(D / (b * P - c - R / k)), min_score_interval, max_interval),
+
+the refresh interval first (as if both kinds of work shared one interval), then the smallest score
+interval the room left at that ``k`` allows. Until a closed-form call has been measured ``c`` is
+taken as 0.
 
 Medians, not averages: the time between two calls also holds whatever the loop does besides
 training steps now and then (an evaluation pass, a checkpoint, logging, a slow batch from the
@@ -39,11 +52,13 @@ class OverheadBudget:
 
     ``fraction``: the refiner's allowed share of a plain training step (0.1: at most 10 % on top).
     ``clock``: a function returning seconds (tests pass a fake one). ``window``: how many recent
-    measurements of each kind the medians are taken over.
+    measurements of each kind the medians are taken over. ``model_scores``: also choose
+    ``score_interval``, the calls between model score passes (at least ``min_score_interval``).
     """
 
     def __init__(self, fraction: float, *, min_interval: int = 1, max_interval: int = 1024,
-                 window: int = 16, clock: Callable[[], float] = time.perf_counter):
+                 window: int = 16, clock: Callable[[], float] = time.perf_counter, model_scores: bool = False,
+                 min_score_interval: int = 1):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
             raise ConfigurationError(f"budget must be a positive fraction of a training step, got {fraction!r}",
                                      "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
@@ -54,6 +69,11 @@ class OverheadBudget:
         self.min_interval, self.max_interval = int(min_interval), int(max_interval)
         self.window, self.clock = window, clock
         self.interval = int(min_interval)
+        #: whether the budget also spaces out model score passes (``score_interval``)
+        self.model_scores = bool(model_scores)
+        self.min_score_interval = int(min_score_interval)
+        self.score_interval = int(min_score_interval)
+        self._model_call: Deque[float] = deque(maxlen=window)   # c_m
         self._plain: Deque[float] = deque(maxlen=window)     # P
         self._call: Deque[float] = deque(maxlen=window)      # c
         self._refresh: Deque[float] = deque(maxlen=window)   # R
@@ -79,6 +99,11 @@ class OverheadBudget:
         """``R``: the median time of recent refreshes."""
         return self._median(self._refresh)
 
+    @property
+    def model_call(self) -> Optional[float]:
+        """``c_m``: the median own time (without a refresh) of recent calls that scored with the model."""
+        return self._median(self._model_call)
+
     # ------------------------------------------------------------------ measurements
     def call_started(self) -> float:
         """Mark the start of a refiner call (the end of the previous iteration); returns the time."""
@@ -88,10 +113,16 @@ class OverheadBudget:
         self._last_start, self._last_own = now, None
         return now
 
-    def call_finished(self, started: float, refresh_seconds: Optional[float]) -> None:
-        """Record the call's own time, and the refresh's when it refreshed."""
+    def call_finished(self, started: float, refresh_seconds: Optional[float], model_scored: bool = False) -> None:
+        """Record the call's own time, and the refresh's when it refreshed. ``model_scored``: the call
+        scored with a model pass (recorded apart from the closed-form calls when ``model_scores``)."""
         own = self.clock() - started
         self._last_own = own
+        if self.model_scores and model_scored:
+            self._model_call.append(max(own - (refresh_seconds or 0.0), 0.0))
+            if refresh_seconds is not None:
+                self._refresh.append(refresh_seconds)
+            return
         if refresh_seconds is None:
             self._call.append(own)
         else:
@@ -101,41 +132,64 @@ class OverheadBudget:
 
     # ------------------------------------------------------------------ the decision
     def measurements(self):
-        """``(P, c, R)`` or None until each has been measured once."""
+        """``(P, c, R)`` or None until each has been measured once; with ``model_scores``
+        ``(P, c, R, c_m)``, ``c`` taken as 0 until a closed-form call has been measured."""
+        if self.model_scores:
+            if self.plain is None or self.refresh is None or self.model_call is None:
+                return None
+            return self.plain, self.call if self.call is not None else 0.0, self.refresh, self.model_call
         if self.plain is None or self.call is None or self.refresh is None:
             return None
         return self.plain, self.call, self.refresh
 
+    def _clip(self, k: float, low: int) -> int:
+        return int(min(max(k, low), self.max_interval))
+
     def choose(self, measured=None) -> int:
-        """The refresh interval for the measurements ``(P, c, R)`` (default: this process's)."""
+        """The refresh interval (and with ``model_scores`` the score interval) for the measurements
+        ``(P, c, R)`` or ``(P, c, R, c_m)`` (default: this process's); returns the refresh interval."""
         measured = measured if measured is not None else self.measurements()
         if measured is None:
             return self.interval
-        plain, c, r = measured
+        plain, c, r = measured[:3]
+        extra = max(measured[3] - c, 0.0) if self.model_scores else 0.0   # D
         room = self.fraction * plain - c
-        k = self.max_interval if room <= 0 else math.ceil(r / room)
-        self.interval = int(min(max(k, self.min_interval), self.max_interval))
+        k = self.max_interval if room <= 0 else math.ceil((extra + r) / room)
+        self.interval = self._clip(k, self.min_interval)
+        if self.model_scores:
+            left = room - r / self.interval
+            s = 1 if extra <= 0 else self.max_interval if left <= 0 else math.ceil(extra / left)
+            self.score_interval = self._clip(s, self.min_score_interval)
         return self.interval
 
     def overhead(self) -> float:
-        """The refiner's measured share of a plain iteration at the current interval (NaN before)."""
+        """The refiner's measured share of a plain iteration at the current intervals (NaN before)."""
         m = self.measurements()
         if m is None:
             return float("nan")
-        plain, c, r = m
-        return (c + r / max(self.interval, 1)) / max(plain, 1e-12)
+        plain, c, r = m[:3]
+        extra = max(m[3] - c, 0.0) / max(self.score_interval, 1) if self.model_scores else 0.0
+        return (c + extra + r / max(self.interval, 1)) / max(plain, 1e-12)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """The interval and the medians (a loaded state starts each window from its median)."""
-        return {"interval": self.interval, "plain": self.plain, "call": self.call, "refresh": self.refresh}
+        """The intervals and the medians (a loaded state starts each window from its median)."""
+        return {"interval": self.interval, "plain": self.plain, "call": self.call, "refresh": self.refresh,
+                "score_interval": self.score_interval, "model_call": self.model_call}
 
     def check_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or set(state) != {"interval", "plain", "call", "refresh"}:
+        """Raise unless ``state`` is an intact budget state (one saved before the score interval
+        existed, without its two keys, is accepted)."""
+        base = {"interval", "plain", "call", "refresh"}
+        if not isinstance(state, dict) or set(state) not in (base, base | {"score_interval", "model_call"}):
             raise ConfigurationError("the budget state has the wrong keys", "load a state saved by this refiner")
-        if not isinstance(state["interval"], int) or state["interval"] < 1:
-            raise ConfigurationError(f"the budget state's interval is {state['interval']!r}", "load an intact checkpoint")
-        for k in ("plain", "call", "refresh"):
+        for k in ("interval", "score_interval"):
+            v = state.get(k, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigurationError(f"the budget state's {k} is {v!r}", "load an intact checkpoint")
+        for k in ("plain", "call", "refresh", "model_call"):
+            if k not in state:
+                continue
             v = state[k]
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
                 raise ConfigurationError(f"the budget state's {k!r} is {v!r}", "load an intact checkpoint")
@@ -143,8 +197,9 @@ class OverheadBudget:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state(state)
         self.interval = int(state["interval"])
+        self.score_interval = int(state.get("score_interval", self.min_score_interval))
         for window, value in ((self._plain, state["plain"]), (self._call, state["call"]),
-                              (self._refresh, state["refresh"])):
+                              (self._refresh, state["refresh"]), (self._model_call, state.get("model_call"))):
             window.clear()
             if value is not None:
                 window.append(float(value))

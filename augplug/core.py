@@ -114,7 +114,8 @@ class RefinerCore:
     val_batches: Any
 
     # ------------------------------------------------------------------ construction
-    def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool) -> None:
+    def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool,
+                   model_scores: bool = False) -> None:
         try:
             if isinstance(seed, bool):
                 raise TypeError
@@ -141,9 +142,13 @@ class RefinerCore:
         self._v_step = -1
         self._val_loss = float("nan")
         self._window = None        # (slots, next slot) of the validation window (Schedule.fresh_batches)
-        self.budget = (OverheadBudget(schedule.budget, min_interval=schedule.refresh_every)
+        #: whether calls alternate model score passes with closed-form ones (the shell decides)
+        self.model_scores = bool(model_scores)
+        self.budget = (OverheadBudget(schedule.budget, min_interval=schedule.refresh_every, model_scores=model_scores,
+                                      min_score_interval=schedule.model_scores_every)
                        if schedule.budget is not None else None)
         self._refresh_seconds: Optional[float] = None
+        self._timed_calls = [0, 0]   # calls seen by the budget: closed-form scores, model scores
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
@@ -219,6 +224,17 @@ class RefinerCore:
         """Updates between refreshes: the schedule's ``refresh_every``, or the budget's choice."""
         return self.budget.interval if self.budget is not None else self.refresh_every
 
+    @property
+    def model_score_interval(self) -> int:
+        """Calls between model score passes: ``Schedule.model_scores_every``, or the budget's choice."""
+        if self.budget is not None and self.model_scores:
+            return self.budget.score_interval
+        return self.schedule.model_scores_every
+
+    def model_scores_due(self) -> bool:
+        """Whether this call scores with the model (always, unless the calls alternate)."""
+        return not self.model_scores or self.calls % self.model_score_interval == 0
+
     def direction_is_due(self) -> bool:
         """Whether a call now recomputes the validation direction."""
         return self._v is None or self.step_count - self._v_step >= self.refresh_interval
@@ -252,6 +268,8 @@ class RefinerCore:
         """``refresh_interval`` (updates between refreshes) and, with a budget, ``overhead`` (the
         refiner's measured share of a plain iteration at that interval)."""
         out = {"refresh_interval": self.refresh_interval}
+        if self.model_scores:
+            out["model_scores_every"] = self.model_score_interval
         if self.budget is not None:
             out["overhead"] = self.budget.overhead()
         return out
@@ -261,16 +279,19 @@ class RefinerCore:
         self._refresh_seconds = None
         return self.budget.call_started() if self.budget is not None else None
 
-    def _budget_end(self, started: Optional[float]) -> None:
-        """At a successful call's end: record its own time. On a GPU the call's own time needs a
-        device sync; it is taken on refresh calls (synchronised anyway) and every 8th call."""
+    def _budget_end(self, started: Optional[float], model_scored: bool = False) -> None:
+        """At a successful call's end: record its own time (``model_scored``: the call scored with a
+        model pass). On a GPU the call's own time needs a device sync; it is taken on refresh calls
+        (synchronised anyway) and on every 8th call of each kind."""
         if started is None:
             return
+        kind = int(bool(model_scored) and self.model_scores)
+        self._timed_calls[kind] += 1
         if self._refresh_seconds is None and self._device().type == "cuda":
-            if self.calls % 8:
+            if (self._timed_calls[kind] - 1) % 8:
                 return
             self._sync()
-        self.budget.call_finished(started, self._refresh_seconds)
+        self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind))
 
     def _num_val_batches(self) -> Optional[int]:
         """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
@@ -305,13 +326,14 @@ class RefinerCore:
         """The budget's next refresh interval, from measurements averaged over the processes (inside
         the refresh, which every process reaches), so every process chooses the same one."""
         m = self.budget.measurements()
-        t, c = (m[0], m[1]) if m is not None else (0.0, 0.0)
-        stats = torch.tensor([t, c, float(self._refresh_seconds), float(m is not None)], dtype=torch.float64)
+        t, c, cm = (m[0], m[1], m[3] if self.budget.model_scores else 0.0) if m is not None else (0.0, 0.0, 0.0)
+        stats = torch.tensor([t, c, float(self._refresh_seconds), cm, float(m is not None)], dtype=torch.float64)
         world = dist_world_size()
         if world > 1:
             all_reduce_sum_([stats])
-        if float(stats[3]) == world:
-            self.budget.choose(tuple(float(v) / world for v in stats[:3]))
+        if float(stats[4]) == world:
+            mean = [float(v) / world for v in stats[:4]]
+            self.budget.choose(tuple(mean if self.budget.model_scores else mean[:3]))
 
     def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
         if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read

@@ -12,6 +12,7 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 import operator
+import warnings
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -21,7 +22,7 @@ from torch import nn
 from .core import RefinerCore, check_part_presence, num_val_batches, optimizer_problem, unwrap_optimizer
 from .distributed import world_size as dist_world_size
 from .checks import validate
-from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError, UnsupportedHeadError
 from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
@@ -285,14 +286,17 @@ class AugmentationRefiner(RefinerCore):
         self.weight_norm = weight_norm
         self.check_train_mode = check_train_mode
 
-        needs_features = mode == "last_layer" or isda not in (None, False) or getattr(self.policy, "needs_features", False)
+        alternate = self._alternates_scores(schedule, scores_rows, classifier)
+        needs_features = (mode == "last_layer" or alternate or isda not in (None, False)
+                          or getattr(self.policy, "needs_features", False))
         self.head_name, self.head = None, None
         if needs_features:
             self.head_name, self.head = find_classifier(self.net, classifier)
         self.isda = self._build_isda(isda)
         self._check_val_loader(val_loader)
         # the hooks come last, so that a rejected option leaves none behind
-        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores)
+        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores,
+                        model_scores=alternate)
         self.split_validation = self.strength is not None
         if self.strength is not None:
             self.strength.to(self._device())
@@ -311,6 +315,35 @@ class AugmentationRefiner(RefinerCore):
         except BaseException:
             self.remove_hooks()
             raise
+
+    def _alternates_scores(self, schedule: Schedule, scores_rows: bool, classifier) -> bool:
+        """Whether calls alternate model score passes with closed-form last-layer scores: asked for
+        by ``Schedule.model_scores_every > 1``, or chosen by a budget in a mode that runs the model
+        to score (where a linear head makes the closed form possible; without one the budget can
+        only space out refreshes, and says so once)."""
+        runs_model = self.mode != "last_layer" and self.policy.needs_scores
+        if schedule.model_scores_every > 1 and not (runs_model and scores_rows):
+            raise ConfigurationError(
+                f"Schedule(model_scores_every={schedule.model_scores_every}) alternates model score passes with "
+                f"closed-form ones, which needs a score mode that runs the model and a policy that scores rows "
+                f"(mode={self.mode!r}, method={self.policy.name!r})",
+                "drop model_scores_every, or use mode='full' with method='saflex' or 'l2rw'")
+        if not runs_model or not scores_rows or (schedule.model_scores_every == 1 and schedule.budget is None):
+            return False
+        try:
+            head_name, _ = find_classifier(self.net, classifier)
+        except UnsupportedHeadError as e:
+            if schedule.model_scores_every > 1:
+                raise
+            warnings.warn(f"budget={schedule.budget}: without a linear classifier head ({e.args[0]}) every call "
+                          f"scores with the model, and the budget only spaces out refreshes; pass classifier= "
+                          f"to let it alternate with closed-form last-layer scores", RuntimeWarning, stacklevel=3)
+            return False
+        if f"{head_name}.weight" not in self.score_params():
+            raise ConfigurationError(f"the classifier {head_name!r} is frozen, so the validation direction has no "
+                                     f"part for closed-form scores between model score passes",
+                                     "unfreeze the head, or use Schedule(model_scores_every=1) without a budget")
+        return True
 
     # ------------------------------------------------------------------ hooks and helpers
     def remove_hooks(self) -> None:
@@ -447,6 +480,7 @@ class AugmentationRefiner(RefinerCore):
             active = active and used_strength > 0
         ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
                             n_augmented=n_aug, sources=sources)
+        ctx.closed_form = not self.model_scores_due()
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
         # whole batch costs about what a pass over the augmented rows does (rows are independent
         # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
@@ -492,7 +526,7 @@ class AugmentationRefiner(RefinerCore):
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
                                      used_share, used_strength, ctx.score_pass)
-        self._budget_end(started)
+        self._budget_end(started, model_scored=ctx.scored and ctx.score_pass != "closed_form")
         return loss
 
     def _head_width(self) -> Optional[int]:

@@ -41,7 +41,13 @@ class Schedule:
             ``refresh_every``) to stay within it (:mod:`augplug.budget`); ``stats["refresh_interval"]``
             and ``stats["overhead"]`` report the choice and the measured share. The schedule then
             depends on measured time (not bit-reproducible). ``None`` (default): refresh every
-            ``refresh_every`` updates.
+            ``refresh_every`` updates. In the model-forward score modes it also spaces out the model's
+            score passes (``stats["model_scores_every"]``; see ``model_scores_every``).
+        model_scores_every: in the score modes that run the model (``mode="full"``,
+            ``"double_backward"``, ``"auto"``), score with the model on every k-th call and with the
+            closed-form last layer (the direction's classifier part, as ``mode="last_layer"`` scores)
+            on the calls between; needs a linear classifier head. 1 (default): the model scores
+            every call. With a budget, the least interval the budget may choose.
     """
 
     refresh_every: int = 4
@@ -51,6 +57,7 @@ class Schedule:
     bad_val_batch: str = "skip"
     fresh_batches: Union[None, int, str] = "auto"
     budget: Optional[float] = None
+    model_scores_every: int = 1
 
     def __post_init__(self):
         def integer(name, value, low):
@@ -61,6 +68,7 @@ class Schedule:
         if self.val_batches != "all":
             integer("val_batches", self.val_batches, 1)
         integer("warmup_steps", self.warmup_steps, 0)
+        integer("model_scores_every", self.model_scores_every, 1)
         if self.fresh_batches not in (None, "auto"):
             integer("fresh_batches", self.fresh_batches, 1)
             if self.val_batches != "all" and self.fresh_batches > self.val_batches:

@@ -392,12 +392,14 @@ def l2rw_lookahead_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
 def finite_difference_patch(calls: List[int]):
     """While active, full-model class scores (``augplug.scores.class_scores(mode="full")``, which
     the refiner looks up at each call) come from ``finite_difference_scores``; ``calls[0]`` counts
-    them. The refiner has no finite-difference mode yet: once it has one, give the "fd"
+    them, ``calls[1]`` every score computed through it (others pass through unchanged). The refiner has no
+    finite-difference mode with BatchNorm in eval mode: once it has one, give the "fd"
     configurations that mode instead of this patch."""
     original = augplug.scores.class_scores
 
     def fd_class_scores(model, inputs=None, v=None, *, mode="full", bn="eval", **kwargs):
-        if mode != "full":
+        calls[1] += 1
+        if mode != "full":  # e.g. the closed-form calls between model score passes under a budget
             return original(model, inputs, v, mode=mode, bn=bn, **kwargs)
         calls[0] += 1
         return finite_difference_scores(model, inputs, v, bn=bn)
@@ -412,13 +414,13 @@ def finite_difference_patch(calls: List[int]):
 def with_finite_differences(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with its full-model scores by finite differences; raises when no score went through
     the patch (the refiner stopped looking the scores up where the patch puts them)."""
-    calls = [0]
+    calls = [0, 0]
 
     def fd_step() -> None:
-        before = calls[0]
+        before = calls[1]
         with finite_difference_patch(calls):
             step()
-        if calls[0] == before:
+        if calls[1] == before:
             raise RuntimeError("the refiner computed no scores through augplug.scores.class_scores; "
                                "update benchmarks.overhead.finite_difference_patch")
 

@@ -20,6 +20,21 @@ class FakeClock:
         return self.now
 
 
+class _SlowLoader:
+    """A loader whose every batch advances the fake clock by ``seconds``."""
+
+    def __init__(self, base, clock, seconds):
+        self.base, self.clock, self.seconds = base, clock, seconds
+
+    def __len__(self):
+        return len(self.base)
+
+    def __iter__(self):
+        for batch in self.base:
+            self.clock.now += self.seconds
+            yield batch
+
+
 def _iterations(budget, clock, n, *, own=0.02, plain=0.98, refresh=None, gaps=()):
     """``n`` iterations against a fake clock: a call of ``own`` seconds (plus ``refresh`` seconds
     on the first call when given), then ``plain`` seconds of the user's step (plus ``gaps[i]`` after
@@ -86,16 +101,7 @@ def test_refiner_spaces_refreshes_by_measured_time():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
 
-    class Slow:   # 5 batches of 2 s: a refresh over the loader costs 10 s
-        def __len__(self):
-            return len(base)
-
-        def __iter__(self):
-            for batch in base:
-                clock.now += 2.0
-                yield batch
-
-    val = Slow()
+    val = _SlowLoader(base, clock, 2.0)   # 5 batches of 2 s: a refresh over the loader costs 10 s
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
@@ -123,3 +129,159 @@ def test_refiner_spaces_refreshes_by_measured_time():
                                         schedule=augplug.Schedule(refresh_every=1))
     with pytest.raises(ConfigurationError, match="budget"):
         plain.load_state_dict(state)
+
+
+def test_score_interval_from_the_equation():
+    """With model score passes (``model_scores=True``) the budget spaces out both kinds of work:
+    ``c + D / s + R / k <= b P`` with ``D = c_m - c``; the refresh interval first, then the least
+    score interval that fits."""
+    b = OverheadBudget(0.1, min_interval=1, model_scores=True, clock=FakeClock())
+    # P = 1 s, closed-form call c = 0.01 s, model-scored call c_m = 0.41 s (D = 0.4), refresh R = 0.2 s
+    k = b.choose((1.0, 0.01, 0.2, 0.41))
+    room = 0.1 - 0.01
+    assert k == math.ceil((0.4 + 0.2) / room) == 7
+    s = b.score_interval
+    assert s == math.ceil(0.4 / (room - 0.2 / 7)) == 7
+    cost = lambda s_, k_: 0.01 + 0.4 / s_ + 0.2 / k_  # noqa: E731
+    assert cost(s, k) <= 0.1 < cost(s - 1, k)
+    # a cheap refresh at the schedule's floor leaves room for more model passes than the refresh interval
+    b = OverheadBudget(0.1, min_interval=4, model_scores=True, clock=FakeClock())
+    assert b.choose((1.0, 0.01, 0.004, 0.2)) == 4 > math.ceil(0.194 / 0.09)
+    assert b.score_interval == math.ceil(0.19 / (0.09 - 0.004 / 4)) == 3
+    # model passes that cost nothing more than a closed-form call: every call; a call over budget: rare
+    assert (b.choose((1.0, 0.01, 0.004, 0.01)), b.score_interval) == (4, 1)
+    b = OverheadBudget(0.05, min_interval=2, max_interval=64, model_scores=True, min_score_interval=3)
+    b.choose((1.0, 0.2, 0.1, 0.5))
+    assert (b.interval, b.score_interval) == (64, 64)
+    assert b.choose((1.0, 0.0, 0.0, 0.001)) == 2 and b.score_interval == 3   # never below the schedule's
+
+
+def test_score_interval_measured_by_kind():
+    """Closed-form and model-scored calls are timed apart; until a closed-form call is measured
+    its cost counts as 0."""
+    clock = FakeClock()
+    b = OverheadBudget(0.5, model_scores=True, clock=clock)
+    start = b.call_started()
+    clock.now += 0.3 + 0.2                      # a model-scored call that also refreshed (0.2 s)
+    b.call_finished(start, 0.2, model_scored=True)
+    clock.now += 1.0
+    start = b.call_started()
+    assert b.measurements() == (pytest.approx(1.0), 0.0, pytest.approx(0.2), pytest.approx(0.3))
+    clock.now += 0.05
+    b.call_finished(start, None)                # a closed-form call
+    clock.now += 1.0
+    b.call_started()
+    assert b.measurements() == (pytest.approx(1.0), pytest.approx(0.05), pytest.approx(0.2), pytest.approx(0.3))
+    state = b.state_dict()
+    assert state["model_call"] == pytest.approx(0.3) and state["score_interval"] == 1
+    b.choose()
+    other = OverheadBudget(0.5, model_scores=True)
+    other.load_state_dict(b.state_dict())
+    assert other.score_interval == b.score_interval and other.model_call == pytest.approx(0.3)
+    # a state saved before the score interval existed still loads
+    old = {k: state[k] for k in ("interval", "plain", "call", "refresh")}
+    other.load_state_dict(old)
+    assert other.score_interval == 1 and other.model_call is None
+    with pytest.raises(ConfigurationError, match="score_interval"):
+        other.load_state_dict({**state, "score_interval": 0})
+
+
+class _Recording(augplug.SAflex):
+    """SAflex that keeps each call's class scores of the augmented rows and how they were computed."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = []
+
+    def observe(self, ctx, g):
+        super().observe(ctx, g)
+        self.seen.append((ctx.score_pass, g.detach().clone()))
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_model_scores_every_alternates_with_closed_form_scores():
+    """``Schedule(model_scores_every=3)`` in full-model mode: calls 0, 3, 6 score with forward-mode
+    AD through the model, the calls between with the closed form on the head's part of the same
+    direction; each matches its oracle."""
+    from augplug.scores import class_scores, last_layer_scores
+
+    m = _conv_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    val = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))), batch_size=16)
+    policy = _Recording(strength=1.0)
+    r = augplug.AugmentationRefiner(m, opt, val, method=policy, mode="full",
+                                    schedule=augplug.Schedule(model_scores_every=3))
+    passes = []
+    for step in range(7):
+        x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
+        logits = m(x)
+        feats = r._capture.features(10)
+        loss = r(logits, y, num_original=4)
+        v = r.validation_direction
+        kind, g = policy.seen[-1]
+        passes.append(kind)
+        if kind == "closed_form":
+            want = last_layer_scores(feats[4:], logits[4:].detach(), v["4.weight"], v["4.bias"])
+        else:
+            want = class_scores(m, x[4:], v, mode="full", bn="eval")
+        torch.testing.assert_close(g, want.float(), rtol=1e-4, atol=1e-7)
+        assert r.stats["model_scores_every"] == 3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert passes == ["forward_mode", "closed_form", "closed_form"] * 2 + ["forward_mode"]
+
+
+def test_model_scores_every_needs_a_mode_that_runs_the_model():
+    m = _conv_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    val = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))), batch_size=8)
+    with pytest.raises(ConfigurationError, match="model_scores_every"):
+        augplug.AugmentationRefiner(m, opt, val, schedule=augplug.Schedule(model_scores_every=2))
+    with pytest.raises(ConfigurationError, match="model_scores_every"):
+        augplug.Schedule(model_scores_every=0)
+    m[4].weight.requires_grad_(False)
+    with pytest.raises(ConfigurationError, match="frozen"):
+        augplug.AugmentationRefiner(m, opt, val, mode="full", schedule=augplug.Schedule(model_scores_every=2))
+
+
+def test_budget_spaces_out_model_score_passes(monkeypatch):
+    """Full-model mode under budget 0.5 with a fake clock: a plain step 1 s, a model score pass
+    2 s, a refresh 2 s, closed-form scores free: k = ceil((2 + 2) / 0.5) = 8 and
+    s = ceil(2 / (0.5 - 2 / 8)) = 8, so the refiner's share is exactly the budget."""
+    import augplug.scores as scores_module
+
+    clock = FakeClock()
+    real = scores_module.class_scores
+
+    def timed(*args, mode="full", **kw):
+        if mode != "last_layer":
+            clock.now += 2.0
+        return real(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(scores_module, "class_scores", timed)
+    m = _conv_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    base = DataLoader(TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))), batch_size=16)
+
+    policy = _Recording(strength=1.0)
+    r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), method=policy, mode="full",
+                                    schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
+    r.budget.clock = clock
+    for step in range(80):
+        clock.now += 1.0
+        loss = r(m(torch.randn(10, 1, 8, 8)), torch.randint(0, 3, (10,)), num_original=4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (r.stats["refresh_interval"], r.stats["model_scores_every"]) == (8, 8)
+    assert r.stats["overhead"] == pytest.approx(0.5)
+    late = [i for i, (kind, _) in enumerate(policy.seen) if kind != "closed_form" and i >= 40]
+    assert late and all(b - a == 8 for a, b in zip(late, late[1:]))
+    without = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), mode="full",
+                                          schedule=augplug.Schedule(refresh_every=1, fresh_batches=None))
+    assert "model_scores_every" not in without._schedule_stats()

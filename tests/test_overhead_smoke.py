@@ -89,8 +89,9 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [0.5, 2, 0.5, 2]
-    # fd-r4, 2 budgets, (warm-up 1 + 3 rounds x K 4) steps each, every one scoring the 64 rows
-    assert fd_rows == [64] * (2 * 13)
+    # fd-r4, 2 budgets, (warm-up 1 + 3 rounds x K 4) steps each; under a budget the model score
+    # passes may be spaced out (closed-form scores between), each scoring the 64 rows
+    assert fd_rows and set(fd_rows) == {64} and len(fd_rows) <= 2 * 13
     text = (tmp_path / "budgets.md").read_text(encoding="utf-8")
     steps = _table_rows(text, "model")
     assert [(r[1], r[3]) for r in steps] == [
@@ -103,11 +104,11 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
 def test_finite_difference_patch_routes_full_scores_only(tiny_cnn):
     x = torch.randn(4, 1, 8, 8, dtype=torch.double)
     v = {n: torch.randn_like(p) for n, p in tiny_cnn.named_parameters()}
-    calls = [0]
+    calls = [0, 0]
     with overhead.finite_difference_patch(calls):
         g = augplug.scores.class_scores(tiny_cnn, x, v, mode="full")
         db = augplug.scores.class_scores(tiny_cnn, x, v, mode="double_backward")
-    assert calls == [1]
+    assert calls == [1, 2]
     assert torch.equal(g, augplug.scores.finite_difference_scores(tiny_cnn, x, v))
     assert torch.allclose(db, augplug.scores.double_backward_scores(tiny_cnn, x, v))
     with pytest.raises(RuntimeError, match="finite_difference_patch"):

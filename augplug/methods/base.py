@@ -161,6 +161,10 @@ class RefineContext:
         #: score every row in one pass and slice (set by the refiner when the originals are scored
         #: too, in modes where a pass costs a model forward and rows are scored independently)
         self.score_all_rows = False
+        #: score with the closed-form last layer (the direction's classifier part) although the mode
+        #: runs the model: set by the refiner on the calls between model score passes
+        #: (``Schedule.model_scores_every``, or a budget's choice)
+        self.closed_form = False
         self._all_scores: Optional[torch.Tensor] = None
         self._generator: Optional[torch.Generator] = None
         #: how the scores of this call were computed (:data:`SCORE_PASSES`), None before any
@@ -226,7 +230,7 @@ class RefineContext:
 
     def check_score_inputs(self) -> None:
         """Raise now (before any validation pass) when the scoring inputs are missing."""
-        if self.scoring.mode == "last_layer":
+        if self.scoring.mode == "last_layer" or self.closed_form:
             self.features()
         else:
             self.inputs()
@@ -273,7 +277,7 @@ class RefineContext:
         v = self.direction() if v is None else v
         sc = self.scoring
         self.scored = True
-        if sc.mode == "last_layer":
+        if sc.mode == "last_layer" or self.closed_form:
             self.score_pass = "closed_form"
             return class_scores(sc.net, v=v, mode="last_layer", features=self.features()[rows],
                                 logits=self.logits[rows], head_name=sc.head_name).float()
