@@ -265,8 +265,9 @@ class RefinerCore:
             torch.cuda.synchronize(dev)
 
     def _schedule_stats(self) -> Dict[str, float]:
-        """``refresh_interval`` (updates between refreshes) and, with a budget, ``overhead`` (the
-        refiner's measured share of a plain iteration at that interval)."""
+        """``refresh_interval`` (updates between refreshes); ``model_scores_every`` (calls between
+        model score passes) where those are spaced out; with a budget ``overhead`` (the refiner's
+        measured share of a plain iteration at those intervals)."""
         out = {"refresh_interval": self.refresh_interval}
         if self.model_scores:
             out["model_scores_every"] = self.model_score_interval

@@ -467,7 +467,22 @@ class StepResult:
     ratio_of_medians: float = float("nan")
     state_mib: Optional[float] = None
     peak_mib: Optional[float] = None
+    chosen: Optional[str] = None  # with a budget: what it chose, from the refiner's stats
     error: Optional[str] = None
+
+
+def budget_choice(refiner: AugmentationRefiner) -> Optional[str]:
+    """What a refiner's budget chose, from its stats after the timing: refresh interval, the model
+    score passes' interval (model-scoring modes) and its own estimate of its share of a step."""
+    st = refiner.stats
+    if st.get("refresh_interval") is None:
+        return None
+    parts = [f"refresh every {st['refresh_interval']}"]
+    if st.get("model_scores_every") is not None:
+        parts.append(f"model scores every {st['model_scores_every']}")
+    if st.get("overhead") is not None and not math.isnan(st["overhead"]):
+        parts.append(f"estimate {st['overhead']:.2f}")
+    return ", ".join(parts)
 
 
 def _item_name(cfg: Config, val_size: int, budget) -> str:
@@ -523,6 +538,8 @@ def measure_steps(setup: Setup, args, device: torch.device, rng: random.Random) 
         res.ratio_of_medians = res.ms / plain_ms
         if item in refiners:
             res.state_mib = refiner_state_mib(refiners[item])
+            if res.budget is not None:
+                res.chosen = budget_choice(refiners[item])
         if device.type == "cuda":
             try:
                 res.peak_mib = peak_step_memory_mib(items[item], args.k, device)
@@ -633,7 +650,8 @@ def step_table(results: List[StepResult], cuda: bool, val_batch: int,
                budgets: bool = False) -> Tuple[List[str], List[List[str]]]:
     """The step table; ``budgets`` adds the budget column (only when ``--budgets`` was given)."""
     headers = ["model", "configuration", "validation images"] + (["budget"] if budgets else []) + [
-        "ms/step (median)", "ratio vs plain (paired median)", "IQR", "ratio of medians", "refiner state (MiB)"]
+        "ms/step (median)", "ratio vs plain (paired median)", "IQR", "ratio of medians", "refiner state (MiB)"] + (
+        ["the budget's choice (end of timing)"] if budgets else [])
     if cuda:
         headers += ["peak step memory (MiB)", "vs plain (MiB)"]
     plain_peak = {r.model: r.peak_mib for r in results if r.label == PLAIN}
@@ -642,14 +660,14 @@ def step_table(results: List[StepResult], cuda: bool, val_batch: int,
         val = str(r.val_size) if r.val_size is not None else (f"{val_batch} per step" if r.label == PEER else "—")
         head = [r.model, r.label, val] + (["—" if r.budget is None else str(r.budget)] if budgets else [])
         if r.error:
-            row = head + ["—", "failed", r.error, "—", "—"]
+            row = head + ["—", "failed", r.error, "—", "—"] + (["—"] if budgets else [])
             if cuda:
                 row += ["—", "—"]
             rows.append(row)
             continue
         iqr = "—" if r.label == PLAIN else f"{_fmt(r.q25)}–{_fmt(r.q75)}"
         row = head + [_fmt(r.ms, 2), _fmt(r.ratio), iqr, _fmt(r.ratio_of_medians),
-                      "—" if r.state_mib is None else _fmt(r.state_mib, 3)]
+                      "—" if r.state_mib is None else _fmt(r.state_mib, 3)] + ([r.chosen or "—"] if budgets else [])
         if cuda:
             base = plain_peak.get(r.model)
             extra = r.peak_mib - base if (r.peak_mib is not None and base is not None) else float("nan")

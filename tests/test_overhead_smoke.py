@@ -99,6 +99,9 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
         ("saflex full (finite differences), refresh 4", "2"), ("saflex last_layer, refresh 4", "0.5"),
         ("saflex last_layer, refresh 4", "2")]
     assert all(r.error is None for r in result["steps"]) and "budget= 0.5 / 2" in text
+    # the budget's choice column: refresh interval for every budgeted row, the score interval for full mode
+    assert [r[-1].startswith("refresh every ") for r in steps] == [False, True, True, True, True]
+    assert ["model scores every" in r[-1] for r in steps] == [False, True, True, False, False]
 
 
 def test_finite_difference_patch_routes_full_scores_only(tiny_cnn):
