@@ -436,13 +436,29 @@ def _budget_worker(out_dir: str) -> None:
         opt.step()
         intervals.append(refiner.stats["refresh_interval"])
         refreshed.append(refiner.stats["refreshed"])
-    torch.save({"intervals": intervals, "refreshed": refreshed}, os.path.join(out_dir, f"budget{r}.pt"))
+    # full-model mode: the budget also spaces out model score passes, the same on every process
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    full = AugmentationRefiner(model, opt, val, accelerator=acc, mode="full", method_options=dict(strength=1.0),
+                               schedule=dict(refresh_every=1, budget=0.05))
+    score_every, passes = [], []
+    for step in range(30):
+        loss = full(model(x[rows]), y[rows], num_original=N_ORIG)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        score_every.append(full.stats["model_scores_every"])
+        passes.append(full.stats["score_pass"])
+    torch.save({"intervals": intervals, "refreshed": refreshed, "score_every": score_every, "passes": passes},
+               os.path.join(out_dir, f"budget{r}.pt"))
 
 
 def test_budget_chooses_the_same_interval_on_every_process(tmp_path):
     """Each process measures its own times; they average them inside the refresh, so the refresh
-    schedule (and with it every collective) stays the same on all of them."""
+    schedule (and with it every collective) stays the same on all of them; in full-model mode the
+    model score passes' schedule too."""
     _launch("_budget_worker", str(tmp_path))
     a, b = (torch.load(tmp_path / f"budget{r}.pt", weights_only=True) for r in range(WORLD))
     assert a == b
     assert sum(a["refreshed"]) >= 2
+    assert "closed_form" in a["passes"] and set(a["passes"]) - {"closed_form"}   # both kinds of call ran

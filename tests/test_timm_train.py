@@ -133,10 +133,41 @@ def test_label_smoothing_without_mixup(tmp_path, recorder):
 
 
 def test_amp_bf16_on_cpu(tmp_path, recorder):
-    out = _run(tmp_path, "--refiner", "saflex", "--amp", "--device", "cpu")
+    # 32x32, not 16x16: at 16x16 test_resnet's layer4 gets a 1x1 map, and torch's CPU bf16 weight
+    # gradient of a 3x3 stride-2 convolution on a 1x1 map reads uninitialized memory (non-finite or
+    # wrong gradients, depending on what the allocator hands out: `test_cpu_bf16_conv_on_1x1_maps`)
+    out = _run(tmp_path, "--refiner", "saflex", "--amp", "--device", "cpu", "--img-size", "32")
     _check_summary(tmp_path, 1)
     assert all(c["logits_dtype"] == torch.bfloat16 for c in recorder.calls)
     assert torch.isfinite(out["refiner"].stats["weights"]).all()
+
+
+def test_cpu_bf16_conv_on_1x1_maps():
+    """Documents the torch behaviour the bf16 test above avoids: on a 1x1 map the CPU bf16 weight
+    gradient of a 3x3 stride-2 padded convolution differs from the fp32 gradient of the same
+    bf16-rounded operands by far more than bf16 rounding (or is not finite), while on a 2x2 map it
+    agrees. Skipped once torch computes it right, so the bf16 test may go back to 16x16."""
+    def worst_error(side):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(192, 96, 3, stride=2, padding=1, bias=False)
+        worst = 0.0
+        for _ in range(6):
+            junk = [torch.randn(1000 * (j + 1)) * 1e30 for j in range(50)]   # dirty the allocator's memory
+            del junk
+            x = torch.randn(16, 192, side, side)
+            conv.weight.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+            out.float().sum().backward()
+            w = conv.weight.detach().bfloat16().float().requires_grad_()
+            torch.nn.functional.conv2d(x.bfloat16().float(), w, stride=2, padding=1).sum().backward()
+            err = (conv.weight.grad.float() - w.grad).abs().max() / w.grad.abs().max()
+            worst = max(worst, float(err) if torch.isfinite(err) else float("inf"))
+        return worst
+
+    assert worst_error(2) < 0.01   # the comparison works where torch is right
+    if worst_error(1) < 0.01:
+        pytest.skip("torch's CPU bf16 convolution gradient is right on 1x1 maps in this version")
 
 
 def test_isda(tmp_path):
