@@ -9,8 +9,8 @@ budget ``b`` asks for ``c + R / k <= b * P``, so
 
     k = ceil(R / (b * P - c)),   clipped to [refresh_every of the schedule, max_interval].
 
-When ``c`` alone exceeds ``b * P`` ``k`` goes to ``max_interval`` and ``stats["overhead"]`` reports
-the measured share above the budget.
+When ``c`` alone exceeds ``b * P`` ``k`` goes to ``max_interval`` (``call_over_budget`` is set; the
+refiner warns once) and ``stats["overhead"]`` reports the measured share above the budget.
 
 In the model-forward score modes (``mode="full"`` and the others that run the model to score) a
 score pass costs about a forward, often more than the whole budget. There the budget also spaces out
@@ -69,6 +69,8 @@ class OverheadBudget:
         self.min_interval, self.max_interval = int(min_interval), int(max_interval)
         self.window, self.clock = window, clock
         self.interval = int(min_interval)
+        #: whether the last choice found the call alone above the budget (``c >= b * P``)
+        self.call_over_budget = False
         #: whether the budget also spaces out model score passes (``score_interval``)
         self.model_scores = bool(model_scores)
         self.min_score_interval = int(min_score_interval)
@@ -154,6 +156,7 @@ class OverheadBudget:
         plain, c, r = measured[:3]
         extra = max(measured[3] - c, 0.0) if self.model_scores else 0.0   # D
         room = self.fraction * plain - c
+        self.call_over_budget = room <= 0
         k = self.max_interval if room <= 0 else math.ceil((extra + r) / room)
         self.interval = self._clip(k, self.min_interval)
         if self.model_scores:

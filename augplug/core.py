@@ -149,6 +149,7 @@ class RefinerCore:
                        if schedule.budget is not None else None)
         self._refresh_seconds: Optional[float] = None
         self._timed_calls = [0, 0]   # calls seen by the budget: closed-form scores, model scores
+        self._warned_call_over_budget = False
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
@@ -335,6 +336,15 @@ class RefinerCore:
         if float(stats[4]) == world:
             mean = [float(v) / world for v in stats[:4]]
             self.budget.choose(tuple(mean if self.budget.model_scores else mean[:3]))
+            if self.budget.call_over_budget and not self._warned_call_over_budget:
+                self._warned_call_over_budget = True
+                warnings.warn(
+                    f"budget={self.budget.fraction}: the refiner's call alone takes {mean[1] / max(mean[0], 1e-12):.2f} "
+                    f"of a training step, more than the budget, so refreshes"
+                    f"{' and model score passes' if self.budget.model_scores else ''} are spaced to the maximum "
+                    f"interval ({self.budget.max_interval} updates) and the validation direction is rarely renewed; "
+                    f"raise the budget (stats['overhead'] is the measured share) or pass budget=None",
+                    RuntimeWarning, stacklevel=2)
 
     def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
         if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read

@@ -1,6 +1,7 @@
 """The overhead budget: the refresh interval it chooses from measured times (a fake clock), and the
 refiner wired to it."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -285,3 +286,35 @@ def test_budget_spaces_out_model_score_passes(monkeypatch):
     without = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), mode="full",
                                           schedule=augplug.Schedule(refresh_every=1, fresh_batches=None))
     assert "model_scores_every" not in without._schedule_stats()
+
+
+def test_a_call_over_budget_warns_once():
+    """A call that alone costs more than the budget (0.5 s of a 1 s step against budget 0.1): the
+    refreshes go to the maximum interval, and the refiner says so once, naming the measured share."""
+    clock = FakeClock()
+
+    class Slow(augplug.SAflex):
+        def observe(self, ctx, g):
+            clock.now += 0.5
+            super().observe(ctx, g)
+
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
+    r = augplug.AugmentationRefiner(m, opt, val, method=Slow(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=1, budget=0.1, fresh_batches=None))
+    r.budget.clock = clock
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(40):
+            clock.now += 1.0
+            loss = r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 20:   # the budget has measured the call by now; later refreshes are at the maximum
+                assert r.stats["refresh_interval"] == r.budget.max_interval
+    over = [w for w in caught if "more than the budget" in str(w.message)]
+    assert len(over) == 1 and issubclass(over[0].category, RuntimeWarning)
+    assert "takes 0.50 of a training step" in str(over[0].message)
+    assert r.budget.call_over_budget
