@@ -214,3 +214,18 @@ def test_example_share_steps_for_the_runs_length(tmp_path, monkeypatch):
     _accelerator()   # reset any state an earlier test left
     at.main(["--epochs", "1", "--max-steps", "3", "--no-progress", "--cpu", "--output", str(tmp_path)])
     assert len(made) == 1 and made[0].horizon == 3 and made[0].lr == pytest.approx(0.4 / 3 ** 0.5)
+
+
+def test_example_budget_reaches_the_schedule(tmp_path):
+    """--budget: the example's refiner runs under Schedule(budget=...) and logs its measured share;
+    without it the rows carry no share."""
+    import augplug.integrations.accelerate_train as at
+
+    _accelerator()   # reset any state an earlier test left
+    res = at.main(["--epochs", "1", "--max-steps", "12", "--budget", "0.5", "--no-progress", "--cpu",
+                   "--output", str(tmp_path / "a")])
+    row = res["history"][-1]
+    assert isinstance(row["overhead"], float) and row["overhead"] > 0 and row["refresh_interval"] >= 4
+    _accelerator()
+    res = at.main(["--epochs", "1", "--max-steps", "3", "--no-progress", "--cpu", "--output", str(tmp_path / "b")])
+    assert res["history"][-1]["overhead"] is None

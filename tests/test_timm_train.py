@@ -532,3 +532,16 @@ def test_saflex_share_steps_for_the_runs_length(tmp_path, monkeypatch):
     assert built[-1].share.horizon == 3 and built[-1].share.lr == pytest.approx(0.4 / 3 ** 0.5)
     _run(tmp_path / "fixed", "--refiner", "saflex", "--with-originals", "--method-options", "aug_weight=0.5")
     assert built[-1].share is None and float(built[-1].aug_weight) == 0.5
+
+
+def test_refiner_budget_reaches_the_schedule(tmp_path):
+    """--refiner-budget: the refiner gets Schedule(budget=...), and in full-model mode the budget
+    spaces out the model's score passes (stats name both intervals); a bad value is a clear error."""
+    out = _run(tmp_path / "a", "--refiner", "saflex", "--refiner-mode", "full", "--refiner-budget", "0.5")
+    refiner = out["refiner"]
+    assert refiner.schedule.budget == 0.5
+    assert {"refresh_interval", "model_scores_every", "overhead"} <= set(refiner.stats)
+    plain = _run(tmp_path / "b", "--refiner", "saflex")
+    assert plain["refiner"].schedule.budget is None and "overhead" not in plain["refiner"].stats
+    with pytest.raises(augplug.ConfigurationError, match="budget"):
+        _run(tmp_path / "c", "--refiner", "saflex", "--refiner-budget", "-1")

@@ -118,6 +118,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Accelerator(mixed_precision=...): bf16 on CPU or GPU, fp16 on GPU (default: no)")
     p.add_argument("--refresh-every", type=int, default=4,
                    help="optimizer updates between refreshes of the refiner's validation direction (default: 4)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="the refiner's allowed share of a plain step (e.g. 0.1): Schedule(budget=...), refreshes "
+                        "spaced by measured time, the same on every process (default: none, a fixed schedule)")
     p.add_argument("--noise", type=float, default=0.3, help="share of augmented views with a broken label")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, views and model (default: 0)")
     p.add_argument("--output", default="accelerate_out", help="folder for results.json (default: accelerate_out)")
@@ -172,7 +175,9 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
         horizon = min(total, args.max_steps) if args.max_steps else total
         options["method_options"] = {"aug_weight": AdaptiveShare(horizon=horizon)}
     refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, isda=True if args.isda else None,
-                                  seed=args.seed, accelerator=acc, **options, schedule=dict(refresh_every=args.refresh_every))
+                                  seed=args.seed, accelerator=acc, **options,
+                                  schedule=dict(refresh_every=args.refresh_every,
+                                                **({} if args.budget is None else {"budget": args.budget})))
     if args.resume:
         acc.load_state(args.resume)
     if log_with:
@@ -207,7 +212,7 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
         row = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "test_acc": acc_test, "updates": refiner.step_count,
                **{k: st.get(k) for k in ("weight_std", "weight_ess", "moved_weight", "moved_class_weight",
                                          "relabel_rate", "agreement_mean", "aug_weight", "strength", "val_loss",
-                                         "refresh_interval")}}
+                                         "refresh_interval", "overhead")}}
         history.append(row)
         acc.print(json.dumps(row))
         acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch)

@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-every", type=int, default=4)
     g.add_argument("--val-batches", default="all", help="validation batches per refresh ('all' or an int)")
     g.add_argument("--refiner-warmup", type=int, default=0, help="optimizer updates before refinement starts")
+    g.add_argument("--refiner-budget", type=float, default=None,
+                   help="the refiner's allowed share of a plain training step (e.g. 0.1): it times its own work and "
+                        "spaces out refreshes (and, with --refiner-mode full, the model's score passes) to stay "
+                        "within it; the schedule then depends on measured time (default: none, a fixed schedule)")
     g.add_argument("--refiner-kwargs", nargs="*", default={}, action=_KeyValue,
                    help="more AugmentationRefiner options, e.g. beta=2 weighting=hard")
     g.add_argument("--method-options", nargs="*", default={}, action=_KeyValue,
@@ -581,7 +585,9 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
                                                     if args.refiner in ("saflex", "l2rw") else {}),
                                                  **args.refiner_kwargs, **method_options},
                                                 refresh_every=args.refresh_every, val_batches=val_batches,
-                                                warmup_steps=args.refiner_warmup))
+                                                warmup_steps=args.refiner_warmup,
+                                                **({} if args.refiner_budget is None
+                                                   else {"budget": args.refiner_budget})))
 
 
 class ToModelInput:
