@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
+import sys
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -36,6 +38,21 @@ from .schedule import BAD_VAL_BATCH, Schedule
 from .scores import GradSum
 from .steps import StepCounter
 from .validation import CachedValidationStream, ValidationStream
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn_at_caller(message: str) -> None:
+    """A ``RuntimeWarning`` attributed to the first frame outside augplug's core modules (the user's
+    call), however deep in the refiner the condition was found. Integration scripts, which are in
+    the package's ``integrations`` folder, count as callers."""
+    level, frame = 2, sys._getframe(1)   # stacklevel 2 is the frame that called this function
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR + os.sep) or os.sep + "integrations" + os.sep in path:
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 __all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
 
@@ -338,13 +355,12 @@ class RefinerCore:
             self.budget.choose(tuple(mean if self.budget.model_scores else mean[:3]))
             if self.budget.call_over_budget and not self._warned_call_over_budget:
                 self._warned_call_over_budget = True
-                warnings.warn(
+                _warn_at_caller(
                     f"budget={self.budget.fraction}: the refiner's call alone takes {mean[1] / max(mean[0], 1e-12):.2f} "
                     f"of a training step, more than the budget, so refreshes"
                     f"{' and model score passes' if self.budget.model_scores else ''} are spaced to the maximum "
                     f"interval ({self.budget.max_interval} updates) and the validation direction is rarely renewed; "
-                    f"raise the budget (stats['overhead'] is the measured share) or pass budget=None",
-                    RuntimeWarning, stacklevel=2)
+                    f"raise the budget (stats['overhead'] is the measured share) or pass budget=None")
 
     def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
         if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
@@ -435,8 +451,8 @@ class RefinerCore:
                                  "the model overflows on clean data: lower the learning rate, or check the "
                                  "model's weights for NaN/inf")
         if skipped:
-            warnings.warn(f"augplug skipped {skipped} validation batch(es) holding NaN/inf "
-                          "(counted in stats['skipped_val_batches'])", RuntimeWarning, stacklevel=5)
+            _warn_at_caller(f"augplug skipped {skipped} validation batch(es) holding NaN/inf "
+                            "(counted in stats['skipped_val_batches'])")
         return dataclasses.replace(total, skipped=skipped)
 
     # ------------------------------------------------------------------ the validation window

@@ -316,5 +316,6 @@ def test_a_call_over_budget_warns_once():
                 assert r.stats["refresh_interval"] == r.budget.max_interval
     over = [w for w in caught if "more than the budget" in str(w.message)]
     assert len(over) == 1 and issubclass(over[0].category, RuntimeWarning)
+    assert over[0].filename == __file__   # attributed to the user's call, not to augplug's insides
     assert "takes 0.50 of a training step" in str(over[0].message)
     assert r.budget.call_over_budget

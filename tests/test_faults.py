@@ -6,11 +6,14 @@ bad call (``fault_harness.assert_rejected``). The catalogue is in docs/reliabili
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import augplug
 from augplug import AugmentationRefiner
 from augplug.errors import (ClassCountMismatchError, ConfigurationError, EmptyValidationError, ModelModeError,
                             NonFiniteError, ShapeError, TargetError)
@@ -177,9 +180,12 @@ def _skip_equals_dropped(kind, **options):
     opts.update(options)
     a = make_rig(kind, val=clean, **opts)
     b = make_rig(kind, val=dirty, **opts)
-    with pytest.warns(RuntimeWarning, match="skipped"):
+    with pytest.warns(RuntimeWarning, match="skipped") as caught:
         for i in range(6):
             assert a.step(i) == b.step(i)
+    package = os.path.dirname(os.path.abspath(augplug.__file__))
+    skips = [w for w in caught if "skipped" in str(w.message)]
+    assert skips and not any(os.path.abspath(w.filename).startswith(package + os.sep) for w in skips)  # the caller's line
     sa, sb = a.snapshot(), b.snapshot()
     assert sb["refiner"]["skipped_val_batches"] > 0 and sa["refiner"]["skipped_val_batches"] == 0
     for s in (sa, sb):
