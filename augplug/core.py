@@ -39,6 +39,17 @@ from .scores import GradSum
 from .steps import StepCounter
 from .validation import CachedValidationStream, ValidationStream
 
+__all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
+
+#: Version of the refiners' ``state_dict`` layout (version 1 states load too: they lack only the
+#: count of skipped validation batches, which restarts at 0).
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+_CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
+_CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -53,17 +64,6 @@ def _warn_at_caller(message: str) -> None:
             break
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-__all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
-
-#: Version of the refiners' ``state_dict`` layout (version 1 states load too: they lack only the
-#: count of skipped validation batches, which restarts at 0).
-STATE_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-
-
-_CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
-_CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
 
 
 def check_part_presence(state: Dict[str, Any], key: str, expected: bool, what: str) -> None:
@@ -345,14 +345,14 @@ class RefinerCore:
         """The budget's next refresh interval, from measurements averaged over the processes (inside
         the refresh, which every process reaches), so every process chooses the same one."""
         m = self.budget.measurements()
-        t, c, cm = (m[0], m[1], m[3] if self.budget.model_scores else 0.0) if m is not None else (0.0, 0.0, 0.0)
+        t, c, cm = (m[0], m[1], m[3] if len(m) > 3 else 0.0) if m is not None else (0.0, 0.0, 0.0)
         stats = torch.tensor([t, c, float(self._refresh_seconds), cm, float(m is not None)], dtype=torch.float64)
         world = dist_world_size()
         if world > 1:
             all_reduce_sum_([stats])
         if float(stats[4]) == world:
             mean = [float(v) / world for v in stats[:4]]
-            self.budget.choose(tuple(mean if self.budget.model_scores else mean[:3]))
+            self.budget.choose(tuple(mean))   # (P, c, R, c_m); c_m is read only where model scores are spaced
             if self.budget.call_over_budget and not self._warned_call_over_budget:
                 self._warned_call_over_budget = True
                 _warn_at_caller(

@@ -12,14 +12,14 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 import operator
-import warnings
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .core import RefinerCore, check_part_presence, num_val_batches, optimizer_problem, unwrap_optimizer
+from .core import (RefinerCore, _warn_at_caller, check_part_presence, num_val_batches, optimizer_problem,
+                   unwrap_optimizer)
 from .distributed import world_size as dist_world_size
 from .checks import validate
 from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError, UnsupportedHeadError
@@ -333,11 +333,14 @@ class AugmentationRefiner(RefinerCore):
         try:
             head_name, _ = find_classifier(self.net, classifier)
         except UnsupportedHeadError as e:
-            if schedule.model_scores_every > 1:
-                raise
-            warnings.warn(f"budget={schedule.budget}: without a linear classifier head ({e.args[0]}) every call "
-                          f"scores with the model, and the budget only spaces out refreshes; pass classifier= "
-                          f"to let it alternate with closed-form last-layer scores", RuntimeWarning, stacklevel=3)
+            if schedule.model_scores_every > 1:   # the generic fix ("use mode='full'") does not apply here
+                raise UnsupportedHeadError(
+                    f"Schedule(model_scores_every={schedule.model_scores_every}) scores the calls between model "
+                    f"passes with the linear head, but {e.problem}",
+                    "pass classifier= naming the model's nn.Linear head, or drop model_scores_every") from e
+            _warn_at_caller(f"budget={schedule.budget}: without a linear classifier head ({e.problem}) every call "
+                            f"scores with the model, and the budget only spaces out refreshes; pass classifier= "
+                            f"to let it alternate with closed-form last-layer scores")
             return False
         if f"{head_name}.weight" not in self.score_params():
             raise ConfigurationError(f"the classifier {head_name!r} is frozen, so the validation direction has no "

@@ -250,6 +250,25 @@ def test_model_scores_every_needs_a_mode_that_runs_the_model():
         augplug.AugmentationRefiner(m, opt, val, mode="full", schedule=augplug.Schedule(model_scores_every=2))
 
 
+def test_no_linear_head_budget_warns_and_model_scores_every_is_rejected():
+    """Without a linear head there is no closed form between model passes: a budget in full-model
+    mode warns (at the user's line) and spaces out refreshes only; model_scores_every > 1 is an
+    error that names the fix."""
+    from augplug.errors import UnsupportedHeadError
+
+    m = nn.Sequential(nn.Conv2d(1, 3, 8), nn.Flatten())   # the last module is not an nn.Linear
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    val = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))), batch_size=8)
+    with pytest.warns(RuntimeWarning, match="only spaces out refreshes") as caught:
+        r = augplug.AugmentationRefiner(m, opt, val, mode="full", schedule=augplug.Schedule(budget=0.5))
+    assert [w.filename for w in caught if "spaces out" in str(w.message)] == [__file__]
+    assert not r.model_scores and "model_scores_every" not in r._schedule_stats()
+    r.remove_hooks()
+    with pytest.raises(UnsupportedHeadError, match="model_scores_every=2") as err:
+        augplug.AugmentationRefiner(m, opt, val, mode="full", schedule=augplug.Schedule(model_scores_every=2))
+    assert "classifier=" in err.value.fix
+
+
 def test_budget_spaces_out_model_score_passes(monkeypatch):
     """Full-model mode under budget 0.5 with a fake clock: a plain step 1 s, a model score pass
     2 s, a refresh 2 s, closed-form scores free: k = ceil((2 + 2) / 0.5) = 8 and
