@@ -3,7 +3,8 @@ validation refreshes so that its share of the step stays within the budget.
 
 Measured (running medians of the last ``window`` measurements): ``P`` the plain part of an iteration
 (the time from one refiner call's start to the next, minus the first call's own time), ``c`` the
-refiner's own time in a call without a refresh, and ``R`` the time of a refresh (validation reads and
+refiner's own time in a call without a refresh (a call starts after its input check, the one point
+where, on a GPU, it waits for the training forward: that wait is the step's time, not the refiner's), and ``R`` the time of a refresh (validation reads and
 gradients). With refreshes every ``k`` updates the refiner costs ``c + R / k`` per iteration; the
 budget ``b`` asks for ``c + R / k <= b * P``, so
 
@@ -115,10 +116,13 @@ class OverheadBudget:
         self._last_start, self._last_own = now, None
         return now
 
-    def call_finished(self, started: float, refresh_seconds: Optional[float], model_scored: bool = False) -> None:
+    def call_finished(self, started: float, refresh_seconds: Optional[float], model_scored: bool = False,
+                      own: Optional[float] = None) -> None:
         """Record the call's own time, and the refresh's when it refreshed. ``model_scored``: the call
-        scored with a model pass (recorded apart from the closed-form calls when ``model_scores``)."""
-        own = self.clock() - started
+        scored with a model pass (recorded apart from the closed-form calls when ``model_scores``).
+        ``own``: the call's own time when measured otherwise (on a GPU, by device events); default
+        the clock's time since ``started``."""
+        own = self.clock() - started if own is None else float(own)
         self._last_own = own
         if self.model_scores and model_scored:
             self._model_call.append(max(own - (refresh_seconds or 0.0), 0.0))

@@ -23,6 +23,7 @@ import operator
 import os
 import sys
 import warnings
+from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -165,6 +166,10 @@ class RefinerCore:
                                       min_score_interval=schedule.model_scores_every)
                        if schedule.budget is not None else None)
         self._refresh_seconds: Optional[float] = None
+        self._call_events = None     # the budget's [start, end] timing events of the current call (GPU)
+        #: makes the budget's device timing events: "auto" (CUDA events on a CUDA device, else None:
+        #: time on the host) or a callable
+        self._event_factory: Any = "auto"
         self._timed_calls = [0, 0]   # calls seen by the budget: closed-form scores, model scores
         self._warned_call_over_budget = False
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
@@ -294,23 +299,49 @@ class RefinerCore:
         return out
 
     def _budget_begin(self) -> Optional[float]:
-        """At a call's start: the time (None without a budget)."""
+        """At a call's start: the time (None without a budget). On a GPU also a timing event on the
+        current stream, which the device reaches when the training forward queued before it is done."""
         self._refresh_seconds = None
-        return self.budget.call_started() if self.budget is not None else None
+        self._call_events = None
+        if self.budget is None:
+            return None
+        if self._event_factory == "auto":
+            self._event_factory = (partial(torch.cuda.Event, enable_timing=True)
+                                   if self._device().type == "cuda" else None)
+        if self._event_factory is not None:
+            self._call_events = [self._event_factory(), None]
+            self._call_events[0].record()
+        return self.budget.call_started()
+
+    def _budget_mark(self) -> None:
+        """The end of the call's device work, marked just before a device sync the call makes anyway."""
+        if self._call_events is not None:
+            self._call_events[1] = self._event_factory()
+            self._call_events[1].record()
 
     def _budget_end(self, started: Optional[float], model_scored: bool = False) -> None:
         """At a successful call's end: record its own time (``model_scored``: the call scored with a
-        model pass). On a GPU the call's own time needs a device sync; it is taken on refresh calls
-        (synchronised anyway) and on every 8th call of each kind."""
+        model pass).
+
+        On a GPU the call's own time is its device time from the start event to the end mark: what
+        the call adds to the device's timeline, its kernels and the idle gaps while they are
+        launched, without the training forward it may wait for. It is read after a sync the call
+        made anyway (a marked call); otherwise the end is marked and waited for on refresh calls and
+        on every 8th call of each kind only."""
         if started is None:
             return
         kind = int(bool(model_scored) and self.model_scores)
         self._timed_calls[kind] += 1
-        if self._refresh_seconds is None and self._device().type == "cuda":
-            if (self._timed_calls[kind] - 1) % 8:
-                return
-            self._sync()
-        self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind))
+        own = None
+        if self._call_events is not None:
+            if self._call_events[1] is None:
+                if self._refresh_seconds is None and (self._timed_calls[kind] - 1) % 8:
+                    return
+                self._budget_mark()
+            first, last = self._call_events
+            last.synchronize()
+            own = first.elapsed_time(last) / 1000.0
+        self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind), own=own)
 
     def _num_val_batches(self) -> Optional[int]:
         """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
@@ -505,11 +536,14 @@ class RefinerCore:
 
     def _snapshot(self) -> Tuple[Any, ...]:
         """What a failing call must put back: the private RNG and the stream's position."""
-        return self._rng.state.clone(), self._stream.state_dict() if self._stream is not None else None
+        stream = self._stream
+        return (self._rng.state.clone(), stream.state_dict() if stream is not None else None,
+                stream.reads if stream is not None else 0)
 
     def _restore(self, snap: Tuple[Any, ...]) -> None:
         self._rng.state = snap[0]
-        if self._stream is not None and snap[1] is not None:
+        # a stream that was not read is left alone: restoring re-opens the loader's pass
+        if self._stream is not None and snap[1] is not None and self._stream.reads != snap[2]:
             self._stream.load_state_dict(snap[1])
 
     # ------------------------------------------------------------------ resumable state

@@ -1,7 +1,7 @@
 """Finiteness of nested tensor structures (a leaf module: imports nothing from the package)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -22,6 +22,11 @@ def tensor_leaves(x) -> Iterable[torch.Tensor]:
 
 def nonfinite(*values) -> bool:
     """Whether any floating-point tensor in ``values`` (tensors, or tuples/lists/dicts of them) holds
-    NaN or inf. Reads one value per tensor back to the host."""
-    return any(t.is_floating_point() and not bool(torch.isfinite(t).all())
-               for v in values for t in tensor_leaves(v))
+    NaN or inf. The per-tensor answers are gathered on each tensor's device and read back once per
+    device (on a GPU: one sync, however many tensors)."""
+    flags: Dict[torch.device, List[torch.Tensor]] = {}
+    for v in values:
+        for t in tensor_leaves(v):
+            if t.is_floating_point():
+                flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return any(not bool(torch.stack(f).all()) for f in flags.values())

@@ -468,12 +468,17 @@ class AugmentationRefiner(RefinerCore):
             features = self._capture.features(batch)
         if inputs is None:
             inputs = self._capture.inputs(batch)
-        if bool(value_problems(logits, targets, (features, inputs))):  # the one device sync of the input checks
-            check_logits(logits)
-            to_soft_targets(targets, num_classes, batch_size=batch)  # raise the error naming the problem
-            raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
-                                 "(the logits are finite)",
-                                 "check the batch's inputs and the features= / inputs= passed; skip the batch")
+        # The values are checked with one device sync. Between refreshes it comes at the end of the
+        # call, just before anything is committed, so that on a GPU the call's work is queued behind
+        # the training forward instead of waiting for it. Labels and soft targets are used unchecked
+        # until then: out-of-range labels are clamped where they index (no device assert), NaN only
+        # makes numbers that are thrown away. The values are checked first when the call refreshes
+        # (it reads the user's validation loader, and syncs anyway), when ``index=`` / ``sources=``
+        # index the policy's tables, and with ISDA (its statistics update within the call).
+        problems = value_problems(logits, targets, (features, inputs))
+        deferred = index is None and sources is None and self.isda is None and not self.direction_is_due()
+        if not deferred:
+            self._reject_bad_values(problems, logits, targets, num_classes, batch)
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
         aug, rows, n_aug = augmented_rows(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
@@ -504,11 +509,17 @@ class AugmentationRefiner(RefinerCore):
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
             share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug)
+            if deferred:
+                self._budget_mark()
+                deferred = False   # checked from here on, whatever the check says
+                self._reject_bad_values(problems, logits, targets, num_classes, batch)
         except BaseException:
             self.policy.rollback()
             self._restore(snapshot[0])
             if self.isda is not None:
                 self.isda.restore_snapshot(snapshot[1])
+            if deferred:  # something failed before the check: a bad batch is reported as such
+                self._reject_bad_values(problems, logits, targets, num_classes, batch)
             raise
 
         coef = (self.aug_weight * weights if n_aug == batch else
@@ -531,6 +542,17 @@ class AugmentationRefiner(RefinerCore):
                                      used_share, used_strength, ctx.score_pass)
         self._budget_end(started, model_scored=ctx.scored and ctx.score_pass != "closed_form")
         return loss
+
+    def _reject_bad_values(self, problems: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                           num_classes: int, batch: int) -> None:
+        """Read the batch's value check (:func:`~augplug.targets.value_problems`; the call's one
+        device sync) and raise the error naming the problem when it failed."""
+        if bool(problems):
+            check_logits(logits)
+            to_soft_targets(targets, num_classes, batch_size=batch)
+            raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
+                                 "(the logits are finite)",
+                                 "check the batch's inputs and the features= / inputs= passed; skip the batch")
 
     def _head_width(self) -> Optional[int]:
         """The number of inputs of the classifier head (None when there is no 2-D weight to read it from)."""

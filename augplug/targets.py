@@ -109,8 +109,9 @@ def to_soft_targets(
     Accepts class indices of shape ``(B,)`` (any integer dtype) or probabilities of shape
     ``(B, C)`` (one-hot, label smoothing, Mixup/CutMix). Raises :class:`TargetError` (or a subclass)
     naming the problem otherwise. ``check_values=False`` skips the checks of the values (labels in
-    range, finite probabilities), for callers that checked them already with :func:`value_problems`;
-    on CUDA an out-of-range label then fails inside ``one_hot`` with a device assert.
+    range, finite probabilities), for callers that check them with :func:`value_problems` before
+    using the result: out-of-range labels are then clamped into range (no out-of-bounds index, no
+    device assert on CUDA), and NaN passes through.
     """
     check_target_structure(targets, num_classes, batch_size=batch_size, what=what)
     if targets.dim() == 1:
@@ -124,8 +125,10 @@ def to_soft_targets(
                     "check the label encoding and the classifier's number of outputs; "
                     "ignore_index-style labels (e.g. -100) are not supported: drop those samples")
         # zeros + scatter rather than F.one_hot, which on the CPU checks the labels' range again
-        # with two reductions and two host reads
-        index = targets.long().unsqueeze(1)
+        # with two reductions and two host reads; unchecked labels are clamped into range, so a bad
+        # one cannot index out of bounds (a device assert on CUDA) before the caller's check reads it
+        index = targets.long() if check_values else targets.long().clamp(0, num_classes - 1)
+        index = index.unsqueeze(1)
         return torch.zeros(targets.shape[0], num_classes, dtype=dtype, device=targets.device).scatter_(1, index, 1.0)
     t = targets.detach().to(dtype)
     if check_values:

@@ -93,6 +93,9 @@ class ValidationStream:
         self.pass_rng_state: Optional[torch.Tensor] = None  # private RNG state when this pass began
         self.pass_generator_states: Optional[List[torch.Tensor]] = None  # the loader's generators then
         self.consumed = 0  # batches taken in this pass
+        #: reads asked of the stream, failed ones included (a caller that rolls back after a
+        #: failure restores the position only when this moved)
+        self.reads = 0
 
     def _start_pass(self) -> None:
         self.pass_rng_state = self.rng.state.clone()
@@ -102,6 +105,7 @@ class ValidationStream:
             self._it = iter(self.loader)
 
     def next(self) -> Tuple[Any, torch.Tensor]:
+        self.reads += 1
         if self._it is None:
             self._start_pass()
         for attempt in range(2):
@@ -219,6 +223,7 @@ class CachedValidationStream(ValidationStream):
         self._pos %= len(batches)
 
     def next(self) -> Tuple[Any, torch.Tensor]:
+        self.reads += 1
         if self._batches is None:
             self._fill()
         batch = self._batches[self._pos]
@@ -227,6 +232,7 @@ class CachedValidationStream(ValidationStream):
 
     def pass_length(self) -> int:
         """Batches per pass (reads the loader if it was not read yet)."""
+        self.reads += 1
         if self._batches is None:
             self._fill()
         return len(self._batches)

@@ -152,7 +152,8 @@ def resolve_strength(strength):
 def apply_strength(weights: torch.Tensor, soft: torch.Tensor, upstream: torch.Tensor, augmented: torch.Tensor, gamma):
     """``w_eff = 1 + gamma (w - 1)`` and ``y_eff = y~ + gamma (y' - y~)`` on the ``augmented`` rows
     (before the weights are normalized); other rows unchanged."""
-    gamma = torch.as_tensor(gamma, dtype=torch.float32, device=weights.device)
+    # a Python number stays one (a tensor made from it would be a host-to-device copy on a GPU)
+    gamma = gamma.to(torch.float32) if torch.is_tensor(gamma) else float(gamma)
     weights = torch.where(augmented, 1 + gamma * (weights - 1), weights)
     soft = torch.where(augmented[:, None], upstream + gamma * (soft - upstream), soft)
     return weights, soft

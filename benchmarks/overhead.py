@@ -67,10 +67,13 @@ from augplug.functional import class_scores, last_layer_scores
 from augplug.models import SmallCNN
 from augplug.scores import finite_difference_scores
 
-from .common import amp_autocast, backward_and_step, parse_value, results_dir, set_threads, write_markdown_table
+from .common import (amp_autocast, backward_and_step, parse_value, read_markdown_table, results_dir, set_threads,
+                     write_markdown_table)
 
 NUM_CLASSES = 10
 PLAIN = "plain"
+#: the step table's column of paired median ratios
+RATIO_HEADER = "ratio vs plain (paired median)"
 
 
 @dataclass(frozen=True)
@@ -650,7 +653,7 @@ def step_table(results: List[StepResult], cuda: bool, val_batch: int,
                budgets: bool = False) -> Tuple[List[str], List[List[str]]]:
     """The step table; ``budgets`` adds the budget column (only when ``--budgets`` was given)."""
     headers = ["model", "configuration", "validation images"] + (["budget"] if budgets else []) + [
-        "ms/step (median)", "ratio vs plain (paired median)", "IQR", "ratio of medians", "refiner state (MiB)"] + (
+        "ms/step (median)", RATIO_HEADER, "IQR", "ratio of medians", "refiner state (MiB)"] + (
         ["the budget's choice (end of timing)"] if budgets else [])
     if cuda:
         headers += ["peak step memory (MiB)", "vs plain (MiB)"]
@@ -700,7 +703,7 @@ def save_grouped_plot(path: Path, results: List[StepResult]) -> Path:
     series = list(dict.fromkeys((r.val_size, r.budget) for r in results if r.val_size is not None))
     colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, max(len(series), 1)))
     width = 0.8 / max(len(series), 1)
-    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.1 * len(keys) + 2), 3.2 * len(models)),
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.1 * len(keys) + 2) + 2.2, 3.2 * len(models)),
                              squeeze=False)
     try:
         for ax, model in zip(axes[:, 0], models):
@@ -719,13 +722,33 @@ def save_grouped_plot(path: Path, results: List[StepResult]) -> Path:
             ax.set_ylabel("step time / plain step")
             ax.set_title(f"{model}: refined step vs plain step (paired median ratio)")
             ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not on them
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
     return path
+
+
+def results_from_table(text: str) -> List[StepResult]:
+    """The refined rows of a written step table (model, configuration, validation size, budget and
+    paired median ratio), for :func:`save_grouped_plot`."""
+    headers, rows = read_markdown_table(text, lambda h: "configuration" in h and RATIO_HEADER in h, "step table")
+    col = {h: i for i, h in enumerate(headers)}
+    keys = {c.label: c.key for c in CONFIGS + FIXED_SHARE_CONFIGS}
+    keys[PEER] = PEER_KEY
+    out = []
+    for row in rows:
+        label = row[col["configuration"]]
+        if label == PLAIN or label not in keys or not row[col[RATIO_HEADER]].replace(".", "", 1).isdigit():
+            continue
+        val = row[col["validation images"]] if "validation images" in col else "—"
+        budget = row[col["budget"]] if "budget" in col else "—"
+        out.append(StepResult(row[col["model"]], label, keys[label], label,
+                              None if label == PEER or not val.isdigit() else int(val),
+                              None if budget == "—" else parse_value(budget), ratio=float(row[col[RATIO_HEADER]])))
+    return out
 
 
 def device_description(device: torch.device) -> str:
@@ -850,6 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke test: rounds=3, K=4, warm-up 1 (unless given)")
     p.add_argument("--out", default="overhead", help="file stem of the outputs (default: overhead)")
     p.add_argument("--results-dir", default=None, help="output folder (default: benchmarks/results/overhead)")
+    p.add_argument("--replot", metavar="STEM", default=None,
+                   help="redraw <results-dir>/STEM.png from the table in STEM.md (times nothing)")
     return p
 
 
@@ -899,6 +924,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.replot:
+        out_dir = Path(args.results_dir) if args.results_dir else results_dir("overhead")
+        results = results_from_table((out_dir / f"{args.replot}.md").read_text(encoding="utf-8"))
+        png = save_grouped_plot(out_dir / f"{args.replot}.png", results)
+        print(f"[overhead] redrew {png} from {len(results)} rows", file=sys.stderr)
+        return {"plot": png, "steps": results}
     _resolve(args, parser)
     set_threads(args.threads)
     device = torch.device(args.device)

@@ -307,6 +307,58 @@ def test_budget_spaces_out_model_score_passes(monkeypatch):
     assert "model_scores_every" not in without._schedule_stats()
 
 
+def test_on_a_gpu_the_call_is_timed_by_device_events():
+    """On a GPU a call queues its work behind the training forward and waits for both at its one
+    device sync. Simulated with two fake clocks: the host's, and the device's, read by fake timing
+    events. A step is 1 s on both; the refiner's work 0.05 s on the host (launches) and 0.2 s on the
+    device; the sync waits 3 s on the host. The call's own time is its device time, 0.2 s, and the
+    step is the rest of the host's period, 1 + 0.05 + 3 - 0.2 = 3.85 s; with 10 s refreshes under
+    budget 0.5, k = ceil(10 / (0.5 * 3.85 - 0.2)) = 6. (Host time alone would see a call of 3.05 s,
+    over budget.)"""
+    torch.manual_seed(0)
+    clock, device = FakeClock(), FakeClock()
+
+    class FakeEvent:
+        def record(self):
+            self.t = device.now
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event
+            return (end.t - self.t) * 1000.0
+
+    class Queued(augplug.SAflex):
+        def observe(self, ctx, g):
+            clock.now += 0.05
+            device.now += 0.2
+            super().observe(ctx, g)
+
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
+    r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), method=Queued(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
+    r.budget.clock = clock
+    r._event_factory = FakeEvent
+    check = r._reject_bad_values
+
+    def waits_at_the_sync(*args):
+        clock.now += 3.0
+        return check(*args)
+
+    r._reject_bad_values = waits_at_the_sync
+    for _ in range(30):
+        clock.now += 1.0
+        device.now += 1.0
+        loss = r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r.budget.call == pytest.approx(0.2) and r.budget.plain == pytest.approx(3.85)
+    assert r.stats["refresh_interval"] == 6 and not r.budget.call_over_budget
+
+
 def test_a_call_over_budget_warns_once():
     """A call that alone costs more than the budget (0.5 s of a 1 s step against budget 0.1): the
     refreshes go to the maximum interval, and the refiner says so once, naming the measured share."""

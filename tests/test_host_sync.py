@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import AugmentationRefiner
+from augplug.finite import nonfinite
 from augplug.methods.saflex import SAFLEX_PAPER
 from augplug.stats import StepStats
 from augplug.refiner import refiner_kwargs
@@ -59,6 +60,84 @@ def test_one_host_read_per_call_between_refreshes(kw, targets, num_original):
         opt.step()
         if not refiner.stats["refreshed"]:
             assert reads.names == ["__bool__"], (i, reads.names)
+
+
+def test_nonfinite_reads_once_per_device():
+    """The finiteness check of a refresh's direction (one tensor per parameter) waits for the device
+    once, not once per tensor."""
+    tensors = [torch.randn(3, 4), torch.randn(4), {"b": [torch.randn(2)]}, torch.arange(5)]
+    with HostReads() as reads:
+        assert not nonfinite(*tensors)
+    assert reads.names == ["__bool__"]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors[:2]]
+        broken[1][2] = bad
+        with HostReads() as reads:
+            assert nonfinite(tensors[0], broken, torch.arange(3))
+        assert reads.names == ["__bool__"]
+    assert not nonfinite() and not nonfinite(torch.arange(3)) and not nonfinite([torch.empty(0)])
+
+
+class Order(TorchFunctionMode):
+    """Appends "read" to ``events`` at every host read of a tensor."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _HOST_READS:
+            self.events.append("read")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "full"}, {"aug_weight": "adaptive"}], ids=["default", "full", "share"])
+def test_between_refreshes_the_value_check_waits_until_the_work_is_queued(kw):
+    """On a GPU the call's one sync should come after its work is queued (so the work waits behind
+    the training forward, not the host): between refreshes the check is read after the policy ran.
+    A refresh call checks first, before it reads the user's validation loader."""
+    net, opt, refiner = _setup(**kw)
+    events = []
+    refine = refiner.policy.refine
+
+    def traced(ctx):
+        events.append("refine")
+        return refine(ctx)
+
+    refiner.policy.refine = traced
+    for i in range(6):
+        events.clear()
+        x, y = torch.randn(12, 8), torch.randint(0, 4, (12,))
+        logits = net(x)
+        with Order(events):
+            loss = refiner(logits, y, num_original=4)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if refiner.stats["refreshed"]:
+            assert events[:2] == ["read", "refine"], (i, events)
+        else:
+            assert events == ["refine", "read"], (i, events)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device asserts exist only on CUDA")
+@pytest.mark.parametrize("bad", [4, -1, 1000])
+def test_cuda_out_of_range_label_between_refreshes(bad):
+    """An out-of-range label on a call that checks its values at the end is used clamped until
+    then: the call raises the TargetError naming it, and CUDA stays usable (no device assert)."""
+    from augplug.errors import TargetError
+
+    net, opt, refiner = _setup("cuda")
+    x = torch.randn(12, 8, device="cuda")
+    y = torch.randint(0, 4, (12,), device="cuda")
+    refiner(net(x), y, num_original=4).backward()   # refreshes; the next call does not
+    assert not refiner.direction_is_due()
+    with pytest.raises(TargetError, match="labels in"):
+        refiner(net(x), torch.where(torch.arange(12, device="cuda") == 5, bad, y), num_original=4)
+    loss = refiner(net(x), y, num_original=4)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
 
 
 def test_stats_summaries_are_lazy_and_computed_once():
@@ -111,8 +190,11 @@ def test_cuda_one_sync_per_call(mode, num_original):
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    # refresh calls also read the validation labels, which are checked on the host before the copy
-    assert counts == [1] * 8, counts
+    # a call waits for the device once (its input check); a refresh call (every 4th) once more, to
+    # check the new validation direction before using it. The validation batches are checked on
+    # the host before they are copied. Without originals the default refines nothing (strength
+    # "auto"), so it never refreshes.
+    assert counts == ([2, 1, 1, 1] * 2 if num_original else [1] * 8), counts
 
 
 def test_autodo_diagnostics_are_read_only_on_demand():

@@ -102,6 +102,11 @@ def test_budgets_are_passed_through_and_configs_selected(tmp_path, monkeypatch):
     # the budget's choice column: refresh interval for every budgeted row, the score interval for full mode
     assert [r[-1].startswith("refresh every ") for r in steps] == [False, True, True, True, True]
     assert ["model scores every" in r[-1] for r in steps] == [False, True, True, False, False]
+    # --replot redraws the figure from the table alone: one bar per refined row, as timed
+    replot = overhead.main(["--replot", "budgets", "--results-dir", str(tmp_path)])
+    assert (tmp_path / "budgets.png").stat().st_size > 0
+    assert [(r.key, r.val_size, r.budget, r.ratio) for r in replot["steps"]] == [
+        (r.key, r.val_size, r.budget, float(f"{r.ratio:.3f}")) for r in result["steps"] if r.label != overhead.PLAIN]
 
 
 def test_finite_difference_patch_routes_full_scores_only(tiny_cnn):
