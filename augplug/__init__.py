@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 from . import functional
 from .checks import validate
 from .errors import (AugplugError, ClassCountMismatchError, ConfigurationError, EmptyValidationError,
-                     ModelModeError, NonFiniteError, ShapeError, TargetError, UnsupportedHeadError,
-                     UnsupportedModelError, ValidationFailed)
+                     ModelModeError, NonFiniteError, PeerBatchError, ShapeError, TargetError,
+                     UnsupportedHeadError, UnsupportedModelError, ValidationFailed)
 from .heads import find_classifier, unwrap_model
 from .isda import ISDALoss
 from .methods import (L2RW, SAFLEX_PAPER, NoRefinement, Policy, RefineContext, SAflex, create_policy, list_policies,
@@ -22,4 +22,5 @@ __all__ = ["__version__", "AugmentationRefiner", "DEFAULTS", "Schedule", "refine
            "register_policy", "list_policies", "SAFLEX_PAPER", "functional", "Policy", "RefineContext", "SAflex", "L2RW", "ISDALoss",
            "NoRefinement", "find_classifier", "unwrap_model", "validate", "AugplugError", "ConfigurationError",
            "UnsupportedHeadError", "UnsupportedModelError", "TargetError", "ClassCountMismatchError",
-           "ShapeError", "NonFiniteError", "EmptyValidationError", "ModelModeError", "ValidationFailed"]
+           "ShapeError", "NonFiniteError", "EmptyValidationError", "ModelModeError", "PeerBatchError",
+           "ValidationFailed"]

@@ -22,6 +22,7 @@ __all__ = [
     "NonFiniteError",
     "EmptyValidationError",
     "ModelModeError",
+    "PeerBatchError",
     "ValidationFailed",
 ]
 
@@ -69,6 +70,11 @@ class EmptyValidationError(AugplugError, ValueError):
 
 class ModelModeError(AugplugError, RuntimeError):
     """The model is in the wrong mode (for example left in eval mode during training)."""
+
+
+class PeerBatchError(AugplugError, ValueError):
+    """In a process group: another process's batch was rejected, so every process rejects the step
+    (each process's own error names its own problem)."""
 
 
 class ValidationFailed(AugplugError, ValueError):

@@ -20,9 +20,10 @@ from torch import nn
 
 from .core import (RefinerCore, _warn_at_caller, check_part_presence, num_val_batches, optimizer_problem,
                    unwrap_optimizer)
-from .distributed import world_size as dist_world_size
+from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_world_size
 from .checks import validate
-from .errors import ConfigurationError, ModelModeError, NonFiniteError, ShapeError, UnsupportedHeadError
+from .errors import (ConfigurationError, ModelModeError, NonFiniteError, PeerBatchError, ShapeError,
+                     UnsupportedHeadError)
 from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
@@ -546,13 +547,32 @@ class AugmentationRefiner(RefinerCore):
     def _reject_bad_values(self, problems: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                            num_classes: int, batch: int) -> None:
         """Read the batch's value check (:func:`~augplug.targets.value_problems`; the call's one
-        device sync) and raise the error naming the problem when it failed."""
-        if bool(problems):
-            check_logits(logits)
-            to_soft_targets(targets, num_classes, batch_size=batch)
-            raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
-                                 "(the logits are finite)",
-                                 "check the batch's inputs and the features= / inputs= passed; skip the batch")
+        device sync) and raise the error naming the problem when it failed.
+
+        In a process group the check is agreed by every process (one all-reduce of one flag per
+        process): when any batch is bad every process raises, so a loop that skips rejected steps
+        skips the same step everywhere and the processes' collectives stay paired. The process
+        whose batch is bad names its problem; the others raise :class:`PeerBatchError`."""
+        world = dist_world_size()
+        if world > 1:
+            flags = torch.zeros(world, dtype=torch.float64, device=problems.device)
+            flags[dist_rank()] = problems
+            all_reduce_sum_([flags])
+            bad = [r for r, v in enumerate(flags.tolist()) if v != 0]  # NaN != 0 too
+            if not bad:
+                return
+            if dist_rank() not in bad:
+                raise PeerBatchError(f"the batch of process(es) {bad} in the process group was rejected, so this "
+                                     "step is rejected on every process",
+                                     "skip this step on every process (catch augplug.errors.AugplugError around the "
+                                     "refiner call); the rejecting process's error names the problem")
+        elif not bool(problems):
+            return
+        check_logits(logits)
+        to_soft_targets(targets, num_classes, batch_size=batch)
+        raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
+                             "(the logits are finite)",
+                             "check the batch's inputs and the features= / inputs= passed; skip the batch")
 
     def _head_width(self) -> Optional[int]:
         """The number of inputs of the classifier head (None when there is no 2-D weight to read it from)."""

@@ -457,3 +457,70 @@ def test_budget_chooses_the_same_interval_on_every_process(tmp_path):
     assert sum(a["refreshed"]) >= 2
     passes = set(a["full_score_pass"])
     assert "closed_form" in passes and passes - {"closed_form"}   # both kinds of call ran
+
+
+def _bad_batch_worker(out_dir: str, refresh_every: str) -> None:
+    """Rank 1's batch is bad on two calls (NaN inputs, then a label out of range). Every process must
+    reject those calls (rank 0 with PeerBatchError), and a loop that skips them must end where a run
+    that skipped the same steps on purpose ends."""
+    from augplug.errors import AugplugError
+
+    acc = _accelerator()
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    out = {}
+    for name, poisoned in (("skipped", False), ("rejected", True)):
+        model, opt, val, x, y = _setup()
+        model, opt = acc.prepare(model, opt)
+        refiner = AugmentationRefiner(model, opt, val, accelerator=acc, seed=3,
+                                      schedule=dict(refresh_every=int(refresh_every)))
+        errors, due = [], []
+        for step in range(7):
+            xs, ys = x[rows].clone() + 0.1 * step, y[rows].clone()
+            if step in (2, 5):
+                due.append(refiner.direction_is_due())
+                if not poisoned:
+                    errors.append("skipped")
+                    continue
+                if r == 1:
+                    if step == 2:
+                        xs[1, 0] = float("nan")
+                    else:
+                        ys[4] = C + 2
+            try:
+                loss = refiner(model(xs), ys, num_original=N_ORIG)
+            except AugplugError as e:
+                errors.append(type(e).__name__)
+                continue
+            opt.zero_grad()
+            acc.backward(loss)
+            opt.step()
+        out[name] = {"errors": errors, "due": due, "step_count": refiner.step_count,
+                     "params": {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()},
+                     "refiner": {k: v for k, v in refiner.state_dict().items() if k in ("calls", "step_count", "v")}}
+    torch.save(out, os.path.join(out_dir, f"bad{r}.pt"))
+
+
+@pytest.mark.parametrize("refresh_every", [4, 1], ids=["refresh-every-4", "refresh-every-call"])
+def test_a_bad_batch_on_one_process_is_rejected_on_every_process(tmp_path, refresh_every):
+    _launch("_bad_batch_worker", str(tmp_path), str(refresh_every))
+    ranks = [torch.load(tmp_path / f"bad{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[1]["rejected"]["errors"] == ["NonFiniteError", "TargetError"]
+    assert ranks[0]["rejected"]["errors"] == ["PeerBatchError", "PeerBatchError"]
+    # between refreshes the guard is read at the call's end, on a refresh call first: with refreshes
+    # every 4 updates the first bad call is between refreshes and the second a refresh call
+    expected_due = [False, True] if refresh_every == 4 else [True, True]
+    for rank in ranks:
+        assert rank["rejected"]["due"] == rank["skipped"]["due"] == expected_due
+        assert rank["rejected"]["step_count"] == rank["skipped"]["step_count"] == 5
+        for key in ("params", "refiner"):
+            a, b = rank["rejected"][key], rank["skipped"][key]
+            for k in b:
+                if isinstance(b[k], dict):
+                    assert all(torch.equal(a[k][n], b[k][n]) for n in b[k]), (key, k)
+                elif torch.is_tensor(b[k]):
+                    assert torch.equal(a[k], b[k]), (key, k)
+                else:
+                    assert a[k] == b[k], (key, k)
+    for k in ranks[0]["rejected"]["params"]:
+        assert torch.equal(ranks[0]["rejected"]["params"][k], ranks[1]["rejected"]["params"][k])
