@@ -24,7 +24,7 @@ import os
 import sys
 import warnings
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -191,6 +191,16 @@ class RefinerCore:
         t = torch.tensor([float(count)], dtype=torch.float64)
         all_reduce_sum_([t])
         return int(t.item())
+
+    @staticmethod
+    def _group_rejects(problem: torch.Tensor) -> List[int]:
+        """In a process group: the processes whose call is rejected, from each one's ``problem`` (a
+        0-dim tensor, nonzero or NaN when its call is rejected). One all-reduce, one host read;
+        every process must call it at the same point of its call."""
+        flags = torch.zeros(dist_world_size(), dtype=torch.float64, device=problem.device)
+        flags[dist_rank()] = problem
+        all_reduce_sum_([flags])
+        return [r for r, v in enumerate(flags.tolist()) if v != 0]  # NaN != 0 too
 
     @property
     def optimizer(self):

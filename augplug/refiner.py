@@ -20,9 +20,9 @@ from torch import nn
 
 from .core import (RefinerCore, _warn_at_caller, check_part_presence, num_val_batches, optimizer_problem,
                    unwrap_optimizer)
-from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_world_size
+from .distributed import rank as dist_rank, world_size as dist_world_size
 from .checks import validate
-from .errors import (ConfigurationError, ModelModeError, NonFiniteError, PeerBatchError, ShapeError,
+from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, PeerBatchError, ShapeError,
                      UnsupportedHeadError)
 from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
@@ -446,42 +446,28 @@ class AugmentationRefiner(RefinerCore):
             sources: (B,) integer ids of what produced each row (a RandAugment op, a generator),
                 for policies that pool evidence by source (``SAflex(pool=...)``).
         """
-        if self.check_train_mode and not self.model.training:
-            raise ModelModeError(
-                "the refiner was called with the model in eval mode",
-                "call model.train() before training steps (use a plain criterion for evaluation), "
-                "or pass check_train_mode=False")
         started = self._budget_begin()
-        check_logits(logits, values=False)
-        batch, num_classes = logits.shape
-        if batch == 0:
-            raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
-                             "before calling the refiner")
-        check_target_structure(targets, num_classes, batch_size=batch)
-        if features is not None:
-            check_row_tensor(features, batch, "features", width=self._head_width())
-        if sources is not None:
-            check_row_tensor(sources, batch, "sources", integer=True)
-        if index is not None and not self.policy.checks_index:
-            check_row_tensor(index, batch, "index", integer=True)
-        # what scoring and ISDA will read besides the logits: checked in the same device sync
-        if features is None:
-            features = self._capture.features(batch)
-        if inputs is None:
-            inputs = self._capture.inputs(batch)
+        world = dist_world_size()
+        try:
+            batch, num_classes, features, inputs, problems, (aug, rows, n_aug) = self._checked_call(
+                logits, targets, num_original, augmented, inputs, features, index, sources)
+        except AugplugError as error:
+            if world > 1:  # the other processes must reject this step too
+                self._group_rejects(torch.ones((), dtype=torch.float64, device=logits.device))
+            raise
         # The values are checked with one device sync. Between refreshes it comes at the end of the
         # call, just before anything is committed, so that on a GPU the call's work is queued behind
         # the training forward instead of waiting for it. Labels and soft targets are used unchecked
         # until then: out-of-range labels are clamped where they index (no device assert), NaN only
         # makes numbers that are thrown away. The values are checked first when the call refreshes
         # (it reads the user's validation loader, and syncs anyway), when ``index=`` / ``sources=``
-        # index the policy's tables, and with ISDA (its statistics update within the call).
-        problems = value_problems(logits, targets, (features, inputs))
-        deferred = index is None and sources is None and self.isda is None and not self.direction_is_due()
+        # index the policy's tables, with ISDA (its statistics update within the call), and in a
+        # process group (every process agrees on the check at the same point of the call).
+        deferred = (world == 1 and index is None and sources is None and self.isda is None
+                    and not self.direction_is_due())
         if not deferred:
             self._reject_bad_values(problems, logits, targets, num_classes, batch)
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
-        aug, rows, n_aug = augmented_rows(batch, num_original, augmented, logits.device)
         active = self.step_count >= self.warmup_steps
         used_strength = self.fixed_strength
         if self.strength is None and self.fixed_strength is None:  # "auto": refine only beside originals
@@ -544,6 +530,34 @@ class AugmentationRefiner(RefinerCore):
         self._budget_end(started, model_scored=ctx.scored and ctx.score_pass != "closed_form")
         return loss
 
+    def _checked_call(self, logits, targets, num_original, augmented, inputs, features, index, sources):
+        """The call's checks that look at no values (a typed error names the first problem), and the
+        queued value check: ``(batch, num_classes, features, inputs, problems, augmented rows)``."""
+        if self.check_train_mode and not self.model.training:
+            raise ModelModeError(
+                "the refiner was called with the model in eval mode",
+                "call model.train() before training steps (use a plain criterion for evaluation), "
+                "or pass check_train_mode=False")
+        check_logits(logits, values=False)
+        batch, num_classes = logits.shape
+        if batch == 0:
+            raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
+                             "before calling the refiner")
+        check_target_structure(targets, num_classes, batch_size=batch)
+        if features is not None:
+            check_row_tensor(features, batch, "features", width=self._head_width())
+        if sources is not None:
+            check_row_tensor(sources, batch, "sources", integer=True)
+        if index is not None and not self.policy.checks_index:
+            check_row_tensor(index, batch, "index", integer=True)
+        # what scoring and ISDA will read besides the logits: checked in the same device sync
+        if features is None:
+            features = self._capture.features(batch)
+        if inputs is None:
+            inputs = self._capture.inputs(batch)
+        rows = augmented_rows(batch, num_original, augmented, logits.device)
+        return batch, num_classes, features, inputs, value_problems(logits, targets, (features, inputs)), rows
+
     def _reject_bad_values(self, problems: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                            num_classes: int, batch: int) -> None:
         """Read the batch's value check (:func:`~augplug.targets.value_problems`; the call's one
@@ -553,12 +567,8 @@ class AugmentationRefiner(RefinerCore):
         process): when any batch is bad every process raises, so a loop that skips rejected steps
         skips the same step everywhere and the processes' collectives stay paired. The process
         whose batch is bad names its problem; the others raise :class:`PeerBatchError`."""
-        world = dist_world_size()
-        if world > 1:
-            flags = torch.zeros(world, dtype=torch.float64, device=problems.device)
-            flags[dist_rank()] = problems
-            all_reduce_sum_([flags])
-            bad = [r for r, v in enumerate(flags.tolist()) if v != 0]  # NaN != 0 too
+        if dist_world_size() > 1:
+            bad = self._group_rejects(problems)
             if not bad:
                 return
             if dist_rank() not in bad:

@@ -460,9 +460,9 @@ def test_budget_chooses_the_same_interval_on_every_process(tmp_path):
 
 
 def _bad_batch_worker(out_dir: str, refresh_every: str) -> None:
-    """Rank 1's batch is bad on two calls (NaN inputs, then a label out of range). Every process must
-    reject those calls (rank 0 with PeerBatchError), and a loop that skips them must end where a run
-    that skipped the same steps on purpose ends."""
+    """Rank 1's call is bad three times (NaN inputs, num_original larger than its batch, a label out
+    of range). Every process must reject those calls (rank 0 with PeerBatchError), and a loop that
+    skips them must end where a run that skipped the same steps on purpose ends."""
     from augplug.errors import AugplugError
 
     acc = _accelerator()
@@ -475,9 +475,9 @@ def _bad_batch_worker(out_dir: str, refresh_every: str) -> None:
         refiner = AugmentationRefiner(model, opt, val, accelerator=acc, seed=3,
                                       schedule=dict(refresh_every=int(refresh_every)))
         errors, due = [], []
-        for step in range(7):
-            xs, ys = x[rows].clone() + 0.1 * step, y[rows].clone()
-            if step in (2, 5):
+        for step in range(8):
+            xs, ys, n_orig = x[rows].clone() + 0.1 * step, y[rows].clone(), N_ORIG
+            if step in (2, 3, 6):
                 due.append(refiner.direction_is_due())
                 if not poisoned:
                     errors.append("skipped")
@@ -485,10 +485,12 @@ def _bad_batch_worker(out_dir: str, refresh_every: str) -> None:
                 if r == 1:
                     if step == 2:
                         xs[1, 0] = float("nan")
+                    elif step == 3:
+                        n_orig = ROWS + 1
                     else:
                         ys[4] = C + 2
             try:
-                loss = refiner(model(xs), ys, num_original=N_ORIG)
+                loss = refiner(model(xs), ys, num_original=n_orig)
             except AugplugError as e:
                 errors.append(type(e).__name__)
                 continue
@@ -505,11 +507,10 @@ def _bad_batch_worker(out_dir: str, refresh_every: str) -> None:
 def test_a_bad_batch_on_one_process_is_rejected_on_every_process(tmp_path, refresh_every):
     _launch("_bad_batch_worker", str(tmp_path), str(refresh_every))
     ranks = [torch.load(tmp_path / f"bad{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert ranks[1]["rejected"]["errors"] == ["NonFiniteError", "TargetError"]
-    assert ranks[0]["rejected"]["errors"] == ["PeerBatchError", "PeerBatchError"]
-    # between refreshes the guard is read at the call's end, on a refresh call first: with refreshes
-    # every 4 updates the first bad call is between refreshes and the second a refresh call
-    expected_due = [False, True] if refresh_every == 4 else [True, True]
+    assert ranks[1]["rejected"]["errors"] == ["NonFiniteError", "ShapeError", "TargetError"]
+    assert ranks[0]["rejected"]["errors"] == ["PeerBatchError"] * 3
+    # bad calls between refreshes and on refresh calls
+    expected_due = [False, False, True] if refresh_every == 4 else [True] * 3
     for rank in ranks:
         assert rank["rejected"]["due"] == rank["skipped"]["due"] == expected_due
         assert rank["rejected"]["step_count"] == rank["skipped"]["step_count"] == 5
