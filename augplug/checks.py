@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .core import optimizer_problem
-from .errors import AugplugError, ConfigurationError, EmptyValidationError, ModelModeError, ValidationFailed
+from .errors import AugplugError, EmptyValidationError, ModelModeError, ValidationFailed
 from .heads import find_classifier
 from .targets import check_logits, to_soft_targets
 from .validation import split_batch

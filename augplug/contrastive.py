@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import (ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
+from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      TargetError)
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
@@ -456,6 +456,32 @@ class ContrastiveRefiner(RefinerCore):
         return {n: p.shape for n, p in self._params().items()}
 
     # ------------------------------------------------------------------ the loss
+    def _checked_call(self, images, texts_or_targets, num_original, augmented):
+        """Check the call's inputs, run both encoders and check the similarities; a typed error names
+        the first problem. Returns ``(batch, augmented mask, similarities, soft targets by direction)``."""
+        if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
+            raise ModelModeError("the refiner was called with the encoders in eval mode",
+                                 "call .train() on the encoders before training steps, or pass check_train_mode=False")
+        batch = _rows(images)
+        if not batch:
+            raise ShapeError("the image batch is empty or not a batched tensor", "pass a (B, ...) tensor with B >= 1")
+        _check_inputs(images, "images")
+        if not self.prompt_mode:
+            if _rows(texts_or_targets) != batch:
+                raise ShapeError(f"the batch holds {batch} images but {_rows(texts_or_targets)} texts",
+                                 "pass one text per image (pair i = images[i], texts[i])")
+            _check_inputs(texts_or_targets, "texts")
+            if batch < 2:
+                raise ShapeError("a contrastive batch needs at least 2 pairs", "use a larger batch")
+        aug = augmented_rows(batch, num_original, augmented, self._device(), unit="pairs")[0]
+        s = self.model(images, self._prompts() if self.prompt_mode else texts_or_targets)
+        check_similarity(s, square=not self.prompt_mode)
+        if self.prompt_mode:
+            ys = {"image_to_text": to_soft_targets(texts_or_targets, s.shape[1], batch_size=batch).to(s.device)}
+        else:
+            ys = {d: torch.eye(batch, device=s.device) for d in self.directions}
+        return batch, aug, s, ys
+
     def __call__(self, images, texts_or_targets, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run both encoders on the batch and return the refined contrastive loss (a scalar).
@@ -467,32 +493,16 @@ class ContrastiveRefiner(RefinerCore):
             num_original / augmented: which pairs are originals (trained on as given) and which are
                 augmented (refined).
         """
-        if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
-            raise ModelModeError("the refiner was called with the encoders in eval mode",
-                                 "call .train() on the encoders before training steps, or pass check_train_mode=False")
         started = self._budget_begin()
-        batch = _rows(images)
-        if not batch:
-            raise ShapeError("the image batch is empty or not a batched tensor", "pass a (B, ...) tensor with B >= 1")
-        _check_inputs(images, "images")
-        if self.prompt_mode:
-            targets = texts_or_targets
-        else:
-            if _rows(texts_or_targets) != batch:
-                raise ShapeError(f"the batch holds {batch} images but {_rows(texts_or_targets)} texts",
-                                 "pass one text per image (pair i = images[i], texts[i])")
-            _check_inputs(texts_or_targets, "texts")
-            if batch < 2:
-                raise ShapeError("a contrastive batch needs at least 2 pairs", "use a larger batch")
-        device = self._device()
-        aug = augmented_rows(batch, num_original, augmented, device, unit="pairs")[0]
-
-        s = self.model(images, self._prompts() if self.prompt_mode else texts_or_targets)
-        check_similarity(s, square=not self.prompt_mode)
-        if self.prompt_mode:
-            ys = {"image_to_text": to_soft_targets(targets, s.shape[1], batch_size=batch).to(s.device)}
-        else:
-            ys = {d: torch.eye(batch, device=s.device) for d in self.directions}
+        distributed = dist_world_size() > 1
+        try:
+            batch, aug, s, ys = self._checked_call(images, texts_or_targets, num_original, augmented)
+        except AugplugError:
+            if distributed:  # the other processes must reject this step too
+                self._group_rejects(torch.ones((), dtype=torch.float64))
+            raise
+        if distributed:
+            self._raise_for_peers(self._group_rejects(torch.zeros((), dtype=torch.float64)))
 
         distributed = dist_world_size() > 1
         n_aug = int(aug.sum())

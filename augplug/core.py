@@ -31,7 +31,7 @@ import torch
 from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
-from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, ShapeError
+from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, PeerBatchError, ShapeError
 from .budget import OverheadBudget
 from .finite import nonfinite
 from .rng import PrivateRNG
@@ -201,6 +201,15 @@ class RefinerCore:
         flags[dist_rank()] = problem
         all_reduce_sum_([flags])
         return [r for r, v in enumerate(flags.tolist()) if v != 0]  # NaN != 0 too
+
+    @staticmethod
+    def _raise_for_peers(bad: List[int]) -> None:
+        """Raise :class:`PeerBatchError` when other processes (``bad``) rejected their call."""
+        if bad:
+            raise PeerBatchError(f"the call of process(es) {bad} in the process group was rejected, so this "
+                                 "step is rejected on every process",
+                                 "skip this step on every process (catch augplug.AugplugError around the "
+                                 "refiner call); the rejecting process's error names the problem")
 
     @property
     def optimizer(self):

@@ -22,7 +22,7 @@ from .core import (RefinerCore, _warn_at_caller, check_part_presence, num_val_ba
                    unwrap_optimizer)
 from .distributed import rank as dist_rank, world_size as dist_world_size
 from .checks import validate
-from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, PeerBatchError, ShapeError,
+from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
 from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
@@ -451,7 +451,7 @@ class AugmentationRefiner(RefinerCore):
         try:
             batch, num_classes, features, inputs, problems, (aug, rows, n_aug) = self._checked_call(
                 logits, targets, num_original, augmented, inputs, features, index, sources)
-        except AugplugError as error:
+        except AugplugError:
             if world > 1:  # the other processes must reject this step too
                 self._group_rejects(torch.ones((), dtype=torch.float64, device=logits.device))
             raise
@@ -569,13 +569,9 @@ class AugmentationRefiner(RefinerCore):
         whose batch is bad names its problem; the others raise :class:`PeerBatchError`."""
         if dist_world_size() > 1:
             bad = self._group_rejects(problems)
-            if not bad:
-                return
             if dist_rank() not in bad:
-                raise PeerBatchError(f"the batch of process(es) {bad} in the process group was rejected, so this "
-                                     "step is rejected on every process",
-                                     "skip this step on every process (catch augplug.errors.AugplugError around the "
-                                     "refiner call); the rejecting process's error names the problem")
+                self._raise_for_peers(bad)
+                return
         elif not bool(problems):
             return
         check_logits(logits)

@@ -88,7 +88,7 @@ def check_row_tensor(t, batch_size: int, name: str, *, integer: bool = False, wi
         return
     if t.dim() < 2 or t.shape[0] != batch_size or not t.is_floating_point():
         raise ShapeError(f"{name}= must be a floating tensor of shape ({batch_size}, ...), got {t.dtype} {tuple(t.shape)}",
-                         f"pass the classifier's inputs for the batch's rows, one row each")
+                         "pass the classifier's inputs for the batch's rows, one row each")
     flat = t[0].numel() if batch_size else 0
     if width is not None and batch_size and flat != width:
         raise ShapeError(f"{name}= rows have {flat} values but the classifier takes {width} inputs",

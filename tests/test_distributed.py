@@ -525,3 +525,36 @@ def test_a_bad_batch_on_one_process_is_rejected_on_every_process(tmp_path, refre
                     assert a[k] == b[k], (key, k)
     for k in ranks[0]["rejected"]["params"]:
         assert torch.equal(ranks[0]["rejected"]["params"][k], ranks[1]["rejected"]["params"][k])
+
+
+def _contrastive_bad_worker(out_dir: str) -> None:
+    from augplug.errors import AugplugError
+
+    acc = _accelerator()
+    refiner, opt, params, x, y, n_orig = _contrastive_setup("saflex")
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    errors = []
+    for step in range(4):
+        xs, ys = x[rows].clone(), y[rows].clone()
+        if r == 1 and step == 1:
+            xs[0, 0] = float("nan")
+        if r == 1 and step == 2:
+            ys[0] = C + 1
+        try:
+            refiner(xs, ys, num_original=n_orig[r]).backward()
+        except AugplugError as e:
+            errors.append(type(e).__name__)
+            continue
+        errors.append(None)
+        opt.step()
+        opt.zero_grad()
+    torch.save({"errors": errors, "step_count": refiner.step_count}, os.path.join(out_dir, f"cbad{r}.pt"))
+
+
+def test_contrastive_bad_batch_on_one_process_is_rejected_on_every_process(tmp_path):
+    _launch("_contrastive_bad_worker", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"cbad{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[1]["errors"] == [None, "NonFiniteError", "TargetError", None]
+    assert ranks[0]["errors"] == [None, "PeerBatchError", "PeerBatchError", None]
+    assert ranks[0]["step_count"] == ranks[1]["step_count"] == 2
