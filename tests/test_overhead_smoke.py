@@ -252,3 +252,18 @@ def test_call_cost_measures_one_model():
     assert row[0] == "smallcnn" and len(row) == 6
     # plain step, warm call, call after a sleep (ms); aten ops per call
     assert float(row[1]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 and float(row[5]) > 50
+
+
+def test_sync_cost_writes_one_row_per_configuration(tmp_path):
+    from benchmarks import sync_cost
+
+    threads = torch.get_num_threads()
+    try:
+        text = sync_cost.main(["--device", "cpu", "--models", "smallcnn", "--rounds", "2", "--threads", "1",
+                               "--results-dir", str(tmp_path), "--out", "sc"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = _table_rows(text, "model")
+    assert [r[1] for r in rows] == ["plain", "plain + one sync", "refiner, kept direction", "refiner, defaults"]
+    assert all(r[-1] == "" and float(r[3]) > 0 for r in rows)
+    assert (tmp_path / "sc.md").read_text(encoding="utf-8") == text
