@@ -26,13 +26,6 @@ the refresh interval first (as if both kinds of work shared one interval), then 
 interval the room left at that ``k`` allows. Until a closed-form call has been measured ``c`` is
 taken as 0.
 
-A call can also slow the step after it: a refresh or a model score pass leaves the caches (and on
-a GPU the device's queue) colder for the backward and the next forward. The budget charges each kind
-of call for that too: it keeps the plain part of the iterations that follow refreshes, model-scored
-calls and other calls apart, and adds ``I_R`` (after a refresh) and ``I_m`` (after a model-scored
-call), each the excess of its median over the median after the other calls (0 when not positive or
-not yet measured), to ``R`` and to ``c_m``. ``P`` is the plain part after the other calls.
-
 Medians, not averages: the time between two calls also holds whatever the loop does besides
 training steps now and then (an evaluation pass, a checkpoint, logging, a slow batch from the
 loader). One such gap in an average inflates ``P`` for many iterations, so the budget would allow
@@ -89,9 +82,6 @@ class OverheadBudget:
         self._refresh: Deque[float] = deque(maxlen=window)   # R
         self._last_start: Optional[float] = None
         self._last_own: Optional[float] = None
-        self._last_kind = "call"
-        #: the plain part of iterations after each kind of call: "call", "model" (model-scored), "refresh"
-        self._after: Dict[str, Deque[float]] = {k: deque(maxlen=window) for k in ("call", "model", "refresh")}
 
     @staticmethod
     def _median(values: Deque[float]) -> Optional[float]:
@@ -117,25 +107,12 @@ class OverheadBudget:
         """``c_m``: the median own time (without a refresh) of recent calls that scored with the model."""
         return self._median(self._model_call)
 
-    def _after_calls(self) -> Optional[float]:
-        """The median plain part after calls that neither refreshed nor scored with the model."""
-        return self._median(self._after["call"])
-
-    def interference(self, kind: str) -> float:
-        """What a ``"refresh"`` or a ``"model"``-scored call adds to the plain part of the iteration
-        after it: the excess of that median over the median after the other calls (0 when not
-        positive or not measured yet)."""
-        after, base = self._median(self._after[kind]), self._after_calls()
-        return 0.0 if after is None or base is None else max(after - base, 0.0)
-
     # ------------------------------------------------------------------ measurements
     def call_started(self) -> float:
         """Mark the start of a refiner call (the end of the previous iteration); returns the time."""
         now = self.clock()
         if self._last_start is not None and self._last_own is not None:
-            plain = max(now - self._last_start - self._last_own, 0.0)
-            self._plain.append(plain)
-            self._after[self._last_kind].append(plain)
+            self._plain.append(max(now - self._last_start - self._last_own, 0.0))
         self._last_start, self._last_own = now, None
         return now
 
@@ -147,8 +124,6 @@ class OverheadBudget:
         the clock's time since ``started``."""
         own = self.clock() - started if own is None else float(own)
         self._last_own = own
-        self._last_kind = ("refresh" if refresh_seconds is not None else
-                           "model" if self.model_scores and model_scored else "call")
         if self.model_scores and model_scored:
             self._model_call.append(max(own - (refresh_seconds or 0.0), 0.0))
             if refresh_seconds is not None:
@@ -164,18 +139,14 @@ class OverheadBudget:
     # ------------------------------------------------------------------ the decision
     def measurements(self):
         """``(P, c, R)`` or None until each has been measured once; with ``model_scores``
-        ``(P, c, R, c_m)``, ``c`` taken as 0 until a closed-form call has been measured. ``R`` and
-        ``c_m`` include what those calls add to the step after them (:meth:`interference`); ``P``
-        is the plain part after the other calls once one has been measured."""
-        plain = self._after_calls() if self._after_calls() is not None else self.plain
+        ``(P, c, R, c_m)``, ``c`` taken as 0 until a closed-form call has been measured."""
         if self.model_scores:
-            if plain is None or self.refresh is None or self.model_call is None:
+            if self.plain is None or self.refresh is None or self.model_call is None:
                 return None
-            return (plain, self.call if self.call is not None else 0.0, self.refresh + self.interference("refresh"),
-                    self.model_call + self.interference("model"))
-        if plain is None or self.call is None or self.refresh is None:
+            return self.plain, self.call if self.call is not None else 0.0, self.refresh, self.model_call
+        if self.plain is None or self.call is None or self.refresh is None:
             return None
-        return plain, self.call, self.refresh + self.interference("refresh")
+        return self.plain, self.call, self.refresh
 
     def _clip(self, k: float, low: int) -> int:
         return int(min(max(k, low), self.max_interval))
@@ -239,7 +210,4 @@ class OverheadBudget:
             window.clear()
             if value is not None:
                 window.append(float(value))
-        for window in self._after.values():   # the interference is measured again after a resume
-            window.clear()
         self._last_start = self._last_own = None
-        self._last_kind = "call"

@@ -82,46 +82,6 @@ def test_pauses_between_steps_do_not_loosen_the_budget():
         OverheadBudget(0.1, window=0)
 
 
-@pytest.mark.parametrize("slower", [1.0, 0.0])
-def test_a_refresh_is_charged_for_slowing_the_step_after_it(slower):
-    """A refresh costs 2 s and the step after it takes ``slower`` s longer than the others (1 s):
-    with budget 0.5, k = ceil((2 + slower) / 0.5): 6 when the refresh slows the next step, 4 when not."""
-    clock = FakeClock()
-    b = OverheadBudget(0.5, min_interval=1, clock=clock)
-    since = None
-    for step in range(300):
-        start = b.call_started()
-        refresh = 2.0 if since is None or since >= b.interval else None
-        clock.now += refresh or 0.0
-        b.call_finished(start, refresh)
-        if refresh is not None:
-            b.choose()
-            since = 0
-        since += 1
-        clock.now += 1.0 + (slower if refresh is not None else 0.0)
-    assert b.interference("refresh") == pytest.approx(slower) and b.interference("model") == 0.0
-    assert b.interval == (6 if slower else 4)
-    assert b.overhead() == pytest.approx((2 + slower) / b.interval)
-    assert b.measurements() == pytest.approx((1.0, 0.0, 2.0 + slower))
-
-
-def test_a_model_scored_call_is_charged_for_slowing_the_step_after_it():
-    """Model-scored calls (0.3 s) slow the step after them by 0.5 s, closed-form calls (0.05 s) do
-    not: c_m is charged 0.3 + 0.5, P is the 1 s step after the closed-form calls."""
-    clock = FakeClock()
-    b = OverheadBudget(0.5, model_scores=True, clock=clock)
-    for step in range(60):
-        start = b.call_started()
-        model = step % 3 == 0
-        refresh = 0.2 if step % 10 == 0 else None
-        clock.now += (0.3 if model else 0.05) + (refresh or 0.0)
-        b.call_finished(start, refresh, model_scored=model)
-        clock.now += 1.0 + (0.5 if model else 0.0)
-    assert b.interference("model") == pytest.approx(0.5)
-    plain, c, r, c_m = b.measurements()
-    assert (plain, c, c_m) == pytest.approx((1.0, 0.05, 0.8))
-
-
 def test_interval_bounds_and_a_call_over_budget():
     clock = FakeClock()
     b = OverheadBudget(0.05, min_interval=4, max_interval=64, clock=clock)
