@@ -17,14 +17,15 @@ In the model-forward score modes (``mode="full"`` and the others that run the mo
 score pass costs about a forward, often more than the whole budget. There the budget also spaces out
 those passes (``model_scores=True``): a call scores with the model every ``s`` calls and with the
 closed-form last layer between. It measures both kinds of call, ``c`` (closed form) and ``c_m``
-(model scores), and with ``D = max(c_m - c, 0)`` asks for ``c + D / s + R / k <= b * P``:
+(model scores), and with ``D = c_m - c`` asks for ``c + D / s + R / k <= b * P``:
 
     k = clip(ceil((D + R) / (b * P - c)), min_interval, max_interval),
     s = clip(ceil(D / (b * P - c - R / k)), min_score_interval, max_interval),
 
 the refresh interval first (as if both kinds of work shared one interval), then the smallest score
 interval the room left at that ``k`` allows. Until a closed-form call has been measured ``c`` is
-taken as 0.
+taken as 0, and where the closed-form calls measured no cheaper (``c >= c_m``, only possible while
+``c`` is stale) ``D`` is ``c_m``: with ``s = 1`` no closed-form call would run again to correct it.
 
 Medians, not averages: the time between two calls also holds whatever the loop does besides
 training steps now and then (an evaluation pass, a checkpoint, logging, a slow batch from the
@@ -148,6 +149,15 @@ class OverheadBudget:
             return None
         return self.plain, self.call, self.refresh
 
+    @staticmethod
+    def _score_extra(c: float, c_m: float) -> float:
+        """``D``, what a model score pass adds to a call: ``c_m - c``, or ``c_m`` itself when the
+        closed-form calls measured no cheaper. A closed-form call does part of a model-scored call's
+        work, so ``c >= c_m`` means ``c`` is stale (measured while the caches were cold); taking it
+        at face value would choose a model pass every call, after which no closed-form call would
+        ever measure ``c`` again."""
+        return c_m - c if c_m > c else c_m
+
     def _clip(self, k: float, low: int) -> int:
         return int(min(max(k, low), self.max_interval))
 
@@ -158,7 +168,7 @@ class OverheadBudget:
         if measured is None:
             return self.interval
         plain, c, r = measured[:3]
-        extra = max(measured[3] - c, 0.0) if self.model_scores else 0.0   # D
+        extra = self._score_extra(c, measured[3]) if self.model_scores else 0.0   # D
         room = self.fraction * plain - c
         self.call_over_budget = room <= 0
         k = self.max_interval if room <= 0 else math.ceil((extra + r) / room)
@@ -175,7 +185,7 @@ class OverheadBudget:
         if m is None:
             return float("nan")
         plain, c, r = m[:3]
-        extra = max(m[3] - c, 0.0) / max(self.score_interval, 1) if self.model_scores else 0.0
+        extra = self._score_extra(c, m[3]) / max(self.score_interval, 1) if self.model_scores else 0.0
         return (c + extra + r / max(self.interval, 1)) / max(plain, 1e-12)
 
     # ------------------------------------------------------------------ state

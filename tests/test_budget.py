@@ -157,6 +157,17 @@ def test_score_interval_from_the_equation():
     assert b.choose((1.0, 0.0, 0.0, 0.001)) == 2 and b.score_interval == 3   # never below the schedule's
 
 
+def test_a_stale_closed_form_time_does_not_lock_in_model_scores_every_call():
+    """A closed-form call measured slower than a model-scored one (cold caches at the start) must not
+    choose a model pass every call: then no closed-form call runs again and the stale ``c`` would
+    never be corrected. ``D`` is then ``c_m`` itself and the score interval leaves room for
+    closed-form calls."""
+    b = OverheadBudget(0.5, min_interval=1, model_scores=True, clock=FakeClock())
+    # P = 0.1 s, stale c = 0.02 s, c_m = 0.012 s, R = 0.09 s: D = 0.012, room = 0.03
+    assert b.choose((0.1, 0.02, 0.09, 0.012)) == math.ceil((0.012 + 0.09) / 0.03) == 4
+    assert b.score_interval == math.ceil(0.012 / (0.03 - 0.09 / 4)) == 2
+
+
 def test_score_interval_measured_by_kind():
     """Closed-form and model-scored calls are timed apart; until a closed-form call is measured
     its cost counts as 0."""
