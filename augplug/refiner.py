@@ -540,6 +540,12 @@ class AugmentationRefiner(RefinerCore):
                 "or pass check_train_mode=False")
         check_logits(logits, values=False)
         batch, num_classes = logits.shape
+        classes = self._head_classes()
+        if classes is not None and num_classes != classes:
+            raise ShapeError(f"the logits have {num_classes} classes, but the classifier {self.head_name!r} the "
+                             f"refiner reads has {classes} outputs",
+                             "pass all of that classifier's outputs as the logits, or name the layer that "
+                             "produces them with classifier=")
         if batch == 0:
             raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
                              "before calling the refiner")
@@ -579,6 +585,11 @@ class AugmentationRefiner(RefinerCore):
         raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
                              "(the logits are finite)",
                              "check the batch's inputs and the features= / inputs= passed; skip the batch")
+
+    def _head_classes(self) -> Optional[int]:
+        """The number of outputs of the classifier head (None when there is no 2-D weight to read it from)."""
+        weight = getattr(self.head, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
     def _head_width(self) -> Optional[int]:
         """The number of inputs of the classifier head (None when there is no 2-D weight to read it from)."""

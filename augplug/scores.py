@@ -221,6 +221,10 @@ def validation_gradient(
                                  "make sure the model has parameters with requires_grad=True")
     with torch.enable_grad(), scoring_mode(net, bn):
         logits = _forward_logits(net, inputs)
+        if logits.dim() != 2 or logits.shape[-1] != y.shape[-1]:
+            raise ShapeError(f"the model's output on a validation batch has shape {tuple(logits.shape)}, but the "
+                             f"logits the refiner was called with have {y.shape[-1]} classes",
+                             "call the refiner with the model's own output, all classes")
         if not halves:
             loss = -(y * F.log_softmax(logits.float(), -1)).sum()
             return GradSum(grad_sums(loss, params), int(y.shape[0]), loss.detach().double())

@@ -7,6 +7,7 @@ where it is in the current pass, and can be restored to that exact position afte
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
@@ -87,6 +88,11 @@ class ValidationStream:
         if loader is None:
             raise EmptyValidationError("no validation loader was given",
                                        "pass a DataLoader over a small clean labelled set as val_loader")
+        if isinstance(loader, Iterator):   # a generator or an iterator: one pass, then empty
+            raise ConfigurationError(
+                f"the validation loader is a one-shot iterator ({type(loader).__name__}); the refiner reads "
+                "it again and again", "pass something that can be iterated many times: a DataLoader, a list "
+                "of (inputs, targets) batches, or an object whose __iter__ starts a new pass")
         self.loader = loader
         self.rng = rng
         self._it = None

@@ -114,6 +114,48 @@ def test_empty_validation_loader():
         AugmentationRefiner(model, opt, None)(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
 
 
+def test_a_one_shot_or_unsized_validation_loader_is_rejected_when_the_refiner_is_built():
+    """A generator yields one pass and then nothing; the refiner reads its loader again and again,
+    so it is rejected at construction (before, the second pass failed inside a rollback with a
+    message about a saved state). ``val_batches="all"`` needs ``len()``: also said at construction."""
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, C, (16,))
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    one_shot = ((x[i:i + 8], y[i:i + 8]) for i in (0, 8))
+    with pytest.raises(ConfigurationError, match="one-shot iterator"):
+        AugmentationRefiner(model, opt, one_shot, schedule=augplug.Schedule(val_batches=1))
+    with pytest.raises(ConfigurationError, match="one-shot iterator"):
+        AugmentationRefiner(model, opt, iter([(x, y)]), schedule=augplug.Schedule(val_batches=1))
+
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+    with pytest.raises(ConfigurationError, match="len"):
+        AugmentationRefiner(model, opt, DataLoader(Unsized(), batch_size=8))
+    r = AugmentationRefiner(model, opt, DataLoader(Unsized(), batch_size=8), method=SAflex(strength=1.0),
+                            schedule=augplug.Schedule(val_batches=1, refresh_every=1))
+    for _ in range(3):   # an unsized re-iterable loader is cycled with an integer val_batches
+        loss = r(model(torch.randn(8, 1, 8, 8)), torch.randint(0, C, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r.stats["refreshed"]
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "full"])
+def test_logits_narrower_than_the_classifier_are_named(mode):
+    """Logits sliced to fewer classes than the classifier produces (a user dropping a background
+    class): the error names the two class counts, in last-layer mode at the call (before: a bare
+    RuntimeError from a broadcast), in full-model mode at the validation forward (before: a
+    message about the validation inputs); the state is unchanged."""
+    loader = _loader(labels=torch.tensor([0, 1, 2] * 5 + [0]))
+    model, opt, r = _setup(loader=loader, mode=mode)
+    before = _state(r)
+    with pytest.raises(ShapeError, match="3 classes" if mode == "full" else "3 classes.*4 outputs"):
+        r(model(torch.randn(8, 1, 8, 8))[:, :3], torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))
+
+
 def test_validation_class_count_mismatch_state_unchanged():
     loader = _loader(labels=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] * 2))  # 8 classes in validation, 4 in training
     model, opt, r = _setup(loader=loader)
