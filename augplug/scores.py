@@ -327,6 +327,17 @@ def last_layer_scores(
     return u - (p * u).sum(-1, keepdim=True)
 
 
+class ForwardModeUnsupportedError(UnsupportedModelError):
+    """An operation of the model has no forward-mode AD formula (:func:`full_scores`)."""
+
+
+def _forward_ad_missing(e: BaseException) -> bool:
+    """Whether ``e`` says that forward-mode AD is missing for an operation."""
+    msg = str(e)
+    return (isinstance(e, NotImplementedError) or "forward AD" in msg or "forward-mode" in msg
+            or "jvp" in msg.lower())
+
+
 def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:
     """``g`` (B, C) by one forward-mode pass through the whole model with tangent ``v``.
 
@@ -340,7 +351,17 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
                             fix="compute the validation gradient on this model") as duals:
         if torch.is_tensor(inputs) and inputs.is_floating_point():
             inputs = inputs.to(next(net.parameters()).dtype)
-        out = functional_call(net, duals, (inputs,), strict=False)
+        try:
+            out = functional_call(net, duals, (inputs,), strict=False)
+        except (NotImplementedError, RuntimeError) as e:
+            if not _forward_ad_missing(e):
+                raise
+            raise ForwardModeUnsupportedError(
+                f"forward-mode AD is not implemented for an operation in {type(net).__name__} "
+                f"({str(e).splitlines()[0][:160]})",
+                "use mode='last_layer' (closed form on the linear head), or mode='auto' (double-backward "
+                "scores where forward mode is missing); for timm attention models "
+                "timm.layers.set_fused_attn(False) before creating the model avoids the fused kernel") from e
         if isinstance(out, (tuple, list)):
             out = out[0]
         logp = F.log_softmax(out.float(), -1)
@@ -541,11 +562,8 @@ def class_scores(
     if mode == "auto":
         try:
             return full_scores(model, inputs, v, bn=bn)
-        except (NotImplementedError, RuntimeError) as e:
-            msg = str(e)
-            if "forward AD" not in msg and "forward-mode" not in msg and "jvp" not in msg.lower() and \
-                    not isinstance(e, NotImplementedError):
-                raise
+        except ForwardModeUnsupportedError as e:
+            msg = str(e.__cause__)
             key = type(unwrap_model(model)).__name__
             if key not in _warned_fallback:
                 _warned_fallback.add(key)
