@@ -56,6 +56,7 @@ __all__ = [
     "FD_RELATIVE_STEP",
     "REPLAY_TOLERANCE",
     "BaseMismatchError",
+    "ForwardModeUnsupportedError",
     "double_backward_scores",
     "class_scores",
 ]
