@@ -152,7 +152,7 @@ class RefinerCore:
         stream_cls = CachedValidationStream if self.cache_validation else ValidationStream
         self._stream = stream_cls(val_loader, self._rng) if needs_validation else None
         if needs_validation and schedule.val_batches == "all" and not self.cache_validation:
-            num_val_batches("all", lambda: len(val_loader))   # a loader without len(): say so now
+            self._pass_length()   # a loader without len(): say so now, not at the first refresh
         self._steps = StepCounter(self._optimizer) if self._optimizer is not None else None
         self._call_steps = 0
         self.calls = 0

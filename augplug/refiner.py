@@ -540,7 +540,7 @@ class AugmentationRefiner(RefinerCore):
                 "or pass check_train_mode=False")
         check_logits(logits, values=False)
         batch, num_classes = logits.shape
-        classes = self._head_classes()
+        classes, width = self._head_shape()
         if classes is not None and num_classes != classes:
             raise ShapeError(f"the logits have {num_classes} classes, but the classifier {self.head_name!r} the "
                              f"refiner reads has {classes} outputs",
@@ -551,7 +551,7 @@ class AugmentationRefiner(RefinerCore):
                              "before calling the refiner")
         check_target_structure(targets, num_classes, batch_size=batch)
         if features is not None:
-            check_row_tensor(features, batch, "features", width=self._head_width())
+            check_row_tensor(features, batch, "features", width=width)
         if sources is not None:
             check_row_tensor(sources, batch, "sources", integer=True)
         if index is not None and not self.policy.checks_index:
@@ -586,15 +586,13 @@ class AugmentationRefiner(RefinerCore):
                              "(the logits are finite)",
                              "check the batch's inputs and the features= / inputs= passed; skip the batch")
 
-    def _head_classes(self) -> Optional[int]:
-        """The number of outputs of the classifier head (None when there is no 2-D weight to read it from)."""
+    def _head_shape(self) -> Tuple[Optional[int], Optional[int]]:
+        """The classifier head's numbers of outputs and inputs (None, None when there is no 2-D
+        weight to read them from)."""
         weight = getattr(self.head, "weight", None)
-        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-
-    def _head_width(self) -> Optional[int]:
-        """The number of inputs of the classifier head (None when there is no 2-D weight to read it from)."""
-        weight = getattr(self.head, "weight", None)
-        return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return int(weight.shape[0]), int(weight.shape[1])
+        return None, None
 
     def _context(self, logits, y, aug, active, **kw) -> RefineContext:
         """The per-call context a policy works from: what it needs, passed in."""
