@@ -1,17 +1,28 @@
 """An overhead budget: the refiner times its own work against the training step and spaces its
-validation refreshes so that its share of the step stays within the budget.
+validation work so that its share of the step stays within the budget.
 
 Measured (running medians of the last ``window`` measurements): ``P`` the plain part of an iteration
-(the time from one refiner call's start to the next, minus the first call's own time), ``c`` the
+(the time from one refiner call's start to the next, minus the first call's own time; kept once the
+call that ends the iteration succeeds, so a rejected call changes no measurement), ``c`` the
 refiner's own time in a call without a refresh (a call starts after its input check, the one point
-where, on a GPU, it waits for the training forward: that wait is the step's time, not the refiner's), and ``R`` the time of a refresh (validation reads and
-gradients). With refreshes every ``k`` updates the refiner costs ``c + R / k`` per iteration; the
-budget ``b`` asks for ``c + R / k <= b * P``, so
+where, on a GPU, it waits for the training forward: that wait is the step's time, not the
+refiner's), and ``R`` the time of a refresh that reads validation batches (reads and gradients).
+With reads every ``k`` updates the refiner costs ``c + R / k`` per iteration; the budget ``b`` asks
+for ``c + R / k <= b * P``, so
 
     k = ceil(R / (b * P - c)),   clipped to [refresh_every of the schedule, max_interval].
 
-When ``c`` alone exceeds ``b * P`` ``k`` goes to ``max_interval`` (``call_over_budget`` is set; the
-refiner warns once) and ``stats["overhead"]`` reports the measured share above the budget.
+``max_interval`` is ``16 * refresh_every`` for a refiner (:data:`augplug.schedule.MAX_INTERVAL_FACTOR`),
+so the direction is renewed however slow a read is. When ``c`` alone exceeds ``b * P`` ``k`` goes to
+``max_interval`` (``call_over_budget`` is set; an explicit budget warns once, the default ``"auto"``
+does not) and ``stats["overhead"]`` reports the measured share above the budget.
+
+What ``k`` spaces out depends on the window (``Schedule.fresh_batches``). In last-layer mode the
+window keeps the validation features, so a refresh every ``refresh_every`` updates rebuilds the head
+gradient from them with the current head (exact for the head) and only every ``k`` updates also
+reads a fresh batch of features: the budget then trades the features' age, not the head's. That
+rebuild (a product of the cached features with the head) is not timed: its call is left out of ``c``
+and it is not a read. Elsewhere a refresh always reads, and ``k`` is the refresh interval.
 
 In the model-forward score modes (``mode="full"`` and the others that run the model to score) a
 score pass costs about a forward, often more than the whole budget. There the budget also spaces out
@@ -33,7 +44,8 @@ loader). One such gap in an average inflates ``P`` for many iterations, so the b
 more validation work than it should; the median of recent iterations ignores it.
 
 The schedule then depends on measured time, so a run with a budget is not bit-reproducible across
-machines or resumes (``budget=None`` is). In a process group the processes average their
+runs, machines or resumes (``budget=None`` is; ``stats`` reports the intervals chosen, which
+``Schedule(refresh_every=..., model_scores_every=..., budget=None)`` can then fix). In a process group the processes average their
 measurements at each refresh, inside the refresh's collectives, so they all choose the same ``k``.
 """
 from __future__ import annotations
@@ -83,6 +95,7 @@ class OverheadBudget:
         self._refresh: Deque[float] = deque(maxlen=window)   # R
         self._last_start: Optional[float] = None
         self._last_own: Optional[float] = None
+        self._pending_plain: Optional[float] = None
 
     @staticmethod
     def _median(values: Deque[float]) -> Optional[float]:
@@ -112,19 +125,26 @@ class OverheadBudget:
     def call_started(self) -> float:
         """Mark the start of a refiner call (the end of the previous iteration); returns the time."""
         now = self.clock()
-        if self._last_start is not None and self._last_own is not None:
-            self._plain.append(max(now - self._last_start - self._last_own, 0.0))
-        self._last_start, self._last_own = now, None
+        # the plain part of the iteration that ends here; kept when this call succeeds (a rejected
+        # call changes no measurement, and the next call measures from the last successful one)
+        self._pending_plain = (max(now - self._last_start - self._last_own, 0.0)
+                               if self._last_start is not None and self._last_own is not None else None)
         return now
 
     def call_finished(self, started: float, refresh_seconds: Optional[float], model_scored: bool = False,
-                      own: Optional[float] = None) -> None:
+                      own: Optional[float] = None, record: bool = True) -> None:
         """Record the call's own time, and the refresh's when it refreshed. ``model_scored``: the call
         scored with a model pass (recorded apart from the closed-form calls when ``model_scores``).
         ``own``: the call's own time when measured otherwise (on a GPU, by device events); default
-        the clock's time since ``started``."""
+        the clock's time since ``started``. ``record=False``: the call is of none of the measured
+        kinds (a refresh that only rebuilt the direction); only ``P`` leaves its own time out."""
         own = self.clock() - started if own is None else float(own)
-        self._last_own = own
+        if self._pending_plain is not None:
+            self._plain.append(self._pending_plain)
+            self._pending_plain = None
+        self._last_start, self._last_own = started, own
+        if not record:
+            return
         if self.model_scores and model_scored:
             self._model_call.append(max(own - (refresh_seconds or 0.0), 0.0))
             if refresh_seconds is not None:
@@ -220,4 +240,4 @@ class OverheadBudget:
             window.clear()
             if value is not None:
                 window.append(float(value))
-        self._last_start = self._last_own = None
+        self._last_start = self._last_own = self._pending_plain = None

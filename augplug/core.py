@@ -35,7 +35,7 @@ from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonF
 from .budget import OverheadBudget
 from .finite import nonfinite
 from .rng import PrivateRNG
-from .schedule import BAD_VAL_BATCH, Schedule
+from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
 from .steps import StepCounter
 from .validation import CachedValidationStream, ValidationStream
@@ -161,19 +161,24 @@ class RefinerCore:
         self._v_halves: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = None
         self._v_step = -1
         self._val_loss = float("nan")
-        self._window = None        # (slots, next slot) of the validation window (Schedule.fresh_batches)
+        #: (slots, next slot, update of the last read) of the validation window (Schedule.fresh_batches)
+        self._window = None
         #: whether calls alternate model score passes with closed-form ones (the shell decides)
         self.model_scores = bool(model_scores)
-        self.budget = (OverheadBudget(schedule.budget, min_interval=schedule.refresh_every, model_scores=model_scores,
-                                      min_score_interval=schedule.model_scores_every)
-                       if schedule.budget is not None else None)
+        fraction = budget_fraction(schedule) if needs_validation else None
+        self.budget = (OverheadBudget(fraction, min_interval=schedule.refresh_every, model_scores=model_scores,
+                                      min_score_interval=schedule.model_scores_every,
+                                      max_interval=MAX_INTERVAL_FACTOR * schedule.refresh_every)
+                       if fraction is not None else None)
         self._refresh_seconds: Optional[float] = None
+        self._rebuild_only = False   # the current call's refresh rebuilt the direction without reading
         self._call_events = None     # the budget's [start, end] timing events of the current call (GPU)
         #: makes the budget's device timing events: "auto" (CUDA events on a CUDA device, else None:
         #: time on the host) or a callable
         self._event_factory: Any = "auto"
         self._timed_calls = [0, 0]   # calls seen by the budget: closed-form scores, model scores
-        self._warned_call_over_budget = False
+        # the default budget does not warn when the call alone exceeds it
+        self._warned_call_over_budget = schedule.budget == "auto"
         #: also keep the directions of two disjoint halves of the validation samples (the refinement
         #: strength's cross-fitting, :mod:`augplug.valve`); set by the shell
         self.split_validation = False
@@ -263,10 +268,31 @@ class RefinerCore:
         """Whether this shell's validation window stays exact for what it scores (default: no)."""
         return False
 
+    def _window_rebuilds(self) -> bool:
+        """Whether a refresh can rebuild the direction from the window without reading (the window
+        keeps what the direction is rebuilt from with the current parameters: last-layer features)."""
+        return self.fresh_batches is not None and self._window_is_exact()
+
     @property
     def refresh_interval(self) -> int:
-        """Updates between refreshes: the schedule's ``refresh_every``, or the budget's choice."""
+        """Updates between refreshes of the direction: the schedule's ``refresh_every``, or the
+        budget's choice where every refresh reads validation batches."""
+        if self.budget is None or self._window_rebuilds():
+            return self.refresh_every
+        return self.budget.interval
+
+    @property
+    def read_interval(self) -> int:
+        """Updates between validation reads: the refresh interval, or with a budget over a window that
+        rebuilds, the budget's choice (refreshes between only rebuild the direction)."""
         return self.budget.interval if self.budget is not None else self.refresh_every
+
+    def _read_due(self) -> bool:
+        """Whether this refresh reads validation batches (always, unless a budget spaces the reads of
+        a window that rebuilds)."""
+        if self._window is None or self.budget is None or not self._window_rebuilds():
+            return True
+        return self.step_count - self._window[2] >= self.budget.interval
 
     @property
     def model_score_interval(self) -> int:
@@ -312,7 +338,7 @@ class RefinerCore:
         """``refresh_interval`` (updates between refreshes); ``model_scores_every`` (calls between
         model score passes) where those are spaced out; with a budget ``overhead`` (the refiner's
         measured share of a plain iteration at those intervals)."""
-        out = {"refresh_interval": self.refresh_interval}
+        out = {"refresh_interval": self.refresh_interval, "read_interval": self.read_interval}
         if self.model_scores:
             out["model_scores_every"] = self.model_score_interval
         if self.budget is not None:
@@ -323,6 +349,7 @@ class RefinerCore:
         """At a call's start: the time (None without a budget). On a GPU also a timing event on the
         current stream, which the device reaches when the training forward queued before it is done."""
         self._refresh_seconds = None
+        self._rebuild_only = False
         self._call_events = None
         if self.budget is None:
             return None
@@ -362,7 +389,8 @@ class RefinerCore:
             first, last = self._call_events
             last.synchronize()
             own = first.elapsed_time(last) / 1000.0
-        self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind), own=own)
+        self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind), own=own,
+                                  record=not self._rebuild_only)
 
     def _num_val_batches(self) -> Optional[int]:
         """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
@@ -383,11 +411,13 @@ class RefinerCore:
         :meth:`_window_sum`); the new window travels in ``GradSum.window`` until the call commits.
         Advances the stream; changes nothing else.
         """
-        if self.budget is not None:
+        timed = self.budget is not None and self._read_due()
+        self._rebuild_only = self.budget is not None and not timed   # its call is left out of the budget's c
+        if timed:
             self._sync()
             t0 = self.budget.clock()
         total = self._validation_sum_untimed(prepare, gradient, rows)
-        if self.budget is not None:
+        if timed:
             self._sync()
             self._refresh_seconds = self.budget.clock() - t0
             self._choose_interval()
@@ -409,10 +439,10 @@ class RefinerCore:
                 self._warned_call_over_budget = True
                 _warn_at_caller(
                     f"budget={self.budget.fraction}: the refiner's call alone takes {mean[1] / max(mean[0], 1e-12):.2f} "
-                    f"of a training step, more than the budget, so refreshes"
-                    f"{' and model score passes' if self.budget.model_scores else ''} are spaced to the maximum "
-                    f"interval ({self.budget.max_interval} updates) and the validation direction is rarely renewed; "
-                    f"raise the budget (stats['overhead'] is the measured share) or pass budget=None")
+                    f"of a training step, more than the budget, so validation reads"
+                    f"{' and model score passes' if self.budget.model_scores else ''} are spaced to their maximum "
+                    f"interval ({self.budget.max_interval} updates, 16 x refresh_every) and the refiner costs more "
+                    f"than the budget; raise the budget (stats['overhead'] is the measured share) or pass budget=None")
 
     def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
         if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
@@ -426,22 +456,26 @@ class RefinerCore:
         # the window: every process keeps every slot (identical windows, identical states); process
         # r sums the slots k with k % world == r. The first refresh fills it as the exact schedule
         # reads (val_batches good batches, or the good batches of one pass); its size is then fixed.
+        read_step = self.step_count
         if self._window is None:
             slots, pos, size, want = {}, 0, None, self._num_val_batches()
-        else:
-            slots, pos = self._window
+        elif self._read_due():
+            slots, pos, _ = self._window
             slots, size = dict(slots), len(slots)
             want = min(fresh, size)
+        else:   # rebuild from the kept entries with the current parameters, read nothing
+            slots, pos, read_step = self._window
+            slots, size, want = dict(slots), len(slots), 0
 
         def keep(j, x, y):
             slots[j if size is None else (pos + j) % size] = self._window_entry(x, y, gradient) if rows(y) > 0 else None
 
-        good, skipped = self._read_validation(prepare, want, rows, keep, every_process=True)
+        good, skipped = self._read_validation(prepare, want, rows, keep, every_process=True) if want != 0 else (0, 0)
         size = size or good
         world, rank = dist_world_size(), dist_rank()
         total = self._window_sum([e for k, e in sorted(slots.items()) if e is not None and k % world == rank])
         total = self._finish_sum(total, skipped)
-        return dataclasses.replace(total, window=(slots, (pos + good) % size))
+        return dataclasses.replace(total, window=(slots, (pos + good) % size, read_step))
 
     def _read_validation(self, prepare: Callable, want: Optional[int], rows: Callable, visit: Callable,
                          every_process: bool = False):
@@ -597,7 +631,7 @@ class RefinerCore:
         """The validation window as plain tensors and dicts (``torch.load(weights_only=True)`` reads it)."""
         if self._window is None:
             return None
-        slots, pos = self._window
+        slots, pos, read_step = self._window
 
         def plain(e):
             if e is None or isinstance(e, dict):
@@ -606,9 +640,9 @@ class RefinerCore:
                     "loss_sum": torch.as_tensor(e.loss_sum, dtype=torch.float64).detach().clone(),
                     "halves": None if e.halves is None else [plain(h) for h in e.halves]}
 
-        return {"position": int(pos), "slots": {int(k): plain(e) for k, e in slots.items()}}
+        return {"position": int(pos), "slots": {int(k): plain(e) for k, e in slots.items()}, "read_step": int(read_step)}
 
-    def _window_from_state(self, state: Dict[str, Any]):
+    def _window_from_state(self, state: Dict[str, Any], v_step: Optional[int] = None):
         dev = self._device()
 
         def entry(e):
@@ -620,7 +654,9 @@ class RefinerCore:
                                halves=None if e["halves"] is None else tuple(entry(h) for h in e["halves"]))
             return {k: (t.to(dev).clone() if torch.is_tensor(t) else t) for k, t in e.items()}
 
-        return {int(k): entry(e) for k, e in state["slots"].items()}, int(state["position"])
+        # a window saved before reads were spaced out was read at every refresh: at the direction's update
+        read_step = state.get("read_step", self._v_step if v_step is None else v_step)
+        return {int(k): entry(e) for k, e in state["slots"].items()}, int(state["position"]), int(read_step)
 
     def _check_core_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` is a complete, finite state for this refiner."""
@@ -677,13 +713,20 @@ class RefinerCore:
                 raise ConfigurationError("the state holds a validation window (Schedule.fresh_batches) but this "
                                          "refiner recomputes the whole direction", "build the refiner with the same "
                                          "schedule before loading")
-            if not isinstance(window, dict) or set(window) != {"position", "slots"} or \
-                    not isinstance(window["position"], int) or not isinstance(window["slots"], dict):
+            if not isinstance(window, dict) or set(window) - {"read_step"} != {"position", "slots"} or \
+                    not isinstance(window["position"], int) or not isinstance(window["slots"], dict) or \
+                    not isinstance(window.get("read_step", 0), int) or isinstance(window.get("read_step"), bool):
                 raise ConfigurationError("the refiner state's 'window' is not a validation window", _CHECKPOINT_FIX)
+            keys = list(window["slots"])
+            if any(not isinstance(k, int) or isinstance(k, bool) for k in keys) or not keys or \
+                    sorted(keys) != list(range(len(keys))) or \
+                    not 0 <= window["position"] < len(window["slots"]):
+                raise ConfigurationError("the refiner state's validation window has missing slots or a position "
+                                         "outside them", _CHECKPOINT_FIX)
             if nonfinite(window["slots"]):
                 raise NonFiniteError("the saved validation window holds NaN/inf", "load an intact checkpoint")
             try:
-                self._window_from_state(window)
+                self._window_from_state(window, state["v_step"])
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ConfigurationError(f"the refiner state's 'window' is malformed ({e})", _CHECKPOINT_FIX) from None
         budget = state.get("budget")
@@ -719,6 +762,6 @@ class RefinerCore:
         self._rng.state = state["rng_state"].clone().cpu()
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
         window = state.get("window")
-        self._window = None if window is None else self._window_from_state(window)
+        self._window = None if window is None else self._window_from_state(window, self._v_step)
         if state.get("budget") is not None:
             self.budget.load_state_dict(state["budget"])

@@ -331,6 +331,8 @@ class AugmentationRefiner(RefinerCore):
                 "drop model_scores_every, or use mode='full' with method='saflex' or 'l2rw'")
         if not runs_model or not scores_rows or (schedule.model_scores_every == 1 and schedule.budget is None):
             return False
+        # the default budget alternates only where it can: no warning, no error without a linear head
+        quiet = schedule.model_scores_every == 1 and schedule.budget == "auto"
         try:
             head_name, _ = find_classifier(self.net, classifier)
         except UnsupportedHeadError as e:
@@ -339,11 +341,15 @@ class AugmentationRefiner(RefinerCore):
                     f"Schedule(model_scores_every={schedule.model_scores_every}) scores the calls between model "
                     f"passes with the linear head, but {e.problem}",
                     "pass classifier= naming the model's nn.Linear head, or drop model_scores_every") from e
+            if quiet:
+                return False
             _warn_at_caller(f"budget={schedule.budget}: without a linear classifier head ({e.problem}) every call "
                             f"scores with the model, and the budget only spaces out refreshes; pass classifier= "
                             f"to let it alternate with closed-form last-layer scores")
             return False
         if f"{head_name}.weight" not in self.score_params():
+            if quiet:
+                return False
             raise ConfigurationError(f"the classifier {head_name!r} is frozen, so the validation direction has no "
                                      f"part for closed-form scores between model score passes",
                                      "unfreeze the head, or use Schedule(model_scores_every=1) without a budget")

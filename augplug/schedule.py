@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Union
 
 from .errors import ConfigurationError
 
-__all__ = ["Schedule", "BAD_VAL_BATCH", "resolve_schedule"]
+__all__ = ["Schedule", "BAD_VAL_BATCH", "AUTO_BUDGET", "budget_fraction", "budget_from_text", "resolve_schedule"]
 
 #: Values of ``Schedule.bad_val_batch``.
 BAD_VAL_BATCH = ("skip", "raise")
@@ -37,12 +37,21 @@ class Schedule:
             modes it keeps each batch's gradient as computed (stale in every parameter, and memory of
             one gradient per batch). The first refresh reads the whole window.
         budget: the refiner's allowed share of a plain training step (e.g. 0.1). The refiner then
-            times its own work and the iteration and chooses the refresh interval (at least
-            ``refresh_every``) to stay within it (:mod:`augplug.budget`); ``stats["refresh_interval"]``
-            and ``stats["overhead"]`` report the choice and the measured share. The schedule then
-            depends on measured time (not bit-reproducible). ``None`` (default): refresh every
-            ``refresh_every`` updates. In the model-forward score modes it also spaces out the model's
-            score passes (``stats["model_scores_every"]``; see ``model_scores_every``).
+            times its own work and the iteration and spaces its validation work to stay within it
+            (:mod:`augplug.budget`): the validation reads (at least ``refresh_every`` updates apart),
+            and in the model-forward score modes the model's score passes (see
+            ``model_scores_every``). In last-layer mode with the validation window the head gradient
+            is still rebuilt from the cached features every ``refresh_every`` updates (exact for the
+            head); only the features are renewed less often. Every interval stays at most
+            ``16 * refresh_every`` updates (calls for score passes), so the direction is renewed
+            even where the refiner's call alone exceeds the budget (``stats["overhead"]`` then says by
+            how much). ``stats["read_interval"]``, ``stats["model_scores_every"]`` and
+            ``stats["overhead"]`` report the choice and the measured share. The schedule then depends on
+            measured time, so runs are not bit-reproducible. ``"auto"`` (default): a budget of 0.1
+            that does not warn when the call alone exceeds it (a small model's step can be shorter
+            than any refiner call). ``None``: the exact schedule (validation work every
+            ``refresh_every`` updates, model scores every ``model_scores_every`` calls),
+            bit-reproducible.
         model_scores_every: in the score modes that run the model (``mode="full"``,
             ``"double_backward"``, ``"auto"``), score with the model on every k-th call and with the
             closed-form last layer (the direction's classifier part, as ``mode="last_layer"`` scores)
@@ -56,7 +65,7 @@ class Schedule:
     cache_validation: bool = False
     bad_val_batch: str = "skip"
     fresh_batches: Union[None, int, str] = "auto"
-    budget: Optional[float] = None
+    budget: Union[None, float, str] = "auto"
     model_scores_every: int = 1
 
     def __post_init__(self):
@@ -74,16 +83,42 @@ class Schedule:
             if self.val_batches != "all" and self.fresh_batches > self.val_batches:
                 raise ConfigurationError(f"fresh_batches={self.fresh_batches} exceeds val_batches={self.val_batches}",
                                          "recompute at most the batches the direction covers")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
-                                        or not self.budget > 0):
-            raise ConfigurationError(f"budget must be a positive fraction of a training step, got {self.budget!r}",
-                                     "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
+        if self.budget is not None and not (isinstance(self.budget, str) and self.budget == "auto") and (
+                isinstance(self.budget, (bool, str)) or not isinstance(self.budget, (int, float)) or not self.budget > 0):
+            raise ConfigurationError(f"budget must be a positive fraction of a training step, 'auto' or None, got "
+                                     f"{self.budget!r}", "use e.g. budget=0.1 (10 % on top of a plain step), 'auto' "
+                                     "(the default, 0.1) or None for the exact, bit-reproducible schedule")
         if self.bad_val_batch not in BAD_VAL_BATCH:
             raise ConfigurationError(f"bad_val_batch must be one of {BAD_VAL_BATCH}, got {self.bad_val_batch!r}",
                                      "use 'skip' (skip and count non-finite validation batches) or 'raise'")
         if not isinstance(self.cache_validation, bool):
             raise ConfigurationError(f"cache_validation must be True or False, got {self.cache_validation!r}",
                                      "pass a bool")
+
+
+#: What ``Schedule(budget="auto")`` allows: a tenth of a plain training step.
+AUTO_BUDGET = 0.1
+#: The longest interval a budget may choose, in units of ``refresh_every``.
+MAX_INTERVAL_FACTOR = 16
+
+
+def budget_fraction(schedule: Schedule) -> Optional[float]:
+    """The schedule's budget as a fraction of a step (``"auto"`` resolved), or None without one."""
+    return AUTO_BUDGET if schedule.budget == "auto" else None if schedule.budget is None else float(schedule.budget)
+
+
+def budget_from_text(text: str) -> Union[None, float, str]:
+    """A command line's budget: ``"auto"``, ``"none"`` (the exact schedule) or a positive fraction."""
+    word = str(text).strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = float(word)
+    except ValueError:
+        raise ConfigurationError(f"budget must be 'auto', 'none' or a positive fraction, got {text!r}",
+                                 "pass e.g. 0.1, auto (the default) or none (the exact schedule)") from None
+    Schedule(budget=value)   # the schedule's own check names the problem
+    return value
 
 
 def resolve_schedule(schedule: Union[None, Schedule, Dict[str, Any]]) -> Schedule:

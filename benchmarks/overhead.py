@@ -297,6 +297,8 @@ class Setup:
         """The one place the benchmark builds refiners; ``budget`` / ``fresh_batches`` are passed on only
         when given."""
         extra = {k: v for k, v in (("budget", budget), ("fresh_batches", fresh_batches)) if v is not None}
+        if budget == "none":   # the exact schedule, asked for by name (not passing the option gives the default)
+            extra["budget"] = None
         r = AugmentationRefiner(model, opt, self.val_loader(val_size), method="saflex", mode=mode, seed=self.seed,
                                 bn_mode=bn_mode,
                                 method_options=dict(aug_weight=aug_weight, strength=1.0),  # refine batches without originals too
@@ -481,11 +483,19 @@ def budget_choice(refiner: AugmentationRefiner) -> Optional[str]:
     if st.get("refresh_interval") is None:
         return None
     parts = [f"refresh every {st['refresh_interval']}"]
+    if st.get("read_interval") not in (None, st["refresh_interval"]):
+        parts.append(f"reads every {st['read_interval']}")
     if st.get("model_scores_every") is not None:
         parts.append(f"model scores every {st['model_scores_every']}")
     if st.get("overhead") is not None and not math.isnan(st["overhead"]):
         parts.append(f"estimate {st['overhead']:.2f}")
     return ", ".join(parts)
+
+
+def _budget_arg(text: str):
+    """``--budgets`` values: ``auto``, ``none`` (kept as the word: pass ``budget=None``) or a fraction."""
+    word = text.strip().lower()
+    return word if word in ("auto", "none") else float(word)
 
 
 def _item_name(cfg: Config, val_size: int, budget) -> str:
@@ -747,7 +757,7 @@ def results_from_table(text: str) -> List[StepResult]:
         budget = row[col["budget"]] if "budget" in col else "—"
         out.append(StepResult(row[col["model"]], label, keys[label], label,
                               None if label == PEER or not val.isdigit() else int(val),
-                              None if budget == "—" else parse_value(budget), ratio=float(row[col[RATIO_HEADER]])))
+                              None if budget == "—" else _budget_arg(budget), ratio=float(row[col[RATIO_HEADER]])))
     return out
 
 
@@ -850,9 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", default="all",
                    help="the refiners' val_batches: 'all' (a refresh reads the whole validation set; "
                         "the default) or a number of batches")
-    p.add_argument("--budgets", nargs="+", type=parse_value, default=None,
-                   help="time every configuration once per value, passed to the refiner as budget=VALUE "
-                        "(default: the option is not passed)")
+    p.add_argument("--budgets", nargs="+", type=_budget_arg, default=None,
+                   help="time every configuration once per value, passed to the refiner as budget=VALUE: a "
+                        "fraction, auto, or none for the exact schedule (default: the option is not passed, so "
+                        "the refiner's default applies)")
     p.add_argument("--fresh-batches", type=int, default=None,
                    help="the refiners' Schedule(fresh_batches=K): a validation window, K batches recomputed "
                         "per refresh (default: not passed, every refresh recomputes all)")

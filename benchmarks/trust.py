@@ -341,7 +341,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         out["share"] = float(st.get("aug_weight", float("nan")))
         out["strength"] = float(st["strength"]) if "strength" in st else float("nan")
         if refiner.budget is not None:  # what the budget chose by the end (intervals, estimated share)
-            out["budget_choice"] = {k: st[k] for k in ("refresh_interval", "model_scores_every", "overhead") if k in st}
+            out["budget_choice"] = {k: st[k] for k in ("refresh_interval", "read_interval", "model_scores_every", "overhead")
+                                   if k in st}
         pool = getattr(refiner.policy, "pool", None)
         if pool is not None:  # the groups the pooled evidence weighted down most, at the end
             out["pooled_lowest"] = pool.table(data["source_names"])[:5]

@@ -145,6 +145,9 @@ class Rig:
 def make_rig(kind: str = "saflex", *, val: Optional[PoisonableLoader] = None, optimizer=None, **options) -> Rig:
     torch.manual_seed(0)
     val = val if val is not None else PoisonableLoader(val_batches())
+    # the twins must make identical choices: the exact schedule, not one driven by measured time
+    # (a rejected call's effect on the budget is tested with a fake clock in test_budget.py)
+    options.setdefault("budget", None)
     if kind == "contrastive":
         image = nn.Sequential(nn.Flatten(), nn.Linear(36, 8))
         text = ClassEmbeddings(C, 8)

@@ -218,7 +218,7 @@ def test_example_share_steps_for_the_runs_length(tmp_path, monkeypatch):
 
 def test_example_budget_reaches_the_schedule(tmp_path):
     """--budget: the example's refiner runs under Schedule(budget=...) and logs its measured share;
-    without it the rows carry no share."""
+    with --budget none (the exact schedule) the rows carry no share."""
     import augplug.integrations.accelerate_train as at
 
     _accelerator()   # reset any state an earlier test left
@@ -227,5 +227,6 @@ def test_example_budget_reaches_the_schedule(tmp_path):
     row = res["history"][-1]
     assert isinstance(row["overhead"], float) and row["overhead"] > 0 and row["refresh_interval"] >= 4
     _accelerator()
-    res = at.main(["--epochs", "1", "--max-steps", "3", "--no-progress", "--cpu", "--output", str(tmp_path / "b")])
+    res = at.main(["--epochs", "1", "--max-steps", "3", "--budget", "none", "--no-progress", "--cpu",
+                   "--output", str(tmp_path / "b")])
     assert res["history"][-1]["overhead"] is None

@@ -104,7 +104,7 @@ def test_refiner_spaces_refreshes_by_measured_time():
 
     val = _SlowLoader(base, clock, 2.0)   # 5 batches of 2 s: a refresh over the loader costs 10 s
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                    schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
+                                    schedule=augplug.Schedule(refresh_every=2, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
     refreshes = []
     for step in range(60):
@@ -122,12 +122,12 @@ def test_refiner_spaces_refreshes_by_measured_time():
     state = r.state_dict()
     assert state["budget"]["interval"] == 20
     fresh = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                        schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
+                                        schedule=augplug.Schedule(refresh_every=2, budget=0.5, fresh_batches=None))
     r.remove_hooks()
     fresh.load_state_dict(state)
     assert fresh.refresh_interval == 20
     plain = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                        schedule=augplug.Schedule(refresh_every=1))
+                                        schedule=augplug.Schedule(refresh_every=1, budget=None))
     with pytest.raises(ConfigurationError, match="budget"):
         plain.load_state_dict(state)
 
@@ -178,11 +178,14 @@ def test_score_interval_measured_by_kind():
     b.call_finished(start, 0.2, model_scored=True)
     clock.now += 1.0
     start = b.call_started()
+    assert b.measurements() is None             # P counts once the call that ends the iteration succeeds
+    clock.now += 0.3
+    b.call_finished(start, None, model_scored=True)
     assert b.measurements() == (pytest.approx(1.0), 0.0, pytest.approx(0.2), pytest.approx(0.3))
+    clock.now += 1.0
+    start = b.call_started()
     clock.now += 0.05
     b.call_finished(start, None)                # a closed-form call
-    clock.now += 1.0
-    b.call_started()
     assert b.measurements() == (pytest.approx(1.0), pytest.approx(0.05), pytest.approx(0.2), pytest.approx(0.3))
     state = b.state_dict()
     assert state["model_call"] == pytest.approx(0.3) and state["score_interval"] == 1
@@ -226,7 +229,7 @@ def test_model_scores_every_alternates_with_closed_form_scores():
     val = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))), batch_size=16)
     policy = _Recording(strength=1.0)
     r = augplug.AugmentationRefiner(m, opt, val, method=policy, mode="full",
-                                    schedule=augplug.Schedule(model_scores_every=3))
+                                    schedule=augplug.Schedule(model_scores_every=3, budget=None))
     passes = []
     for step in range(7):
         x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
@@ -314,7 +317,7 @@ def test_budget_spaces_out_model_score_passes(monkeypatch):
     late = [i for i, (kind, _) in enumerate(policy.seen) if kind != "closed_form" and i >= 40]
     assert late and all(b - a == 8 for a, b in zip(late, late[1:]))
     without = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), mode="full",
-                                          schedule=augplug.Schedule(refresh_every=1, fresh_batches=None))
+                                          schedule=augplug.Schedule(refresh_every=1, fresh_batches=None, budget=None))
     assert "model_scores_every" not in without._schedule_stats()
 
 
@@ -401,3 +404,164 @@ def test_a_call_over_budget_warns_once():
     assert over[0].filename == __file__   # attributed to the user's call, not to augplug's insides
     assert "takes 0.50 of a training step" in str(over[0].message)
     assert r.budget.call_over_budget
+
+
+class _CountingSlowLoader(_SlowLoader):
+    """A :class:`_SlowLoader` that counts the batches drawn from it."""
+
+    def __init__(self, base, clock, seconds):
+        super().__init__(base, clock, seconds)
+        self.drawn = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.drawn += 1
+            yield batch
+
+
+def _head_direction(window, head):
+    """The oracle: ``-grad`` of the mean soft-target CE over the window's cached features at the
+    head's current weights, by autograd."""
+    a = torch.cat([e["features"] for e in window[0].values()])
+    y = torch.cat([e["targets"] for e in window[0].values()])
+    w = head.weight.detach().clone().requires_grad_(True)
+    b = head.bias.detach().clone().requires_grad_(True)
+    loss = -(y * torch.log_softmax(a @ w.T + b, dim=1)).sum(1).mean()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    return -gw, -gb
+
+
+def test_budget_spaces_reads_while_the_head_is_rebuilt_every_refresh():
+    """Last-layer mode with the window and a budget: the budget spaces out the validation *reads*
+    (5 s per batch against 1 s steps, budget 0.5: every 10 updates), while every ``refresh_every``
+    (2) updates the head gradient is rebuilt from the cached features with the current head, exactly
+    (an autograd oracle), without reading the loader."""
+    torch.manual_seed(0)
+    clock = FakeClock()
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
+    val = _CountingSlowLoader(base, clock, 5.0)
+    r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=2, budget=0.5))
+    r.budget.clock = clock
+    reads, rebuilds = [], []
+    for step in range(80):
+        clock.now += 1.0
+        drawn = val.drawn
+        loss = r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3)
+        if r.stats["refreshed"]:
+            (reads if val.drawn > drawn else rebuilds).append(step)
+            if val.drawn == drawn:   # a rebuild: exact for the current head, whatever the features' age
+                gw, gb = _head_direction(r._window, m[2])
+                torch.testing.assert_close(r.validation_direction["2.weight"], gw, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(r.validation_direction["2.bias"], gb, rtol=1e-5, atol=1e-7)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # P = 1 s, c = 0, R = 5 s (one batch): reads every ceil(5 / 0.5) = 10 updates
+    assert r.stats["read_interval"] == 10 and r.stats["refresh_interval"] == 2
+    late = [s for s in reads if s > 40]
+    assert len(late) >= 3 and all(b - a == 10 for a, b in zip(late, late[1:]))
+    refreshes = sorted(reads + rebuilds)
+    assert all(b - a == 2 for a, b in zip(refreshes, refreshes[1:])) and len(rebuilds) > 2 * len(reads)
+    assert r.budget.refresh == pytest.approx(5.0)   # rebuilds are not timed as reads
+
+
+def test_intervals_are_capped_at_sixteen_refreshes():
+    """However slow a read, a budget's intervals stay at most ``16 * refresh_every`` updates."""
+    clock = FakeClock()
+    b = OverheadBudget(0.1, min_interval=4, max_interval=64, clock=clock)
+    _iterations(b, clock, 5, refresh=1000.0)
+    assert b.choose() == 64
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 4))
+    r = augplug.AugmentationRefiner(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                    DataLoader(TensorDataset(torch.randn(8, 6), torch.randint(0, 4, (8,))), batch_size=8),
+                                    schedule=augplug.Schedule(refresh_every=3))
+    assert r.budget.max_interval == 48 and r.budget.fraction == augplug.schedule.AUTO_BUDGET
+
+
+def test_a_rejected_call_changes_no_measurement():
+    """A call rejected for bad input leaves the budget's measurements as they were (its state and its
+    pending iteration time); the next good call measures from the last good one."""
+    clock = FakeClock()
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
+    r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=1, budget=0.1))
+    r.budget.clock = clock
+    for _ in range(3):
+        clock.now += 1.0
+        r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
+    before = r.state_dict()["budget"]
+    clock.now += 7.0
+    with pytest.raises(augplug.errors.AugplugError):
+        r(m(torch.randn(8, 6)), torch.randint(0, 9, (7,)))   # 7 labels for 8 rows
+    assert r.state_dict()["budget"] == before
+    clock.now += 1.0
+    r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3)
+    assert r.budget._plain[-1] == pytest.approx(8.0)   # from the last good call's start: 7 s + 1 s
+
+
+def test_the_default_budget_does_not_warn_and_none_is_exact():
+    """``budget="auto"`` (the default) is 0.1 and says nothing when the call alone exceeds it;
+    ``budget=None`` has no budget (the exact schedule); the command lines' parser reads the three."""
+    clock = FakeClock()
+
+    class Slow(augplug.SAflex):
+        def observe(self, ctx, g):
+            clock.now += 0.5
+            super().observe(ctx, g)
+
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
+    r = augplug.AugmentationRefiner(m, opt, val, method=Slow(strength=1.0))
+    assert r.schedule.budget == "auto" and r.budget.fraction == 0.1
+    r.budget.clock = clock
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(30):
+            clock.now += 1.0
+            opt.zero_grad()
+            r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
+            opt.step()
+    assert r.budget.call_over_budget and r.stats["read_interval"] == r.budget.max_interval == 64
+    exact = augplug.AugmentationRefiner(m, opt, val, schedule=augplug.Schedule(budget=None))
+    assert exact.budget is None and exact.read_interval == exact.refresh_interval == 4
+    from augplug.schedule import budget_from_text
+    assert (budget_from_text("auto"), budget_from_text("None"), budget_from_text("0.25")) == ("auto", None, 0.25)
+    for bad in ("-1", "fast", "0"):
+        with pytest.raises(ConfigurationError, match="budget"):
+            budget_from_text(bad)
+    with pytest.raises(ConfigurationError, match="budget"):
+        augplug.Schedule(budget="fast")
+
+
+def test_a_rebuild_is_not_timed_as_a_call(monkeypatch):
+    """The call that rebuilds the head gradient without reading is kept out of the closed-form
+    call's time ``c`` (a rebuild every other call would otherwise set its median)."""
+    import augplug.refiner as refiner_module
+    torch.manual_seed(0)
+    clock = FakeClock()
+    real = refiner_module.head_gradient
+
+    def slow_rebuild(*args, **kw):
+        clock.now += 0.25
+        return real(*args, **kw)
+
+    monkeypatch.setattr(refiner_module, "head_gradient", slow_rebuild)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
+    r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 5.0), method=augplug.SAflex(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=2, budget=0.5))
+    r.budget.clock = clock
+    for _ in range(40):
+        clock.now += 1.0
+        opt.zero_grad()
+        r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
+        opt.step()
+    assert max(r.budget._call) == 0.0 and r.budget.refresh == pytest.approx(5.25)

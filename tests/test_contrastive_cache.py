@@ -50,6 +50,7 @@ def _build(mode, loader, cache, seed=0, **kw):
     img, txt = _encoders(mode, seed)
     opt = torch.optim.SGD(list(img.parameters()) + list(txt.parameters()), lr=0.1, momentum=0.9)
     kw.setdefault("refresh_every", 1)
+    kw.setdefault("budget", None)   # cached and uncached runs compared step for step: the exact schedule
     if mode == "prompts":
         kw["class_prompts"] = torch.arange(C)
     r = ContrastiveRefiner(img, txt, opt, loader, logit_scale=1.0, seed=seed,

@@ -43,7 +43,8 @@ def _train(train_batches, loader):
     model = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # the exact schedule: every refresh reads its 2 batches, 1,000 validation reads in all
-    refiner = AugmentationRefiner(model, opt, loader, schedule=dict(refresh_every=4, val_batches=2, fresh_batches=None))
+    refiner = AugmentationRefiner(model, opt, loader, schedule=dict(refresh_every=4, val_batches=2, fresh_batches=None,
+                                                                               budget=None))
     skipped = 0
     for x, y in train_batches:
         try:

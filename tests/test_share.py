@@ -52,7 +52,7 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
     seen = _capture_agreements(share)
     refiner = AugmentationRefiner(model, opt, val, mode=mode,
                                   method_options=dict(aug_weight=share, beta=1.0, tau=1.0),
-                                  schedule=dict(refresh_every=1))
+                                  schedule=dict(refresh_every=1, budget=None))
     refiner(model(x), y, num_original=N_ORIG)
     w = refiner.stats["weights"][N_ORIG:].double()
     soft = refiner.stats["soft_targets"].double()
@@ -90,7 +90,7 @@ def test_loss_uses_the_current_share():
     model, opt, val, _, x, y = _setup(True)
     refiner = AugmentationRefiner(model, opt, val,
                                   method_options=dict(aug_weight=AdaptiveShare(init=0.25, evidence=None)),
-                                  schedule=dict(refresh_every=1))
+                                  schedule=dict(refresh_every=1, budget=None))
     loss = refiner(model(x), y, num_original=N_ORIG)
     st = refiner.stats
     per = F.cross_entropy(model(x), y, reduction="none")
@@ -176,7 +176,7 @@ def test_share_falls_for_noisy_augmented_rows_and_not_for_clean_ones(noisy):
     model = FlatNet(D, 16, C).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     refiner = AugmentationRefiner(model, opt, _rule_val(w), method_options=dict(aug_weight=AdaptiveShare(lr=0.05)),
-                                  schedule=dict(refresh_every=1))
+                                  schedule=dict(refresh_every=1, budget=None))
     shares = [s for _, s in _train(refiner, model, opt, batches, 16)]
     if noisy:
         assert shares[-1] < 0.5       # random labels: their gradients oppose the validation gradient
@@ -194,7 +194,7 @@ def test_resume_gives_identical_losses_and_shares():
         model = FlatNet(D, 16, C).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         return model, opt, AugmentationRefiner(model, opt, _rule_val(w), method_options=dict(aug_weight='adaptive'),
-                                               schedule=dict(refresh_every=2))
+                                               schedule=dict(refresh_every=2, budget=None))
 
     model, opt, refiner = build()
     _train(refiner, model, opt, batches[:4], 8)
@@ -212,7 +212,7 @@ def test_resume_gives_identical_losses_and_shares():
 def test_rejected_call_and_aug_only_batches_leave_the_share_unchanged():
     model, opt, val, _, x, y = _setup(True)
     refiner = AugmentationRefiner(model, opt, val, method_options=dict(aug_weight='adaptive'),
-                                  schedule=dict(refresh_every=1))
+                                  schedule=dict(refresh_every=1, budget=None))
     refiner(model(x), y, num_original=N_ORIG)
     before, share = refiner.share.state_dict(), float(refiner.aug_weight)
     bad = y.clone()
@@ -307,7 +307,7 @@ def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, 
         return real(*args, **kw)
 
     monkeypatch.setattr(augplug.scores, "class_scores", counting)
-    refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, schedule=dict(refresh_every=1))
+    refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, schedule=dict(refresh_every=1, budget=None))
     share = _capture_agreements(refiner.share)
     refiner(model(x), y, num_original=N_ORIG)
     assert calls == ["full"] * passes

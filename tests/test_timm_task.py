@@ -34,7 +34,8 @@ def _setup(seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     # the one refiner construction of this file; strength=1: refine these rows although no originals
     # are in the batch, so the weights are not all 1
-    refiner = augplug.AugmentationRefiner(model, opt, _val(), method=augplug.SAflex(strength=1.0), seed=seed)
+    refiner = augplug.AugmentationRefiner(model, opt, _val(), method=augplug.SAflex(strength=1.0), seed=seed,
+                                          schedule=augplug.Schedule(budget=None))  # exact resume needs the exact schedule
     return model, opt, refiner
 
 

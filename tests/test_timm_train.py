@@ -536,12 +536,15 @@ def test_saflex_share_steps_for_the_runs_length(tmp_path, monkeypatch):
 
 def test_refiner_budget_reaches_the_schedule(tmp_path):
     """--refiner-budget: the refiner gets Schedule(budget=...), and in full-model mode the budget
-    spaces out the model's score passes (stats name both intervals); a bad value is a clear error."""
+    spaces out the model's score passes (stats name both intervals); the default is 'auto', 'none' the
+    exact schedule; a bad value is a clear error."""
     out = _run(tmp_path / "a", "--refiner", "saflex", "--refiner-mode", "full", "--refiner-budget", "0.5")
     refiner = out["refiner"]
     assert refiner.schedule.budget == 0.5
     assert {"refresh_interval", "model_scores_every", "overhead"} <= set(refiner.stats)
-    plain = _run(tmp_path / "b", "--refiner", "saflex")
+    default = _run(tmp_path / "b", "--refiner", "saflex")
+    assert default["refiner"].schedule.budget == "auto" and "overhead" in default["refiner"].stats
+    plain = _run(tmp_path / "d", "--refiner", "saflex", "--refiner-budget", "none")
     assert plain["refiner"].schedule.budget is None and "overhead" not in plain["refiner"].stats
     with pytest.raises(augplug.ConfigurationError, match="budget"):
         _run(tmp_path / "c", "--refiner", "saflex", "--refiner-budget", "-1")

@@ -47,7 +47,7 @@ def _run(cache, steps=8, mode="last_layer", **kw):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loader = kw.pop("loader", None) or _loader()
-    r = AugmentationRefiner(model, opt, loader, mode=mode, **refiner_kwargs(kw, refresh_every=2, cache_validation=cache))
+    r = AugmentationRefiner(model, opt, loader, mode=mode, **refiner_kwargs(kw, refresh_every=2, cache_validation=cache, budget=None))
     return _train(model, r, opt, steps), loader, r
 
 
@@ -78,7 +78,7 @@ def test_resume_is_exact_and_rebuilds_the_cache():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     r = AugmentationRefiner(model, opt, _loader(shuffle=True),
-                            schedule=dict(refresh_every=2, val_batches=1, cache_validation=True))
+                            schedule=dict(refresh_every=2, val_batches=1, cache_validation=True, budget=None))
     _train(model, r, opt, 3)
     state = copy.deepcopy({"m": model.state_dict(), "o": opt.state_dict(), "r": r.state_dict(),
                            "rng": torch.get_rng_state()})  # the model's dropout draws from the user's RNG
@@ -88,7 +88,7 @@ def test_resume_is_exact_and_rebuilds_the_cache():
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     loader2 = _loader(shuffle=True)
     r2 = AugmentationRefiner(model2, opt2, loader2, seed=5,
-                             schedule=dict(refresh_every=2, val_batches=1, cache_validation=True))
+                             schedule=dict(refresh_every=2, val_batches=1, cache_validation=True, budget=None))
     model2.load_state_dict(state["m"])
     opt2.load_state_dict(state["o"])
     r2.load_state_dict(state["r"])
@@ -100,7 +100,8 @@ def test_resume_is_exact_and_rebuilds_the_cache():
 def test_cache_setting_must_match_the_state():
     _, _, cached = _run(True, steps=2)
     model = _model()
-    plain = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader())
+    plain = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(),
+                                schedule=dict(budget=None))
     before = plain.state_dict()
     with pytest.raises(ConfigurationError, match="cache_validation"):
         plain.load_state_dict(cached.state_dict())
@@ -113,7 +114,7 @@ def test_bad_validation_labels_rejected_state_unchanged():
     labels = torch.full((24,), 7)  # out of range for C = 4
     model = _model()
     r = AugmentationRefiner(model, None, _loader(labels=labels), method_options=dict(strength=1.0),
-                            schedule=dict(cache_validation=True))
+                            schedule=dict(cache_validation=True, budget=None))
     before = copy.deepcopy(r.state_dict())
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(TargetError, match="validation targets"):
@@ -127,6 +128,6 @@ def test_empty_loader_with_cache():
     empty = DataLoader(TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     model = _model()
     r = AugmentationRefiner(model, None, empty, method_options=dict(strength=1.0),
-                            schedule=dict(cache_validation=True))
+                            schedule=dict(cache_validation=True, budget=None))
     with pytest.raises(EmptyValidationError):
         r(model(torch.randn(8, 1, 8, 8)), torch.randint(0, C, (8,)))

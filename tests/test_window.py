@@ -38,7 +38,7 @@ def _run(fresh, mode="last_layer", steps=10, freeze_body=False, refresh_every=1,
     val = Counting(DataLoader(TensorDataset(torch.randn(40, D, generator=g), torch.randint(0, C, (40,), generator=g)),
                               batch_size=8))
     r = augplug.AugmentationRefiner(m, opt, val, mode=mode, method=augplug.SAflex(strength=1.0),
-                                    schedule=dict(refresh_every=refresh_every, fresh_batches=fresh,
+                                    schedule=dict(refresh_every=refresh_every, fresh_batches=fresh, budget=None,
                                                   val_batches=val_batches))
     if state is not None:
         r.load_state_dict(state)
@@ -89,7 +89,7 @@ def test_window_state_resumes_bit_for_bit():
     gen_dirs = []
     m, opt = r1.model, r1.optimizer
     r2 = augplug.AugmentationRefiner(m, opt, r1.val_loader, method=augplug.SAflex(strength=1.0),
-                                     schedule=dict(refresh_every=1, fresh_batches=1))
+                                     schedule=dict(refresh_every=1, fresh_batches=1, budget=None))
     r1.remove_hooks()
     r2.load_state_dict(state)
     gen = torch.Generator().manual_seed(2)
@@ -111,13 +111,25 @@ def test_window_state_checked_before_loading():
     _, exact, _ = _run(None, steps=1)
     with pytest.raises(ConfigurationError, match="window"):
         exact.load_state_dict(state)
-    bad = dict(state, window={**state["window"], "slots": {0: {"features": torch.full((8, 16), float("nan")),
-                                                              "targets": torch.zeros(8, C), "half": None}}})
+    bad = dict(state, window={**state["window"], "position": 0,
+                              "slots": {0: {"features": torch.full((8, 16), float("nan")),
+                                            "targets": torch.zeros(8, C), "half": None}}})
     before = r.state_dict()
     with pytest.raises(NonFiniteError):
         r.load_state_dict(bad)
+    slots = state["window"]["slots"]
+    for window in ({**state["window"], "slots": {k: v for k, v in slots.items() if k != 1}},   # a slot missing
+                   {**state["window"], "slots": {}, "position": 0},
+                   {**state["window"], "position": len(slots)},
+                   {**state["window"], "read_step": "3"}):
+        with pytest.raises(ConfigurationError, match="window"):
+            r.load_state_dict(dict(state, window=window))
     after = r.state_dict()
     assert torch.equal(before["window"]["slots"][0]["features"], after["window"]["slots"][0]["features"])
+    # a state saved before reads were spaced out (no read_step) loads: read at the direction's update
+    old = dict(state, window={k: v for k, v in state["window"].items() if k != "read_step"})
+    r.load_state_dict(old)
+    assert r._window[2] == state["v_step"]
 
 
 def test_schedule_rejects_bad_fresh_batches():
@@ -136,7 +148,7 @@ def test_window_with_integer_val_batches_and_the_adaptive_strength():
     m = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, C))
     val = DataLoader(TensorDataset(torch.randn(40, D), torch.randint(0, C, (40,))), batch_size=8)
     r = augplug.AugmentationRefiner(m, None, val, method=augplug.SAflex(strength="adaptive"),
-                                    schedule=dict(refresh_every=1, fresh_batches=1))
+                                    schedule=dict(refresh_every=1, fresh_batches=1, budget=None))
     for _ in range(3):
         r(m(torch.randn(8, D)), torch.randint(0, C, (8,)), num_original=3)
     a, b = r.half_directions

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from augplug import AugmentationRefiner
 from augplug.demo import load_digits_study
 from augplug.models import SmallCNN
+from augplug.schedule import budget_from_text
 from augplug.share import AdaptiveShare
 
 #: Variables ``accelerate launch`` sets in every process it starts (any of them marks a launched run).
@@ -118,9 +119,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Accelerator(mixed_precision=...): bf16 on CPU or GPU, fp16 on GPU (default: no)")
     p.add_argument("--refresh-every", type=int, default=4,
                    help="optimizer updates between refreshes of the refiner's validation direction (default: 4)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="the refiner's allowed share of a plain step (e.g. 0.1): Schedule(budget=...), refreshes "
-                        "spaced by measured time, the same on every process (default: none, a fixed schedule)")
+    p.add_argument("--budget", default="auto",
+                   help="the refiner's allowed share of a plain step: Schedule(budget=...), validation work spaced "
+                        "by measured time, the same on every process; 'none' for the exact, bit-reproducible "
+                        "schedule (default: auto, 0.1)")
     p.add_argument("--noise", type=float, default=0.3, help="share of augmented views with a broken label")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, views and model (default: 0)")
     p.add_argument("--output", default="accelerate_out", help="folder for results.json (default: accelerate_out)")
@@ -177,7 +179,7 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
     refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, isda=True if args.isda else None,
                                   seed=args.seed, accelerator=acc, **options,
                                   schedule=dict(refresh_every=args.refresh_every,
-                                                **({} if args.budget is None else {"budget": args.budget})))
+                                                budget=budget_from_text(args.budget)))
     if args.resume:
         acc.load_state(args.resume)
     if log_with:

@@ -68,6 +68,7 @@ from timm.utils import CheckpointSaver, NativeScaler, dispatch_clip_grad, get_ou
 from augplug import AugmentationRefiner, ConfigurationError, refiner_kwargs  # noqa: E402
 from augplug.data import IndexedDataset, stratified_split  # noqa: E402
 from augplug.report import AugmentationAudit, TracedRandAugment  # noqa: E402
+from augplug.schedule import budget_from_text  # noqa: E402
 from augplug.share import AdaptiveShare  # noqa: E402
 from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit  # noqa: E402
 
@@ -248,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refresh-every", type=int, default=4)
     g.add_argument("--val-batches", default="all", help="validation batches per refresh ('all' or an int)")
     g.add_argument("--refiner-warmup", type=int, default=0, help="optimizer updates before refinement starts")
-    g.add_argument("--refiner-budget", type=float, default=None,
-                   help="the refiner's allowed share of a plain training step (e.g. 0.1): it times its own work and "
-                        "spaces out refreshes (and, with --refiner-mode full, the model's score passes) to stay "
-                        "within it; the schedule then depends on measured time (default: none, a fixed schedule)")
+    g.add_argument("--refiner-budget", default="auto",
+                   help="the refiner's allowed share of a plain training step: it times its own work and spaces "
+                        "out validation reads (and, with --refiner-mode full, the model's score passes) to stay "
+                        "within it, so the schedule depends on measured time; 'none' for the exact, "
+                        "bit-reproducible schedule (default: auto, 0.1)")
     g.add_argument("--refiner-kwargs", nargs="*", default={}, action=_KeyValue,
                    help="more AugmentationRefiner options, e.g. beta=2 weighting=hard")
     g.add_argument("--method-options", nargs="*", default={}, action=_KeyValue,
@@ -586,8 +588,7 @@ def build_refiner(args, model, optimizer, val_loader, num_train: int, num_classe
                                                  **args.refiner_kwargs, **method_options},
                                                 refresh_every=args.refresh_every, val_batches=val_batches,
                                                 warmup_steps=args.refiner_warmup,
-                                                **({} if args.refiner_budget is None
-                                                   else {"budget": args.refiner_budget})))
+                                                budget=budget_from_text(args.refiner_budget)))
 
 
 class ToModelInput:
