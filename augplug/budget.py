@@ -90,6 +90,10 @@ class OverheadBudget:
         self.min_score_interval = int(min_score_interval)
         self.score_interval = int(min_score_interval)
         self._model_call: Deque[float] = deque(maxlen=window)   # c_m
+        self._rebuild_call: Deque[float] = deque(maxlen=window)  # c_r
+        #: updates between refreshes that only rebuild the direction from a window (the core uses it
+        #: where its window rebuilds; at least ``min_interval``)
+        self.rebuild_interval = int(min_interval)
         self._plain: Deque[float] = deque(maxlen=window)     # P
         self._call: Deque[float] = deque(maxlen=window)      # c
         self._refresh: Deque[float] = deque(maxlen=window)   # R
@@ -117,6 +121,11 @@ class OverheadBudget:
         return self._median(self._refresh)
 
     @property
+    def rebuild_call(self) -> Optional[float]:
+        """``c_r``: the median own time of recent calls whose refresh only rebuilt the direction."""
+        return self._median(self._rebuild_call)
+
+    @property
     def model_call(self) -> Optional[float]:
         """``c_m``: the median own time (without a refresh) of recent calls that scored with the model."""
         return self._median(self._model_call)
@@ -132,18 +141,19 @@ class OverheadBudget:
         return now
 
     def call_finished(self, started: float, refresh_seconds: Optional[float], model_scored: bool = False,
-                      own: Optional[float] = None, record: bool = True) -> None:
+                      own: Optional[float] = None, rebuilt: bool = False) -> None:
         """Record the call's own time, and the refresh's when it refreshed. ``model_scored``: the call
         scored with a model pass (recorded apart from the closed-form calls when ``model_scores``).
         ``own``: the call's own time when measured otherwise (on a GPU, by device events); default
-        the clock's time since ``started``. ``record=False``: the call is of none of the measured
-        kinds (a refresh that only rebuilt the direction); only ``P`` leaves its own time out."""
+        the clock's time since ``started``. ``rebuilt``: the call's refresh only rebuilt the direction
+        from the window (recorded as ``c_r``, apart from the other kinds)."""
         own = self.clock() - started if own is None else float(own)
         if self._pending_plain is not None:
             self._plain.append(self._pending_plain)
             self._pending_plain = None
         self._last_start, self._last_own = started, own
-        if not record:
+        if rebuilt:
+            self._rebuild_call.append(own)
             return
         if self.model_scores and model_scored:
             self._model_call.append(max(own - (refresh_seconds or 0.0), 0.0))
@@ -181,22 +191,32 @@ class OverheadBudget:
     def _clip(self, k: float, low: int) -> int:
         return int(min(max(k, low), self.max_interval))
 
-    def choose(self, measured=None) -> int:
-        """The refresh interval (and with ``model_scores`` the score interval) for the measurements
-        ``(P, c, R)`` or ``(P, c, R, c_m)`` (default: this process's); returns the refresh interval."""
-        measured = measured if measured is not None else self.measurements()
+    def choose(self, measured=None, rebuild_call: Optional[float] = None) -> int:
+        """The refresh interval (and with ``model_scores`` the score interval, with a measured
+        ``rebuild_call`` the rebuild interval) for the measurements ``(P, c, R)`` or ``(P, c, R, c_m)``
+        (default: this process's); returns the refresh interval.
+
+        A rebuild (``c_r``) is the second kind of work as a model score pass is: ``E = c_r - c`` per
+        rebuild, rebuilds every ``j`` updates, ``c + E / j + R / k <= b * P``, ``k`` first, then the
+        least ``j`` the room left allows."""
+        if measured is None:
+            measured = self.measurements()
+            rebuild_call = self.rebuild_call if rebuild_call is None else rebuild_call
         if measured is None:
             return self.interval
         plain, c, r = measured[:3]
         extra = self._score_extra(c, measured[3]) if self.model_scores else 0.0   # D
+        rebuild = self._score_extra(c, rebuild_call) if rebuild_call is not None else 0.0   # E
         room = self.fraction * plain - c
         self.call_over_budget = room <= 0
-        k = self.max_interval if room <= 0 else math.ceil((extra + r) / room)
+        k = self.max_interval if room <= 0 else math.ceil((extra + rebuild + r) / room)
         self.interval = self._clip(k, self.min_interval)
+        left = room - r / self.interval
         if self.model_scores:
-            left = room - r / self.interval
             s = 1 if extra <= 0 else self.max_interval if left <= 0 else math.ceil(extra / left)
             self.score_interval = self._clip(s, self.min_score_interval)
+        j = 1 if rebuild <= 0 else self.max_interval if left <= 0 else math.ceil(rebuild / left)
+        self.rebuild_interval = self._clip(j, self.min_interval)
         return self.interval
 
     def overhead(self) -> float:
@@ -206,25 +226,29 @@ class OverheadBudget:
             return float("nan")
         plain, c, r = m[:3]
         extra = self._score_extra(c, m[3]) / max(self.score_interval, 1) if self.model_scores else 0.0
+        if self.rebuild_call is not None:
+            extra += self._score_extra(c, self.rebuild_call) / max(self.rebuild_interval, 1)
         return (c + extra + r / max(self.interval, 1)) / max(plain, 1e-12)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """The intervals and the medians (a loaded state starts each window from its median)."""
         return {"interval": self.interval, "plain": self.plain, "call": self.call, "refresh": self.refresh,
-                "score_interval": self.score_interval, "model_call": self.model_call}
+                "score_interval": self.score_interval, "model_call": self.model_call,
+                "rebuild_interval": self.rebuild_interval, "rebuild_call": self.rebuild_call}
 
     def check_state(self, state: Any) -> None:
-        """Raise unless ``state`` is an intact budget state (one saved before the score interval
-        existed, without its two keys, is accepted)."""
+        """Raise unless ``state`` is an intact budget state (one saved before the score interval or
+        the rebuild interval existed, without their two keys each, is accepted)."""
         base = {"interval", "plain", "call", "refresh"}
-        if not isinstance(state, dict) or set(state) not in (base, base | {"score_interval", "model_call"}):
+        scores = base | {"score_interval", "model_call"}
+        if not isinstance(state, dict) or set(state) not in (base, scores, scores | {"rebuild_interval", "rebuild_call"}):
             raise ConfigurationError("the budget state has the wrong keys", "load a state saved by this refiner")
-        for k in ("interval", "score_interval"):
+        for k in ("interval", "score_interval", "rebuild_interval"):
             v = state.get(k, 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigurationError(f"the budget state's {k} is {v!r}", "load an intact checkpoint")
-        for k in ("plain", "call", "refresh", "model_call"):
+        for k in ("plain", "call", "refresh", "model_call", "rebuild_call"):
             if k not in state:
                 continue
             v = state[k]
@@ -235,8 +259,10 @@ class OverheadBudget:
         self.check_state(state)
         self.interval = int(state["interval"])
         self.score_interval = int(state.get("score_interval", self.min_score_interval))
+        self.rebuild_interval = int(state.get("rebuild_interval", self.min_interval))
         for window, value in ((self._plain, state["plain"]), (self._call, state["call"]),
-                              (self._refresh, state["refresh"]), (self._model_call, state.get("model_call"))):
+                              (self._refresh, state["refresh"]), (self._model_call, state.get("model_call")),
+                              (self._rebuild_call, state.get("rebuild_call"))):
             window.clear()
             if value is not None:
                 window.append(float(value))

@@ -276,10 +276,11 @@ class RefinerCore:
     @property
     def refresh_interval(self) -> int:
         """Updates between refreshes of the direction: the schedule's ``refresh_every``, or the
-        budget's choice where every refresh reads validation batches."""
-        if self.budget is None or self._window_rebuilds():
+        budget's choice (its rebuild interval where a refresh can rebuild from the window without
+        reading, else its read interval)."""
+        if self.budget is None:
             return self.refresh_every
-        return self.budget.interval
+        return self.budget.rebuild_interval if self._window_rebuilds() else self.budget.interval
 
     @property
     def read_interval(self) -> int:
@@ -306,8 +307,10 @@ class RefinerCore:
         return not self.model_scores or self.calls % self.model_score_interval == 0
 
     def direction_is_due(self) -> bool:
-        """Whether a call now recomputes the validation direction."""
-        return self._v is None or self.step_count - self._v_step >= self.refresh_interval
+        """Whether a call now recomputes the validation direction (rebuilds it, or reads for it)."""
+        return (self._v is None or self.step_count - self._v_step >= self.refresh_interval
+                or (self._window is not None and self.budget is not None and self._window_rebuilds()
+                    and self._read_due()))
 
     # ------------------------------------------------------------------ the loss over the global batch
     @staticmethod
@@ -390,7 +393,7 @@ class RefinerCore:
             last.synchronize()
             own = first.elapsed_time(last) / 1000.0
         self.budget.call_finished(started, self._refresh_seconds, model_scored=bool(kind), own=own,
-                                  record=not self._rebuild_only)
+                                  rebuilt=self._rebuild_only)
 
     def _num_val_batches(self) -> Optional[int]:
         """Good batches per refresh for an integer ``val_batches``; None for ``"all"`` (one pass)."""
@@ -412,7 +415,7 @@ class RefinerCore:
         Advances the stream; changes nothing else.
         """
         timed = self.budget is not None and self._read_due()
-        self._rebuild_only = self.budget is not None and not timed   # its call is left out of the budget's c
+        self._rebuild_only = self.budget is not None and not timed   # its call is timed as a rebuild
         if timed:
             self._sync()
             t0 = self.budget.clock()
@@ -426,15 +429,17 @@ class RefinerCore:
     def _choose_interval(self) -> None:
         """The budget's next refresh interval, from measurements averaged over the processes (inside
         the refresh, which every process reaches), so every process chooses the same one."""
-        m = self.budget.measurements()
+        m, cr = self.budget.measurements(), self.budget.rebuild_call
         t, c, cm = (m[0], m[1], m[3] if len(m) > 3 else 0.0) if m is not None else (0.0, 0.0, 0.0)
-        stats = torch.tensor([t, c, float(self._refresh_seconds), cm, float(m is not None)], dtype=torch.float64)
+        stats = torch.tensor([t, c, float(self._refresh_seconds), cm, cr or 0.0, float(m is not None),
+                              float(cr is not None)], dtype=torch.float64)
         world = dist_world_size()
         if world > 1:
             all_reduce_sum_([stats])
-        if float(stats[4]) == world:
-            mean = [float(v) / world for v in stats[:4]]
-            self.budget.choose(tuple(mean))   # (P, c, R, c_m); c_m is read only where model scores are spaced
+        if float(stats[5]) == world:
+            mean = [float(v) / world for v in stats[:5]]
+            # (P, c, R, c_m); c_m is read only where model scores are spaced, c_r where the window rebuilds
+            self.budget.choose(tuple(mean[:4]), rebuild_call=mean[4] if float(stats[6]) == world else None)
             if self.budget.call_over_budget and not self._warned_call_over_budget:
                 self._warned_call_over_budget = True
                 _warn_at_caller(

@@ -540,16 +540,38 @@ def test_the_default_budget_does_not_warn_and_none_is_exact():
         augplug.Schedule(budget="fast")
 
 
-def test_a_rebuild_is_not_timed_as_a_call(monkeypatch):
-    """The call that rebuilds the head gradient without reading is kept out of the closed-form
-    call's time ``c`` (a rebuild every other call would otherwise set its median)."""
+def test_rebuild_interval_from_the_equation():
+    """A rebuild is the second kind of work: ``c + E / j + R / k <= b P`` with ``E = c_r - c``, the
+    read interval ``k`` first, then the least rebuild interval ``j`` that fits."""
+    b = OverheadBudget(0.1, min_interval=2, clock=FakeClock())
+    # P = 1 s, c = 0.02 s, R = 0.5 s, c_r = 0.12 s (E = 0.1 s)
+    k = b.choose((1.0, 0.02, 0.5), rebuild_call=0.12)
+    room = 0.1 - 0.02
+    assert k == math.ceil((0.1 + 0.5) / room) == 8
+    assert b.rebuild_interval == math.ceil(0.1 / (room - 0.5 / 8)) == 6
+    assert 0.02 + 0.1 / 6 + 0.5 / 8 <= 0.1 < 0.02 + 0.1 / 5 + 0.5 / 8
+    b.choose((1.0, 0.02, 0.5), rebuild_call=0.01)   # cheaper than c: c is stale, E = c_r
+    assert b.rebuild_interval == math.ceil(0.01 / (room - 0.5 / b.interval))
+    b.choose((1.0, 0.02, 0.5))                      # no rebuild measured: every refresh_every
+    assert b.rebuild_interval == 2
+    other = OverheadBudget(0.1, min_interval=2)
+    b.choose((1.0, 0.02, 0.5), rebuild_call=0.12)
+    b._rebuild_call.append(0.12)
+    other.load_state_dict(b.state_dict())
+    assert (other.rebuild_interval, other.rebuild_call) == (6, 0.12)
+
+
+def test_a_rebuild_is_timed_apart_and_priced(monkeypatch):
+    """The call that rebuilds the head gradient without reading is timed as its own kind (``c_r``),
+    not as a closed-form call (a rebuild every other call would otherwise set ``c``'s median), and
+    the refiner's rebuild interval is the budget's choice from it."""
     import augplug.refiner as refiner_module
     torch.manual_seed(0)
     clock = FakeClock()
     real = refiner_module.head_gradient
 
     def slow_rebuild(*args, **kw):
-        clock.now += 0.25
+        clock.now += 0.2
         return real(*args, **kw)
 
     monkeypatch.setattr(refiner_module, "head_gradient", slow_rebuild)
@@ -559,9 +581,17 @@ def test_a_rebuild_is_not_timed_as_a_call(monkeypatch):
     r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 5.0), method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
     r.budget.clock = clock
-    for _ in range(40):
+    refreshed = []
+    for step in range(80):
         clock.now += 1.0
         opt.zero_grad()
         r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
         opt.step()
-    assert max(r.budget._call) == 0.0 and r.budget.refresh == pytest.approx(5.25)
+        if r.stats["refreshed"]:
+            refreshed.append(step)
+    assert max(r.budget._call) == 0.0 and r.budget.refresh == pytest.approx(5.2)
+    assert r.budget.rebuild_call == pytest.approx(0.2)
+    # P = 1, c = 0, R = 5.2, E = 0.2, b = 0.5: k = ceil(5.4 / 0.5) = 11, j = ceil(0.2 / (0.5 - 5.2 / 11)) = 8
+    assert (r.stats["read_interval"], r.stats["refresh_interval"]) == (11, 8)
+    late = [s for s in refreshed if s > 50]
+    assert all(b - a <= 8 for a, b in zip(late, late[1:]))
