@@ -71,6 +71,7 @@ def _sources(kw):
 def _case(case):
     """The refiner options of ``case`` and the number of original rows on each process."""
     kw = dict(CASES[case])
+    kw.setdefault("budget", None)   # compared with a single process step for step: the exact schedule
     if kw.get("method", "saflex") == "saflex":
         kw.setdefault("strength", 1.0)  # refine batches without originals too (the default trains them as given)
     if kw.get("strength") == "_adaptive":
@@ -259,7 +260,7 @@ def _collectives_worker(out_dir: str) -> None:
         model, opt, val, x, y = _setup()
         model, opt = acc.prepare(model, opt)
         refiner = AugmentationRefiner(model, opt, val, accelerator=acc, seed=3,
-                                      **refiner_kwargs(kw, aug_weight=1.0, strength=1.0, refresh_every=4))
+                                      **refiner_kwargs(kw, aug_weight=1.0, strength=1.0, refresh_every=4, budget=None))
         r = acc.process_index
         rows = slice(r * ROWS, (r + 1) * ROWS)
         per_call = []
@@ -353,6 +354,7 @@ def _contrastive_setup(case):
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=5, shuffle=True)
     x, y = torch.randn(WORLD * ROWS, D), torch.randint(0, C, (WORLD * ROWS,))
     kw = dict(CONTRASTIVE_CASES[case])
+    kw.setdefault("budget", None)
     n_orig = kw.pop("_n_orig", (N_ORIG,) * WORLD)
     if kw.get("aug_weight") == "_share":
         from augplug.share import AdaptiveShare

@@ -107,8 +107,9 @@ def test_none_refiner_equals_timms_own_loss(tmp_path):
 
 
 def test_reproducible_under_a_seed(tmp_path):
-    a = _run(tmp_path / "a", "--refiner", "saflex", "--aa", "rand-m9-mstd0.5", "--epochs", "2")
-    b = _run(tmp_path / "b", "--refiner", "saflex", "--aa", "rand-m9-mstd0.5", "--epochs", "2")
+    exact = ("--refiner-budget", "none")   # bit-reproducible: the exact schedule, not one driven by measured time
+    a = _run(tmp_path / "a", "--refiner", "saflex", "--aa", "rand-m9-mstd0.5", "--epochs", "2", *exact)
+    b = _run(tmp_path / "b", "--refiner", "saflex", "--aa", "rand-m9-mstd0.5", "--epochs", "2", *exact)
     for ra, rb in zip(a["history"], b["history"]):
         assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
 
@@ -347,7 +348,7 @@ def test_generated_images_become_model_inputs():
 # Everything with state or randomness across the resume point: the refiner (refresh every 2 updates, so
 # the direction in use at the stop was computed before it) with ISDA, Mixup/CutMix, RandAugment, drop
 # path, an EMA, gradient accumulation (5 micro-batches per epoch in updates of 2, 2 and 1), warm-up.
-RESUME = ["--refiner", "saflex", "--isda", "--refresh-every", "2", "--epochs", "3", "--max-steps", "3",
+RESUME = ["--refiner", "saflex", "--refiner-budget", "none", "--isda", "--refresh-every", "2", "--epochs", "3", "--max-steps", "3",
           "--grad-accum-steps", "2", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1",
           "--aa", "rand-m9-mstd0.5", "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9",
           "--warmup-epochs", "1", "--checkpoint-hist", "2"]
