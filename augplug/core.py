@@ -377,8 +377,8 @@ class RefinerCore:
         On a GPU the call's own time is its device time from the start event to the end mark: what
         the call adds to the device's timeline, its kernels and the idle gaps while they are
         launched, without the training forward it may wait for. It is read after a sync the call
-        made anyway (a marked call); otherwise the end is marked and waited for on refresh calls and
-        on every 8th call of each kind only."""
+        made anyway (a marked call); otherwise the end is marked and waited for on refresh calls
+        (reads and rebuilds) and on every 8th call of each kind only."""
         if started is None:
             return
         kind = int(bool(model_scored) and self.model_scores)
@@ -386,7 +386,7 @@ class RefinerCore:
         own = None
         if self._call_events is not None:
             if self._call_events[1] is None:
-                if self._refresh_seconds is None and (self._timed_calls[kind] - 1) % 8:
+                if self._refresh_seconds is None and not self._rebuild_only and (self._timed_calls[kind] - 1) % 8:
                     return
                 self._budget_mark()
             first, last = self._call_events
