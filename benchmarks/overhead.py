@@ -495,7 +495,12 @@ def budget_choice(refiner: AugmentationRefiner) -> Optional[str]:
 def _budget_arg(text: str):
     """``--budgets`` values: ``auto``, ``none`` (kept as the word: pass ``budget=None``) or a fraction."""
     word = text.strip().lower()
-    return word if word in ("auto", "none") else float(word)
+    if word in ("auto", "none"):
+        return word
+    value = parse_value(word)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a budget is auto, none or a number, got {text!r}")
+    return value
 
 
 def _item_name(cfg: Config, val_size: int, budget) -> str:
