@@ -101,7 +101,7 @@ def run(arm: str, data: Dict[str, torch.Tensor], names: np.ndarray, args, overri
     n, v = view_labels.shape
     model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method="saflex", seed=args.seed,
-                                  **refiner_kwargs({"strength": 1.0, **ARMS[arm], **overrides},
+                                  **refiner_kwargs({"strength": 1.0, "budget": None, **ARMS[arm], **overrides},
                                                    warmup_steps=int(args.warmup_epochs * steps)))
     ops = AugmentationAudit(FMNIST_CLASSES)
     control = AugmentationAudit(FMNIST_CLASSES)
@@ -145,8 +145,8 @@ def run_sources(arm: str, data: Dict, args, overrides: Dict) -> Dict:
     n = len(y_tr)
     model, opt, sched, val_loader, steps = _training_setup(data, n, args)
     refiner = AugmentationRefiner(model, opt, val_loader, method=method, seed=args.seed,
-                                  **refiner_kwargs({"strength": 1.0, **kw, **overrides} if method == "saflex" else
-                                                   {**kw, **overrides} if method != "none" else {}))
+                                  **refiner_kwargs({"strength": 1.0, "budget": None, **kw, **overrides} if method == "saflex"
+                                                   else {"budget": None, **kw, **overrides} if method != "none" else {}))
     sources = {name: GeneratedSamples(x, y) for name, (x, y) in data["sources"].items()}
     mixer = BatchMixer(sources, per_batch=args.per_source, seed=args.seed)
     audit = SourceAudit(mixer.source_names, FMNIST_CLASSES, only_active=method != "none")

@@ -103,11 +103,11 @@ def run(data, arm: str, seed: int, args) -> Dict[str, float]:
     refiner = None
     if arm == "saflex":
         refiner = AugmentationRefiner(model, opt, val, method="saflex", seed=seed,
-                                      method_options=dict(strength=1.0))
+                                      method_options=dict(strength=1.0), schedule=dict(budget=None))
     elif arm != "baseline":
         refiner = AugmentationRefiner(model, opt, val, method="autodo", seed=seed,
                                       method_options=autodo_options(arm, n, spe, args),
-                                      schedule=dict(val_batches=1, refresh_every=args.refresh_every))
+                                      schedule=dict(val_batches=1, refresh_every=args.refresh_every, budget=None))
     g = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
     model.train()
@@ -168,7 +168,8 @@ def overhead(args) -> Dict[str, float]:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         ref = None if refresh is None else AugmentationRefiner(model, opt, val, method="autodo",
                                                                method_options=dict(num_points=n, num_classes=10, models='AWS', every=1),
-                                                               schedule=dict(val_batches=1, refresh_every=refresh, cache_validation=args.cache_validation))
+                                                               schedule=dict(val_batches=1, refresh_every=refresh, cache_validation=args.cache_validation,
+                                                                             budget=None))
         setups[key] = (model, opt, ref)
 
     def step(key, i):

@@ -66,8 +66,8 @@ def run_arm(data, arm: str, seed: int, *, epochs: int, batch_size: int = 128, lr
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_val, data.y_val), batch_size=500,
                                       shuffle=True)
     refiner = ContrastiveRefiner(image_encoder, prompts, opt, val, method=method or "none",
-                                 **refiner_kwargs(kw, class_prompts=torch.arange(data.num_classes), seed=seed,
-                                                  refiner=ContrastiveRefiner))
+                                 **refiner_kwargs({"budget": None, **kw}, class_prompts=torch.arange(data.num_classes),
+                                                  seed=seed, refiner=ContrastiveRefiner))
     g = torch.Generator().manual_seed(seed + 1)
     true_view = data.y_train[:, None].expand(n, v)
     rec_w, rec_clean, rec_share = [], [], []
@@ -134,7 +134,8 @@ def measure_overhead(steps: int = 30, batch_size: int = 128, seed: int = 0, opti
         # optimizer=None: each refiner counts its own calls as updates (a shared optimizer's step hook
         # would advance both refiners' refresh schedules on every step of either)
         refs = {m: ContrastiveRefiner(enc, prompts, None, val, method=m,
-                                      **refiner_kwargs(kw, **(options if m == "saflex" else {}), refiner=ContrastiveRefiner))
+                                      **refiner_kwargs({"budget": None, **kw}, **(options if m == "saflex" else {}),
+                                                       refiner=ContrastiveRefiner))
                 for m in ("none", "saflex")}
         times = {m: [] for m in refs}
         for k in range(steps + 4):

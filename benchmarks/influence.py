@@ -76,7 +76,7 @@ def train_classifier(data, seed: int, epochs: int, *, views: Optional[str] = Non
         val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=500, shuffle=True)
         refiner = AugmentationRefiner(model, opt, val_loader, method="influence", seed=seed,
                                       method_options={k: v for k, v in influence.items() if k != 'refresh_every'},
-                                      schedule=dict(refresh_every=influence.get('refresh_every', 10)))
+                                      schedule=dict(refresh_every=influence.get('refresh_every', 10), budget=None))
     g = torch.Generator().manual_seed(seed + 1)
     weights = []
     t0 = time.perf_counter()
@@ -228,7 +228,8 @@ def overhead(args, argv) -> None:
         torch.manual_seed(0)
         model = SmallCNN(1, 10, img_size=28)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        ref = AugmentationRefiner(model, opt, val_loader, method=method, **refiner_kwargs(kw)) if method else None
+        ref = (AugmentationRefiner(model, opt, val_loader, method=method, **refiner_kwargs({"budget": None, **kw}))
+               if method else None)
 
         def step():
             logits = model(x)

@@ -59,7 +59,7 @@ def measure(name: str, args, device: torch.device, rng: random.Random) -> List[L
         opt = _sgd(m)
         r = AugmentationRefiner(m, opt, setup.val_loader(args.val_size), method="saflex", mode="last_layer",
                                 seed=args.seed, method_options=dict(strength=1.0),
-                                schedule=dict(cache_validation=True, **schedule))
+                                schedule=dict(cache_validation=True, budget=None, **schedule))
         items[label] = make_step(m, opt, r, setup.x, setup.y, False)
     times, errors = interleaved_timing(items, rounds=args.rounds, k=4, warmup=8, sync=_sync_fn(device), rng=rng)
     rows = []

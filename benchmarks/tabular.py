@@ -152,6 +152,7 @@ def run_arm(name: str, arm: str, seed: int, *, epochs: int, overrides: Dict,
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xva, yva), batch_size=500, shuffle=True)
         if method == "saflex":  # refine every batch, with or without originals, as the tables were made
             kw.setdefault("strength", 1.0)
+        kw.setdefault("budget", None)   # the tables were measured on the exact schedule
         refiner = AugmentationRefiner(model, opt, val, method=method, seed=seed, **refiner_kwargs(kw))
     cutmix = TabularCutMix(p=p, proportion=PROPORTION, label="keep" if label == "smooth" else label, num_classes=c, seed=seed + 17,
                            return_mask=True) if p > 0 else None
