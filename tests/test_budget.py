@@ -595,3 +595,46 @@ def test_a_rebuild_is_timed_apart_and_priced(monkeypatch):
     assert (r.stats["read_interval"], r.stats["refresh_interval"]) == (11, 8)
     late = [s for s in refreshed if s > 50]
     assert all(b - a <= 8 for a, b in zip(late, late[1:]))
+
+
+def test_on_a_gpu_every_rebuild_is_timed():
+    """On a GPU a call is timed by device events at its one sync, and between refreshes only every
+    8th call waits for its end event; a call that rebuilt the direction always does, so the budget
+    measures ``c_r`` from every rebuild (fake events on a fake device clock)."""
+    torch.manual_seed(0)
+    clock, device = FakeClock(), FakeClock()
+
+    class FakeEvent:
+        def record(self):
+            self.t = device.now
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1000.0
+
+    class Queued(augplug.SAflex):
+        def observe(self, ctx, g):
+            device.now += 0.01
+            super().observe(ctx, g)
+
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
+    val = _CountingSlowLoader(base, clock, 5.0)
+    r = augplug.AugmentationRefiner(m, opt, val, method=Queued(strength=1.0),
+                                    schedule=augplug.Schedule(refresh_every=2, budget=0.5))
+    r.budget.clock = clock
+    r._event_factory = FakeEvent
+    rebuilds = 0
+    for _ in range(40):
+        clock.now += 1.0
+        device.now += 1.0
+        drawn = val.drawn
+        opt.zero_grad()
+        r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
+        opt.step()
+        rebuilds += int(r.stats["refreshed"] and val.drawn == drawn)
+    assert rebuilds >= 8 and len(r.budget._rebuild_call) == min(rebuilds, r.budget.window)
+    assert r.budget.rebuild_call == pytest.approx(0.01)
