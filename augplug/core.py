@@ -735,11 +735,8 @@ class RefinerCore:
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ConfigurationError(f"the refiner state's 'window' is malformed ({e})", _CHECKPOINT_FIX) from None
         budget = state.get("budget")
-        if budget is not None:
-            if self.budget is None:
-                raise ConfigurationError("the state holds an overhead budget but this refiner has none",
-                                         "build the refiner with the same schedule before loading")
-            self.budget.check_state(budget)
+        if budget is not None:   # checked whole even where it is dropped (a refiner without a budget)
+            (self.budget or OverheadBudget(0.1)).check_state(budget)
         rng = state["rng_state"]
         if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
@@ -769,4 +766,8 @@ class RefinerCore:
         window = state.get("window")
         self._window = None if window is None else self._window_from_state(window, self._v_step)
         if state.get("budget") is not None:
-            self.budget.load_state_dict(state["budget"])
+            if self.budget is not None:
+                self.budget.load_state_dict(state["budget"])
+            else:
+                _warn_at_caller("the state's overhead budget measurements are dropped: this refiner has "
+                                "budget=None and keeps the exact schedule from here on")

@@ -126,10 +126,14 @@ def test_refiner_spaces_refreshes_by_measured_time():
     r.remove_hooks()
     fresh.load_state_dict(state)
     assert fresh.refresh_interval == 20
+    # a refiner without a budget (the exact schedule) loads the state and drops its measurements
     plain = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
-                                        schedule=augplug.Schedule(refresh_every=1, budget=None))
-    with pytest.raises(ConfigurationError, match="budget"):
+                                        schedule=augplug.Schedule(refresh_every=2, budget=None, fresh_batches=None))
+    with pytest.warns(RuntimeWarning, match="budget measurements are dropped"):
         plain.load_state_dict(state)
+    assert plain.budget is None and plain.refresh_interval == 2 and plain.step_count == r.step_count
+    with pytest.raises(ConfigurationError, match="budget state"):   # checked whole all the same
+        plain.load_state_dict(dict(state, budget={**state["budget"], "interval": 0}))
 
 
 def test_score_interval_from_the_equation():
