@@ -20,9 +20,11 @@ does not) and ``stats["overhead"]`` reports the measured share above the budget.
 What ``k`` spaces out depends on the window (``Schedule.fresh_batches``). In last-layer mode the
 window keeps the validation features, so a refresh every ``refresh_every`` updates rebuilds the head
 gradient from them with the current head (exact for the head) and only every ``k`` updates also
-reads a fresh batch of features: the budget then trades the features' age, not the head's. That
-rebuild (a product of the cached features with the head) is not timed: its call is left out of ``c``
-and it is not a read. Elsewhere a refresh always reads, and ``k`` is the refresh interval.
+reads a fresh batch of features: the budget then trades the features' age, not the head's. A call
+whose refresh only rebuilt (a product of the cached features with the head) is timed as its own
+kind, ``c_r``, and the rebuilds are spaced like the model's score passes below (``E = c_r - c`` per
+rebuild, every ``j`` updates; :meth:`OverheadBudget.choose`). Elsewhere a refresh always reads,
+and ``k`` is the refresh interval.
 
 In the model-forward score modes (``mode="full"`` and the others that run the model to score) a
 score pass costs about a forward, often more than the whole budget. There the budget also spaces out
@@ -237,7 +239,8 @@ class OverheadBudget:
                 "score_interval": self.score_interval, "model_call": self.model_call,
                 "rebuild_interval": self.rebuild_interval, "rebuild_call": self.rebuild_call}
 
-    def check_state(self, state: Any) -> None:
+    @staticmethod
+    def check_state(state: Any) -> None:
         """Raise unless ``state`` is an intact budget state (one saved before the score interval or
         the rebuild interval existed, without their two keys each, is accepted)."""
         base = {"interval", "plain", "call", "refresh"}

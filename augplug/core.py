@@ -288,12 +288,14 @@ class RefinerCore:
         rebuilds, the budget's choice (refreshes between only rebuild the direction)."""
         return self.budget.interval if self.budget is not None else self.refresh_every
 
+    def _reads_spaced(self) -> bool:
+        """Whether a budget spaces the reads of a filled window that rebuilds (refreshes between
+        reads only rebuild the direction)."""
+        return self._window is not None and self.budget is not None and self._window_rebuilds()
+
     def _read_due(self) -> bool:
-        """Whether this refresh reads validation batches (always, unless a budget spaces the reads of
-        a window that rebuilds)."""
-        if self._window is None or self.budget is None or not self._window_rebuilds():
-            return True
-        return self.step_count - self._window[2] >= self.budget.interval
+        """Whether this refresh reads validation batches (always, unless the reads are spaced)."""
+        return not self._reads_spaced() or self.step_count - self._window[2] >= self.budget.interval
 
     @property
     def model_score_interval(self) -> int:
@@ -309,8 +311,7 @@ class RefinerCore:
     def direction_is_due(self) -> bool:
         """Whether a call now recomputes the validation direction (rebuilds it, or reads for it)."""
         return (self._v is None or self.step_count - self._v_step >= self.refresh_interval
-                or (self._window is not None and self.budget is not None and self._window_rebuilds()
-                    and self._read_due()))
+                or (self._reads_spaced() and self._read_due()))
 
     # ------------------------------------------------------------------ the loss over the global batch
     @staticmethod
@@ -414,12 +415,13 @@ class RefinerCore:
         :meth:`_window_sum`); the new window travels in ``GradSum.window`` until the call commits.
         Advances the stream; changes nothing else.
         """
-        timed = self.budget is not None and self._read_due()
-        self._rebuild_only = self.budget is not None and not timed   # its call is timed as a rebuild
+        read = self._read_due()
+        timed = self.budget is not None and read
+        self._rebuild_only = self.budget is not None and not read   # its call is timed as a rebuild
         if timed:
             self._sync()
             t0 = self.budget.clock()
-        total = self._validation_sum_untimed(prepare, gradient, rows)
+        total = self._validation_sum_untimed(prepare, gradient, rows, read)
         if timed:
             self._sync()
             self._refresh_seconds = self.budget.clock() - t0
@@ -449,7 +451,8 @@ class RefinerCore:
                     f"interval ({self.budget.max_interval} updates, 16 x refresh_every) and the refiner costs more "
                     f"than the budget; raise the budget (stats['overhead'] is the measured share) or pass budget=None")
 
-    def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int]) -> GradSum:
+    def _validation_sum_untimed(self, prepare: Callable, gradient: Callable, rows: Callable[[Any], int],
+                                read: bool) -> GradSum:
         if self.cache_validation:  # a non-finite batch is kept raw, to be skipped (or rejected) when it is read
             self._stream.prepare = lambda x, y: (x, y) if nonfinite(x, y) else prepare(x, y)
         fresh = self.fresh_batches
@@ -464,7 +467,7 @@ class RefinerCore:
         read_step = self.step_count
         if self._window is None:
             slots, pos, size, want = {}, 0, None, self._num_val_batches()
-        elif self._read_due():
+        elif read:
             slots, pos, _ = self._window
             slots, size = dict(slots), len(slots)
             want = min(fresh, size)
@@ -647,7 +650,7 @@ class RefinerCore:
 
         return {"position": int(pos), "slots": {int(k): plain(e) for k, e in slots.items()}, "read_step": int(read_step)}
 
-    def _window_from_state(self, state: Dict[str, Any], v_step: Optional[int] = None):
+    def _window_from_state(self, state: Dict[str, Any], v_step: int):
         dev = self._device()
 
         def entry(e):
@@ -660,7 +663,7 @@ class RefinerCore:
             return {k: (t.to(dev).clone() if torch.is_tensor(t) else t) for k, t in e.items()}
 
         # a window saved before reads were spaced out was read at every refresh: at the direction's update
-        read_step = state.get("read_step", self._v_step if v_step is None else v_step)
+        read_step = state.get("read_step", v_step)
         return {int(k): entry(e) for k, e in state["slots"].items()}, int(state["position"]), int(read_step)
 
     def _check_core_state(self, state: Any) -> None:
@@ -736,7 +739,7 @@ class RefinerCore:
                 raise ConfigurationError(f"the refiner state's 'window' is malformed ({e})", _CHECKPOINT_FIX) from None
         budget = state.get("budget")
         if budget is not None:   # checked whole even where it is dropped (a refiner without a budget)
-            (self.budget or OverheadBudget(0.1)).check_state(budget)
+            OverheadBudget.check_state(budget)
         rng = state["rng_state"]
         if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)

@@ -40,9 +40,10 @@ class Schedule:
             times its own work and the iteration and spaces its validation work to stay within it
             (:mod:`augplug.budget`): the validation reads (at least ``refresh_every`` updates apart),
             and in the model-forward score modes the model's score passes (see
-            ``model_scores_every``). In last-layer mode with the validation window the head gradient
-            is still rebuilt from the cached features every ``refresh_every`` updates (exact for the
-            head); only the features are renewed less often. Every interval stays at most
+            ``model_scores_every``). In last-layer mode with the validation window a refresh between
+            two reads rebuilds the head gradient from the cached features with the current head
+            (exact for the head), every ``refresh_every`` updates where the budget leaves room for
+            those rebuilds, less often where it does not. Every interval stays at most
             ``16 * refresh_every`` updates (calls for score passes), so the direction is renewed
             even where the refiner's call alone exceeds the budget (``stats["overhead"]`` then says by
             how much). ``stats["read_interval"]``, ``stats["model_scores_every"]`` and

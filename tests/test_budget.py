@@ -36,6 +36,42 @@ class _SlowLoader:
             yield batch
 
 
+def _mlp():
+    """The tiny model and optimizer of the refiner tests."""
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+
+def _costly_saflex(clock, host, device=None, device_seconds=0.0):
+    """SAflex whose call costs ``host`` seconds on the fake host clock (and ``device_seconds`` on a
+    fake device clock), charged where it scores."""
+
+    class Costly(augplug.SAflex):
+        def observe(self, ctx, g):
+            clock.now += host
+            if device is not None:
+                device.now += device_seconds
+            super().observe(ctx, g)
+
+    return Costly(strength=1.0)
+
+
+def _fake_events(device):
+    """A stand-in for ``torch.cuda.Event`` reading the fake ``device`` clock."""
+
+    class FakeEvent:
+        def record(self):
+            self.t = device.now
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event
+            return (end.t - self.t) * 1000.0
+
+    return FakeEvent
+
+
 def _iterations(budget, clock, n, *, own=0.02, plain=0.98, refresh=None, gaps=()):
     """``n`` iterations against a fake clock: a call of ``own`` seconds (plus ``refresh`` seconds
     on the first call when given), then ``plain`` seconds of the user's step (plus ``gaps[i]`` after
@@ -98,8 +134,7 @@ def test_refiner_spaces_refreshes_by_measured_time():
     about every 20 updates; without a budget every update."""
     torch.manual_seed(0)
     clock = FakeClock()
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
 
     val = _SlowLoader(base, clock, 2.0)   # 5 batches of 2 s: a refresh over the loader costs 10 s
@@ -335,30 +370,13 @@ def test_on_a_gpu_the_call_is_timed_by_device_events():
     over budget.)"""
     torch.manual_seed(0)
     clock, device = FakeClock(), FakeClock()
-
-    class FakeEvent:
-        def record(self):
-            self.t = device.now
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event
-            return (end.t - self.t) * 1000.0
-
-    class Queued(augplug.SAflex):
-        def observe(self, ctx, g):
-            clock.now += 0.05
-            device.now += 0.2
-            super().observe(ctx, g)
-
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
-    r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), method=Queued(strength=1.0),
+    r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0),
+                                    method=_costly_saflex(clock, 0.05, device, 0.2),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
-    r._event_factory = FakeEvent
+    r._event_factory = _fake_events(device)
     check = r._reject_bad_values
 
     def waits_at_the_sync(*args):
@@ -381,16 +399,9 @@ def test_a_call_over_budget_warns_once():
     """A call that alone costs more than the budget (0.5 s of a 1 s step against budget 0.1): the
     refreshes go to the maximum interval, and the refiner says so once, naming the measured share."""
     clock = FakeClock()
-
-    class Slow(augplug.SAflex):
-        def observe(self, ctx, g):
-            clock.now += 0.5
-            super().observe(ctx, g)
-
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
-    r = augplug.AugmentationRefiner(m, opt, val, method=Slow(strength=1.0),
+    r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.5),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.1, fresh_batches=None))
     r.budget.clock = clock
     with warnings.catch_warnings(record=True) as caught:
@@ -442,8 +453,7 @@ def test_budget_spaces_reads_while_the_head_is_rebuilt_every_refresh():
     (an autograd oracle), without reading the loader."""
     torch.manual_seed(0)
     clock = FakeClock()
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
     val = _CountingSlowLoader(base, clock, 5.0)
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
@@ -490,8 +500,7 @@ def test_a_rejected_call_changes_no_measurement():
     """A call rejected for bad input leaves the budget's measurements as they were (its state and its
     pending iteration time); the next good call measures from the last good one."""
     clock = FakeClock()
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.1))
@@ -513,16 +522,9 @@ def test_the_default_budget_does_not_warn_and_none_is_exact():
     """``budget="auto"`` (the default) is 0.1 and says nothing when the call alone exceeds it;
     ``budget=None`` has no budget (the exact schedule); the command lines' parser reads the three."""
     clock = FakeClock()
-
-    class Slow(augplug.SAflex):
-        def observe(self, ctx, g):
-            clock.now += 0.5
-            super().observe(ctx, g)
-
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 4, (16,))), batch_size=8)
-    r = augplug.AugmentationRefiner(m, opt, val, method=Slow(strength=1.0))
+    r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.5))
     assert r.schedule.budget == "auto" and r.budget.fraction == 0.1
     r.budget.clock = clock
     with warnings.catch_warnings():
@@ -579,8 +581,7 @@ def test_a_rebuild_is_timed_apart_and_priced(monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(refiner_module, "head_gradient", slow_rebuild)
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
     r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 5.0), method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
@@ -607,30 +608,13 @@ def test_on_a_gpu_every_rebuild_is_timed():
     measures ``c_r`` from every rebuild (fake events on a fake device clock)."""
     torch.manual_seed(0)
     clock, device = FakeClock(), FakeClock()
-
-    class FakeEvent:
-        def record(self):
-            self.t = device.now
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return (end.t - self.t) * 1000.0
-
-    class Queued(augplug.SAflex):
-        def observe(self, ctx, g):
-            device.now += 0.01
-            super().observe(ctx, g)
-
-    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = _mlp()
     base = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 4, (40,))), batch_size=8)
     val = _CountingSlowLoader(base, clock, 5.0)
-    r = augplug.AugmentationRefiner(m, opt, val, method=Queued(strength=1.0),
+    r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.0, device, 0.01),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
     r.budget.clock = clock
-    r._event_factory = FakeEvent
+    r._event_factory = _fake_events(device)
     rebuilds = 0
     for _ in range(40):
         clock.now += 1.0
