@@ -7,15 +7,22 @@ call that ends the iteration succeeds, so a rejected call changes no measurement
 refiner's own time in a call without a refresh (a call starts after its input check, the one point
 where, on a GPU, it waits for the training forward: that wait is the step's time, not the
 refiner's), and ``R`` the time of a refresh that reads validation batches (reads and gradients).
-With reads every ``k`` updates the refiner costs ``c + R / k`` per iteration; the budget ``b`` asks
-for ``c + R / k <= b * P``, so
+With reads every ``k`` updates the refiner costs ``c + R / k`` per iteration. The budget ``b`` is a
+ceiling, and the controller plans for ``a = (1 - headroom) * b`` (``headroom`` 0.25 by default,
+:data:`HEADROOM`), asking for ``c + R / k <= a * P``, so
 
-    k = ceil(R / (b * P - c)),   clipped to [refresh_every of the schedule, max_interval].
+    k = ceil(R / (a * P - c)),   clipped to [refresh_every of the schedule, max_interval].
+
+The headroom is for what the plan cannot see: the medians move between windows by about a fifth of
+the refiner's share, and part of the refiner's cost falls outside its own calls (the backward of its
+loss, and caches its work evicts, which the next training step pays). A controller that planned for
+``b`` itself would sit on the ceiling and cross it about every other measurement.
 
 ``max_interval`` is ``16 * refresh_every`` for a refiner (:data:`augplug.schedule.MAX_INTERVAL_FACTOR`),
-so the direction is renewed however slow a read is. When ``c`` alone exceeds ``b * P`` ``k`` goes to
-``max_interval`` (``call_over_budget`` is set; an explicit budget warns once, the default ``"auto"``
-does not) and ``stats["overhead"]`` reports the measured share above the budget.
+so the direction is renewed however slow a read is. When ``c`` alone leaves no room in the plan
+(``c >= a * P``) ``k`` goes to ``max_interval``; when it exceeds the budget itself (``c >= b * P``)
+``call_over_budget`` is also set (an explicit budget warns once, the default ``"auto"`` does not) and
+``stats["overhead"]`` reports the measured share above the budget.
 
 What ``k`` spaces out depends on the window (``Schedule.fresh_batches``). In last-layer mode the
 window keeps the validation features, so a refresh every ``refresh_every`` updates rebuilds the head
@@ -30,10 +37,10 @@ In the model-forward score modes (``mode="full"`` and the others that run the mo
 score pass costs about a forward, often more than the whole budget. There the budget also spaces out
 those passes (``model_scores=True``): a call scores with the model every ``s`` calls and with the
 closed-form last layer between. It measures both kinds of call, ``c`` (closed form) and ``c_m``
-(model scores), and with ``D = c_m - c`` asks for ``c + D / s + R / k <= b * P``:
+(model scores), and with ``D = c_m - c`` asks for ``c + D / s + R / k <= a * P``:
 
-    k = clip(ceil((D + R) / (b * P - c)), min_interval, max_interval),
-    s = clip(ceil(D / (b * P - c - R / k)), min_score_interval, max_interval),
+    k = clip(ceil((D + R) / (a * P - c)), min_interval, max_interval),
+    s = clip(ceil(D / (a * P - c - R / k)), min_score_interval, max_interval),
 
 the refresh interval first (as if both kinds of work shared one interval), then the smallest score
 interval the room left at that ``k`` allows. Until a closed-form call has been measured ``c`` is
@@ -60,32 +67,40 @@ from typing import Any, Callable, Deque, Dict, Optional
 
 from .errors import ConfigurationError
 
-__all__ = ["OverheadBudget"]
+__all__ = ["OverheadBudget", "HEADROOM"]
+
+#: The share of the budget the controller leaves unplanned (see the module docstring).
+HEADROOM = 0.25
 
 
 class OverheadBudget:
     """Chooses the refresh interval from measured times (see the module docstring).
 
     ``fraction``: the refiner's allowed share of a plain training step (0.1: at most 10 % on top).
-    ``clock``: a function returning seconds (tests pass a fake one). ``window``: how many recent
+    ``headroom``: the share of ``fraction`` left unplanned (the controller plans for
+    ``(1 - headroom) * fraction``). ``clock``: a function returning seconds (tests pass a fake one). ``window``: how many recent
     measurements of each kind the medians are taken over. ``model_scores``: also choose
     ``score_interval``, the calls between model score passes (at least ``min_score_interval``).
     """
 
     def __init__(self, fraction: float, *, min_interval: int = 1, max_interval: int = 1024,
                  window: int = 16, clock: Callable[[], float] = time.perf_counter, model_scores: bool = False,
-                 min_score_interval: int = 1):
+                 min_score_interval: int = 1, headroom: float = HEADROOM):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
             raise ConfigurationError(f"budget must be a positive fraction of a training step, got {fraction!r}",
                                      "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigurationError(f"the budget's window must be a positive number of measurements, got {window!r}",
                                      "use e.g. window=16")
+        if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+            raise ConfigurationError(f"the budget's headroom must be in [0, 1), got {headroom!r}",
+                                     "use e.g. headroom=0.25 (plan for three quarters of the budget)")
         self.fraction = float(fraction)
+        self.headroom = float(headroom)
         self.min_interval, self.max_interval = int(min_interval), int(max_interval)
         self.window, self.clock = window, clock
         self.interval = int(min_interval)
-        #: whether the last choice found the call alone above the budget (``c >= b * P``)
+        #: whether the last choice found the call alone above the budget itself (``c >= b * P``)
         self.call_over_budget = False
         #: whether the budget also spaces out model score passes (``score_interval``)
         self.model_scores = bool(model_scores)
@@ -199,8 +214,8 @@ class OverheadBudget:
         (default: this process's); returns the refresh interval.
 
         A rebuild (``c_r``) is the second kind of work as a model score pass is: ``E = c_r - c`` per
-        rebuild, rebuilds every ``j`` updates, ``c + E / j + R / k <= b * P``, ``k`` first, then the
-        least ``j`` the room left allows."""
+        rebuild, rebuilds every ``j`` updates, ``c + E / j + R / k <= a * P`` (``a`` the planned share,
+        ``(1 - headroom) * fraction``), ``k`` first, then the least ``j`` the room left allows."""
         if measured is None:
             measured = self.measurements()
             rebuild_call = self.rebuild_call if rebuild_call is None else rebuild_call
@@ -209,8 +224,8 @@ class OverheadBudget:
         plain, c, r = measured[:3]
         extra = self._score_extra(c, measured[3]) if self.model_scores else 0.0   # D
         rebuild = self._score_extra(c, rebuild_call) if rebuild_call is not None else 0.0   # E
-        room = self.fraction * plain - c
-        self.call_over_budget = room <= 0
+        room = (1.0 - self.headroom) * self.fraction * plain - c
+        self.call_over_budget = c >= self.fraction * plain
         k = self.max_interval if room <= 0 else math.ceil((extra + rebuild + r) / room)
         self.interval = self._clip(k, self.min_interval)
         left = room - r / self.interval

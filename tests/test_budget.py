@@ -86,7 +86,7 @@ def _iterations(budget, clock, n, *, own=0.02, plain=0.98, refresh=None, gaps=()
 
 def test_interval_from_the_equation():
     clock = FakeClock()
-    b = OverheadBudget(0.1, min_interval=1, clock=clock)
+    b = OverheadBudget(0.1, min_interval=1, clock=clock, headroom=0)
     # iterations of 1.0 s; the refiner's own call 0.02 s; a refresh 0.4 s
     _iterations(b, clock, 5, refresh=0.4)
     k = b.choose()
@@ -103,7 +103,7 @@ def test_pauses_between_steps_do_not_loosen_the_budget():
     steps: P stays the typical iteration's 0.98 s and the interval what steady steps give, where an
     average over the same iterations would let the refiner refresh three times as often."""
     clock = FakeClock()
-    b = OverheadBudget(0.1, min_interval=1, clock=clock)
+    b = OverheadBudget(0.1, min_interval=1, clock=clock, headroom=0)
     _iterations(b, clock, 12, refresh=0.4, gaps=(0, 0, 0, 30.0, 0, 0, 3.0))
     assert b.plain == pytest.approx(0.98)
     assert b.choose() == 6
@@ -118,9 +118,31 @@ def test_pauses_between_steps_do_not_loosen_the_budget():
         OverheadBudget(0.1, window=0)
 
 
+def test_the_budget_plans_for_three_quarters():
+    """The budget is a ceiling: the controller plans for ``(1 - headroom) * b`` (0.75 b by default),
+    spaces reads to the maximum as soon as the call leaves no room in that plan, and reports the call
+    as over budget (the warning) only when it exceeds ``b`` itself."""
+    b = OverheadBudget(0.1, min_interval=1, max_interval=64)
+    assert b.headroom == augplug.budget.HEADROOM == 0.25
+    # P = 1, c = 0.02, R = 0.4: room = 0.075 - 0.02 = 0.055, k = ceil(0.4 / 0.055) = 8 (5 without headroom)
+    assert b.choose((1.0, 0.02, 0.4)) == math.ceil(0.4 / (0.75 * 0.1 - 0.02)) == 8
+    assert (0.02 + 0.4 / 8) <= 0.075 < (0.02 + 0.4 / 7)
+    assert not b.call_over_budget
+    assert b.choose((1.0, 0.08, 0.4)) == 64 and not b.call_over_budget   # no room in the plan, within b
+    assert b.choose((1.0, 0.1, 0.4)) == 64 and b.call_over_budget         # over the budget itself
+    assert OverheadBudget(0.1, headroom=0).choose((1.0, 0.02, 0.4)) == 5
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ConfigurationError, match="headroom"):
+            OverheadBudget(0.1, headroom=bad)
+    r = augplug.AugmentationRefiner(*_mlp(), DataLoader(TensorDataset(torch.randn(8, 6), torch.randint(0, 4, (8,))),
+                                                        batch_size=4))
+    assert r.budget.headroom == 0.25   # the default budget plans for 0.075 of a step
+    r.remove_hooks()
+
+
 def test_interval_bounds_and_a_call_over_budget():
     clock = FakeClock()
-    b = OverheadBudget(0.05, min_interval=4, max_interval=64, clock=clock)
+    b = OverheadBudget(0.05, min_interval=4, max_interval=64, clock=clock, headroom=0)
     assert b.choose((1.0, 0.001, 0.0001)) == 4          # cheap refreshes: never below refresh_every
     assert b.choose((1.0, 0.2, 0.3)) == 64              # the call alone exceeds the budget: as rare as allowed
     with pytest.raises(ConfigurationError, match="budget"):
@@ -130,8 +152,8 @@ def test_interval_bounds_and_a_call_over_budget():
 
 
 def test_refiner_spaces_refreshes_by_measured_time():
-    """A refiner with a fake clock whose refreshes cost 10x a plain step: with budget 0.5 it refreshes
-    about every 20 updates; without a budget every update."""
+    """A refiner with a fake clock whose refreshes cost 10x a plain step: with budget 0.5 (planned:
+    0.375, the default headroom) it refreshes every 27 updates; without a budget every update."""
     torch.manual_seed(0)
     clock = FakeClock()
     m, opt = _mlp()
@@ -149,18 +171,18 @@ def test_refiner_spaces_refreshes_by_measured_time():
         loss.backward()
         opt.step()
         refreshes.append(r.stats["refreshed"])
-    # P = 1 s, c = 0: k = ceil(10 / (0.5 * 1)) = 20
-    assert r.stats["refresh_interval"] == 20
+    # P = 1 s, c = 0: k = ceil(10 / (0.75 * 0.5 * 1)) = 27
+    assert r.stats["refresh_interval"] == 27
     late = [i for i, f in enumerate(refreshes) if f and i > 25]
-    assert late and all(b - a == 20 for a, b in zip(late, late[1:]))
-    assert r.stats["overhead"] == pytest.approx(0.5)
+    assert len(late) >= 2 and all(b - a == 27 for a, b in zip(late, late[1:]))
+    assert r.stats["overhead"] == pytest.approx(10 / 27) and r.stats["overhead"] <= 0.75 * 0.5
     state = r.state_dict()
-    assert state["budget"]["interval"] == 20
+    assert state["budget"]["interval"] == 27
     fresh = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                         schedule=augplug.Schedule(refresh_every=2, budget=0.5, fresh_batches=None))
     r.remove_hooks()
     fresh.load_state_dict(state)
-    assert fresh.refresh_interval == 20
+    assert fresh.refresh_interval == 27
     # a refiner without a budget (the exact schedule) loads the state and drops its measurements
     plain = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                         schedule=augplug.Schedule(refresh_every=2, budget=None, fresh_batches=None))
@@ -175,7 +197,7 @@ def test_score_interval_from_the_equation():
     """With model score passes (``model_scores=True``) the budget spaces out both kinds of work:
     ``c + D / s + R / k <= b P`` with ``D = c_m - c``; the refresh interval first, then the least
     score interval that fits."""
-    b = OverheadBudget(0.1, min_interval=1, model_scores=True, clock=FakeClock())
+    b = OverheadBudget(0.1, min_interval=1, model_scores=True, clock=FakeClock(), headroom=0)
     # P = 1 s, closed-form call c = 0.01 s, model-scored call c_m = 0.41 s (D = 0.4), refresh R = 0.2 s
     k = b.choose((1.0, 0.01, 0.2, 0.41))
     room = 0.1 - 0.01
@@ -185,12 +207,12 @@ def test_score_interval_from_the_equation():
     cost = lambda s_, k_: 0.01 + 0.4 / s_ + 0.2 / k_  # noqa: E731
     assert cost(s, k) <= 0.1 < cost(s - 1, k)
     # a cheap refresh at the schedule's floor leaves room for more model passes than the refresh interval
-    b = OverheadBudget(0.1, min_interval=4, model_scores=True, clock=FakeClock())
+    b = OverheadBudget(0.1, min_interval=4, model_scores=True, clock=FakeClock(), headroom=0)
     assert b.choose((1.0, 0.01, 0.004, 0.2)) == 4 > math.ceil(0.194 / 0.09)
     assert b.score_interval == math.ceil(0.19 / (0.09 - 0.004 / 4)) == 3
     # model passes that cost nothing more than a closed-form call: every call; a call over budget: rare
     assert (b.choose((1.0, 0.01, 0.004, 0.01)), b.score_interval) == (4, 1)
-    b = OverheadBudget(0.05, min_interval=2, max_interval=64, model_scores=True, min_score_interval=3)
+    b = OverheadBudget(0.05, min_interval=2, max_interval=64, model_scores=True, min_score_interval=3, headroom=0)
     b.choose((1.0, 0.2, 0.1, 0.5))
     assert (b.interval, b.score_interval) == (64, 64)
     assert b.choose((1.0, 0.0, 0.0, 0.001)) == 2 and b.score_interval == 3   # never below the schedule's
@@ -201,7 +223,7 @@ def test_a_stale_closed_form_time_does_not_lock_in_model_scores_every_call():
     choose a model pass every call: then no closed-form call runs again and the stale ``c`` would
     never be corrected. ``D`` is then ``c_m`` itself and the score interval leaves room for
     closed-form calls."""
-    b = OverheadBudget(0.5, min_interval=1, model_scores=True, clock=FakeClock())
+    b = OverheadBudget(0.5, min_interval=1, model_scores=True, clock=FakeClock(), headroom=0)
     # P = 0.1 s, stale c = 0.02 s, c_m = 0.012 s, R = 0.09 s: D = 0.012, room = 0.03
     assert b.choose((0.1, 0.02, 0.09, 0.012)) == math.ceil((0.012 + 0.09) / 0.03) == 4
     assert b.score_interval == math.ceil(0.012 / (0.03 - 0.09 / 4)) == 2
@@ -345,6 +367,7 @@ def test_budget_spaces_out_model_score_passes(monkeypatch):
     r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 2.0), method=policy, mode="full",
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     for step in range(80):
         clock.now += 1.0
         loss = r(m(torch.randn(10, 1, 8, 8)), torch.randint(0, 3, (10,)), num_original=4)
@@ -376,6 +399,7 @@ def test_on_a_gpu_the_call_is_timed_by_device_events():
                                     method=_costly_saflex(clock, 0.05, device, 0.2),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.5, fresh_batches=None))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     r._event_factory = _fake_events(device)
     check = r._reject_bad_values
 
@@ -404,6 +428,7 @@ def test_a_call_over_budget_warns_once():
     r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.5),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.1, fresh_batches=None))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(40):
@@ -459,6 +484,7 @@ def test_budget_spaces_reads_while_the_head_is_rebuilt_every_refresh():
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     reads, rebuilds = [], []
     for step in range(80):
         clock.now += 1.0
@@ -505,6 +531,7 @@ def test_a_rejected_call_changes_no_measurement():
     r = augplug.AugmentationRefiner(m, opt, val, method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=1, budget=0.1))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     for _ in range(3):
         clock.now += 1.0
         r(m(torch.randn(8, 6)), torch.randint(0, 4, (8,)), num_original=3).backward()
@@ -527,6 +554,7 @@ def test_the_default_budget_does_not_warn_and_none_is_exact():
     r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.5))
     assert r.schedule.budget == "auto" and r.budget.fraction == 0.1
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(30):
@@ -549,7 +577,7 @@ def test_the_default_budget_does_not_warn_and_none_is_exact():
 def test_rebuild_interval_from_the_equation():
     """A rebuild is the second kind of work: ``c + E / j + R / k <= b P`` with ``E = c_r - c``, the
     read interval ``k`` first, then the least rebuild interval ``j`` that fits."""
-    b = OverheadBudget(0.1, min_interval=2, clock=FakeClock())
+    b = OverheadBudget(0.1, min_interval=2, clock=FakeClock(), headroom=0)
     # P = 1 s, c = 0.02 s, R = 0.5 s, c_r = 0.12 s (E = 0.1 s)
     k = b.choose((1.0, 0.02, 0.5), rebuild_call=0.12)
     room = 0.1 - 0.02
@@ -586,6 +614,7 @@ def test_a_rebuild_is_timed_apart_and_priced(monkeypatch):
     r = augplug.AugmentationRefiner(m, opt, _SlowLoader(base, clock, 5.0), method=augplug.SAflex(strength=1.0),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     refreshed = []
     for step in range(80):
         clock.now += 1.0
@@ -614,6 +643,7 @@ def test_on_a_gpu_every_rebuild_is_timed():
     r = augplug.AugmentationRefiner(m, opt, val, method=_costly_saflex(clock, 0.0, device, 0.01),
                                     schedule=augplug.Schedule(refresh_every=2, budget=0.5))
     r.budget.clock = clock
+    r.budget.headroom = 0.0   # the plain equation (the headroom: test_the_budget_plans_for_three_quarters)
     r._event_factory = _fake_events(device)
     rebuilds = 0
     for _ in range(40):
