@@ -124,6 +124,27 @@ def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = 
     return name, head
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same values in memory: one storage, offset, shape and strides."""
+    return (a.shape == b.shape and a.stride() == b.stride() and a.device == b.device and a.dtype == b.dtype
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _run_start(chunks, end: int, rows: int) -> Optional[int]:
+    """The first of the forwards ``start:end`` (the most recent ones before ``end``) that together
+    hold exactly ``rows`` rows; None when no such run exists."""
+    total, start = 0, end
+    while start > 0 and total < rows:
+        start -= 1
+        total += chunks[start].shape[0]
+    return start if total == rows and end > start else None
+
+
+def _joined(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+
+
 @dataclass(frozen=True)
 class ForwardReplay:
     """What a training forward drew from the random number generators, recorded as it began: with
@@ -166,20 +187,29 @@ class ActivationCapture:
     Stored tensors are detached (features keep their graph with ``keep_graph=True``, for policies that
     differentiate through them), and only the last ``max_chunks`` forwards are kept, so training-mode
     forwards that are never followed by a refiner call cannot pile up.
+
+    The outputs of each forward are kept too (detached: the head's beside its features, the model's
+    beside its input), so that :meth:`features` and :meth:`inputs` can tell which forward a call's
+    logits come from when several ran since the last call (a second forward for the originals, run
+    after the views' forward, must not lend its features or inputs to the views).
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8,
                  keep_graph: bool = False, record_replay: bool = False):
         self.keep_graph, self.record_replay = keep_graph, record_replay
         self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
+        self._outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)   # the head's, per forward
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
+        self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
+        self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
         self._paused = 0
         self._handles = []
         if head is not None:
             self._handles.append(head.register_forward_hook(self._feature_hook))
         if capture_inputs:
             self._handles.append(model.register_forward_pre_hook(self._input_hook))
+            self._handles.append(model.register_forward_hook(self._model_output_hook))
 
     def _active(self, module: nn.Module) -> bool:
         return self._paused == 0 and module.training and torch.is_grad_enabled()
@@ -187,46 +217,81 @@ class ActivationCapture:
     def _feature_hook(self, module, args, output):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
             self._features.append(args[0] if self.keep_graph else args[0].detach())
+            self._outputs.append(output.detach() if isinstance(output, torch.Tensor) else None)
 
     def _input_hook(self, module, args):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
             x = args[0].detach()
             self._inputs.append(x)
+            self._model_outputs.append(None)
+            self._input_open = True
             if self.record_replay:
                 self._replays.append(ForwardReplay.before(x))
 
-    @staticmethod
-    def _cat(chunks: Deque[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
-        # keep the most recent forwards that add up to exactly `rows`
-        total, picked = 0, []
-        for t in reversed(chunks):
-            picked.append(t)
-            total += t.shape[0]
-            if total >= rows:
-                break
-        if total != rows:
-            return None
-        picked.reverse()
-        return picked[0] if len(picked) == 1 else torch.cat(picked, 0)
+    def _model_output_hook(self, module, args, output):
+        if self._input_open:
+            self._input_open = False
+            if isinstance(output, torch.Tensor):
+                self._model_outputs[-1] = output.detach()
 
-    def features(self, rows: int) -> Optional[torch.Tensor]:
-        """Features of the last ``rows`` samples seen by the head (flattened to 2-D), or None."""
-        out = self._cat(self._features, rows)
+    def features(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Features of the last ``rows`` samples seen by the head (flattened to 2-D), or None; with
+        ``logits``, those of the forward the logits come from (:meth:`_pick`)."""
+        out = self._pick(self._features, self._outputs, rows, logits)[0]
         return None if out is None else out.flatten(1)
 
-    def inputs(self, rows: int) -> Optional[torch.Tensor]:
-        return self._cat(self._inputs, rows)
+    def inputs(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The model inputs of the last ``rows`` samples, or None; with ``logits``, those of the
+        forward the logits come from (:meth:`_pick`)."""
+        return self._pick(self._inputs, self._model_outputs, rows, logits)[0]
 
-    def replay(self, rows: int) -> Optional["ForwardReplay"]:
-        """How to rerun the last training forward, when that one forward alone saw the ``rows`` rows
-        (None when the batch came from several forwards, no input was captured, or the capture was
-        not asked to ``record_replay``)."""
-        if not self.record_replay or not self._inputs or self._inputs[-1].shape[0] != rows:
+    def replay(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional["ForwardReplay"]:
+        """How to rerun the training forward that alone saw the ``rows`` rows (the one ``logits``
+        come from, :meth:`_pick`). None when the batch came from several forwards, no input was
+        captured, or the capture was not asked to ``record_replay``."""
+        if not self.record_replay or not self._inputs:
             return None
-        return self._replays[-1]
+        out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits)
+        return self._replays[start] if out is not None and end - start == 1 else None
+
+    @staticmethod
+    def _pick(chunks, outputs, rows: int, logits: Optional[torch.Tensor]):
+        """``(tensor, start, end)``: the recorded tensors of forwards ``start:end`` (concatenated),
+        the forwards a call's ``rows`` rows come from; ``(None, 0, 0)`` when no run of recent
+        forwards adds up to ``rows``.
+
+        Without ``logits``: the most recent forwards. With them, first the forward whose output the
+        logits are, by storage (the output itself or a view of it: no arithmetic, no device sync);
+        then, where other forwards ran since the last call and the storage tells nothing (logits
+        converted after the forward, as Accelerate's mixed precision does), by value: the most
+        recent run of forwards whose outputs equal the logits. Where none does (logits computed
+        from the output), the most recent forwards."""
+        n = len(chunks)
+        if logits is not None:
+            for k in range(n - 1, -1, -1):
+                o = outputs[k]
+                if o is not None and _same_tensor(o, logits):
+                    return chunks[k], k, k + 1
+        start = _run_start(chunks, n, rows)
+        if start is None:
+            return None, 0, 0
+        if logits is not None and start > 0:   # earlier forwards not in this batch: match by value
+            target = logits.detach()
+            for end in range(n, 0, -1):
+                first = _run_start(chunks, end, rows)
+                outs = list(outputs)[first:end] if first is not None else []
+                if not outs or any(o is None or o.dim() != target.dim() for o in outs):
+                    continue
+                joined = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+                if joined.shape == target.shape and torch.equal(joined.to(target.dtype), target):
+                    return _joined(list(chunks)[first:end]), first, end
+        return _joined(list(chunks)[start:]), start, n
 
     def clear(self) -> None:
         self._features.clear()
+        self._outputs.clear()
+        self._model_outputs.clear()
+        self._input_open = False
         self._inputs.clear()
         self._replays.clear()
 

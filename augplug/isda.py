@@ -651,7 +651,7 @@ class ISDALoss(nn.Module):
             raise ConfigurationError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
                                      "use 'mean'")
         if features is None and self._capture is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
-            features = self._capture.features(logits.shape[0])
+            features = self._capture.features(logits.shape[0], logits)
         per = self.per_sample_loss(features, logits, targets)
         if self._capture is not None:
             self._capture.clear()

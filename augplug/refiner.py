@@ -564,9 +564,9 @@ class AugmentationRefiner(RefinerCore):
             check_row_tensor(index, batch, "index", integer=True)
         # what scoring and ISDA will read besides the logits: checked in the same device sync
         if features is None:
-            features = self._capture.features(batch)
+            features = self._capture.features(batch, logits)
         if inputs is None:
-            inputs = self._capture.inputs(batch)
+            inputs = self._capture.inputs(batch, logits)
         rows = augmented_rows(batch, num_original, augmented, logits.device)
         return batch, num_classes, features, inputs, value_problems(logits, targets, (features, inputs)), rows
 

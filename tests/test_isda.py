@@ -496,6 +496,23 @@ def test_standalone_for_model_hooks_features_and_matches_explicit_features():
         crit(model(x), y)
 
 
+def test_standalone_reads_the_features_of_the_forward_its_logits_come_from():
+    """A second training forward of the same size after the one whose logits are passed (the
+    originals' forward in a separate loss term) does not lend its features to the loss."""
+    torch.manual_seed(0)
+    model = MLP(8, C, hidden=A, depth=1, dropout=0.0)
+    crit = ISDALoss.for_model(model, num_classes=C, lambda0=0.5)
+    ref = ISDALoss.for_head(copy.deepcopy(model).fc, lambda0=0.5)
+    g = torch.Generator().manual_seed(0)
+    x_aug, x, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.randint(0, C, (16,), generator=g)
+    out_aug = model(x_aug)
+    model(x)
+    with torch.no_grad():
+        features = model.body(x_aug)
+    torch.testing.assert_close(crit(out_aug, y), ref(out_aug, y, features=features))
+    crit.remove_hooks()
+
+
 def test_timm_model_and_head_kinds():
     import timm
     model = timm.create_model("resnet10t", num_classes=C, pretrained=False)

@@ -1,5 +1,6 @@
 """The usage patterns of the README: originals through their own forward, concatenated with the
 augmented rows' logits, are one batch to the refiner (the recommended form of the separate pattern)."""
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,3 +33,92 @@ def test_two_forwards_concatenated_are_one_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def _two_forwards_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                     batch_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = AugmentationRefiner(model, opt, val, method_options=dict(strength=1.0),
+                            schedule=dict(refresh_every=1, budget=None))
+    x, x_aug = torch.randn(8, 6, generator=g), 3 * torch.randn(8, 6, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, r, x, x_aug, y
+
+
+def _expected_scores(model, r, x_aug, logits):
+    with torch.no_grad():
+        features = model[:2](x_aug)
+    v = r.validation_direction
+    return last_layer_scores(features, logits, v["2.weight"], v["2.bias"])
+
+
+def test_views_scored_from_their_own_forward_when_the_originals_ran_after_them():
+    """``out_aug = model(x_aug); out = model(x); loss = refiner(out_aug, y) + ce(out, y)``: two
+    forwards of the same size, the refiner called with the first one's logits. It scores the views
+    from their own features (the head's output is matched by storage), not from the originals',
+    which ran last."""
+    model, r, x, x_aug, y = _two_forwards_setup()
+    out_aug = model(x_aug)
+    model(x)
+    r(out_aug, y)
+    torch.testing.assert_close(r.stats["scores"], _expected_scores(model, r, x_aug, out_aug), rtol=1e-5, atol=1e-6)
+
+
+def test_converted_logits_are_matched_to_their_forward_by_value():
+    """Logits converted after the head (a copy, as Accelerate's mixed precision makes) share no
+    storage with it; the forward whose head output equals them by value is the one scored."""
+    model, r, x, x_aug, y = _two_forwards_setup()
+    out_aug = model(x_aug)
+    model(x)
+    logits = out_aug.double().float()   # the same values in new memory
+    r(logits, y)
+    torch.testing.assert_close(r.stats["scores"], _expected_scores(model, r, x_aug, logits), rtol=1e-5, atol=1e-6)
+
+
+def test_storage_decides_before_values():
+    """Two forwards whose head outputs are equal by value (a head with zero weights outputs its bias
+    for every row) but whose features differ: the logits' own forward is found by storage."""
+    model, r, x, x_aug, y = _two_forwards_setup()
+    with torch.no_grad():
+        model[2].weight.zero_()
+    out_aug = model(x_aug)
+    model(x)
+    features = r._capture.features(8, out_aug)
+    with torch.no_grad():
+        torch.testing.assert_close(features, model[:2](x_aug))
+    r.remove_hooks()
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_full_mode_scores_the_views_own_inputs_when_the_originals_ran_after_them(bn_mode):
+    """The same order in full-model mode: the refiner scores the views from their own captured
+    inputs (forward mode, ``bn_mode="eval"``) and reruns their own forward (the replay,
+    ``bn_mode="train"``), as a twin that saw only the views' forward does."""
+    import copy
+    torch.manual_seed(0)
+    # with batch statistics also dropout, whose masks the replay must draw again from the views' forward
+    layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16), nn.Dropout(0.3)] if bn_mode == "train" else []) + [
+        nn.ReLU(), nn.Linear(16, 3)]
+    model = nn.Sequential(*layers)
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                     batch_size=16)
+    make = lambda m: AugmentationRefiner(m, torch.optim.SGD(m.parameters(), lr=0.1), val, mode="full",  # noqa: E731
+                                         bn_mode=bn_mode, seed=0, method_options=dict(strength=1.0),
+                                         schedule=dict(refresh_every=1, budget=None))
+    r, r_twin = make(model), make(twin)
+    x, x_aug = torch.randn(8, 6, generator=g), 3 * torch.randn(8, 6, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(5)
+    out_aug = model(x_aug)
+    model(x)
+    r(out_aug, y)
+    torch.manual_seed(5)
+    r_twin(twin(x_aug), y)
+    assert r.stats["score_pass"] == r_twin.stats["score_pass"] == ("finite_difference" if bn_mode == "train" else "forward_mode"), r.stats["score_pass"]
+    torch.testing.assert_close(r.stats["scores"], r_twin.stats["scores"], rtol=1e-4, atol=1e-6)

@@ -204,7 +204,7 @@ class RefineContext:
     def features(self, required: bool = True) -> Optional[torch.Tensor]:
         """``(B, A)`` inputs of the classifier head for this batch (captured or passed as ``features=``)."""
         if self._features is None:
-            self._features = self.scoring.capture.features(self.batch)
+            self._features = self.scoring.capture.features(self.batch, self.logits)
         f = self._features
         if f is None:
             if required:
@@ -219,7 +219,7 @@ class RefineContext:
 
     def inputs(self) -> Any:
         """The model inputs of this batch (captured or passed as ``inputs=``)."""
-        x = self._inputs if self._inputs is not None else self.scoring.capture.inputs(self.batch)
+        x = self._inputs if self._inputs is not None else self.scoring.capture.inputs(self.batch, self.logits)
         if x is None:
             raise ShapeError(f"no model inputs for the {self.batch} rows of this batch were captured",
                              "pass inputs= (the tensor fed to the model) to the refiner")
@@ -302,7 +302,7 @@ class RefineContext:
             if done is v:
                 return g
         sc = self.scoring
-        replay = sc.capture.replay(self.batch)
+        replay = sc.capture.replay(self.batch, self.logits)
         if replay is None or replay.autocast or self.logits.dtype != torch.float32:
             return None
         base = torch.log_softmax(self.logits.detach(), -1)
