@@ -169,8 +169,8 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
     t = targets.detach()
     if t.dim() == 1:
         if t.numel():
-            lo, hi = (v.to(flag) for v in torch.aminmax(t))  # fp64: no wrap-around of small integer dtypes
-            flag = flag + (hi - (logits.shape[1] - 1)).clamp_min(0) + (-lo).clamp_min(0)
+            # the number of labels outside 0..C-1: the clamp that indexes the one-hot targets moves them
+            flag = flag + (t.clamp(0, logits.shape[1] - 1) != t).sum(dtype=torch.float64).to(flag)
     else:
         flag = flag + _soft_target_flags(t.float()).any().to(flag)
     return flag
