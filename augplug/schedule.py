@@ -36,9 +36,10 @@ class Schedule:
             in the body's features, which are renewed ``fresh_batches`` batches at a time); in other
             modes it keeps each batch's gradient as computed (stale in every parameter, and memory of
             one gradient per batch). The first refresh reads the whole window.
-        budget: the refiner's allowed share of a plain training step (e.g. 0.1). The refiner then
-            times its own work and the iteration and spaces its validation work to stay within it
-            (:mod:`augplug.budget`): the validation reads (at least ``refresh_every`` updates apart),
+        budget: the refiner's allowed share of a plain training step (e.g. 0.1), a ceiling. The
+            refiner then times its own work and the iteration and spaces its validation work to stay
+            within three quarters of it (:mod:`augplug.budget`; the rest is headroom for the noise of
+            its measurements and for costs it cannot time): the validation reads (at least ``refresh_every`` updates apart),
             and in the model-forward score modes the model's score passes (see
             ``model_scores_every``). In last-layer mode with the validation window a refresh between
             two reads rebuilds the head gradient from the cached features with the current head

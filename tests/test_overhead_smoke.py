@@ -264,6 +264,6 @@ def test_sync_cost_writes_one_row_per_configuration(tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = _table_rows(text, "model")
-    assert [r[1] for r in rows] == ["plain", "plain + one sync", "refiner, kept direction", "refiner, defaults"]
+    assert [r[1] for r in rows] == ["plain", "plain + one sync", "refiner, kept direction", "refiner, exact schedule"]
     assert all(r[-1] == "" and float(r[3]) > 0 for r in rows)
     assert (tmp_path / "sc.md").read_text(encoding="utf-8") == text

@@ -50,6 +50,29 @@ def test_demo_smoke(tmp_path, capsys):
     assert (tmp_path / "demo.png").exists()
 
 
+def test_demo_budget_option(monkeypatch, capsys):
+    """``--budget`` reaches the refined arms' schedule (default: the exact schedule, None); a bad
+    value is a usage error naming the choices, before any training."""
+    import augplug.demo.cli as cli
+    from augplug.__main__ import main
+    seen = []
+
+    def fake_run_arm(data, arm, seed, **kw):
+        seen.append(kw["refiner_kwargs"]["budget"])
+        return {"test_acc": 0.5}
+
+    monkeypatch.setattr(cli, "run_arm", fake_run_arm)
+    monkeypatch.setattr(cli, "load_digits_study", lambda seed, **kw: None)
+    main(["demo", "--seeds", "0", "--out", "", "--no-progress"])
+    main(["demo", "--seeds", "0", "--out", "", "--no-progress", "--budget", "auto"])
+    main(["demo", "--seeds", "0", "--out", "", "--no-progress", "--budget", "0.2"])
+    assert seen == [None] * 4 + ["auto"] * 4 + [0.2] * 4
+    assert "refiners: the exact schedule (budget=None)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--budget", "lots"])
+    assert "budget must be 'auto', 'none' or a positive fraction" in capsys.readouterr().err
+
+
 def _tiny_study(noisy: bool):
     from augplug.demo.study import StudyData
     g = torch.Generator().manual_seed(0)
@@ -94,3 +117,17 @@ def test_view_batches_cover_every_image_once_per_epoch():
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, again))
     with pytest.raises(ValueError, match="batch_size"):
         next(view_batches(10, 3, 0, 1, torch.Generator()))
+
+
+def test_demo_budget_benchmark_pairs_the_two_schedules(monkeypatch, tmp_path):
+    """``benchmarks.demo_budget`` runs each refined arm under both schedules for every seed and
+    writes the paired table (a one-epoch smoke run)."""
+    bench = pytest.importorskip("benchmarks.demo_budget")
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr(bench, "results_dir", lambda study=None: tmp_path)
+    bench.main(["--seeds", "0", "--epochs", "1", "--out", "smoke"])
+    text = (tmp_path / "smoke.md").read_text()
+    for arm in ("upstream+SAflex", "upstream+L2RW"):
+        assert f"| {arm} |" in text
+    assert "(0 / 1 / 0)" in text or "(1 / 0 / 0)" in text or "(0 / 0 / 1)" in text
+    assert "reads every" in text and "estimate" in text

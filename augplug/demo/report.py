@@ -13,11 +13,12 @@ def _ms(vals):
     return vals.mean(), (vals.std(ddof=1) if len(vals) > 1 else 0.0)
 
 
-def format_table(results, seeds, epochs, noise, noise_kind="pairflip", aug_only=False) -> str:
+def format_table(results, seeds, epochs, noise, noise_kind="pairflip", aug_only=False, budget=None) -> str:
     wrong = "the next class (c -> c+1)" if noise_kind == "pairflip" else "a random wrong label"
     trained = "augmented views only (`none`: the originals)" if aug_only else "originals + augmented views"
+    schedule = "the exact schedule (budget=None)" if budget is None else f"overhead budget {budget!r}"
     lines = [f"digits (sklearn), small CNN, {epochs} epochs, seeds {seeds}; upstream: RandAugment rand-m15-n3-mstd0.5 "
-             f"with {noise:.0%} of augmented views labelled {wrong}; trained on {trained}",
+             f"with {noise:.0%} of augmented views labelled {wrong}; trained on {trained}; refiners: {schedule}",
              "", f"| arm | test accuracy % (mean ± std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}) | AUC(weight, clean view) | mean weight: clean / corrupted views |",
              "|---|---|---|---|"]
     for arm, rs in results.items():

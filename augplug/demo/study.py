@@ -218,6 +218,9 @@ def run_arm(data: StudyData, arm: str, seed: int, *, epochs: int = 10, batch_siz
         opt.step()
         sched.step()
     out = {"test_acc": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - t0}
+    if refiner is not None and refiner.budget is not None and refiner.stats:   # what a budget chose, at the end
+        out["budget_choice"] = {k: refiner.stats[k] for k in ("refresh_interval", "read_interval", "overhead")
+                                if k in refiner.stats}
     if rec.get("share"):
         out.update(share_mean=sum(rec["share"]) / len(rec["share"]), share_final=float(refiner.aug_weight))
     if rec["w"]:
