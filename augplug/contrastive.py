@@ -401,7 +401,10 @@ class ContrastiveRefiner(RefinerCore):
             self.share.to(self._device())
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.check_train_mode = check_train_mode
-        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores)
+        # Schedule(budget="auto") is the exact schedule here: the contrastive refiner's quality under a
+        # budget was not measured (an explicit budget= applies)
+        self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores,
+                        auto_budget=None)
         self.stats: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers

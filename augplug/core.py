@@ -133,7 +133,7 @@ class RefinerCore:
 
     # ------------------------------------------------------------------ construction
     def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool,
-                   model_scores: bool = False) -> None:
+                   model_scores: bool = False, auto_budget: Optional[float] = None) -> None:
         try:
             if isinstance(seed, bool):
                 raise TypeError
@@ -165,7 +165,8 @@ class RefinerCore:
         self._window = None
         #: whether calls alternate model score passes with closed-form ones (the shell decides)
         self.model_scores = bool(model_scores)
-        fraction = budget_fraction(schedule) if needs_validation else None
+        # "auto": the method's own default (a budget for SAflex, the exact schedule for the others)
+        fraction = budget_fraction(schedule, auto_budget) if needs_validation else None
         self.budget = (OverheadBudget(fraction, min_interval=schedule.refresh_every, model_scores=model_scores,
                                       min_score_interval=schedule.model_scores_every,
                                       max_interval=MAX_INTERVAL_FACTOR * schedule.refresh_every)

@@ -297,6 +297,7 @@ class AugmentationRefiner(RefinerCore):
         self._check_val_loader(val_loader)
         # the hooks come last, so that a rejected option leaves none behind
         self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores,
+                        auto_budget=self.policy.auto_budget,
                         model_scores=alternate)
         self.split_validation = self.strength is not None
         if self.strength is not None:

@@ -49,9 +49,12 @@ class Schedule:
             even where the refiner's call alone exceeds the budget (``stats["overhead"]`` then says by
             how much). ``stats["read_interval"]``, ``stats["model_scores_every"]`` and
             ``stats["overhead"]`` report the choice and the measured share. The schedule then depends on
-            measured time, so runs are not bit-reproducible. ``"auto"`` (default): a budget of 0.1
-            that does not warn when the call alone exceeds it (a small model's step can be shorter
-            than any refiner call). ``None``: the exact schedule (validation work every
+            measured time, so runs are not bit-reproducible. ``"auto"`` (default): the method's own
+            default (``Policy.auto_budget``): for SAflex, the default method, a budget of 0.1 that
+            does not warn when the call alone exceeds it (a small model's step can be shorter than
+            any refiner call); for L2RW, AutoDO, influence and the contrastive refiner the exact
+            schedule (L2RW lost 2.7-3.5 points under a budget on the digits demo; the others were
+            not measured under one). ``None``: the exact schedule (validation work every
             ``refresh_every`` updates, model scores every ``model_scores_every`` calls),
             bit-reproducible.
         model_scores_every: in the score modes that run the model (``mode="full"``,
@@ -98,15 +101,17 @@ class Schedule:
                                      "pass a bool")
 
 
-#: What ``Schedule(budget="auto")`` allows: a tenth of a plain training step.
+#: What ``Schedule(budget="auto")`` allows for a method whose default is a budget (SAflex, the
+#: default method; ``Policy.auto_budget``): a tenth of a plain training step.
 AUTO_BUDGET = 0.1
 #: The longest interval a budget may choose, in units of ``refresh_every``.
 MAX_INTERVAL_FACTOR = 16
 
 
-def budget_fraction(schedule: Schedule) -> Optional[float]:
-    """The schedule's budget as a fraction of a step (``"auto"`` resolved), or None without one."""
-    return AUTO_BUDGET if schedule.budget == "auto" else None if schedule.budget is None else float(schedule.budget)
+def budget_fraction(schedule: Schedule, auto: Optional[float] = AUTO_BUDGET) -> Optional[float]:
+    """The schedule's budget as a fraction of a step, or None without one; ``"auto"`` resolves to
+    ``auto`` (the method's own default, ``Policy.auto_budget``; None: the exact schedule)."""
+    return auto if schedule.budget == "auto" else None if schedule.budget is None else float(schedule.budget)
 
 
 def budget_from_text(text: str) -> Union[None, float, str]:

@@ -119,6 +119,7 @@ def test_view_batches_cover_every_image_once_per_epoch():
         next(view_batches(10, 3, 0, 1, torch.Generator()))
 
 
+@pytest.mark.filterwarnings("ignore:budget=0.1")
 def test_demo_budget_benchmark_pairs_the_two_schedules(monkeypatch, tmp_path):
     """``benchmarks.demo_budget`` runs each refined arm under both schedules for every seed and
     writes the paired table (a one-epoch smoke run)."""

@@ -45,6 +45,7 @@ import torch
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError, ShapeError
 from ..pooled import PooledEvidence
+from ..schedule import AUTO_BUDGET
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
 
@@ -218,6 +219,8 @@ class SAflex(Policy):
     """
 
     name = "saflex"
+    #: the default schedule's budget (measured: the trust study, the held-out tables, the digits demo)
+    auto_budget = AUTO_BUDGET
 
     def __init__(self, beta: float = math.inf, tau: float = 1.0, *, gumbel: bool = False, weighting: str = "soft",
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
