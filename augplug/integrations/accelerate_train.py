@@ -122,7 +122,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget", default="auto",
                    help="the refiner's allowed share of a plain step: Schedule(budget=...), validation work spaced "
                         "by measured time, the same on every process; 'none' for the exact, bit-reproducible "
-                        "schedule (default: auto, 0.1)")
+                        "schedule (default: auto: 0.1 for SAflex, the exact schedule for the other methods)")
     p.add_argument("--noise", type=float, default=0.3, help="share of augmented views with a broken label")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, views and model (default: 0)")
     p.add_argument("--output", default="accelerate_out", help="folder for results.json (default: accelerate_out)")

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the refiner's allowed share of a plain training step: it times its own work and spaces "
                         "out validation reads (and, with --refiner-mode full, the model's score passes) to stay "
                         "within it, so the schedule depends on measured time; 'none' for the exact, "
-                        "bit-reproducible schedule (default: auto, 0.1)")
+                        "bit-reproducible schedule (default: auto: 0.1 for SAflex, the exact schedule for the other "
+                        "methods)")
     g.add_argument("--refiner-kwargs", nargs="*", default={}, action=_KeyValue,
                    help="more AugmentationRefiner options, e.g. beta=2 weighting=hard")
     g.add_argument("--method-options", nargs="*", default={}, action=_KeyValue,
