@@ -7,6 +7,7 @@ raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ class ActivationCapture:
         self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
         self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
+        self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
         self._paused = 0
         self._handles = []
         if head is not None:
@@ -254,8 +256,7 @@ class ActivationCapture:
         out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits)
         return self._replays[start] if out is not None and end - start == 1 else None
 
-    @staticmethod
-    def _pick(chunks, outputs, rows: int, logits: Optional[torch.Tensor]):
+    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor]):
         """``(tensor, start, end)``: the recorded tensors of forwards ``start:end`` (concatenated),
         the forwards a call's ``rows`` rows come from; ``(None, 0, 0)`` when no run of recent
         forwards adds up to ``rows``.
@@ -265,7 +266,8 @@ class ActivationCapture:
         then, where other forwards ran since the last call and the storage tells nothing (logits
         converted after the forward, as Accelerate's mixed precision does), by value: the most
         recent run of forwards whose outputs equal the logits. Where none does (logits computed
-        from the output), the most recent forwards."""
+        from the output), the most recent forwards, with a one-time warning when an earlier run of
+        forwards would also have fitted (the choice is then a guess)."""
         n = len(chunks)
         if logits is not None:
             for k in range(n - 1, -1, -1):
@@ -285,6 +287,13 @@ class ActivationCapture:
                 joined = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
                 if joined.shape == target.shape and torch.equal(joined.to(target.dtype), target):
                     return _joined(list(chunks)[first:end]), first, end
+            if not self._warned_guess and any(_run_start(chunks, end, rows) is not None for end in range(1, start + 1)):
+                self._warned_guess = True
+                warnings.warn(
+                    f"the logits passed are not the output of any of the {n} training forwards since the last "
+                    f"call (computed from it, e.g. scaled), and more than one run of those forwards has their "
+                    f"{rows} rows: the most recent is used. Call the refiner right after the forward that "
+                    f"produced the logits, or pass features= (inputs= in full mode)", RuntimeWarning, stacklevel=4)
         return _joined(list(chunks)[start:]), start, n
 
     def clear(self) -> None:

@@ -122,3 +122,23 @@ def test_full_mode_scores_the_views_own_inputs_when_the_originals_ran_after_them
     r_twin(twin(x_aug), y)
     assert r.stats["score_pass"] == r_twin.stats["score_pass"] == ("finite_difference" if bn_mode == "train" else "forward_mode"), r.stats["score_pass"]
     torch.testing.assert_close(r.stats["scores"], r_twin.stats["scores"], rtol=1e-4, atol=1e-6)
+
+
+def test_logits_computed_from_the_output_with_two_fitting_forwards_warn_once():
+    """Logits scaled after the head match no forward by storage or value; with two forwards of the
+    batch's size since the last call the choice of the most recent is a guess, said once. With one
+    candidate (the views' forward alone) it is no guess, and nothing is said."""
+    import warnings
+    model, r, x, x_aug, y = _two_forwards_setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r(model(x_aug) / 2.0, y)   # one forward since the last call: no guess
+    model(x_aug)
+    out = model(x)
+    with pytest.warns(RuntimeWarning, match="most recent is used"):
+        r(out / 2.0, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x_aug)
+        r(model(x) / 2.0, y)   # warned once per refiner
+    r.remove_hooks()
