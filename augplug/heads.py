@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Deque, Optional, Tuple, Union
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .errors import UnsupportedHeadError
 
-__all__ = ["unwrap_model", "is_compiled", "find_classifier", "ActivationCapture", "ForwardReplay"]
+__all__ = ["unwrap_model", "is_compiled", "find_classifier", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
 
 def _wrapper_chain(model: nn.Module):
@@ -178,6 +179,31 @@ class ForwardReplay:
             yield
 
 
+class GradientSlot:
+    """Keeps the gradient a tensor receives in backward passes, detached and added up over several
+    (``tensor.register_hook(slot.receive)``; the hook changes nothing)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+    def receive(self, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        self.grad = g if self.grad is None else self.grad + g
+
+
+class _HeadForward(GradientSlot):
+    """One recorded forward of the classifier head: its input features, whether a refiner call used
+    it, and (with gradient tracking) the gradient its output received in the backward pass."""
+
+    __slots__ = ("features", "used")
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features, self.used = features, False
+
+
 class ActivationCapture:
     """Forward hooks that record, during the user's own training forwards, the classifier's input
     features and (optionally) the model's input.
@@ -193,6 +219,13 @@ class ActivationCapture:
     beside its input), so that :meth:`features` and :meth:`inputs` can tell which forward a call's
     logits come from when several ran since the last call (a second forward for the originals, run
     after the views' forward, must not lend its features or inputs to the views).
+
+    With ``track_gradients`` on, each head forward whose output needs a gradient also gets a
+    gradient hook on that output, which keeps (detached) the gradient the output receives in the
+    backward pass. :meth:`other_gradients` then lists the forwards that no refiner call used but
+    that the loss trained: the rest of the user's loss (``refiner(model(x_aug), y_aug) +
+    F.cross_entropy(model(x), y)``), whose last-layer gradient is ``sum_i G_i h_i^T`` with ``G`` the
+    output gradient and ``h`` the features.
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8,
@@ -203,23 +236,51 @@ class ActivationCapture:
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
+        self._forwards: Deque[_HeadForward] = deque(maxlen=max_chunks)   # beside _features
+        #: forwards with a gradient hook whose backward pass may still come (kept across clear())
+        self._awaiting: Deque[_HeadForward] = deque(maxlen=4 * max_chunks)
+        #: hook the head's output gradients (see the class docstring)
+        self.track_gradients = False
+        #: a 0-dim tensor that scales the gradient reaching the outputs of forwards no refiner call
+        #: used (the rest of the loss), or None
+        self.rest_scale: Optional[torch.Tensor] = None
         self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
         self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
         self._paused = 0
         self._handles = []
+        self._head_hooked = head is not None
         if head is not None:
             self._handles.append(head.register_forward_hook(self._feature_hook))
         if capture_inputs:
             self._handles.append(model.register_forward_pre_hook(self._input_hook))
             self._handles.append(model.register_forward_hook(self._model_output_hook))
 
+    def _received(self, record: _HeadForward, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient hook of a recorded head output: keep the gradient as it arrives; for a forward
+        no refiner call used, pass it on scaled by ``rest_scale`` when that is set."""
+        record.receive(grad)
+        if record.used or self.rest_scale is None:
+            return None
+        return grad * self.rest_scale.to(grad.dtype)
+
+    @property
+    def records_features(self) -> bool:
+        """Whether a classifier head is hooked (its features recorded)."""
+        return bool(self._handles) and self._head_hooked
+
     def _active(self, module: nn.Module) -> bool:
         return self._paused == 0 and module.training and torch.is_grad_enabled()
 
     def _feature_hook(self, module, args, output):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
-            self._features.append(args[0] if self.keep_graph else args[0].detach())
+            h = args[0].detach()
+            self._features.append(args[0] if self.keep_graph else h)
             self._outputs.append(output.detach() if isinstance(output, torch.Tensor) else None)
+            record = _HeadForward(h)
+            self._forwards.append(record)
+            if self.track_gradients and isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(partial(self._received, record))
+                self._awaiting.append(record)
 
     def _input_hook(self, module, args):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
@@ -239,8 +300,28 @@ class ActivationCapture:
     def features(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Features of the last ``rows`` samples seen by the head (flattened to 2-D), or None; with
         ``logits``, those of the forward the logits come from (:meth:`_pick`)."""
-        out = self._pick(self._features, self._outputs, rows, logits)[0]
+        out = self.claim(rows, logits)
         return None if out is None else out.flatten(1)
+
+    def claim(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The features of the forward(s) the logits come from (:meth:`_pick`, not flattened), marked
+        as used by a refiner call, so that :meth:`other_gradients` does not count them."""
+        out, start, end = self._pick(self._features, self._outputs, rows, logits)
+        if out is not None:
+            for k in range(start, end):
+                self._forwards[k].used = True
+        return out
+
+    def other_gradients(self):
+        """``[(features (n, A), output gradient (n, C))]`` of the recorded head forwards that no
+        refiner call used and whose backward pass has come (``track_gradients``)."""
+        return [(r.features.flatten(1), r.grad) for r in self._awaiting if r.grad is not None and not r.used]
+
+    def drop_graded(self) -> None:
+        """Forget the forwards whose backward pass has come (used or not); the others keep waiting."""
+        waiting = [r for r in self._awaiting if r.grad is None]
+        self._awaiting.clear()
+        self._awaiting.extend(waiting)
 
     def inputs(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The model inputs of the last ``rows`` samples, or None; with ``logits``, those of the
@@ -299,6 +380,7 @@ class ActivationCapture:
     def clear(self) -> None:
         self._features.clear()
         self._outputs.clear()
+        self._forwards.clear()
         self._model_outputs.clear()
         self._input_open = False
         self._inputs.clear()
@@ -317,3 +399,4 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
         self.clear()
+        self._awaiting.clear()

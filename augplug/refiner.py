@@ -18,13 +18,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .core import (RefinerCore, _warn_at_caller, check_part_presence, num_val_batches, optimizer_problem,
-                   unwrap_optimizer)
-from .distributed import rank as dist_rank, world_size as dist_world_size
+from .core import (_CHECKPOINT_FIX, RefinerCore, _warn_at_caller, check_part_presence, nonfinite,
+                   num_val_batches, optimizer_problem, unwrap_optimizer)
+from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_world_size
 from .checks import validate
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
-from .heads import ActivationCapture, find_classifier, is_compiled, unwrap_model
+from .heads import ActivationCapture, GradientSlot, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
@@ -210,12 +210,17 @@ class AugmentationRefiner(RefinerCore):
     - ``aug_weight="adaptive"`` (or an :class:`~augplug.share.AdaptiveShare`) learns the augmented
       rows' share online from the class scores: it falls while the augmented rows agree with the
       validation gradient less than the originals do (batches with originals, ``num_original=`` /
-      ``augmented=``); batches of augmented rows alone are unaffected.
+      ``augmented=``). For batches of augmented rows alone it compares them with the rest of the
+      loss, when that trains other forwards of the classifier head (the originals' own term,
+      ``refiner(model(x_aug), y_aug) + F.cross_entropy(model(x), y)``): gradient hooks on the head's
+      output give that term's agreement with the validation direction (``stats["against_rest"]``,
+      ``docs/trust.md``). Views alone with nothing else in the loss are unaffected.
     - ``strength`` ``gamma`` in [0, 1]: the augmented rows are trained with ``w = 1 + gamma (w' - 1)``
       and ``y = y~ + gamma (y' - y~)`` (``w'``, ``y'``: the policy's weights and targets; 0 is plain
       upstream augmentation, 1 the full refinement). ``"auto"``: 1 for batches that hold originals,
-      0 for batches of augmented rows alone, which are then trained as given at no cost (measured:
-      per-sample weights without originals cost accuracy, ``docs/trust.md``). ``"adaptive"`` (or a
+      0 for batches of augmented rows alone, which are then trained with their upstream weights and
+      targets (measured: per-sample weights without originals cost accuracy, ``docs/trust.md``;
+      they are scored only where the share weighs them against the rest of the loss). ``"adaptive"`` (or a
       :class:`~augplug.valve.RefinementStrength`): learned online from a cross-fitted first-order
       signal (:mod:`augplug.valve`).
     - ``weight_norm``: ``"augmented"`` (the paper: mean 1 over the augmented rows), ``"class"``
@@ -304,6 +309,9 @@ class AugmentationRefiner(RefinerCore):
             self.strength.to(self._device())
         self.accelerator = accelerator
         self.stats: Dict[str, Any] = {}
+        self._rest_mode = False     # this call weighs views alone against the rest of the loss
+        self._rest_pending = None   # what the last such call leaves for the next (see _rest_signal)
+        self._rest_loaded = None    # the rest's signal read from a state, for the next call
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
         self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
@@ -477,9 +485,18 @@ class AugmentationRefiner(RefinerCore):
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
         active = self.step_count >= self.warmup_steps
         used_strength = self.fixed_strength
-        if self.strength is None and self.fixed_strength is None:  # "auto": refine only beside originals
-            used_strength = 1.0 if self._global_count(batch - n_aug) > 0 else 0.0
-            active = active and used_strength > 0
+        auto_strength = self.strength is None and self.fixed_strength is None
+        n_orig_all = self._global_count(batch - n_aug) if auto_strength or self.share is not None else None
+        views_alone = self.share is not None and n_orig_all == 0
+        # views alone, but the last step's loss also trained other forwards of the model (originals
+        # through the user's own loss term): the share then weighs the views against that term
+        rest = self._rest_signal(world) if views_alone and self._capture.track_gradients else None
+        self._rest_mode = rest is not None
+        if auto_strength:
+            # "auto": per-sample refinement only beside originals; views weighed against the rest of
+            # the loss keep their upstream weights and targets and are scored for the share alone
+            used_strength = 1.0 if n_orig_all > 0 else 0.0
+            active = active and (used_strength > 0 or self._rest_mode)
         ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
                             n_augmented=n_aug, sources=sources)
         ctx.closed_form = not self.model_scores_due()
@@ -502,7 +519,7 @@ class AugmentationRefiner(RefinerCore):
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
-            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug)
+            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug, rest)
             if deferred:
                 self._budget_mark()
                 deferred = False   # checked from here on, whatever the check says
@@ -531,6 +548,7 @@ class AugmentationRefiner(RefinerCore):
         self._commit_direction(ctx.v_new)
         self._count_call()
         self._capture.clear()
+        self._commit_rest(views_alone, ctx, soft, scores, weights, aug, loss, used_share)
         # "active": the warm-up is over and the batch has rows to refine (for every method)
         self.stats = self._summarise(weights, soft, scores, y, aug, ctx.active and n_aug > 0, ctx.refreshed,
                                      used_share, used_strength, ctx.score_pass)
@@ -566,6 +584,8 @@ class AugmentationRefiner(RefinerCore):
         # what scoring and ISDA will read besides the logits: checked in the same device sync
         if features is None:
             features = self._capture.features(batch, logits)
+        elif self._capture.track_gradients:  # the forward is this call's, not the rest of the loss
+            self._capture.claim(batch, logits)
         if inputs is None:
             inputs = self._capture.inputs(batch, logits)
         rows = augmented_rows(batch, num_original, augmented, logits.device)
@@ -638,7 +658,7 @@ class AugmentationRefiner(RefinerCore):
         (w_a, s_a, g_a), (w_b, s_b, g_b) = picks
         return self.strength.propose(cross_fit_statistics(ya, w_a, s_a, g_b, w_b, s_b, g_a, distributed=distributed))
 
-    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int):
+    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int, rest=None):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
 
         Agreements ``y^T g`` on the augmented rows (whose scores the policy returned): with their
@@ -648,6 +668,9 @@ class AugmentationRefiner(RefinerCore):
         if self.share is None or not (ctx.active and ctx.scored):
             return None
         distributed = dist_world_size() > 1
+        if self._rest_mode:
+            signal = rest[1]
+            return None if signal is None else self.share.propose(signal)
         n_orig = aug.shape[0] - n_aug
         if not distributed and (n_orig == 0 or n_aug == 0):
             return None
@@ -655,6 +678,73 @@ class AugmentationRefiner(RefinerCore):
         a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
         return self.share.propose(self.share.batch_statistics(ctx.targets, scores, soft, weights, rows, a_orig,
                                                               distributed=distributed))
+
+    def _rest_signal(self, world: int):
+        """For a batch of views alone: None when the last step's loss trained no other forward of the
+        model; otherwise ``(True, share statistics or None)``.
+
+        The capture's gradient hooks give, for each head forward no refiner call used, the gradient
+        ``G`` (n, C) its output received and its features ``h``; the rest of the loss then moved the
+        head along the validation direction ``v`` of the last call by ``<grad L_rest, v> = sum_i
+        G_i^T (V_W h_i + v_b)``. The gradient the refiner's own loss received, ``s`` (a hook on the
+        returned loss: 1 for ``loss.backward()``, the scale of a GradScaler or of the user's factor),
+        puts it on the scale of the refiner's loss, and ``a_rest = -<grad L_rest, v> / s`` is the
+        rest's agreement, the quantity the share compares the views with (for a mean cross-entropy
+        on originals it equals their mean ``y_i^T g_i``, as if they had been in the batch). The
+        statistics ``[sum over the last call's views of y~^T g, their number, a_rest, 1]`` are
+        summed over a process group (data-parallel training averages the rest's gradient)."""
+        local, ready, seen = self._rest_local()
+        if world > 1:   # whether any process saw a rest: one read-back, in a process group only
+            all_reduce_sum_([local])
+            ready, seen = bool(local[3] > 0), bool(local[4] > 0)
+        if not seen:
+            return None
+        return True, (local[:4] if ready else None)
+
+    def _rest_local(self):
+        """This process's ``[sum of y~^T g over the last call's views, their number, a_rest, ready,
+        seen]`` (float64; :meth:`_rest_signal`), with ``ready`` and ``seen`` also as Python bools
+        (known on the host: no device sync), from the capture's gradients or, after
+        :meth:`load_state_dict` and until a call commits, from the state."""
+        dev = self._device()
+        if self._rest_loaded is not None:   # cleared when a call commits (_commit_rest); on the CPU
+            loaded = self._rest_loaded
+            return loaded.to(dev), bool(loaded[3] > 0), bool(loaded[4] > 0)
+        graded = self._capture.other_gradients()
+        pending = self._rest_pending
+        if graded and pending is not None and pending[3].grad is not None:
+            aug_stats, v_w, v_b, scale = pending
+            pushed = sum(((G.float() * (h.float() @ v_w.t() + (0.0 if v_b is None else v_b))).sum()
+                          for h, G in graded))
+            local = torch.cat([aug_stats.to(dev), torch.stack([-pushed.double() / scale.grad.double().to(dev)]),
+                               torch.ones(2, dtype=torch.float64, device=dev)])
+            return local, True, True
+        local = torch.zeros(5, dtype=torch.float64, device=dev)
+        if graded:
+            local[4] = 1.0
+        return local, False, bool(graded)
+
+    def _commit_rest(self, views_alone: bool, ctx, soft, scores, weights, aug, loss, used_share) -> None:
+        """After a committed call: forget the forwards whose backward has come; for views alone, hook
+        the head's output gradients from now on and, when this call weighed the views against the
+        rest of the loss, keep what the next call needs to judge them (:meth:`_rest_signal`)."""
+        self._capture.drop_graded()
+        self._rest_pending = self._rest_loaded = None
+        self._capture.rest_scale = None
+        if not views_alone or not self._capture.records_features:
+            return
+        if self._rest_mode:
+            share = torch.as_tensor(used_share, dtype=torch.float32, device=self._device())
+            self._capture.rest_scale = 2 / (1 + share)
+        self._capture.track_gradients = True
+        if self._rest_mode and ctx.scored and loss.requires_grad:
+            v = ctx.direction()
+            stats = self.share.batch_statistics(ctx.targets, scores, soft, weights, aug, scores.new_zeros(0))[:2]
+            scale = GradientSlot()
+            loss.register_hook(scale.receive)
+            bias = v.get(f"{self.head_name}.bias")
+            self._rest_pending = (stats, v[f"{self.head_name}.weight"].detach().float(),
+                                  None if bias is None else bias.detach().float(), scale)
 
     def _by_class(self, n_orig) -> bool:
         """Whether the augmented rows' weights are normalized by class, given the originals in the
@@ -679,6 +769,9 @@ class AugmentationRefiner(RefinerCore):
                     weights = weights.clone()
                     weights[rows] = (class_renormalize(weights[rows], targets[rows]) if by_class
                                      else renormalize(weights[rows]))
+            if self._rest_mode:  # views alone, weighed against the rest of the loss (_rest_weights)
+                mass = weights.sum().clamp_min(1e-12) if self.weight_norm == "batch" else float(n_aug)
+                return weights, mass * (1 + self.aug_weight) / 2
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
@@ -693,7 +786,10 @@ class AugmentationRefiner(RefinerCore):
             weights = weights.clone()
             weights[aug] = weights[aug] * (n_all / w_sum) if w_sum > 0 else 0.0
             w_sum = n_all if w_sum > 0 else 0.0
-        return weights, self._loss_denominator(w_sum if self.weight_norm == "batch" else n_all, n_orig_all, world)
+        mass = w_sum if self.weight_norm == "batch" else n_all
+        if self._rest_mode:
+            return weights, max(mass, 1e-12) / world * (1 + self.aug_weight) / 2
+        return weights, self._loss_denominator(mass, n_orig_all, world)
 
     def augment(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the policy's learned differentiable augmentation (AutoDO) to a batch."""
@@ -735,7 +831,8 @@ class AugmentationRefiner(RefinerCore):
 
         return StepStats({"weights": weights, "soft_targets": soft, "scores": scores, "augmented": aug,
                           "active": bool(active), "refreshed": bool(refreshed), "step": self.step_count,
-                          "score_pass": score_pass, "skipped_val_batches": self.skipped_val_batches, **self._schedule_stats()},
+                          "score_pass": score_pass, "skipped_val_batches": self.skipped_val_batches,
+                          "against_rest": self._rest_mode, **self._schedule_stats()},
                          summaries, summary_keys=StepStats.SUMMARY_KEYS + SPREAD_KEYS + ("aug_weight", "strength"))
 
     # ------------------------------------------------------------------ checks and state
@@ -753,7 +850,16 @@ class AugmentationRefiner(RefinerCore):
             "isda": self.isda.state_dict() if self.isda is not None else None,
             "share": self.share.state_dict() if self.share is not None else None,
             "strength": self.strength.state_dict() if self.strength is not None else None,
+            "rest": self._rest_state(),
         }
+
+    def _rest_state(self) -> Optional[Dict[str, Any]]:
+        """The separate-term state (views alone beside the rest of the loss): whether the head's
+        output gradients are tracked and, computed now from the last backward pass, the signal the
+        next call reads (:meth:`_rest_local`); None when the capture does not track them."""
+        if not self._capture.track_gradients:
+            return None
+        return {"tracking": True, "signal": self._rest_local()[0].detach().cpu()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The whole state is checked first (keys, version, method,
@@ -775,6 +881,18 @@ class AugmentationRefiner(RefinerCore):
             self.isda.check_state_dict(isda)
         if share is not None:
             self.share.check_state(share)
+        rest = state.get("rest")
+        if rest is not None:
+            signal = rest.get("signal") if isinstance(rest, dict) else None
+            if not isinstance(rest, dict) or set(rest) != {"tracking", "signal"} or rest["tracking"] is not True \
+                    or not torch.is_tensor(signal) or signal.shape != (5,):
+                raise ConfigurationError("the refiner state's 'rest' is not a separate-term state", _CHECKPOINT_FIX)
+            if self.share is None:
+                raise ConfigurationError("the state holds a separate-term signal for an adaptive share, this "
+                                         "refiner has none", "build the refiner with aug_weight='adaptive' "
+                                         "(the default) before loading")
+            if nonfinite([signal]):
+                raise NonFiniteError("the saved separate-term signal holds NaN/inf", "load an intact checkpoint")
         # everything is checked: assign
         self._load_core_state(state)
         if policy is not None:
@@ -786,6 +904,10 @@ class AugmentationRefiner(RefinerCore):
             self.aug_weight = self.share.value
         if strength is not None:
             self.strength.load_state_dict(strength)
+        self._rest_pending = None
+        self._capture.drop_graded()
+        self._capture.track_gradients = rest is not None
+        self._rest_loaded = None if rest is None else rest["signal"].to(torch.float64).clone()
 
     def __repr__(self) -> str:
         return f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, schedule={self.schedule!r})"

@@ -560,3 +560,70 @@ def test_contrastive_bad_batch_on_one_process_is_rejected_on_every_process(tmp_p
     assert ranks[1]["errors"] == [None, "NonFiniteError", "TargetError", None]
     assert ranks[0]["errors"] == [None, "PeerBatchError", "PeerBatchError", None]
     assert ranks[0]["step_count"] == ranks[1]["step_count"] == 2
+
+
+SEPARATE_STEPS = 4
+
+
+def _separate_run(model, opt, refiner, views, originals, backward, net):
+    """The separate pattern, SEPARATE_STEPS steps: ``refiner(model(x_aug), y_aug) + CE(model(x), y)``;
+    per step the share the call used, whether it weighed the views against the rest, and the
+    parameter gradients."""
+    (xa, ya), (xo, yo) = views, originals
+    out = {"share": [], "against_rest": [], "grads": []}
+    for step in range(SEPARATE_STEPS):
+        shift = 0.1 * step
+        loss = refiner(model(xa + shift), ya) + nn.functional.cross_entropy(model(xo + shift), yo)
+        opt.zero_grad()
+        backward(loss)
+        out["share"].append(float(refiner.stats["aug_weight"]))
+        out["against_rest"].append(bool(refiner.stats["against_rest"]))
+        out["grads"].append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+        opt.step()
+    out["final_share"] = float(refiner.aug_weight)
+    return out
+
+
+def _separate_split(x, y):
+    """Per process: rows [0, 4) of its block are originals, [4, 8) views."""
+    return [((x[r * ROWS + 4:(r + 1) * ROWS], y[r * ROWS + 4:(r + 1) * ROWS]),
+             (x[r * ROWS:r * ROWS + 4], y[r * ROWS:r * ROWS + 4])) for r in range(WORLD)]
+
+
+def _separate_refiner(model, opt, val, **kw):
+    from augplug.share import AdaptiveShare
+    return AugmentationRefiner(model, opt, val, seed=3, **kw, **refiner_kwargs(
+        {"refresh_every": 1, "budget": None, "aug_weight": AdaptiveShare(init=0.5, lr=0.3)}))
+
+
+def _separate_worker(out_dir: str) -> None:
+    acc = _accelerator()
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = _separate_refiner(model, opt, val, accelerator=acc)
+    views, originals = _separate_split(x, y)[acc.process_index]
+    out = _separate_run(model, opt, refiner, views, originals, acc.backward, acc.unwrap_model(model))
+    torch.save(out, os.path.join(out_dir, f"separate{acc.process_index}.pt"))
+
+
+def test_separate_pattern_two_processes_match_one_process(tmp_path):
+    """Views alone beside the user's own originals term: the rest's agreement and the views'
+    statistics are summed over the processes, so the share moves as in one process holding both
+    processes' views and originals, and DDP's averaged gradient (the rest's scaled in its backward
+    pass) equals that process's gradient."""
+    _launch("_separate_worker", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"separate{r}.pt", weights_only=True) for r in range(WORLD)]
+    model, opt, val, x, y = _setup()
+    parts = _separate_split(x, y)
+    views = tuple(torch.cat([p[0][k] for p in parts]) for k in range(2))
+    originals = tuple(torch.cat([p[1][k] for p in parts]) for k in range(2))
+    one = _separate_run(model, opt, _separate_refiner(model, opt, val), views, originals,
+                        lambda loss: loss.backward(), model)
+    assert one["against_rest"] == [False] + [True] * (SEPARATE_STEPS - 1)
+    assert one["final_share"] != one["share"][1]   # the share moved: the comparison is not vacuous
+    for r in ranks:
+        assert r["against_rest"] == one["against_rest"]
+        assert r["share"] + [r["final_share"]] == pytest.approx(one["share"] + [one["final_share"]], rel=1e-5)
+        for step in range(SEPARATE_STEPS):
+            for n, g in one["grads"][step].items():
+                torch.testing.assert_close(r["grads"][step][n], g, rtol=1e-4, atol=1e-6)

@@ -279,7 +279,8 @@ class RefineContext:
         self.scored = True
         if sc.mode == "last_layer" or self.closed_form:
             self.score_pass = "closed_form"
-            return class_scores(sc.net, v=v, mode="last_layer", features=self.features()[rows],
+            # detached: features passed by the user may carry the training graph; scores are constants
+            return class_scores(sc.net, v=v, mode="last_layer", features=self.features()[rows].detach(),
                                 logits=self.logits[rows], head_name=sc.head_name).float()
         if sc.replay_forward and sc.mode == "full":
             g = self._training_forward_scores(v)

@@ -202,8 +202,9 @@ class SAflex(Policy):
     The defaults are augplug's measured ones (``docs/saflex.md``): centred, RMS-normalized scores
     (``normalize="center"``), soft weights (``weighting="soft"``), upstream labels kept
     (``beta=inf``); weights normalized per class for a batch of augmented rows alone
-    (``weight_norm="auto"``); the augmented rows' share learned when originals are in the batch
-    (``aug_weight="adaptive"``); refinement only beside originals (``strength="auto"``).
+    (``weight_norm="auto"``); the augmented rows' share learned when originals are in the batch or
+    trained by the rest of the loss (``aug_weight="adaptive"``); refinement only beside originals
+    (``strength="auto"``).
     :meth:`paper` gives the paper's rule.
 
     ``weight_signal`` also accepts ``"auto"``: ``"likelihood"`` for a batch of augmented rows alone

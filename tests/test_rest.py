@@ -1,0 +1,252 @@
+"""The separate pattern: ``refiner(model(x_aug), y_aug) + F.cross_entropy(model(x), y)``. The
+refiner sees views alone; the capture's gradient hooks tell it what the rest of the loss (the
+originals' term) did to the head, so that the adaptive share weighs the views against that term."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from augplug import AugmentationRefiner, refiner_kwargs
+from augplug.errors import ConfigurationError, NonFiniteError, ShapeError
+from augplug.scores import last_layer_scores
+from augplug.share import AdaptiveShare
+
+D, C = 6, 3
+
+
+def _model():
+    return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+
+
+def _val():
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(48, D, generator=g), torch.randint(0, C, (48,), generator=g)),
+                      batch_size=16)
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(8, D, generator=g), torch.randint(0, C, (8,), generator=g)
+    x_aug, y_aug = x + 0.5 * torch.randn(8, D, generator=g), torch.randint(0, C, (8,), generator=g)
+    return x, y, x_aug, y_aug
+
+
+def _refiner(model, opt, init=0.4, **kw):
+    return AugmentationRefiner(model, opt, _val(), schedule=dict(refresh_every=1, budget=None),
+                               **refiner_kwargs({"aug_weight": AdaptiveShare(init=init), **kw}))
+
+
+def _spy_share(r):
+    """Record the statistics the share is given at each call."""
+    seen = []
+    propose = r.share.propose
+
+    def spy(stats):
+        seen.append(None if stats is None else stats.detach().clone())
+        return propose(stats)
+
+    r.share.propose = spy
+    return seen
+
+
+@pytest.mark.parametrize("order", ["after", "before", "features"])
+def test_rest_agreement_is_the_originals_mean_agreement(order):
+    """The share's statistics at call k+1 hold, for call k: the views' sum of ``y^T g`` and their
+    number, and the rest's agreement ``a_rest``, which for ``mean CE(originals)`` equals the
+    originals' mean agreement ``y^T g`` computed directly (their features and logits at step k,
+    the validation direction of call k), whatever scale the whole loss is multiplied by."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = _refiner(model, opt)
+    seen = _spy_share(r)
+    expected = []
+    for step in range(4):
+        x, y, x_aug, y_aug = _batch(step)
+        if order == "before":
+            rest = F.cross_entropy(model(x), y)
+            out_aug = model(x_aug)
+            loss = r(out_aug, y_aug) + rest
+        elif order == "features":
+            h_aug = model[:2](x_aug)
+            out_aug = model[2](h_aug)
+            loss = r(out_aug, y_aug, features=h_aug) + F.cross_entropy(model(x), y)
+        else:
+            out_aug = model(x_aug)
+            loss = r(out_aug, y_aug) + F.cross_entropy(model(x), y)
+        v = r.validation_direction
+        if v is None:   # call 0: nothing to score
+            expected.append(None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            continue
+        with torch.no_grad():
+            h, logits = model[:2](x), model(x)
+            g_orig = last_layer_scores(h, logits, v["2.weight"], v["2.bias"])
+            g_aug = last_layer_scores(model[:2](x_aug), out_aug, v["2.weight"], v["2.bias"])
+        a_orig = (F.one_hot(y, C) * g_orig).sum(-1).mean()
+        aug_sum = (F.one_hot(y_aug, C) * g_aug).sum()
+        expected.append(torch.stack([aug_sum.double(), torch.tensor(8.0, dtype=torch.float64),
+                                     a_orig.double(), torch.tensor(1.0, dtype=torch.float64)]))
+        opt.zero_grad()
+        (5.0 * loss).backward()   # a loss scale (GradScaler, a user's factor) cancels
+        opt.step()
+    # call 0 cannot know of a rest (its gradient hooks start with it: an originals' forward run
+    # before it is not seen); the first call that sees one has no earlier views to judge; each
+    # later call judges the call before it
+    first = 2 if order == "before" else 1
+    assert len(seen) == 3 - first
+    for k, stats in enumerate(seen, start=first):
+        torch.testing.assert_close(stats, expected[k], rtol=1e-4, atol=1e-7)
+    assert r.stats["against_rest"]
+
+
+def test_separate_pattern_gradient_keeps_the_two_terms_total_weight():
+    """With the views weighed against the rest of the loss at share ``lam``, the parameters' gradient
+    is ``2 / (1 + lam) * (grad CE(originals) + lam * grad CE(views))``: the views' loss carries
+    ``2 lam / (1 + lam)`` and the rest's output gradient is scaled by ``2 / (1 + lam)`` in its
+    backward pass. Per-sample weights and targets stay the upstream's (the default strength)."""
+    torch.manual_seed(0)
+    model = _model()
+    r = _refiner(model, torch.optim.SGD(model.parameters(), lr=0.0), init=0.25)
+    for step in range(3):
+        x, y, x_aug, y_aug = _batch(step)
+        model.zero_grad()
+        loss = r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)
+        loss.backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        lam = r.stats["aug_weight"]
+        assert r.stats["against_rest"] == (step > 0)
+        # the first call cannot know there is a rest: the views' loss is plain upstream's then
+        lam_ref, scale = (lam, 2 / (1 + lam)) if step > 0 else (1.0, 1.0)
+        assert torch.equal(r.stats["weights"], torch.ones(8))
+        ref = _model()   # a copy without the refiner's hooks (deepcopy would copy them)
+        ref.load_state_dict(model.state_dict())
+        plain = F.cross_entropy(ref(x), y) + lam_ref * F.cross_entropy(ref(x_aug), y_aug)
+        (scale * plain).backward()
+        for a, p in zip(got, ref.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_views_alone_without_a_rest_train_as_upstream(soft):
+    """No other forward trains the model (views alone, or Mixup soft targets): every step's loss is
+    bit for bit that of plain upstream training, and the share is never asked."""
+    def run(method):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = AugmentationRefiner(model, opt, _val(), method=method, schedule=dict(refresh_every=1, budget=None))
+        losses = []
+        for step in range(4):
+            _, _, x_aug, y_aug = _batch(step)
+            t = 0.7 * F.one_hot(y_aug, C) + 0.3 * F.one_hot(y_aug.roll(1), C) if soft else y_aug
+            loss = r(model(x_aug), t)
+            losses.append(loss.detach())
+            assert not r.stats["against_rest"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return losses, r
+
+    a, r = run("saflex")
+    b, _ = run("none")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert float(r.share.state_dict()["updates"]) == 0
+
+
+def _separate_run(steps, state=None, offset=0, reject_first=False):
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    r = _refiner(model, opt)
+    if state is not None:
+        model.load_state_dict(state[0]), opt.load_state_dict(state[1]), r.load_state_dict(state[2])
+    for step in range(offset, offset + steps):
+        x, y, x_aug, y_aug = _batch(step)
+        if reject_first and step == offset:
+            with pytest.raises(ShapeError):   # a rejected call right after loading loses nothing
+                r(model(x_aug), y_aug[:5])
+        loss = r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt, r
+
+
+def test_resume_is_bit_exact_in_the_separate_pattern():
+    """The state holds the signal of the last backward pass and that the head's gradients are
+    tracked: 3 steps, save, load, 3 steps equal 6 steps."""
+    m, _, r = _separate_run(6)
+    m1, o1, r1 = _separate_run(3)
+    state = copy.deepcopy((m1.state_dict(), o1.state_dict(), r1.state_dict()))
+    assert state[2]["rest"] is not None and state[2]["rest"]["tracking"]
+    for reject_first in (False, True):
+        # a fresh copy each time: Adam's load_state_dict keeps the saved tensors and steps them in place
+        m2, _, r2 = _separate_run(3, state=copy.deepcopy(state), offset=3, reject_first=reject_first)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+        assert r.share.state_dict() == r2.share.state_dict()
+
+
+def test_a_bad_rest_state_is_rejected_and_changes_nothing():
+    good = _separate_run(3)[2].state_dict()
+    r = _separate_run(1)[2]
+    before = copy.deepcopy(r.state_dict())
+    bad_states = [({"tracking": True}, ConfigurationError),
+                  ({"tracking": True, "signal": torch.zeros(4, dtype=torch.float64)}, ConfigurationError),
+                  ({"tracking": False, "signal": torch.zeros(5, dtype=torch.float64)}, ConfigurationError),
+                  ("yes", ConfigurationError),
+                  ({"tracking": True, "signal": torch.full((5,), float("nan"), dtype=torch.float64)}, NonFiniteError)]
+    for bad, error in bad_states:
+        with pytest.raises(error):
+            r.load_state_dict({**good, "rest": bad})
+        after = r.state_dict()
+        assert after["rest"]["tracking"] and torch.equal(after["rest"]["signal"], before["rest"]["signal"])
+        assert after["share"] == before["share"] and after["step_count"] == before["step_count"]
+
+
+def test_a_rejected_call_loses_nothing():
+    """A call rejected for a bad target shape leaves the separate-term bookkeeping as it was: the
+    run goes on exactly as without that call."""
+    def run(reject):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = _refiner(model, opt)
+        for step in range(4):
+            x, y, x_aug, y_aug = _batch(step)
+            out_aug = model(x_aug)
+            if reject and step == 2:
+                with pytest.raises(ShapeError):
+                    r(out_aug, y_aug[:5])
+            loss = r(out_aug, y_aug) + F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], r.share.state_dict()
+
+    (p1, s1), (p2, s2) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2)) and s1 == s2
+
+
+def test_features_passed_with_their_graph_train_like_detached_ones():
+    """Scores are constants: features passed as ``features=`` while they still carry the training
+    graph give the same parameter gradient as the same features detached (one batch of originals
+    and views, full refinement)."""
+    grads = []
+    for detach in (False, True):
+        torch.manual_seed(0)
+        model = _model()
+        r = _refiner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        x, y, x_aug, y_aug = _batch(0)
+        h = model[:2](torch.cat([x, x_aug]))
+        loss = r(model[2](h), torch.cat([y, y_aug]), num_original=8, features=h.detach() if detach else h)
+        assert r.stats["active"] and float((r.stats["weights"][8:] - 1).abs().max()) > 1e-4
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
