@@ -490,8 +490,8 @@ class AugmentationRefiner(RefinerCore):
         views_alone = self.share is not None and n_orig_all == 0
         # views alone, but the last step's loss also trained other forwards of the model (originals
         # through the user's own loss term): the share then weighs the views against that term
-        rest = self._rest_signal(world) if views_alone and self._capture.track_gradients else None
-        self._rest_mode = rest is not None
+        self._rest_mode, rest_stats = (self._rest_signal(world) if views_alone and self._capture.track_gradients
+                                       else (False, None))
         if auto_strength:
             # "auto": per-sample refinement only beside originals; views weighed against the rest of
             # the loss keep their upstream weights and targets and are scored for the share alone
@@ -519,7 +519,7 @@ class AugmentationRefiner(RefinerCore):
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
-            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug, rest)
+            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug, rest_stats)
             if deferred:
                 self._budget_mark()
                 deferred = False   # checked from here on, whatever the check says
@@ -658,7 +658,7 @@ class AugmentationRefiner(RefinerCore):
         (w_a, s_a, g_a), (w_b, s_b, g_b) = picks
         return self.strength.propose(cross_fit_statistics(ya, w_a, s_a, g_b, w_b, s_b, g_a, distributed=distributed))
 
-    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int, rest=None):
+    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int, rest_stats=None):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
 
         Agreements ``y^T g`` on the augmented rows (whose scores the policy returned): with their
@@ -668,9 +668,8 @@ class AugmentationRefiner(RefinerCore):
         if self.share is None or not (ctx.active and ctx.scored):
             return None
         distributed = dist_world_size() > 1
-        if self._rest_mode:
-            signal = rest[1]
-            return None if signal is None else self.share.propose(signal)
+        if self._rest_mode:   # rest_stats: from _rest_signal (None while the last call left nothing to judge)
+            return None if rest_stats is None else self.share.propose(rest_stats)
         n_orig = aug.shape[0] - n_aug
         if not distributed and (n_orig == 0 or n_aug == 0):
             return None
@@ -680,8 +679,8 @@ class AugmentationRefiner(RefinerCore):
                                                               distributed=distributed))
 
     def _rest_signal(self, world: int):
-        """For a batch of views alone: None when the last step's loss trained no other forward of the
-        model; otherwise ``(True, share statistics or None)``.
+        """For a batch of views alone: ``(whether the last step's loss trained another forward of the
+        head, the share's statistics or None)``.
 
         The capture's gradient hooks give, for each head forward no refiner call used, the gradient
         ``G`` (n, C) its output received and its features ``h``; the rest of the loss then moved the
@@ -697,9 +696,7 @@ class AugmentationRefiner(RefinerCore):
         if world > 1:   # whether any process saw a rest: one read-back, in a process group only
             all_reduce_sum_([local])
             ready, seen = bool(local[3] > 0), bool(local[4] > 0)
-        if not seen:
-            return None
-        return True, (local[:4] if ready else None)
+        return seen, (local[:4] if ready else None)
 
     def _rest_local(self):
         """This process's ``[sum of y~^T g over the last call's views, their number, a_rest, ready,
@@ -769,9 +766,9 @@ class AugmentationRefiner(RefinerCore):
                     weights = weights.clone()
                     weights[rows] = (class_renormalize(weights[rows], targets[rows]) if by_class
                                      else renormalize(weights[rows]))
-            if self._rest_mode:  # views alone, weighed against the rest of the loss (_rest_weights)
+            if self._rest_mode:
                 mass = weights.sum().clamp_min(1e-12) if self.weight_norm == "batch" else float(n_aug)
-                return weights, mass * (1 + self.aug_weight) / 2
+                return weights, self._rest_denominator(mass, 1)
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
@@ -788,8 +785,14 @@ class AugmentationRefiner(RefinerCore):
             w_sum = n_all if w_sum > 0 else 0.0
         mass = w_sum if self.weight_norm == "batch" else n_all
         if self._rest_mode:
-            return weights, max(mass, 1e-12) / world * (1 + self.aug_weight) / 2
+            return weights, self._rest_denominator(max(mass, 1e-12), world)
         return weights, self._loss_denominator(mass, n_orig_all, world)
+
+    def _rest_denominator(self, aug_mass, world: int):
+        """The loss denominator of views weighed against the rest of the loss: the views' loss carries
+        ``2 lam / (1 + lam)`` of their weighted mean (the rest's gradient is scaled by ``2 / (1 + lam)``
+        in its backward pass, :meth:`_commit_rest`), one process's share of it in a process group."""
+        return aug_mass / world * (1 + self.aug_weight) / 2
 
     def augment(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply the policy's learned differentiable augmentation (AutoDO) to a batch."""
@@ -888,9 +891,7 @@ class AugmentationRefiner(RefinerCore):
                     or not torch.is_tensor(signal) or signal.shape != (5,):
                 raise ConfigurationError("the refiner state's 'rest' is not a separate-term state", _CHECKPOINT_FIX)
             if self.share is None:
-                raise ConfigurationError("the state holds a separate-term signal for an adaptive share, this "
-                                         "refiner has none", "build the refiner with aug_weight='adaptive' "
-                                         "(the default) before loading")
+                check_part_presence(state, "rest", False, "a separate-term signal for an adaptive share")
             if nonfinite([signal]):
                 raise NonFiniteError("the saved separate-term signal holds NaN/inf", "load an intact checkpoint")
         # everything is checked: assign

@@ -250,3 +250,14 @@ def test_features_passed_with_their_graph_train_like_detached_ones():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_rest_state_is_rejected_by_a_refiner_without_an_adaptive_share():
+    state = {**_separate_run(3)[2].state_dict(), "share": None}
+    model = _model()
+    r = AugmentationRefiner(model, None, _val(), **refiner_kwargs({"aug_weight": 1.0}))
+    before = r.state_dict()
+    with pytest.raises(ConfigurationError, match="separate-term"):
+        r.load_state_dict(state)
+    after = r.state_dict()
+    assert after["rest"] is None and after["step_count"] == before["step_count"] and not r._capture.track_gradients
