@@ -254,6 +254,8 @@ def _model(data, seed: int, image_model: str = "cnn"):
 
 
 def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: int, options: dict) -> Dict:
+    from torch.optim.swa_utils import update_bn
+
     from augplug import AugmentationRefiner, refiner_kwargs
     from augplug.demo.study import accuracy, binary_auc
     data = _setting_cache(dataset, upstream, seed)
@@ -265,7 +267,10 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     optimizer_name = options.get("optimizer", "adam")
-    options = {k: v for k, v in options.items() if k != "optimizer"}
+    # views_scale (--set views_scale=0, separate pattern): the loop's own factor on the refiner's term
+    # (0: the views still pass through the model, in train mode, but train nothing)
+    views_scale = float(options.get("views_scale", 1.0)) if arm == "refiner" else 1.0
+    options = {k: v for k, v in options.items() if k not in ("optimizer", "views_scale")}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
     refiner, kw = None, {}
@@ -273,6 +278,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
         val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["xv"], data["yv"]), batch_size=128,
                                           shuffle=True)
         kw = dict(options) if arm == "refiner" else {"method": "none"}
+        if "method" in kw and kw["method"] is None:   # --set method=none (parsed as None)
+            kw["method"] = "none"
         kw.setdefault("seed", seed)
         sub = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("strength.")}
         if sub:  # --set strength.init=0.5 strength.lr=0.05: a RefinementStrength with those options
@@ -309,7 +316,7 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 if pattern == "batch":
                     loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx), **extra_both)
                 elif pattern == "separate":
-                    loss = refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
+                    loss = views_scale * refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
                 elif pattern == "concat":  # two forwards, one refiner call
                     loss = refiner(torch.cat([model(xo), model(xa)]), torch.cat([yo, ya]), num_original=len(idx),
                                    **extra_both)
@@ -332,6 +339,14 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             opt.step()
     out = {"dataset": dataset, "upstream": upstream, "pattern": pattern, "arm": arm, "seed": seed,
            "test_acc": accuracy(model, data["xt"], data["yt"]), "seconds": time.perf_counter() - t0}
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # the same model after its BatchNorm statistics are recomputed on the training originals
+        # (what the views' forwards left in the running averages is replaced); --metric test_acc_bn
+        if refiner is not None:
+            refiner.remove_hooks()
+        with torch.no_grad():
+            update_bn(torch.utils.data.DataLoader(x, batch_size=BATCH), model)
+        out["test_acc_bn"] = accuracy(model, data["xt"], data["yt"])
     if image_model != "cnn":
         out["image_model"] = image_model
     if optimizer_name != "adam":
@@ -384,8 +399,9 @@ def jobs(datasets, upstreams, patterns, arms, seeds, epochs, options) -> List[tu
     return out
 
 
-def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
-    """One line per data set, upstream and pattern."""
+def summarise(rows: List[Dict], metric: str = "test_acc") -> Tuple[List[str], List[List[str]]]:
+    """One line per data set, upstream and pattern, of the runs' ``metric`` (runs without it are left out)."""
+    rows = [r for r in rows if metric in r]
     def acc(d, u, p, a):
         def same_upstream(r):  # none: any upstream; clean: random and pairflip share theirs
             if a == "none":
@@ -394,7 +410,7 @@ def summarise(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
                                                            for x in rows):
                 return r["upstream"] == "random"
             return r["upstream"] == u
-        return {r["seed"]: r["test_acc"] for r in rows if r["dataset"] == d and r["arm"] == a and same_upstream(r)
+        return {r["seed"]: r[metric] for r in rows if r["dataset"] == d and r["arm"] == a and same_upstream(r)
                 and (a == "none" or r["pattern"] == p)}
     header = ["data set", "upstream", "pattern", "none", "upstream", "refiner", "clean", "refiner − upstream",
               "refiner − max(none, upstream)", "strength", "AUC"]
@@ -451,6 +467,11 @@ def main(argv=None) -> None:
     ap.add_argument("--controls", default=None, metavar="NAME",
                     help="take the none/upstream/clean arms from the runs of an earlier results name (same "
                          "seeds and epochs; use with --arms refiner)")
+    ap.add_argument("--metric", default="test_acc", choices=("test_acc", "test_acc_bn"),
+                    help="what the table shows: test accuracy as trained (default), or after the model's "
+                         "BatchNorm statistics are recomputed on the training originals (image models with BatchNorm)")
+    ap.add_argument("--table", default=None, metavar="NAME",
+                    help="write the table as benchmarks/results/<NAME>.md (default: --out's name; the runs stay in <out>.jsonl)")
     args = ap.parse_args(argv)
     options = parse_sets(args.set)
     if args.image_model != "cnn":
@@ -491,16 +512,18 @@ def main(argv=None) -> None:
         earlier = results_dir() / f"{args.controls}.jsonl"
         rows += [r for r in map(json.loads, earlier.read_text().splitlines())
                  if r["arm"] != "refiner" and r["seed"] in args.seeds and r["dataset"] in args.datasets]
-    header, lines = summarise(rows)
+    header, lines = summarise(rows, args.metric)
     text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(line) + " |" for line in lines]
     table = "\n".join(text)
     print(table)
     if args.out:
-        path = results_dir() / f"{args.out}.md"
+        path = results_dir() / f"{args.table or args.out}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         cmd = "python -m benchmarks.trust " + " ".join(os.sys.argv[1:] if argv is None else argv)
-        path.write_text(f"<!-- {cmd} -->\n\nTest accuracy (%), mean ± std over seeds {args.seeds}; paired "
+        what = ("Test accuracy (%)" if args.metric == "test_acc" else
+                "Test accuracy (%) after the BatchNorm statistics are recomputed on the training originals")
+        path.write_text(f"<!-- {cmd} -->\n\n{what}, mean ± std over seeds {args.seeds}; paired "
                         f"differences mean ± std (refiner better / seeds). Options: {options or 'defaults'}.\n\n"
                         + table + "\n")
 

@@ -1,0 +1,27 @@
+"""The trust benchmark's table: which accuracy it shows (``--metric``)."""
+from benchmarks.trust import summarise
+
+
+def _row(arm, seed, acc, acc_bn=None, upstream="random", pattern="separate"):
+    r = {"dataset": "fmnist", "upstream": upstream, "pattern": pattern, "arm": arm, "seed": seed, "test_acc": acc}
+    if acc_bn is not None:
+        r["test_acc_bn"] = acc_bn
+    return r
+
+
+def test_the_table_shows_the_chosen_metric_and_leaves_out_runs_without_it():
+    rows = [_row("none", s, 0.80, 0.90) for s in (0, 1)]
+    rows += [_row("upstream", s, 0.70, 0.60) for s in (0, 1)]
+    rows += [_row("refiner", s, 0.75, 0.95) for s in (0, 1)]
+    rows.append(_row("refiner", 2, 0.75))  # no recalibrated accuracy: not in the test_acc_bn table
+    rows.append(_row("upstream", 2, 0.70))
+    header, lines = summarise(rows)
+    (line,) = lines
+    cells = dict(zip(header, line))
+    assert cells["none"].startswith("80.00") and cells["refiner"].startswith("75.00")
+    assert cells["refiner − upstream"] == "+5.00 ± 0.00 (3/3)"
+    header, lines = summarise(rows, "test_acc_bn")
+    cells = dict(zip(header, lines[0]))
+    assert cells["none"].startswith("90.00") and cells["upstream"].startswith("60.00")
+    assert cells["refiner − upstream"] == "+35.00 ± 0.00 (2/2)"
+    assert cells["refiner − max(none, upstream)"] == "+5.00 ± 0.00 (2/2)"
