@@ -25,3 +25,13 @@ def test_the_table_shows_the_chosen_metric_and_leaves_out_runs_without_it():
     assert cells["none"].startswith("90.00") and cells["upstream"].startswith("60.00")
     assert cells["refiner − upstream"] == "+35.00 ± 0.00 (2/2)"
     assert cells["refiner − max(none, upstream)"] == "+5.00 ± 0.00 (2/2)"
+
+
+def test_views_scale_is_refused_outside_the_separate_pattern(capsys):
+    import pytest
+
+    from benchmarks.trust import main
+    with pytest.raises(SystemExit):
+        main(["--datasets", "digits", "--upstreams", "clean", "--patterns", "batch", "--arms", "refiner",
+              "--seeds", "0", "--epochs", "1", "--set", "views_scale=0"])
+    assert "--patterns separate" in capsys.readouterr().err
