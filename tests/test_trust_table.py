@@ -35,3 +35,17 @@ def test_views_scale_is_refused_outside_the_separate_pattern(capsys):
         main(["--datasets", "digits", "--upstreams", "clean", "--patterns", "batch", "--arms", "refiner",
               "--seeds", "0", "--epochs", "1", "--set", "views_scale=0"])
     assert "--patterns separate" in capsys.readouterr().err
+
+
+def test_the_mild_upstream_keeps_labels_and_moves_views_a_little():
+    import torch
+
+    from benchmarks.trust import VIEWS, make_setting
+    table = make_setting("cancer", "mild", 0)
+    assert torch.equal(table["given"], table["y"][:, None].expand(-1, VIEWS))
+    moved = table["views"] - table["x"][:, None]
+    assert 0.08 < float(moved.std()) < 0.12   # noise of 0.1 standard deviations, nothing swapped
+    images = make_setting("digits", "mild", 0)
+    assert torch.equal(images["given"], images["y"][:, None].expand(-1, VIEWS))
+    change = (images["views"] - images["x"][:, None]).abs().flatten(2).mean(-1)
+    assert float((change > 0).float().mean()) > 0.5   # most views moved (an 8x8 image rounds small moves away)
