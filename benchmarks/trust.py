@@ -283,7 +283,10 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     # views_scale (--set views_scale=0, separate pattern): the loop's own factor on the refiner's term
     # (0: the views still pass through the model, in train mode, but train nothing)
     views_scale = float(options.get("views_scale", 1.0)) if arm == "refiner" else 1.0
-    options = {k: v for k, v in options.items() if k not in ("optimizer", "views_scale")}
+    # rest_rescale (--set rest_rescale=0, separate pattern, an ablation): train CE_rest + share * CE_views
+    # instead of the refiner's 2 / (1 + share) * (CE_rest + share * CE_views)
+    rest_rescale = bool(options.get("rest_rescale", True)) or arm != "refiner"
+    options = {k: v for k, v in options.items() if k not in ("optimizer", "views_scale", "rest_rescale")}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
     refiner, kw = None, {}
@@ -304,7 +307,7 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             if share.get("horizon") == "run":  # --set share.horizon=run: this run's number of updates
                 share["horizon"] = epochs * math.ceil(len(data["y"]) / BATCH)
             kw["aug_weight"] = AdaptiveShare(**share)
-        refiner = AugmentationRefiner(model, opt, val, **refiner_kwargs(kw))
+        refiner = (AugmentationRefiner if rest_rescale else _unscaled_rest())(model, opt, val, **refiner_kwargs(kw))
     g = torch.Generator().manual_seed(seed + 1)
     n, c = len(y), data["num_classes"]
     rec_w, rec_clean, trace = [], [], []
@@ -381,6 +384,23 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
 
 
 _CACHE: Dict = {}
+
+
+def _unscaled_rest():
+    """The refiner without the separate pattern's rescaling (``--set rest_rescale=0``): the views' loss is
+    the share times their weighted mean and the rest's gradient passes unscaled, so a run trains
+    ``CE_rest + share * CE_views``, whose gradient shrinks as the share falls."""
+    from augplug import AugmentationRefiner
+
+    class UnscaledRest(AugmentationRefiner):
+        def _rest_denominator(self, aug_mass, world):
+            return aug_mass / world
+
+        def _commit_rest(self, *args, **kwargs):
+            super()._commit_rest(*args, **kwargs)
+            self._capture.rest_scale = None
+
+    return UnscaledRest
 
 
 def _setting_cache(dataset, upstream, seed):
@@ -487,8 +507,9 @@ def main(argv=None) -> None:
                     help="write the table as benchmarks/results/<NAME>.md (default: --out's name; the runs stay in <out>.jsonl)")
     args = ap.parse_args(argv)
     options = parse_sets(args.set)
-    if "views_scale" in options and args.patterns != ["separate"]:
-        ap.error("--set views_scale= scales the separate pattern's refiner term only: pass --patterns separate")
+    for key in ("views_scale", "rest_rescale"):
+        if key in options and args.patterns != ["separate"]:
+            ap.error(f"--set {key}= changes the separate pattern's refiner term only: pass --patterns separate")
     if args.image_model != "cnn":
         options["image_model"] = args.image_model
     if args.optimizer != "adam":

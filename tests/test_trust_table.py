@@ -49,3 +49,40 @@ def test_the_mild_upstream_keeps_labels_and_moves_views_a_little():
     assert torch.equal(images["given"], images["y"][:, None].expand(-1, VIEWS))
     change = (images["views"] - images["x"][:, None]).abs().flatten(2).mean(-1)
     assert float((change > 0).float().mean()) > 0.5   # most views moved (an 8x8 image rounds small moves away)
+
+
+def test_the_unscaled_rest_ablation_trains_rest_plus_share_times_views():
+    """``--set rest_rescale=0``: the parameters' gradient is ``grad CE(originals) + lam * grad CE(views)``,
+    without the refiner's ``2 / (1 + lam)`` (which the default keeps, tests/test_rest.py)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from augplug import refiner_kwargs
+    from augplug.share import AdaptiveShare
+    from benchmarks.trust import _unscaled_rest
+
+    def net():
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)),
+                     batch_size=16)
+    torch.manual_seed(0)
+    model = net()
+    r = _unscaled_rest()(model, torch.optim.SGD(model.parameters(), lr=0.0), val,
+                         schedule=dict(refresh_every=1, budget=None),
+                         **refiner_kwargs({"aug_weight": AdaptiveShare(init=0.25)}))
+    for step in range(3):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        x_aug, y_aug = x + 0.5 * torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        model.zero_grad()
+        (r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)).backward()
+        lam = r.stats["aug_weight"] if step > 0 else 1.0   # the first call cannot know there is a rest
+        assert r.stats["against_rest"] == (step > 0) and (step == 0 or lam < 1)
+        ref = net()
+        ref.load_state_dict(model.state_dict())
+        (F.cross_entropy(ref(x), y) + lam * F.cross_entropy(ref(x_aug), y_aug)).backward()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
