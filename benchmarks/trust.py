@@ -286,7 +286,11 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     # rest_rescale (--set rest_rescale=0, separate pattern, an ablation): train CE_rest + share * CE_views
     # instead of the refiner's 2 / (1 + share) * (CE_rest + share * CE_views)
     rest_rescale = bool(options.get("rest_rescale", True)) or arm != "refiner"
-    options = {k: v for k, v in options.items() if k not in ("optimizer", "views_scale", "rest_rescale")}
+    # originals_first (--set originals_first=1, separate pattern, every arm): the originals' forward runs
+    # before the views' (the default runs the views first), which changes only the dropout masks each draws
+    originals_first = bool(options.get("originals_first", False))
+    options = {k: v for k, v in options.items()
+               if k not in ("optimizer", "views_scale", "rest_rescale", "originals_first")}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
     refiner, kw = None, {}
@@ -331,6 +335,9 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 extra_both = {"sources": torch.cat([src, src])} if extra else {}  # originals, then views
                 if pattern == "batch":
                     loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx), **extra_both)
+                elif pattern == "separate" and originals_first:
+                    out_o = model(xo)
+                    loss = views_scale * refiner(model(xa), ya, **extra) + F.cross_entropy(out_o, yo)
                 elif pattern == "separate":
                     loss = views_scale * refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
                 elif pattern == "concat":  # two forwards, one refiner call
@@ -507,7 +514,7 @@ def main(argv=None) -> None:
                     help="write the table as benchmarks/results/<NAME>.md (default: --out's name; the runs stay in <out>.jsonl)")
     args = ap.parse_args(argv)
     options = parse_sets(args.set)
-    for key in ("views_scale", "rest_rescale"):
+    for key in ("views_scale", "rest_rescale", "originals_first"):
         if key in options and args.patterns != ["separate"]:
             ap.error(f"--set {key}= changes the separate pattern's refiner term only: pass --patterns separate")
     if args.image_model != "cnn":

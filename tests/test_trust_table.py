@@ -1,4 +1,6 @@
-"""The trust benchmark's table: which accuracy it shows (``--metric``)."""
+"""The trust benchmark: its table (which accuracy it shows, ``--metric``), its options and its settings."""
+import pytest
+
 from benchmarks.trust import summarise
 
 
@@ -27,13 +29,12 @@ def test_the_table_shows_the_chosen_metric_and_leaves_out_runs_without_it():
     assert cells["refiner − max(none, upstream)"] == "+5.00 ± 0.00 (2/2)"
 
 
-def test_views_scale_is_refused_outside_the_separate_pattern(capsys):
-    import pytest
-
+@pytest.mark.parametrize("option", ["views_scale=0", "rest_rescale=0", "originals_first=1"])
+def test_separate_pattern_options_are_refused_outside_it(capsys, option):
     from benchmarks.trust import main
     with pytest.raises(SystemExit):
         main(["--datasets", "digits", "--upstreams", "clean", "--patterns", "batch", "--arms", "refiner",
-              "--seeds", "0", "--epochs", "1", "--set", "views_scale=0"])
+              "--seeds", "0", "--epochs", "1", "--set", option])
     assert "--patterns separate" in capsys.readouterr().err
 
 
