@@ -327,10 +327,14 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             else:
                 xa = views[idx, pick[idx]]
                 ya = (truth if arm == "clean" else given)[idx, pick[idx]]
-                clean_rows = given[idx, pick[idx]] == truth[idx, pick[idx]]
                 # what made each view, for SAflex(pool=S): the op (ops), the identity-breaking transform
                 # or not (identity), one source elsewhere
                 src = data["sources"][idx, pick[idx]]
+                # the views the weights should keep (the AUC's positives): a true label, and for the
+                # identity upstream a view whose class identity was not broken
+                clean_rows = given[idx, pick[idx]] == truth[idx, pick[idx]]
+                if upstream == "identity":
+                    clean_rows = clean_rows & (src == 0)
                 extra = {"sources": src} if "pool" in kw else {}
                 extra_both = {"sources": torch.cat([src, src])} if extra else {}  # originals, then views
                 if pattern == "batch":
@@ -386,7 +390,8 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             out["pooled_lowest"] = pool.table(data["source_names"])[:5]
         if rec_w:
             w, cl = torch.cat(rec_w).numpy(), torch.cat(rec_clean).numpy()
-            out["auc_weight"] = binary_auc(w, cl) if upstream in ("random", "pairflip") else float("nan")
+            out["auc_weight"] = (binary_auc(w, cl) if upstream in ("random", "pairflip", "identity")
+                                 else float("nan"))
     return out
 
 

@@ -87,3 +87,19 @@ def test_the_unscaled_rest_ablation_trains_rest_plus_share_times_views():
         (F.cross_entropy(ref(x), y) + lam * F.cross_entropy(ref(x_aug), y_aug)).backward()
         for a, b in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_identity_upstream_weights_are_ranked_against_the_unbroken_views():
+    """For ``identity`` the AUC's positives are the views whose class identity was kept (the odd
+    classes): with two classes a weight that is higher exactly on class 1's views has AUC 1."""
+    import math
+
+    import torch
+
+    from augplug.demo.study import binary_auc
+    from benchmarks.trust import broken_class_mask, run
+    out = run("cancer", "identity", "batch", "refiner", 0, 1, {})
+    assert not math.isnan(out["auc_weight"]) and 0.0 <= out["auc_weight"] <= 1.0
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    kept = ~broken_class_mask(2)[labels]
+    assert binary_auc(labels.float().numpy(), kept.numpy()) == 1.0
