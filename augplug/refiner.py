@@ -109,6 +109,10 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
             raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
                              f"pass a boolean mask marking the augmented {unit}")
         return m, m, int(m.sum())
+    if isinstance(num_original, bool) or (isinstance(num_original, torch.Tensor) and num_original.dtype == torch.bool):
+        raise ShapeError(f"num_original must be an integer count, got the boolean {num_original!r}",
+                         f"pass the number of original (non-augmented) {unit} at the start of the batch, "
+                         "or a mask as augmented=")
     try:
         k = operator.index(num_original)  # an int (numpy and 0-dim integer tensors too), never a float
     except TypeError:

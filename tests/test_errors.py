@@ -254,6 +254,9 @@ def test_validate_unwraps_optimizer_wrappers_like_the_refiner():
 @pytest.mark.parametrize("kw, err, match", [
     (dict(num_original=9), "ShapeError", "outside 0..8"),
     (dict(num_original=-1), "ShapeError", "outside 0..8"),
+    (dict(num_original=True), "ShapeError", "boolean"),
+    (dict(num_original=torch.tensor(True)), "ShapeError", "boolean"),
+    (dict(num_original=2.0), "ShapeError", "integer count"),
     (dict(augmented=torch.ones(7, dtype=torch.bool)), "ShapeError", r"shape \(8,\)"),
     (dict(augmented=torch.ones(8)), "ShapeError", "bool tensor"),
     (dict(num_original=2, augmented=torch.ones(8, dtype=torch.bool)), "ConfigurationError", "not both"),
