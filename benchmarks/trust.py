@@ -339,11 +339,11 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 extra_both = {"sources": torch.cat([src, src])} if extra else {}  # originals, then views
                 if pattern == "batch":
                     loss = refiner(model(torch.cat([xo, xa])), torch.cat([yo, ya]), num_original=len(idx), **extra_both)
-                elif pattern == "separate" and originals_first:
-                    out_o = model(xo)
-                    loss = views_scale * refiner(model(xa), ya, **extra) + F.cross_entropy(out_o, yo)
                 elif pattern == "separate":
-                    loss = views_scale * refiner(model(xa), ya, **extra) + F.cross_entropy(model(xo), yo)
+                    # the originals' forward after the views' refiner call, or before it (originals_first)
+                    out_o = model(xo) if originals_first else None
+                    loss = views_scale * refiner(model(xa), ya, **extra)
+                    loss = loss + F.cross_entropy(model(xo) if out_o is None else out_o, yo)
                 elif pattern == "concat":  # two forwards, one refiner call
                     loss = refiner(torch.cat([model(xo), model(xa)]), torch.cat([yo, ya]), num_original=len(idx),
                                    **extra_both)
