@@ -322,6 +322,19 @@ def test_bad_row_tensors_rejected_state_unchanged(case, num_original):
     _same_state(before, _state(r))
 
 
+@pytest.mark.parametrize("bad", [True, torch.tensor(True), 9, -1, 2.0])
+def test_bad_num_original_rejected_state_unchanged(bad):
+    """A ``num_original=`` that is not a count of rows in the batch (a boolean, out of range, a
+    float) is a ShapeError from the refiner's call, and the refiner's state is as it was."""
+    model, opt, r = _setup()
+    _good_step(model, opt, r, seed=1)
+    before = _state(r)
+    with pytest.raises(ShapeError) as info:
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long), num_original=bad)
+    assert "num_original" in str(info.value) and info.value.fix
+    _same_state(before, _state(r))
+
+
 def test_features_flattened_per_row_are_accepted():
     model, opt, r = _setup()
     x = torch.randn(8, 1, 8, 8)
