@@ -1,8 +1,10 @@
 """Find the classifier head of timm / torchvision / custom models and capture what flows through it.
 
 The head is found, in order, from: a module or a dotted name the user passes; timm's
-``get_classifier()``; the attributes ``fc``, ``classifier``, ``head`` (or ``head.fc``); the last
-module of an ``nn.Sequential``. Last-layer scoring needs it to be an ``nn.Linear``; anything else
+``get_classifier()``; the attributes ``fc``, ``classifier``, ``head`` (a Sequential's last Linear, or
+``head.fc``); the last module of an ``nn.Sequential``; and, for a model that names no head (a wrapper
+holding a timm or torchvision model, torchvision's ViT with its ``heads``), the one linear head its
+submodules name that way. Last-layer scoring needs it to be an ``nn.Linear``; anything else
 raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
 """
 from __future__ import annotations
@@ -100,30 +102,65 @@ def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = 
     if classifier is not None:
         raise UnsupportedHeadError(f"classifier= must be a module or a name, got {type(classifier).__name__}",
                                    "pass the nn.Linear head or its dotted name")
-    head = None
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, (tuple, list)):
-            _check_linear("get_classifier()", head)
+    head = _known_head(model)
     if head is None:
-        for attr in ("fc", "classifier", "head"):
-            cand = getattr(model, attr, None)
-            if isinstance(cand, nn.Sequential) and len(cand) and isinstance(cand[-1], nn.Linear):
-                cand = cand[-1]
-            elif isinstance(cand, nn.Module) and not isinstance(cand, nn.Linear) and isinstance(getattr(cand, "fc", None), nn.Linear):
-                cand = cand.fc
-            if isinstance(cand, nn.Module):
-                head = cand
-                break
-    if head is None and isinstance(model, nn.Sequential) and len(model):
-        head = model[-1]
-    if head is None:
+        found = _heads_in_children(model)
+        if len(found) == 1:
+            name, head = found[0]
+            return name, head
+        if found:
+            raise UnsupportedHeadError(
+                f"{type(model).__name__} has no classifier head of its own, and {len(found)} of its submodules hold "
+                f"one: {', '.join(n for n, _ in found)}",
+                f"pass the head to score as classifier= (for example classifier='{found[0][0]}'), or use mode='full'")
         raise UnsupportedHeadError(
             f"could not find a classifier head on {type(model).__name__}",
             "pass classifier=<the final nn.Linear module or its name>, or use mode='full'")
     name = _name_of(model, head)
     _check_linear(name, head)
     return name, head
+
+
+def _known_head(model: nn.Module):
+    """The head a model names itself: timm's ``get_classifier()``, else the attribute ``fc``,
+    ``classifier`` or ``head`` (a Sequential's last module when that is a Linear; ``head.fc``),
+    else the last module of an ``nn.Sequential``; None when it names none."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, (tuple, list)):
+            _check_linear("get_classifier()", head)
+        if head is not None:
+            return head
+    for attr in ("fc", "classifier", "head"):
+        cand = getattr(model, attr, None)
+        if isinstance(cand, nn.Sequential) and len(cand) and isinstance(cand[-1], nn.Linear):
+            cand = cand[-1]
+        elif isinstance(cand, nn.Module) and not isinstance(cand, nn.Linear) and isinstance(getattr(cand, "fc", None), nn.Linear):
+            cand = cand.fc
+        if isinstance(cand, nn.Module):
+            return cand
+    if isinstance(model, nn.Sequential) and len(model):
+        return model[-1]
+    return None
+
+
+def _heads_in_children(model: nn.Module):
+    """``(dotted name, Linear)`` of every linear head a submodule names for itself, for a model that
+    names none (a wrapper holding a timm or torchvision model as ``self.backbone``): each child that is
+    not itself a Linear is searched as a model, its own children in turn when it names no head."""
+    found = []
+    for child_name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            continue
+        try:
+            head = _known_head(child)
+        except UnsupportedHeadError:
+            continue
+        if head is None:
+            found += [(f"{child_name}.{n}", h) for n, h in _heads_in_children(child)]
+        elif isinstance(head, nn.Linear):
+            found.append((f"{child_name}.{_name_of(child, head)}", head))
+    return found
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

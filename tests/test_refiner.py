@@ -5,9 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import L2RW, AugmentationRefiner, Policy
+from augplug.errors import UnsupportedHeadError
+from augplug.heads import find_classifier
 from augplug.models import MLP, SmallCNN
 from augplug.refiner import refiner_kwargs
 
@@ -292,6 +295,52 @@ def test_any_classifier(kind):
         assert torch.isfinite(loss) and r.stats["active"]
         r.remove_hooks()
 
+
+
+def test_heads_found_inside_wrappers_and_torchvision_vit():
+    """torchvision's ViT keeps its head in ``heads.head``; a user's wrapper holding a timm or torchvision
+    model as an attribute names no head of its own: both are found and score like the bare model."""
+    import timm
+    import torchvision
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.backbone = inner
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=8, num_classes=C)
+    assert find_classifier(vit)[0] == "heads.head"
+    torch.manual_seed(0)
+    inner = timm.create_model("resnet10t", num_classes=C, pretrained=False)
+    wrapped = Wrapper(copy.deepcopy(inner))
+    assert find_classifier(wrapped) == ("backbone.fc", wrapped.backbone.fc)
+    assert find_classifier(Wrapper(Wrapper(torchvision.models.resnet18(num_classes=C))))[0] == "backbone.backbone.fc"
+    # the wrapper holds a copy of the bare model, so both score the same batch the same way
+    x, y = _batch(shape=(3, 32, 32))
+    weights = []
+    for model in (inner, wrapped):
+        torch.manual_seed(1)
+        r = AugmentationRefiner(model, None, _loader(shape=(3, 32, 32)), method_options=dict(strength=1.0), seed=0)
+        r(model(x), y)
+        weights.append(r.stats["weights"])
+        r.remove_hooks()
+    torch.testing.assert_close(weights[0], weights[1])
+
+
+def test_a_wrapper_of_two_heads_is_named_not_guessed():
+    class TwoModels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = MLP(10, C, hidden=8), MLP(10, C, hidden=8)
+
+    with pytest.raises(UnsupportedHeadError, match="student.fc, teacher.fc") as e:
+        find_classifier(TwoModels())
+    assert "classifier='student.fc'" in e.value.fix
+    assert find_classifier(TwoModels(), "teacher.fc")[0] == "teacher.fc"
 
 def test_mixup_soft_targets_flow_through():
     from timm.data import Mixup
