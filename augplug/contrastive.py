@@ -601,7 +601,7 @@ class ContrastiveRefiner(RefinerCore):
                     coef = torch.where(aug, self.aug_weight * weights[d], torch.full_like(weights[d], self.orig_weight))
                     out[d] = coef.sum().clamp_min(1e-12)
                 else:
-                    out[d] = self.orig_weight * (batch - n_aug) + self.aug_weight * n_aug
+                    out[d] = self._loss_denominator(n_aug, batch - n_aug, 1)
             return out
         # one all-reduce: per direction the augmented rows' weight sum, then the counts
         sums = [weights[d][aug].sum() if n_aug else torch.zeros((), device=aug.device) for d in self.directions]

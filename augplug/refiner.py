@@ -776,7 +776,7 @@ class AugmentationRefiner(RefinerCore):
             if self.weight_norm == "batch":
                 coef = torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight))
                 return weights, coef.sum().clamp_min(1e-12)
-            return weights, self.orig_weight * (aug.shape[0] - n_aug) + self.aug_weight * n_aug
+            return weights, self._loss_denominator(n_aug, aug.shape[0] - n_aug, 1)
         w_aug = weights[aug].sum() if n_aug else weights.new_zeros(())
         (w_sum,), n_all, n_orig_all = self._global_weight_sums([w_aug], n_aug, aug.shape[0], weights.device)
         if renorm and self._by_class(n_orig_all):

@@ -284,3 +284,23 @@ def test_isda_composes_when_available():
         loss = _step(model, opt, ref, x, y, torch.arange(B) + s * B, s)
         assert torch.isfinite(loss)
     assert ref.policy.last_stats["hyper_step"]
+
+
+def test_a_batch_whose_rows_all_weigh_zero_trains_nothing():
+    """``orig_weight=0`` and a batch of originals only: every row weighs 0, so the loss is 0 and the
+    model's weights stay as they were (the denominator was 0, and the 0 / 0 surfaced as NaN
+    hypergradients)."""
+    x, y, val = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = AugmentationRefiner(model, opt, val, method="autodo", method_options=dict(num_points=N, num_classes=C),
+                              orig_weight=0.0, schedule=dict(val_batches=1, refresh_every=1))
+    before = copy.deepcopy(dict(model.named_parameters()))
+    idx = torch.arange(8)
+    for _ in range(3):
+        loss = ref(model(x[idx]), y[idx], index=idx, augmented=torch.zeros(8, dtype=torch.bool))
+        opt.zero_grad()
+        loss.backward()
+        assert loss.item() == 0.0
+        opt.step()
+    assert all(torch.equal(before[k], p) for k, p in model.named_parameters())   # BatchNorm's statistics move

@@ -506,3 +506,17 @@ def test_adaptive_share_refined_signal_uses_policy_targets_and_weights():
     want = AdaptiveShare(**kw).propose(share_agreements((soft[4:] * g[4:]).sum(-1), w[4:], (yo[:4] * g[:4]).sum(-1)))
     assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-5)
     assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+
+
+def test_pairs_that_all_weigh_zero_train_nothing():
+    """``aug_weight=0`` on a batch of augmented pairs alone: the loss is 0 with a zero gradient (it was
+    0 / 0, a NaN)."""
+    img, txt, scale = _models()
+    val = DataLoader(TensorDataset(*_pairs(6, 1)), batch_size=6)
+    opt, r = _refiner(img, txt, scale, val, aug_weight=0.0)
+    x, t = _pairs(5, 2)
+    img.train(); txt.train()
+    loss = r(x, t)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in opt.param_groups[0]["params"])

@@ -342,6 +342,30 @@ def test_a_wrapper_of_two_heads_is_named_not_guessed():
     assert "classifier='student.fc'" in e.value.fix
     assert find_classifier(TwoModels(), "teacher.fc")[0] == "teacher.fc"
 
+
+@pytest.mark.parametrize("case", ["views weighted 0, no originals", "originals weighted 0, no views"])
+def test_a_batch_whose_rows_all_weigh_zero_trains_nothing(case):
+    """A fixed share of 0 on views alone (the separate pattern with ``aug_weight=0``), or
+    ``orig_weight=0`` on a batch without augmented rows: every row weighs 0, so the loss is 0 and
+    its gradient 0 (it was 0 / 0, a NaN that an optimizer step wrote into the model)."""
+    model = MLP(10, C, hidden=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if case.startswith("views"):
+        r, kw = AugmentationRefiner(model, opt, _loader(shape=(10,)), method_options=dict(aug_weight=0.0)), {}
+    else:
+        r = AugmentationRefiner(model, opt, _loader(shape=(10,)), orig_weight=0.0)
+        kw = dict(augmented=torch.zeros(8, dtype=torch.bool))
+    before = copy.deepcopy(model.state_dict())
+    for _ in range(6):   # past the warm-up
+        x, y = _batch(shape=(10,))
+        loss = r(model(x), y, **kw)
+        opt.zero_grad()
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
 def test_mixup_soft_targets_flow_through():
     from timm.data import Mixup
     model = _cnn()

@@ -330,7 +330,8 @@ class AutoDO(Policy):
         if r.weight_norm == "batch":
             denom = coef.sum().clamp_min(1e-12)
         else:
-            denom = coef.new_tensor(float(r.orig_weight * int((~aug).sum()) + r.aug_weight * int(aug.sum())))
+            # every row weighing 0 (orig_weight=0 on a batch of originals) gives a loss of 0, not 0 / 0
+            denom = coef.new_tensor(max(r.orig_weight * int((~aug).sum()) + r.aug_weight * int(aug.sum()), 1e-12))
         return coef, denom
 
     @staticmethod
