@@ -137,7 +137,9 @@ def to_soft_targets(
             raise NonFiniteError(f"{what} contain NaN/inf", "check the target pipeline (Mixup lambda, smoothing)")
         if not_prob:
             raise TargetError(f"{what} (B, C) must be probabilities: non-negative rows summing to 1",
-                              "apply softmax to logits-like targets, or pass class indices")
+                              "apply softmax to logits-like targets, or pass class indices; multi-label "
+                              "(multi-hot) targets are not supported: augplug refines single-label "
+                              "classification")
     return t.clamp_min(0)
 
 

@@ -67,6 +67,7 @@ BAD_CALLS = {
     "float 1-D targets": (lambda m, x: (m(x), torch.zeros(8)), TargetError, "integer"),
     "soft targets wrong width": (lambda m, x: (m(x), torch.full((8, 3), 1 / 3)), ShapeError, "width"),
     "soft targets not probabilities": (lambda m, x: (m(x), torch.randn(8, C)), TargetError, "probabilities"),
+    "multi-hot targets": (lambda m, x: (m(x), torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 8)), TargetError, "multi-label"),
     "3-D logits": (lambda m, x: (m(x)[:, None], torch.zeros(8, dtype=torch.long)), ShapeError, "(batch, classes)"),
     "integer logits": (lambda m, x: (m(x).argmax(1, keepdim=True).expand(8, C).long(), torch.zeros(8, dtype=torch.long)),
                        TargetError, "floating"),
