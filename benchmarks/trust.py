@@ -60,6 +60,7 @@ run again skips the runs already there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -267,10 +268,7 @@ def _model(data, seed: int, image_model: str = "cnn"):
 
 
 def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: int, options: dict) -> Dict:
-    from torch.optim.swa_utils import update_bn
-
     from augplug import AugmentationRefiner, refiner_kwargs
-    from augplug.demo.study import accuracy, binary_auc
     data = _setting_cache(dataset, upstream, seed)
     image_model = options.get("image_model", "cnn")  # every arm trains the same model
     options = {k: v for k, v in options.items() if k != "image_model"}
@@ -289,8 +287,12 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     # originals_first (--set originals_first=1, separate pattern, every arm): the originals' forward runs
     # before the views' (the default runs the views first), which changes only the dropout masks each draws
     originals_first = bool(options.get("originals_first", False))
+    # adam_scores (--set adam_scores=1, an ablation, Adam only): last-layer scores against the validation
+    # direction divided by Adam's bias-corrected sqrt(second moment) + eps of the head, the first-order
+    # change of the validation loss under an Adam step with its second moments held fixed
+    adam_scores = bool(options.get("adam_scores", False)) and arm == "refiner"
     options = {k: v for k, v in options.items()
-               if k not in ("optimizer", "views_scale", "rest_rescale", "originals_first")}
+               if k not in ("optimizer", "views_scale", "rest_rescale", "originals_first", "adam_scores")}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]
     truth = y[:, None].expand_as(given)
     refiner, kw = None, {}
@@ -312,6 +314,46 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
                 share["horizon"] = epochs * math.ceil(len(data["y"]) / BATCH)
             kw["aug_weight"] = AdaptiveShare(**share)
         refiner = (AugmentationRefiner if rest_rescale else _unscaled_rest())(model, opt, val, **refiner_kwargs(kw))
+    if adam_scores:
+        if not isinstance(opt, torch.optim.Adam):
+            raise ValueError("adam_scores=1 needs the Adam optimizer")
+        with _adam_preconditioned_scores(opt):
+            return _train(**locals())
+    return _train(**locals())
+
+
+@contextlib.contextmanager
+def _adam_preconditioned_scores(opt):
+    """Within the block, ``augplug.scores.last_layer_scores`` reads the validation direction of each
+    head parameter divided by ``sqrt(v / (1 - beta2^t)) + eps`` from ``opt``'s state (unchanged before
+    the first step)."""
+    import augplug.scores as scores
+    plain = scores.last_layer_scores
+
+    def precondition(v):
+        if v is None:
+            return v
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p) or {}
+                if p.shape == v.shape and "exp_avg_sq" in state:
+                    corr = 1 - group["betas"][1] ** float(state["step"])
+                    return v / ((state["exp_avg_sq"] / corr).sqrt() + group["eps"])
+        return v
+
+    scores.last_layer_scores = lambda f, logits, v_w, v_b=None: plain(f, logits, precondition(v_w), precondition(v_b))
+    try:
+        yield
+    finally:
+        scores.last_layer_scores = plain
+
+
+def _train(dataset, upstream, pattern, arm, seed, epochs, options, data, image_model, model, opt, optimizer_name,
+           views_scale, originals_first, refiner, kw, x, y, views, given, truth, **_) -> Dict:
+    """The training loop and the evaluation of one run (:func:`run` builds what it needs)."""
+    from torch.optim.swa_utils import update_bn
+
+    from augplug.demo.study import accuracy, binary_auc
     g = torch.Generator().manual_seed(seed + 1)
     n, c = len(y), data["num_classes"]
     rec_w, rec_clean, trace = [], [], []
