@@ -53,6 +53,10 @@ _CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with th
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
+#: After this many calls in a row whose model was updated in place without a step of the optimizer
+#: the refiner counts (a run that built a new optimizer), such updates count as steps, with a warning.
+UNCOUNTED_UPDATES = 3
+
 
 def _warn_at_caller(message: str) -> None:
     """A ``RuntimeWarning`` attributed to the first frame outside augplug's core modules (the user's
@@ -155,6 +159,11 @@ class RefinerCore:
             self._pass_length()   # a loader without len(): say so now, not at the first refresh
         self._steps = StepCounter(self._optimizer) if self._optimizer is not None else None
         self._call_steps = 0
+        #: (the watched parameter's in-place version, the counted steps) at the last committed call, and
+        #: the calls in a row that found the model updated without a counted step (_note_updates)
+        self._update_probe: Optional[Tuple[int, int]] = None
+        self._uncounted_in_a_row = 0
+        self._warned_uncounted = False
         self.calls = 0
         self.skipped_val_batches = 0
         self._v: Optional[Dict[str, torch.Tensor]] = None
@@ -235,6 +244,61 @@ class RefinerCore:
             self._steps.count = int(value)
         else:
             self._call_steps = int(value)
+
+    def set_optimizer(self, optimizer) -> None:
+        """Count the updates of ``optimizer`` from now on, in place of the optimizer given so far: for a
+        run that builds a new one (a second stage after unfreezing the backbone, a new learning-rate
+        recipe). The count goes on from where it is; ``None`` counts every call as an update.
+
+        Raises :class:`~augplug.errors.ConfigurationError`, and changes nothing, for an optimizer that
+        cannot be hooked or that holds none of the model's trainable parameters."""
+        new = unwrap_optimizer(optimizer) if optimizer is not None else None
+        if new is not None:
+            problem = optimizer_problem(self.model.parameters(), optimizer)
+            if problem is not None:
+                raise problem
+        count = self.step_count
+        self._remove_step_hook()
+        self._optimizer = new
+        self._steps = StepCounter(new) if new is not None else None
+        self.step_count = count
+        self._update_probe, self._uncounted_in_a_row = None, 0
+
+    def _watched_parameter(self) -> Optional[torch.Tensor]:
+        """A parameter that every update of the model changes in place (the first trainable one; a shell
+        may name a better one), or None."""
+        return next((p for p in self.model.parameters() if p.requires_grad), None)
+
+    def _note_updates(self) -> None:
+        """At a committed call: whether the model was updated in place since the last one without a step
+        of the counted optimizer. After :data:`UNCOUNTED_UPDATES` such calls in a row (a checkpoint load
+        or a weight swap is one, a replaced optimizer is every call) each one counts as an update (in one
+        process; a process group only warns), and a warning names :meth:`set_optimizer`; a counted step
+        starts the run of calls again."""
+        p = self._watched_parameter()
+        if self._steps is None or not isinstance(p, torch.nn.Parameter):
+            return
+        version, last = p._version, self._update_probe
+        if last is not None and self._steps.count != last[1]:
+            self._uncounted_in_a_row = 0
+        elif last is not None and version != last[0]:
+            self._uncounted_in_a_row += 1
+            if self._uncounted_in_a_row >= UNCOUNTED_UPDATES:
+                # in a process group each process sees only itself: counting there could set the
+                # processes' schedules apart, so they only warn
+                alone = dist_world_size() == 1
+                if not self._warned_uncounted:
+                    self._warned_uncounted = True
+                    _warn_at_caller(
+                        f"the model was updated in {UNCOUNTED_UPDATES} steps in a row without a step of the "
+                        f"optimizer this refiner counts ({type(self._optimizer).__name__}); "
+                        + ("such updates now count as steps. " if alone else
+                           "the refiner's schedule is not advancing. ")
+                        + "If you built a new optimizer, pass it: refiner.set_optimizer(optimizer)"
+                        + ("" if alone else " on every process"))
+                if alone:
+                    self._steps.count += 1
+        self._update_probe = (version, self._steps.count)
 
     def _remove_step_hook(self) -> None:
         if self._steps is not None:
@@ -597,6 +661,8 @@ class RefinerCore:
         self.calls += 1
         if self._steps is None:
             self._call_steps += 1
+        else:
+            self._note_updates()
 
     def _snapshot(self) -> Tuple[Any, ...]:
         """What a failing call must put back: the private RNG and the stream's position."""
@@ -759,6 +825,7 @@ class RefinerCore:
             self._stream.load_state_dict(state["stream"])
         dev = self._device()
         self.step_count = int(state["step_count"])
+        self._update_probe, self._uncounted_in_a_row = None, 0
         self.calls = int(state["calls"])
         self._v = None if state["v"] is None else {k: t.to(dev).clone() for k, t in state["v"].items()}
         halves = state.get("v_halves")

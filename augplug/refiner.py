@@ -369,6 +369,12 @@ class AugmentationRefiner(RefinerCore):
         return True
 
     # ------------------------------------------------------------------ hooks and helpers
+    def _watched_parameter(self) -> Optional[torch.Tensor]:
+        """The classifier's weight where there is a head (every update trains it), else the first
+        trainable parameter."""
+        weight = getattr(self.head, "weight", None)
+        return weight if isinstance(weight, nn.Parameter) and weight.requires_grad else super()._watched_parameter()
+
     def remove_hooks(self) -> None:
         """Detach every hook the refiner installed on the model and optimizer."""
         self._capture.remove()

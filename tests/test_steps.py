@@ -223,3 +223,86 @@ def test_resume_mid_run_restores_the_count():
     assert other.refiner.step_count == 3
     other.step(3)
     assert other.refiner.step_count == 4
+
+
+# ---------------------------------------------------------------------------------- a replaced optimizer
+def _refiner_rig():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from augplug import AugmentationRefiner
+    from augplug.models import MLP
+    torch.manual_seed(0)
+    model = MLP(8, 3, hidden=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    val = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,))), batch_size=16)
+    refiner = AugmentationRefiner(model, opt, val, seed=0, schedule=dict(budget=None))
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    return model, opt, refiner, batch
+
+
+def _steps(model, opt, refiner, batch, n, accumulate=1):
+    x, y = batch
+    for i in range(n * accumulate):
+        (refiner(model(x), y, num_original=8) / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_a_replaced_optimizer_is_noticed_and_its_updates_counted():
+    """A run that builds a new optimizer and keeps the refiner: its updates were never counted, so the
+    validation direction was never refreshed again. Three calls in a row that find the model updated
+    without a counted step now count such updates, and one warning names set_optimizer."""
+    model, opt, refiner, batch = _refiner_rig()
+    _steps(model, opt, refiner, batch, 5)
+    assert refiner.step_count == 5
+    second = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match=r"refiner\.set_optimizer") as record:
+        _steps(model, second, refiner, batch, 20)
+    assert sum("set_optimizer" in str(w.message) for w in record) == 1
+    assert refiner.step_count >= 5 + 20 - 3   # all but the first uncounted updates
+    assert refiner._v_step > 5                # and the direction is refreshed again
+
+
+def test_set_optimizer_counts_the_new_one_exactly():
+    model, opt, refiner, batch = _refiner_rig()
+    _steps(model, opt, refiner, batch, 5)
+    second = torch.optim.SGD(model.parameters(), lr=0.01)
+    refiner.set_optimizer(second)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # no warning
+        _steps(model, second, refiner, batch, 20)
+    assert refiner.step_count == 25 and refiner.optimizer is second
+    opt.step()                             # the old one is no longer counted, and has its own step back
+    assert refiner.step_count == 25 and "step" not in vars(opt)
+
+
+def test_set_optimizer_rejects_a_foreign_optimizer_and_changes_nothing():
+    from augplug.errors import ConfigurationError
+    model, opt, refiner, batch = _refiner_rig()
+    _steps(model, opt, refiner, batch, 3)
+    with pytest.raises(ConfigurationError, match="none of the model"):
+        refiner.set_optimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    assert refiner.optimizer is opt
+    _steps(model, opt, refiner, batch, 2)
+    assert refiner.step_count == 5
+
+
+@pytest.mark.parametrize("between", ["accumulation", "checkpoint load"])
+def test_no_false_alarm(between):
+    """Gradient accumulation (calls without updates) and a one-off weight load between two steps are
+    not a replaced optimizer: no warning, and the count stays the optimizer's."""
+    import copy
+    import warnings
+    model, opt, refiner, batch = _refiner_rig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if between == "accumulation":
+            _steps(model, opt, refiner, batch, 10, accumulate=4)
+        else:
+            saved = copy.deepcopy(model.state_dict())
+            _steps(model, opt, refiner, batch, 4)
+            model.load_state_dict(saved)
+            _steps(model, opt, refiner, batch, 6)
+    assert refiner.step_count == 10
