@@ -57,7 +57,7 @@ from torch import nn
 from .curvature import head_hessian, head_hvp
 from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
 from .ihvp import conjugate_gradient, explicit_solve, lissa, power_iteration
-from .scores import scoring_mode
+from .scores import output_logits, scoring_mode
 
 __all__ = ["InfluenceScorer", "SOLVERS", "SCOPES"]
 
@@ -276,7 +276,7 @@ class InfluenceScorer:
                     fixed = {n: p.detach() for n, p in named.items() if n not in names}
 
                     def logits_fn(sub, x=x):
-                        return functional_call(net, ({**fixed, **sub}, buffers), (x,))
+                        return output_logits(functional_call(net, ({**fixed, **sub}, buffers), (x,)))
 
                     primals = {n: named[n].detach() for n in names}
                     tangents = {n: v[n].to(named[n]) for n in names}
@@ -290,7 +290,7 @@ class InfluenceScorer:
                     fixed = {n: p.detach() for n, p in named.items() if n not in names}
 
                     def loss_fn(sub, x=x, y=y):
-                        logits = functional_call(net, ({**fixed, **sub}, buffers), (x,))
+                        logits = output_logits(functional_call(net, ({**fixed, **sub}, buffers), (x,)))
                         ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                         return -(ys * F.log_softmax(logits, -1)).sum()
 
@@ -299,7 +299,7 @@ class InfluenceScorer:
                     _, hv = jvp(grad(loss_fn), (primals,), (tangents,))
                 else:
                     with torch.enable_grad():
-                        logits = net(x)
+                        logits = output_logits(net(x))
                         ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                         loss = -(ys * F.log_softmax(logits, -1)).sum()
                         gr = torch.autograd.grad(loss, [named[n] for n in names], create_graph=True)
@@ -385,7 +385,7 @@ class InfluenceScorer:
         count = 0
         with scoring_mode(self.model, self.bn), torch.enable_grad():
             for x, y in data:
-                logits = self.model(x)
+                logits = output_logits(self.model(x))
                 ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                 loss = -(ys * F.log_softmax(logits, -1)).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -43,6 +44,7 @@ from .heads import ForwardReplay, unwrap_model
 
 __all__ = [
     "SCORE_MODES",
+    "output_logits",
     "scoring_mode",
     "buffers_on_copies",
     "preserved_parameters",
@@ -184,11 +186,26 @@ class GradSum:
         return {k: -(s / count) for k, s in self.sums.items()}
 
 
-def _forward_logits(model: nn.Module, inputs) -> torch.Tensor:
-    out = model(inputs)
-    if isinstance(out, (tuple, list)):
+def output_logits(out) -> torch.Tensor:
+    """The logits in what a model's forward returned: the tensor itself, the first element of a tuple
+    or list (auxiliary outputs after it), or the ``logits`` entry of a mapping or an output object
+    (Hugging Face's ``ModelOutput``)."""
+    if isinstance(out, (tuple, list)) and out:
         out = out[0]
+    if isinstance(out, Mapping) and "logits" in out:
+        out = out["logits"]
+    elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+        out = out.logits
+    if not isinstance(out, torch.Tensor):
+        raise ShapeError(f"the model's forward returned a {type(out).__name__}, in which the refiner finds no "
+                         "logits (a tensor, the first element of a tuple, or a 'logits' entry or attribute)",
+                         "return the logits, or put them under the key or attribute 'logits'; or use "
+                         "mode='last_layer', which reads only the classifier")
     return out
+
+
+def _forward_logits(model: nn.Module, inputs) -> torch.Tensor:
+    return output_logits(model(inputs))
 
 
 def validation_gradient(
@@ -363,9 +380,7 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
                 "use mode='last_layer' (closed form on the linear head), or mode='auto' (double-backward "
                 "scores where forward mode is missing); for timm attention models "
                 "timm.layers.set_fused_attn(False) before creating the model avoids the fused kernel") from e
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        logp = F.log_softmax(out.float(), -1)
+        logp = F.log_softmax(output_logits(out).float(), -1)
         tangent = fwAD.unpack_dual(logp).tangent
     if tangent is None:
         return torch.zeros_like(logp)
@@ -462,9 +477,7 @@ def finite_difference_scores(
             moved = thetas
         else:
             moved = torch._foreach_add(thetas, step) if sign > 0 else torch._foreach_sub(thetas, step)
-        out = functional_call(net, dict(zip(names, moved)), (x,), strict=False)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        out = output_logits(functional_call(net, dict(zip(names, moved)), (x,), strict=False))
         return out if out.dtype == torch.float64 else out.float()
 
     x = inputs

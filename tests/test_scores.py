@@ -228,3 +228,84 @@ def test_grad_sums_matches_autograd_and_fills_unused_with_zeros():
     torch.testing.assert_close(out["w"], ref[0].float())
     torch.testing.assert_close(out["b"], ref[1].float())
     assert torch.equal(out["other"], torch.zeros(2, 2))
+
+
+class _Output(dict):
+    """An output object in the style of Hugging Face's ``ModelOutput``: a dict with attribute access."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class _Net(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.wrap = wrap
+        self.body, self.classifier = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        logits = self.classifier(torch.tanh(self.body(x)))
+        return {"tensor": logits, "tuple": (logits, logits.sum()), "dict": {"logits": logits, "aux": logits * 2},
+                "output": _Output(logits=logits)}[self.wrap]
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict", "output"])
+def test_scores_read_logits_from_tuples_dicts_and_output_objects(wrap):
+    """Models whose forward returns a tuple, a dict with 'logits' or a ModelOutput-style object (Hugging
+    Face image classifiers) score exactly like the same network returning the tensor, in every
+    model-forward mode and in the validation gradient (a dict was a KeyError deep in the scores)."""
+    torch.manual_seed(0)
+    plain = _Net("tensor")
+    other = _Net(wrap)
+    other.load_state_dict(plain.state_dict())
+    x, xv, yv = torch.randn(5, 6), torch.randn(7, 6), F.one_hot(torch.randint(0, 3, (7,)), 3).float()
+
+    def direction(model):
+        return AF.validation_gradient(model, xv, yv, params=dict(model.named_parameters())).direction()
+
+    v = direction(plain)
+    assert all(torch.equal(v[k], w) for k, w in direction(other).items())
+    for mode in ("full", "double_backward"):
+        expected = AF.class_scores(plain, x, v, mode=mode)
+        torch.testing.assert_close(AF.class_scores(other, x, v, mode=mode), expected)
+    from augplug.scores import finite_difference_scores
+    torch.testing.assert_close(finite_difference_scores(other, x, v), finite_difference_scores(plain, x, v))
+
+
+def test_a_forward_without_logits_is_named():
+    from augplug.errors import ShapeError
+
+    class NoLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return {"scores": self.fc(x)}
+
+    model = NoLogits()
+    x, y = torch.randn(4, 6), F.one_hot(torch.randint(0, 3, (4,)), 3).float()
+    with pytest.raises(ShapeError, match="'logits'") as e:
+        AF.validation_gradient(model, x, y, params=dict(model.named_parameters()))
+    assert "mode='last_layer'" in e.value.fix
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_the_refiner_trains_a_model_with_a_modeloutput(mode):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from augplug import AugmentationRefiner
+    torch.manual_seed(0)
+    model = _Net("output")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    r = AugmentationRefiner(model, opt, val, mode=mode, method_options=dict(strength=1.0))
+    for _ in range(5):
+        loss = r(model(torch.randn(8, 6)).logits, torch.randint(0, 3, (8,)), num_original=4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss) and r.stats["active"]
