@@ -312,7 +312,11 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             from augplug.share import AdaptiveShare
             if share.get("horizon") == "run":  # --set share.horizon=run: this run's number of updates
                 share["horizon"] = epochs * math.ceil(len(data["y"]) / BATCH)
-            kw["aug_weight"] = AdaptiveShare(**share)
+            if share.pop("rule", "walk") == "betting":  # --set share.rule=betting: benchmarks.share_betting
+                from benchmarks.share_betting import BettingShare
+                kw["aug_weight"] = BettingShare(**share)
+            else:
+                kw["aug_weight"] = AdaptiveShare(**share)
         refiner = (AugmentationRefiner if rest_rescale else _unscaled_rest())(model, opt, val, **refiner_kwargs(kw))
     if adam_scores:
         if not isinstance(opt, torch.optim.Adam):
