@@ -737,6 +737,12 @@ class RefinerCore:
         """Raise (changing nothing) unless ``state`` is a complete, finite state for this refiner."""
         if not isinstance(state, dict):
             raise ConfigurationError(f"a refiner state must be a dict, got {type(state).__name__}", _CHECKPOINT_FIX)
+        if "version" not in state:
+            keys = sorted(map(str, state))
+            raise ConfigurationError(
+                "this is not a refiner state: it has no 'version' key "
+                f"({'no keys' if not keys else 'keys: ' + ', '.join(keys[:8]) + (', ...' if len(keys) > 8 else '')}; "
+                "a model's or an optimizer's state_dict?)", _CHECKPOINT_FIX)
         if state.get("version") not in _READABLE_VERSIONS:
             raise ConfigurationError(f"refiner state version {state.get('version')} is not one of "
                                      f"{_READABLE_VERSIONS}", "load a state saved by this version of augplug")

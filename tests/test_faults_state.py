@@ -39,6 +39,7 @@ STATE_FAULTS = {
     # name: (change(state) -> state, error)
     "not-a-dict": (lambda s: [s], ConfigurationError),
     "wrong-version": (lambda s: {**s, "version": 99}, ConfigurationError),
+    "a-model-state-dict": (lambda s: {"fc.weight": torch.zeros(2, 2)}, ConfigurationError),
     "wrong-method": (lambda s: {**s, "method": "other"}, ConfigurationError),
     "nan-direction": (lambda s: {**s, "v": {k: torch.full_like(t, NAN) for k, t in s["v"].items()}}, NonFiniteError),
     "inf-direction": (lambda s: {**s, "v": {k: t.clone().fill_(float("inf")) for k, t in s["v"].items()}},
@@ -252,3 +253,9 @@ def test_random_state_corruptions_load_whole_or_not_at_all(kind):
         rig.refiner.load_state_dict(before)
 
     check()
+
+
+def test_a_state_that_is_not_a_refiners_says_so():
+    """A model's or an optimizer's state_dict passed by mistake is named as such, with its keys."""
+    assert_rejected("saflex", _load({"fc.weight": torch.zeros(2, 2)}), ConfigurationError,
+                    match=r"not a refiner state: it has no 'version' key \(keys: fc.weight")
