@@ -395,7 +395,9 @@ class RefinerCore:
         ``aug_weight`` per unit of ``aug_mass`` (the augmented rows' count, or their weight sum with
         ``weight_norm="batch"``), divided by the ``world`` size: data-parallel gradient averaging then
         yields exactly the loss of one process holding the whole global batch."""
-        return max(self.orig_weight * n_orig + self.aug_weight * aug_mass, 1e-12) / world
+        total = self.orig_weight * n_orig + self.aug_weight * aug_mass
+        # a learned share is a 0-dim tensor: clamped on its device, without a host read
+        return (total.clamp_min(1e-12) if isinstance(total, torch.Tensor) else max(total, 1e-12)) / world
 
     # ------------------------------------------------------------------ the overhead budget
     def _sync(self) -> None:
