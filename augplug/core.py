@@ -397,7 +397,8 @@ class RefinerCore:
         yields exactly the loss of one process holding the whole global batch."""
         total = self.orig_weight * n_orig + self.aug_weight * aug_mass
         # a learned share is a 0-dim tensor: clamped on its device, without a host read
-        return (total.clamp_min(1e-12) if isinstance(total, torch.Tensor) else max(total, 1e-12)) / world
+        total = total.clamp_min(1e-12) if isinstance(total, torch.Tensor) else max(total, 1e-12)
+        return total / world if world != 1 else total
 
     # ------------------------------------------------------------------ the overhead budget
     def _sync(self) -> None:
