@@ -9,8 +9,10 @@ raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import deque
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
@@ -19,9 +21,9 @@ from typing import Deque, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import UnsupportedHeadError
+from .errors import ShapeError, UnsupportedHeadError
 
-__all__ = ["unwrap_model", "is_compiled", "find_classifier", "ActivationCapture", "ForwardReplay", "GradientSlot"]
+__all__ = ["unwrap_model", "is_compiled", "find_classifier", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
 
 def _wrapper_chain(model: nn.Module):
@@ -163,6 +165,34 @@ def _heads_in_children(model: nn.Module):
     return found
 
 
+def output_logits(out) -> torch.Tensor:
+    """The logits in what a model's forward returned: the tensor itself, the first element of a tuple
+    or list (auxiliary outputs after it), or the ``logits`` entry of a mapping or an output object
+    (Hugging Face's ``ModelOutput``)."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if isinstance(out, Mapping) and "logits" in out:
+        out = out["logits"]
+    elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+        out = out.logits
+    if not isinstance(out, torch.Tensor):
+        raise ShapeError(f"the model's forward returned a {type(out).__name__}, in which the refiner finds no "
+                         "logits (a tensor, the first element of a tuple, or a 'logits' entry or attribute)",
+                         "return the logits, or put them under the key or attribute 'logits'; or use "
+                         "mode='last_layer', which reads only the classifier")
+    return out
+
+
+def _first_parameter(module: nn.Module) -> Optional[str]:
+    """The name of the first positional parameter of ``module.forward``: a forward called by keyword
+    (``model(pixel_values=x)``, as Hugging Face models are) is recorded when that keyword is it, so
+    that calling the model with the recorded input as its first argument runs the same forward."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same values in memory: one storage, offset, shape and strides."""
     return (a.shape == b.shape and a.stride() == b.stride() and a.device == b.device and a.dtype == b.dtype
@@ -289,7 +319,7 @@ class ActivationCapture:
         if head is not None:
             self._handles.append(head.register_forward_hook(self._feature_hook))
         if capture_inputs:
-            self._handles.append(model.register_forward_pre_hook(self._input_hook))
+            self._handles.append(model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._model_output_hook))
 
     def _received(self, record: _HeadForward, grad: torch.Tensor) -> Optional[torch.Tensor]:
@@ -319,9 +349,10 @@ class ActivationCapture:
                 output.register_hook(partial(self._received, record))
                 self._awaiting.append(record)
 
-    def _input_hook(self, module, args):
-        if self._active(module) and args and isinstance(args[0], torch.Tensor):
-            x = args[0].detach()
+    def _input_hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get(_first_parameter(module)) if kwargs else None
+        if self._active(module) and isinstance(x, torch.Tensor):
+            x = x.detach()
             self._inputs.append(x)
             self._model_outputs.append(None)
             self._input_open = True
@@ -331,8 +362,10 @@ class ActivationCapture:
     def _model_output_hook(self, module, args, output):
         if self._input_open:
             self._input_open = False
-            if isinstance(output, torch.Tensor):
-                self._model_outputs[-1] = output.detach()
+            try:
+                self._model_outputs[-1] = output_logits(output).detach()
+            except ShapeError:   # no logits to match calls to forwards by; the scores say so if needed
+                pass
 
     def features(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Features of the last ``rows`` samples seen by the head (flattened to 2-D), or None; with

@@ -30,7 +30,6 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ConfigurationError, ShapeError, UnsupportedModelError
-from .heads import ForwardReplay, unwrap_model
+from .heads import ForwardReplay, output_logits, unwrap_model
 
 __all__ = [
     "SCORE_MODES",
@@ -184,24 +183,6 @@ class GradSum:
     def direction(self) -> Dict[str, torch.Tensor]:
         count = self.count.clamp_min(1) if torch.is_tensor(self.count) else max(self.count, 1)
         return {k: -(s / count) for k, s in self.sums.items()}
-
-
-def output_logits(out) -> torch.Tensor:
-    """The logits in what a model's forward returned: the tensor itself, the first element of a tuple
-    or list (auxiliary outputs after it), or the ``logits`` entry of a mapping or an output object
-    (Hugging Face's ``ModelOutput``)."""
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if isinstance(out, Mapping) and "logits" in out:
-        out = out["logits"]
-    elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
-        out = out.logits
-    if not isinstance(out, torch.Tensor):
-        raise ShapeError(f"the model's forward returned a {type(out).__name__}, in which the refiner finds no "
-                         "logits (a tensor, the first element of a tuple, or a 'logits' entry or attribute)",
-                         "return the logits, or put them under the key or attribute 'logits'; or use "
-                         "mode='last_layer', which reads only the classifier")
-    return out
 
 
 def _forward_logits(model: nn.Module, inputs) -> torch.Tensor:

@@ -309,3 +309,47 @@ def test_the_refiner_trains_a_model_with_a_modeloutput(mode):
         loss.backward()
         opt.step()
     assert torch.isfinite(loss) and r.stats["active"]
+
+
+class _KeywordNet(nn.Module):
+    """A forward that takes its input by keyword and returns a dict, as Hugging Face classifiers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.classifier = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, pixel_values=None, labels=None):
+        return {"logits": self.classifier(torch.tanh(self.body(pixel_values)))}
+
+
+def test_full_mode_records_inputs_passed_by_keyword():
+    """``model(pixel_values=x)`` with a dict output trains in full mode exactly like ``model(x)`` with the
+    logits returned, also when two forwards of one size precede the call and the call is given the
+    first one's logits (matched by the model's output). Before, no input was recorded (a ShapeError
+    asked for ``inputs=``)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from augplug import AugmentationRefiner
+
+    def run(keyword):
+        torch.manual_seed(0)
+        model = _KeywordNet() if keyword else _Net("tensor")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        val = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,))), batch_size=8)
+        r = AugmentationRefiner(model, opt, val, mode="full", method_options=dict(strength=1.0), seed=0)
+        g = torch.Generator().manual_seed(1)
+        weights = []
+        for _ in range(4):
+            x_aug, x, y = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            out_aug = model(pixel_values=x_aug)["logits"] if keyword else model(x_aug)
+            out = model(pixel_values=x)["logits"] if keyword else model(x)
+            loss = r(out_aug, y) + F.cross_entropy(out, y)
+            weights.append(r.stats["weights"].clone())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.stack(weights)
+
+    keyword, positional = run(True), run(False)
+    assert positional.std() > 1e-3            # the weights say something
+    torch.testing.assert_close(keyword, positional)
