@@ -144,7 +144,6 @@ class RefinerCore:
             seed = operator.index(seed)  # ints, NumPy integers and 0-dim integer tensors
         except TypeError:
             raise ConfigurationError(f"seed must be an integer, got {seed!r}", "pass e.g. seed=0") from None
-        self._optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.schedule = schedule
         self.refresh_every, self.val_batches = schedule.refresh_every, schedule.val_batches
         self.warmup_steps, self.bad_val_batch = schedule.warmup_steps, schedule.bad_val_batch
@@ -157,7 +156,7 @@ class RefinerCore:
         self._stream = stream_cls(val_loader, self._rng) if needs_validation else None
         if needs_validation and schedule.val_batches == "all" and not self.cache_validation:
             self._pass_length()   # a loader without len(): say so now, not at the first refresh
-        self._steps = StepCounter(self._optimizer) if self._optimizer is not None else None
+        self._count_steps_of(optimizer)
         self._call_steps = 0
         #: (the watched parameter's in-place version, the counted steps) at the last committed call, and
         #: the calls in a row that found the model updated without a counted step (_note_updates)
@@ -252,17 +251,20 @@ class RefinerCore:
 
         Raises :class:`~augplug.errors.ConfigurationError`, and changes nothing, for an optimizer that
         cannot be hooked or that holds none of the model's trainable parameters."""
-        new = unwrap_optimizer(optimizer) if optimizer is not None else None
-        if new is not None:
-            problem = optimizer_problem(self.model.parameters(), optimizer)
+        if optimizer is not None:
+            problem = optimizer_problem(self.model.parameters(), optimizer)  # raises for one it cannot hook
             if problem is not None:
                 raise problem
         count = self.step_count
         self._remove_step_hook()
-        self._optimizer = new
-        self._steps = StepCounter(new) if new is not None else None
+        self._count_steps_of(optimizer)
         self.step_count = count
         self._update_probe, self._uncounted_in_a_row = None, 0
+
+    def _count_steps_of(self, optimizer) -> None:
+        """Hook the innermost optimizer of ``optimizer`` to count its updates (None: count calls)."""
+        self._optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self._steps = StepCounter(self._optimizer) if self._optimizer is not None else None
 
     def _watched_parameter(self) -> Optional[torch.Tensor]:
         """A parameter that every update of the model changes in place (the first trainable one; a shell

@@ -193,6 +193,7 @@ def _first_parameter(module: nn.Module) -> Optional[str]:
         return None
     return next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
 
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same values in memory: one storage, offset, shape and strides."""
     return (a.shape == b.shape and a.stride() == b.stride() and a.device == b.device and a.dtype == b.dtype
@@ -318,6 +319,8 @@ class ActivationCapture:
         self._head_hooked = head is not None
         if head is not None:
             self._handles.append(head.register_forward_hook(self._feature_hook))
+        #: the keyword under which a forward called by keyword takes its input (_first_parameter)
+        self._input_keyword = _first_parameter(model) if capture_inputs else None
         if capture_inputs:
             self._handles.append(model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._model_output_hook))
@@ -350,7 +353,7 @@ class ActivationCapture:
                 self._awaiting.append(record)
 
     def _input_hook(self, module, args, kwargs):
-        x = args[0] if args else kwargs.get(_first_parameter(module)) if kwargs else None
+        x = args[0] if args else kwargs.get(self._input_keyword) if kwargs else None
         if self._active(module) and isinstance(x, torch.Tensor):
             x = x.detach()
             self._inputs.append(x)

@@ -46,7 +46,7 @@ evidence is in (``docs/saflex.md``).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -186,11 +186,17 @@ class AdaptiveShare(NormalizedWalk):
         without augmented weight, and non-finite signals, leave the state as it is."""
         if stats is None:
             return self._walk_state()
+        d, valid = self._signal(stats)
+        return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share))
+
+    @staticmethod
+    def _signal(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(d, valid)`` from :func:`share_agreements`: ``d = a_aug - a_orig`` (0-dim fp64), and whether
+        the batch had originals, augmented weight and a finite ``d``."""
         wa_sum, w_sum, ao_sum, n_orig = stats.double().unbind()
         d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
         # both sums are >= 0, and d * 0 + 1 is 1 for a finite d, NaN otherwise: one comparison
-        valid = w_sum * n_orig * (d * 0 + 1) > 0
-        return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share))
+        return d, w_sum * n_orig * (d * 0 + 1) > 0
 
     def step_size(self, updates: torch.Tensor):
         """``lr``, or without one ``WANDER / (2 sqrt(t))`` for the ``t = updates + 1``-th update."""

@@ -42,9 +42,7 @@ class BettingShare(AdaptiveShare):
     def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
         if stats is None:
             return {k: getattr(self, k) for k in self._fields() + self.EXTRA}
-        wa_sum, w_sum, ao_sum, n_orig = stats.double().unbind()
-        d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
-        valid = w_sum * n_orig * (d * 0 + 1) > 0
+        d, valid = self._signal(stats)
         dev = d.device
         value, ms_old, updates, test_mean, test_square = (getattr(self, k).to(dev) for k in self._fields())
         unit, ms, _, _ = normalized_step(d, updates, ms_old, test_mean, test_square, lr=1.0, decay=self.decay,

@@ -318,12 +318,14 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
             else:
                 kw["aug_weight"] = AdaptiveShare(**share)
         refiner = (AugmentationRefiner if rest_rescale else _unscaled_rest())(model, opt, val, **refiner_kwargs(kw))
+    stack = contextlib.ExitStack()
     if adam_scores:
         if not isinstance(opt, torch.optim.Adam):
             raise ValueError("adam_scores=1 needs the Adam optimizer")
-        with _adam_preconditioned_scores(opt):
-            return _train(**locals())
-    return _train(**locals())
+        stack.enter_context(_adam_preconditioned_scores(opt))
+    with stack:
+        return _train(dataset, upstream, pattern, arm, seed, epochs, data, image_model, model, opt, optimizer_name,
+                      views_scale, originals_first, refiner, kw, x, y, views, given, truth)
 
 
 @contextlib.contextmanager
@@ -352,8 +354,8 @@ def _adam_preconditioned_scores(opt):
         scores.last_layer_scores = plain
 
 
-def _train(dataset, upstream, pattern, arm, seed, epochs, options, data, image_model, model, opt, optimizer_name,
-           views_scale, originals_first, refiner, kw, x, y, views, given, truth, **_) -> Dict:
+def _train(dataset, upstream, pattern, arm, seed, epochs, data, image_model, model, opt, optimizer_name,
+           views_scale, originals_first, refiner, kw, x, y, views, given, truth) -> Dict:
     """The training loop and the evaluation of one run (:func:`run` builds what it needs)."""
     from torch.optim.swa_utils import update_bn
 
