@@ -281,7 +281,9 @@ class RefinerCore:
         if self._steps is None or not isinstance(p, torch.nn.Parameter):
             return
         version, last = p._version, self._update_probe
-        if last is not None and self._steps.count != last[1]:
+        if (last is not None and self._steps.count != last[1]) or self._steps.in_step:
+            # a counted step since the last call, or a call inside the optimizer's own step (LBFGS's
+            # closure), whose updates are that step's
             self._uncounted_in_a_row = 0
         elif last is not None and version != last[0]:
             self._uncounted_in_a_row += 1

@@ -39,6 +39,9 @@ class StepCounter:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.count = 0
+        #: True while the optimizer's step runs: a closure-driven optimizer (LBFGS) evaluates the loss,
+        #: and so calls the refiner, inside its step, between updates of its own
+        self.in_step = False
         self._active = True
         self._had_own_step = "step" in vars(optimizer)
         inner = optimizer.step
@@ -48,12 +51,15 @@ class StepCounter:
             if not counter._active:
                 return inner(*args, **kwargs)
             before = _fingerprint(opt)
+            counter.in_step = True
             try:
                 out = inner(*args, **kwargs)
             except BaseException:
                 if _fingerprint(opt) != before:  # it wrote before failing: the update happened
                     counter.count += 1
                 raise
+            finally:
+                counter.in_step = False
             counter.count += 1
             return out
 

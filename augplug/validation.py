@@ -22,7 +22,9 @@ _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 
 
 def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
-    """Return ``(inputs, targets)`` from a validation batch."""
+    """Return ``(inputs, targets)`` from a validation batch. A single sample (a target that is a
+    number or a 0-dim tensor: the loader is a ``Dataset``, not a ``DataLoader`` over it) is an error
+    that says so."""
     if isinstance(batch, dict):
         x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
         y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
@@ -30,11 +32,20 @@ def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
             raise ShapeError(f"validation batch dict has keys {sorted(batch)}; expected one of {_INPUT_KEYS} "
                              f"and one of {_TARGET_KEYS}",
                              "rename the keys or wrap the loader to yield (inputs, targets)")
-        return x, y
+        return x, _batch_targets(y)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
+        return batch[0], _batch_targets(batch[1])
     raise ShapeError(f"validation batch of type {type(batch).__name__} is not (inputs, targets)",
                      "make the validation loader yield (inputs, targets) tuples or dicts")
+
+
+def _batch_targets(y: Any) -> Any:
+    if isinstance(y, (int, float)) or (torch.is_tensor(y) and y.dim() == 0):
+        raise ShapeError(
+            f"the validation loader yields single samples (a target {y!r} with no batch dimension), not batches: "
+            "it is probably a Dataset rather than a DataLoader over it",
+            "wrap it: val_loader=torch.utils.data.DataLoader(dataset, batch_size=128)")
+    return y
 
 
 def loader_generators(loader: Any) -> List[torch.Generator]:

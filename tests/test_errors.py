@@ -143,6 +143,27 @@ def test_a_one_shot_or_unsized_validation_loader_is_rejected_when_the_refiner_is
     assert r.stats["refreshed"]
 
 
+@pytest.mark.parametrize("kind", ["tuples", "dicts"])
+def test_a_dataset_passed_as_the_validation_loader_is_named(kind):
+    """A ``Dataset`` (not a ``DataLoader`` over it) yields single samples whose target has no batch
+    dimension; the error says so and names the fix (before: "targets must be class indices (B,)
+    ... got shape ()"), and the state is unchanged."""
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, C, (16,))
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"image": x[i], "label": int(y[i])} if kind == "dicts" else (x[i], y[i])
+    model, opt, r = _setup(loader=Samples())
+    before = _state(r)
+    with pytest.raises(ShapeError, match="single samples.*Dataset") as e:
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    assert "DataLoader(dataset, batch_size=" in e.value.fix
+    _same_state(before, _state(r))
+
+
 @pytest.mark.parametrize("mode", ["last_layer", "full"])
 def test_logits_narrower_than_the_classifier_are_named(mode):
     """Logits sliced to fewer classes than the classifier produces (a user dropping a background

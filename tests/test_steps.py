@@ -306,3 +306,27 @@ def test_no_false_alarm(between):
             model.load_state_dict(saved)
             _steps(model, opt, refiner, batch, 6)
     assert refiner.step_count == 10
+
+
+def test_a_closure_driven_optimizer_is_not_a_replaced_one():
+    """LBFGS evaluates its closure, and so calls the refiner, several times inside one step, with
+    updates of its own between them: those calls are not a replaced optimizer (before: the warning
+    naming set_optimizer, and every closure call counted as a step). The count is the steps taken."""
+    import warnings
+    torch.manual_seed(0)
+    model, _, refiner, (x, y) = _refiner_rig()
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5)
+    refiner.set_optimizer(lbfgs)
+    calls = []
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = refiner(model(x), y, num_original=8)
+        loss.backward()
+        calls.append(1)
+        return loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            lbfgs.step(closure)
+    assert len(calls) > 3 * 4 and refiner.step_count == 4
