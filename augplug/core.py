@@ -163,6 +163,7 @@ class RefinerCore:
         self._update_probe: Optional[Tuple[int, int]] = None
         self._uncounted_in_a_row = 0
         self._warned_uncounted = False
+        self._warned_sources = False
         self.calls = 0
         self.skipped_val_batches = 0
         self._v: Optional[Dict[str, torch.Tensor]] = None

@@ -589,6 +589,11 @@ class AugmentationRefiner(RefinerCore):
             check_row_tensor(features, batch, "features", width=width)
         if sources is not None:
             check_row_tensor(sources, batch, "sources", integer=True)
+            if not self.policy.reads_sources and not self._warned_sources:
+                self._warned_sources = True
+                _warn_at_caller(f"sources= is read only by a method that pools evidence by source "
+                                f"(SAflex(pool=S)); {type(self.policy).__name__} here ignores it. Pass "
+                                "method=augplug.SAflex(pool=<number of source ids>) to pool it, or drop sources=")
         if index is not None and not self.policy.checks_index:
             check_row_tensor(index, batch, "index", integer=True)
         # what scoring and ISDA will read besides the logits: checked in the same device sync

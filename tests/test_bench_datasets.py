@@ -83,7 +83,8 @@ def test_real_fashion_mnist_labels():
     assert y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
 
 
-@pytest.mark.parametrize("name,shape,classes", [("letter", (20000, 16), 26), ("spambase", (4601, 57), 2)])
+@pytest.mark.parametrize("name,shape,classes", [("letter", (20000, 16), 26), ("spambase", (4601, 57), 2),
+                                                   ("satellite", (6435, 36), 6), ("vehicle", (846, 18), 4)])
 def test_real_uci(name, shape, classes):
     try:
         X, y, feats, names = ds.load_uci(name)

@@ -177,3 +177,21 @@ def test_a_call_failing_after_the_policy_ran_leaves_the_tables(monkeypatch):
     monkeypatch.undo()
     r(model(x), y, num_original=8, sources=src)  # and the next call adds its batch once
     assert not torch.equal(r.policy.pool.tables, tables)
+
+
+@pytest.mark.parametrize("method", ["saflex", "none", "l2rw"])
+def test_sources_for_a_method_that_does_not_pool_warn_once(method):
+    """``sources=`` passed to a method that does not pool evidence by source is not read: one warning
+    names SAflex(pool=...); a pooling method takes them without a warning."""
+    import warnings
+    _, _, pooled, g = _rig()
+    model = pooled.model
+    x, y, src = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g), torch.zeros(24, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pooled(model(x), y, num_original=8, sources=src)
+    r = AugmentationRefiner(model, None, pooled.val_loader, method=method)
+    with pytest.warns(RuntimeWarning, match=r"SAflex\(pool=") as record:
+        for _ in range(3):
+            r(model(x), y, num_original=8, sources=src)
+    assert sum("sources=" in str(w.message) for w in record) == 1

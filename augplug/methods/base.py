@@ -352,6 +352,12 @@ class Policy:
     #: its own error; for the others the refiner checks only that it has one integer per row.
     checks_index: bool = False
 
+    @property
+    def reads_sources(self) -> bool:
+        """Whether the policy reads ``sources=`` (evidence pooled by source); the refiner warns once (a
+        ``RuntimeWarning``) when a call passes them to a policy that does not."""
+        return False
+
     def __call__(self, scores: Optional[torch.Tensor], targets: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -262,6 +262,10 @@ class SAflex(Policy):
         return self._checked[1]
 
     @property
+    def reads_sources(self) -> bool:
+        return self.pool is not None
+
+    @property
     def has_state(self) -> bool:
         return self.pool is not None
 
