@@ -69,6 +69,8 @@ _UCI_DEFAULT_ROOT = _BENCH_DIR / "data" / "deb" / "root"
 UCI_DATASETS: Dict[str, Tuple[str, str, str, str]] = {
     "letter": ("mlbench", "LetterRecognition.rda", "LetterRecognition", "lettr"),
     "spambase": ("kernlab", "spam.rda", "spam", "type"),
+    "satellite": ("mlbench", "Satellite.rda", "Satellite", "classes"),
+    "vehicle": ("mlbench", "Vehicle.rda", "Vehicle", "Class"),
 }
 
 _IDX_DTYPES = {
@@ -210,12 +212,18 @@ def _find_rda(package: str, filename: str) -> Path:
 
 
 def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
-    """Load a UCI tabular data set: ``"letter"`` or ``"spambase"``.
+    """Load a UCI tabular data set: ``"letter"``, ``"spambase"``, ``"satellite"`` or ``"vehicle"``.
 
     * ``letter``: Letter Recognition (mlbench ``LetterRecognition``), 20,000
       samples, 16 integer features, 26 classes (target ``lettr``).
     * ``spambase``: Spambase (kernlab ``spam``), 4,601 samples, 57 features,
       2 classes (target ``type``: nonspam/spam).
+    * ``satellite``: Statlog Landsat Satellite (mlbench ``Satellite``), 6,435
+      samples, 36 features (four spectral bands of a 3x3 pixel patch), 6 soil
+      and crop classes (target ``classes``).
+    * ``vehicle``: Statlog Vehicle Silhouettes (mlbench ``Vehicle``), 846
+      samples, 18 shape features, 4 classes: bus, opel, saab, van (target
+      ``Class``).
 
     Features are returned as stored; no standardisation is applied.
 
