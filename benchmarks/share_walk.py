@@ -15,6 +15,12 @@ When the augmented rows help exactly as much as the originals, the share's signa
    ``tests/test_share.py::test_pure_noise_moves_the_share_only_with_evidence_off`` (same generator and
    seed), through ``AdaptiveShare`` itself: default step, ``lr=0.01``, and the default step with
    ``evidence=3``.
+3. Drift against spread over the 192 updates of an 8-epoch trust run: the mean movement of ``log lam``
+   under a consistent signal (per-update signal-to-noise ratio 0.1 to 1: normal noise around a mean
+   of -SNR) and its spread under pure noise, for the default step and for a step in units of the
+   running t-statistic, ``0.2 / sqrt(t) * clip(m / se, -c, c) / c`` (``m`` the bias-corrected running
+   mean of the signal, ``se`` its standard error over ``min(t, 100)`` updates; not a library rule:
+   the comparison behind "a faster rule trades spread for speed" in ``docs/trust.md``).
 
 Writes ``benchmarks/results/trust/share_walk.md``.
 """
@@ -72,6 +78,40 @@ def pure_noise_finals() -> List[List[str]]:
     return rows
 
 
+def drift_and_spread(rule: str, c: Optional[float], snr: float, updates: int = 192, walks: int = 400,
+                     seed: int = 0) -> float:
+    """Mean (``snr > 0``: the signal's mean is ``-snr``) or spread (``snr == 0``) of ``log lam`` after
+    ``updates`` updates of the default step (``rule="walk"``) or the t-statistic step (``"t"``, cap ``c``)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(updates, walks, generator=g, dtype=torch.float64) - snr
+    log = torch.zeros(walks, dtype=torch.float64)
+    zero = torch.zeros(walks, dtype=torch.float64)
+    ms, mean, sq = zero.clone(), zero.clone(), zero.clone()
+    for t in range(updates):
+        d, lr = noise[t], WANDER / (2 * math.sqrt(t + 1))
+        if rule == "walk":
+            count = torch.full((walks,), t, dtype=torch.int64)
+            s, ms, _, _ = normalized_step(d, count, ms, zero, zero, lr=lr, decay=DECAY, evidence=None)
+        else:
+            mean, sq = DECAY * mean + (1 - DECAY) * d, DECAY * sq + (1 - DECAY) * d * d
+            corr = 1 - DECAY ** (t + 1)
+            m, q = mean / corr, sq / corr
+            se = ((q - m * m).clamp_min(1e-24) / min(t + 1, 1 / (1 - DECAY))).sqrt()
+            s = lr * (m / se).clamp(-c, c) / c
+        log = log + s
+    return float(log.std()) if snr == 0 else float(log.mean())
+
+
+def drift_rows() -> List[List[str]]:
+    rows = []
+    for name, rule, c in (("default 0.2/sqrt(t) * d/rms(d)", "walk", None),
+                          *((f"t-statistic, c = {c}", "t", float(c)) for c in (3, 6, 10, 20))):
+        sd = drift_and_spread(rule, c, 0.0)
+        moves = [drift_and_spread(rule, c, snr) for snr in (0.1, 0.3, 0.5, 1.0)]
+        rows.append([name, f"{sd:.2f}", " / ".join(f"{v:.2f}" for v in moves), " / ".join(f"{-v / sd:.1f}" for v in moves)])
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--updates", type=int, nargs="+", default=[64, 190, 2370])
@@ -95,6 +135,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         None, ["share", "final share of the four 3,000-update noise walks of the test"], pure_noise_finals(),
         preamble="Through `AdaptiveShare` itself, the noise of "
                  "`tests/test_share.py::test_pure_noise_moves_the_share_only_with_evidence_off` (seed 0).")
+    text += "\n" + write_markdown_table(
+        None, ["step rule", "spread under pure noise", "mean move at SNR 0.1 / 0.3 / 0.5 / 1",
+               "move / spread at SNR 0.1 / 0.3 / 0.5 / 1"], drift_rows(),
+        preamble="Drift against spread after 192 updates (an 8-epoch trust run of 3,000 rows), 400 walks, "
+                 "the signal normal with mean -SNR and standard deviation 1: how far a consistent signal "
+                 "moves log lam, in units of how far pure noise spreads it.")
     path = results_dir("trust") / f"{args.out}.md"
     path.write_text(text, encoding="utf-8")
     print(text)
