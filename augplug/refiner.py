@@ -42,6 +42,9 @@ __all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "Schedule", "buil
 #: The shell's defaults (the method's own options and defaults live on the method class, e.g.
 #: :class:`~augplug.methods.SAflex`; the validation schedule's on :class:`~augplug.schedule.Schedule`).
 DEFAULTS: Dict[str, Any] = dict(method="saflex", mode="last_layer", bn_mode="eval", orig_weight=1.0)
+#: calls of views alone that came before the backward pass of the last one (two calls, one backward)
+#: after which the refiner warns once (``AugmentationRefiner._note_second_call``)
+SECOND_CALLS_WARNED = 3
 
 
 def check_shell_options(bn_mode: str, weight_norm: str, orig_weight: float, aug_weight,
@@ -316,6 +319,7 @@ class AugmentationRefiner(RefinerCore):
         self._rest_mode = False     # this call weighs views alone against the rest of the loss
         self._rest_pending = None   # what the last such call leaves for the next (see _rest_signal)
         self._rest_loaded = None    # the rest's signal read from a state, for the next call
+        self._second_calls, self._warned_second_call = 0, False   # see _note_second_call
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
         self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
@@ -741,6 +745,9 @@ class AugmentationRefiner(RefinerCore):
         the head's output gradients from now on and, when this call weighed the views against the
         rest of the loss, keep what the next call needs to judge them (:meth:`_rest_signal`)."""
         self._capture.drop_graded()
+        pending = self._rest_pending
+        if views_alone and pending is not None and pending[3].grad is None:
+            self._note_second_call(pending)
         self._rest_pending = self._rest_loaded = None
         self._capture.rest_scale = None
         if not views_alone or not self._capture.records_features:
@@ -802,6 +809,21 @@ class AugmentationRefiner(RefinerCore):
         if self._rest_mode:
             return weights, self._rest_denominator(max(mass, 1e-12), world)
         return weights, self._loss_denominator(mass, n_orig_all, world)
+
+    def _note_second_call(self, pending) -> None:
+        """A call of views alone came before the backward pass of the last one, which was weighed
+        against the rest of the loss (two augmentation pipelines through two calls, one backward):
+        only the first call of each step is weighed against the rest, and the rest's rescaling is
+        the last call's. After :data:`SECOND_CALLS_WARNED` such calls, one warning names the fix (a
+        call whose backward never came, such as a skipped batch, is one)."""
+        self._second_calls += 1
+        if self._second_calls >= SECOND_CALLS_WARNED and not self._warned_second_call:
+            self._warned_second_call = True
+            _warn_at_caller(
+                "the refiner was called more than once with augmented rows alone before one backward pass: "
+                "only the first call of each step is weighed against the rest of the loss. Pass all the views "
+                "in one call (refiner(model(torch.cat([x_aug1, x_aug2])), torch.cat([y1, y2]))), or put the "
+                "originals in each call's batch (num_original=)")
 
     def _rest_denominator(self, aug_mass, world: int):
         """The loss denominator of views weighed against the rest of the loss: the views' loss carries

@@ -261,3 +261,28 @@ def test_a_rest_state_is_rejected_by_a_refiner_without_an_adaptive_share():
         r.load_state_dict(state)
     after = r.state_dict()
     assert after["rest"] is None and after["step_count"] == before["step_count"] and not r._capture.track_gradients
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_two_calls_of_views_alone_before_one_backward_warn_once(calls):
+    """Two augmentation pipelines through two refiner calls and one backward pass: only the first
+    call of each step is weighed against the rest of the loss, so one warning names the fix (one
+    call with all the views). One call per step, and gradient accumulation, do not warn."""
+    import warnings
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = _refiner(model, opt)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(8):
+            x, y, x_aug, y_aug = _batch(step)
+            for accumulate in range(2):     # two backward passes per optimizer step
+                loss = sum(r(model(x_aug + 0.1 * k), y_aug) for k in range(calls)) + F.cross_entropy(model(x), y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    warned = [w for w in record if "before one backward pass" in str(w.message)]
+    assert len(warned) == (1 if calls == 2 else 0)
+    if calls == 2:
+        assert "torch.cat" in str(warned[0].message)
