@@ -286,3 +286,27 @@ def test_two_calls_of_views_alone_before_one_backward_warn_once(calls):
     assert len(warned) == (1 if calls == 2 else 0)
     if calls == 2:
         assert "torch.cat" in str(warned[0].message)
+
+
+def test_full_model_mode_trains_separate_views_as_given():
+    """Full-model mode hooks the model's inputs, not the head: the separate pattern's views are
+    trained exactly as plain upstream trains them (the share is never asked)."""
+    def run(method, mode):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = AugmentationRefiner(model, opt, _val(), method=method, mode=mode,
+                                schedule=dict(refresh_every=1, budget=None))
+        for step in range(4):
+            x, y, x_aug, y_aug = _batch(step)
+            loss = r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)
+            assert not r.stats["against_rest"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()], r
+
+    a, r = run("saflex", "full")
+    b, _ = run("none", "last_layer")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert float(r.share.state_dict()["updates"]) == 0
