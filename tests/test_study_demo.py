@@ -73,6 +73,21 @@ def test_demo_budget_option(monkeypatch, capsys):
     assert "budget must be 'auto', 'none' or a positive fraction" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["--noise", "1.5"], "--noise is the share"),
+                                          (["--seeds", "-3"], "--seeds must be non-negative"),
+                                          (["--seeds", "1", "1"], "--seeds repeats a seed")])
+def test_demo_rejects_bad_numbers_before_training(args, message, monkeypatch, capsys):
+    """Out-of-range numbers are usage errors naming the option (before: a ValueError traceback from
+    deep in the data or training code, for example for --epochs -1 or --seeds -3)."""
+    import augplug.demo.cli as cli
+    from augplug.__main__ import main
+    monkeypatch.setattr(cli, "run_arm", lambda *a, **k: pytest.fail("trained despite a bad option"))
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", "", "--no-progress", *args])
+    assert message in capsys.readouterr().err
+
+
 def _tiny_study(noisy: bool):
     from augplug.demo.study import StudyData
     g = torch.Generator().manual_seed(0)

@@ -100,6 +100,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.threads < 0:
         ap.error("--threads must be >= 0")
+    if args.epochs < 1:
+        ap.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.noise <= 1:
+        ap.error(f"--noise is the share of views given a wrong label, in [0, 1]; got {args.noise}")
+    if min(args.seeds) < 0:
+        ap.error(f"--seeds must be non-negative integers, got {args.seeds}")
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds repeats a seed ({args.seeds}); each seed is one independent run")
     try:
         budget = budget_from_text(args.budget)
     except ValueError as e:   # ConfigurationError is a ValueError
