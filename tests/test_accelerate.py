@@ -230,3 +230,17 @@ def test_example_budget_reaches_the_schedule(tmp_path):
     res = at.main(["--epochs", "1", "--max-steps", "3", "--budget", "none", "--no-progress", "--cpu",
                    "--output", str(tmp_path / "b")])
     assert res["history"][-1]["overhead"] is None
+
+
+@pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["-b", "0"], "--batch-size must be at least 1"),
+                                          (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+                                          (["--lr", "-1"], "--lr must be positive"),
+                                          (["--noise", "2"], "--noise is the share")])
+def test_example_rejects_bad_numbers(args, message, capsys):
+    """Before: -b 0 and --lr -1 died in torch with a traceback, --grad-accum 0 in a division by zero,
+    and --noise 2 trained silently."""
+    from augplug.integrations.accelerate_train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(args)
+    assert message in capsys.readouterr().err

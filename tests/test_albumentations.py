@@ -110,3 +110,16 @@ def test_example_runs(tmp_path):
     names = {r["transform"] for r in audit.records("transform")}
     assert "VerticalFlip" in names and not names & {"Normalize", "ToTensorV2", "Resize"}
     assert (tmp_path / "audit.md").exists() and (tmp_path / "audit.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["--img-size", "0"], "--img-size must be at least 1"),
+                                          (["--max-steps", "0"], "--max-steps must be at least 1"),
+                                          (["--lr", "0"], "--lr must be positive")])
+def test_example_rejects_bad_numbers(args, message, capsys):
+    """Before: --epochs 0 died in a division by zero, --img-size 0 in a pydantic error from
+    albumentations, and --lr 0 or --max-steps 0 trained nothing without a word."""
+    ex = pytest.importorskip("augplug.integrations.albumentations_example")
+    with pytest.raises(SystemExit):
+        ex.main(args)
+    assert message in capsys.readouterr().err

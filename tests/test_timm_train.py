@@ -252,6 +252,17 @@ def test_autodo_with_originals_is_refused_at_parse_time(tmp_path, capsys):
     assert "drop --with-originals" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
+                                          (["-b", "0"], "--batch-size must be at least 1"),
+                                          (["--lr", "-0.1"], "--lr must be positive"),
+                                          (["--workers", "-1"], "--workers must be >= 0")])
+def test_bad_numbers_are_usage_errors(tmp_path, capsys, args, message):
+    """Before: --epochs 0 died in timm's scheduler with a bare AssertionError, -b 0 in the loader."""
+    with pytest.raises(SystemExit):
+        _run(tmp_path, *args)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not AUTODO, reason="augplug.methods.autodo is not available")
 def test_autodo(tmp_path, recorder):
     out = _run(tmp_path, "--refiner", "autodo")

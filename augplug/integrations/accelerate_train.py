@@ -134,7 +134,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (shown by the main process, and only on a terminal)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "grad_accum", "refresh_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps < 0:
+        p.error(f"--max-steps must be >= 0 (0: no limit), got {args.max_steps}")
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.noise <= 1:
+        p.error(f"--noise is the share of views given a broken label, in [0, 1]; got {args.noise}")
+    return args
 
 
 def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> dict:

@@ -106,6 +106,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0, help="seed of the validation split, pipeline and model (default: 0)")
     ap.add_argument("--output", default=None, help="directory for audit.md and audit.png")
     args = ap.parse_args(argv)
+    for name in ("epochs", "batch_size", "img_size", "val_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("train_limit", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1 (leave it out for no limit), got {getattr(args, name)}")
+    if not args.lr > 0:
+        ap.error(f"--lr must be positive, got {args.lr}")
     torch.manual_seed(args.seed)
 
     images, labels = load_digits_hwc()

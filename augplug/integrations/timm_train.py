@@ -759,6 +759,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         parser.error("--resume auto continues the run directory <output>/<experiment>: pass --experiment NAME")
     if args.grad_accum_steps < 1:
         parser.error("--grad-accum-steps must be at least 1")
+    for name in ("epochs", "batch_size", "val_batch_size", "synthetic_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)   # the command as given
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
