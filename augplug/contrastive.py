@@ -365,6 +365,10 @@ class ContrastiveRefiner(RefinerCore):
             unknown=(f"unknown method {method!r} for contrastive refinement",
                      "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets"))
         aug_weight, self.share = resolve_share(self.policy.aug_weight)
+        if self.share is not None and self.share.needs_probs:
+            raise ConfigurationError("the contrastive refiner's share has no 'direction' signal (measured for "
+                                     "classification refiners only)",
+                                     "use AdaptiveShare(signal='upstream') (the default) or 'refined'")
         weight_norm = "augmented" if self.policy.weight_norm == "auto" else self.policy.weight_norm
         check_shell_options(bn_mode, weight_norm, orig_weight, aug_weight,
                             weight_norms=("augmented", "batch", "none"),

@@ -29,7 +29,7 @@ from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, ren
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
-from .share import resolve_share
+from .share import RESIDUAL_FLOOR, resolve_share
 from .valve import apply_strength, cross_fit_statistics, resolve_strength
 from .stats import SPREAD_KEYS, StepStats, weight_spread
 from .targets import (check_logits, check_row_tensor, check_target_structure, soft_cross_entropy, to_soft_targets,
@@ -681,9 +681,10 @@ class AugmentationRefiner(RefinerCore):
         """The adaptive share's next state from this batch (None: no adaptive share, or not active).
 
         Agreements ``y^T g`` on the augmented rows (whose scores the policy returned): with their
-        upstream targets and weight 1 (``signal="upstream"``), or with the policy's soft targets and
-        weights (``"refined"``); on the originals (scored here) with their targets. In a process
-        group every process takes part, whatever its rows."""
+        upstream targets and weight 1 (``signal="upstream"``; per unit of each row's residual
+        ``|y - p|`` for ``"direction"``), or with the policy's soft targets and weights
+        (``"refined"``); on the originals (scored here) with their targets. In a process group
+        every process takes part, whatever its rows."""
         if self.share is None or not (ctx.active and ctx.scored):
             return None
         distributed = dist_world_size() > 1
@@ -693,9 +694,14 @@ class AugmentationRefiner(RefinerCore):
         if not distributed and (n_orig == 0 or n_aug == 0):
             return None
         orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
-        a_orig = (ctx.targets[orig] * ctx.scores(orig)).sum(-1)
+        probs = self._share_probs(ctx)
+        a_orig = self.share.agreement(ctx.targets[orig], ctx.scores(orig), None if probs is None else probs[orig])
         return self.share.propose(self.share.batch_statistics(ctx.targets, scores, soft, weights, rows, a_orig,
-                                                              distributed=distributed))
+                                                              distributed=distributed, probs=probs))
+
+    def _share_probs(self, ctx: RefineContext) -> Optional[torch.Tensor]:
+        """The batch's probabilities when the share's signal needs them (``signal="direction"``)."""
+        return ctx.logits.detach().float().softmax(-1) if self.share.needs_probs else None
 
     def _rest_signal(self, world: int):
         """For a batch of views alone: ``(whether the last step's loss trained another forward of the
@@ -730,15 +736,30 @@ class AugmentationRefiner(RefinerCore):
         pending = self._rest_pending
         if graded and pending is not None and pending[3].grad is not None:
             aug_stats, v_w, v_b, scale = pending
-            pushed = sum(((G.float() * (h.float() @ v_w.t() + (0.0 if v_b is None else v_b))).sum()
-                          for h, G in graded))
-            local = torch.cat([aug_stats.to(dev), torch.stack([-pushed.double() / scale.grad.double().to(dev)]),
+            local = torch.cat([aug_stats.to(dev), torch.stack([self._rest_agreement(graded, v_w, v_b, scale).to(dev)]),
                                torch.ones(2, dtype=torch.float64, device=dev)])
             return local, True, True
         local = torch.zeros(5, dtype=torch.float64, device=dev)
         if graded:
             local[4] = 1.0
         return local, False, bool(graded)
+
+    def _rest_agreement(self, graded, v_w, v_b, scale) -> torch.Tensor:
+        """``a_rest`` (0-dim fp64) from the rest's head forwards ``graded`` (features, output gradient):
+        ``-<grad L_rest, v> / s``; for the share's direction signal the mean over the rest's rows of
+        ``-G_i^T u_i / |G_i|`` (``u_i = V_W h_i + v_b``; ``-G_i / |G_i|`` is the row's residual
+        direction, whatever the loss's scale, so ``s`` drops out)."""
+        def pushes(h, G):
+            return G.float() * (h.float() @ v_w.t() + (0.0 if v_b is None else v_b))
+        if not self.share.needs_probs:
+            pushed = sum(pushes(h, G).sum() for h, G in graded)
+            return -pushed.double() / scale.grad.double().to(pushed.device)
+        total, rows = 0.0, 0
+        for h, G in graded:
+            norm = G.float().norm(dim=-1)
+            total = total + (pushes(h, G).sum(-1) / norm.clamp_min(RESIDUAL_FLOOR)).sum()
+            rows = rows + (norm > 0).sum()
+        return -total.double() / torch.as_tensor(rows).clamp_min(1).double()
 
     def _commit_rest(self, views_alone: bool, ctx, soft, scores, weights, aug, loss, used_share) -> None:
         """After a committed call: forget the forwards whose backward has come; for views alone, hook
@@ -758,7 +779,8 @@ class AugmentationRefiner(RefinerCore):
         self._capture.track_gradients = True
         if self._rest_mode and ctx.scored and loss.requires_grad:
             v = ctx.direction()
-            stats = self.share.batch_statistics(ctx.targets, scores, soft, weights, aug, scores.new_zeros(0))[:2]
+            stats = self.share.batch_statistics(ctx.targets, scores, soft, weights, aug, scores.new_zeros(0),
+                                                probs=self._share_probs(ctx))[:2]
             scale = GradientSlot()
             loss.register_hook(scale.receive)
             bias = v.get(f"{self.head_name}.bias")

@@ -27,6 +27,15 @@ Which agreement of the augmented rows enters ``d`` (``signal``):
 - ``"upstream"`` (default): their upstream targets, unweighted. This is the derivative above for the
   augmented rows as the upstream pipeline gave them; the policy's weights and targets then only move
   weight within the augmented rows.
+- ``"direction"``: their upstream targets, unweighted, each row's agreement divided by the size of
+  its residual, ``y^T g / |y - p|`` (and the originals' likewise). Since ``y^T g = (y - p)^T u``
+  (``u`` the change of the row's logits along the validation direction), this is the first-order
+  effect per unit of the row's residual: the direction a row pushes in, not how hard. The plain
+  derivative weighs each row by how far from fitted it is, so early in training views that are fitted
+  less than the originals (noisy, but with their true labels) can outweigh them although they pull
+  toward a worse solution, which shows only as training converges (a short-horizon bias; measured on
+  ``docs/trust.md``'s Satellite table). Not the exact derivative; measured against it in
+  ``docs/trust.md``.
 - ``"refined"``: the policy's soft targets, weighted by its weights: the exact derivative of the
   refined loss at the measured scores. It is biased upward: the policy picked those weights and
   targets because their agreement with this noisy validation gradient is high, so the same
@@ -54,9 +63,9 @@ from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
 from .online import NormalizedWalk, significant
 
-__all__ = ["AdaptiveShare", "SIGNALS", "WANDER", "resolve_share", "share_agreements"]
+__all__ = ["AdaptiveShare", "RESIDUAL_FLOOR", "SIGNALS", "WANDER", "resolve_share", "share_agreements"]
 
-SIGNALS = ("upstream", "refined")
+SIGNALS = ("upstream", "refined", "direction")
 #: With ``horizon=T`` the step is ``WANDER / sqrt(T)``: under a signal of pure noise the normalized
 #: steps add up to a random walk of ``log lam`` whose spread after the ``T`` updates of the run is
 #: about ``WANDER`` (a factor ``e^0.4 = 1.5``) whatever ``T``, while a consistent signal moves it by
@@ -69,6 +78,8 @@ SIGNALS = ("upstream", "refined")
 #: spread of the noise walk grows slowly with ``T`` (``WANDER / 2 * sqrt(ln T + 0.58)``: 0.46 after
 #: 190 updates, 0.58 after 2,370).
 WANDER = 0.4
+#: the smallest residual ``|y - p|`` the direction signal divides by (a row fitted to float precision)
+RESIDUAL_FLOOR = 1e-12
 
 
 def share_agreements(agree_aug: torch.Tensor, weights_aug: Optional[torch.Tensor], agree_orig: torch.Tensor,
@@ -112,9 +123,11 @@ class AdaptiveShare(NormalizedWalk):
         decay: EMA decay of the signal's running mean and mean square (0.99: about 200 updates
             of evidence).
         signal: which agreement of the augmented rows the share follows: ``"upstream"`` (their
-            upstream targets, unweighted) or ``"refined"`` (the policy's soft targets, weighted by
-            its weights: the exact derivative of the refined loss, but biased upward, because the
-            policy chose those weights and targets from the same noisy scores).
+            upstream targets, unweighted), ``"direction"`` (the same per unit of each row's residual
+            ``|y - p|``, the originals' too; batches must pass ``probs=``) or ``"refined"`` (the
+            policy's soft targets, weighted by its weights: the exact derivative of the refined
+            loss, but biased upward, because the policy chose those weights and targets from the
+            same noisy scores).
         evidence: the share moves only while the running mean of the signal is at least this many
             standard errors from zero (3: once a few dozen updates are in, a signal of pure noise
             passes about 0.3 % of the time). ``None``: every update moves it, and the running
@@ -162,23 +175,46 @@ class AdaptiveShare(NormalizedWalk):
         the loss it scales keeps its dtype)."""
         return self.log_share.exp().float()
 
+    @property
+    def needs_probs(self) -> bool:
+        """Whether :meth:`agreement` and :meth:`batch_statistics` need the rows' probabilities
+        (``signal="direction"``)."""
+        return self.signal == "direction"
+
+    def agreement(self, targets: torch.Tensor, scores: torch.Tensor,
+                  probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rows' agreements as this share's signal compares them: ``y^T g`` (``(n, C)`` targets and
+        scores), divided by ``|y - p|`` (``probs``: the rows' ``(n, C)`` probabilities) for
+        ``signal="direction"``."""
+        a = (targets * scores).sum(-1)
+        if not self.needs_probs:
+            return a
+        if probs is None or probs.shape != targets.shape:
+            raise ShapeError(f"the share's direction signal needs the rows' (n, C) probabilities, got "
+                             f"{None if probs is None else tuple(probs.shape)} for targets {tuple(targets.shape)}",
+                             "pass probs=logits.softmax(-1) of the same rows")
+        return a / (targets.float() - probs.float()).norm(dim=-1).clamp_min(RESIDUAL_FLOOR).to(a.dtype)
+
     def batch_statistics(self, targets: torch.Tensor, scores: torch.Tensor, soft: torch.Tensor,
                          weights: torch.Tensor, aug_rows, agree_orig: torch.Tensor, *,
-                         distributed: bool = False) -> torch.Tensor:
+                         distributed: bool = False, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:func:`share_agreements` for this share's ``signal``: the augmented rows ``aug_rows`` (a
         mask or a slice of the batch's ``(B, C)`` ``targets``, ``scores`` and ``soft`` targets and
-        ``(B,)`` ``weights``) agree through their upstream targets with weight 1 (``"upstream"``) or
-        through the policy's soft targets and weights (``"refined"``); ``agree_orig``: the originals'
-        agreements ``y^T g``."""
+        ``(B,)`` ``weights``) agree through their upstream targets with weight 1 (``"upstream"``; per
+        unit of residual for ``"direction"``, with the batch's ``(B, C)`` ``probs``) or through the
+        policy's soft targets and weights (``"refined"``); ``agree_orig``: the originals' agreements
+        as :meth:`agreement` gives them."""
         if not (targets.shape == scores.shape == soft.shape and targets.dim() == 2
                 and weights.shape == targets.shape[:1]):
             raise ShapeError(f"batch_statistics needs (B, C) targets, scores and soft targets and (B,) weights, got "
                              f"{tuple(targets.shape)}, {tuple(scores.shape)}, {tuple(soft.shape)}, {tuple(weights.shape)}",
                              "pass the whole batch's tensors and pick the augmented rows with aug_rows")
         g = scores[aug_rows]
-        if self.signal == "upstream":
-            return share_agreements((targets[aug_rows] * g).sum(-1), None, agree_orig, distributed=distributed)
-        return share_agreements((soft[aug_rows] * g).sum(-1), weights[aug_rows], agree_orig, distributed=distributed)
+        if self.signal == "refined":
+            return share_agreements((soft[aug_rows] * g).sum(-1), weights[aug_rows], agree_orig, distributed=distributed)
+        rows_probs = None if probs is None else probs[aug_rows]
+        return share_agreements(self.agreement(targets[aug_rows], g, rows_probs), None, agree_orig,
+                                distributed=distributed)
 
     def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
         """The state after one update from :func:`share_agreements` (None: unchanged), without

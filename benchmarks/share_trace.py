@@ -26,7 +26,7 @@ import numpy as np
 from .common import results_dir, write_markdown_table
 
 
-def trace(dataset: str, upstream: str, pattern: str, seed: int, epochs: int):
+def trace(dataset: str, upstream: str, pattern: str, seed: int, epochs: int, signal: str = "upstream"):
     """``(signals, run record)`` of one refiner run: the share's signal at each update, in order."""
     import augplug.share as share_module
     from . import trust
@@ -40,7 +40,8 @@ def trace(dataset: str, upstream: str, pattern: str, seed: int, epochs: int):
 
     share_module.AdaptiveShare._signal = staticmethod(spy)
     try:
-        out = trust.run(dataset, upstream, pattern, "refiner", seed, epochs, {})
+        options = {} if signal == "upstream" else {"share.signal": signal}
+        out = trust.run(dataset, upstream, pattern, "refiner", seed, epochs, options)
     finally:
         share_module.AdaptiveShare._signal = staticmethod(plain)
     return np.asarray(signals), out
@@ -59,6 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--pattern", default="batch")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--signal", default="upstream", choices=("upstream", "direction"),
+                    help="the share's signal (AdaptiveShare(signal=...)): the default, or per unit of residual")
     ap.add_argument("--out", default="share_trace")
     args = ap.parse_args(argv)
     rows = []
@@ -66,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for upstream in args.upstreams:
             per_seed, shares, accs, updates = [], [], [], 0
             for seed in args.seeds:
-                d, out = trace(dataset, upstream, args.pattern, seed, args.epochs)
+                d, out = trace(dataset, upstream, args.pattern, seed, args.epochs, args.signal)
                 per_seed.append(quarters(d))
                 shares.append(out["share"])
                 accs.append(100 * out["test_acc"])
@@ -82,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         None, ["data set", "upstream", "updates with a signal", "signal mean / sd by quarter of the run",
                "final share, median (range)", "refiner test accuracy (%)"], rows,
         title="The adaptive share's signal over a run",
-        preamble=f"Command: `{cmd}`\n\nRefiner arm of `benchmarks.trust`, defaults, pattern `{args.pattern}`, "
+        preamble=f"Command: `{cmd}`\n\nRefiner arm of `benchmarks.trust`, defaults (the share's signal "
+                 f"`{args.signal}`), pattern `{args.pattern}`, "
                  f"{args.epochs} epochs, seeds {args.seeds}. The signal is `d = a_aug - a_orig` (the views' mean "
                  "class-score agreement with the validation gradient minus the originals'); per quarter of the "
                  "updates, its mean over its standard deviation, averaged over seeds. Negative: the share falls.")

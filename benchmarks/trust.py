@@ -295,6 +295,10 @@ def run(dataset: str, upstream: str, pattern: str, arm: str, seed: int, epochs: 
     # direction divided by Adam's bias-corrected sqrt(second moment) + eps of the head, the first-order
     # change of the validation loss under an Adam step with its second moments held fixed
     adam_scores = bool(options.get("adam_scores", False)) and arm == "refiner"
+    # direction_signal (--set direction_signal=1): the same as --set share.signal=direction, the adaptive
+    # share comparing the rows' agreements per unit of their residual, y^T g / |y - p|
+    if options.pop("direction_signal", False) and arm == "refiner":
+        options = {**options, "share.signal": "direction"}
     options = {k: v for k, v in options.items()
                if k not in ("optimizer", "views_scale", "rest_rescale", "originals_first", "adam_scores")}
     x, y, views, given = data["x"], data["y"], data["views"], data["given"]

@@ -41,6 +41,8 @@ CASES = {
     "saflex-originals-on-one-process": dict(refresh_every=1, seed=3, _n_orig=(0, 3)),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
     "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="adaptive"),
+    # the share's direction signal: per-row agreements over residuals, summed over the global batch
+    "saflex-adaptive-share-direction": dict(refresh_every=1, seed=3, aug_weight="_direction"),
     # weights from the standardised log-likelihood: mean and std of the global batch
     "saflex-likelihood": dict(refresh_every=1, seed=3, weight_signal="likelihood"),
     "saflex-likelihood-augmented-only": dict(refresh_every=1, seed=3, weight_signal="likelihood", _n_orig=(0, 0)),
@@ -77,6 +79,9 @@ def _case(case):
     if kw.get("strength") == "_adaptive":
         from augplug.valve import RefinementStrength
         kw["strength"] = RefinementStrength(init=0.5, lr=0.2)
+    if kw.get("aug_weight") == "_direction":
+        from augplug.share import AdaptiveShare
+        kw["aug_weight"] = AdaptiveShare(signal="direction")
     return kw, kw.pop("_n_orig", (N_ORIG,) * WORLD)
 
 

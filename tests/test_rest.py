@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from augplug import AugmentationRefiner, refiner_kwargs
+from augplug import AugmentationRefiner, SAflex, refiner_kwargs
 from augplug.errors import ConfigurationError, NonFiniteError, ShapeError
 from augplug.scores import last_layer_scores
 from augplug.share import AdaptiveShare
@@ -310,3 +310,68 @@ def test_full_model_mode_trains_separate_views_as_given():
     b, _ = run("none", "last_layer")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert float(r.share.state_dict()["updates"]) == 0
+
+
+# ------------------------------------------------------------------------- the share's direction signal
+def _direction(targets, scores, logits):
+    """``y^T g / |y - p|`` per row, by hand."""
+    return (targets * scores).sum(-1) / (targets - logits.softmax(-1)).norm(dim=-1)
+
+
+@pytest.mark.parametrize("pattern", ["batch", "separate"])
+def test_direction_signal_is_each_rows_agreement_per_unit_of_residual(pattern):
+    """``AdaptiveShare(signal="direction")``: the share's statistics hold the views' summed
+    ``y^T g / |y - p|`` and their number, and the originals' mean of the same: computed in the batch
+    (one call), or from the rest's head gradients (separate pattern, where the loss's scale cancels
+    because each row's gradient is taken as a direction)."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = AugmentationRefiner(model, opt, _val(), schedule=dict(refresh_every=1, budget=None),
+                            **refiner_kwargs({"aug_weight": AdaptiveShare(init=0.4, signal="direction")}))
+    seen = _spy_share(r)
+    expected = []
+    for step in range(4):
+        x, y, x_aug, y_aug = _batch(step)
+        if pattern == "batch":
+            out = model(torch.cat([x, x_aug]))
+            loss = r(out, torch.cat([y, y_aug]), num_original=len(x))
+        else:
+            out_aug = model(x_aug)
+            loss = r(out_aug, y_aug) + F.cross_entropy(model(x), y)
+        v = r.validation_direction
+        if v is not None:
+            with torch.no_grad():
+                lo, la = model(x), model(x_aug)
+                g_orig = last_layer_scores(model[:2](x), lo, v["2.weight"], v["2.bias"])
+                g_aug = last_layer_scores(model[:2](x_aug), la, v["2.weight"], v["2.bias"])
+            yo, ya = F.one_hot(y, C).float(), F.one_hot(y_aug, C).float()
+            expected.append(torch.stack([_direction(ya, g_aug, la).sum().double(), torch.tensor(8.0, dtype=torch.float64),
+                                         _direction(yo, g_orig, lo).mean().double(), torch.tensor(1.0, dtype=torch.float64)]))
+        else:
+            expected.append(None)
+        opt.zero_grad()
+        (5.0 * loss).backward()
+        opt.step()
+    if pattern == "batch":   # each call judges its own batch
+        pairs = [(s, e) for s, e in zip(seen, expected) if e is not None]
+        # one batch: the originals' statistic is their sum and count, as share_agreements keeps them
+        pairs = [(s, torch.stack([e[0], e[1], e[2] * 8, e[1]])) for s, e in pairs]
+    else:                    # each call judges the call before it
+        pairs = list(zip(seen, expected[1:len(seen) + 1]))
+    assert len(pairs) >= 2
+    for stats, want in pairs:
+        torch.testing.assert_close(stats, want, rtol=1e-4, atol=1e-7)
+
+
+def test_direction_signal_needs_probabilities_and_is_not_the_contrastive_refiners():
+    from augplug.contrastive import ContrastiveRefiner
+    share = AdaptiveShare(signal="direction")
+    t, g = torch.eye(3)[[0, 1]], torch.randn(2, 3)
+    with pytest.raises(ShapeError, match="probabilities"):
+        share.agreement(t, g)
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]])
+    torch.testing.assert_close(share.agreement(t, g, p), (t * g).sum(-1) / (t - p).norm(dim=-1))
+    torch.testing.assert_close(AdaptiveShare().agreement(t, g, p), (t * g).sum(-1))
+    with pytest.raises(ConfigurationError, match="direction"):
+        ContrastiveRefiner(_model(), None, _val(), method=SAflex(aug_weight=AdaptiveShare(signal="direction")))

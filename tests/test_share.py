@@ -137,7 +137,8 @@ def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
     """Originals and augmented rows drawn alike (same points, same label noise): the augmented rows
     help the validation loss exactly as much as the originals, so the true signal is 0. Weights and
     targets chosen from the same scores they are judged by inflate the refined rows' agreement (a
-    winner's curse); the upstream signal has no such selection and averages 0."""
+    winner's curse); the upstream signal has no such selection and averages 0, and so does the
+    direction signal (each row's agreement over its own residual, views and originals alike)."""
     g = torch.Generator().manual_seed(3)
     rule = torch.randn(D, C, generator=g, dtype=torch.float64)
     batches = []
@@ -148,7 +149,7 @@ def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
         y = torch.where(noisy, torch.randint(0, C, (32,), generator=g), y)
         batches.append((x, y))
     signals = {}
-    for signal in ("upstream", "refined"):
+    for signal in ("upstream", "refined", "direction"):
         torch.manual_seed(0)
         model = FlatNet(D, 16, C).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -162,8 +163,8 @@ def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
         signals[signal] = st[:, 0] / st[:, 1] - st[:, 2] / st[:, 3]
     for signal, d in signals.items():
         z = float(d.mean() / (d.std() / len(d) ** 0.5))
-        if signal == "upstream":
-            assert abs(z) < 3, z
+        if signal in ("upstream", "direction"):   # no selection: each row is judged as it came
+            assert abs(z) < 3, (signal, z)
         else:
             assert z > 5, z
     assert float((signals["refined"] > signals["upstream"]).double().mean()) > 0.9
