@@ -625,7 +625,8 @@ class ContrastiveRefiner(RefinerCore):
         for ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
         originals' (their targets)."""
         stats = sum(self.share.batch_statistics(ys[d], g_all[d], soft[d], weights[d], aug,
-                                                (ys[d][~aug] * g_all[d][~aug]).sum(-1), distributed=distributed)
+                                                self.share.agreement(ys[d][~aug], g_all[d][~aug]),
+                                                distributed=distributed)
                     for d in self.directions)
         return self.share.propose(stats)
 

@@ -768,7 +768,7 @@ class AugmentationRefiner(RefinerCore):
         self._capture.drop_graded()
         pending = self._rest_pending
         if views_alone and pending is not None and pending[3].grad is None:
-            self._note_second_call(pending)
+            self._note_second_call()
         self._rest_pending = self._rest_loaded = None
         self._capture.rest_scale = None
         if not views_alone or not self._capture.records_features:
@@ -832,7 +832,7 @@ class AugmentationRefiner(RefinerCore):
             return weights, self._rest_denominator(max(mass, 1e-12), world)
         return weights, self._loss_denominator(mass, n_orig_all, world)
 
-    def _note_second_call(self, pending) -> None:
+    def _note_second_call(self) -> None:
         """A call of views alone came before the backward pass of the last one, which was weighed
         against the rest of the loss (two augmentation pipelines through two calls, one backward):
         only the first call of each step is weighed against the rest, and the rest's rescaling is
