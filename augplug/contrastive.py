@@ -341,7 +341,9 @@ class ContrastiveRefiner(RefinerCore):
             ``weight_norm="auto"`` read as ``"augmented"`` (a row's targets are candidates of the
             batch, not classes, so there is no class normalization). ``aug_weight="adaptive"`` (or
             an :class:`~augplug.share.AdaptiveShare`) learns the augmented pairs' share as the core
-            refiner does; it needs originals in the batch, scores them too (one more forward-mode
+            refiner does, with the ``"upstream"`` signal (``"adaptive"`` here builds
+            ``AdaptiveShare(signal="upstream")``; the direction signal is not measured on
+            similarities); it needs originals in the batch, scores them too (one more forward-mode
             row each) and pools both CLIP directions. ``strength``: a number in [0, 1] or
             ``"auto"`` (refine only batches that hold originals), as in the core refiner.
         bn_mode, schedule, orig_weight, seed, check_train_mode: as in :class:`~augplug.AugmentationRefiner`.
@@ -364,11 +366,11 @@ class ContrastiveRefiner(RefinerCore):
             method, method_options, allowed=("saflex", "none", "l2rw"), presets=self.PRESETS,
             unknown=(f"unknown method {method!r} for contrastive refinement",
                      "use 'saflex', 'l2rw', 'none' or a Policy whose __call__ maps scores to targets"))
-        aug_weight, self.share = resolve_share(self.policy.aug_weight)
+        aug_weight, self.share = resolve_share(self.policy.aug_weight, signal="upstream")
         if self.share is not None and self.share.needs_probs:
             raise ConfigurationError("the contrastive refiner's share has no 'direction' signal (measured for "
                                      "classification refiners only)",
-                                     "use AdaptiveShare(signal='upstream') (the default) or 'refined'")
+                                     "use aug_weight='adaptive' (the upstream signal here), AdaptiveShare(signal='upstream') or 'refined'")
         weight_norm = "augmented" if self.policy.weight_norm == "auto" else self.policy.weight_norm
         check_shell_options(bn_mode, weight_norm, orig_weight, aug_weight,
                             weight_norms=("augmented", "batch", "none"),

@@ -268,7 +268,7 @@ class AugmentationRefiner(RefinerCore):
         schedule = resolve_schedule(schedule)
         self.policy = build_policy(method, method_options)
         policy = self.policy
-        aug_weight, self.share = resolve_share(policy.aug_weight)
+        aug_weight, self.share = resolve_share(policy.aug_weight, signal="direction")
         self.fixed_strength, self.strength = resolve_strength(policy.strength)
         weight_norm = policy.weight_norm
         check_shell_options(bn_mode, weight_norm, orig_weight, aug_weight)

@@ -24,10 +24,7 @@ of ``d`` lies at least ``k`` standard errors ``se`` from zero, ``|m| >= k * se``
 
 Which agreement of the augmented rows enters ``d`` (``signal``):
 
-- ``"upstream"`` (default): their upstream targets, unweighted. This is the derivative above for the
-  augmented rows as the upstream pipeline gave them; the policy's weights and targets then only move
-  weight within the augmented rows.
-- ``"direction"``: their upstream targets, unweighted, each row's agreement divided by the size of
+- ``"direction"`` (default): their upstream targets, unweighted, each row's agreement divided by the size of
   its residual, ``y^T g / |y - p|`` (and the originals' likewise). Since ``y^T g = (y - p)^T u``
   (``u`` the change of the row's logits along the validation direction), this is the first-order
   effect per unit of the row's residual: the direction a row pushes in, not how hard. The plain
@@ -35,7 +32,11 @@ Which agreement of the augmented rows enters ``d`` (``signal``):
   less than the originals (noisy, but with their true labels) can outweigh them although they pull
   toward a worse solution, which shows only as training converges (a short-horizon bias; measured on
   ``docs/trust.md``'s Satellite table). Not the exact derivative; measured against it in
-  ``docs/trust.md``.
+  ``docs/trust.md`` (it ties or gains on average in every table there, and closes that blind spot).
+- ``"upstream"``: their upstream targets, unweighted, as they are: the derivative above for the
+  augmented rows as the upstream pipeline gave them (the default before the direction signal; the
+  contrastive refiner's, whose logits are similarities). With either of these two the policy's
+  weights and targets only move weight within the augmented rows.
 - ``"refined"``: the policy's soft targets, weighted by its weights: the exact derivative of the
   refined loss at the measured scores. It is biased upward: the policy picked those weights and
   targets because their agreement with this noisy validation gradient is high, so the same
@@ -122,12 +123,15 @@ class AdaptiveShare(NormalizedWalk):
             the originals).
         decay: EMA decay of the signal's running mean and mean square (0.99: about 200 updates
             of evidence).
-        signal: which agreement of the augmented rows the share follows: ``"upstream"`` (their
-            upstream targets, unweighted), ``"direction"`` (the same per unit of each row's residual
-            ``|y - p|``, the originals' too; batches must pass ``probs=``) or ``"refined"`` (the
+        signal: which agreement of the augmented rows the share follows: ``"direction"`` (their
+            upstream targets, unweighted, per unit of each row's residual ``|y - p|``, the originals'
+            too; batches must pass ``probs=``), ``"upstream"`` (the same agreements
+            without the division: the exact derivative for the rows as given) or ``"refined"`` (the
             policy's soft targets, weighted by its weights: the exact derivative of the refined
             loss, but biased upward, because the policy chose those weights and targets from the
-            same noisy scores).
+            same noisy scores). ``None`` (the default): the refiner's choice when it is built,
+            ``"direction"`` for the classification refiners and ``"upstream"`` for the contrastive
+            one (:func:`resolve_share`); a share used on its own reads ``None`` as ``"direction"``.
         evidence: the share moves only while the running mean of the signal is at least this many
             standard errors from zero (3: once a few dozen updates are in, a signal of pure noise
             passes about 0.3 % of the time). ``None``: every update moves it, and the running
@@ -140,7 +144,7 @@ class AdaptiveShare(NormalizedWalk):
     EVIDENCE_DEFAULT = 0.0
 
     def __init__(self, lr: Optional[float] = None, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
-                 decay: float = 0.99, signal: str = "upstream", evidence: Optional[float] = None,
+                 decay: float = 0.99, signal: Optional[str] = None, evidence: Optional[float] = None,
                  horizon: Optional[int] = None):
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
             raise ConfigurationError(f"the share's horizon must be a positive number of updates, got {horizon!r}",
@@ -158,8 +162,9 @@ class AdaptiveShare(NormalizedWalk):
                 "use AdaptiveShare(init=1.0, min_share=1e-3, max_share=1.0)")
         if not 0 <= decay < 1:
             raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
-        if signal not in SIGNALS:
-            raise ConfigurationError(f"signal must be one of {SIGNALS}, got {signal!r}", "use signal='upstream'")
+        if signal is not None and signal not in SIGNALS:
+            raise ConfigurationError(f"signal must be one of {SIGNALS} or None, got {signal!r}",
+                                     "use signal=None (the refiner's default) or signal='direction'")
         if evidence is not None and not (evidence >= 0 and math.isfinite(evidence)):
             raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence}",
                                      "use evidence=3.0 (standard errors), or None to step on every update")
@@ -178,8 +183,8 @@ class AdaptiveShare(NormalizedWalk):
     @property
     def needs_probs(self) -> bool:
         """Whether :meth:`agreement` and :meth:`batch_statistics` need the rows' probabilities
-        (``signal="direction"``)."""
-        return self.signal == "direction"
+        (``signal="direction"``, or ``None`` not yet resolved by a refiner)."""
+        return self.signal in ("direction", None)
 
     def agreement(self, targets: torch.Tensor, scores: torch.Tensor,
                   probs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -265,15 +270,20 @@ class AdaptiveShare(NormalizedWalk):
                 f"horizon={self.horizon})")
 
 
-def resolve_share(aug_weight):
+def resolve_share(aug_weight, signal: Optional[str] = None):
     """``(starting aug_weight, AdaptiveShare or None)`` from a policy's ``aug_weight`` option: a
-    number >= 0 (fixed), ``"adaptive"`` (:class:`AdaptiveShare` defaults) or an ``AdaptiveShare``."""
+    number >= 0 (fixed), ``"adaptive"`` (:class:`AdaptiveShare` defaults) or an ``AdaptiveShare``.
+    A refiner passes its default ``signal`` (``"direction"``; the contrastive refiner ``"upstream"``),
+    which a share whose ``signal`` is ``None`` takes and one that names its own ignores; without it
+    (validating an option) nothing is changed."""
     if isinstance(aug_weight, str):
         if aug_weight != "adaptive":
             raise ConfigurationError(f"aug_weight must be a number, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
                                      "use aug_weight=1.0 or aug_weight='adaptive'")
-        aug_weight = AdaptiveShare()
+        aug_weight = AdaptiveShare(signal=signal)
     if isinstance(aug_weight, AdaptiveShare):
+        if aug_weight.signal is None and signal is not None:
+            aug_weight.signal = signal
         return aug_weight.init, aug_weight
     if isinstance(aug_weight, bool) or not isinstance(aug_weight, (int, float)) or not aug_weight >= 0:
         raise ConfigurationError(f"aug_weight must be a number >= 0, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",

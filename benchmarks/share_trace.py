@@ -40,7 +40,7 @@ def trace(dataset: str, upstream: str, pattern: str, seed: int, epochs: int, sig
 
     share_module.AdaptiveShare._signal = staticmethod(spy)
     try:
-        options = {} if signal == "upstream" else {"share.signal": signal}
+        options = {"share.signal": signal}
         out = trust.run(dataset, upstream, pattern, "refiner", seed, epochs, options)
     finally:
         share_module.AdaptiveShare._signal = staticmethod(plain)

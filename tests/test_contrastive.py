@@ -396,6 +396,20 @@ def _share_expected(g, ys, aug, **share_kw):
     return AdaptiveShare(**share_kw).propose(stats)
 
 
+def test_adaptive_share_defaults_to_the_upstream_signal():
+    """The classification refiners' default share signal (direction) is not the contrastive
+    refiner's: ``aug_weight="adaptive"`` and a share that names no signal follow the upstream
+    agreements here; a named signal is kept."""
+    from augplug.share import AdaptiveShare
+    img, prompts = TinyImage().double(), ClassEmbeddings(4, DIM).double()
+    val = DataLoader(TensorDataset(torch.randn(8, 8).double(), torch.randint(0, 4, (8,))), batch_size=8)
+    for aug_weight, want in (("adaptive", "upstream"), (AdaptiveShare(), "upstream"),
+                             (AdaptiveShare(signal="refined"), "refined")):
+        r = ContrastiveRefiner(img, prompts, None, val, class_prompts=torch.arange(4), logit_scale=1.0,
+                               method_options=dict(aug_weight=aug_weight))
+        assert r.share.signal == want and not r.share.needs_probs
+
+
 def test_adaptive_share_class_prompts_by_hand():
     """The share's update from oracle scores of originals and augmented rows; the loss uses the share
     held at the call, the next call the updated one."""

@@ -34,9 +34,11 @@ def _batch(step):
     return x, y, x_aug, y_aug
 
 
-def _refiner(model, opt, init=0.4, **kw):
+def _refiner(model, opt, init=0.4, signal="upstream", **kw):
+    """A refiner whose share follows the plain agreements ``y^T g`` (``signal="upstream"``), which these
+    tests work out by hand; the default direction signal has its own tests below."""
     return AugmentationRefiner(model, opt, _val(), schedule=dict(refresh_every=1, budget=None),
-                               **refiner_kwargs({"aug_weight": AdaptiveShare(init=init), **kw}))
+                               **refiner_kwargs({"aug_weight": AdaptiveShare(init=init, signal=signal), **kw}))
 
 
 def _spy_share(r):
@@ -320,7 +322,7 @@ def _direction(targets, scores, logits):
 
 @pytest.mark.parametrize("pattern", ["batch", "separate"])
 def test_direction_signal_is_each_rows_agreement_per_unit_of_residual(pattern):
-    """``AdaptiveShare(signal="direction")``: the share's statistics hold the views' summed
+    """The share's default signal, ``"direction"``: its statistics hold the views' summed
     ``y^T g / |y - p|`` and their number, and the originals' mean of the same: computed in the batch
     (one call), or from the rest's head gradients (separate pattern, where the loss's scale cancels
     because each row's gradient is taken as a direction)."""
@@ -328,7 +330,8 @@ def test_direction_signal_is_each_rows_agreement_per_unit_of_residual(pattern):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     r = AugmentationRefiner(model, opt, _val(), schedule=dict(refresh_every=1, budget=None),
-                            **refiner_kwargs({"aug_weight": AdaptiveShare(init=0.4, signal="direction")}))
+                            **refiner_kwargs({"aug_weight": AdaptiveShare(init=0.4)}))   # the default signal
+    assert r.share.signal == "direction"
     seen = _spy_share(r)
     expected = []
     for step in range(4):
@@ -365,13 +368,22 @@ def test_direction_signal_is_each_rows_agreement_per_unit_of_residual(pattern):
 
 
 def test_direction_signal_needs_probabilities_and_is_not_the_contrastive_refiners():
+    """The direction signal divides by the residual (and needs the probabilities for it); a share that
+    names no signal is the refiner's: direction in the classification refiner (also for
+    ``aug_weight="adaptive"``); the contrastive refiner rejects an explicit direction signal (its
+    default: ``tests/test_contrastive.py``)."""
     from augplug.contrastive import ContrastiveRefiner
-    share = AdaptiveShare(signal="direction")
     t, g = torch.eye(3)[[0, 1]], torch.randn(2, 3)
-    with pytest.raises(ShapeError, match="probabilities"):
-        share.agreement(t, g)
     p = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]])
-    torch.testing.assert_close(share.agreement(t, g, p), (t * g).sum(-1) / (t - p).norm(dim=-1))
-    torch.testing.assert_close(AdaptiveShare().agreement(t, g, p), (t * g).sum(-1))
+    for share in (AdaptiveShare(signal="direction"), AdaptiveShare()):   # unresolved: read as direction
+        with pytest.raises(ShapeError, match="probabilities"):
+            share.agreement(t, g)
+        torch.testing.assert_close(share.agreement(t, g, p), (t * g).sum(-1) / (t - p).norm(dim=-1))
+    torch.testing.assert_close(AdaptiveShare(signal="upstream").agreement(t, g, p), (t * g).sum(-1))
+    assert AugmentationRefiner(_model(), None, _val()).share.signal == "direction"   # aug_weight="adaptive"
+    share = AdaptiveShare()
+    assert AugmentationRefiner(_model(), None, _val(), method=SAflex(aug_weight=share)).share is share
+    assert share.signal == "direction"
+    assert AdaptiveShare(signal="refined").signal == "refined"   # a named signal is kept
     with pytest.raises(ConfigurationError, match="direction"):
         ContrastiveRefiner(_model(), None, _val(), method=SAflex(aug_weight=AdaptiveShare(signal="direction")))

@@ -310,15 +310,18 @@ def test_full_mode_scores_originals_and_augmented_rows_in_one_pass(monkeypatch, 
     monkeypatch.setattr(augplug.scores, "class_scores", counting)
     refiner = AugmentationRefiner(model, opt, val, mode="full", bn_mode=bn_mode, schedule=dict(refresh_every=1, budget=None))
     share = _capture_agreements(refiner.share)
-    refiner(model(x), y, num_original=N_ORIG)
+    logits = model(x)
+    refiner(logits, y, num_original=N_ORIG)
     assert calls == ["full"] * passes
     # the slices of the one pass are the scores of separate passes
     v = refiner._v
     g_orig = real(model, x[:N_ORIG], v, mode="full", bn=bn_mode)
     g_aug = real(model, x[N_ORIG:], v, mode="full", bn=bn_mode)
     one_hot = F.one_hot(y, C).double()
-    expected = share_agreements((one_hot[N_ORIG:] * g_aug).sum(-1), torch.ones(N_AUG, dtype=torch.float64),
-                                (one_hot[:N_ORIG] * g_orig).sum(-1))   # the default upstream signal
+    # the default direction signal: each row's y^T g over its residual |y - p| (p of the training logits)
+    residual = (one_hot - logits.detach().double().softmax(-1)).norm(dim=-1)
+    agree = torch.cat([(one_hot[:N_ORIG] * g_orig).sum(-1), (one_hot[N_ORIG:] * g_aug).sum(-1)]) / residual
+    expected = share_agreements(agree[N_ORIG:], torch.ones(N_AUG, dtype=torch.float64), agree[:N_ORIG])
     got = torch.stack([share[0][0] / share[0][1], share[0][2], share[0][3]])
     want = torch.stack([expected[0] / expected[1], expected[2], expected[3]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # scores are fp32
@@ -400,16 +403,20 @@ def test_evidence_state_round_trip_and_errors():
 
 
 def test_batch_statistics_follow_the_signal():
-    """Upstream: the augmented rows' upstream agreements, weight 1; refined: the policy's targets and
-    weights; rows picked by a mask or a slice alike."""
+    """Upstream: the augmented rows' upstream agreements, weight 1; direction: the same per unit of
+    residual; refined: the policy's targets and weights; rows picked by a mask or a slice alike."""
     g = torch.tensor([[0.5, -0.5], [1.0, 2.0], [-1.0, 0.25], [0.5, 0.5]])
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     soft = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
     w = torch.tensor([1.0, 2.0, 0.5, 0.0])
     a_orig = torch.tensor([0.5])
     mask = torch.tensor([False, True, True, True])
-    up = AdaptiveShare().batch_statistics(y, g, soft, w, mask, a_orig)
+    up = AdaptiveShare(signal="upstream").batch_statistics(y, g, soft, w, mask, a_orig)
     torch.testing.assert_close(up, torch.tensor([2.0 - 1.0 + 0.5, 3.0, 0.5, 1.0], dtype=torch.float64))
+    p = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.75, 0.25], [0.0, 0.5]])   # residuals |y - p|: .., sqrt(.5), sqrt(.125), .5
+    direction = AdaptiveShare(signal="direction").batch_statistics(y, g, soft, w, mask, a_orig, probs=p)
+    want = 2.0 / math.sqrt(0.5) - 1.0 / math.sqrt(0.125) + 0.5 / 0.5
+    torch.testing.assert_close(direction, torch.tensor([want, 3.0, 0.5, 1.0], dtype=torch.float64))
     refined = AdaptiveShare(signal="refined").batch_statistics(y, g, soft, w, slice(1, None), a_orig)
     torch.testing.assert_close(refined, torch.tensor([2.0 * 1.5 + 0.5 * 0.25, 2.5, 0.5, 1.0], dtype=torch.float64))
     with pytest.raises(ShapeError, match="batch_statistics"):
