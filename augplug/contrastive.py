@@ -412,6 +412,8 @@ class ContrastiveRefiner(RefinerCore):
         self._init_core(optimizer, val_loader, schedule, seed=seed, needs_validation=self.policy.needs_scores,
                         auto_budget=None)
         self.stats: Dict[str, Any] = {}
+        if self.share is not None:
+            self.share.bind(self)
 
     # ------------------------------------------------------------------ helpers
     def remove_hooks(self) -> None:
@@ -525,7 +527,13 @@ class ContrastiveRefiner(RefinerCore):
         # the share's batch statistics, the weights' normalization), whatever its rows.
         share_on = self.share is not None and active and (distributed or 0 < n_aug < batch)
         refine = active or not self.policy.needs_scores
-        share_state = None
+        share_state, stats, prior_share, early = None, None, self.aug_weight, None
+        if self.share is not None:
+            # the statistics earlier calls completed (AdaptiveShare.gather) move the share this call
+            # uses; committed with the call, put back if it fails
+            early = self.share.gather(None, self.step_count, self.step_count, self.failed_steps)
+            self.aug_weight = early["log_share"].exp().float()
+        used_share = self.aug_weight
         v_new = None
         snapshot = self._snapshot()
         try:
@@ -554,9 +562,12 @@ class ContrastiveRefiner(RefinerCore):
                     if used_strength != 1.0:
                         weights[d], soft[d] = apply_strength(weights[d], soft[d], ys[d], aug, used_strength)
                 if share_on:
-                    share_state = self._propose_share(g_all, ys, weights, soft, aug, distributed)
+                    stats = self._share_statistics(g_all, ys, weights, soft, aug, distributed)
+            if self.share is not None:   # this call's statistics go on from the early proposal
+                share_state = self.share.gather(stats, self.step_count, self.step_count, self.failed_steps, base=early)
             denoms = self._normalize(weights, aug, n_aug, batch)
         except BaseException:
+            self.aug_weight = prior_share
             self._restore(snapshot)
             raise
 
@@ -568,7 +579,6 @@ class ContrastiveRefiner(RefinerCore):
         loss = loss / len(self.directions)
 
         # commit
-        used_share = self.aug_weight
         if share_state is not None:
             self.share.load_state_dict(share_state)
             self.aug_weight = self.share.value
@@ -621,16 +631,17 @@ class ContrastiveRefiner(RefinerCore):
             out[d] = self._loss_denominator(w_sum if self.weight_norm == "batch" else n_all, n_orig_all, world)
         return out
 
-    def _propose_share(self, g_all, ys, weights, soft, aug, distributed: bool = False) -> Dict[str, Any]:
-        """The adaptive share's next state from this batch's scores (every row scored), pooled over
-        the trained directions: agreements ``y^T g`` of the augmented rows (upstream targets, weight 1,
-        for ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
+    def _share_statistics(self, g_all, ys, weights, soft, aug, distributed: bool = False) -> torch.Tensor:
+        """The adaptive share's statistics of this batch's scores (every row scored), pooled over the
+        trained directions (:meth:`AdaptiveShare.gather` sums them over an update's calls):
+        agreements ``y^T g`` of the augmented rows (upstream targets, weight 1, for
+        ``signal="upstream"``; the policy's targets and weights for ``"refined"``) against the
         originals' (their targets)."""
         stats = sum(self.share.batch_statistics(ys[d], g_all[d], soft[d], weights[d], aug,
                                                 self.share.agreement(ys[d][~aug], g_all[d][~aug]),
                                                 distributed=distributed)
                     for d in self.directions)
-        return self.share.propose(stats)
+        return stats
 
     def _summarise(self, s, weights, soft, scores, ys, aug, active, refreshed, aug_weight, strength) -> Dict[str, Any]:
         d0 = self.directions[0]
@@ -674,6 +685,7 @@ class ContrastiveRefiner(RefinerCore):
         self._load_core_state(state)
         if self.share is not None:
             self.share.load_state_dict(state["share"])
+            self.share.pending_failed = self.failed_steps
             self.aug_weight = self.share.value
 
     def __repr__(self) -> str:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import os
-import sys
 import warnings
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -32,6 +30,7 @@ from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, PeerBatchError, ShapeError
+from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
 from .finite import nonfinite
 from .rng import PrivateRNG
@@ -51,24 +50,10 @@ _READABLE_VERSIONS = (1, 2)
 _CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
 _CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #: After this many calls in a row whose model was updated in place without a step of the optimizer
 #: the refiner counts (a run that built a new optimizer), such updates count as steps, with a warning.
 UNCOUNTED_UPDATES = 3
-
-
-def _warn_at_caller(message: str) -> None:
-    """A ``RuntimeWarning`` attributed to the first frame outside augplug's core modules (the user's
-    call), however deep in the refiner the condition was found. Integration scripts, which are in
-    the package's ``integrations`` folder, count as callers."""
-    level, frame = 2, sys._getframe(1)   # stacklevel 2 is the frame that called this function
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE_DIR + os.sep) or os.sep + "integrations" + os.sep in path:
-            break
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def check_part_presence(state: Dict[str, Any], key: str, expected: bool, what: str) -> None:
@@ -237,6 +222,11 @@ class RefinerCore:
     def step_count(self) -> int:
         """Optimizer updates so far (every call counts as one when there is no optimizer)."""
         return self._steps.count if self._steps is not None else self._call_steps
+
+    @property
+    def failed_steps(self) -> int:
+        """Optimizer steps that raised before updating anything (0 without an optimizer)."""
+        return self._steps.failed if self._steps is not None else 0
 
     @step_count.setter
     def step_count(self, value: int) -> None:
@@ -752,7 +742,7 @@ class RefinerCore:
                 f"({'no keys' if not keys else 'keys: ' + ', '.join(keys[:8]) + (', ...' if len(keys) > 8 else '')}; "
                 "a model's or an optimizer's state_dict?)", _CHECKPOINT_FIX)
         if state.get("version") not in _READABLE_VERSIONS:
-            raise ConfigurationError(f"refiner state version {state.get('version')} is not one of "
+            raise ConfigurationError(f"refiner state version {state.get('version')!r} is not one of "
                                      f"{_READABLE_VERSIONS}", "load a state saved by this version of augplug")
         missing = [k for k in _CORE_KEYS if k not in state]
         if missing:
@@ -764,6 +754,10 @@ class RefinerCore:
         for key in ("step_count", "calls", "v_step"):
             if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < (-1 if key == "v_step" else 0):
                 raise ConfigurationError(f"the refiner state's {key!r} is {state[key]!r}, not a count", _CHECKPOINT_FIX)
+        if state["v_step"] > state["step_count"]:
+            raise ConfigurationError(f"the refiner state's direction was computed at update {state['v_step']}, after "
+                                     f"its last update {state['step_count']} (an edited or mixed-up state)",
+                                     _CHECKPOINT_FIX)
         skipped = state.get("skipped_val_batches", 0)
         if not isinstance(skipped, int) or skipped < 0:
             raise ConfigurationError(f"the refiner state's 'skipped_val_batches' is {skipped!r}", _CHECKPOINT_FIX)

@@ -1,4 +1,5 @@
-"""Typed errors (a leaf module: it imports nothing from the package).
+"""Typed errors, and warnings attributed to the user's call (a leaf module: it imports nothing from
+the package).
 
 Every error augplug raises derives from :class:`AugplugError` and carries two strings: ``problem``
 (what is wrong) and ``fix`` (what to do about it). Each also derives from the closest built-in
@@ -8,7 +9,12 @@ A call that raises one of these errors leaves the refiner's state exactly as it 
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import List
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 __all__ = [
@@ -24,7 +30,21 @@ __all__ = [
     "ModelModeError",
     "PeerBatchError",
     "ValidationFailed",
+    "warn_at_caller",
 ]
+
+
+def warn_at_caller(message: str) -> None:
+    """A ``RuntimeWarning`` attributed to the first frame outside augplug's modules (the user's
+    call), however deep in the refiner the condition was found. Integration scripts, which are in
+    the package's ``integrations`` folder, count as callers."""
+    level, frame = 2, sys._getframe(1)   # stacklevel 2 is the frame that called this function
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR + os.sep) or os.sep + "integrations" + os.sep in path:
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 class AugplugError(Exception):

@@ -21,7 +21,7 @@ from typing import Deque, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import ShapeError, UnsupportedHeadError
+from .errors import ShapeError, UnsupportedHeadError, warn_at_caller
 
 __all__ = ["unwrap_model", "is_compiled", "find_classifier", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
@@ -314,6 +314,7 @@ class ActivationCapture:
         self.rest_scale: Optional[torch.Tensor] = None
         self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
         self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
+        self._value_checked = False  # compared once logits that are not the output tensor (_pick)
         self._paused = 0
         self._handles = []
         self._head_hooked = head is not None
@@ -448,7 +449,31 @@ class ActivationCapture:
                     f"call (computed from it, e.g. scaled), and more than one run of those forwards has their "
                     f"{rows} rows: the most recent is used. Call the refiner right after the forward that "
                     f"produced the logits, or pass features= (inputs= in full mode)", RuntimeWarning, stacklevel=4)
+        if logits is not None and start == 0 and not self._value_checked:
+            self._check_logits_are_outputs(list(outputs), logits)
         return _joined(list(chunks)[start:]), start, n
+
+    def _check_logits_are_outputs(self, outs, logits: torch.Tensor) -> None:
+        """Once per capture, where the logits are not the classifier's output tensor itself (nor a
+        view of it): compare their values with that output (one device sync, once), and warn when
+        they differ. The scores assume the logits are the classifier's output row for row: logits
+        changed after it (a temperature, a normalization) or rows reordered or replaced after the
+        forward give wrong scores without any error."""
+        if any(o is None for o in outs) or not outs:
+            return
+        target = logits.detach()
+        if not bool(torch.isfinite(target).all()):   # the call is rejected for that; judge a good one
+            return
+        self._value_checked = True
+        joined = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        if joined.numel() == target.numel() and torch.equal(joined.reshape(target.shape).to(target.dtype), target):
+            return   # the output itself (a 1x1 convolution's, flattened)
+        warn_at_caller(
+            "the logits passed are not, row for row, the output of the forward they come from (the classifier's "
+            "output; the model's in full mode): changed after it (e.g. divided by a temperature, normalized) or "
+            "their rows reordered. The scores assume they are that output, so they would be wrong. Pass that "
+            "output itself as the logits, in the forward's row order (a temperature belongs inside the "
+            "classifier's module), or pass features= for the rows as you pass them")
 
     def clear(self) -> None:
         self._features.clear()

@@ -99,10 +99,13 @@ class NormalizedWalk:
         """The step ``lr`` of the next update after ``updates`` updates (a number or a 0-dim tensor)."""
         return self.lr
 
-    def _propose_walk(self, d: torch.Tensor, valid: torch.Tensor, low: float, high: float) -> Dict[str, torch.Tensor]:
+    def _propose_walk(self, d: torch.Tensor, valid: torch.Tensor, low: float, high: float,
+                      base: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
         """The state after one update with signal ``d`` (0-dim fp64), the scalar clipped to
-        ``[low, high]``; an invalid signal leaves the state as it is."""
-        value, ms_old, updates, tm_old, ts_old = (getattr(self, k).to(d.device) for k in self._fields())
+        ``[low, high]``; an invalid signal leaves the state as it is. ``base``: a proposed state to
+        start from (default: the current one)."""
+        value, ms_old, updates, tm_old, ts_old = ((base[k] if base is not None else getattr(self, k)).to(d.device)
+                                                  for k in self._fields())
         # an invalid signal's results (NaN or inf included) are dropped by keep() below
         step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.step_size(updates),
                                            decay=self.decay, evidence=self.evidence)

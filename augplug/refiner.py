@@ -29,12 +29,13 @@ from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, ren
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
-from .share import RESIDUAL_FLOOR, resolve_share
+from .share import FLOAT32_MAX, RESIDUAL_FLOOR, resolve_share
 from .valve import apply_strength, cross_fit_statistics, resolve_strength
 from .stats import SPREAD_KEYS, StepStats, weight_spread
 from .targets import (check_logits, check_row_tensor, check_target_structure, soft_cross_entropy, to_soft_targets,
                       value_problems)
 from .transfer import to_device
+from .validation import check_batch_rows
 
 __all__ = ["AugmentationRefiner", "DEFAULTS", "BAD_VAL_BATCH", "Schedule", "build_policy", "num_val_batches", "refiner_kwargs",
            "resolve_share", "resolve_strength", "unwrap_optimizer"]
@@ -63,6 +64,9 @@ def check_shell_options(bn_mode: str, weight_norm: str, orig_weight: float, aug_
                                  .replace("'augmented'", "'augmented' (the paper)"))
     if isinstance(orig_weight, bool) or not isinstance(orig_weight, (int, float)):
         raise ConfigurationError(f"orig_weight must be a number, got {orig_weight!r}", "use orig_weight=1.0")
+    if not (abs(orig_weight) <= FLOAT32_MAX and abs(aug_weight) <= FLOAT32_MAX):   # NaN fails too
+        raise ConfigurationError(f"orig_weight and aug_weight must be finite float32 numbers, got {orig_weight!r} "
+                                 f"and {aug_weight!r}", "use orig_weight=1, aug_weight=1")
     if orig_weight < 0 or aug_weight < 0 or orig_weight + aug_weight == 0:
         raise ConfigurationError("orig_weight and aug_weight must be >= 0 and not both 0",
                                  "use orig_weight=1, aug_weight=1")
@@ -319,6 +323,7 @@ class AugmentationRefiner(RefinerCore):
         self._rest_mode = False     # this call weighs views alone against the rest of the loss
         self._rest_pending = None   # what the last such call leaves for the next (see _rest_signal)
         self._rest_loaded = None    # the rest's signal read from a state, for the next call
+        self._last_call_step = None  # the update count at the last committed call (None: not known)
         self._second_calls, self._warned_second_call = 0, False   # see _note_second_call
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
@@ -333,6 +338,8 @@ class AugmentationRefiner(RefinerCore):
         except BaseException:
             self.remove_hooks()
             raise
+        if self.share is not None:
+            self.share.bind(self)
 
     def _alternates_scores(self, schedule: Schedule, scores_rows: bool, classifier) -> bool:
         """Whether calls alternate model score passes with closed-form last-layer scores: asked for
@@ -409,6 +416,7 @@ class AugmentationRefiner(RefinerCore):
     def _prepare_val_batch(self, x, y, num_classes: int):
         """Inputs on the model's device and (B, C) soft targets, checked where they are (on the
         host for a CPU loader, so the check costs no device sync) and then copied."""
+        check_batch_rows(x, y)
         return self._to_device(x), self._to_device(to_soft_targets(y, num_classes, what="validation targets"))
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:
@@ -511,8 +519,18 @@ class AugmentationRefiner(RefinerCore):
             # the loss keep their upstream weights and targets and are scored for the share alone
             used_strength = 1.0 if n_orig_all > 0 else 0.0
             active = active and (used_strength > 0 or self._rest_mode)
-        ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
-                            n_augmented=n_aug, sources=sources)
+        prior_share, early = self.aug_weight, None
+        if self.share is not None:
+            # the statistics earlier calls completed (AdaptiveShare.gather) move the share this call
+            # uses, from its mixing to its loss; committed with the call, put back if it fails
+            early = self.share.gather(None, self.step_count, self.step_count, self.failed_steps)
+            self.aug_weight = early["log_share"].exp().float()
+        try:
+            ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
+                                n_augmented=n_aug, sources=sources)
+        except BaseException:
+            self.aug_weight = prior_share
+            raise
         ctx.closed_form = not self.model_scores_due()
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
         # whole batch costs about what a pass over the augmented rows does (rows are independent
@@ -533,12 +551,16 @@ class AugmentationRefiner(RefinerCore):
             per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
-            share_state = self._propose_share(ctx, weights, soft, scores, aug, rows, n_aug, rest_stats)
+            share_state, used_share = None, self.aug_weight
+            if self.share is not None:   # this call's statistics go on from the early proposal
+                stats, stats_step = self._share_statistics(ctx, weights, soft, scores, aug, rows, n_aug, rest_stats)
+                share_state = self.share.gather(stats, stats_step, self.step_count, self.failed_steps, base=early)
             if deferred:
                 self._budget_mark()
                 deferred = False   # checked from here on, whatever the check says
                 self._reject_bad_values(problems, logits, targets, num_classes, batch)
         except BaseException:
+            self.aug_weight = prior_share
             self.policy.rollback()
             self._restore(snapshot[0])
             if self.isda is not None:
@@ -547,19 +569,19 @@ class AugmentationRefiner(RefinerCore):
                 self._reject_bad_values(problems, logits, targets, num_classes, batch)
             raise
 
-        coef = (self.aug_weight * weights if n_aug == batch else
-                torch.where(aug, self.aug_weight * weights, torch.full_like(weights, self.orig_weight)))
+        coef = (used_share * weights if n_aug == batch else
+                torch.where(aug, used_share * weights, torch.full_like(weights, self.orig_weight)))
         loss = (coef * per_sample).sum() / denom
 
         # commit
         self.policy.commit()
         if strength_state is not None:
             self.strength.load_state_dict(strength_state)
-        used_share = self.aug_weight
         if share_state is not None:
             self.share.load_state_dict(share_state)
             self.aug_weight = self.share.value
         self._commit_direction(ctx.v_new)
+        self._last_call_step = self.step_count
         self._count_call()
         self._capture.clear()
         self._commit_rest(views_alone, ctx, soft, scores, weights, aug, loss, used_share)
@@ -578,6 +600,11 @@ class AugmentationRefiner(RefinerCore):
                 "call model.train() before training steps (use a plain criterion for evaluation), "
                 "or pass check_train_mode=False")
         check_logits(logits, values=False)
+        if torch.is_grad_enabled() and not logits.requires_grad:
+            raise ModelModeError(
+                "the logits do not require grad (detached, or computed under torch.no_grad()), so the "
+                "refined loss could not train the model",
+                "pass the training forward's logits as they come out of the model, with grad enabled")
         batch, num_classes = logits.shape
         classes, width = self._head_shape()
         if classes is not None and num_classes != classes:
@@ -677,27 +704,31 @@ class AugmentationRefiner(RefinerCore):
         (w_a, s_a, g_a), (w_b, s_b, g_b) = picks
         return self.strength.propose(cross_fit_statistics(ya, w_a, s_a, g_b, w_b, s_b, g_a, distributed=distributed))
 
-    def _propose_share(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int, rest_stats=None):
-        """The adaptive share's next state from this batch (None: no adaptive share, or not active).
+    def _share_statistics(self, ctx: RefineContext, weights, soft, scores, aug, rows, n_aug: int, rest_stats=None):
+        """``(statistics, update)``: what this call gives the adaptive share (:meth:`AdaptiveShare.gather`;
+        None when not active or nothing to compare) and the update count of the rows they are about.
 
         Agreements ``y^T g`` on the augmented rows (whose scores the policy returned): with their
         upstream targets and weight 1 (``signal="upstream"``; per unit of each row's residual
         ``|y - p|`` for ``"direction"``), or with the policy's soft targets and weights
         (``"refined"``); on the originals (scored here) with their targets. In a process group
-        every process takes part, whatever its rows."""
-        if self.share is None or not (ctx.active and ctx.scored):
-            return None
+        every process takes part, whatever its rows. Views weighed against the rest of the loss
+        are judged one call late (``rest_stats``, :meth:`_rest_signal`): their statistics are the
+        previous call's."""
+        if not (ctx.active and ctx.scored):
+            return None, self.step_count
         distributed = dist_world_size() > 1
         if self._rest_mode:   # rest_stats: from _rest_signal (None while the last call left nothing to judge)
-            return None if rest_stats is None else self.share.propose(rest_stats)
+            last = self._last_call_step if self._last_call_step is not None else self.step_count - 1
+            return rest_stats, last
         n_orig = aug.shape[0] - n_aug
         if not distributed and (n_orig == 0 or n_aug == 0):
-            return None
+            return None, self.step_count
         orig = slice(0, rows.start) if isinstance(rows, slice) else ~aug
         probs = self._share_probs(ctx)
         a_orig = self.share.agreement(ctx.targets[orig], ctx.scores(orig), None if probs is None else probs[orig])
-        return self.share.propose(self.share.batch_statistics(ctx.targets, scores, soft, weights, rows, a_orig,
-                                                              distributed=distributed, probs=probs))
+        return self.share.batch_statistics(ctx.targets, scores, soft, weights, rows, a_orig,
+                                           distributed=distributed, probs=probs), self.step_count
 
     def _share_probs(self, ctx: RefineContext) -> Optional[torch.Tensor]:
         """The batch's probabilities when the share's signal needs them (``signal="direction"``)."""
@@ -961,9 +992,11 @@ class AugmentationRefiner(RefinerCore):
             self.isda.load_state_dict(isda)
         if share is not None:
             self.share.load_state_dict(share)
+            self.share.pending_failed = self.failed_steps
             self.aug_weight = self.share.value
         if strength is not None:
             self.strength.load_state_dict(strength)
+        self._last_call_step = None
         self._rest_pending = None
         self._capture.drop_graded()
         self._capture.track_gradients = rest is not None

@@ -56,6 +56,7 @@ evidence is in (``docs/saflex.md``).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -64,7 +65,7 @@ from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError, ShapeError
 from .online import NormalizedWalk, significant
 
-__all__ = ["AdaptiveShare", "RESIDUAL_FLOOR", "SIGNALS", "WANDER", "resolve_share", "share_agreements"]
+__all__ = ["AdaptiveShare", "FLOAT32_MAX", "RESIDUAL_FLOOR", "SIGNALS", "WANDER", "resolve_share", "share_agreements"]
 
 SIGNALS = ("upstream", "refined", "direction")
 #: With ``horizon=T`` the step is ``WANDER / sqrt(T)``: under a signal of pure noise the normalized
@@ -81,6 +82,8 @@ SIGNALS = ("upstream", "refined", "direction")
 WANDER = 0.4
 #: the smallest residual ``|y - p|`` the direction signal divides by (a row fitted to float precision)
 RESIDUAL_FLOOR = 1e-12
+#: the largest finite float32: a loss weight beyond it overflows (to inf, then NaN) in the loss
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def share_agreements(agree_aug: torch.Tensor, weights_aug: Optional[torch.Tensor], agree_orig: torch.Tensor,
@@ -173,6 +176,22 @@ class AdaptiveShare(NormalizedWalk):
         self.lr = None if lr is None else float(lr)
         self.init, self.min_share, self.max_share = float(init), float(min_share), float(max_share)
         self._init_walk(math.log(self.init), decay, evidence)
+        #: a weak reference to the refiner that learns this share (:meth:`bind`), or None
+        self._owner: Optional[weakref.ref] = None
+        #: the statistics gathered for the optimizer update ``pending_step`` (-1: none), summed over its
+        #: calls (:meth:`gather`); ``pending_failed``: the failed optimizer steps counted when they began
+        self.pending = torch.zeros(4, dtype=torch.float64)
+        self.pending_step, self.pending_failed = -1, 0
+
+    def bind(self, refiner: Any) -> None:
+        """Mark this share as ``refiner``'s (a refiner calls it when its construction has succeeded):
+        :func:`resolve_share` then rejects it for any other refiner while that one is alive."""
+        self._owner = weakref.ref(refiner)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_owner"] = None   # a copy belongs to no refiner yet (a weak reference cannot be pickled)
+        return state
 
     @property
     def value(self) -> torch.Tensor:
@@ -221,14 +240,16 @@ class AdaptiveShare(NormalizedWalk):
         return share_agreements(self.agreement(targets[aug_rows], g, rows_probs), None, agree_orig,
                                 distributed=distributed)
 
-    def propose(self, stats: Optional[torch.Tensor]) -> Dict[str, Any]:
+    def propose(self, stats: Optional[torch.Tensor], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The state after one update from :func:`share_agreements` (None: unchanged), without
         changing this object; :meth:`load_state_dict` commits it. Batches without originals or
-        without augmented weight, and non-finite signals, leave the state as it is."""
+        without augmented weight, and non-finite signals, leave the state as it is. ``base``: a
+        proposed state to start from (default: the current one)."""
+        walk = self._walk_state() if base is None else {k: base[k] for k in self._fields()}
         if stats is None:
-            return self._walk_state()
+            return walk
         d, valid = self._signal(stats)
-        return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share))
+        return self._propose_walk(d, valid, math.log(self.min_share), math.log(self.max_share), base=walk)
 
     @staticmethod
     def _signal(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +259,70 @@ class AdaptiveShare(NormalizedWalk):
         d = wa_sum / w_sum.clamp_min(1e-300) - ao_sum / n_orig.clamp_min(1.0)
         # both sums are >= 0, and d * 0 + 1 is 1 for a finite d, NaN otherwise: one comparison
         return d, w_sum * n_orig * (d * 0 + 1) > 0
+
+    def gather(self, stats: Optional[torch.Tensor], stats_step: int, now: int, failed: int = 0,
+               base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The state after a refiner call, without changing this object (:meth:`load_state_dict`
+        commits it): the share steps once per optimizer update, on the statistics of all the calls
+        of that update summed (:func:`share_agreements` are sums: micro-batches of one update count
+        as one batch of their rows, as the processes of a group do).
+
+        ``stats``: this call's statistics (None: none), of rows trained in the update the refiner's
+        count was ``stats_step`` at (the call's own count; for views weighed against the rest of
+        the loss, the previous call's, whose backward they need). ``now``: the refiner's count of
+        updates at this call. Once ``now`` has passed the update the pending statistics were
+        gathered for, the share steps on them (:meth:`propose`). ``failed``: the refiner's count
+        of optimizer steps that failed without updating anything; when one failed since the
+        pending statistics began and no update came, the update they were for never happened,
+        and they are dropped (a retried batch is not counted twice). ``base``: a state :meth:`gather`
+        proposed earlier in the same call, to go on from (default: the current state).
+
+        A refiner gathers twice per call: first with no statistics, before its loss, so that the
+        statistics completed by earlier calls move the share this call's loss uses; then with the
+        call's own statistics, from that proposal."""
+        if base is None:
+            base = {**self._walk_state(), "pending": self.pending, "pending_step": self.pending_step,
+                    "pending_failed": self.pending_failed}
+        pending, pstep, pfailed = base["pending"], base["pending_step"], base["pending_failed"]
+        if pstep >= 0 and now == pstep and failed > pfailed:
+            pstep = -1
+        flush = None
+        if stats is not None:
+            stats = stats.to(pending.device, torch.float64)
+            if pstep >= 0 and pstep != stats_step:   # statistics of a later update: the earlier ones are complete
+                flush, pending, pstep, pfailed = pending, stats, stats_step, failed
+            elif pstep < 0:
+                pending, pstep, pfailed = stats, stats_step, failed
+            else:
+                pending = pending + stats
+        if pstep >= 0 and now > pstep:   # the update these statistics were gathered for has come
+            flush = pending if flush is None else flush + pending
+            pending, pstep = torch.zeros_like(pending), -1
+        return {**self.propose(flush, base), "pending": pending, "pending_step": pstep, "pending_failed": pfailed}
+
+    def to(self, device):
+        super().to(device)
+        self.pending = self.pending.to(device)
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "pending": self.pending.tolist(), "pending_step": int(self.pending_step)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (numbers; a state without pending statistics, from before
+        they were kept, has none) or commit a proposal of :meth:`propose` / :meth:`gather` (tensors,
+        kept where they are)."""
+        device = self.log_share.device
+        super().load_state_dict(state)
+        if "pending_step" in state or "pending" in state:
+            pending = state.get("pending")
+            self.pending = (pending if isinstance(pending, torch.Tensor) and pending.dtype == torch.float64
+                            else torch.tensor(pending if pending is not None else [0.0] * 4,
+                                              dtype=torch.float64)).to(device)
+            self.pending_step = int(state.get("pending_step", -1))
+            self.pending_failed = int(state.get("pending_failed", 0))
+        elif any(isinstance(v, (int, float)) for v in state.values()):   # an older saved state: nothing pending
+            self.pending, self.pending_step = torch.zeros(4, dtype=torch.float64, device=device), -1
 
     def step_size(self, updates: torch.Tensor):
         """``lr``, or without one ``WANDER / (2 sqrt(t))`` for the ``t = updates + 1``-th update."""
@@ -260,9 +345,29 @@ class AdaptiveShare(NormalizedWalk):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NonFiniteError(f"the adaptive share state's {k!r} is {state.get(k)!r}",
                                      "load an intact checkpoint")
-        if int(state["updates"]) < 0 or float(state["mean_square"]) < 0:
-            raise ConfigurationError("the adaptive share state has a negative count or mean square",
+        updates = state["updates"]
+        updates = updates.item() if isinstance(updates, torch.Tensor) and updates.dim() == 0 else updates
+        if isinstance(updates, bool) or float(updates) != int(updates) or int(updates) < 0 \
+                or float(state["mean_square"]) < 0 or float(state.get("test_square", 0.0)) < 0:
+            raise ConfigurationError("the adaptive share state has a count that is not a whole number >= 0, or a "
+                                     "negative mean square", "load a state saved by AdaptiveShare.state_dict()")
+        pending, pstep = state.get("pending", [0.0] * 4), state.get("pending_step", -1)
+        if isinstance(pstep, bool) or not isinstance(pstep, int) or pstep < -1:
+            raise ConfigurationError(f"the adaptive share state's 'pending_step' is {pstep!r}, not an update count",
                                      "load a state saved by AdaptiveShare.state_dict()")
+        values = pending.tolist() if isinstance(pending, torch.Tensor) else pending
+        if not isinstance(values, (list, tuple)) or len(values) != 4 or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigurationError("the adaptive share state's 'pending' is not four numbers",
+                                     "load a state saved by AdaptiveShare.state_dict()")
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteError("the adaptive share state's pending statistics hold NaN/inf", "load an intact checkpoint")
+        log_share, low, high = float(state["log_share"]), math.log(self.min_share), math.log(self.max_share)
+        if isinstance(state["log_share"], bool) or not low - 1e-6 <= log_share <= high + 1e-6:
+            raise ConfigurationError(
+                f"the adaptive share state's share {math.exp(min(log_share, 700.0)):.4g} is outside this share's "
+                f"bounds [{self.min_share:g}, {self.max_share:g}]",
+                "load the state into a refiner built with the same AdaptiveShare(min_share=, max_share=)")
 
     def __repr__(self) -> str:
         return (f"AdaptiveShare(lr={self.lr}, init={self.init}, min_share={self.min_share}, "
@@ -282,10 +387,17 @@ def resolve_share(aug_weight, signal: Optional[str] = None):
                                      "use aug_weight=1.0 or aug_weight='adaptive'")
         aug_weight = AdaptiveShare(signal=signal)
     if isinstance(aug_weight, AdaptiveShare):
+        owner = aug_weight._owner() if aug_weight._owner is not None else None
+        if owner is not None:
+            raise ConfigurationError(
+                f"this AdaptiveShare already belongs to another refiner ({type(owner).__name__} at "
+                f"{id(owner):#x}); one share object learns one refiner's share, and two would step it twice",
+                "give each refiner its own: SAflex(aug_weight=AdaptiveShare(...)) per refiner, or "
+                "aug_weight='adaptive'")
         if aug_weight.signal is None and signal is not None:
             aug_weight.signal = signal
         return aug_weight.init, aug_weight
-    if isinstance(aug_weight, bool) or not isinstance(aug_weight, (int, float)) or not aug_weight >= 0:
-        raise ConfigurationError(f"aug_weight must be a number >= 0, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
-                                 "use aug_weight=1.0 (the upstream mixture) or aug_weight='adaptive'")
+    if isinstance(aug_weight, bool) or not isinstance(aug_weight, (int, float)) or not 0 <= aug_weight <= FLOAT32_MAX:
+        raise ConfigurationError(f"aug_weight must be a finite number >= 0, 'adaptive' or an AdaptiveShare, got {aug_weight!r}",
+                                 "use a finite aug_weight such as 1.0 (the upstream mixture), or aug_weight='adaptive'")
     return float(aug_weight), None

@@ -12,6 +12,8 @@ so it sees each call from outside exactly once, whatever the class hierarchy doe
 - a call that raises counts only if it wrote something before raising: the version counters of the
   parameters and of the optimizer's state tensors (every in-place write bumps a tensor's
   ``_version``), and the number of state tensors, are compared with their values at the start;
+  one that wrote nothing is counted as ``failed`` (the adaptive share drops what it gathered for
+  that update);
 - an AMP step skipped by the grad scaler never calls ``step`` and is not counted; wrappers
   (Accelerate, timm's Lookahead) call the inner optimizer's ``step`` once per real update;
 - inside a ``step`` (a closure that calls the refiner, as LBFGS does) the count is the number of
@@ -39,6 +41,8 @@ class StepCounter:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.count = 0
+        #: calls of ``step`` that raised before writing anything (no update happened)
+        self.failed = 0
         #: True while the optimizer's step runs: a closure-driven optimizer (LBFGS) evaluates the loss,
         #: and so calls the refiner, inside its step, between updates of its own
         self.in_step = False
@@ -57,6 +61,8 @@ class StepCounter:
             except BaseException:
                 if _fingerprint(opt) != before:  # it wrote before failing: the update happened
                     counter.count += 1
+                else:
+                    counter.failed += 1
                 raise
             finally:
                 counter.in_step = False

@@ -132,7 +132,7 @@ def to_soft_targets(
         return torch.zeros(targets.shape[0], num_classes, dtype=dtype, device=targets.device).scatter_(1, index, 1.0)
     t = targets.detach().to(dtype)
     if check_values:
-        non_finite, not_prob = _soft_target_flags(t).tolist()  # one device sync
+        non_finite, not_prob = _soft_target_flags(t, _prob_tolerance(targets.dtype)).tolist()  # one device sync
         if non_finite:
             raise NonFiniteError(f"{what} contain NaN/inf", "check the target pipeline (Mixup lambda, smoothing)")
         if not_prob:
@@ -143,10 +143,18 @@ def to_soft_targets(
     return t.clamp_min(0)
 
 
-def _soft_target_flags(t: torch.Tensor) -> torch.Tensor:
-    """``[any non-finite, not probabilities]`` of (B, C) soft targets, as a bool tensor on their device."""
+def _prob_tolerance(dtype: torch.dtype) -> float:
+    """How far soft targets stored in ``dtype`` may be from probabilities: ``_PROB_TOL``, or two
+    units of rounding of the dtype where that is coarser (bf16 rounds each entry by up to 0.4 %, so
+    a Mixup row that sums to 1 in fp32 may sum to 1 +- 0.004 after the cast)."""
+    return max(_PROB_TOL, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else _PROB_TOL
+
+
+def _soft_target_flags(t: torch.Tensor, tol: float = _PROB_TOL) -> torch.Tensor:
+    """``[any non-finite, not probabilities]`` of (B, C) soft targets, as a bool tensor on their
+    device; ``tol``: the tolerance of the row sums and of negative entries."""
     finite = torch.isfinite(t).all()
-    bad = (t < -_PROB_TOL).any() | ((t.sum(1) - 1).abs() > _PROB_TOL).any()
+    bad = (t < -tol).any() | ((t.sum(1, dtype=torch.float32) - 1).abs() > tol).any()
     return torch.stack([~finite, finite & bad])
 
 
@@ -174,7 +182,7 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
             # the number of labels outside 0..C-1: the clamp that indexes the one-hot targets moves them
             flag = flag + (t.clamp(0, logits.shape[1] - 1) != t).sum(dtype=torch.float64).to(flag)
     else:
-        flag = flag + _soft_target_flags(t.float()).any().to(flag)
+        flag = flag + _soft_target_flags(t.float(), _prob_tolerance(t.dtype)).any().to(flag)
     return flag
 
 

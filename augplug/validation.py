@@ -21,6 +21,10 @@ _INPUT_KEYS = ("input", "inputs", "image", "images", "pixel_values", "x")
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 
 
+#: the end of a loader's pass (a loader may yield None as a batch: that is an error, not the end)
+_END = object()
+
+
 def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
     """Return ``(inputs, targets)`` from a validation batch. A single sample (a target that is a
     number or a 0-dim tensor: the loader is a ``Dataset``, not a ``DataLoader`` over it) is an error
@@ -35,6 +39,10 @@ def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
         return x, _batch_targets(y)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], _batch_targets(batch[1])
+    if batch is None:
+        raise ShapeError("the validation loader yielded None for a batch (a collate_fn that drops bad batches?)",
+                         "leave bad samples out of the validation set itself (a Subset without them), so that "
+                         "every batch is (inputs, targets)")
     raise ShapeError(f"validation batch of type {type(batch).__name__} is not (inputs, targets)",
                      "make the validation loader yield (inputs, targets) tuples or dicts")
 
@@ -46,6 +54,14 @@ def _batch_targets(y: Any) -> Any:
             "it is probably a Dataset rather than a DataLoader over it",
             "wrap it: val_loader=torch.utils.data.DataLoader(dataset, batch_size=128)")
     return y
+
+
+def check_batch_rows(x: Any, y: Any) -> None:
+    """A :class:`ShapeError` when a validation batch's input tensor and target tensor have different
+    numbers of rows (one target per input row)."""
+    if torch.is_tensor(x) and torch.is_tensor(y) and x.dim() > 0 and y.dim() > 0 and x.shape[0] != y.shape[0]:
+        raise ShapeError(f"a validation batch has {x.shape[0]} inputs but {y.shape[0]} targets",
+                         "make the validation loader yield one target per input row")
 
 
 def loader_generators(loader: Any) -> List[torch.Generator]:
@@ -127,8 +143,8 @@ class ValidationStream:
             self._start_pass()
         for attempt in range(2):
             with self.rng:
-                batch = next(self._it, None)
-            if batch is not None:
+                batch = next(self._it, _END)
+            if batch is not _END:
                 self.consumed += 1
                 return split_batch(batch)
             if attempt == 0 and self.consumed == 0:
@@ -182,7 +198,7 @@ class ValidationStream:
                 with self.rng:
                     it = iter(self.loader)
                     for _ in range(int(state["consumed"])):
-                        if next(it, None) is None:
+                        if next(it, _END) is _END:
                             raise ConfigurationError(
                                 f"the validation stream state is {state['consumed']} batches into a pass, but this "
                                 "loader's pass is shorter", "build the validation loader as it was when the state was saved")

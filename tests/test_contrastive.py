@@ -387,6 +387,12 @@ def test_refiner_leaves_global_rng_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def _flushed(share):
+    """The state the share steps to once the update its pending statistics were gathered for has come
+    (what the next call after an optimizer step commits)."""
+    return share.gather(None, share.pending_step, share.pending_step + 1)
+
+
 def _share_expected(g, ys, aug, **share_kw):
     """What AdaptiveShare.propose gives for scores ``g`` (per direction, every row scored), upstream
     signal, both directions pooled."""
@@ -431,9 +437,11 @@ def test_adaptive_share_class_prompts_by_hand():
     ys = {"image_to_text": F.one_hot(y, 4).double()}
     aug = torch.arange(10) >= 4
     want = _share_expected(g, ys, aug, init=0.5, lr=0.1)
-    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
-    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-6)
-    assert int(r.share.updates) == 1 and float(r.aug_weight) != pytest.approx(0.5)
+    assert int(r.share.updates) == 0 and float(r.aug_weight) == pytest.approx(0.5)   # gathered, not stepped
+    stepped = _flushed(r.share)
+    assert float(stepped["log_share"]) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+    assert float(stepped["mean_square"]) == pytest.approx(float(want["mean_square"]), rel=1e-6)
+    assert int(stepped["updates"]) == 1 and float(stepped["log_share"].exp()) != pytest.approx(0.5)
     # the refined rows' scores are the oracle's; the originals' are reported as zeros
     assert torch.allclose(r.stats["scores"][4:].double(), g["image_to_text"][4:], rtol=1e-5, atol=1e-9)
     assert torch.all(r.stats["scores"][:4] == 0)
@@ -442,9 +450,12 @@ def test_adaptive_share_class_prompts_by_hand():
     w = r.stats["weights"].double()
     want_loss = (per[:4].sum() + 0.5 * (w[4:] * per[4:]).sum()) / (4 + 0.5 * 6)
     assert float(loss.detach()) == pytest.approx(float(want_loss), rel=1e-6)
-    new_share = float(r.aug_weight)
+    new_share = float(stepped["log_share"].exp())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
     img.train()
-    r(x, y, num_original=4)
+    r(x, y, num_original=4)   # the first call after the update uses the moved share
     assert r.stats["aug_weight"] == pytest.approx(new_share)
     # without originals there is nothing to compare: the share stays
     state = copy.deepcopy(r.share.state_dict())
@@ -467,8 +478,9 @@ def test_adaptive_share_pairs_pools_both_directions():
     aug = torch.arange(6) >= 2
     want = _share_expected(g, ys, aug, init=0.5, lr=0.1)
     # the first step is lr times the sign of d; the running mean square holds d itself
-    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
-    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-6)
+    stepped = _flushed(r.share)
+    assert float(stepped["log_share"]) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+    assert float(stepped["mean_square"]) == pytest.approx(float(want["mean_square"]), rel=1e-6)
     # one direction alone would give another step
     one = _share_expected({"image_to_text": g["image_to_text"]}, ys, aug, init=0.5, lr=0.1)
     assert float(one["mean_square"]) != pytest.approx(float(want["mean_square"]), rel=1e-3)
@@ -483,7 +495,9 @@ def test_adaptive_share_state_rejected_call_and_resume():
     for k in range(3):
         r(*_pairs(6, 10 + k), num_original=2)
     before = _state(r)
-    assert before["share"] is not None and int(before["share"]["updates"]) == 3
+    # no optimizer step between the calls (the rig's optimizer is not stepped): the three calls are one
+    # update's, gathered
+    assert before["share"] is not None and before["share"]["pending_step"] == 0
     x, t = _pairs(6, 20)
     with pytest.raises(NonFiniteError):
         r(torch.where(torch.arange(6)[:, None] == 4, float("nan"), x), t, num_original=2)
@@ -518,8 +532,9 @@ def test_adaptive_share_refined_signal_uses_policy_targets_and_weights():
     soft, w, yo = r.stats["soft_targets"].double(), r.stats["weights"].double(), F.one_hot(y, 4).double()
     assert not torch.allclose(soft[4:], yo[4:])  # relabelled: the two signals differ
     want = AdaptiveShare(**kw).propose(share_agreements((soft[4:] * g[4:]).sum(-1), w[4:], (yo[:4] * g[:4]).sum(-1)))
-    assert float(r.share.mean_square) == pytest.approx(float(want["mean_square"]), rel=1e-5)
-    assert float(r.share.log_share) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
+    stepped = _flushed(r.share)
+    assert float(stepped["mean_square"]) == pytest.approx(float(want["mean_square"]), rel=1e-5)
+    assert float(stepped["log_share"]) == pytest.approx(float(want["log_share"]), rel=1e-6, abs=1e-9)
 
 
 def test_pairs_that_all_weigh_zero_train_nothing():

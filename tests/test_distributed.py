@@ -202,7 +202,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, case):
         if one["strength_state"] is not None:
             assert r["strength_state"] == pytest.approx(one["strength_state"], rel=1e-5)
     if "adaptive-share" in case:
-        assert one["share0"] != 1.0 and one["share1"] != one["share0"]
+        # the share steps at the first call after an update: the second call's loss uses a moved one
+        assert one["share0"] == 1.0 and one["share1"] != one["share0"]
     if "adaptive-strength" in case:
         assert one["strength_state"] != 0.5 and one["strength1"] != one["strength0"]
     # ISDA's class statistics are identical on every process and equal those of one process
@@ -424,7 +425,8 @@ def test_contrastive_two_processes_match_one_process(tmp_path, case):
             assert r[f"share{step}"] == pytest.approx(one[f"share{step}"], rel=1e-6)
             assert r[f"strength{step}"] == one[f"strength{step}"] == 1.0
     if "adaptive" in case:
-        assert one["share0"] != 0.5 and one["share1"] != one["share0"]
+        # the share steps at the first call after an update: the second call's loss uses a moved one
+        assert one["share0"] == 0.5 and one["share1"] != one["share0"]
 
 
 def _budget_run(acc, mode: str, keys) -> dict:

@@ -75,6 +75,7 @@ BAD_CALLS = {
                    NonFiniteError, "NaN"),
     "inf logits": (lambda m, x: (m(x) * torch.tensor([1.0] * 7 + [float("inf")])[:, None], torch.zeros(8, dtype=torch.long)),
                    NonFiniteError, "GradScaler"),
+    "detached logits": (lambda m, x: (m(x).detach(), torch.zeros(8, dtype=torch.long)), ModelModeError, "require grad"),
 }
 
 
@@ -232,7 +233,10 @@ def test_features_not_captured():
 @pytest.mark.parametrize("kw,words", [
     (dict(mode="jvp"), "unknown mode"), (dict(method="mixup"), "unknown method"), (dict(refresh_every=0), ">= 1"),
     (dict(tau=0.0), "tau"), (dict(beta=-1.0), "beta"), (dict(bn_mode="frozen"), "bn_mode"),
-    (dict(orig_weight=0, aug_weight=0), "both 0"), (dict(weighting="sometimes"), "weighting")])
+    (dict(orig_weight=0, aug_weight=0), "both 0"), (dict(weighting="sometimes"), "weighting"),
+    (dict(orig_weight=float("inf")), "finite"), (dict(orig_weight=float("nan")), "finite"),
+    (dict(orig_weight=1e39), "finite"), (dict(aug_weight=float("inf")), "finite"),
+    (dict(aug_weight=float("nan")), "finite"), (dict(aug_weight=1e39), "finite")])
 def test_bad_configuration(kw, words):
     model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
     with pytest.raises(ConfigurationError, match=words):
@@ -394,3 +398,44 @@ def test_numpy_and_tensor_seeds_are_integers():
     model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
     assert AugmentationRefiner(model, None, _loader(), seed=np.int64(3)).seed == 3
     assert AugmentationRefiner(model, None, _loader(), seed=torch.tensor(4)).seed == 4
+
+
+def test_a_validation_batch_with_more_inputs_than_targets_is_named():
+    """8 inputs and 6 labels in a validation batch: a ShapeError that says so, not a broadcasting
+    error from deep inside the scores; nothing changes."""
+    bad = [(torch.randn(8, 1, 8, 8), torch.randint(0, C, (6,)))]
+    model, opt, r = _setup(bad)
+    before = _state(r)
+    with pytest.raises(ShapeError, match="8 inputs but 6 targets"):
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))
+
+
+def test_logits_changed_after_the_classifier_are_warned_once():
+    """Logits that are not the classifier's output row for row (a temperature applied after it, rows
+    reordered after the forward) would give wrong scores silently: one RuntimeWarning names it;
+    the classifier's output itself, or a view of it, is not compared (no device sync) and not
+    warned."""
+    import warnings
+    model, opt, r = _setup()
+    x, y = torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r(model(x), y)
+        r(model(x)[:, :], y)          # a view of the output
+    with pytest.warns(RuntimeWarning, match="row for row"):
+        r(model(x) / 0.1, y)
+    model, opt, r = _setup()
+    with pytest.warns(RuntimeWarning, match="reordered"):
+        r(model(x)[torch.arange(7, -1, -1)], y)
+
+
+def test_a_none_validation_batch_is_named_not_taken_for_the_end_of_the_pass():
+    """A collate_fn that drops bad batches yields None: a ShapeError that says so. Before, None was
+    read as the end of the pass and the validation set was silently cut short."""
+    good = (torch.randn(8, 1, 8, 8), torch.randint(0, C, (8,)))
+    model, opt, r = _setup([good, None, good])
+    before = _state(r)
+    with pytest.raises(ShapeError, match="yielded None"):
+        r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
+    _same_state(before, _state(r))

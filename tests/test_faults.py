@@ -27,7 +27,8 @@ NAN, INF = float("nan"), float("inf")
 
 
 def _poke(t, value, row=1, col=0):
-    t = t.detach().clone()
+    """A copy of ``t`` with one entry set to ``value`` (logits keep their graph, as a user's would)."""
+    t = t.clone() if t.requires_grad else t.detach().clone()
     t.view(t.shape[0], -1)[row, col] = value
     return t
 

@@ -39,6 +39,8 @@ STATE_FAULTS = {
     # name: (change(state) -> state, error)
     "not-a-dict": (lambda s: [s], ConfigurationError),
     "wrong-version": (lambda s: {**s, "version": 99}, ConfigurationError),
+    "version-as-text": (lambda s: {**s, "version": str(s["version"])}, ConfigurationError),
+    "direction-after-the-last-update": (lambda s: {**s, "v_step": s["step_count"] + 50}, ConfigurationError),
     "a-model-state-dict": (lambda s: {"fc.weight": torch.zeros(2, 2)}, ConfigurationError),
     "wrong-method": (lambda s: {**s, "method": "other"}, ConfigurationError),
     "nan-direction": (lambda s: {**s, "v": {k: torch.full_like(t, NAN) for k, t in s["v"].items()}}, NonFiniteError),
@@ -113,6 +115,16 @@ def test_non_finite_share_state(field):
     state = _saved("share")
     state["share"] = {**state["share"], field: NAN}
     assert_rejected("share", _load(state), NonFiniteError)
+
+
+@pytest.mark.parametrize("field,value", [("log_share", 3.0), ("log_share", -1e6), ("log_share", True),
+                                         ("updates", 2.5), ("updates", -1), ("updates", True)])
+def test_share_state_out_of_bounds_or_not_a_count(field, value):
+    """A share above max_share (it would weigh the views 20 times the originals), below min_share, a
+    bool for a number, or a count that is not a whole number >= 0: refused, nothing changed."""
+    state = _saved("share")
+    state["share"] = {**state["share"], field: value}
+    assert_rejected("share", _load(state), ConfigurationError)
 
 
 AUTODO_FAULTS = {

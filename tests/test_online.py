@@ -58,5 +58,5 @@ def test_walks_stay_in_bounds_count_valid_signals_and_resume_exactly(case, signa
         signal = d * count / max(count, 1.0) if count > 0 else float("nan")
         valid += int(count > 0 and math.isfinite(d * count) and math.isfinite(signal))
         assert low - 1e-12 <= value(walk) <= high + 1e-12
-        assert all(math.isfinite(v) for v in walk.state_dict().values())
+        assert all(math.isfinite(v) for v in walk.state_dict().values() if not isinstance(v, list))
         assert int(walk.updates) == valid

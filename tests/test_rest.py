@@ -42,15 +42,17 @@ def _refiner(model, opt, init=0.4, signal="upstream", **kw):
 
 
 def _spy_share(r):
-    """Record the statistics the share is given at each call."""
+    """Record the statistics each call gives the share (the second gather of a call, which goes on
+    from the first: :meth:`AdaptiveShare.gather`)."""
     seen = []
-    propose = r.share.propose
+    gather = r.share.gather
 
-    def spy(stats):
-        seen.append(None if stats is None else stats.detach().clone())
-        return propose(stats)
+    def spy(stats, *args, base=None, **kw):
+        if base is not None and stats is not None:
+            seen.append(stats.detach().clone())
+        return gather(stats, *args, base=base, **kw)
 
-    r.share.propose = spy
+    r.share.gather = spy
     return seen
 
 

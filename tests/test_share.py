@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augplug import AugmentationRefiner
+from augplug import AugmentationRefiner, SAflex
 from augplug.errors import ConfigurationError, ShapeError, TargetError
 from augplug.share import AdaptiveShare, share_agreements
 
@@ -34,14 +34,23 @@ def _setup(freeze_body: bool, seed: int = 0):
 
 
 def _capture_agreements(share: AdaptiveShare) -> list:
-    seen, propose = [], share.propose
+    """Record the statistics each call gives the share (:meth:`AdaptiveShare.gather` with a call's
+    own statistics: the second gather of a call, which goes on from the first)."""
+    seen, gather = [], share.gather
 
-    def recording(agreements):
-        seen.append(agreements)
-        return propose(agreements)
+    def recording(stats, *args, base=None, **kw):
+        if base is not None and stats is not None:
+            seen.append(stats)
+        return gather(stats, *args, base=base, **kw)
 
-    share.propose = recording
+    share.gather = recording
     return seen
+
+
+def _flushed(share: AdaptiveShare) -> dict:
+    """The state the share steps to once the update its pending statistics were gathered for has
+    come (what the next call after an optimizer step commits)."""
+    return share.gather(None, share.pending_step, share.pending_step + 1)
 
 
 @pytest.mark.parametrize("signal", ["upstream", "refined"])
@@ -82,8 +91,10 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
     big_n = N_ORIG + 0.5 * float(w.sum())
     expected = -(float(w.sum()) * N_ORIG / big_n ** 2) * (a_aug - a_orig)
     assert float(hyper) == pytest.approx(expected, rel=1e-6)
-    # the share moved against the validation loss's derivative, by lr (first update: d / |d| = +-1)
-    assert float(share.log_share) - math.log(0.5) == pytest.approx(-0.1 * math.copysign(1.0, float(hyper)))
+    # once the update has come the share moves against the validation loss's derivative, by lr (first
+    # update: d / |d| = +-1)
+    assert float(share.log_share) == pytest.approx(math.log(0.5))   # gathered, not stepped yet
+    assert float(_flushed(share)["log_share"]) - math.log(0.5) == pytest.approx(-0.1 * math.copysign(1.0, float(hyper)))
 
 
 def test_loss_uses_the_current_share():
@@ -98,7 +109,11 @@ def test_loss_uses_the_current_share():
     expected = (per[:N_ORIG].sum() + 0.25 * (w * per[N_ORIG:]).sum()) / (N_ORIG + 0.25 * w.sum())
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert st["aug_weight"] == 0.25                  # the share this loss used
-    assert float(refiner.aug_weight) != 0.25         # and it moved for the next call
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    refiner(model(x), y, num_original=N_ORIG)
+    assert refiner.stats["aug_weight"] != 0.25       # the next call, after the update, uses the moved one
 
 
 def _train(refiner, model, opt, batches, num_original):
@@ -390,7 +405,7 @@ def test_evidence_state_round_trip_and_errors():
     s = AdaptiveShare(evidence=3.0)
     _feed(s, torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64))
     state = s.state_dict()
-    assert set(state) == {"log_share", "mean_square", "updates", "test_mean", "test_square"}
+    assert set(state) == {"log_share", "mean_square", "updates", "test_mean", "test_square", "pending", "pending_step"}
     t = AdaptiveShare(evidence=3.0)
     t.load_state_dict(state)
     assert t.state_dict() == state
@@ -474,3 +489,112 @@ def test_default_step_shrinks_as_one_over_sqrt_t():
         spread = float(_noise_walks(lambda: AdaptiveShare(init=0.05, evidence=None), updates).std())
         wander = WANDER / 2 * math.sqrt(math.log(updates) + 0.58)  # sqrt of the harmonic sum
         assert 0.7 * wander < spread < 1.3 * wander, (updates, spread, wander)
+
+
+def test_one_share_object_belongs_to_one_refiner():
+    """An AdaptiveShare passed to a second refiner while the first is alive would be stepped by both:
+    a ConfigurationError at construction. A copy, or the same object once the first refiner is gone,
+    is accepted."""
+    import gc
+    model, opt, val, _, x, y = _setup(False)
+    share = AdaptiveShare()
+    first = AugmentationRefiner(model, opt, val, method=SAflex(aug_weight=share))
+    with pytest.raises(ConfigurationError, match="another refiner"):
+        AugmentationRefiner(model, None, val, method=SAflex(aug_weight=share))
+    AugmentationRefiner(model, None, val, method=SAflex(aug_weight=copy.deepcopy(share)))
+    first.remove_hooks()
+    del first
+    gc.collect()
+    assert AugmentationRefiner(model, None, val, method=SAflex(aug_weight=share)).share is share
+
+
+def _micro_batches(k, seed=7):
+    """``k`` batches of 3 originals then 3 views (double inputs, labels in range)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, D, dtype=torch.float64, generator=g), torch.randint(0, C, (6,), generator=g))
+            for _ in range(k)]
+
+
+def _walk(share):
+    return [float(share.log_share), float(share.mean_square), int(share.updates)]
+
+
+def _accumulating_refiner(seed=0):
+    model, opt, val, _, _, _ = _setup(False, seed)
+    r = AugmentationRefiner(model, opt, val, schedule=dict(refresh_every=100, budget=None))
+    return model, opt, r
+
+
+def test_the_share_steps_once_per_optimizer_update_on_its_calls_summed():
+    """Gradient accumulation: three calls (micro-batches) and one optimizer update move the share
+    once, exactly as one call on the three batches together does (its statistics are sums over
+    rows), and the next call's loss uses the moved share. Stepping on every call (the share's
+    count would be 3) turns this red."""
+    batches = _micro_batches(4)
+    model, opt, r = _accumulating_refiner()
+    for x, y in batches[:3]:
+        (r(model(x), y, num_original=3) / 3).backward()
+    assert int(r.share.updates) == 0 and r.share.pending_step == 0   # gathered, not stepped yet
+    opt.step()
+    x, y = batches[3]
+    r(model(x), y, num_original=3)
+
+    model2, opt2, r2 = _accumulating_refiner()
+    x_all = torch.cat([b[0] for b in batches[:3]])
+    y_all = torch.cat([b[1] for b in batches[:3]])
+    augmented = torch.tensor([False, False, False, True, True, True] * 3)
+    r2(model2(x_all), y_all, augmented=augmented).backward()
+    opt2.step()
+    r2(model2(x), y, num_original=3)
+    assert int(r.share.updates) == int(r2.share.updates) == 1
+    assert _walk(r.share)[:2] == pytest.approx(_walk(r2.share)[:2], rel=1e-9, abs=1e-12)
+    assert r.stats["aug_weight"] == pytest.approx(r2.stats["aug_weight"], rel=1e-9)   # the loss used it
+    assert float(r.share.log_share) != 0.0   # the share moved: the comparison is not vacuous
+
+
+def test_a_failed_optimizer_step_does_not_count_its_batch():
+    """An optimizer step that raises before updating anything (here a closure that fails), and the
+    loop going on with the next batch: the share ends exactly where a run that never saw the failed
+    batch ends. Keeping what was gathered for the failed update turns this red (its batch would be
+    counted with the next one's)."""
+    batches = _micro_batches(4, seed=11)
+
+    def fail():
+        raise RuntimeError("a failing closure")
+
+    model, opt, r = _accumulating_refiner()
+    twin_model, twin_opt, twin = _accumulating_refiner()
+    x, y = batches[0]
+    r(model(x), y, num_original=3).backward()
+    with pytest.raises(RuntimeError, match="failing closure"):
+        opt.step(fail)
+    assert r.failed_steps == 1 and r.step_count == 0
+    for x, y in batches[1:]:
+        for m, o, ref in ((model, opt, r), (twin_model, twin_opt, twin)):
+            o.zero_grad()
+            ref(m(x), y, num_original=3).backward()
+            o.step()
+    assert _walk(r.share) == _walk(twin.share) and int(r.share.updates) == 2
+    torch.testing.assert_close(r.share.pending, twin.share.pending, rtol=0, atol=0)
+
+
+def test_statistics_gathered_mid_update_survive_a_checkpoint():
+    """A state saved between two micro-batches of one update holds what was gathered so far; a
+    refiner restored from it steps the share as the uninterrupted one does."""
+    batches = _micro_batches(4, seed=3)
+    model, opt, r = _accumulating_refiner()
+    for x, y in batches[:2]:
+        (r(model(x), y, num_original=3) / 3).backward()
+    saved = copy.deepcopy(r.state_dict())
+    assert saved["share"]["pending_step"] == 0 and any(v != 0 for v in saved["share"]["pending"])
+    model2, opt2, r2 = _accumulating_refiner()
+    model2.load_state_dict(model.state_dict())
+    r2.load_state_dict(saved)
+    for m, o, ref in ((model, opt, r), (model2, opt2, r2)):
+        x, y = batches[2]
+        (ref(m(x), y, num_original=3) / 3).backward()
+        o.step()
+        x, y = batches[3]
+        ref(m(x), y, num_original=3)
+    assert int(r2.share.updates) == 1
+    assert _walk(r2.share)[:2] == pytest.approx(_walk(r.share)[:2], rel=1e-12)

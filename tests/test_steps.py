@@ -74,9 +74,9 @@ def test_a_step_that_fails_before_updating_does_not_count():
     _backward(m)
     with pytest.raises(ValueError):
         opt.step(closure)
-    assert counter.count == 0
+    assert counter.count == 0 and counter.failed == 1   # a failed step, counted as such
     opt.step()  # the retry updates once
-    assert counter.count == 1
+    assert counter.count == 1 and counter.failed == 1
 
 
 def test_a_completed_step_counts_even_without_gradients():
