@@ -127,8 +127,11 @@ class RefinerCore:
             if isinstance(seed, bool):
                 raise TypeError
             seed = operator.index(seed)  # ints, NumPy integers and 0-dim integer tensors
+            if not -2 ** 63 <= seed < 2 ** 64:   # torch.Generator.manual_seed's range
+                raise TypeError
         except TypeError:
-            raise ConfigurationError(f"seed must be an integer, got {seed!r}", "pass e.g. seed=0") from None
+            raise ConfigurationError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}",
+                                     "pass e.g. seed=0") from None
         self.schedule = schedule
         self.refresh_every, self.val_batches = schedule.refresh_every, schedule.val_batches
         self.warmup_steps, self.bad_val_batch = schedule.warmup_steps, schedule.bad_val_batch
@@ -779,7 +782,13 @@ class RefinerCore:
                 raise NonFiniteError("the saved validation direction holds NaN/inf",
                                      "load an intact checkpoint (an earlier one), or drop the refiner's state: "
                                      "the direction is recomputed at the next refresh")
-            if not isinstance(state["val_loss"], (int, float)) or not math.isfinite(state["val_loss"]):
+            saved = state["val_loss"]
+            if torch.is_tensor(saved) and saved.numel() == 1 and saved.is_floating_point():
+                saved = float(saved)
+            if not isinstance(saved, (int, float)) or isinstance(saved, bool):
+                raise ConfigurationError(f"the saved validation loss is {state['val_loss']!r}, not a number",
+                                         _CHECKPOINT_FIX)
+            if not math.isfinite(saved):
                 raise NonFiniteError(f"the saved validation loss is {state['val_loss']!r}", "load an intact checkpoint")
         halves = state.get("v_halves")
         if halves is not None:
@@ -839,7 +848,7 @@ class RefinerCore:
         halves = state.get("v_halves")
         self._v_halves = None if halves is None else tuple({k: t.to(dev).clone() for k, t in h.items()} for h in halves)
         self._v_step = int(state["v_step"])
-        self._val_loss = float(state["val_loss"])
+        self._val_loss = float(state["val_loss"])   # a number, or a one-element tensor (checked)
         self._rng.state = state["rng_state"].clone().cpu()
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
         window = state.get("window")

@@ -301,6 +301,9 @@ class AugmentationRefiner(RefinerCore):
             self.share.to(self._device())
         self.aug_weight = self.share.value if self.share is not None else float(aug_weight)
         self.weight_norm = weight_norm
+        if not isinstance(check_train_mode, bool):
+            raise ConfigurationError(f"check_train_mode must be True or False, got {check_train_mode!r}",
+                                     "use check_train_mode=True (the default)")
         self.check_train_mode = check_train_mode
 
         alternate = self._alternates_scores(schedule, scores_rows, classifier)
@@ -309,6 +312,8 @@ class AugmentationRefiner(RefinerCore):
         self.head_name, self.head = None, None
         if needs_features:
             self.head_name, self.head = find_classifier(self.net, classifier)
+            if mode == "last_layer" and self.policy.needs_scores:
+                self._warn_about_the_head(optimizer)
         self.isda = self._build_isda(isda)
         self._check_val_loader(val_loader)
         # the hooks come last, so that a rejected option leaves none behind
@@ -340,6 +345,24 @@ class AugmentationRefiner(RefinerCore):
             raise
         if self.share is not None:
             self.share.bind(self)
+
+    def _warn_about_the_head(self, optimizer) -> None:
+        """Last-layer scores measure what a step on the classifier does: warn (once, at construction)
+        when the classifier cannot train, frozen or outside the optimizer."""
+        head_params = [p for p in self.head.parameters()]
+        if head_params and not any(p.requires_grad for p in head_params):
+            _warn_at_caller(f"the classifier {self.head_name!r} is frozen (requires_grad=False): last-layer scores "
+                            "measure what a step on it would do, and it takes none. Unfreeze it, or use "
+                            "mode='full' to score through the parameters that train")
+            return
+        inner = unwrap_optimizer(optimizer) if optimizer is not None else None
+        groups = getattr(inner, "param_groups", None)
+        if groups is not None:
+            held = {id(p) for g in groups for p in g.get("params", [])}
+            if not any(id(p) in held for p in head_params if p.requires_grad):
+                _warn_at_caller(f"the optimizer holds none of the classifier {self.head_name!r}'s parameters: "
+                                "last-layer scores measure what a step on it would do, and it takes none. Pass an "
+                                "optimizer over the classifier too, or use mode='full'")
 
     def _alternates_scores(self, schedule: Schedule, scores_rows: bool, classifier) -> bool:
         """Whether calls alternate model score passes with closed-form last-layer scores: asked for
@@ -597,8 +620,9 @@ class AugmentationRefiner(RefinerCore):
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
                 "the refiner was called with the model in eval mode",
-                "call model.train() before training steps (use a plain criterion for evaluation), "
-                "or pass check_train_mode=False")
+                "call model.train() before training steps (use a plain criterion for evaluation); to train "
+                "a model in eval mode on purpose pass check_train_mode=False, and then features= (last-layer "
+                "mode) or inputs= (full mode), which the hooks do not record from evaluation forwards")
         check_logits(logits, values=False)
         if torch.is_grad_enabled() and not logits.requires_grad:
             raise ModelModeError(
@@ -898,8 +922,15 @@ class AugmentationRefiner(RefinerCore):
         from .isda import ISDALoss
         if isinstance(isda, ISDALoss):
             return isda
+        if isda is not True and not isinstance(isda, dict):
+            raise ConfigurationError(f"isda must be None, True, an ISDALoss or a dict of its options, got {isda!r}",
+                                     "use isda=True, or isda={'lambda0': 0.5}")
         opts = {} if isda is True else dict(isda)
-        return ISDALoss.for_head(self.head, **opts)
+        try:
+            return ISDALoss.for_head(self.head, **opts)
+        except TypeError as e:   # an option ISDALoss does not take
+            raise ConfigurationError(f"isda={isda!r}: {e}", "pass options of augplug.isda.ISDALoss.for_head "
+                                     "(e.g. lambda0=, covariance=)") from e
 
     def _summarise(self, weights, soft, scores, y, aug, active, refreshed, aug_weight, strength,
                    score_pass=None) -> StepStats:

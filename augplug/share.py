@@ -56,6 +56,7 @@ evidence is in (``docs/saflex.md``).
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
@@ -149,16 +150,22 @@ class AdaptiveShare(NormalizedWalk):
     def __init__(self, lr: Optional[float] = None, init: float = 1.0, min_share: float = 1e-3, max_share: float = 1.0,
                  decay: float = 0.99, signal: Optional[str] = None, evidence: Optional[float] = None,
                  horizon: Optional[int] = None):
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral)
+                                    or horizon < 1):
             raise ConfigurationError(f"the share's horizon must be a positive number of updates, got {horizon!r}",
                                      "pass the run's optimizer updates (epochs x steps per epoch), or None")
-        self.horizon = horizon
+        self.horizon = None if horizon is None else int(horizon)
         if lr is None and horizon is not None:
             lr = WANDER / math.sqrt(horizon)
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
                                or not (lr > 0 and math.isfinite(lr))):
-            raise ConfigurationError(f"the share's lr must be a positive number or None, got {lr}",
+            raise ConfigurationError(f"the share's lr must be a positive number or None, got {lr!r}",
                                      "use lr=None (a step that shrinks with the updates), or e.g. lr=0.01")
+        for name, value in (("init", init), ("min_share", min_share), ("max_share", max_share), ("decay", decay),
+                            ("evidence", 0.0 if evidence is None else evidence)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigurationError(f"the share's {name} must be a number, got {value!r}",
+                                         "use AdaptiveShare(init=1.0, min_share=1e-3, max_share=1.0)")
         if not (0 < min_share <= init <= max_share and math.isfinite(max_share)):
             raise ConfigurationError(
                 f"the share needs 0 < min_share <= init <= max_share < inf, got {min_share}, {init}, {max_share}",

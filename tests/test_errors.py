@@ -12,6 +12,7 @@ from augplug.errors import (AugplugError, ClassCountMismatchError, Configuration
 from augplug.models import SmallCNN
 from augplug.refiner import augmented_rows, num_val_batches
 from augplug.refiner import refiner_kwargs
+from augplug.share import AdaptiveShare
 
 C = 4
 
@@ -439,3 +440,40 @@ def test_a_none_validation_batch_is_named_not_taken_for_the_end_of_the_pass():
     with pytest.raises(ShapeError, match="yielded None"):
         r(model(torch.randn(8, 1, 8, 8)), torch.zeros(8, dtype=torch.long))
     _same_state(before, _state(r))
+
+
+def test_a_classifier_that_cannot_train_is_warned_at_construction():
+    """Last-layer scores measure what a step on the classifier does: a frozen classifier, or an
+    optimizer that holds none of its parameters, gets one RuntimeWarning when the refiner is built."""
+    import warnings
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader()).remove_hooks()
+    body = [p for n, p in model.named_parameters() if not any(p is q for q in head.parameters())]
+    with pytest.warns(RuntimeWarning, match="holds none of the classifier"):
+        AugmentationRefiner(model, torch.optim.SGD(body, lr=0.1), _loader()).remove_hooks()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="frozen"):
+        AugmentationRefiner(model, torch.optim.SGD(body, lr=0.1), _loader()).remove_hooks()
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda m: AugmentationRefiner(m, None, _loader(), isda="yes"), "isda must be"),
+    (lambda m: AugmentationRefiner(m, None, _loader(), isda={"bogus": 1}), "isda="),
+    (lambda m: AugmentationRefiner(m, None, _loader(), seed=2 ** 70), "seed"),
+    (lambda m: AugmentationRefiner(m, None, _loader(), check_train_mode="no"), "check_train_mode"),
+    (lambda m: SAflex(aug_weight=AdaptiveShare(init="1")), "init must be a number"),
+    (lambda m: SAflex(aug_weight=AdaptiveShare(evidence="3")), "evidence must be a number"),
+    (lambda m: SAflex(aug_weight=AdaptiveShare(lr="0.1")), "'0.1'"),
+])
+def test_mistyped_options_get_a_configuration_error(make, words):
+    """Mistyped options: a ConfigurationError naming the option, not a TypeError or ValueError from
+    deep inside (and the NumPy integers that counts elsewhere accept are accepted as a horizon)."""
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    with pytest.raises(ConfigurationError, match=words):
+        make(model)
+    import numpy as np
+    assert AdaptiveShare(horizon=np.int64(100)).horizon == 100

@@ -51,6 +51,7 @@ STATE_FAULTS = {
     "direction-extra-key": (lambda s: {**s, "v": {**s["v"], "extra.weight": torch.zeros(2)}}, ConfigurationError),
     "direction-not-a-dict": (lambda s: {**s, "v": _first_tensor(s["v"])}, ConfigurationError),
     "nan-val-loss": (lambda s: {**s, "val_loss": NAN}, NonFiniteError),
+    "text-val-loss": (lambda s: {**s, "val_loss": "1.3"}, ConfigurationError),
     "negative-step-count": (lambda s: {**s, "step_count": -3}, ConfigurationError),
     "string-calls": (lambda s: {**s, "calls": "7"}, ConfigurationError),
     "float-v-step": (lambda s: {**s, "v_step": 1.5}, ConfigurationError),
@@ -271,3 +272,13 @@ def test_a_state_that_is_not_a_refiners_says_so():
     """A model's or an optimizer's state_dict passed by mistake is named as such, with its keys."""
     assert_rejected("saflex", _load({"fc.weight": torch.zeros(2, 2)}), ConfigurationError,
                     match=r"not a refiner state: it has no 'version' key \(keys: fc.weight")
+
+
+def test_a_validation_loss_saved_as_a_tensor_loads():
+    """A state whose validation loss is a one-element tensor (converted by a checkpoint tool) is
+    intact: it loads, and the refiner goes on exactly as before."""
+    state = _saved("saflex")
+    state["val_loss"] = torch.tensor(state["val_loss"])
+    rig = make_rig("saflex")
+    rig.refiner.load_state_dict(state)
+    assert rig.refiner.state_dict()["val_loss"] == float(state["val_loss"])

@@ -209,9 +209,11 @@ class RefineContext:
         if f is None:
             if required:
                 raise ShapeError(
-                    f"no classifier features for the {self.batch} rows of this batch were captured",
+                    f"no classifier features for the {self.batch} rows of this batch were captured (no training "
+                    f"forward since the last call had {self.batch} rows)",
                     "call the refiner right after the training forward (model in train mode, autograd on), "
-                    "once per forward, or pass features=")
+                    "once per forward, with all of that forward's rows: drop or select rows (ignore_index "
+                    "labels) before the forward, not after it, or pass features= for the rows you pass")
             return None
         if f.shape[0] != self.batch:
             raise ShapeError(f"features have {f.shape[0]} rows, logits {self.batch}", "pass matching features")
