@@ -272,6 +272,14 @@ class _HeadForward(GradientSlot):
         self.features, self.used = features, False
 
 
+def _inert_capture() -> "ActivationCapture":
+    """What a copy of a model gets for a refiner's capture (:meth:`ActivationCapture.__reduce_ex__`):
+    hooks that record nothing and change no gradient."""
+    capture = object.__new__(ActivationCapture)
+    capture._paused, capture._input_open, capture.rest_scale = 1, False, None
+    return capture
+
+
 class ActivationCapture:
     """Forward hooks that record, during the user's own training forwards, the classifier's input
     features and (optionally) the model's input.
@@ -338,6 +346,12 @@ class ActivationCapture:
     def records_features(self) -> bool:
         """Whether a classifier head is hooked (its features recorded)."""
         return bool(self._handles) and self._head_hooked
+
+    def __reduce_ex__(self, protocol):
+        # a copied or pickled model (an EMA copy, ``torch.save(model)``) carries this capture's hooks:
+        # the copy's hooks get an inert capture, so that the copy trains like a plain model (no
+        # recording, no rescaled gradients) and pickling does not need the recorded tensors
+        return (_inert_capture, ())
 
     def _active(self, module: nn.Module) -> bool:
         return self._paused == 0 and module.training and torch.is_grad_enabled()

@@ -422,6 +422,9 @@ class ISDALoss(nn.Module):
         self.total_steps = None if total_steps is None else int(total_steps)
         self.sync = bool(sync)
         self.batched = batched if batched is None else bool(batched)
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget >= 0:
+            raise ConfigurationError(f"ISDA's memory_budget must be a number of bytes >= 0, got {memory_budget!r}",
+                                     "leave the default, or pass e.g. memory_budget=256 * 2**20")
         self.memory_budget = int(memory_budget)
         self.covariance_requested = covariance
         self.covariance = choose_covariance(self.num_classes, self.feature_dim, covariance, self.memory_budget)

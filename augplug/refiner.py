@@ -310,8 +310,20 @@ class AugmentationRefiner(RefinerCore):
         needs_features = (mode == "last_layer" or alternate or isda not in (None, False)
                           or getattr(self.policy, "needs_features", False))
         self.head_name, self.head = None, None
+        if accelerator is not None and not callable(getattr(accelerator, "register_for_checkpointing", None)):
+            raise ConfigurationError(f"accelerator= must be an accelerate.Accelerator, got {type(accelerator).__name__}",
+                                     "pass the Accelerator of the run (accelerator=accelerator), or leave it out")
         if needs_features:
-            self.head_name, self.head = find_classifier(self.net, classifier)
+            try:
+                self.head_name, self.head = find_classifier(self.net, classifier)
+            except UnsupportedHeadError as e:
+                if mode == "last_layer" or not getattr(self.policy, "needs_features", False):
+                    raise
+                raise UnsupportedHeadError(
+                    f"method {self.policy.name!r} reads the classifier's input features, so it needs an nn.Linear "
+                    f"classifier in every mode: {e.problem}",
+                    "pass the final nn.Linear as classifier=, or use method='saflex' or 'l2rw' with "
+                    "mode='full'") from e
             if mode == "last_layer" and self.policy.needs_scores:
                 self._warn_about_the_head(optimizer)
         self.isda = self._build_isda(isda)
@@ -983,7 +995,7 @@ class AugmentationRefiner(RefinerCore):
         next call reads (:meth:`_rest_local`); None when the capture does not track them."""
         if not self._capture.track_gradients:
             return None
-        return {"tracking": True, "signal": self._rest_local()[0].detach().cpu()}
+        return {"tracking": True, "signal": self._rest_local()[0].detach().cpu(), "step": self._last_call_step}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The whole state is checked first (keys, version, method,
@@ -1008,8 +1020,11 @@ class AugmentationRefiner(RefinerCore):
         rest = state.get("rest")
         if rest is not None:
             signal = rest.get("signal") if isinstance(rest, dict) else None
-            if not isinstance(rest, dict) or set(rest) != {"tracking", "signal"} or rest["tracking"] is not True \
-                    or not torch.is_tensor(signal) or signal.shape != (5,):
+            step = rest.get("step") if isinstance(rest, dict) else None
+            if not isinstance(rest, dict) or set(rest) - {"step"} != {"tracking", "signal"} or rest["tracking"] is not True \
+                    or not torch.is_tensor(signal) or signal.shape != (5,) \
+                    or not (step is None or (isinstance(step, int) and not isinstance(step, bool)
+                                             and 0 <= step <= state["step_count"])):
                 raise ConfigurationError("the refiner state's 'rest' is not a separate-term state", _CHECKPOINT_FIX)
             if self.share is None:
                 check_part_presence(state, "rest", False, "a separate-term signal for an adaptive share")
@@ -1027,7 +1042,8 @@ class AugmentationRefiner(RefinerCore):
             self.aug_weight = self.share.value
         if strength is not None:
             self.strength.load_state_dict(strength)
-        self._last_call_step = None
+        # the update count at the last call before the save: the rest's signal read next is that call's
+        self._last_call_step = None if rest is None else rest.get("step")
         self._rest_pending = None
         self._capture.drop_graded()
         self._capture.track_gradients = rest is not None

@@ -4,7 +4,7 @@ All losses are computed in fp32 from ``log_softmax`` of the logits, whatever the
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -199,10 +199,36 @@ def _finite_probe(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dtype=torch.float64)
 
 
+def check_soft_pair(scores: torch.Tensor, targets: torch.Tensor, what: str = "targets") -> None:
+    """A typed error unless ``targets`` are floating ``(B, C)`` probabilities beside ``(B, C)``
+    ``scores`` or logits (shapes and dtypes only: no device sync). The functional API takes
+    probabilities; class indices go through :func:`to_soft_targets` first."""
+    if not (isinstance(scores, torch.Tensor) and scores.dim() == 2):
+        raise ShapeError(f"expected (B, C) scores or logits, got {_describe(scores)}", "pass a (batch, classes) tensor")
+    if not (isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.shape == scores.shape):
+        raise TargetError(f"{what} must be (B, C) = {tuple(scores.shape)} floating probabilities, got "
+                          f"{_describe(targets)}",
+                          "convert class indices with augplug.functional.to_soft_targets(labels, num_classes)")
+
+
+def check_row_weights(weights: Optional[torch.Tensor], batch: int) -> None:
+    """A :class:`ShapeError` unless ``weights`` is None or a ``(B,)`` tensor (a ``(B, 1)`` column would
+    broadcast against the ``(B,)`` losses into a ``(B, B)`` matrix)."""
+    if weights is not None and not (isinstance(weights, torch.Tensor) and weights.shape == (batch,)):
+        raise ShapeError(f"per-sample weights must be ({batch},), got {_describe(weights)}",
+                         "pass one weight per row, e.g. weights.flatten()")
+
+
+def _describe(x: Any) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32, shape ``(B,)``: torch's
     ``F.cross_entropy`` with probability targets (bit-identical to the written-out sum on the CPU,
-    ``tests/test_targets.py``), after casting to fp32 so half-precision logits are not rounded."""
+    ``tests/test_targets.py``), after casting to fp32 so half-precision logits are not rounded.
+    ``soft_targets``: ``(B, C)`` probabilities (class indices: :func:`to_soft_targets` first)."""
+    check_soft_pair(logits, soft_targets, "soft_targets")
     return F.cross_entropy(logits.float(), soft_targets.float(), reduction="none")
 
 
@@ -218,6 +244,7 @@ def weighted_soft_ce(
     keep the loss scale), ``"sum"`` returns the weighted sum, ``"none"`` the weighted per-sample losses.
     """
     losses = soft_cross_entropy(logits, soft_targets)
+    check_row_weights(weights, losses.shape[0])
     if weights is not None:
         losses = losses * weights.detach().float()
     if reduction == "none":

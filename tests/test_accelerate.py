@@ -236,7 +236,11 @@ def test_example_budget_reaches_the_schedule(tmp_path):
                                           (["-b", "0"], "--batch-size must be at least 1"),
                                           (["--grad-accum", "0"], "--grad-accum must be at least 1"),
                                           (["--lr", "-1"], "--lr must be positive"),
-                                          (["--noise", "2"], "--noise is the share")])
+                                          (["--noise", "2"], "--noise is the share"),
+                                          (["--refiner", "nope"], "invalid choice"),
+                                          (["--budget", "abc"], "--budget: budget must be"),
+                                          (["--budget", "0"], "--budget: budget must be"),
+                                          (["--resume", "/nonexistent/folder"], "not a folder")])
 def test_example_rejects_bad_numbers(args, message, capsys):
     """Before: -b 0 and --lr -1 died in torch with a traceback, --grad-accum 0 in a division by zero,
     and --noise 2 trained silently."""

@@ -477,3 +477,43 @@ def test_mistyped_options_get_a_configuration_error(make, words):
         make(model)
     import numpy as np
     assert AdaptiveShare(horizon=np.int64(100)).horizon == 100
+
+
+def test_more_mistyped_or_mismatched_options_are_named():
+    """An accelerator= that is not an Accelerator, a negative ISDA memory budget, AutoDO tables built
+    for another number of classes than the logits have, influence on a model without a linear
+    classifier in full mode, and AutoDO's augment() on a batch that is not images: each a typed
+    error that names the real problem (before: an AttributeError, a silent switch to diagonal
+    covariances, a raw index error, a fix that said to use the mode already given, a fix that said
+    to convert a float batch to float)."""
+    from augplug.errors import UnsupportedHeadError
+    model = SmallCNN(1, C, img_size=8, width=4, hidden=8)
+    with pytest.raises(ConfigurationError, match="Accelerator"):
+        AugmentationRefiner(model, None, _loader(), accelerator=object())
+    with pytest.raises(ConfigurationError, match="memory_budget"):
+        AugmentationRefiner(model, None, _loader(), isda={"memory_budget": -5})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = AugmentationRefiner(model, opt, _loader(), method="autodo", method_options=dict(num_points=40, num_classes=3))
+    x, idx = torch.randn(8, 1, 8, 8), torch.arange(8)
+    before = _state(r)
+    with pytest.raises(ShapeError, match="num_classes=3"):
+        r(model(r.augment(x, idx)), torch.zeros(8, dtype=torch.long), index=idx)
+    _same_state(before, _state(r))
+    r.remove_hooks()
+
+    class ConvHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+            self.classifier = torch.nn.Conv2d(4, C, 1)
+
+        def forward(self, x):
+            return self.classifier(self.body(x)).flatten(1)
+
+    with pytest.raises(UnsupportedHeadError, match="in every mode") as info:
+        AugmentationRefiner(ConvHead(), None, _loader(), method="influence", mode="full")
+    assert "mode='full'" not in info.value.fix.split("with")[0]
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, C))
+    r = AugmentationRefiner(flat, None, _loader(), method="autodo", method_options=dict(num_points=40, num_classes=C))
+    with pytest.raises(ShapeError, match="batch of images"):
+        r.augment(torch.randn(8, 64), torch.arange(8))

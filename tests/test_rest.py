@@ -389,3 +389,73 @@ def test_direction_signal_needs_probabilities_and_is_not_the_contrastive_refiner
     assert AdaptiveShare(signal="refined").signal == "refined"   # a named signal is kept
     with pytest.raises(ConfigurationError, match="direction"):
         ContrastiveRefiner(_model(), None, _val(), method=SAflex(aug_weight=AdaptiveShare(signal="direction")))
+
+
+def test_a_state_saved_between_micro_batches_resumes_exactly():
+    """The separate pattern with three micro-batches per update, saved after a micro-batch's backward
+    (with the model's accumulated gradients): the restored refiner books the views it judges next
+    to the update they were trained in, and continues exactly like the uninterrupted one. Booking
+    them to the update before (the state without the last call's update count) steps the share an
+    update early."""
+    def run(cut=None):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        r = _refiner(model, opt, init=0.5, signal="direction")
+        losses, k = [], 0
+        for update in range(4):
+            for micro in range(3):
+                x, y, x_aug, y_aug = _batch(10 * update + micro)
+                loss = (r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)) / 3
+                loss.backward()
+                losses.append(float(loss.detach()))
+                k += 1
+                if k == cut:   # save, and go on with fresh objects restored from the save
+                    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), r.state_dict(),
+                                           [p.grad.clone() for p in model.parameters()]))
+                    r.remove_hooks()
+                    model = _model()
+                    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+                    r = _refiner(model, opt, init=0.5, signal="direction")
+                    model.load_state_dict(saved[0])
+                    opt.load_state_dict(saved[1])
+                    r.load_state_dict(saved[2])
+                    for p, g in zip(model.parameters(), saved[3]):
+                        p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+        return losses, float(r.share.log_share)
+
+    plain = run()
+    for cut in (4, 5, 7):   # after the first micro-batch of an update, and within it
+        assert run(cut) == plain, cut
+
+
+def test_a_copy_of_the_model_trains_like_a_plain_model():
+    """``copy.deepcopy(model)`` (an EMA copy, a second run) and ``torch.save(model)`` carry the
+    refiner's hooks: the copy's hooks record nothing and leave its gradients alone (the rest's
+    rescaling 2 / (1 + share) stays the original's), and the original refiner goes on."""
+    import io
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = _refiner(model, opt, init=0.5)
+    for step in range(3):
+        x, y, x_aug, y_aug = _batch(step)
+        loss = r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r._capture.rest_scale is not None   # the original rescales the rest's gradient
+    twin = copy.deepcopy(model)
+    plain = _model()
+    plain.load_state_dict(model.state_dict())
+    x, y, _, _ = _batch(9)
+    F.cross_entropy(twin(x), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for a, b in zip(twin.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    torch.save(model, io.BytesIO())
+    x, y, x_aug, y_aug = _batch(10)
+    r(model(x_aug), y_aug).backward()
+    assert r.stats["against_rest"]

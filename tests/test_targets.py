@@ -75,3 +75,20 @@ def test_soft_targets_rounded_to_their_dtype_are_probabilities(dtype):
     with pytest.raises(TargetError, match="probabilities"):
         to_soft_targets(bad, 10)
     assert float(value_problems(logits, bad)) > 0
+
+
+def test_the_functional_api_names_class_indices_and_column_weights():
+    """The functional API takes (B, C) probabilities: class indices (which broadcast or index into
+    wrong numbers when B equals C) are a TargetError naming to_soft_targets, and (B, 1) weights
+    (which broadcast against the (B,) losses into a (B, B) matrix) a ShapeError."""
+    import augplug.functional as AF
+    from augplug.errors import ShapeError, TargetError
+    logits, labels = torch.randn(4, 4), torch.arange(4)
+    probs = F.one_hot(labels, 4).float()
+    with pytest.raises(ShapeError, match=r"\(4,\)"):
+        AF.weighted_soft_ce(logits, probs, torch.ones(4, 1))
+    for call in (lambda: AF.saflex_targets(torch.randn(4, 4), labels), lambda: AF.l2rw_weights(torch.randn(4, 4), labels),
+                 lambda: AF.soft_cross_entropy(logits, labels), lambda: AF.weighted_soft_ce(logits, labels)):
+        with pytest.raises(TargetError, match="to_soft_targets"):
+            call()
+    torch.testing.assert_close(AF.weighted_soft_ce(logits, probs, torch.ones(4)), F.cross_entropy(logits, labels))

@@ -139,8 +139,11 @@ def affine_theta(values: torch.Tensor, ops: Sequence[str], height: int, width: i
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ShapeError(f"images must be a floating (B, C, H, W) tensor, got {desc}",
-                         "convert the batch to float (after normalization) before augmenting")
+        fix = ("convert the batch to float (after normalization) before augmenting"
+               if isinstance(x, torch.Tensor) and x.dim() == 4 else
+               "pass a batch of images (B, C, H, W): the learned augmentation warps images (tables and "
+               "feature vectors have no geometry to warp; use AutoDO's weights and labels without augment())")
+        raise ShapeError(f"images must be a floating (B, C, H, W) tensor, got {desc}", fix)
 
 
 def apply_affine(x: torch.Tensor, values: torch.Tensor, ops: Sequence[str] = DEFAULT_OPS, *,

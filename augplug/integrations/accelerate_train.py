@@ -43,6 +43,7 @@ from tqdm import tqdm
 from augplug import AugmentationRefiner
 from augplug.demo import load_digits_study
 from augplug.models import SmallCNN
+from augplug.errors import ConfigurationError
 from augplug.schedule import budget_from_text
 from augplug.share import AdaptiveShare
 
@@ -108,7 +109,8 @@ class OriginalAndView(torch.utils.data.Dataset):
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--refiner", default="saflex", help="saflex | l2rw | none | autodo | influence")
+    p.add_argument("--refiner", default="saflex", choices=("saflex", "l2rw", "none", "autodo", "influence"),
+                   help="saflex | l2rw | none | autodo | influence")
     p.add_argument("--isda", action="store_true", help="add the ISDA loss")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer updates (0: no limit)")
@@ -144,6 +146,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.noise <= 1:
         p.error(f"--noise is the share of views given a broken label, in [0, 1]; got {args.noise}")
+    try:
+        budget_from_text(args.budget)
+    except ConfigurationError as e:
+        p.error(f"--budget: {e.problem} ({e.fix})")
+    if args.resume and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume!r} is not a folder saved by --save-state")
     return args
 
 

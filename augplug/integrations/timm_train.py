@@ -123,9 +123,48 @@ def _parse_value(s: str):
 
 
 def _size(s: str):
-    """A count (``"500"``) or a fraction (``"0.1"``)."""
-    v = float(s)
-    return int(v) if v >= 1 and v == int(v) and "." not in s else v
+    """A count (``"500"``) or a fraction (``"0.1"``) of the training pool: a fraction in [0, 1) (0: none)
+    or a count >= 1."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (500) or a fraction (0.1), got {s!r}") from None
+    if v >= 1 and v == int(v) and "." not in s:
+        return int(v)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in [0, 1), got {s!r}")
+    return v
+
+
+def _budget_arg(text: str) -> str:
+    """``--refiner-budget``: 'auto', 'none' or a positive fraction (checked here, used as text)."""
+    try:
+        budget_from_text(text)
+    except ConfigurationError as e:
+        raise argparse.ArgumentTypeError(f"{e.problem} ({e.fix})") from None
+    return text
+
+
+def _strength_arg(value: str):
+    """``--strength``: 'auto', 'adaptive' or a number in [0, 1]."""
+    if value in ("auto", "adaptive"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'adaptive' or a number in [0, 1], got {value!r}")
+    return value
+
+
+def _val_batches_arg(value: str):
+    """``--val-batches``: 'all' or a count >= 1."""
+    if value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a count >= 1, got {value!r}")
+    return value
 
 
 #: flags named as in timm's train.py whose defaults differ from timm's, and why (also in --help)
@@ -242,14 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method of the AugmentationRefiner; 'none' = plain soft-target CE through the refiner, "
                         "'off' = timm's own loss (no refiner)")
     g.add_argument("--refiner-mode", default="last_layer", choices=("last_layer", "full", "double_backward", "auto"))
-    g.add_argument("--strength", default="auto",
+    g.add_argument("--strength", default="auto", type=_strength_arg,
                    help="refinement strength: 'auto' (augplug's default: refine only batches that hold originals, "
                         "see --with-originals; views alone are trained as given), 'adaptive', or a number in [0, 1] "
                         "(1: refine the views alone too, worth it when the augmentation breaks labels)")
     g.add_argument("--refresh-every", type=int, default=4)
-    g.add_argument("--val-batches", default="all", help="validation batches per refresh ('all' or an int)")
+    g.add_argument("--val-batches", default="all", type=_val_batches_arg, help="validation batches per refresh ('all' or an int)")
     g.add_argument("--refiner-warmup", type=int, default=0, help="optimizer updates before refinement starts")
-    g.add_argument("--refiner-budget", default="auto",
+    g.add_argument("--refiner-budget", default="auto", type=_budget_arg,
                    help="the refiner's allowed share of a plain training step: it times its own work and spaces "
                         "out validation reads (and, with --refiner-mode full, the model's score passes) to stay "
                         "within it, so the schedule depends on measured time; 'none' for the exact, "
@@ -764,6 +803,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.train_subset is not None and args.train_subset == 0:
+        parser.error("--train-subset must be a count >= 1 or a fraction in (0, 1), got 0")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)   # the command as given
@@ -775,7 +818,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random_seed(args.seed, 0)
 
-    ds = build_datasets(args)
+    try:
+        ds = build_datasets(args)
+    except (ConfigurationError, ValueError) as e:   # the split flags (--val-split, --train-subset, sizes)
+        parser.error(f"the data split: {e}")
     train_set, val_set, test_set = ds["train"], ds["val"], ds["test"]
     classes, num_classes, in_chans, val_idx = ds["classes"], ds["num_classes"], ds["in_chans"], ds["val_indices"]
     gen = torch.Generator().manual_seed(args.seed)

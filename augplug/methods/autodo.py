@@ -377,6 +377,10 @@ class AutoDO(Policy):
         return rows_new, lab_new, labels_new, merged
 
     def refine(self, ctx: RefineContext):
+        if ctx.num_classes != self.num_classes:
+            raise ShapeError(f"the logits have {ctx.num_classes} classes, but AutoDO's tables were built for "
+                             f"num_classes={self.num_classes}",
+                             f"build the method with num_classes={ctx.num_classes} (the model's outputs)")
         idx = self.check_index(ctx.index, ctx.batch)
         y = ctx.targets
         dev = y.device

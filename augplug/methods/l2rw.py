@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..targets import check_soft_pair
 from .base import Policy, renormalize
 
 
@@ -18,6 +19,7 @@ def l2rw_weights(scores: torch.Tensor, targets: torch.Tensor, *, distributed: bo
     """``renormalize(max(y_i^T g_i, 0))`` for scores (B, C) and target probabilities (B, C).
 
     ``distributed=True``: normalized over the global batch of all processes."""
+    check_soft_pair(scores, targets)
     raw = (targets.float() * scores.float()).sum(-1)
     return renormalize(raw.clamp_min(0), distributed=distributed)
 

@@ -46,6 +46,7 @@ from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError, ShapeError
 from ..pooled import PooledEvidence
 from ..schedule import AUTO_BUDGET
+from ..targets import check_soft_pair
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
 
@@ -154,6 +155,7 @@ def saflex_targets(
     ``"likelihood"`` (the standardised ``y~^T log_probs``; pass ``log_probs`` (B, C), the rows'
     log-softmax outputs).
     """
+    check_soft_pair(scores, targets)
     if tau <= 0:
         raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
     if beta < 0:
