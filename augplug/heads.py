@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
-from typing import Deque, Optional, Tuple, Union
+from typing import Any, Deque, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -215,6 +215,24 @@ def _joined(tensors):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
 
 
+def _cat_order(logits: torch.Tensor, nodes, chunks, rows: int) -> Optional[List[int]]:
+    """The recorded forwards, in the order their outputs were concatenated into ``logits`` along the
+    rows (``torch.cat([model(x), model(x_aug)])`` in any order of the forwards), read from the
+    autograd graph: ``logits`` made by one ``torch.cat`` of outputs whose graph nodes are
+    ``nodes[k]``. None when the logits are not such a concatenation (no device sync either way)."""
+    fn = getattr(logits, "grad_fn", None)
+    if fn is None or type(fn).__name__ != "CatBackward0" or getattr(fn, "_saved_dim", 0) not in (0, -2):
+        return None
+    order: List[int] = []
+    for part, _ in fn.next_functions:
+        k = next((i for i, node in enumerate(nodes) if node is not None and node is part), None)
+        if k is None or k in order:
+            return None
+        order.append(k)
+    contiguous = sorted(order) == list(range(min(order), max(order) + 1)) if order else False
+    return order if len(order) > 1 and contiguous and sum(chunks[k].shape[0] for k in order) == rows else None
+
+
 @dataclass(frozen=True)
 class ForwardReplay:
     """What a training forward drew from the random number generators, recorded as it began: with
@@ -265,11 +283,12 @@ class _HeadForward(GradientSlot):
     """One recorded forward of the classifier head: its input features, whether a refiner call used
     it, and (with gradient tracking) the gradient its output received in the backward pass."""
 
-    __slots__ = ("features", "used")
+    __slots__ = ("features", "used", "node")
 
-    def __init__(self, features: torch.Tensor):
+    def __init__(self, features: torch.Tensor, node=None):
         super().__init__()
-        self.features, self.used = features, False
+        #: ``node``: the autograd node of the head's output (to read the order of a concatenation)
+        self.features, self.used, self.node = features, False, node
 
 
 def _inert_capture() -> "ActivationCapture":
@@ -311,6 +330,7 @@ class ActivationCapture:
         self._outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)   # the head's, per forward
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
+        self._model_nodes: Deque[Any] = deque(maxlen=max_chunks)   # their autograd nodes (_cat_order)
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
         self._forwards: Deque[_HeadForward] = deque(maxlen=max_chunks)   # beside _features
         #: forwards with a gradient hook whose backward pass may still come (kept across clear())
@@ -361,7 +381,7 @@ class ActivationCapture:
             h = args[0].detach()
             self._features.append(args[0] if self.keep_graph else h)
             self._outputs.append(output.detach() if isinstance(output, torch.Tensor) else None)
-            record = _HeadForward(h)
+            record = _HeadForward(h, output.grad_fn if isinstance(output, torch.Tensor) else None)
             self._forwards.append(record)
             if self.track_gradients and isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(partial(self._received, record))
@@ -373,6 +393,7 @@ class ActivationCapture:
             x = x.detach()
             self._inputs.append(x)
             self._model_outputs.append(None)
+            self._model_nodes.append(None)
             self._input_open = True
             if self.record_replay:
                 self._replays.append(ForwardReplay.before(x))
@@ -381,7 +402,8 @@ class ActivationCapture:
         if self._input_open:
             self._input_open = False
             try:
-                self._model_outputs[-1] = output_logits(output).detach()
+                out = output_logits(output)
+                self._model_outputs[-1], self._model_nodes[-1] = out.detach(), out.grad_fn
             except ShapeError:   # no logits to match calls to forwards by; the scores say so if needed
                 pass
 
@@ -394,7 +416,8 @@ class ActivationCapture:
     def claim(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The features of the forward(s) the logits come from (:meth:`_pick`, not flattened), marked
         as used by a refiner call, so that :meth:`other_gradients` does not count them."""
-        out, start, end = self._pick(self._features, self._outputs, rows, logits)
+        out, start, end = self._pick(self._features, self._outputs, rows, logits,
+                                     [f.node for f in self._forwards])
         if out is not None:
             for k in range(start, end):
                 self._forwards[k].used = True
@@ -414,7 +437,7 @@ class ActivationCapture:
     def inputs(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The model inputs of the last ``rows`` samples, or None; with ``logits``, those of the
         forward the logits come from (:meth:`_pick`)."""
-        return self._pick(self._inputs, self._model_outputs, rows, logits)[0]
+        return self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes))[0]
 
     def replay(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional["ForwardReplay"]:
         """How to rerun the training forward that alone saw the ``rows`` rows (the one ``logits``
@@ -422,10 +445,10 @@ class ActivationCapture:
         captured, or the capture was not asked to ``record_replay``."""
         if not self.record_replay or not self._inputs:
             return None
-        out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits)
+        out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes))
         return self._replays[start] if out is not None and end - start == 1 else None
 
-    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor]):
+    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor], nodes=None):
         """``(tensor, start, end)``: the recorded tensors of forwards ``start:end`` (concatenated),
         the forwards a call's ``rows`` rows come from; ``(None, 0, 0)`` when no run of recent
         forwards adds up to ``rows``.
@@ -436,13 +459,19 @@ class ActivationCapture:
         converted after the forward, as Accelerate's mixed precision does), by value: the most
         recent run of forwards whose outputs equal the logits. Where none does (logits computed
         from the output), the most recent forwards, with a one-time warning when an earlier run of
-        forwards would also have fitted (the choice is then a guess)."""
+        forwards would also have fitted (the choice is then a guess). Logits that are one
+        ``torch.cat`` of recorded outputs are matched through the autograd graph first, in the order
+        of the concatenation, whatever the order of the forwards (``nodes``: the outputs' graph nodes,
+        beside ``chunks``)."""
         n = len(chunks)
         if logits is not None:
             for k in range(n - 1, -1, -1):
                 o = outputs[k]
                 if o is not None and _same_tensor(o, logits):
                     return chunks[k], k, k + 1
+            order = _cat_order(logits, nodes, chunks, rows) if nodes is not None and len(nodes) == n else None
+            if order is not None:
+                return _joined([chunks[k] for k in order]), min(order), max(order) + 1
         start = _run_start(chunks, n, rows)
         if start is None:
             return None, 0, 0
@@ -494,6 +523,7 @@ class ActivationCapture:
         self._outputs.clear()
         self._forwards.clear()
         self._model_outputs.clear()
+        self._model_nodes.clear()
         self._input_open = False
         self._inputs.clear()
         self._replays.clear()

@@ -49,6 +49,38 @@ def _two_forwards_setup():
     return model, r, x, x_aug, y
 
 
+@pytest.mark.parametrize("mode", ["last_layer", "full"])
+def test_concat_reads_the_order_of_the_concatenation_not_of_the_forwards(mode):
+    """``out_aug = model(x_aug); out = model(x); refiner(torch.cat([out, out_aug]), ..., num_original=)``:
+    the views' forward ran first, the logits put the originals first. The refiner reads the order of
+    the concatenation from the autograd graph (no device sync) and scores the views from their own
+    features (inputs in full mode), as when the forwards run in the logits' order; nothing is warned.
+    Joining the forwards in the order they ran scored the views from the originals' features."""
+    import warnings
+    scores = {}
+    for order in ("originals first", "views first"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        g = torch.Generator().manual_seed(1)
+        val = DataLoader(TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                         batch_size=16)
+        r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), val, mode=mode,
+                                schedule=dict(refresh_every=1, budget=None))
+        x, x_aug = torch.randn(8, 6, generator=g), 3 * torch.randn(10, 6, generator=g)
+        y = torch.randint(0, 3, (18,), generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            if order == "originals first":
+                out, out_aug = model(x), model(x_aug)
+            else:
+                out_aug, out = model(x_aug), model(x)
+            r(torch.cat([out, out_aug]), y, num_original=8)
+        scores[order] = r.stats["scores"][8:].clone()
+        if mode == "last_layer":
+            torch.testing.assert_close(scores[order], _expected_scores(model, r, x_aug, out_aug), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores["views first"], scores["originals first"], rtol=1e-5, atol=1e-6)
+
+
 def _expected_scores(model, r, x_aug, logits):
     with torch.no_grad():
         features = model[:2](x_aug)
