@@ -527,12 +527,8 @@ class ContrastiveRefiner(RefinerCore):
         # the share's batch statistics, the weights' normalization), whatever its rows.
         share_on = self.share is not None and active and (distributed or 0 < n_aug < batch)
         refine = active or not self.policy.needs_scores
-        share_state, stats, prior_share, early = None, None, self.aug_weight, None
-        if self.share is not None:
-            # the statistics earlier calls completed (AdaptiveShare.gather) move the share this call
-            # uses; committed with the call, put back if it fails
-            early = self.share.gather(None, self.step_count, self.step_count, self.failed_steps)
-            self.aug_weight = early["log_share"].exp().float()
+        stats = None
+        prior_share, early = self._begin_share()   # the share this call uses
         used_share = self.aug_weight
         v_new = None
         snapshot = self._snapshot()
@@ -563,8 +559,7 @@ class ContrastiveRefiner(RefinerCore):
                         weights[d], soft[d] = apply_strength(weights[d], soft[d], ys[d], aug, used_strength)
                 if share_on:
                     stats = self._share_statistics(g_all, ys, weights, soft, aug, distributed)
-            if self.share is not None:   # this call's statistics go on from the early proposal
-                share_state = self.share.gather(stats, self.step_count, self.step_count, self.failed_steps, base=early)
+            share_state = self._gather_share(early, stats, self.step_count)
             denoms = self._normalize(weights, aug, n_aug, batch)
         except BaseException:
             self.aug_weight = prior_share
@@ -579,9 +574,7 @@ class ContrastiveRefiner(RefinerCore):
         loss = loss / len(self.directions)
 
         # commit
-        if share_state is not None:
-            self.share.load_state_dict(share_state)
-            self.aug_weight = self.share.value
+        self._commit_share(share_state)
         self._commit_direction(v_new)
         self._count_call()
         self.stats = self._summarise(s, weights, soft, scores, ys, aug, active and n_aug > 0, refreshed, used_share,
@@ -684,9 +677,7 @@ class ContrastiveRefiner(RefinerCore):
             self.share.check_state(state["share"])
         self._load_core_state(state)
         if self.share is not None:
-            self.share.load_state_dict(state["share"])
-            self.share.pending_failed = self.failed_steps
-            self.aug_weight = self.share.value
+            self._load_share(state["share"])
 
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "

@@ -119,6 +119,9 @@ class RefinerCore:
     method: str
     refresh_every: int
     val_batches: Any
+    #: the shell's learned share of the augmented rows (an ``AdaptiveShare``), or None for a fixed
+    #: ``aug_weight``; :meth:`_begin_share`, :meth:`_gather_share` and :meth:`_load_share` drive it
+    share: Any = None
 
     # ------------------------------------------------------------------ construction
     def _init_core(self, optimizer, val_loader, schedule: Schedule, *, seed: int, needs_validation: bool,
@@ -226,17 +229,49 @@ class RefinerCore:
         """Optimizer updates so far (every call counts as one when there is no optimizer)."""
         return self._steps.count if self._steps is not None else self._call_steps
 
-    @property
-    def failed_steps(self) -> int:
-        """Optimizer steps that raised before updating anything (0 without an optimizer)."""
-        return self._steps.failed if self._steps is not None else 0
-
     @step_count.setter
     def step_count(self, value: int) -> None:
         if self._steps is not None:
             self._steps.count = int(value)
         else:
             self._call_steps = int(value)
+
+    @property
+    def failed_steps(self) -> int:
+        """Optimizer steps that raised before updating anything (0 without an optimizer)."""
+        return self._steps.failed if self._steps is not None else 0
+
+    def _begin_share(self) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        """At the start of a call, for a shell with an adaptive share (``self.share``): ``(the share
+        held so far, the early proposal)``. The statistics earlier calls completed
+        (:meth:`~augplug.share.AdaptiveShare.gather`) move the share this call uses, which
+        ``self.aug_weight`` then holds; a failing call puts the first back. Without an adaptive
+        share: ``(aug_weight, None)``."""
+        prior = self.aug_weight
+        if self.share is None:
+            return prior, None
+        early = self.share.gather(None, self.step_count, self.step_count, self.failed_steps)
+        self.aug_weight = self.share.value_of(early)
+        return prior, early
+
+    def _gather_share(self, early: Optional[Dict[str, Any]], stats, stats_step: int) -> Optional[Dict[str, Any]]:
+        """The share's state after this call (None without an adaptive share): this call's statistics
+        ``stats`` of rows trained at update ``stats_step``, going on from :meth:`_begin_share`'s
+        proposal; committed with the call."""
+        if self.share is None:
+            return None
+        return self.share.gather(stats, stats_step, self.step_count, self.failed_steps, base=early)
+
+    def _commit_share(self, state: Optional[Dict[str, Any]]) -> None:
+        """Commit :meth:`_gather_share`'s proposal (None: nothing to commit)."""
+        if state is not None:
+            self.share.load_state_dict(state)
+            self.aug_weight = self.share.value
+
+    def _load_share(self, state: Dict[str, Any]) -> None:
+        """Restore the adaptive share from a checked state; failed optimizer steps count from now."""
+        self._commit_share(state)
+        self.share.pending_failed = self.failed_steps
 
     def set_optimizer(self, optimizer) -> None:
         """Count the updates of ``optimizer`` from now on, in place of the optimizer given so far: for a

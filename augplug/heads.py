@@ -10,7 +10,6 @@ raises :class:`~augplug.errors.UnsupportedHeadError` naming the alternatives.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections import deque
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -487,11 +486,11 @@ class ActivationCapture:
                     return _joined(list(chunks)[first:end]), first, end
             if not self._warned_guess and any(_run_start(chunks, end, rows) is not None for end in range(1, start + 1)):
                 self._warned_guess = True
-                warnings.warn(
+                warn_at_caller(
                     f"the logits passed are not the output of any of the {n} training forwards since the last "
                     f"call (computed from it, e.g. scaled), and more than one run of those forwards has their "
                     f"{rows} rows: the most recent is used. Call the refiner right after the forward that "
-                    f"produced the logits, or pass features= (inputs= in full mode)", RuntimeWarning, stacklevel=4)
+                    f"produced the logits, or pass features= (inputs= in full mode)")
         if logits is not None and start == 0 and not self._value_checked:
             self._check_logits_are_outputs(list(outputs), logits)
         return _joined(list(chunks)[start:]), start, n

@@ -554,12 +554,7 @@ class AugmentationRefiner(RefinerCore):
             # the loss keep their upstream weights and targets and are scored for the share alone
             used_strength = 1.0 if n_orig_all > 0 else 0.0
             active = active and (used_strength > 0 or self._rest_mode)
-        prior_share, early = self.aug_weight, None
-        if self.share is not None:
-            # the statistics earlier calls completed (AdaptiveShare.gather) move the share this call
-            # uses, from its mixing to its loss; committed with the call, put back if it fails
-            early = self.share.gather(None, self.step_count, self.step_count, self.failed_steps)
-            self.aug_weight = early["log_share"].exp().float()
+        prior_share, early = self._begin_share()   # the share this call uses, from its mixing to its loss
         try:
             ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
                                 n_augmented=n_aug, sources=sources)
@@ -587,9 +582,9 @@ class AugmentationRefiner(RefinerCore):
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
             share_state, used_share = None, self.aug_weight
-            if self.share is not None:   # this call's statistics go on from the early proposal
+            if self.share is not None:
                 stats, stats_step = self._share_statistics(ctx, weights, soft, scores, aug, rows, n_aug, rest_stats)
-                share_state = self.share.gather(stats, stats_step, self.step_count, self.failed_steps, base=early)
+                share_state = self._gather_share(early, stats, stats_step)
             if deferred:
                 self._budget_mark()
                 deferred = False   # checked from here on, whatever the check says
@@ -612,9 +607,7 @@ class AugmentationRefiner(RefinerCore):
         self.policy.commit()
         if strength_state is not None:
             self.strength.load_state_dict(strength_state)
-        if share_state is not None:
-            self.share.load_state_dict(share_state)
-            self.aug_weight = self.share.value
+        self._commit_share(share_state)
         self._commit_direction(ctx.v_new)
         self._last_call_step = self.step_count
         self._count_call()
@@ -1037,9 +1030,7 @@ class AugmentationRefiner(RefinerCore):
         if isda is not None:
             self.isda.load_state_dict(isda)
         if share is not None:
-            self.share.load_state_dict(share)
-            self.share.pending_failed = self.failed_steps
-            self.aug_weight = self.share.value
+            self._load_share(share)
         if strength is not None:
             self.strength.load_state_dict(strength)
         # the update count at the last call before the save: the rest's signal read next is that call's

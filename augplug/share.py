@@ -204,7 +204,12 @@ class AdaptiveShare(NormalizedWalk):
     def value(self) -> torch.Tensor:
         """The current share: a 0-dim fp32 tensor on the device of the last update (fp32, so that
         the loss it scales keeps its dtype)."""
-        return self.log_share.exp().float()
+        return self.value_of({"log_share": self.log_share})
+
+    @staticmethod
+    def value_of(state: Dict[str, Any]) -> torch.Tensor:
+        """The share a state of :meth:`propose` / :meth:`gather` holds, as :attr:`value` gives it."""
+        return state["log_share"].exp().float()
 
     @property
     def needs_probs(self) -> bool:
@@ -316,20 +321,15 @@ class AdaptiveShare(NormalizedWalk):
         return {**super().state_dict(), "pending": self.pending.tolist(), "pending_step": int(self.pending_step)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (numbers; a state without pending statistics, from before
-        they were kept, has none) or commit a proposal of :meth:`propose` / :meth:`gather` (tensors,
-        kept where they are)."""
+        """Restore a :meth:`state_dict` (numbers) or commit a proposal of :meth:`gather` (tensors, kept
+        where they are). A state without pending statistics (an older checkpoint, a proposal of
+        :meth:`propose`) has none."""
         device = self.log_share.device
         super().load_state_dict(state)
-        if "pending_step" in state or "pending" in state:
-            pending = state.get("pending")
-            self.pending = (pending if isinstance(pending, torch.Tensor) and pending.dtype == torch.float64
-                            else torch.tensor(pending if pending is not None else [0.0] * 4,
-                                              dtype=torch.float64)).to(device)
-            self.pending_step = int(state.get("pending_step", -1))
-            self.pending_failed = int(state.get("pending_failed", 0))
-        elif any(isinstance(v, (int, float)) for v in state.values()):   # an older saved state: nothing pending
-            self.pending, self.pending_step = torch.zeros(4, dtype=torch.float64, device=device), -1
+        pending = state.get("pending", [0.0] * 4)   # a state without any: nothing pending
+        self.pending = torch.as_tensor(pending, dtype=torch.float64).to(device)
+        self.pending_step = int(state.get("pending_step", -1))
+        self.pending_failed = int(state.get("pending_failed", 0))
 
     def step_size(self, updates: torch.Tensor):
         """``lr``, or without one ``WANDER / (2 sqrt(t))`` for the ``t = updates + 1``-th update."""
