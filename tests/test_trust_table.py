@@ -103,3 +103,48 @@ def test_identity_upstream_weights_are_ranked_against_the_unbroken_views():
     labels = torch.tensor([0, 1, 0, 1, 1])
     kept = ~broken_class_mask(2)[labels]
     assert binary_auc(labels.float().numpy(), kept.numpy()) == 1.0
+
+
+def test_the_second_promise_compares_means_not_the_larger_control_per_seed():
+    """Two controls alike but for noise, and a refiner that is one of them: both promises hold (it is
+    the better control); the mean of ``refiner_s - max(none_s, upstream_s)`` is a full point under,
+    because the larger of two noisy accuracies per seed lies above both means."""
+    from benchmarks.trust import promises
+    none = {0: 0.80, 1: 0.82, 2: 0.80, 3: 0.82}
+    upstream = {0: 0.82, 1: 0.80, 2: 0.82, 3: 0.80}
+    out = promises(dict(upstream), upstream, none)
+    assert out["vs_upstream"] == 0 and out["vs_none"] == 0
+    assert out["first"] and out["second"]
+    assert abs(out["vs_seed_max"] + 1.0) < 1e-9
+
+
+def test_the_second_promise_fails_below_the_better_control_and_needs_the_first():
+    from benchmarks.trust import promises
+    none = {0: 0.90, 1: 0.90}
+    upstream = {0: 0.85, 1: 0.85}
+    short = promises({0: 0.8985, 1: 0.8985}, upstream, none)      # 0.15 points under no augmentation
+    assert short["first"] and not short["second"]
+    assert abs(short["vs_none"] + 0.15) < 1e-9
+    near = promises({0: 0.8995, 1: 0.8995}, upstream, none)       # 0.05 under: within the tolerance
+    assert near["second"]
+    # views help: the better control is upstream, and the refiner must reach it
+    below_upstream = promises({0: 0.92, 1: 0.92}, {0: 0.94, 1: 0.94}, none)
+    assert not below_upstream["first"] and not below_upstream["second"]
+    assert "second" not in promises({0: 0.9}, {0: 0.9})          # no originals trained: first promise only
+    with pytest.raises(KeyError):
+        promises({0: 0.9, 1: 0.9}, {0: 0.9}, {0: 0.9, 1: 0.9})   # a control without the refiner's seed
+
+
+def test_the_readme_counts_the_promises_as_the_committed_runs_give_them():
+    """The README's counts over its trust table are what ``python -m benchmarks.trust_bars`` computes
+    from the runs in ``benchmarks/results/trust``."""
+    from pathlib import Path
+
+    from benchmarks.trust_bars import count
+    _, totals = count()
+    assert totals["settings"] == 138
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in ("first", "second"):
+        assert f"{totals[key]} of {totals['settings']}" in readme, key
+    assert f"{totals['second_seed_max']} of {totals['settings']}" in readme
+    assert f"{totals['better_control_seed_max']} of {totals['settings']}" in readme

@@ -1,0 +1,136 @@
+"""The two promises counted over every setting of the README's trust table, from the committed runs.
+
+    python -m benchmarks.trust_bars
+
+reads the runs (``benchmarks/results/trust/<table>.jsonl`` and each table's ``--controls``) of the
+settings listed in :data:`SETTINGS` (one entry per row group of the README's table) and writes
+``benchmarks/results/trust/bars.md``: per setting, the mean paired differences refiner − upstream and
+refiner − none in points, whether each promise holds (:func:`benchmarks.trust.promises`), and the
+older per-seed statistic ``refiner_s − max(none_s, upstream_s)`` beside what the better control
+itself scores under it. It trains nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from typing import Dict, List, Sequence, Tuple
+
+from benchmarks.common import results_dir
+from benchmarks.trust import TOLERANCE, promises
+
+HARMFUL = ("random", "pairflip", "identity", "clean")
+FIVE = HARMFUL + ("mild",)
+#: (README row, table, data sets, upstreams, patterns); on the binary tables (Spambase, cancer)
+#: ``pairflip`` is the same run as ``random`` and is counted once
+SETTINGS: List[Tuple[str, str, Sequence[str], Sequence[str], Sequence[str]]] = [
+    ("images and Letter, one batch", "direction_signal_fmnist", ["fmnist"], HARMFUL, ["batch"]),
+    ("images and Letter, one batch", "direction_signal_four_sets", ["digits", "letter"], HARMFUL, ["batch"]),
+    ("images and Letter, separate", "direction_fmnist_separate_10seeds", ["fmnist"], HARMFUL, ["separate"]),
+    ("images and Letter, separate", "direction_separate_10seeds_digits_letter", ["digits", "letter"], HARMFUL,
+     ["separate"]),
+    ("images and Letter, concat", "direction_concat_10seeds_fmnist", ["fmnist"], HARMFUL, ["concat"]),
+    ("images and Letter, concat", "direction_concat_10seeds_digits_letter", ["digits", "letter"], HARMFUL,
+     ["concat"]),
+    ("Spambase, cancer (held out)", "direction_heldout_30seeds", ["spambase", "cancer"],
+     ["random", "identity", "clean"], ["batch", "concat", "separate"]),
+    ("Satellite", "direction_signal_satellite", ["satellite"], FIVE, ["batch", "concat"]),
+    ("Satellite", "direction_satellite_separate", ["satellite"], FIVE, ["separate"]),
+    ("Vehicle", "direction_signal_vehicle", ["vehicle"], FIVE, ["batch", "concat"]),
+    ("Vehicle", "direction_vehicle_separate_30seeds", ["vehicle"], FIVE, ["separate"]),
+    ("mild, one batch", "direction_signal_four_sets", ["digits", "letter", "spambase", "cancer"], ["mild"],
+     ["batch"]),
+    ("mild, separate and concat", "direction_mild_10seeds", ["digits", "letter"], ["mild"], ["separate", "concat"]),
+    ("30 epochs", "direction_signal_30epochs_four_sets", ["digits", "letter", "spambase", "cancer"],
+     ["random", "identity", "clean", "mild"], ["batch"]),
+    ("30 epochs", "direction_signal_30epochs_four_sets", ["digits", "letter"], ["pairflip"], ["batch"]),
+    ("SGD, one batch", "direction_sgd_30seeds_digits_letter", ["digits", "letter"], HARMFUL, ["batch"]),
+    ("SGD, one batch", "direction_sgd_10seeds_fmnist", ["fmnist"], HARMFUL, ["batch"]),
+    ("SGD, separate", "direction_sgd_separate_10seeds_digits_letter", ["digits", "letter"], HARMFUL, ["separate"]),
+    ("SGD, mild", "direction_sgd_mild_10seeds", ["digits", "letter", "spambase", "cancer"], ["mild"],
+     ["batch", "separate"]),
+]
+
+
+def _runs(name: str) -> List[Dict]:
+    path = results_dir("trust") / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accuracies(table: str) -> Dict[Tuple, Dict[int, float]]:
+    """Accuracy by seed for each ``(data set, upstream, pattern, arm)`` of a table's runs and its
+    controls, on the table's own seeds (``none`` is keyed with pattern and upstream ``None``: it trains
+    no views)."""
+    header = (results_dir("trust") / f"{table}.md").read_text().splitlines()[0]
+    controls = re.search(r"--controls (\S+)", header)
+    own = _runs(table)
+    # as the table does: its own runs, then the controls' runs of the other arms (a later run wins)
+    rows = own + ([r for r in _runs(controls.group(1).split("/", 1)[1]) if r["arm"] != "refiner"] if controls else [])
+    seeds = {r["seed"] for r in own}
+    acc: Dict[Tuple, Dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r["seed"] in seeds:
+            key = (r["dataset"], None, None, "none") if r["arm"] == "none" else (
+                r["dataset"], r["upstream"], r["pattern"], r["arm"])
+            acc[key][r["seed"]] = r["test_acc"]   # a later run of the same arm wins, as in the tables
+    return acc
+
+
+def count() -> Tuple[List[Dict], Dict[str, int]]:
+    """Every setting's promises and the totals."""
+    cells, cache = [], {}
+    for row, table, datasets, upstreams, patterns in SETTINGS:
+        if table not in cache:
+            cache[table] = accuracies(table)
+        acc = cache[table]
+        for d in datasets:
+            for u in upstreams:
+                if d in ("spambase", "cancer") and u == "pairflip":
+                    continue
+                for p in patterns:
+                    refiner, upstream = acc[(d, u, p, "refiner")], acc[(d, u, p, "upstream")]
+                    none = acc[(d, None, None, "none")]
+                    out = promises(refiner, upstream, none)
+                    better = upstream if out["vs_none"] >= out["vs_upstream"] else none   # by the controls' means
+                    out["better_control_vs_seed_max"] = promises(better, upstream, none)["vs_seed_max"]
+                    out.update(row=row, table=table, dataset=d, upstream=u, pattern=p)
+                    cells.append(out)
+    totals = {"settings": len(cells), "first": sum(c["first"] for c in cells),
+              "second": sum(c["second"] for c in cells),
+              "second_seed_max": sum(c["first"] and c["vs_seed_max"] >= -TOLERANCE for c in cells),
+              "better_control_seed_max": sum(c["better_control_vs_seed_max"] >= -TOLERANCE for c in cells)}
+    return cells, totals
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="trust/bars", help="results name under benchmarks/results/ (no extension)")
+    args = ap.parse_args(argv)
+    cells, t = count()
+    lines = [
+        "<!-- python -m benchmarks.trust_bars -->", "",
+        f"The two promises over the {t['settings']} settings of the README's trust table (mean paired differences "
+        f"in points over each table's seeds; a promise holds at ≥ −{TOLERANCE}):", "",
+        f"- first, refiner − upstream: **{t['first']} of {t['settings']}**",
+        f"- second, refiner − upstream and refiner − none both: **{t['second']} of {t['settings']}**",
+        f"- the older per-seed statistic, mean of refiner − max(none, upstream) per seed: {t['second_seed_max']} of "
+        f"{t['settings']}; the better control itself (the control with the higher mean) meets it in "
+        f"{t['better_control_seed_max']} of {t['settings']}: the larger of two noisy accuracies per seed lies above "
+        "both controls' means, so that statistic asks more than the better control delivers.", "",
+        "| README row | table | data set | upstream | pattern | seeds | refiner − upstream | refiner − none | first | "
+        "second | per-seed max: refiner | per-seed max: better control |",
+        "|" + "---|" * 12,
+    ]
+    for c in cells:
+        lines.append(f"| {c['row']} | [{c['table']}]({c['table']}.md) | {c['dataset']} | {c['upstream']} | "
+                     f"{c['pattern']} | {c['seeds']} | {c['vs_upstream']:+.2f} | {c['vs_none']:+.2f} | "
+                     f"{'yes' if c['first'] else '**no**'} | {'yes' if c['second'] else '**no**'} | "
+                     f"{c['vs_seed_max']:+.2f} | {c['better_control_vs_seed_max']:+.2f} |")
+    path = results_dir() / f"{args.out}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:7]))
+
+
+if __name__ == "__main__":
+    main()
