@@ -417,7 +417,11 @@ class ContrastiveRefiner(RefinerCore):
 
     # ------------------------------------------------------------------ helpers
     def remove_hooks(self) -> None:
+        """Detach the optimizer's step hook; later calls raise a
+        :class:`~augplug.errors.ConfigurationError` (build a new refiner, and load this one's
+        :meth:`state_dict` into it to go on)."""
         self._remove_step_hook()
+        self._hooks_removed = True
 
     def _params(self) -> Dict[str, nn.Parameter]:
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -470,6 +474,7 @@ class ContrastiveRefiner(RefinerCore):
     def _checked_call(self, images, texts_or_targets, num_original, augmented):
         """Check the call's inputs, run both encoders and check the similarities; a typed error names
         the first problem. Returns ``(batch, augmented mask, similarities, soft targets by direction)``."""
+        self._check_can_train()
         if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
             raise ModelModeError("the refiner was called with the encoders in eval mode",
                                  "call .train() on the encoders before training steps, or pass check_train_mode=False")

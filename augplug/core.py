@@ -29,7 +29,8 @@ import torch
 from .distributed import all_reduce_sum_
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
-from .errors import AugplugError, ConfigurationError, EmptyValidationError, NonFiniteError, PeerBatchError, ShapeError
+from .errors import (AugplugError, ConfigurationError, EmptyValidationError, ModelModeError, NonFiniteError,
+                     PeerBatchError, ShapeError)
 from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
 from .finite import nonfinite
@@ -149,6 +150,7 @@ class RefinerCore:
             self._pass_length()   # a loader without len(): say so now, not at the first refresh
         self._count_steps_of(optimizer)
         self._call_steps = 0
+        self._hooks_removed = False   # remove_hooks() was called: the refiner refuses calls
         #: (the watched parameter's in-place version, the counted steps) at the last committed call, and
         #: the calls in a row that found the model updated without a counted step (_note_updates)
         self._update_probe: Optional[Tuple[int, int]] = None
@@ -336,6 +338,23 @@ class RefinerCore:
     def _remove_step_hook(self) -> None:
         if self._steps is not None:
             self._steps.remove()
+
+    def _check_can_train(self) -> None:
+        """Refuse a call that could not train, before anything changes: after :meth:`remove_hooks`
+        (no forward or optimizer step is seen any more) or with gradients disabled (the call would
+        still move the refiner's state, from features of an earlier training forward)."""
+        if self._hooks_removed:
+            raise ConfigurationError(
+                "this refiner's hooks were removed (remove_hooks()): it no longer sees the model's forwards "
+                "or the optimizer's updates",
+                "build a new refiner for the model; load this one's state_dict() into it to continue where "
+                "it stopped")
+        if not torch.is_grad_enabled():
+            raise ModelModeError(
+                "the refiner was called with gradients disabled (under torch.no_grad() or "
+                "torch.inference_mode())",
+                "call it only in training steps, with grad enabled: each call trains the model and moves the "
+                "refiner's own state; to log or evaluate a loss use a plain criterion such as F.cross_entropy")
 
     @property
     def validation_direction(self) -> Optional[Dict[str, torch.Tensor]]:

@@ -211,7 +211,16 @@ def _run_start(chunks, end: int, rows: int) -> Optional[int]:
 
 
 def _joined(tensors):
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+    """The recorded tensors of several forwards as one batch (rows stacked)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    shapes = [tuple(t.shape[1:]) for t in tensors]
+    if len(set(shapes)) > 1:   # inputs of another resolution, in full mode: no one batch to score
+        raise ShapeError("the logits come from forwards whose inputs have different shapes per row "
+                         f"({', '.join(map(str, shapes))}), which cannot be scored as one batch of model inputs",
+                         "use last-layer mode (the default), or call the refiner once per forward, each with "
+                         "that forward's logits")
+    return torch.cat(tensors, 0)
 
 
 def _cat_order(logits: torch.Tensor, nodes, chunks, rows: int) -> Optional[List[int]]:
@@ -349,6 +358,7 @@ class ActivationCapture:
             self._handles.append(head.register_forward_hook(self._feature_hook))
         #: the keyword under which a forward called by keyword takes its input (_first_parameter)
         self._input_keyword = _first_parameter(model) if capture_inputs else None
+        self.captures_inputs = bool(capture_inputs)
         if capture_inputs:
             self._handles.append(model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._model_output_hook))
@@ -412,11 +422,16 @@ class ActivationCapture:
         out = self.claim(rows, logits)
         return None if out is None else out.flatten(1)
 
+    def last_feature_shape(self) -> Optional[torch.Size]:
+        """The shape of the classifier input of the most recent recorded forward, or None."""
+        return self._features[-1].shape if self._features else None
+
     def claim(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The features of the forward(s) the logits come from (:meth:`_pick`, not flattened), marked
         as used by a refiner call, so that :meth:`other_gradients` does not count them."""
+        # where model inputs are captured (full mode) the logits are the model's output, checked there
         out, start, end = self._pick(self._features, self._outputs, rows, logits,
-                                     [f.node for f in self._forwards])
+                                     [f.node for f in self._forwards], check_values=not self.captures_inputs)
         if out is not None:
             for k in range(start, end):
                 self._forwards[k].used = True
@@ -447,7 +462,7 @@ class ActivationCapture:
         out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes))
         return self._replays[start] if out is not None and end - start == 1 else None
 
-    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor], nodes=None):
+    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor], nodes=None, check_values=True):
         """``(tensor, start, end)``: the recorded tensors of forwards ``start:end`` (concatenated),
         the forwards a call's ``rows`` rows come from; ``(None, 0, 0)`` when no run of recent
         forwards adds up to ``rows``.
@@ -491,7 +506,7 @@ class ActivationCapture:
                     f"call (computed from it, e.g. scaled), and more than one run of those forwards has their "
                     f"{rows} rows: the most recent is used. Call the refiner right after the forward that "
                     f"produced the logits, or pass features= (inputs= in full mode)")
-        if logits is not None and start == 0 and not self._value_checked:
+        if check_values and logits is not None and start == 0 and not self._value_checked:
             self._check_logits_are_outputs(list(outputs), logits)
         return _joined(list(chunks)[start:]), start, n
 

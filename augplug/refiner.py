@@ -11,6 +11,8 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 """
 from __future__ import annotations
 
+import copy
+
 import operator
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple, Union
@@ -422,9 +424,12 @@ class AugmentationRefiner(RefinerCore):
         return weight if isinstance(weight, nn.Parameter) and weight.requires_grad else super()._watched_parameter()
 
     def remove_hooks(self) -> None:
-        """Detach every hook the refiner installed on the model and optimizer."""
+        """Detach every hook the refiner installed on the model and optimizer; later calls raise a
+        :class:`~augplug.errors.ConfigurationError` (build a new refiner, and load this one's
+        :meth:`state_dict` into it to go on)."""
         self._capture.remove()
         self._remove_step_hook()
+        self._hooks_removed = True
 
     def _check_val_loader(self, val_loader) -> None:
         if type(val_loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher") and dist_world_size() > 1:
@@ -622,6 +627,7 @@ class AugmentationRefiner(RefinerCore):
     def _checked_call(self, logits, targets, num_original, augmented, inputs, features, index, sources):
         """The call's checks that look at no values (a typed error names the first problem), and the
         queued value check: ``(batch, num_classes, features, inputs, problems, augmented rows)``."""
+        self._check_can_train()
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
                 "the refiner was called with the model in eval mode",
@@ -658,6 +664,7 @@ class AugmentationRefiner(RefinerCore):
             check_row_tensor(index, batch, "index", integer=True)
         # what scoring and ISDA will read besides the logits: checked in the same device sync
         if features is None:
+            self._check_feature_rows()
             features = self._capture.features(batch, logits)
         elif self._capture.track_gradients:  # the forward is this call's, not the rest of the loss
             self._capture.claim(batch, logits)
@@ -687,6 +694,18 @@ class AugmentationRefiner(RefinerCore):
         raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
                              "(the logits are finite)",
                              "check the batch's inputs and the features= / inputs= passed; skip the batch")
+
+    def _check_feature_rows(self) -> None:
+        """Last-layer scores need one feature row per logit row: a linear classifier applied to each
+        of several positions of a row (tokens, pixels) whose outputs are pooled after it has none."""
+        shape = self._capture.last_feature_shape()
+        if self.mode == "last_layer" and shape is not None and len(shape) > 2 and isinstance(self.head, nn.Linear):
+            raise UnsupportedHeadError(
+                f"the classifier {self.head_name!r} receives inputs of shape {tuple(shape)}: it runs on each of "
+                f"{shape[1:-1].numel()} positions per row and its outputs are pooled after it, so there is no "
+                "one feature row per logit row for last-layer scores",
+                "pool before the classifier (as timm's heads do), or pass mode='full' (scores from the whole "
+                "model's gradients)")
 
     def _head_shape(self) -> Tuple[Optional[int], Optional[int]]:
         """The classifier head's numbers of outputs and inputs (None, None when there is no 2-D
@@ -972,11 +991,13 @@ class AugmentationRefiner(RefinerCore):
                         mode=self.mode, classifier=self.head, logits=logits, targets=targets, strict=strict)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume bit-for-bit (with the model's and optimizer's own state)."""
+        """Everything needed to resume bit-for-bit (with the model's and optimizer's own state), as
+        copies: training on does not change a state taken earlier."""
         return {
             **self._core_state(),
             "policy": self.policy.state_dict() if self.policy.has_state else None,
-            "isda": self.isda.state_dict() if self.isda is not None else None,
+            # a module's state_dict() shares its buffers' storage: copied, like every other part
+            "isda": copy.deepcopy(self.isda.state_dict()) if self.isda is not None else None,
             "share": self.share.state_dict() if self.share is not None else None,
             "strength": self.strength.state_dict() if self.strength is not None else None,
             "rest": self._rest_state(),

@@ -210,11 +210,12 @@ class RefineContext:
             if required:
                 raise ShapeError(
                     f"no classifier features for the {self.batch} rows of this batch were captured (no training "
-                    f"forward since the last call had {self.batch} rows; forwards under torch.no_grad() or in "
-                    f"eval mode are not recorded)",
+                    f"forward since the last call had {self.batch} rows; each call drops the forwards recorded "
+                    f"before it, and forwards under torch.no_grad() or in eval mode are not recorded)",
                     "call the refiner right after the training forward (model in train mode, autograd on), "
-                    "once per forward, with all of that forward's rows: drop or select rows (ignore_index "
-                    "labels) before the forward, not after it, or pass features= for the rows you pass")
+                    "before the next forward that another refiner call will use, once per forward, with all of "
+                    "that forward's rows: drop or select rows (ignore_index labels) before the forward, not "
+                    "after it, or pass features= for the rows you pass")
             return None
         if f.shape[0] != self.batch:
             raise ShapeError(f"features have {f.shape[0]} rows, logits {self.batch}", "pass matching features")

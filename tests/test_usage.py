@@ -1,0 +1,182 @@
+"""Ways a new user calls the refiner that it must refuse with a clear error, changing nothing: a call
+under ``torch.no_grad()``, a call after ``remove_hooks()``, a linear classifier run on every token,
+full-model scores of forwards at two resolutions; and a state taken with ISDA on that training does
+not change afterwards."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from augplug import AugmentationRefiner, Schedule
+from augplug.errors import ConfigurationError, ModelModeError, ShapeError, UnsupportedHeadError
+
+C = 5
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, C))
+
+
+def _val(shape=(3, 16, 16), n=32):
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, C, (n,), generator=g)),
+                      batch_size=16)
+
+
+def _batches(n=6, rows=4, shape=(3, 16, 16)):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(rows, *shape, generator=g), torch.randint(0, C, (rows,), generator=g)) for _ in range(n)]
+
+
+def _same(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+
+def _train(pattern, probe=None, **kw):
+    """Six steps of the one-batch or separate pattern; ``probe(model, refiner)`` runs after step 2.
+    Returns the losses and the final parameters."""
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    refiner = AugmentationRefiner(model, opt, _val(), schedule=Schedule(refresh_every=1, budget=None), **kw)
+    losses = []
+    for i, (x, y) in enumerate(_batches()):
+        x_aug = x.flip(-1)
+        if pattern == "batch":
+            loss = refiner(model(torch.cat([x, x_aug])), torch.cat([y, y]), num_original=len(x))
+        else:
+            loss = refiner(model(x_aug), y) + F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if i == 1 and probe is not None:
+            probe(model, refiner)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("pattern", ["batch", "separate"])
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_call_with_gradients_disabled_is_refused_and_changes_nothing(pattern, context):
+    """Logging a loss through the refiner under no_grad was accepted: it took the features of an
+    earlier training forward with as many rows, and moved the refiner's state and later training."""
+    def probe(model, refiner):
+        before = copy.deepcopy(refiner.state_dict())
+        x, y = _batches(1, rows=4)[0]
+        with context():
+            out = model(x)
+            with pytest.raises(ModelModeError, match="gradients disabled"):
+                refiner(out, y)
+        assert _same(before, refiner.state_dict())
+
+    plain, params = _train(pattern)
+    probed, probed_params = _train(pattern, probe)
+    assert plain == probed
+    assert all(torch.equal(a, b) for a, b in zip(params, probed_params))
+
+
+def test_a_call_after_remove_hooks_names_it():
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    refiner = AugmentationRefiner(model, opt, _val())
+    x, y = _batches(1, rows=8)[0]
+    refiner(model(x), y, num_original=4).backward()
+    opt.step()
+    refiner.remove_hooks()
+    before = copy.deepcopy(refiner.state_dict())
+    with pytest.raises(ConfigurationError, match="hooks were removed"):
+        refiner(model(x), y, num_original=4)
+    assert _same(before, refiner.state_dict())
+
+
+def test_a_state_taken_with_isda_is_a_copy():
+    """``state_dict()`` copies ISDA's statistics like every other part: training on does not change
+    a state taken earlier (an in-memory "best" checkpoint), and resuming from it equals resuming
+    from a deep copy taken at the same point."""
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    refiner = AugmentationRefiner(model, opt, _val(), isda=True)
+    batches = _batches(6, rows=8)
+    for i, (x, y) in enumerate(batches):
+        loss = refiner(model(x), y, num_original=4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i == 2:
+            kept, copied = refiner.state_dict(), copy.deepcopy(refiner.state_dict())
+    assert _same(kept["isda"], copied["isda"])
+    assert not _same(refiner.state_dict()["isda"], kept["isda"])
+
+
+class _TokenClassifier(nn.Module):
+    """A linear classifier run on every token, its outputs averaged after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(12, 8)
+        self.head = nn.Linear(8, C)
+
+    def forward(self, x):   # (B, T, 12)
+        return self.head(self.emb(x)).mean(1)
+
+
+def test_a_linear_classifier_on_every_token_needs_full_mode():
+    g = torch.Generator().manual_seed(0)
+    val = DataLoader(TensorDataset(torch.randn(32, 6, 12, generator=g), torch.randint(0, C, (32,), generator=g)),
+                     batch_size=16)
+    x, y = torch.randn(8, 6, 12, generator=g), torch.randint(0, C, (8,), generator=g)
+    torch.manual_seed(0)
+    model = _TokenClassifier()
+    refiner = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.05), val)
+    before = copy.deepcopy(refiner.state_dict())
+    with pytest.raises(UnsupportedHeadError, match="mode='full'"):
+        refiner(model(x), y, num_original=4)
+    assert _same(before, refiner.state_dict())
+    refiner.remove_hooks()
+    full = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.05), val, mode="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # the logits are the model's output: no warning
+        loss = full(model(x), y, num_original=4)
+    assert torch.isfinite(loss) and full.stats["active"]
+
+
+def test_full_mode_refuses_one_call_over_forwards_of_two_resolutions():
+    torch.manual_seed(0)
+    model = _net()
+    refiner = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.05), _val(), mode="full")
+    x, y = _batches(1, rows=4)[0]
+    small = F.interpolate(x, size=12)
+    before = copy.deepcopy(refiner.state_dict())
+    with pytest.raises(ShapeError, match="different shapes"):
+        refiner(torch.cat([model(x), model(small)]), torch.cat([y, y]), num_original=4)
+    assert _same(before, refiner.state_dict())
+    last_layer = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.05), _val())
+    assert torch.isfinite(last_layer(torch.cat([model(x), model(small)]), torch.cat([y, y]), num_original=4))
+
+
+def test_two_forwards_then_two_calls_says_why():
+    """A call drops the forwards recorded before it: the second of two calls made after both forwards
+    has no features, and the error says so."""
+    torch.manual_seed(0)
+    model = _net()
+    refiner = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.05), _val())
+    x, y = _batches(1, rows=8)[0]
+    first, second = model(x), model(x.flip(-1))
+    refiner(first, y, num_original=4)
+    with pytest.raises(ShapeError, match="drops the forwards recorded before it"):
+        refiner(second, y, num_original=4)
