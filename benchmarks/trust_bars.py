@@ -8,6 +8,12 @@ settings listed in :data:`SETTINGS` (one entry per row group of the README's tab
 refiner − none in points, whether each promise holds (:func:`benchmarks.trust.promises`), and the
 older per-seed statistic ``refiner_s − max(none_s, upstream_s)`` beside what the better control
 itself scores under it. It trains nothing.
+
+    python -m benchmarks.trust_bars --variant NAME
+
+does the same for the tables ``trust/NAME_<table>``: the README's commands with other ``--set``
+options (each table's first line names its command), counted against the default on the settings
+they cover and paired with it run by run, into ``benchmarks/results/trust/bars_NAME.md``.
 """
 from __future__ import annotations
 
@@ -77,13 +83,19 @@ def accuracies(table: str) -> Dict[Tuple, Dict[int, float]]:
     return acc
 
 
-def count() -> Tuple[List[Dict], Dict[str, int]]:
-    """Every setting's promises and the totals."""
+def count(variant: str = "") -> Tuple[List[Dict], Dict[str, int]]:
+    """Every setting's promises and the totals; with ``variant``, of the tables ``<variant>_<table>``
+    (the same commands with other options; settings whose table was not run are left out), each
+    also paired with the default's runs (``vs_default``: mean paired difference in points)."""
     cells, cache = [], {}
     for row, table, datasets, upstreams, patterns in SETTINGS:
-        if table not in cache:
-            cache[table] = accuracies(table)
-        acc = cache[table]
+        name = f"{variant}_{table}" if variant else table
+        if variant and not (results_dir("trust") / f"{name}.md").exists():
+            continue
+        for t in {table, name}:
+            if t not in cache:
+                cache[t] = accuracies(t)
+        acc, default = cache[name], cache[table]
         for d in datasets:
             for u in upstreams:
                 if d in ("spambase", "cancer") and u == "pairflip":
@@ -94,42 +106,67 @@ def count() -> Tuple[List[Dict], Dict[str, int]]:
                     out = promises(refiner, upstream, none)
                     better = upstream if out["vs_none"] >= out["vs_upstream"] else none   # by the controls' means
                     out["better_control_vs_seed_max"] = promises(better, upstream, none)["vs_seed_max"]
-                    out.update(row=row, table=table, dataset=d, upstream=u, pattern=p)
+                    if variant:
+                        out["vs_default"] = promises(refiner, default[(d, u, p, "refiner")])["vs_upstream"]
+                    out.update(row=row, table=name, dataset=d, upstream=u, pattern=p)
                     cells.append(out)
     totals = {"settings": len(cells), "first": sum(c["first"] for c in cells),
               "second": sum(c["second"] for c in cells),
               "second_seed_max": sum(c["first"] and c["vs_seed_max"] >= -TOLERANCE for c in cells),
               "better_control_seed_max": sum(c["better_control_vs_seed_max"] >= -TOLERANCE for c in cells)}
+    if variant and cells:
+        totals["vs_default"] = float(sum(c["vs_default"] * c["seeds"] for c in cells) / sum(c["seeds"] for c in cells))
     return cells, totals
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="trust/bars", help="results name under benchmarks/results/ (no extension)")
+    ap.add_argument("--variant", default="", metavar="NAME",
+                    help="count the tables trust/<NAME>_<table> instead (the same commands with other --set "
+                         "options), paired with the default's; writes trust/bars_<NAME>.md")
+    ap.add_argument("--out", default=None, help="results name under benchmarks/results/ (no extension; default "
+                                                "trust/bars, or trust/bars_<variant>)")
     args = ap.parse_args(argv)
-    cells, t = count()
-    lines = [
-        "<!-- python -m benchmarks.trust_bars -->", "",
-        f"The two promises over the {t['settings']} settings of the README's trust table (mean paired differences "
-        f"in points over each table's seeds; a promise holds at ≥ −{TOLERANCE}):", "",
-        f"- first, refiner − upstream: **{t['first']} of {t['settings']}**",
-        f"- second, refiner − upstream and refiner − none both: **{t['second']} of {t['settings']}**",
-        f"- the older per-seed statistic, mean of refiner − max(none, upstream) per seed: {t['second_seed_max']} of "
-        f"{t['settings']}; the better control itself (the control with the higher mean) meets it in "
-        f"{t['better_control_seed_max']} of {t['settings']}: the larger of two noisy accuracies per seed lies above "
-        "both controls' means, so that statistic asks more than the better control delivers.", "",
+    cells, t = count(args.variant)
+    if not cells:
+        ap.error(f"no table of the variant {args.variant!r} under benchmarks/results/trust")
+    cmd = "python -m benchmarks.trust_bars" + (f" --variant {args.variant}" if args.variant else "")
+    lines = [f"<!-- {cmd} -->", ""]
+    if args.variant:
+        keys = {(c["row"], c["dataset"], c["upstream"], c["pattern"]) for c in cells}
+        base = [c for c in count()[0] if (c["row"], c["dataset"], c["upstream"], c["pattern"]) in keys]
+        lines += [
+            f"The variant `{args.variant}` over {t['settings']} settings of the README's trust table, against the "
+            f"default on the same settings and seeds (a promise holds at ≥ −{TOLERANCE} point):", "",
+            f"- first promise: {t['first']} of {t['settings']} (default {sum(c['first'] for c in base)})",
+            f"- second promise: {t['second']} of {t['settings']} (default {sum(c['second'] for c in base)})",
+            f"- variant − default, mean paired difference over all runs: {t['vs_default']:+.3f} points", ""]
+    else:
+        lines += [
+            f"The two promises over the {t['settings']} settings of the README's trust table (mean paired "
+            f"differences in points over each table's seeds; a promise holds at ≥ −{TOLERANCE}):", "",
+            f"- first, refiner − upstream: **{t['first']} of {t['settings']}**",
+            f"- second, refiner − upstream and refiner − none both: **{t['second']} of {t['settings']}**",
+            f"- the older per-seed statistic, mean of refiner − max(none, upstream) per seed: {t['second_seed_max']} "
+            f"of {t['settings']}; the better control itself (the control with the higher mean) meets it in "
+            f"{t['better_control_seed_max']} of {t['settings']}: the larger of two noisy accuracies per seed lies "
+            "above both controls' means, so that statistic asks more than the better control delivers.", ""]
+    extra = " | variant − default" if args.variant else ""
+    lines += [
         "| README row | table | data set | upstream | pattern | seeds | refiner − upstream | refiner − none | first | "
-        "second | per-seed max: refiner | per-seed max: better control |",
-        "|" + "---|" * 12,
+        "second | per-seed max: refiner | per-seed max: better control" + extra + " |",
+        "|" + "---|" * (13 if args.variant else 12),
     ]
     for c in cells:
         lines.append(f"| {c['row']} | [{c['table']}]({c['table']}.md) | {c['dataset']} | {c['upstream']} | "
                      f"{c['pattern']} | {c['seeds']} | {c['vs_upstream']:+.2f} | {c['vs_none']:+.2f} | "
                      f"{'yes' if c['first'] else '**no**'} | {'yes' if c['second'] else '**no**'} | "
-                     f"{c['vs_seed_max']:+.2f} | {c['better_control_vs_seed_max']:+.2f} |")
-    path = results_dir() / f"{args.out}.md"
+                     f"{c['vs_seed_max']:+.2f} | {c['better_control_vs_seed_max']:+.2f}"
+                     + (f" | {c['vs_default']:+.2f}" if args.variant else "") + " |")
+    out = args.out or ("trust/bars_" + args.variant if args.variant else "trust/bars")
+    path = results_dir() / f"{out}.md"
     path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[2:7]))
+    print("\n".join(line for line in lines[2:] if line.startswith("- ")))
 
 
 if __name__ == "__main__":

@@ -148,3 +148,43 @@ def test_the_readme_counts_the_promises_as_the_committed_runs_give_them():
         assert f"{totals[key]} of {totals['settings']}" in readme, key
     assert f"{totals['second_seed_max']} of {totals['settings']}" in readme
     assert f"{totals['better_control_seed_max']} of {totals['settings']}" in readme
+
+
+def test_a_variant_is_counted_on_its_own_settings_and_paired_with_the_default(tmp_path, monkeypatch):
+    """``benchmarks.trust_bars --variant NAME`` reads ``trust/NAME_<table>`` with the default table's
+    controls, leaves out settings it did not run, and pairs its refiner runs with the default's."""
+    import json
+
+    import benchmarks.trust_bars as bars
+
+    def results_dir(study=None):
+        path = tmp_path / study if study else tmp_path
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    monkeypatch.setattr(bars, "results_dir", results_dir)
+    monkeypatch.setattr(bars, "SETTINGS", [("row", "t", ["digits"], ["random"], ["batch"]),
+                                           ("row", "u", ["digits"], ["clean"], ["batch"])])
+    trust = results_dir("trust")
+
+    def write(name, rows, controls=None):
+        header = f"<!-- python -m benchmarks.trust --out trust/{name}" + (f" --controls trust/{controls}" if controls else "")
+        (trust / f"{name}.md").write_text(header + " -->\n")
+        (trust / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(arm, seed, acc, upstream="random"):
+        return {"dataset": "digits", "upstream": upstream, "pattern": "batch" if arm != "none" else "none",
+                "arm": arm, "seed": seed, "test_acc": acc}
+
+    controls = [run("none", s, 0.90) for s in (0, 1)] + [run("upstream", s, 0.85) for s in (0, 1)]
+    controls += [run("upstream", s, 0.85, "clean") for s in (0, 1)]
+    write("controls", controls + [run("refiner", s, 0.10) for s in (0, 1)])   # a refiner run the tables ignore
+    write("t", [run("refiner", s, 0.8995) for s in (0, 1)], "controls")
+    write("u", [run("refiner", s, 0.8995, "clean") for s in (0, 1)], "controls")
+    write("v_t", [run("refiner", s, 0.901) for s in (0, 1)], "controls")
+    cells, totals = bars.count()
+    assert totals["settings"] == 2 and totals["first"] == 2 and totals["second"] == 2
+    cells, totals = bars.count("v")
+    assert totals["settings"] == 1 and cells[0]["table"] == "v_t"
+    assert abs(cells[0]["vs_default"] - 0.15) < 1e-9 and abs(totals["vs_default"] - 0.15) < 1e-9
+    assert abs(cells[0]["vs_none"] - 0.1) < 1e-9 and cells[0]["second"]
