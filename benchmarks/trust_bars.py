@@ -140,7 +140,16 @@ def main(argv=None) -> None:
             f"default on the same settings and seeds (a promise holds at ≥ −{TOLERANCE} point):", "",
             f"- first promise: {t['first']} of {t['settings']} (default {sum(c['first'] for c in base)})",
             f"- second promise: {t['second']} of {t['settings']} (default {sum(c['second'] for c in base)})",
-            f"- variant − default, mean paired difference over all runs: {t['vs_default']:+.3f} points", ""]
+            f"- variant − default, mean paired difference over all runs: {t['vs_default']:+.3f} points", "",
+            "| README row | settings | variant − default (mean over runs) | lowest setting | highest setting |",
+            "|---|---|---|---|---|"]
+        for row in dict.fromkeys(c["row"] for c in cells):
+            mine = [c for c in cells if c["row"] == row]
+            mean = sum(c["vs_default"] * c["seeds"] for c in mine) / sum(c["seeds"] for c in mine)
+            lo, hi = (f(mine, key=lambda c: c["vs_default"]) for f in (min, max))
+            lines.append(f"| {row} | {len(mine)} | {mean:+.3f} | {lo['vs_default']:+.2f} ({lo['dataset']} {lo['upstream']} "
+                         f"{lo['pattern']}) | {hi['vs_default']:+.2f} ({hi['dataset']} {hi['upstream']} {hi['pattern']}) |")
+        lines.append("")
     else:
         lines += [
             f"The two promises over the {t['settings']} settings of the README's trust table (mean paired "
