@@ -12,9 +12,16 @@ import torch
 __all__ = ["normalized_step", "significant", "state_tensor", "assign_state", "NormalizedWalk"]
 
 
+#: the boost (:func:`normalized_step`) starts where the running mean lies this many standard errors from
+#: zero (the evidence test's default threshold: pure noise passes it about 0.3 % of the time) ...
+BOOST_FROM = 3.0
+#: ... once this many updates are in (the first few give a standard error too rough to trust)
+BOOST_AFTER = 8
+
+
 def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
-                    test_square: torch.Tensor, *, lr, decay: float, evidence: Optional[float]
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    test_square: torch.Tensor, *, lr, decay: float, evidence: Optional[float],
+                    boost: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(step, mean_square, test_mean, test_square)`` after one signal ``d`` (0-dim fp64 tensors).
 
     The step is ``lr * d / rms(d)`` (``lr`` a number or a 0-dim tensor). ``mean_square`` is an
@@ -23,20 +30,38 @@ def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.T
     (the bias correction of Adam's second moment). Without the correction an average started at the
     first square stays near that one value for about ``1 / (1 - decay)`` updates, and a small first
     signal inflates every early step. With ``evidence=k`` the step is 0 unless the bias-corrected
-    running mean of ``d`` lies ``k`` standard errors from zero (:func:`significant`)."""
+    running mean of ``d`` lies ``k`` standard errors from zero (:func:`significant`).
+
+    With ``boost=c`` the step is multiplied by ``clip(|z| / BOOST_FROM, 1, c)``, ``z`` the running
+    mean of ``d`` over its standard error, from update :data:`BOOST_AFTER` on: a consistent signal
+    moves the scalar up to ``c`` times faster, while pure noise, whose ``|z|`` rarely passes
+    ``BOOST_FROM``, walks as without it (``benchmarks/share_walk.py``)."""
     ms = decay * mean_square + (1 - decay) * d * d
     # 1 - decay**n as -expm1(n log decay): exact for small n, and no power kernel of its own
     corrected = ms / -torch.expm1((updates + 1).double() * math.log(decay)) if decay > 0 else ms
     # ms is 0 only while every signal has been 0, and then d is 0 and so is the step
     step = lr * d / corrected.clamp_min(1e-300).sqrt()
     tm, ts = test_mean, test_square
-    if evidence is not None:
+    if evidence is not None or boost is not None:
         # bias-corrected exponential averages of d and d^2 (update s of n weighted (1-b) b^(n-s) / (1-b^n))
         count = updates + 1
         alpha = (1 - decay) / (1 - decay ** count.double())
         tm, ts = test_mean + alpha * (d - test_mean), test_square + alpha * (d * d - test_square)
+    if evidence is not None:
         step = torch.where(significant(tm, ts, count, decay, evidence), step, torch.zeros_like(step))
+    if boost is not None:
+        z = tm.abs() / standard_error(tm, ts, count, decay).clamp_min(1e-300)
+        gain = (z / BOOST_FROM).clamp(1.0, float(boost))
+        step = torch.where(count >= BOOST_AFTER, step * gain, step)
     return step, ms, tm, ts
+
+
+def standard_error(mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor, decay: float) -> torch.Tensor:
+    """The standard error of the running mean (:func:`significant`; 0 after one update)."""
+    b, n = decay, count.double()
+    q = (1 - b) * (1 - b ** (2 * n)) / ((1 + b) * (1 - b ** n) ** 2)
+    var = (ms - mean * mean).clamp_min(0) / (1 - q).clamp_min(1e-300)
+    return (q * var).sqrt()
 
 
 def significant(mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor, decay: float, evidence: float
@@ -46,10 +71,7 @@ def significant(mean: torch.Tensor, ms: torch.Tensor, count: torch.Tensor, decay
     ``mean``, ``ms``: the bias-corrected running averages of ``d`` and ``d**2``. With ``q`` the sum of
     their squared weights, the signal's variance is estimated by ``(ms - mean**2) / (1 - q)`` and that
     of its running mean is ``q`` times it. One update gives no variance, so no evidence."""
-    b, n = decay, count.double()
-    q = (1 - b) * (1 - b ** (2 * n)) / ((1 + b) * (1 - b ** n) ** 2)
-    var = (ms - mean * mean).clamp_min(0) / (1 - q).clamp_min(1e-300)
-    return (count >= 2) & (mean * mean >= evidence ** 2 * q * var) & (mean != 0)
+    return (count >= 2) & (mean.abs() >= evidence * standard_error(mean, ms, count, decay)) & (mean != 0)
 
 
 def state_tensor(value, dtype: torch.dtype, device) -> torch.Tensor:
@@ -86,6 +108,7 @@ class NormalizedWalk:
     def _init_walk(self, value: float, decay: float, evidence: Optional[float]) -> None:
         self.decay = float(decay)
         self.evidence = None if evidence is None else float(evidence)
+        self.boost: Optional[float] = None   # a subclass may set it (normalized_step's boost)
         setattr(self, self.VALUE, torch.tensor(float(value), dtype=torch.float64))
         self.mean_square = torch.tensor(0.0, dtype=torch.float64)
         self.updates = torch.tensor(0, dtype=torch.int64)
@@ -108,7 +131,7 @@ class NormalizedWalk:
                                                   for k in self._fields())
         # an invalid signal's results (NaN or inf included) are dropped by keep() below
         step, ms, tm, ts = normalized_step(d, updates, ms_old, tm_old, ts_old, lr=self.step_size(updates),
-                                           decay=self.decay, evidence=self.evidence)
+                                           decay=self.decay, evidence=self.evidence, boost=self.boost)
 
         def keep(new, old):
             return torch.where(valid, new, old)

@@ -20,7 +20,9 @@ When the augmented rows help exactly as much as the originals, the share's signa
    of -SNR) and its spread under pure noise, for the default step and for a step in units of the
    running t-statistic, ``0.2 / sqrt(t) * clip(m / se, -c, c) / c`` (``m`` the bias-corrected running
    mean of the signal, ``se`` its standard error over ``min(t, 100)`` updates; not a library rule:
-   the comparison behind "a faster rule trades spread for speed" in ``docs/trust.md``).
+   the comparison behind "a faster rule trades spread for speed" in ``docs/trust.md``), and for the
+   default step with ``AdaptiveShare(boost=c)`` (the step times ``clip(|z| / 3, 1, c)`` from the
+   8th update on, ``z`` the running mean over its standard error).
 
 Writes ``benchmarks/results/trust/share_walk.md``.
 """
@@ -81,7 +83,8 @@ def pure_noise_finals() -> List[List[str]]:
 def drift_and_spread(rule: str, c: Optional[float], snr: float, updates: int = 192, walks: int = 400,
                      seed: int = 0) -> float:
     """Mean (``snr > 0``: the signal's mean is ``-snr``) or spread (``snr == 0``) of ``log lam`` after
-    ``updates`` updates of the default step (``rule="walk"``) or the t-statistic step (``"t"``, cap ``c``)."""
+    ``updates`` updates of the default step (``rule="walk"``), the t-statistic step (``"t"``, cap ``c``)
+    or the default step with ``AdaptiveShare(boost=c)`` (``"boost"``)."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(updates, walks, generator=g, dtype=torch.float64) - snr
     log = torch.zeros(walks, dtype=torch.float64)
@@ -89,9 +92,10 @@ def drift_and_spread(rule: str, c: Optional[float], snr: float, updates: int = 1
     ms, mean, sq = zero.clone(), zero.clone(), zero.clone()
     for t in range(updates):
         d, lr = noise[t], WANDER / (2 * math.sqrt(t + 1))
-        if rule == "walk":
+        if rule in ("walk", "boost"):
             count = torch.full((walks,), t, dtype=torch.int64)
-            s, ms, _, _ = normalized_step(d, count, ms, zero, zero, lr=lr, decay=DECAY, evidence=None)
+            s, ms, mean, sq = normalized_step(d, count, ms, mean, sq, lr=lr, decay=DECAY, evidence=None,
+                                              boost=c if rule == "boost" else None)
         else:
             mean, sq = DECAY * mean + (1 - DECAY) * d, DECAY * sq + (1 - DECAY) * d * d
             corr = 1 - DECAY ** (t + 1)
@@ -105,7 +109,8 @@ def drift_and_spread(rule: str, c: Optional[float], snr: float, updates: int = 1
 def drift_rows() -> List[List[str]]:
     rows = []
     for name, rule, c in (("default 0.2/sqrt(t) * d/rms(d)", "walk", None),
-                          *((f"t-statistic, c = {c}", "t", float(c)) for c in (3, 6, 10, 20))):
+                          *((f"t-statistic, c = {c}", "t", float(c)) for c in (3, 6, 10, 20)),
+                          *((f"default, boost = {c}", "boost", float(c)) for c in (2, 4, 8))):
         sd = drift_and_spread(rule, c, 0.0)
         moves = [drift_and_spread(rule, c, snr) for snr in (0.1, 0.3, 0.5, 1.0)]
         rows.append([name, f"{sd:.2f}", " / ".join(f"{v:.2f}" for v in moves), " / ".join(f"{-v / sd:.1f}" for v in moves)])
