@@ -143,7 +143,8 @@ class AdaptiveShare(NormalizedWalk):
         boost: steps grow with the evidence: each is multiplied by ``clip(|z| / 3, 1, boost)``, ``z``
             the running mean of the signal over its standard error, from the 8th update on
             (:func:`augplug.online.normalized_step`). Pure noise walks as without it; a consistent
-            signal moves the share up to ``boost`` times faster. ``None`` (the default): off.
+            signal moves the share up to ``boost`` times faster. ``None`` (the default): off; on the
+            trust study ``boost=4`` tied the default overall and lost under SGD (``docs/trust.md``).
     """
 
     VALUE = "log_share"
