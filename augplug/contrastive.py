@@ -144,6 +144,17 @@ class ClassEmbeddings(nn.Module):
     def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
         return self.weight[class_ids.long()]
 
+    def check_ids(self, class_ids) -> None:
+        """Raise a :class:`TargetError` unless ``class_ids`` index these embeddings (checked once, when a
+        refiner is built with them as its class prompts)."""
+        ids = torch.as_tensor(class_ids).long()
+        n = self.weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise TargetError(f"class prompt ids must lie in [0, {n}) for these {n} class embeddings, got ids from "
+                              f"{int(ids.min())} to {int(ids.max())}",
+                              f"pass class_prompts=torch.arange({n}), or build ClassEmbeddings with as many classes "
+                              "as the prompts")
+
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_similarity(similarity: torch.Tensor, square: bool = True, what: str = "similarity logits") -> None:
@@ -391,9 +402,19 @@ class ContrastiveRefiner(RefinerCore):
         self.model = DualEncoder(image_encoder, text_encoder, logit_scale, normalize_features)
         self.class_prompts = class_prompts
         self.prompt_mode = class_prompts is not None
+        if self.prompt_mode and isinstance(text_encoder, ClassEmbeddings):
+            text_encoder.check_ids(class_prompts)
         if self.prompt_mode:
+            if self.directions != ("image_to_text",) and tuple(DIRECTIONS) != self.directions:
+                raise ConfigurationError(
+                    f"with class_prompts= each image is scored against the class prompts only "
+                    f"('image_to_text'), but directions={tuple(directions)!r} was asked for",
+                    "drop directions= (class prompts train 'image_to_text'), or train pairs without class_prompts=")
             self.directions = ("image_to_text",)
         named = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if isinstance(score_params, str) and score_params != "all":
+            raise ConfigurationError(f"score_params must be 'all' or a list of parameter names, got the string "
+                                     f"{score_params!r}", f"pass a list: score_params=[{score_params!r}]")
         if score_params != "all":
             missing = [n for n in score_params if n not in named]
             if missing:

@@ -825,7 +825,8 @@ class RefinerCore:
                 names = sorted(v) if isinstance(v, dict) else type(v).__name__
                 raise ConfigurationError(
                     f"the saved validation direction covers {names}, this refiner scores {sorted(expected)}",
-                    "build the refiner with the same model, mode and val_params before loading")
+                    "build the refiner with the same model, mode and scored parameters (score_params= for the "
+                    "contrastive refiner) before loading")
             for k, t in v.items():
                 if not torch.is_tensor(t) or t.shape != expected[k]:
                     raise ShapeError(

@@ -311,36 +311,62 @@ class AugmentationAudit:
                 "total": acc(self._total), "updates": self.updates, "num_classes": self.num_classes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the accumulated sums by those of :meth:`state_dict`."""
+        """Replace the accumulated sums by those of :meth:`state_dict`; a state that does not fit is
+        a typed error that leaves the audit as it was."""
+        parsed = self._parse_state(state, replacing=True)
         self.reset()
-        self.merge(state)
+        self._apply_state(parsed)
 
     def merge(self, other: Union["AugmentationAudit", Mapping[str, Any]]) -> "AugmentationAudit":
         """Add another audit's sums (or its :meth:`state_dict`) to this one. One audit per process,
         combined: ``total = AugmentationAudit(classes)``, then ``total.merge(s)`` for each ``s`` in
-        ``accelerator.gather_object([audit.state_dict()])``."""
+        ``accelerator.gather_object([audit.state_dict()])``. A state that does not fit is a typed
+        error that leaves the audit as it was."""
         state = other.state_dict() if isinstance(other, AugmentationAudit) else other
+        self._apply_state(self._parse_state(state, replacing=False))
+        return self
+
+    def _parse_state(self, state: Mapping[str, Any], replacing: bool) -> Dict[str, Any]:
+        """Check a whole :meth:`state_dict` before any of it is used, and return it as numbers."""
+        if not isinstance(state, Mapping):
+            raise ConfigurationError(f"an audit state must be a mapping, got {type(state).__name__}",
+                                     "pass what AugmentationAudit.state_dict() returned")
         n = state.get("num_classes")
         if n is not None and self.num_classes is not None and int(n) != self.num_classes:
-            raise ShapeError(f"cannot merge an audit over {n} classes into one over {self.num_classes}",
-                             "merge audits built with the same classes")
+            what = "load" if replacing else "merge"
+            raise ShapeError(f"cannot {what} an audit over {n} classes into one over {self.num_classes}",
+                             f"{what} audits built with the same classes")
 
+        def sums(vals):
+            rows, weight, kept, relabel, agreement = vals
+            return int(rows), float(weight), int(kept), int(relabel), float(agreement)
+
+        try:
+            cells = [((str(t), int(c)), sums(vals)) for t, c, *vals in state["cells"]]
+            by_class = [(int(c), sums(vals)) for c, *vals in state["by_class"]]
+            total, updates = sums(state["total"]), int(state["updates"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigurationError(f"the audit state is malformed ({type(e).__name__}: {e})",
+                                     "pass what AugmentationAudit.state_dict() returned, unchanged") from None
+        return {"cells": cells, "by_class": by_class, "total": total, "updates": updates,
+                "num_classes": None if n is None else int(n)}
+
+    def _apply_state(self, parsed: Dict[str, Any]) -> None:
         def add(a: _Acc, vals) -> None:
-            a.rows += int(vals[0])
-            a.weight += float(vals[1])
-            a.kept += int(vals[2])
-            a.relabel += int(vals[3])
-            a.agreement += float(vals[4])
+            a.rows += vals[0]
+            a.weight += vals[1]
+            a.kept += vals[2]
+            a.relabel += vals[3]
+            a.agreement += vals[4]
 
-        for t, c, *vals in state["cells"]:
-            add(self._cells[(str(t), int(c))], vals)
-        for c, *vals in state["by_class"]:
-            add(self._by_class[int(c)], vals)
-        add(self._total, state["total"])
-        self.updates += int(state["updates"])
-        if self.num_classes is None and n is not None:
-            self.num_classes = int(n)
-        return self
+        for key, vals in parsed["cells"]:
+            add(self._cells[key], vals)
+        for c, vals in parsed["by_class"]:
+            add(self._by_class[c], vals)
+        add(self._total, parsed["total"])
+        self.updates += parsed["updates"]
+        if self.num_classes is None and parsed["num_classes"] is not None:
+            self.num_classes = parsed["num_classes"]
 
     # ------------------------------------------------------------------ views
     @property

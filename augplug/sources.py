@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigurationError, ShapeError, TargetError
-from .report import AugmentationAudit
+from .report import NAME_SEP, AugmentationAudit
 
 __all__ = ["GeneratedSamples", "BatchMixer", "MixedBatch", "SourceAudit", "REAL"]
 
@@ -230,6 +230,15 @@ class MixedBatch:
     num_real: int
 
 
+def _check_source_names(names: Sequence[str]) -> None:
+    """A source name holding the audit's name separator would be read as several sources."""
+    bad = [n for n in names if NAME_SEP in n or not n]
+    if bad:
+        raise ConfigurationError(f"source names must be non-empty and must not contain {NAME_SEP!r} (the audit reads "
+                                 f"it as a separator of several names), got {bad}",
+                                 f"rename them, e.g. {bad[0].replace(NAME_SEP, '_')!r}")
+
+
 class BatchMixer:
     """Append ``k`` rows from each generated source to every real batch.
 
@@ -261,6 +270,7 @@ class BatchMixer:
                                      "pass at least one source, with one name each")
         if "real" in names or len(set(names)) != len(names):
             raise ConfigurationError(f"source names must be distinct and not 'real', got {names}", "rename them")
+        _check_source_names(names)
         if isinstance(per_batch, Mapping):
             missing = [n for n in names if n not in per_batch]
             if missing:
@@ -354,12 +364,27 @@ class BatchMixer:
                 "pos": list(self._pos)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if len(state["pos"]) != len(self.datasets):
-            raise ConfigurationError(f"state for {len(state['pos'])} sources, mixer has {len(self.datasets)}",
-                                     "load a state saved by a mixer over the same sources")
-        self._gen.set_state(state["gen"])
-        self._orders = [None if o is None else o.clone() for o in state["orders"]]
-        self._pos = list(state["pos"])
+        """Restore :meth:`state_dict`. A state saved over other sources (another count, or a source of
+        another size) or a malformed one is a :class:`ConfigurationError` that changes nothing."""
+        fix = "load a state saved by a mixer over the same sources (same names, same number of rows each)"
+        try:
+            pos, orders, gen = list(state["pos"]), list(state["orders"]), state["gen"]
+        except (KeyError, TypeError) as e:
+            raise ConfigurationError(f"the mixer state is malformed ({type(e).__name__}: {e})", fix) from None
+        if len(pos) != len(self.datasets) or len(orders) != len(self.datasets):
+            raise ConfigurationError(f"state for {len(pos)} sources, mixer has {len(self.datasets)}", fix)
+        if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8):
+            raise ConfigurationError("the mixer state's generator state is not a uint8 tensor", fix)
+        for name, ds, order, p in zip(self.source_names[1:], self.datasets, orders, pos):
+            n = len(ds)
+            fits = order is None or (isinstance(order, torch.Tensor) and order.dim() == 1 and order.numel() == n
+                                     and torch.equal(order.sort().values, torch.arange(n, device=order.device)))
+            if not fits or isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= n:
+                raise ConfigurationError(f"the state's position in source {name!r} does not fit its {n} rows "
+                                         "(saved over a source of another size?)", fix)
+        self._gen.set_state(gen)
+        self._orders = [None if o is None else o.clone() for o in orders]
+        self._pos = pos
 
 
 class SourceAudit(AugmentationAudit):
@@ -377,6 +402,7 @@ class SourceAudit(AugmentationAudit):
                  num_classes: Optional[int] = None, only_active: bool = True):
         super().__init__(class_names, num_classes, ignore=(), only_active=only_active)
         self.source_names = [str(n) for n in source_names]
+        _check_source_names(self.source_names)
 
     def update(self, stats: Mapping[str, Any], source_ids, labels, rows: Optional[torch.Tensor] = None) -> bool:
         ids = torch.as_tensor(source_ids).long().cpu()

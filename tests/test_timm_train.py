@@ -554,3 +554,17 @@ def test_refiner_budget_reaches_the_schedule(tmp_path):
     assert plain["refiner"].schedule.budget is None and "overhead" not in plain["refiner"].stats
     with pytest.raises(SystemExit):   # a usage error at parse time, naming the flag
         _run(tmp_path / "c", "--refiner", "saflex", "--refiner-budget", "-1")
+
+
+def test_generated_with_strength_auto_warns_that_nothing_is_weighed(tmp_path, caplog):
+    """The mixer's batches hold no originals, so --strength auto trains every row as given: the
+    script says so (before training and at the end, where no sources.md is written)."""
+    import logging
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "gen.npz", images=rng.integers(0, 255, (20, 12, 12, 3), dtype=np.uint8),
+             labels=np.arange(20) % 10)
+    with caplog.at_level(logging.WARNING, logger="timm_train"):
+        _run(tmp_path / "run", "--refiner", "saflex", "--generated", str(tmp_path / "gen.npz"), "--strength", "auto")
+    warned = [r.getMessage() for r in caplog.records if "--generated" in r.getMessage()]
+    assert len(warned) == 2 and all("--strength 1" in m for m in warned)
+    assert not (tmp_path / "run" / "sources.md").exists()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from augplug import AugmentationRefiner, Schedule
-from augplug.errors import ConfigurationError, ModelModeError, ShapeError, UnsupportedHeadError
+from augplug.errors import ConfigurationError, ModelModeError, ShapeError, TargetError, UnsupportedHeadError
 
 C = 5
 
@@ -180,3 +180,110 @@ def test_two_forwards_then_two_calls_says_why():
     refiner(first, y, num_original=4)
     with pytest.raises(ShapeError, match="drops the forwards recorded before it"):
         refiner(second, y, num_original=4)
+
+
+# ---------------------------------------------------------------------------- audits, sources, contrastive
+def _audited():
+    from augplug.report import AugmentationAudit
+    stats = {"weights": torch.tensor([1., 0.5, 1.5, 1.]), "soft_targets": torch.eye(3)[[0, 1, 2, 0]],
+             "augmented": torch.tensor([False, True, True, True]), "scores": torch.zeros(4, 3), "active": True}
+    audit = AugmentationAudit(["a", "b", "c"])
+    audit.update(stats, ["identity", "Rot", "Flip", "Rot"], torch.tensor([0, 1, 2, 0]))
+    return audit
+
+
+@pytest.mark.parametrize("change", ["classes", "total", "cells", "missing"])
+def test_a_rejected_audit_state_leaves_the_audit_as_it_was(change):
+    """load_state_dict reset the audit before checking the state, and merge added the cells before a
+    malformed total failed: both now check the whole state first."""
+    audit = _audited()
+    good = copy.deepcopy(audit.state_dict())
+    bad = copy.deepcopy(good)
+    if change == "classes":
+        bad["num_classes"] = 5
+    elif change == "total":
+        bad["total"] = None
+    elif change == "cells":
+        bad["cells"][0] = ["Rot", 1, "many", 0.5, 1, 0, 0.0]
+    else:
+        del bad["updates"]
+    for apply in (audit.load_state_dict, audit.merge):
+        with pytest.raises((ShapeError, ConfigurationError)):
+            apply(bad)
+        assert _same(audit.state_dict(), good)
+    audit.merge(good)
+    assert audit.summary()["rows"] == 6
+
+
+def test_source_names_cannot_hold_the_audit_separator():
+    from augplug.sources import BatchMixer, GeneratedSamples, SourceAudit
+    gen = GeneratedSamples(torch.rand(5, 1, 2, 3), torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ConfigurationError, match="must not contain"):
+        BatchMixer({"sd-v1.5|cfg7": gen}, per_batch=3)
+    with pytest.raises(ConfigurationError, match="must not contain"):
+        SourceAudit(["real", "a|b"])
+    assert BatchMixer({"sd-v1.5_cfg7": gen}, per_batch=3).source_names == ["real", "sd-v1.5_cfg7"]
+
+
+def test_a_mixer_state_saved_over_a_source_of_another_size_is_refused():
+    from augplug.sources import BatchMixer, GeneratedSamples
+
+    def source(n):
+        return GeneratedSamples(torch.rand(n, 1, 2, 3), torch.arange(n) % 3)
+
+    x, y = torch.randn(4, 1, 2, 3), torch.zeros(4, dtype=torch.long)
+    for saved in (5, 10):
+        other = BatchMixer({"g": source(saved)}, per_batch=2)
+        other(x, y)
+        mixer = BatchMixer({"g": source(3)}, per_batch=2)
+        before = copy.deepcopy(mixer.state_dict())
+        with pytest.raises(ConfigurationError, match="another size"):
+            mixer.load_state_dict(other.state_dict())
+        assert _same(mixer.state_dict(), before)
+    with pytest.raises(ConfigurationError, match="malformed"):
+        mixer.load_state_dict({"gen": before["gen"]})
+    same = BatchMixer({"g": source(3)}, per_batch=2)
+    same(x, y)
+    mixer.load_state_dict(same.state_dict())
+    assert torch.equal(mixer(x, y).index, same(x, y).index)
+
+
+def test_contrastive_options_that_would_be_ignored_or_misread_are_refused():
+    from augplug.contrastive import ClassEmbeddings, ContrastiveRefiner
+    torch.manual_seed(0)
+    img, txt = nn.Sequential(nn.Flatten(), nn.Linear(12, 8)), nn.Linear(5, 8)
+    opt = torch.optim.SGD(list(img.parameters()) + list(txt.parameters()), lr=0.1)
+    val = [(torch.randn(6, 3, 4), torch.randn(6, 5))]
+    with pytest.raises(ConfigurationError, match="list"):
+        ContrastiveRefiner(img, txt, opt, val, score_params="image.1.weight")
+    prompts = ClassEmbeddings(4, 8)
+    labelled = [(torch.randn(6, 3, 4), torch.randint(0, 4, (6,)))]
+    with pytest.raises(ConfigurationError, match="image_to_text"):
+        ContrastiveRefiner(img, prompts, opt, labelled, class_prompts=torch.arange(4), directions=("text_to_image",))
+    with pytest.raises(TargetError, match=r"\[0, 4\)"):
+        ContrastiveRefiner(img, prompts, opt, labelled, class_prompts=torch.arange(6))
+    ok = ContrastiveRefiner(img, prompts, opt, labelled, class_prompts=torch.arange(4), directions=("image_to_text",))
+    assert ok.directions == ("image_to_text",)
+
+
+# ---------------------------------------------------------------------------- the example scripts
+def test_accelerate_example_refuses_fp16_on_the_cpu(capsys):
+    from augplug.integrations import accelerate_train as at
+    with pytest.raises(SystemExit):
+        at.parse_args(["--cpu", "--mixed-precision", "fp16"])
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_accelerate_example_resumes_where_it_stopped(tmp_path):
+    """--resume goes on from the saved run's updates (it restarted at epoch 0), and --max-steps is
+    checked before a step (a resumed run past it made one more update)."""
+    pytest.importorskip("sklearn")
+    from augplug.integrations import accelerate_train as at
+    base = ["--cpu", "--epochs", "2", "--no-progress", "--budget", "none"]
+    first = at.main(base + ["--max-steps", "3", "--output", str(tmp_path / "a"), "--save-state"])
+    assert first["refiner_updates"] == 3
+    ckpt = str(tmp_path / "a" / "checkpoint")
+    again = at.main(base + ["--max-steps", "2", "--output", str(tmp_path / "b"), "--resume", ckpt])
+    assert again["refiner_updates"] == 3 and again["history"] == []
+    on = at.main(base + ["--max-steps", "5", "--output", str(tmp_path / "c"), "--resume", ckpt])
+    assert on["refiner_updates"] == 5 and on["history"][0]["epoch"] == 0

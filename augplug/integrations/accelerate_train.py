@@ -129,7 +129,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, views and model (default: 0)")
     p.add_argument("--output", default="accelerate_out", help="folder for results.json (default: accelerate_out)")
     p.add_argument("--save-state", action="store_true", help="accelerator.save_state(<output>/checkpoint) at the end")
-    p.add_argument("--resume", default="", help="accelerator.load_state(<dir>) before training")
+    p.add_argument("--resume", default="",
+                   help="accelerator.load_state(<dir>) before training, and go on from the saved run's updates "
+                        "(its epoch, the rest of that epoch's batches)")
     p.add_argument("--log-with", nargs="+", default=None,
                    help="Accelerate trackers to log the per-epoch rows to (accelerator.log), e.g. tensorboard "
                         "or wandb (each needs its package); files go under --output")
@@ -150,6 +152,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         budget_from_text(args.budget)
     except ConfigurationError as e:
         p.error(f"--budget: {e.problem} ({e.fix})")
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        p.error("--mixed-precision fp16 needs a GPU: on the CPU Accelerate runs fp16 as fp32 (use bf16 there, or no)")
     if args.resume and not os.path.isdir(args.resume):
         p.error(f"--resume {args.resume!r} is not a folder saved by --save-state")
     return args
@@ -198,19 +202,28 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
                                   seed=args.seed, accelerator=acc, **options,
                                   schedule=dict(refresh_every=args.refresh_every,
                                                 budget=budget_from_text(args.budget)))
+    start_epoch, skip = 0, 0
     if args.resume:
         acc.load_state(args.resume)
+        # go on where the saved run stopped: its updates are the refiner's (restored with the state)
+        start_epoch, done_in_epoch = divmod(refiner.step_count, updates_per_epoch)
+        skip = done_in_epoch * args.grad_accum   # this process's batches of those updates
     if log_with:
         acc.init_trackers("augplug_accelerate_train", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
 
     history = []
-    for epoch in range(args.epochs):
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps and refiner.step_count >= args.max_steps:
+            break
         train_set.set_epoch(epoch)
         model.train()
         loss_sum, batches = 0.0, 0
-        for xo, xa, yo, ya, idx in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        loader = acc.skip_first_batches(train_loader, skip) if epoch == start_epoch and skip else train_loader
+        for xo, xa, yo, ya, idx in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                                         disable=True if args.no_progress or not acc.is_local_main_process else None):
+            if args.max_steps and refiner.step_count >= args.max_steps:
+                break
             with acc.accumulate(model):
                 if args.refiner == "autodo":
                     # AutoDO learns its own per-point augmentation of the originals (one row per point)
@@ -224,8 +237,6 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
                 opt.zero_grad()
             loss_sum += float(loss.detach())
             batches += 1
-            if args.max_steps and refiner.step_count >= args.max_steps:
-                break
         acc_test = evaluate(acc, model, test_loader)
         st = refiner.stats
         # what the refinement decided on the last batch (the weights' mean is 1 by construction)

@@ -818,6 +818,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random_seed(args.seed, 0)
 
+    if args.audit and not args.aa:
+        parser.error("--audit reports per RandAugment op: pass --aa rand-... as well")
     try:
         ds = build_datasets(args)
     except (ConfigurationError, ValueError) as e:   # the split flags (--val-split, --train-subset, sizes)
@@ -866,6 +868,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.generated:
         mixer = build_mixer(args, classes, num_classes, in_chans, ds["mean"], ds["std"])
         sources = SourceAudit(mixer.source_names, num_classes=num_classes, only_active=args.refiner != "none")
+        if args.refiner != "none" and args.strength == "auto":
+            # the mixer's batches hold no originals, and --strength auto trains such batches as given
+            _logger.warning("--generated with --strength auto: the batches hold no originals, so every row, generated "
+                            "ones included, is trained as given and no sources.md is written; pass --strength 1 to "
+                            "weigh the generated rows")
     if refiner is not None:   # the refiner is the task's loss; it and the script's stateful parts are the task state
         stateful = {k: v for k, v in (("audit", audit), ("mixer", mixer), ("sources", sources)) if v is not None}
         task = RefinedClassificationTask(model, refiner, stateful=stateful, device=device, verbose=False)
@@ -970,6 +977,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         with open(os.path.join(output_dir, "sources.md"), "w") as f:
             f.write("# Generated sources\n\n" + table + "\n## Per source and class\n\n" +
                     sources.table("source_class", format="markdown"))
+    if sources is not None and not sources.updates:
+        _logger.warning("--generated: no refined batch to report, so no sources.md is written (with --strength auto, "
+                        "batches without originals are trained as given; pass --strength 1)")
     if audit is not None and not audit.updates:
         _logger.warning("--audit: no refined batch to audit, so no audit.md is written (with --strength auto, "
                         "batches without originals are trained as given; pass --strength 1 or --with-originals)")
