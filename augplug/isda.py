@@ -491,8 +491,20 @@ class ISDALoss(nn.Module):
         """The current strength ``lambda0 * progress``."""
         return self.lambda0 * float(self.progress)
 
+    def _check_manual_schedule(self, call: str) -> None:
+        if self.total_steps:
+            raise ConfigurationError(
+                f"{call} on an ISDALoss built with total_steps={self.total_steps}: its schedule follows "
+                f"total_steps (lam = lambda0 * min(training calls / {self.total_steps}, 1), set at every training "
+                "call), which would override the value set here",
+                "build the loss with total_steps=None to set the schedule by hand with set_epoch() / "
+                "set_progress(), or leave the schedule to total_steps")
+
     def set_progress(self, progress: float) -> None:
-        """Set the schedule position in [0, 1]; ``lam = lambda0 * progress``."""
+        """Set the schedule position in [0, 1]; ``lam = lambda0 * progress``. Not for a loss built with
+        ``total_steps`` (its schedule follows the training calls): that raises
+        :class:`~augplug.errors.ConfigurationError` and changes nothing."""
+        self._check_manual_schedule(f"set_progress({progress!r})")
         p = float(progress)
         if not 0.0 <= p <= 1.0:
             raise ConfigurationError(f"progress must be in [0, 1], got {progress}",
@@ -500,7 +512,9 @@ class ISDALoss(nn.Module):
         self.progress.fill_(p)
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
-        """The paper's schedule: ``lam = lambda0 * epoch / total_epochs`` with ``epoch`` counted from 0."""
+        """The paper's schedule: ``lam = lambda0 * epoch / total_epochs`` with ``epoch`` counted from 0
+        (not for a loss built with ``total_steps``: see :meth:`set_progress`)."""
+        self._check_manual_schedule(f"set_epoch({epoch!r}, {total_epochs!r})")
         if int(total_epochs) < 1 or not 0 <= int(epoch) <= int(total_epochs):
             raise ConfigurationError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch}, {total_epochs}",
                                      "call set_epoch(epoch, total_epochs) with epoch counted from 0")
@@ -593,10 +607,17 @@ class ISDALoss(nn.Module):
         y = to_soft_targets(soft_targets, c, batch_size=b)
         f = None
         if update:
+            if features is None and self._capture is not None and not head.training:
+                raise ShapeError(f"no classifier features for the {b} rows of this training call: the model is in "
+                                 "eval mode, and the classifier hook records features only from forwards in train "
+                                 "mode with autograd on",
+                                 "call model.train() before training steps; to compute a loss for evaluation, run "
+                                 "the forward and the loss under torch.no_grad() (which only reads the statistics)")
             if features is None:
                 raise ShapeError(f"no classifier features for the {b} rows of this training call",
                                  "build the loss with ISDALoss.for_model(model) (it hooks the classifier) and call "
-                                 "it right after the training forward, or pass features=")
+                                 "it right after the training forward (model in train mode, autograd on: the hook "
+                                 "records only those forwards), or pass features=")
             f = features.detach().flatten(1) if features.dim() > 2 else features.detach()
             if f.dim() != 2 or f.shape[0] != b or f.shape[1] != self.feature_dim:
                 raise ShapeError(f"features have shape {tuple(features.shape)}, expected ({b}, {self.feature_dim})",

@@ -24,14 +24,15 @@ The transform draws every random number from its own ``torch.Generator`` (seeded
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigurationError, NonFiniteError, ShapeError, TargetError
 from .models import MLP
+from .targets import to_soft_targets
 
 __all__ = ["tabular_cutmix", "TabularCutMix", "TabularMLP"]
 
@@ -52,12 +53,33 @@ def _check_proportion(proportion: Proportion) -> Tuple[float, float]:
     return lo, hi
 
 
+def _check_groups(groups) -> Optional[List[List[int]]]:
+    """``groups`` as a list of lists of column indices (None for none); a :class:`ConfigurationError`
+    unless it is a list of lists of integers (a flat list such as ``[1, 2]`` is one)."""
+    if groups is None:
+        return None
+    try:
+        out = []
+        for g in groups:
+            if isinstance(g, (str, bytes)):
+                raise TypeError(g)
+            cols = list(g)
+            if any(isinstance(c, bool) for c in cols):
+                raise TypeError(cols)
+            out.append([operator.index(c) for c in cols])
+    except TypeError:
+        raise ConfigurationError(f"groups must be a list of lists of column indices, got {groups!r}",
+                                 "wrap each group of columns swapped together in its own list, e.g. "
+                                 "groups=[[1, 2]] (not groups=[1, 2])") from None
+    return out
+
+
 def _column_units(n_cols: int, groups: Optional[Sequence[Sequence[int]]]) -> torch.Tensor:
     """``unit_of[c]``: the unit (a single column, or a group swapped together) column ``c`` belongs to."""
     unit_of = torch.full((n_cols,), -1, dtype=torch.long)
     next_unit = 0
-    for g in groups or ():
-        cols = torch.as_tensor(list(g), dtype=torch.long)
+    for g in _check_groups(groups) or ():
+        cols = torch.as_tensor(g, dtype=torch.long)
         if cols.numel() == 0:
             continue
         if int(cols.min()) < 0 or int(cols.max()) >= n_cols:
@@ -71,6 +93,12 @@ def _column_units(n_cols: int, groups: Optional[Sequence[Sequence[int]]]) -> tor
     rest = unit_of < 0
     unit_of[rest] = torch.arange(next_unit, next_unit + int(rest.sum()))
     return unit_of
+
+
+def _is_functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor inside a ``torch.func`` transform (its values cannot be read)."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
 
 
 def _is_integral(t: torch.Tensor) -> bool:
@@ -146,6 +174,14 @@ def tabular_cutmix(
         if num_classes is None:
             raise ConfigurationError("label='mix' with class indices needs num_classes",
                                      "pass num_classes=C")
+    one_hot = None
+    if label == "mix" and not soft_in:  # checked before any draw, so a rejected batch moves no generator
+        try:
+            one_hot = to_soft_targets(targets, int(num_classes))
+        except TargetError as e:
+            raise TargetError(f"label='mix' with num_classes={num_classes}: {e.problem}",
+                              f"pass class indices in 0..{int(num_classes) - 1}, or the number of classes as "
+                              "num_classes=") from None
     dn = 0 if x_num is None else x_num.shape[1]
     n_cols = dn + (0 if x_cat is None else x_cat.shape[1])
     unit_of = _column_units(n_cols, groups)
@@ -174,7 +210,7 @@ def tabular_cutmix(
     if label == "keep":
         new_y = targets
     else:
-        y = targets.float() if soft_in else F.one_hot(targets.long(), int(num_classes)).float()
+        y = targets.float() if soft_in else one_hot
         share = (swap_unit.float().sum(1) / max(n_units, 1)).to(y.device)[:, None]
         new_y = (1 - share) * y + share * y[partner.to(y.device)]
     return new_num, new_cat, new_y, augmented.to(parts[0].device)
@@ -206,7 +242,7 @@ class TabularCutMix:
                                      "use 'keep' (labels unchanged) or 'mix' (mixed by the replaced share)")
         self.p, self.proportion, self.label, self.num_classes = float(p), proportion, label, num_classes
         self.categorical = categorical
-        self.groups = [list(g) for g in groups] if groups else None
+        self.groups = _check_groups(groups) or None
         self.return_mask = bool(return_mask)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -278,8 +314,11 @@ class TabularMLP(nn.Module):
     ``(B, Dc)``; each categorical column ``k`` is embedded in ``embed_dim`` dimensions (cardinality
     ``cat_cardinalities[k]``) and concatenated to the numeric features. Alternatively pass
     ``cat_columns`` (indices into a single input tensor holding integer-valued codes) and call
-    ``forward(x)``. The body is ``depth`` hidden layers of ``hidden`` units with optional BatchNorm and
-    dropout; the classifier is the ``nn.Linear`` reachable as ``model.fc`` (found by augplug).
+    ``forward(x)``. In both forms the codes must be integer values in ``0..cardinality-1`` of their
+    column (checked: a :class:`~augplug.errors.TargetError` names the column otherwise; floats holding
+    integer values are fine, other floats are not rounded but rejected). The body is ``depth`` hidden
+    layers of ``hidden`` units with optional BatchNorm and dropout; the classifier is the ``nn.Linear``
+    reachable as ``model.fc`` (found by augplug).
     """
 
     def __init__(self, num_features: int, num_classes: int, *, cat_cardinalities: Sequence[int] = (),
@@ -300,11 +339,42 @@ class TabularMLP(nn.Module):
     def fc(self) -> nn.Linear:
         return self.mlp.fc
 
+    def _codes(self, x_cat: torch.Tensor, columns: Optional[Sequence[int]]) -> torch.Tensor:
+        """``x_cat`` (B, Dc) as long codes, after checking (one device sync) that every code is an
+        integer value in ``0..cardinality-1`` of its column; ``columns``: where the codes sit in the
+        single input tensor (the ``cat_columns`` form), None for the two-tensor form. Inside
+        ``torch.func`` transforms (``vmap`` of per-sample gradients), where values cannot be read,
+        the codes are not checked."""
+        codes = x_cat.long() if x_cat.dtype == torch.bool else x_cat
+        if _is_functorch_wrapped(codes):
+            return codes.long()
+        cards = torch.tensor([e.num_embeddings for e in self.embeddings], device=x_cat.device)
+        fractional = codes != codes.round() if codes.is_floating_point() else torch.zeros_like(codes, dtype=torch.bool)
+        outside = ((codes < 0) | (codes >= cards)) & ~fractional
+        bad_value, bad_range = torch.stack([fractional.any(), outside.any()]).tolist()
+        if bad_value or bad_range:
+            bad = fractional if bad_value else outside
+            row, k = (int(i) for i in bad.nonzero()[0])
+            where = f"column {columns[k]} of x" if columns is not None else f"x_cat column {k}"
+            value, card = codes[row, k].item(), int(cards[k])
+            if bad_value:
+                raise TargetError(f"{where} (categorical, cardinality {card}) holds the non-integer code {value:g} "
+                                  f"(row {row})",
+                                  "pass category codes as integer values 0, 1, 2, ... (floats are not rounded); "
+                                  "categorical columns must not be standardised or interpolated")
+            raise TargetError(f"{where} (categorical, cardinality {card}) holds the code {value:g} (row {row}), "
+                              f"outside 0..{card - 1}",
+                              f"encode that column's categories as 0..{card - 1}, or build the model with a larger "
+                              "cat_cardinalities entry for it")
+        return codes.long()
+
     def forward(self, x: torch.Tensor, x_cat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        columns = None
         if x_cat is None and self.cat_columns is not None:
             keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
             keep[self.cat_columns] = False
-            x_cat = x[:, self.cat_columns].round().long()
+            columns = self.cat_columns
+            x_cat = x[:, self.cat_columns]
             x = x[:, keep]
         parts = [x.float()] if x.shape[1] else []
         if len(self.embeddings):
@@ -312,6 +382,7 @@ class TabularMLP(nn.Module):
                 raise ShapeError(f"the model embeds {len(self.embeddings)} categorical columns, got "
                                  f"{None if x_cat is None else x_cat.shape[1]}",
                                  "pass x_cat with one column per cardinality given at construction")
-            parts += [emb(x_cat[:, k].long()) for k, emb in enumerate(self.embeddings)]
+            codes = self._codes(x_cat, columns)
+            parts += [emb(codes[:, k]) for k, emb in enumerate(self.embeddings)]
         return self.mlp(torch.cat(parts, 1))
 

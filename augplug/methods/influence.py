@@ -12,6 +12,7 @@ re-exported here (their homes: :mod:`augplug.influence`, :mod:`augplug.ihvp`, :m
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -167,6 +168,11 @@ class InfluencePolicy(Policy):
         if pairing not in ("auto", "position", "index", "none"):
             raise ConfigurationError(f"pairing must be 'auto', 'position', 'index' or 'none', got {pairing!r}",
                                      "use 'auto'")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or math.isnan(threshold)):
+            raise ConfigurationError(f"the influence policy's threshold must be a number or None, got {threshold!r}",
+                                     "pass a float in the normalized score units, e.g. threshold=0.0, or None "
+                                     "(no filter)")
         influence_weights(torch.zeros(1), weighting=weighting, temperature=temperature, normalize=normalize)
         # validate the solver options once with a throwaway head
         InfluenceScorer(nn.Linear(1, 2), damping=damping, solver=solver, cg_iters=cg_iters, cg_tol=cg_tol,
@@ -175,7 +181,8 @@ class InfluencePolicy(Policy):
         self.solver_options = dict(damping=float(damping), solver=solver, cg_iters=int(cg_iters), cg_tol=float(cg_tol),
                                    lissa_depth=int(lissa_depth), lissa_scale=lissa_scale)
         self.pairing = pairing
-        self.weighting, self.temperature, self.normalize, self.threshold = weighting, float(temperature), normalize, threshold
+        self.weighting, self.temperature, self.normalize = weighting, float(temperature), normalize
+        self.threshold = None if threshold is None else float(threshold)
         self.buffer_size, self.buffer_batches = int(buffer_size), int(buffer_batches)
         self._buffer: Optional[torch.Tensor] = None          # (N, A) features (last-layer mode)
         self._batches: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, soft targets) (full modes)
