@@ -568,3 +568,10 @@ def test_generated_with_strength_auto_warns_that_nothing_is_weighed(tmp_path, ca
     warned = [r.getMessage() for r in caplog.records if "--generated" in r.getMessage()]
     assert len(warned) == 2 and all("--strength 1" in m for m in warned)
     assert not (tmp_path / "run" / "sources.md").exists()
+
+
+def test_audit_without_randaugment_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "run", "--refiner", "saflex", "--audit")
+    err = capsys.readouterr().err
+    assert "--aa rand-" in err and "data split" not in err
