@@ -2,6 +2,7 @@
 batch, each with its fix, before training starts."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, List, Optional
 
 import torch
@@ -14,6 +15,21 @@ from .targets import check_logits, to_soft_targets
 from .validation import split_batch
 
 __all__ = ["validate"]
+
+
+@contextmanager
+def _rng_kept(loader):
+    """Restore, on leaving, the global torch RNG and the loader's own ``generator`` (a shuffled
+    DataLoader draws its order from one of them when iterated), so that a check leaves the training
+    run's random streams as they were."""
+    gen = getattr(loader, "generator", None)
+    saved = gen.get_state() if isinstance(gen, torch.Generator) else None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            if saved is not None:
+                gen.set_state(saved)
 
 
 def validate(
@@ -71,8 +87,10 @@ def validate(
             problems.append(e)
     if val_loader is not None:
         try:
-            it = iter(val_loader)
-            first = next(it, None)
+            with _rng_kept(val_loader):   # reading one batch draws the loader's shuffle: give it back
+                it = iter(val_loader)
+                first = next(it, None)
+                del it
             if first is None:
                 raise EmptyValidationError(
                     "the validation loader yields no batches",

@@ -148,6 +148,16 @@ class RefinerCore:
         self._stream = stream_cls(val_loader, self._rng) if needs_validation else None
         if needs_validation and schedule.val_batches == "all" and not self.cache_validation:
             self._pass_length()   # a loader without len(): say so now, not at the first refresh
+        if needs_validation and schedule.val_batches != "all":
+            try:
+                length = len(val_loader)
+            except TypeError:   # a loader without len(): it cycles, and the count cannot be checked
+                length = None
+            if length is not None and int(schedule.val_batches) > length:
+                raise ConfigurationError(
+                    f"val_batches={schedule.val_batches} but the validation loader has {length} batches: a refresh "
+                    "would count some of them twice",
+                    f"use val_batches='all' (one pass, the default) or at most {length}")
         self._count_steps_of(optimizer)
         self._call_steps = 0
         self._hooks_removed = False   # remove_hooks() was called: the refiner refuses calls

@@ -12,6 +12,7 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 import copy
+import functools
 
 import operator
 from contextlib import nullcontext
@@ -178,6 +179,29 @@ def build_policy(method, method_options: Optional[Dict[str, Any]] = None, *, all
                                  "pass e.g. method_options={'beta': 1.0}")
     return create_policy(method, **{**((presets or {}).get(method) or {}), **(method_options or {})})
 
+
+
+def _group_lr(group) -> Optional[float]:
+    """A parameter group's learning rate as a number (None when it has none, or it is not a number):
+    its scheduler's base rate where one set it (``initial_lr``: a warm-up may start at 0), else ``lr``."""
+    lr = group.get("initial_lr", group.get("lr"))
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return None
+
+
+def _tells_the_policy_when_refused(call):
+    """Wrap a refiner's ``__call__``: a call that raises (refused, or interrupted) tells its policy
+    (:meth:`~augplug.methods.base.Policy.rejected`), after the call has undone its own changes."""
+    @functools.wraps(call)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        except BaseException:
+            self.policy.rejected()
+            raise
+    return wrapped
 
 class AugmentationRefiner(RefinerCore):
     """Refine augmented samples (weights and soft targets) against a clean validation set.
@@ -373,10 +397,15 @@ class AugmentationRefiner(RefinerCore):
         groups = getattr(inner, "param_groups", None)
         if groups is not None:
             held = {id(p) for g in groups for p in g.get("params", [])}
+            moving = {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
             if not any(id(p) in held for p in head_params if p.requires_grad):
                 _warn_at_caller(f"the optimizer holds none of the classifier {self.head_name!r}'s parameters: "
                                 "last-layer scores measure what a step on it would do, and it takes none. Pass an "
                                 "optimizer over the classifier too, or use mode='full'")
+            elif not any(id(p) in moving for p in head_params if p.requires_grad):
+                _warn_at_caller(f"the optimizer holds the classifier {self.head_name!r} only in groups with lr=0: "
+                                "last-layer scores measure what a step on it would do, and it takes none. Give its "
+                                "group a learning rate, or use mode='full'")
 
     def _alternates_scores(self, schedule: Schedule, scores_rows: bool, classifier) -> bool:
         """Whether calls alternate model score passes with closed-form last-layer scores: asked for
@@ -395,7 +424,7 @@ class AugmentationRefiner(RefinerCore):
         # the default budget alternates only where it can: no warning, no error without a linear head
         quiet = schedule.model_scores_every == 1 and schedule.budget == "auto"
         try:
-            head_name, _ = find_classifier(self.net, classifier)
+            head_name, head_module = find_classifier(self.net, classifier)
         except UnsupportedHeadError as e:
             if schedule.model_scores_every > 1:   # the generic fix ("use mode='full'") does not apply here
                 raise UnsupportedHeadError(
@@ -408,7 +437,8 @@ class AugmentationRefiner(RefinerCore):
                             f"scores with the model, and the budget only spaces out refreshes; pass classifier= "
                             f"to let it alternate with closed-form last-layer scores")
             return False
-        if f"{head_name}.weight" not in self.score_params():
+        weight = getattr(head_module, "weight", None)   # by identity: a tied weight has another owner's name
+        if not any(p is weight for p in self.score_params().values()):
             if quiet:
                 return False
             raise ConfigurationError(f"the classifier {head_name!r} is frozen, so the validation direction has no "
@@ -447,8 +477,18 @@ class AugmentationRefiner(RefinerCore):
         return p.device if p is not None else torch.device("cpu")
 
     def score_params(self) -> Dict[str, nn.Parameter]:
-        """The parameters a full-model validation direction covers: every trainable one."""
-        return {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        """The parameters a full-model validation direction covers: every trainable one, the
+        classifier's under the classifier's names (``named_parameters`` names a weight tied to
+        another layer after its first owner; the closed-form scores read the head's names)."""
+        named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        head, head_name = getattr(self, "head", None), getattr(self, "head_name", None)   # None while being built
+        if head is not None and head_name:
+            for attr in ("weight", "bias"):
+                p, key = getattr(head, attr, None), f"{head_name}.{attr}"
+                owner = next((n for n, q in named.items() if q is p), None) if isinstance(p, nn.Parameter) else None
+                if owner is not None and owner != key:
+                    named = {(key if n == owner else n): q for n, q in named.items()}
+        return named
 
     def _to_device(self, x):
         return to_device(x, self._device())
@@ -503,6 +543,7 @@ class AugmentationRefiner(RefinerCore):
         return {n: p.shape for n, p in self.score_params().items()}
 
     # ------------------------------------------------------------------ the loss
+    @_tells_the_policy_when_refused
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
                  index: Optional[torch.Tensor] = None, sources: Optional[torch.Tensor] = None) -> torch.Tensor:

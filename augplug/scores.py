@@ -138,7 +138,7 @@ def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, d
     casts drop tangents), a dual level, and the model's own parameters put back on exit. Raises
     :class:`ConfigurationError` with ``fix`` when ``v`` names parameters ``net`` does not have.
     """
-    named = dict(net.named_parameters())
+    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
     unknown = [n for n in v if n not in named]
     if unknown:
         raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}", fix)
@@ -425,7 +425,7 @@ def finite_difference_scores(
     central difference takes slope 1/2 where forward mode takes 0.
     """
     net = unwrap_model(model)
-    named = dict(net.named_parameters())
+    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
     unknown = [n for n in v if n not in named]
     if unknown:
         raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}",
@@ -504,7 +504,7 @@ def finite_difference_scores(
 def double_backward_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:
     """``g`` (B, C) by reverse-over-reverse differentiation (fallback for layers without forward AD)."""
     net = unwrap_model(model)
-    named = dict(net.named_parameters())
+    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
     names = [n for n in v if named[n].requires_grad]
     with torch.enable_grad(), scoring_mode(net, bn):
         logp = F.log_softmax(_forward_logits(net, inputs).float(), -1)

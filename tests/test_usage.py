@@ -287,3 +287,131 @@ def test_accelerate_example_resumes_where_it_stopped(tmp_path):
     assert again["refiner_updates"] == 3 and again["history"] == []
     on = at.main(base + ["--max-steps", "5", "--output", str(tmp_path / "c"), "--resume", ckpt])
     assert on["refiner_updates"] == 5 and on["history"][0]["epoch"] == 0
+
+
+# ---------------------------------------------------------------------------- third audit
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_autodo_after_a_skipped_bad_batch_trains_as_if_it_never_came():
+    """A refused call keeps its augment() records for a retry; the next augment() (the loop skipped
+    the batch) drops them, so the run equals one whose loader never had that batch."""
+    from augplug import AugplugError
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    val = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
+
+    def run(batches):
+        torch.manual_seed(0)
+        model = _Small()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = AugmentationRefiner(model, opt, val, method="autodo", method_options=dict(num_points=32, num_classes=4),
+                                schedule=dict(refresh_every=1, val_batches=1))
+        for idx, bad in batches:
+            yb = y[idx].clone()
+            if bad:
+                yb[0] = 99
+            try:
+                loss = r(model(r.augment(x[idx], idx)), yb, index=idx)
+            except AugplugError:
+                continue
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], copy.deepcopy(r.state_dict())
+
+    b1, bad, b2 = torch.arange(0, 8), torch.arange(8, 16), torch.arange(16, 24)
+    with_bad, without = run([(b1, False), (bad, True), (b2, False)]), run([(b1, False), (b2, False)])
+    assert all(torch.equal(a, b) for a, b in zip(with_bad[0], without[0]))
+    assert _same(with_bad[1]["policy"], without[1]["policy"])
+
+
+def test_autodo_augment_refuses_an_empty_batch():
+    torch.manual_seed(0)
+    model = _Small()
+    r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _val((1, 8, 8)), method="autodo",
+                            method_options=dict(num_points=8, num_classes=4))
+    with pytest.raises(ShapeError, match="no rows"):
+        r.augment(torch.randn(0, 1, 8, 8), torch.arange(0))
+
+
+def test_validate_leaves_the_random_streams_as_they_were():
+    torch.manual_seed(0)
+    model = _net()
+    loader = DataLoader(TensorDataset(torch.randn(32, 3, 16, 16), torch.randint(0, C, (32,))), batch_size=8,
+                        shuffle=True)
+    own = torch.Generator().manual_seed(5)
+    seeded = DataLoader(loader.dataset, batch_size=8, shuffle=True, generator=own)
+    r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert r.validate() == []
+    assert torch.equal(torch.rand(3), expected)
+    before = own.get_state()
+    from augplug.checks import validate
+    validate(model, val_loader=seeded)
+    assert torch.equal(own.get_state(), before)
+
+
+def test_more_validation_batches_than_the_loader_holds_is_refused():
+    torch.manual_seed(0)
+    model = _net()
+    with pytest.raises(ConfigurationError, match="twice"):
+        AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _val(), schedule=Schedule(val_batches=3))
+    AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _val(), schedule=Schedule(val_batches=2))
+
+
+def test_a_classifier_whose_learning_rate_is_0_warns_unless_a_warm_up_starts_there():
+    torch.manual_seed(0)
+    model = _net()
+    head = list(model[4].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in head)]
+    opt = torch.optim.SGD([{"params": rest}, {"params": head, "lr": 0.0}], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="lr=0"):
+        AugmentationRefiner(model, opt, _val()).remove_hooks()
+    warm = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(warm, lambda step: step / 10)   # the rate starts at 0 (a warm-up)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        AugmentationRefiner(model, warm, _val()).remove_hooks()
+
+
+def test_a_classifier_tied_to_another_layer_is_not_taken_for_frozen():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.emb, self.fc = nn.Linear(16, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+            self.fc.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    val = [(torch.randn(8, 16), torch.randint(0, 4, (8,)))]
+    r = AugmentationRefiner(model, opt, val, mode="full", schedule=Schedule(budget=None, model_scores_every=2))
+    for _ in range(3):   # a model score pass, then a closed-form one
+        x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+        loss = r(model(x), y, num_original=4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and torch.isfinite(r.stats["scores"]).all()
+
+
+def test_the_demo_checks_its_output_folder_and_seeds_before_training(tmp_path, capsys):
+    from augplug.demo.cli import main as demo
+    (tmp_path / "afile").write_text("x")
+    for argv, words in ((["--out", str(tmp_path / "afile")], "cannot create"),
+                        (["--seeds", str(2 ** 32)], "2**32 - 1")):
+        with pytest.raises(SystemExit):
+            demo(argv + ["--epochs", "1", "--no-progress"])
+        assert words in capsys.readouterr().err

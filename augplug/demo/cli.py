@@ -104,14 +104,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error(f"--epochs must be at least 1, got {args.epochs}")
     if not 0 <= args.noise <= 1:
         ap.error(f"--noise is the share of views given a wrong label, in [0, 1]; got {args.noise}")
-    if min(args.seeds) < 0:
-        ap.error(f"--seeds must be non-negative integers, got {args.seeds}")
+    if min(args.seeds) < 0 or max(args.seeds) > 2 ** 32 - 1:
+        ap.error(f"--seeds must be integers in [0, 2**32 - 1] (numpy's seed range), got {args.seeds}")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds repeats a seed ({args.seeds}); each seed is one independent run")
     try:
         budget = budget_from_text(args.budget)
     except ValueError as e:   # ConfigurationError is a ValueError
         ap.error(str(e))
+    if args.out:   # the results are written after every run has trained: check the folder first
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--out {args.out!r}: cannot create that folder ({e.strerror or e})")
+        if not os.access(args.out, os.W_OK):
+            ap.error(f"--out {args.out!r}: the folder is not writable")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_demo(args.seeds, epochs=args.epochs, noise=args.noise, out=args.out or None, noise_kind=args.noise_kind,
