@@ -12,7 +12,6 @@ optimizer (to count real updates), and a private RNG. Everything else is statele
 from __future__ import annotations
 
 import copy
-import functools
 
 import operator
 from contextlib import nullcontext
@@ -190,18 +189,6 @@ def _group_lr(group) -> Optional[float]:
     except (TypeError, ValueError):
         return None
 
-
-def _tells_the_policy_when_refused(call):
-    """Wrap a refiner's ``__call__``: a call that raises (refused, or interrupted) tells its policy
-    (:meth:`~augplug.methods.base.Policy.rejected`), after the call has undone its own changes."""
-    @functools.wraps(call)
-    def wrapped(self, *args, **kwargs):
-        try:
-            return call(self, *args, **kwargs)
-        except BaseException:
-            self.policy.rejected()
-            raise
-    return wrapped
 
 class AugmentationRefiner(RefinerCore):
     """Refine augmented samples (weights and soft targets) against a clean validation set.
@@ -543,7 +530,6 @@ class AugmentationRefiner(RefinerCore):
         return {n: p.shape for n, p in self.score_params().items()}
 
     # ------------------------------------------------------------------ the loss
-    @_tells_the_policy_when_refused
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, num_original: int = 0,
                  augmented: Optional[torch.Tensor] = None, inputs=None, features: Optional[torch.Tensor] = None,
                  index: Optional[torch.Tensor] = None, sources: Optional[torch.Tensor] = None) -> torch.Tensor:

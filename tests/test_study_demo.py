@@ -75,7 +75,7 @@ def test_demo_budget_option(monkeypatch, capsys):
 
 @pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
                                           (["--noise", "1.5"], "--noise is the share"),
-                                          (["--seeds", "-3"], "--seeds must be non-negative"),
+                                          (["--seeds", "-3"], "--seeds must be integers in"),
                                           (["--seeds", "1", "1"], "--seeds repeats a seed")])
 def test_demo_rejects_bad_numbers_before_training(args, message, monkeypatch, capsys):
     """Out-of-range numbers are usage errors naming the option (before: a ValueError traceback from

@@ -228,10 +228,6 @@ class AutoDO(Policy):
                                                                  self.label_smoothing))
         self._pending: List[tuple] = []
         self._augment_calls = 0
-        #: a refiner call was refused since the last committed one: a retry of that call uses the
-        #: augmentation records kept for it, the next augment() (a new batch: the refused one was
-        #: skipped) drops them and starts its noise streams afresh, as a run without that batch
-        self._after_rejection = False
         self._undo: Optional[Dict[str, Any]] = None
         self.last_stats: Dict[str, Any] = {}
         #: hypergradients of the last hyper-step: "W" (B,), "S" (B, C), "A" (rows, gate (R, K), magnitude (R, K))
@@ -303,8 +299,6 @@ class AutoDO(Policy):
             raise ShapeError("the batch has no rows", "skip empty batches (e.g. DataLoader(drop_last=True)) "
                              "before refiner.augment()")
         idx = self.check_index(index, x.shape[0])
-        if self._after_rejection:   # the refused call's batch was skipped: forget its records
-            self._pending, self._augment_calls, self._after_rejection = [], 0, False
         if self.augment_mode == "off":
             return x
         self._device(x.device)
@@ -485,10 +479,6 @@ class AutoDO(Policy):
 
     def commit(self) -> None:
         self._undo = None
-        self._after_rejection = False
-
-    def rejected(self) -> None:
-        self._after_rejection = True
 
     def rollback(self) -> None:
         """Put back every table row this call wrote, the hyper-step count and the pending
@@ -696,5 +686,4 @@ class AutoDO(Policy):
         self.tables.load_state_dict({k: state["tables"][k] for k in own})
         self._pending = []
         self._augment_calls = 0
-        self._after_rejection = False
         self._undo = None

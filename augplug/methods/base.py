@@ -453,10 +453,6 @@ class Policy:
     def rollback(self) -> None:
         """Undo the changes of the call in progress (default: nothing to undo)."""
 
-    def rejected(self) -> None:
-        """A refiner call was refused (after :meth:`rollback` where the policy had started); the loop
-        may retry the same call or skip its batch (default: nothing to do)."""
-
     def check_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` can be loaded by ``load_state_dict``."""
 
