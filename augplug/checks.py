@@ -11,6 +11,7 @@ from torch import nn
 from .core import optimizer_problem
 from .errors import AugplugError, EmptyValidationError, ModelModeError, ValidationFailed
 from .heads import find_classifier
+from .rng import PrivateRNG
 from .targets import check_logits, to_soft_targets
 from .validation import split_batch
 
@@ -24,7 +25,7 @@ def _rng_kept(loader):
     run's random streams as they were."""
     gen = getattr(loader, "generator", None)
     saved = gen.get_state() if isinstance(gen, torch.Generator) else None
-    with torch.random.fork_rng(devices=[]):
+    with PrivateRNG():   # the global generator: a private state inside, the user's restored on exit
         try:
             yield
         finally:

@@ -319,10 +319,10 @@ class AugmentationRefiner(RefinerCore):
                                      "use check_train_mode=True (the default)")
         self.check_train_mode = check_train_mode
 
+        self.head_name, self.head = None, None   # found below, where the refiner reads the classifier
         alternate = self._alternates_scores(schedule, scores_rows, classifier)
         needs_features = (mode == "last_layer" or alternate or isda not in (None, False)
                           or getattr(self.policy, "needs_features", False))
-        self.head_name, self.head = None, None
         if accelerator is not None and not callable(getattr(accelerator, "register_for_checkpointing", None)):
             raise ConfigurationError(f"accelerator= must be an accelerate.Accelerator, got {type(accelerator).__name__}",
                                      "pass the Accelerator of the run (accelerator=accelerator), or leave it out")
@@ -468,10 +468,9 @@ class AugmentationRefiner(RefinerCore):
         classifier's under the classifier's names (``named_parameters`` names a weight tied to
         another layer after its first owner; the closed-form scores read the head's names)."""
         named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
-        head, head_name = getattr(self, "head", None), getattr(self, "head_name", None)   # None while being built
-        if head is not None and head_name:
+        if self.head is not None:
             for attr in ("weight", "bias"):
-                p, key = getattr(head, attr, None), f"{head_name}.{attr}"
+                p, key = getattr(self.head, attr, None), f"{self.head_name}.{attr}"
                 owner = next((n for n, q in named.items() if q is p), None) if isinstance(p, nn.Parameter) else None
                 if owner is not None and owner != key:
                     named = {(key if n == owner else n): q for n, q in named.items()}

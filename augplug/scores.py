@@ -130,6 +130,16 @@ def preserved_parameters(model: nn.Module):
                 m._parameters[name] = p
 
 
+def _parameters_named_in(net: nn.Module, v: Dict[str, torch.Tensor], fix: str) -> Dict[str, nn.Parameter]:
+    """``net``'s parameters by name, a tied weight under each of its names; a
+    :class:`ConfigurationError` with ``fix`` when ``v`` names parameters ``net`` does not have."""
+    named = dict(net.named_parameters(remove_duplicate=False))
+    unknown = [n for n in v if n not in named]
+    if unknown:
+        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}", fix)
+    return named
+
+
 @contextmanager
 def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, device_type: str, fix: str):
     """Dual parameters ``name -> make_dual(param, v[name])`` for one forward-mode pass of ``net``.
@@ -138,10 +148,7 @@ def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, d
     casts drop tangents), a dual level, and the model's own parameters put back on exit. Raises
     :class:`ConfigurationError` with ``fix`` when ``v`` names parameters ``net`` does not have.
     """
-    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
-    unknown = [n for n in v if n not in named]
-    if unknown:
-        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}", fix)
+    named = _parameters_named_in(net, v, fix)
     with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), fwAD.dual_level(), \
             preserved_parameters(net):
         yield {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
@@ -425,11 +432,7 @@ def finite_difference_scores(
     central difference takes slope 1/2 where forward mode takes 0.
     """
     net = unwrap_model(model)
-    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
-    unknown = [n for n in v if n not in named]
-    if unknown:
-        raise ConfigurationError(f"the validation direction names unknown parameters {unknown[:3]}",
-                                 "compute the validation gradient on this model")
+    named = _parameters_named_in(net, v, "compute the validation gradient on this model")
     names = list(v)
     thetas = [named[n].detach() for n in names]
     low = sorted({str(t.dtype) for t in thetas if t.dtype not in (torch.float32, torch.float64)})

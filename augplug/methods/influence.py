@@ -12,7 +12,6 @@ re-exported here (their homes: :mod:`augplug.influence`, :mod:`augplug.ihvp`, :m
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,7 +22,7 @@ from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ..finite import nonfinite
 from ..ihvp import conjugate_gradient, lissa
 from ..influence import InfluenceScorer
-from .base import Policy, RefineContext
+from .base import Policy, RefineContext, is_number
 
 __all__ = [
     "conjugate_gradient",
@@ -168,8 +167,7 @@ class InfluencePolicy(Policy):
         if pairing not in ("auto", "position", "index", "none"):
             raise ConfigurationError(f"pairing must be 'auto', 'position', 'index' or 'none', got {pairing!r}",
                                      "use 'auto'")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or math.isnan(threshold)):
+        if threshold is not None and not is_number(threshold):
             raise ConfigurationError(f"the influence policy's threshold must be a number or None, got {threshold!r}",
                                      "pass a float in the normalized score units, e.g. threshold=0.0, or None "
                                      "(no filter)")

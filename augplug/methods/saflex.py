@@ -48,7 +48,7 @@ from ..pooled import PooledEvidence
 from ..schedule import AUTO_BUDGET
 from ..targets import check_soft_pair
 from ..transfer import to_device
-from .base import Policy, RefineContext, renormalize
+from .base import Policy, RefineContext, is_number, renormalize
 
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS", "POLICY_WEIGHT_SIGNALS"]
 
@@ -230,7 +230,7 @@ class SAflex(Policy):
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
                  aug_weight="adaptive", strength="auto", pool=None):
         for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if not is_number(value):
                 raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
                                          f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
