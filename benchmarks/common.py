@@ -3,17 +3,19 @@ markdown tables, plots, seeding, thread limits and timing."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "results_dir",
+    "read_runs",
     "mean_std",
     "fmt_mean_std",
     "write_markdown_table",
@@ -60,6 +62,13 @@ def results_dir(study: Optional[str] = None) -> Path:
     path = _BENCH_DIR / "results" / study if study else _BENCH_DIR / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_runs(name: str) -> List[Dict]:
+    """The runs in ``benchmarks/results/<name>.jsonl`` (``name`` with its study, e.g.
+    ``trust/summary``): one JSON object per line, blank lines skipped."""
+    path = results_dir() / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def mean_std(values: Iterable[float]) -> Tuple[float, float]:

@@ -9,23 +9,16 @@ AUC of both, to ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics as st
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from .common import results_dir
+from .common import read_runs, results_dir
 
 
 def _runs(name: str) -> Dict[Tuple, dict]:
-    out = {}
-    with open(results_dir() / f"{name}.jsonl", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["arm"] == "refiner":
-                out[(r["dataset"], r["upstream"], r["pattern"], r["seed"])] = r
-    return out
+    return {(r["dataset"], r["upstream"], r["pattern"], r["seed"]): r for r in read_runs(name) if r["arm"] == "refiner"}
 
 
 def _auc(rs: List[dict]) -> Optional[float]:

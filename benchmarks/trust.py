@@ -77,7 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import mean_std, paired_difference, parse_sets, results_dir
+from benchmarks.common import mean_std, paired_difference, parse_sets, read_runs, results_dir
 
 DATASETS = ("fmnist", "digits", "letter")
 #: tables run only when named (``--datasets spambase cancer``): held out from every choice of default
@@ -627,7 +627,7 @@ def main(argv=None) -> None:
     log = results_dir() / f"{args.out}.jsonl" if args.out else None
     rows = []
     if log is not None and log.exists():
-        done = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        done = read_runs(args.out)
         keys = {(r["dataset"], r["upstream"], r["pattern"], r["arm"], r["seed"]) for r in done}
         rows = [r for r in done if r["seed"] in args.seeds]
         todo = [j for j in todo if tuple(j[:5]) not in keys]
@@ -656,8 +656,7 @@ def main(argv=None) -> None:
         for j in tqdm(todo, desc="trust runs"):
             keep(run(*j))
     if args.controls:
-        earlier = results_dir() / f"{args.controls}.jsonl"
-        rows += [r for r in map(json.loads, earlier.read_text().splitlines())
+        rows += [r for r in read_runs(args.controls)
                  if r["arm"] != "refiner" and r["seed"] in args.seeds and r["dataset"] in args.datasets]
     header, lines = summarise(rows, args.metric)
     text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -18,12 +18,11 @@ they cover and paired with it run by run, into ``benchmarks/results/trust/bars_N
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
-from benchmarks.common import results_dir
+from benchmarks.common import read_runs, results_dir
 from benchmarks.trust import TOLERANCE, promises
 
 HARMFUL = ("random", "pairflip", "identity", "clean")
@@ -59,20 +58,15 @@ SETTINGS: List[Tuple[str, str, Sequence[str], Sequence[str], Sequence[str]]] = [
 ]
 
 
-def _runs(name: str) -> List[Dict]:
-    path = results_dir("trust") / f"{name}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def accuracies(table: str) -> Dict[Tuple, Dict[int, float]]:
     """Accuracy by seed for each ``(data set, upstream, pattern, arm)`` of a table's runs and its
     controls, on the table's own seeds (``none`` is keyed with pattern and upstream ``None``: it trains
     no views)."""
     header = (results_dir("trust") / f"{table}.md").read_text().splitlines()[0]
     controls = re.search(r"--controls (\S+)", header)
-    own = _runs(table)
+    own = read_runs(f"trust/{table}")
     # as the table does: its own runs, then the controls' runs of the other arms (a later run wins)
-    rows = own + ([r for r in _runs(controls.group(1).split("/", 1)[1]) if r["arm"] != "refiner"] if controls else [])
+    rows = own + ([r for r in read_runs(controls.group(1)) if r["arm"] != "refiner"] if controls else [])
     seeds = {r["seed"] for r in own}
     acc: Dict[Tuple, Dict[int, float]] = defaultdict(dict)
     for r in rows:

@@ -141,7 +141,9 @@ def test_paired_differences(tmp_path, monkeypatch):
 
     write("a", [0.90, 0.80, 0.70])
     write("b", [0.91, 0.80, 0.69])
+    import benchmarks.common as common
     monkeypatch.setattr(paired, "results_dir", lambda: tmp_path)
+    monkeypatch.setattr(common, "results_dir", lambda study=None: tmp_path)   # read_runs
     text = paired.table("a", "b")
     assert "+0.00 ± 1.00 (1 / 1 / 1)" in text and "All 3 paired runs" in text and "0.600 / 0.600" in text
 

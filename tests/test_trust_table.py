@@ -162,7 +162,9 @@ def test_a_variant_is_counted_on_its_own_settings_and_paired_with_the_default(tm
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    import benchmarks.common as common
     monkeypatch.setattr(bars, "results_dir", results_dir)
+    monkeypatch.setattr(common, "results_dir", results_dir)   # read_runs
     monkeypatch.setattr(bars, "SETTINGS", [("row", "t", ["digits"], ["random"], ["batch"]),
                                            ("row", "u", ["digits"], ["clean"], ["batch"])])
     trust = results_dir("trust")
