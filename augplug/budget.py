@@ -66,6 +66,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional
 
 from .errors import ConfigurationError
+from .options import is_integer, is_real
 
 __all__ = ["OverheadBudget", "HEADROOM"]
 
@@ -86,19 +87,19 @@ class OverheadBudget:
     def __init__(self, fraction: float, *, min_interval: int = 1, max_interval: int = 1024,
                  window: int = 16, clock: Callable[[], float] = time.perf_counter, model_scores: bool = False,
                  min_score_interval: int = 1, headroom: float = HEADROOM):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
+        if not is_real(fraction) or not fraction > 0:
             raise ConfigurationError(f"budget must be a positive fraction of a training step, got {fraction!r}",
                                      "use e.g. budget=0.1 (10 % on top of a plain step), or None for a fixed schedule")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if not is_integer(window) or window < 1:
             raise ConfigurationError(f"the budget's window must be a positive number of measurements, got {window!r}",
                                      "use e.g. window=16")
-        if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        if not is_real(headroom) or not 0 <= headroom < 1:
             raise ConfigurationError(f"the budget's headroom must be in [0, 1), got {headroom!r}",
                                      "use e.g. headroom=0.25 (plan for three quarters of the budget)")
         self.fraction = float(fraction)
         self.headroom = float(headroom)
         self.min_interval, self.max_interval = int(min_interval), int(max_interval)
-        self.window, self.clock = window, clock
+        self.window, self.clock = int(window), clock
         self.interval = int(min_interval)
         #: whether the last choice found the call alone above the budget itself (``c >= b * P``)
         self.call_over_budget = False

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from .core import optimizer_problem
-from .errors import AugplugError, EmptyValidationError, ModelModeError, ValidationFailed
+from .errors import AugplugError, EmptyValidationError, ModelModeError, TargetError, ValidationFailed
 from .heads import find_classifier
 from .rng import PrivateRNG
 from .targets import check_logits, to_soft_targets
-from .validation import split_batch
+from .validation import ValidationStream, generator_states, set_generator_states
 
 __all__ = ["validate"]
 
@@ -21,16 +21,14 @@ __all__ = ["validate"]
 @contextmanager
 def _rng_kept(loader):
     """Restore, on leaving, the global torch RNG and the loader's own ``generator`` (a shuffled
-    DataLoader draws its order from one of them when iterated), so that a check leaves the training
-    run's random streams as they were."""
-    gen = getattr(loader, "generator", None)
-    saved = gen.get_state() if isinstance(gen, torch.Generator) else None
+    DataLoader draws its order from one of them when iterated, its sampler's ``generator=`` included),
+    so that a check leaves the training run's random streams as they were."""
+    saved = generator_states(loader)
     with PrivateRNG():   # the global generator: a private state inside, the user's restored on exit
         try:
             yield
         finally:
-            if saved is not None:
-                gen.set_state(saved)
+            set_generator_states(loader, saved)
 
 
 def validate(
@@ -88,15 +86,13 @@ def validate(
             problems.append(e)
     if val_loader is not None:
         try:
+            # the refiner's own stream: it refuses one-shot iterators before reading, and empty loaders
             with _rng_kept(val_loader):   # reading one batch draws the loader's shuffle: give it back
-                it = iter(val_loader)
-                first = next(it, None)
-                del it
-            if first is None:
-                raise EmptyValidationError(
-                    "the validation loader yields no batches",
-                    "pass a loader over at least one clean labelled sample (check drop_last and the split)")
-            _, y = split_batch(first)
+                _, y = ValidationStream(val_loader, PrivateRNG()).next()
+            if not torch.is_tensor(y):
+                raise TargetError(f"validation targets must be a torch.Tensor, got {type(y).__name__}",
+                                  "make the validation loader yield tensors of class indices (B,) or probabilities "
+                                  "(B, C), e.g. a DataLoader's default collate")
             if y.numel() == 0:
                 raise EmptyValidationError(
                     "the validation loader's first batch is empty",

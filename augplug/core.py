@@ -38,7 +38,7 @@ from .rng import PrivateRNG
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
 from .steps import StepCounter
-from .validation import CachedValidationStream, ValidationStream
+from .validation import CachedValidationStream, ValidationStream, generator_states, set_generator_states
 
 __all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
 
@@ -647,10 +647,12 @@ class RefinerCore:
                 visit(j, x, y)
             except (AugplugError, NotImplementedError):
                 raise
-            except RuntimeError as e:  # a shape or dtype clash inside the model's forward
-                raise ShapeError(f"the model failed on a validation batch: {str(e).splitlines()[0]}",
-                                 "make the validation loader yield inputs like the training inputs (same shape, "
-                                 "channels, dtype and device placement)") from e
+            except (RuntimeError, ValueError, TypeError) as e:  # a clash inside the model's forward
+                raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0]}",
+                                 "make the validation loader yield inputs like the training inputs (tensors of the "
+                                 "same shape, channels, dtype and device placement; with bn_mode='train', batches "
+                                 "of at least 2 rows: DataLoader(..., drop_last=True))") from e
         if good == 0:
             if skipped:
                 raise NonFiniteError(f"all {skipped} validation batches read for this refresh hold NaN/inf",
@@ -730,16 +732,20 @@ class RefinerCore:
             self._note_updates()
 
     def _snapshot(self) -> Tuple[Any, ...]:
-        """What a failing call must put back: the private RNG and the stream's position."""
+        """What a failing call must put back: the private RNG, the stream's position and the
+        loader's own generators (``generator=``), which opening a pass draws from."""
         stream = self._stream
-        return (self._rng.state.clone(), stream.state_dict() if stream is not None else None,
-                stream.reads if stream is not None else 0)
+        if stream is None:
+            return self._rng.state.clone(), None, 0, None
+        return self._rng.state.clone(), stream.state_dict(), stream.reads, generator_states(stream.loader)
 
     def _restore(self, snap: Tuple[Any, ...]) -> None:
         self._rng.state = snap[0]
         # a stream that was not read is left alone: restoring re-opens the loader's pass
         if self._stream is not None and snap[1] is not None and self._stream.reads != snap[2]:
             self._stream.load_state_dict(snap[1])
+            # a pass opened by the failed call (none was open before it) moved the generators
+            set_generator_states(self._stream.loader, snap[3])
 
     # ------------------------------------------------------------------ resumable state
     def _direction_shapes(self) -> Dict[str, torch.Size]:

@@ -38,6 +38,7 @@ import torch
 
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, ShapeError
+from .options import is_integer, is_real
 
 __all__ = ["PooledEvidence"]
 
@@ -52,14 +53,14 @@ class PooledEvidence:
     """
 
     def __init__(self, num_sources: int, *, decay: float = 0.995, temperature: float = 2.0):
-        if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
+        if not is_integer(num_sources) or num_sources < 1:
             raise ConfigurationError(f"the number of sources must be a positive integer, got {num_sources!r}",
                                      "pass how many source ids the upstream uses (e.g. the RandAugment ops)")
-        if not 0 < decay <= 1:
-            raise ConfigurationError(f"decay must be in (0, 1], got {decay}", "use decay=0.995")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigurationError(f"temperature must be a positive number, got {temperature}", "use temperature=2.0")
-        self.num_sources, self.decay, self.temperature = num_sources, float(decay), float(temperature)
+        if not (is_real(decay) and 0 < decay <= 1):
+            raise ConfigurationError(f"decay must be a number in (0, 1], got {decay!r}", "use decay=0.995")
+        if not (is_real(temperature) and 0 < temperature < math.inf):
+            raise ConfigurationError(f"temperature must be a positive number, got {temperature!r}", "use temperature=2.0")
+        self.num_sources, self.decay, self.temperature = int(num_sources), float(decay), float(temperature)
         #: (3, S, C) fp64: count, sum and sum of squares per group (None until the first update)
         self.tables: Optional[torch.Tensor] = None
 

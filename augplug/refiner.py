@@ -29,6 +29,7 @@ from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFinite
 from .heads import ActivationCapture, GradientSlot, find_classifier, is_compiled, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
+from .options import is_integer
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
 from .share import FLOAT32_MAX, RESIDUAL_FLOOR, resolve_share
@@ -487,7 +488,22 @@ class AugmentationRefiner(RefinerCore):
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:
         """Sum the validation gradient over one refresh's batches (advances the stream; non-finite
-        batches are skipped or rejected as ``bad_val_batch`` says, see :mod:`augplug.core`)."""
+        batches are skipped or rejected as ``bad_val_batch`` says, see :mod:`augplug.core`).
+        ``num_classes``: the model's number of outputs. A call that raises changes nothing."""
+        classes, _ = self._head_shape()
+        if not is_integer(num_classes) or num_classes < 2 or (classes is not None and num_classes != classes):
+            raise ShapeError(f"num_classes must be the model's number of outputs (an integer >= 2"
+                             f"{'' if classes is None else f', here {classes}'}), got {num_classes!r}",
+                             "pass the width of the logits the model returns")
+        num_classes = int(num_classes)
+        snapshot = self._snapshot()
+        try:
+            return self._compute_validation_direction(num_classes)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    def _compute_validation_direction(self, num_classes: int) -> GradSum:
         params = None if self.mode == "last_layer" else self.score_params()
 
         def gradient(x, y):
@@ -747,7 +763,7 @@ class AugmentationRefiner(RefinerCore):
             scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
                               head_name=self.head_name, capture=self._capture, params=self.score_params,
                               replay_forward=self._replay_forward)
-            validation = ValidationSource(is_due=self.direction_is_due, compute=self.compute_validation_direction,
+            validation = ValidationSource(is_due=self.direction_is_due, compute=self._compute_validation_direction,
                                           current=lambda: self.validation_direction,
                                           halves=lambda: self.half_directions, loss=lambda: self.val_loss)
             self._context_parts = (scoring, validation)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
 from .errors import ConfigurationError
+from .options import is_integer, is_real
 
 __all__ = ["Schedule", "BAD_VAL_BATCH", "AUTO_BUDGET", "budget_fraction", "budget_from_text", "resolve_schedule"]
 
@@ -75,9 +76,10 @@ class Schedule:
 
     def __post_init__(self):
         def integer(name, value, low):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value) or value < low:
                 raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}",
                                          f"use e.g. {name}={max(low, 1)}")
+            object.__setattr__(self, name, int(value))   # numpy integers from a sweep become ints
         integer("refresh_every", self.refresh_every, 1)
         if self.val_batches != "all":
             integer("val_batches", self.val_batches, 1)
@@ -89,7 +91,7 @@ class Schedule:
                 raise ConfigurationError(f"fresh_batches={self.fresh_batches} exceeds val_batches={self.val_batches}",
                                          "recompute at most the batches the direction covers")
         if self.budget is not None and not (isinstance(self.budget, str) and self.budget == "auto") and (
-                isinstance(self.budget, (bool, str)) or not isinstance(self.budget, (int, float)) or not self.budget > 0):
+                not is_real(self.budget) or not self.budget > 0):
             raise ConfigurationError(f"budget must be a positive fraction of a training step, 'auto' or None, got "
                                      f"{self.budget!r}", "use e.g. budget=0.1 (10 % on top of a plain step), 'auto' "
                                      "(the default, 0.1) or None for the exact, bit-reproducible schedule")

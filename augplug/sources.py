@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigurationError, ShapeError, TargetError
+from .options import is_integer
 from .report import NAME_SEP, AugmentationAudit
 
 __all__ = ["GeneratedSamples", "BatchMixer", "MixedBatch", "SourceAudit", "REAL"]
@@ -275,11 +276,12 @@ class BatchMixer:
             missing = [n for n in names if n not in per_batch]
             if missing:
                 raise ConfigurationError(f"per_batch has no count for {missing}", "give every source a count")
-            counts = [int(per_batch[n]) for n in names]
+            counts = [per_batch[n] for n in names]
         else:
-            counts = [int(per_batch)] * len(names)
-        if any(k < 0 for k in counts):
-            raise ConfigurationError(f"per_batch counts must be >= 0, got {counts}", "use 0 to skip a source")
+            counts = [per_batch] * len(names)
+        if not all(is_integer(k) and k >= 0 for k in counts):
+            raise ConfigurationError(f"per_batch counts must be integers >= 0, got {counts}", "use 0 to skip a source")
+        counts = [int(k) for k in counts]
         for n, ds, k in zip(names, datasets, counts):
             if k and len(ds) == 0:
                 raise ConfigurationError(f"source {n!r} is empty", "pass a source with at least one sample")

@@ -27,14 +27,23 @@ def check_logits(logits: torch.Tensor, *, values: bool = True) -> None:
         raise ShapeError(f"logits must be a torch.Tensor, got {type(logits).__name__}",
                          "pass the model's output tensor (for dict/tuple outputs, pass the logits entry)")
     if logits.dim() != 2:
-        raise ShapeError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}",
-                         "flatten extra dimensions, e.g. logits.flatten(0, -2) with matching targets")
+        shape = tuple(logits.shape)
+        if logits.dim() < 2:
+            fix = ("a binary task needs two logits per sample, (batch, 2), with class-index targets: "
+                   "e.g. torch.stack([torch.zeros_like(z), z], 1) turns one logit z into two")
+        elif all(d == 1 for d in shape[2:]):
+            fix = f"drop the trailing size-1 dimensions: logits.reshape({shape[0]}, {shape[1]})"
+        else:
+            fix = ("one row per classified sample: for per-token or per-pixel logits move the class dimension "
+                   "last and flatten the rest, e.g. logits.movedim(1, -1).flatten(0, -2), with matching targets")
+        raise ShapeError(f"logits must have shape (batch, classes), got {shape}", fix)
     if not logits.is_floating_point():
         raise TargetError(f"logits must be floating point, got {logits.dtype}",
                           "pass the raw model outputs, not predicted class indices")
     if logits.shape[1] < 2:
         raise ShapeError(f"logits need at least 2 classes, got {logits.shape[1]}",
-                         "for a binary task output two logits per sample")
+                         "a binary task needs two logits per sample, (batch, 2), with class-index targets: "
+                         "e.g. torch.cat([torch.zeros_like(z), z], 1) turns one logit column z into two")
     if not values:
         return
     finite = torch.isfinite(logits.detach())

@@ -108,6 +108,33 @@ def _same_states(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _persistent(loader: Any) -> bool:
+    return bool(getattr(loader, "persistent_workers", False)) and (getattr(loader, "num_workers", 0) or 0) > 0
+
+
+def opens_by_reset(loader: Any) -> bool:
+    """Whether ``iter(loader)`` resets a live persistent-worker iterator rather than creating one.
+    Creating one draws the workers' base seed from the RNG before the sampler draws its order; a
+    reset draws only the order, so the two give different orders from the same RNG state."""
+    return _persistent(loader) and getattr(loader, "_iterator", None) is not None
+
+
+def open_as(loader: Any, by_reset: bool) -> None:
+    """Make the next ``iter(loader)`` open its pass as a saved pass was opened (:func:`opens_by_reset`):
+    start the persistent workers now, or drop a live iterator (its workers shut down), leaving the
+    global RNG and the loader's generators as they were. Loaders without persistent workers, and
+    loaders already in that condition, are left alone."""
+    if not _persistent(loader) or opens_by_reset(loader) == bool(by_reset):
+        return
+    if by_reset:
+        saved = generator_states(loader)
+        with PrivateRNG():   # the new workers' base seed comes from a throwaway state
+            iter(loader)
+        set_generator_states(loader, saved)
+    else:
+        loader._iterator = None   # the DataLoader shuts the dropped iterator's workers down
+
+
 class ValidationStream:
     """Cycles over ``loader`` forever; ``next()`` returns ``(inputs, targets)``."""
 
@@ -125,6 +152,7 @@ class ValidationStream:
         self._it = None
         self.pass_rng_state: Optional[torch.Tensor] = None  # private RNG state when this pass began
         self.pass_generator_states: Optional[List[torch.Tensor]] = None  # the loader's generators then
+        self.pass_by_reset = False  # the pass reset a persistent-worker iterator (opens_by_reset)
         self.consumed = 0  # batches taken in this pass
         #: reads asked of the stream, failed ones included (a caller that rolls back after a
         #: failure restores the position only when this moved)
@@ -133,6 +161,7 @@ class ValidationStream:
     def _start_pass(self) -> None:
         self.pass_rng_state = self.rng.state.clone()
         self.pass_generator_states = generator_states(self.loader)
+        self.pass_by_reset = opens_by_reset(self.loader)
         self.consumed = 0
         with self.rng:
             self._it = iter(self.loader)
@@ -155,10 +184,11 @@ class ValidationStream:
 
     def state_dict(self) -> dict:
         return {"pass_rng_state": self.pass_rng_state, "consumed": self.consumed,
-                "generator_states": self.pass_generator_states}
+                "generator_states": self.pass_generator_states, "by_reset": self.pass_by_reset}
 
     _CACHED = False
     _GENERATORS_KEY = "generator_states"
+    _RESET_KEY = "by_reset"
 
     _KEYS = ("pass_rng_state", "consumed", "generator_states")
 
@@ -182,6 +212,9 @@ class ValidationStream:
             raise ConfigurationError("the validation stream state's RNG state is not a generator state",
                                      "load a state saved by the refiner's state_dict()")
         check_generator_states(self.loader, state.get(self._GENERATORS_KEY))
+        if not isinstance(state.get(self._RESET_KEY, False), bool):
+            raise ConfigurationError(f"the validation stream state's {self._RESET_KEY} is not True or False",
+                                     "load a state saved by the refiner's state_dict()")
 
     def load_state_dict(self, state: dict) -> None:
         """Re-open the pass that was running and skip the batches already taken."""
@@ -190,6 +223,7 @@ class ValidationStream:
         pass_rng_state = state.get("pass_rng_state")
         it = None
         if pass_rng_state is not None:
+            open_as(self.loader, bool(state.get("by_reset", False)))
             saved_gens = generator_states(self.loader)
             set_generator_states(self.loader, gen_states)
             saved = self.rng.state
@@ -210,6 +244,7 @@ class ValidationStream:
         self._it = it
         self.pass_rng_state = pass_rng_state
         self.pass_generator_states = gen_states
+        self.pass_by_reset = bool(state.get("by_reset", False)) if it is not None else False
         self.consumed = int(state["consumed"]) if it is not None else 0
 
 
@@ -231,6 +266,7 @@ class CachedValidationStream(ValidationStream):
         self._pos = 0
         self._fill_rng_state: Optional[torch.Tensor] = None  # private RNG state the cached pass was drawn from
         self._fill_generator_states: Optional[List[torch.Tensor]] = None  # the loader's generators then
+        self._fill_by_reset = False  # the pass reset a persistent-worker iterator (opens_by_reset)
 
     def _fill(self) -> None:
         if self.prepare is None:
@@ -238,10 +274,12 @@ class CachedValidationStream(ValidationStream):
         restoring = self._fill_rng_state is not None
         saved = self.rng.state
         if restoring:  # rebuild the pass a saved state refers to, leaving the RNG where it is now
+            open_as(self.loader, self._fill_by_reset)
             self.rng.state = self._fill_rng_state.clone()
             set_generator_states(self.loader, self._fill_generator_states)
         fill_state = self.rng.state.clone()
         fill_generators = generator_states(self.loader)
+        fill_by_reset = opens_by_reset(self.loader)
         try:
             with self.rng:
                 raw = [split_batch(b) for b in self.loader]
@@ -253,6 +291,7 @@ class CachedValidationStream(ValidationStream):
             raise EmptyValidationError("the validation loader yields no batches",
                                        "pass a loader over at least one clean labelled sample (check drop_last and the split)")
         self._batches, self._fill_rng_state, self._fill_generator_states = batches, fill_state, fill_generators
+        self._fill_by_reset = fill_by_reset
         self._pos %= len(batches)
 
     def next(self) -> Tuple[Any, torch.Tensor]:
@@ -273,19 +312,23 @@ class CachedValidationStream(ValidationStream):
     def state_dict(self) -> dict:
         state = None if self._fill_rng_state is None else self._fill_rng_state.clone()
         return {"cached": True, "fill_rng_state": state, "pos": self._pos,
-                "fill_generator_states": self._fill_generator_states}
+                "fill_generator_states": self._fill_generator_states, "fill_by_reset": self._fill_by_reset}
 
     _CACHED = True
     _GENERATORS_KEY = "fill_generator_states"
+    _RESET_KEY = "fill_by_reset"
     _KEYS = ("fill_rng_state", "pos", "fill_generator_states")
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state(state)
         fill, gens = state.get("fill_rng_state"), state.get(self._GENERATORS_KEY)
+        by_reset = bool(state.get("fill_by_reset", False))
         same_pass = (self._batches is not None and fill is not None and self._fill_rng_state is not None
-                     and torch.equal(fill, self._fill_rng_state) and _same_states(gens, self._fill_generator_states))
+                     and torch.equal(fill, self._fill_rng_state) and _same_states(gens, self._fill_generator_states)
+                     and by_reset == self._fill_by_reset)
         if not same_pass:  # rebuilt lazily, on the next read
             self._batches = None
             self._fill_rng_state = None if fill is None else fill.clone()
             self._fill_generator_states = gens
+            self._fill_by_reset = by_reset
         self._pos = int(state["pos"])

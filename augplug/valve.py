@@ -43,6 +43,7 @@ import torch
 from .distributed import all_reduce_sum_, is_distributed
 from .errors import ConfigurationError, NonFiniteError
 from .online import NormalizedWalk
+from .options import is_real
 
 __all__ = ["RefinementStrength", "STRENGTHS", "apply_strength", "cross_fit_statistics", "resolve_strength"]
 
@@ -84,14 +85,14 @@ class RefinementStrength(NormalizedWalk):
     VALUE = "gamma"
 
     def __init__(self, init: float = 1.0, lr: float = 0.02, decay: float = 0.99, evidence: Optional[float] = None):
-        if not (0.0 <= init <= 1.0):
-            raise ConfigurationError(f"the strength's init must lie in [0, 1], got {init}", "use init=1.0")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ConfigurationError(f"the strength's lr must be a positive number, got {lr}", "use lr=0.02")
-        if not 0 <= decay < 1:
-            raise ConfigurationError(f"decay must be in [0, 1), got {decay}", "use decay=0.99")
-        if evidence is not None and not (evidence >= 0 and math.isfinite(evidence)):
-            raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence}", "use evidence=None")
+        if not (is_real(init) and 0.0 <= init <= 1.0):
+            raise ConfigurationError(f"the strength's init must be a number in [0, 1], got {init!r}", "use init=1.0")
+        if not (is_real(lr) and 0 < lr < math.inf):
+            raise ConfigurationError(f"the strength's lr must be a positive number, got {lr!r}", "use lr=0.02")
+        if not (is_real(decay) and 0 <= decay < 1):
+            raise ConfigurationError(f"decay must be a number in [0, 1), got {decay!r}", "use decay=0.99")
+        if evidence is not None and not (is_real(evidence) and 0 <= evidence < math.inf):
+            raise ConfigurationError(f"evidence must be None or a number >= 0, got {evidence!r}", "use evidence=None")
         self.init, self.lr = float(init), float(lr)
         self._init_walk(self.init, decay, evidence)
 

@@ -54,6 +54,7 @@ from ..distributed import world_size as dist_world_size
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ..finite import nonfinite
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
+from ..options import is_integer, is_real
 from ..scores import last_layer_scores
 from ..stats import StepStats
 from .base import Policy, RefineContext
@@ -166,9 +167,10 @@ class AutoDO(Policy):
                  init_magnitude: float = 0.5, tau: float = 1.0, padding_mode: str = "border",
                  min_scale: float = 0.1):
         problems = []
-        if not isinstance(num_points, int) or num_points < 1:
+        between = lambda v, lo, hi: is_real(v) and lo < float(v) < hi  # noqa: E731 (open interval)
+        if not is_integer(num_points) or num_points < 1:
             problems.append(f"num_points must be a positive int (the training set's length), got {num_points!r}")
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if not is_integer(num_classes) or num_classes < 2:
             problems.append(f"num_classes must be an int >= 2, got {num_classes!r}")
         if not isinstance(models, str) or set(models) - set("AWS"):
             problems.append(f"models must be a string of 'A', 'W', 'S', got {models!r}")
@@ -178,25 +180,31 @@ class AutoDO(Policy):
             problems.append("models includes 'A' (learned augmentation) but augment='off'")
         if loss not in LOSSES:
             problems.append(f"loss must be one of {LOSSES}, got {loss!r}")
-        if not 0.0 < float(label_smoothing) < 1.0:
-            problems.append(f"label_smoothing must lie in (0, 1), got {label_smoothing}")
-        if not float(alpha) > 0 or int(neumann_steps) < 0 or float(damping) < 0:
-            problems.append(f"need alpha > 0, neumann_steps >= 0, damping >= 0; got {alpha}, {neumann_steps}, {damping}")
+        if not between(label_smoothing, 0.0, 1.0):
+            problems.append(f"label_smoothing must lie in (0, 1), got {label_smoothing!r}")
+        if not between(alpha, 0.0, math.inf) or not is_integer(neumann_steps) or neumann_steps < 0 \
+                or not (is_real(damping) and 0 <= damping < math.inf):
+            problems.append(f"need a finite alpha > 0, an integer neumann_steps >= 0 and a finite damping >= 0; got "
+                            f"{alpha!r}, {neumann_steps!r}, {damping!r}")
         lrs = dict.fromkeys("AWS", hyper_lr) if not isinstance(hyper_lr, dict) else {**dict.fromkeys("AWS", 0.05), **hyper_lr}
-        if set(lrs) - set("AWS") or not all(isinstance(v, (int, float)) and v > 0 for v in lrs.values()) \
-                or not 0 <= float(rms_alpha) < 1 or not float(rms_eps) > 0:
-            problems.append(f"need hyper_lr > 0 (a number or a dict over 'A', 'W', 'S'), 0 <= rms_alpha < 1, "
-                            f"rms_eps > 0; got {hyper_lr}, {rms_alpha}, {rms_eps}")
-        if int(start_step) < 0 or int(every) < 1:
-            problems.append(f"need start_step >= 0 and every >= 1, got {start_step}, {every}")
-        if not 0.0 < float(init_gate_prob) < 1.0 or not 0.0 < float(init_magnitude) < 1.0:
-            problems.append(f"init_gate_prob and init_magnitude must lie in (0, 1), got {init_gate_prob}, {init_magnitude}")
+        if set(lrs) - set("AWS") or not all(between(v, 0.0, math.inf) for v in lrs.values()) \
+                or not (is_real(rms_alpha) and 0 <= rms_alpha < 1) or not between(rms_eps, 0.0, math.inf):
+            problems.append(f"need a finite hyper_lr > 0 (a number or a dict over 'A', 'W', 'S'), 0 <= rms_alpha < 1, "
+                            f"a finite rms_eps > 0; got {hyper_lr!r}, {rms_alpha!r}, {rms_eps!r}")
+        if not is_integer(start_step) or start_step < 0 or not is_integer(every) or every < 1:
+            problems.append(f"need integers start_step >= 0 and every >= 1, got {start_step!r}, {every!r}")
+        if not between(init_gate_prob, 0.0, 1.0) or not between(init_magnitude, 0.0, 1.0):
+            problems.append(f"init_gate_prob and init_magnitude must lie in (0, 1), got {init_gate_prob!r}, "
+                            f"{init_magnitude!r}")
+        if not between(tau, 0.0, math.inf) or not (is_real(min_scale) and 0 < min_scale <= 1):
+            problems.append(f"need a finite tau > 0 and 0 < min_scale <= 1, got {tau!r}, {min_scale!r}")
         if padding_mode not in ("zeros", "border", "reflection"):
             problems.append(f"padding_mode must be 'zeros', 'border' or 'reflection', got {padding_mode!r}")
         if not (hyper_params == "head" or (not isinstance(hyper_params, str) and len(list(hyper_params)) > 0)):
             problems.append(f"hyper_params must be 'head' or a non-empty list of parameter-name prefixes, got {hyper_params!r}")
         if problems:
             raise ConfigurationError("; ".join(problems), "fix the AutoDO method_options listed")
+        num_points, num_classes = int(num_points), int(num_classes)
         self.ops = check_ops(ops)
         self.num_points, self.num_classes = num_points, num_classes
         self.models = "".join(m for m in "AWS" if m in models)

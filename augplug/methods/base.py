@@ -9,7 +9,6 @@ scores for any subset of rows.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -25,11 +24,6 @@ __all__ = ["Policy", "RefineContext", "Scoring", "ValidationSource", "Mixing", "
 
 #: Values of a policy's ``weight_norm`` option (``"auto"`` and ``"class"``: AugmentationRefiner only).
 WEIGHT_NORMS = ("auto", "class", "augmented", "batch", "none")
-
-
-def is_number(value: Any) -> bool:
-    """Whether a policy option is a real number (an int or float, not a bool, not NaN)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def renormalize(weights: torch.Tensor, *, distributed: bool = False) -> torch.Tensor:

@@ -22,7 +22,8 @@ from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ..finite import nonfinite
 from ..ihvp import conjugate_gradient, lissa
 from ..influence import InfluenceScorer
-from .base import Policy, RefineContext, is_number
+from ..options import is_real
+from .base import Policy, RefineContext
 
 __all__ = [
     "conjugate_gradient",
@@ -167,7 +168,7 @@ class InfluencePolicy(Policy):
         if pairing not in ("auto", "position", "index", "none"):
             raise ConfigurationError(f"pairing must be 'auto', 'position', 'index' or 'none', got {pairing!r}",
                                      "use 'auto'")
-        if threshold is not None and not is_number(threshold):
+        if threshold is not None and not is_real(threshold):
             raise ConfigurationError(f"the influence policy's threshold must be a number or None, got {threshold!r}",
                                      "pass a float in the normalized score units, e.g. threshold=0.0, or None "
                                      "(no filter)")

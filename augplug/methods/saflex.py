@@ -44,11 +44,12 @@ import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError, ShapeError
+from ..options import is_flag, is_integer, is_real
 from ..pooled import PooledEvidence
 from ..schedule import AUTO_BUDGET
 from ..targets import check_soft_pair
 from ..transfer import to_device
-from .base import Policy, RefineContext, is_number, renormalize
+from .base import Policy, RefineContext, renormalize
 
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS", "POLICY_WEIGHT_SIGNALS"]
 
@@ -156,8 +157,12 @@ def saflex_targets(
     log-softmax outputs).
     """
     check_soft_pair(scores, targets)
-    if tau <= 0:
-        raise ConfigurationError(f"tau must be > 0, got {tau}", "use a small positive tau for sharp labels")
+    if not 0 < tau < math.inf:
+        raise ConfigurationError(f"tau must be a finite number > 0, got {tau}",
+                                 "use a small positive tau for sharp labels")
+    if not 0 < weight_tau < math.inf:
+        raise ConfigurationError(f"weight_tau must be a finite number > 0, got {weight_tau}",
+                                 "use a small positive weight_tau for sharp weights, or weighting='hard' / 'none'")
     if beta < 0:
         raise ConfigurationError(f"beta must be >= 0, got {beta}", "beta=0 relabels freely, larger keeps labels")
     weighting = "none" if weighting is None else weighting
@@ -193,7 +198,8 @@ def saflex_targets(
     if gumbel:
         u = to_device(torch.rand(z.shape, generator=generator, dtype=torch.float32), z.device)
         z = z - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
-    soft = torch.softmax(z / tau, -1)
+    # shifted by the row maximum first, so that a tiny tau gives one-hot rows instead of inf - inf
+    soft = torch.softmax((z - z.amax(-1, keepdim=True)) / tau, -1)
     return weights, soft
 
 
@@ -230,9 +236,12 @@ class SAflex(Policy):
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
                  aug_weight="adaptive", strength="auto", pool=None):
         for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
-            if not is_number(value):
+            if not is_real(value):
                 raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
                                          f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
+        if not is_flag(gumbel):
+            raise ConfigurationError(f"SAflex's gumbel must be True or False, got {gumbel!r}",
+                                     "pass gumbel=False (the default) or gumbel=True")
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         weighting = "none" if weighting is None else weighting  # None: no per-sample weighting, as "none"
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
@@ -248,8 +257,8 @@ class SAflex(Policy):
         self._set_mixing(weight_norm, aug_weight, strength)
         if pool is None or isinstance(pool, PooledEvidence):
             self.pool = pool
-        elif isinstance(pool, int) and not isinstance(pool, bool):
-            self.pool = PooledEvidence(pool)
+        elif is_integer(pool):
+            self.pool = PooledEvidence(int(pool))
         else:
             raise ConfigurationError(f"pool must be None, a number of sources or a PooledEvidence, got {pool!r}",
                                      "pass pool=<number of source ids>, and sources= to each refiner call")
