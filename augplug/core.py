@@ -83,15 +83,21 @@ def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
 
 
 def unwrap_optimizer(optimizer):
-    """The innermost optimizer that supports step hooks (Accelerate, Opacus, Lookahead wrappers)."""
+    """The innermost optimizer that supports step hooks, through wrappers that hold it as
+    ``.optimizer`` / ``.original_optimizer`` / ``.base_optimizer`` / ``._optimizer`` (Accelerate,
+    Opacus, Lookahead, SAM). The innermost one steps once per real update: SAM's ``second_step``
+    calls only it, and a wrapper that skips an update (a GradScaler's inf step, Opacus's virtual
+    steps) does not call it."""
     seen = set()
-    opt = optimizer
+    opt, found = optimizer, None
     while opt is not None and id(opt) not in seen:
         seen.add(id(opt))
         if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks"):
-            return opt
+            found = opt
         opt = next((getattr(opt, a) for a in ("optimizer", "original_optimizer", "base_optimizer", "_optimizer")
                     if getattr(opt, a, None) is not None), None)
+    if found is not None:
+        return found
     raise ConfigurationError(
         f"cannot register a step hook on {type(optimizer).__name__} or any optimizer it wraps",
         "pass the underlying torch.optim.Optimizer, or optimizer=None (then every refiner call counts as a step)")
@@ -120,6 +126,15 @@ class RefinerCore:
     method: str
     refresh_every: int
     val_batches: Any
+
+    def __reduce_ex__(self, protocol):
+        # copy.copy, copy.deepcopy and pickle all come here: a copy would share the model's hooks,
+        # the optimizer's step hook and the validation loader's open iterator with this refiner
+        raise ConfigurationError(
+            f"a refiner ({type(self).__name__}) cannot be copied or pickled: it holds hooks on its model and optimizer "
+            "and the validation loader's open pass",
+            "save refiner.state_dict() (torch.save takes it) and load it into a refiner built on the copied "
+            "model and optimizer")
     #: the shell's learned share of the augmented rows (an ``AdaptiveShare``), or None for a fixed
     #: ``aug_weight``; :meth:`_begin_share`, :meth:`_gather_share` and :meth:`_load_share` drive it
     share: Any = None
@@ -888,6 +903,7 @@ class RefinerCore:
                                          "outside them", _CHECKPOINT_FIX)
             if nonfinite(window["slots"]):
                 raise NonFiniteError("the saved validation window holds NaN/inf", "load an intact checkpoint")
+            self._check_window_size(len(window["slots"]), state.get("skipped_val_batches", 0))
             try:
                 self._window_from_state(window, state["v_step"])
             except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -905,6 +921,24 @@ class RefinerCore:
             if not isinstance(state["stream"], dict):
                 raise ConfigurationError("the refiner state's 'stream' is not a stream state", _CHECKPOINT_FIX)
             self._stream.check_state(state["stream"])
+
+    def _check_window_size(self, slots: int, skipped: int) -> None:
+        """A saved window holds the good batches of the first refresh: ``val_batches`` of them, or one
+        pass of the loader (fewer only where batches were skipped). A window of another size was
+        saved with another loader (batch size) or ``val_batches``, and would fix that size for good."""
+        try:
+            expected = self._num_val_batches() or len(self.val_loader)
+        except TypeError:   # a loader without len(): its pass is not known without reading it
+            return
+        if slots > expected or (slots < expected and skipped == 0):
+            raise ConfigurationError(
+                f"the saved validation window holds {slots} batches, but this refiner reads {expected} per refresh "
+                f"(val_batches={self.val_batches!r} over a loader of {len(self.val_loader)} batches)"
+                if self.val_batches == "all" else
+                f"the saved validation window holds {slots} batches, but this refiner reads {expected} per refresh "
+                f"(val_batches={self.val_batches!r})",
+                "build the validation loader (its batch size) and Schedule(val_batches=) as they were when the "
+                "state was saved")
 
     def _load_core_state(self, state: Dict[str, Any]) -> None:
         """Assign a state :meth:`_check_core_state` accepted (the stream first: re-opening its pass is

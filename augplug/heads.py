@@ -303,8 +303,22 @@ def _inert_capture() -> "ActivationCapture":
     """What a copy of a model gets for a refiner's capture (:meth:`ActivationCapture.__reduce_ex__`):
     hooks that record nothing and change no gradient."""
     capture = object.__new__(ActivationCapture)
-    capture._paused, capture._input_open, capture.rest_scale = 1, False, None
+    capture._paused, capture._input_open, capture.rest_scale, capture._rest_armed = 1, False, None, None
     return capture
+
+
+def other_captures(*modules: Optional[nn.Module]) -> List["ActivationCapture"]:
+    """The live :class:`ActivationCapture` objects whose hooks sit on ``modules`` (another refiner's,
+    built on the same model and not removed); the inert ones of copied models are left out."""
+    found: List[ActivationCapture] = []
+    for module in modules:
+        hooks = [] if module is None else [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        for hook in hooks:
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, ActivationCapture) and hasattr(owner, "_handles") and \
+                    all(owner is not c for c in found):
+                found.append(owner)
+    return found
 
 
 class ActivationCapture:
@@ -346,8 +360,10 @@ class ActivationCapture:
         #: hook the head's output gradients (see the class docstring)
         self.track_gradients = False
         #: a 0-dim tensor that scales the gradient reaching the outputs of forwards no refiner call
-        #: used (the rest of the loss), or None
+        #: used (the rest of the loss), or None; set by :meth:`arm_rest`, for one update
         self.rest_scale: Optional[torch.Tensor] = None
+        self._rest_armed: Optional[tuple] = None   # (step counter, its count, head weight, its version)
+        self._head = head
         self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
         self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
         self._value_checked = False  # compared once logits that are not the output tensor (_pick)
@@ -367,9 +383,26 @@ class ActivationCapture:
         """The gradient hook of a recorded head output: keep the gradient as it arrives; for a forward
         no refiner call used, pass it on scaled by ``rest_scale`` when that is set."""
         record.receive(grad)
-        if record.used or self.rest_scale is None:
+        if record.used or self.rest_scale is None or not self._rest_current():
             return None
         return grad * self.rest_scale.to(grad.dtype)
+
+    def arm_rest(self, scale: Optional[torch.Tensor], counter=None) -> None:
+        """Scale the rest of the loss by ``scale`` (None: not at all) until the model is next updated:
+        a step of ``counter`` (the refiner's :class:`~augplug.steps.StepCounter`, or None) or an
+        in-place change of the classifier's weight. A refiner call arms it again for its own update,
+        so the scale reaches only backward passes of updates that have a refiner call: once the
+        refiner is no longer called (dropped without :meth:`remove`), later training is plain."""
+        weight = getattr(self._head, "weight", None)
+        weight = weight if isinstance(weight, torch.Tensor) else None
+        self.rest_scale = scale
+        self._rest_armed = None if scale is None else (
+            counter, None if counter is None else counter.count, weight, None if weight is None else weight._version)
+
+    def _rest_current(self) -> bool:
+        """Whether the update :meth:`arm_rest` was armed for is still the current one."""
+        counter, count, weight, version = self._rest_armed
+        return (counter is None or counter.count == count) and (weight is None or weight._version == version)
 
     @property
     def records_features(self) -> bool:
@@ -531,6 +564,12 @@ class ActivationCapture:
             "their rows reordered. The scores assume they are that output, so they would be wrong. Pass that "
             "output itself as the logits, in the forward's row order (a temperature belongs inside the "
             "classifier's module), or pass features= for the rows as you pass them")
+
+    @property
+    def recorded_nothing(self) -> bool:
+        """Whether no training forward was recorded since the last :meth:`clear` (neither features
+        nor inputs)."""
+        return not self._features and not self._inputs
 
     def clear(self) -> None:
         self._features.clear()

@@ -26,7 +26,7 @@ from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_
 from .checks import validate
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
-from .heads import ActivationCapture, GradientSlot, find_classifier, is_compiled, unwrap_model
+from .heads import ActivationCapture, GradientSlot, find_classifier, is_compiled, other_captures, unwrap_model
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .options import is_integer
@@ -359,6 +359,15 @@ class AugmentationRefiner(RefinerCore):
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
         self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
+        try:   # the classifier's path in the model, checked at every call (_check_head_in_place)
+            self._head_path = self.head is not None and self.net.get_submodule(self.head_name) is self.head
+        except AttributeError:
+            self._head_path = False
+        if other_captures(self.net, self.head):
+            _warn_at_caller(
+                "this model already carries the hooks of another refiner that was not removed: they go on "
+                "recording its training forwards and, after views-alone calls, rescaling the rest of the loss "
+                "in updates that call that refiner. Call old_refiner.remove_hooks() before building a new one")
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
                                           keep_graph=getattr(self.policy, "needs_feature_graph", False),
@@ -372,9 +381,18 @@ class AugmentationRefiner(RefinerCore):
         if self.share is not None:
             self.share.bind(self)
 
+    def set_optimizer(self, optimizer) -> None:
+        super().set_optimizer(optimizer)
+        if optimizer is not None and self.mode == "last_layer" and self.policy.needs_scores:
+            self._warn_about_the_head(optimizer)
+
+    set_optimizer.__doc__ = RefinerCore.set_optimizer.__doc__ + """
+        In last-layer mode, warns as the constructor does when the new optimizer does not train the
+        classifier (holds none of its parameters, or only with lr=0) or the classifier is frozen."""
+
     def _warn_about_the_head(self, optimizer) -> None:
-        """Last-layer scores measure what a step on the classifier does: warn (once, at construction)
-        when the classifier cannot train, frozen or outside the optimizer."""
+        """Last-layer scores measure what a step on the classifier does: warn (at construction and at
+        :meth:`set_optimizer`) when the classifier cannot train, frozen or outside the optimizer."""
         head_params = [p for p in self.head.parameters()]
         if head_params and not any(p.requires_grad for p in head_params):
             _warn_at_caller(f"the classifier {self.head_name!r} is frozen (requires_grad=False): last-layer scores "
@@ -670,6 +688,7 @@ class AugmentationRefiner(RefinerCore):
         """The call's checks that look at no values (a typed error names the first problem), and the
         queued value check: ``(batch, num_classes, features, inputs, problems, augmented rows)``."""
         self._check_can_train()
+        self._check_head_in_place()
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
                 "the refiner was called with the model in eval mode",
@@ -748,6 +767,23 @@ class AugmentationRefiner(RefinerCore):
                 "one feature row per logit row for last-layer scores",
                 "pool before the classifier (as timm's heads do), or pass mode='full' (scores from the whole "
                 "model's gradients)")
+
+    def _check_head_in_place(self) -> None:
+        """A :class:`ConfigurationError` when the classifier the refiner hooked is no longer the model's
+        layer of that name (``model.fc = nn.Linear(...)``, timm's ``reset_classifier``): its hooks would
+        record nothing, and its weights are not the ones trained."""
+        if self.head is None or not self._head_path:
+            return
+        try:
+            current = self.net.get_submodule(self.head_name)
+        except AttributeError:
+            current = None
+        if current is not self.head:
+            raise ConfigurationError(
+                f"the classifier {self.head_name!r} this refiner was built on has been replaced in the model "
+                "(a new layer assigned, or reset_classifier())",
+                "build a new refiner on the model as it is now (pass the new optimizer); load this one's "
+                "state_dict() into it only if the classifier kept its shape")
 
     def _head_shape(self) -> Tuple[Optional[int], Optional[int]]:
         """The classifier head's numbers of outputs and inputs (None, None when there is no 2-D
@@ -891,12 +927,12 @@ class AugmentationRefiner(RefinerCore):
         if views_alone and pending is not None and pending[3].grad is None:
             self._note_second_call()
         self._rest_pending = self._rest_loaded = None
-        self._capture.rest_scale = None
+        self._capture.arm_rest(None)
         if not views_alone or not self._capture.records_features:
             return
         if self._rest_mode:
             share = torch.as_tensor(used_share, dtype=torch.float32, device=self._device())
-            self._capture.rest_scale = 2 / (1 + share)
+            self._capture.arm_rest(2 / (1 + share), self._steps)
         self._capture.track_gradients = True
         if self._rest_mode and ctx.scored and loss.requires_grad:
             v = ctx.direction()

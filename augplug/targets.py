@@ -233,12 +233,14 @@ def _describe(x: Any) -> str:
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32, shape ``(B,)``: torch's
-    ``F.cross_entropy`` with probability targets (bit-identical to the written-out sum on the CPU,
-    ``tests/test_targets.py``), after casting to fp32 so half-precision logits are not rounded.
+    """Per-sample cross-entropy ``-sum_c y_c log softmax(z)_c`` in fp32 (fp64 for fp64 logits),
+    shape ``(B,)``: torch's ``F.cross_entropy`` with probability targets (bit-identical to the
+    written-out sum on the CPU, ``tests/test_targets.py``), after casting half-precision logits to
+    fp32 so that they are not rounded.
     ``soft_targets``: ``(B, C)`` probabilities (class indices: :func:`to_soft_targets` first)."""
     check_soft_pair(logits, soft_targets, "soft_targets")
-    return F.cross_entropy(logits.float(), soft_targets.float(), reduction="none")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return F.cross_entropy(logits.to(dtype), soft_targets.to(dtype), reduction="none")
 
 
 def weighted_soft_ce(

@@ -73,6 +73,18 @@ def class_renormalize(weights: torch.Tensor, targets: torch.Tensor, *, distribut
     return weights * (y @ ratio).to(weights.dtype)
 
 
+#: the error of a call before which the refiner's hooks recorded no training forward at all
+_NOTHING_RECORDED = (
+    "no training forward of the model this refiner was built on was recorded since the last call (each "
+    "call drops the forwards recorded before it: with two forwards and then two calls, the second finds "
+    "none); otherwise the logits come from another model (one rebuilt or reloaded mid-run), or from a "
+    "forward in eval mode or under torch.no_grad()",
+    "call the refiner right after its own training forward, with the model in train mode and autograd "
+    "on; for a model built anew, build a new refiner on it (with its optimizer) and load this one's "
+    "state_dict() into it; to train on a forward the hooks do not see on purpose, pass features= "
+    "(last-layer mode) or inputs= (full mode) for the rows you pass")
+
+
 @dataclass(frozen=True)
 class Scoring:
     """How class scores are computed for a call (set up by the refiner shell).
@@ -207,6 +219,8 @@ class RefineContext:
             self._features = self.scoring.capture.features(self.batch, self.logits)
         f = self._features
         if f is None:
+            if required and self.scoring.capture.recorded_nothing:
+                raise ShapeError(*_NOTHING_RECORDED)
             if required:
                 raise ShapeError(
                     f"no classifier features for the {self.batch} rows of this batch were captured (no training "
@@ -225,6 +239,8 @@ class RefineContext:
         """The model inputs of this batch (captured or passed as ``inputs=``)."""
         x = self._inputs if self._inputs is not None else self.scoring.capture.inputs(self.batch, self.logits)
         if x is None:
+            if self.scoring.capture.recorded_nothing:
+                raise ShapeError(*_NOTHING_RECORDED)
             raise ShapeError(f"no model inputs for the {self.batch} rows of this batch were captured",
                              "pass inputs= (the tensor fed to the model) to the refiner")
         if x.shape[0] != self.batch:
@@ -292,6 +308,8 @@ class RefineContext:
                 return g[rows]
         self.score_pass = {"full": "forward_mode"}.get(sc.mode, sc.mode)
         with sc.capture.paused():
+            if sc.bn_mode == "train":   # the whole batch, so BatchNorm normalizes with the training batch's
+                return class_scores(sc.net, self.inputs(), v, mode=sc.mode, bn="train").float()[rows]
             return class_scores(sc.net, self.inputs()[rows], v, mode=sc.mode, bn=sc.bn_mode).float()
 
     def _training_forward_scores(self, v: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
