@@ -359,6 +359,9 @@ class AugmentationRefiner(RefinerCore):
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
         self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
+        # last-layer scores need a classifier that trains: warned at the first call that finds it frozen
+        self._head_trains = mode == "last_layer" and self.policy.needs_scores and self.head is not None and \
+            any(p.requires_grad for p in self.head.parameters())
         try:   # the classifier's path in the model, checked at every call (_check_head_in_place)
             self._head_path = self.head is not None and self.net.get_submodule(self.head_name) is self.head
         except AttributeError:
@@ -689,6 +692,11 @@ class AugmentationRefiner(RefinerCore):
         queued value check: ``(batch, num_classes, features, inputs, problems, augmented rows)``."""
         self._check_can_train()
         self._check_head_in_place()
+        if self._head_trains and self.head is not None and not any(p.requires_grad for p in self.head.parameters()):
+            self._head_trains = False   # warned once: frozen after construction
+            _warn_at_caller(f"the classifier {self.head_name!r} has been frozen (requires_grad=False): last-layer "
+                            "scores measure what a step on it would do, and it takes none. Unfreeze it, or build "
+                            "a refiner with mode='full' for this stage")
         if self.check_train_mode and not self.model.training:
             raise ModelModeError(
                 "the refiner was called with the model in eval mode",

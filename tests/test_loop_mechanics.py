@@ -219,3 +219,16 @@ def test_an_fp64_model_gets_an_fp64_loss_with_cross_entropys_gradient():
     g = torch.autograd.grad(loss, model[2].weight)[0]
     g_ce = torch.autograd.grad(F.cross_entropy(model(x.double()), y), model[2].weight)[0]
     torch.testing.assert_close(g, g_ce, rtol=1e-12, atol=1e-14)
+
+
+def test_a_classifier_frozen_mid_run_warns_once():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = AugmentationRefiner(model, opt, _val(), schedule=Schedule(budget=None))
+    _separate_steps(model, opt, r, range(1))
+    model[2].requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="has been frozen"):
+        _separate_steps(model, opt, r, range(1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _separate_steps(model, opt, r, range(2, 4))
