@@ -308,14 +308,15 @@ def _inert_capture() -> "ActivationCapture":
 
 
 def other_captures(*modules: Optional[nn.Module]) -> List["ActivationCapture"]:
-    """The live :class:`ActivationCapture` objects whose hooks sit on ``modules`` (another refiner's,
-    built on the same model and not removed); the inert ones of copied models are left out."""
+    """The live refiner captures (:attr:`ActivationCapture.of_refiner`) whose hooks sit on ``modules``:
+    another refiner's, built on the same model and not removed. The inert ones of copied models, and
+    those of a standalone criterion (``ISDALoss.for_model``), are left out."""
     found: List[ActivationCapture] = []
     for module in modules:
         hooks = [] if module is None else [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         for hook in hooks:
             owner = getattr(hook, "__self__", None)
-            if isinstance(owner, ActivationCapture) and hasattr(owner, "_handles") and \
+            if isinstance(owner, ActivationCapture) and getattr(owner, "of_refiner", False) and \
                     all(owner is not c for c in found):
                 found.append(owner)
     return found
@@ -346,8 +347,10 @@ class ActivationCapture:
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], capture_inputs: bool, max_chunks: int = 8,
-                 keep_graph: bool = False, record_replay: bool = False):
+                 keep_graph: bool = False, record_replay: bool = False, of_refiner: bool = False):
         self.keep_graph, self.record_replay = keep_graph, record_replay
+        #: a refiner's capture (:func:`other_captures` warns about a second one on a model)
+        self.of_refiner = of_refiner
         self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)   # the head's, per forward
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)

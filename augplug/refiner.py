@@ -213,7 +213,9 @@ class AugmentationRefiner(RefinerCore):
             (full, falling back to double backward).
         classifier: the head module or its dotted name (found automatically otherwise).
         bn_mode: BatchNorm in scoring passes: ``"eval"`` (running statistics) or ``"train"`` (batch
-            statistics; running statistics restored). Dropout is always off in scoring passes.
+            statistics; running statistics restored). Dropout is off in scoring passes, except the
+            rerun of the training forward with ``mode="full", bn_mode="train"``, which replays that
+            forward's dropout masks.
         schedule: the validation work, a :class:`~augplug.schedule.Schedule` (or a dict of its
             fields): ``refresh_every`` (4), ``val_batches`` (``"all"``), ``warmup_steps`` (0),
             ``cache_validation`` (False), ``bad_val_batch`` (``"skip"``).
@@ -374,7 +376,7 @@ class AugmentationRefiner(RefinerCore):
         self._capture = ActivationCapture(self.net, self.head if needs_features else None,
                                           capture_inputs=mode != "last_layer" and self.policy.needs_scores,
                                           keep_graph=getattr(self.policy, "needs_feature_graph", False),
-                                          record_replay=self._replay_forward)
+                                          record_replay=self._replay_forward, of_refiner=True)
         try:
             if accelerator is not None:
                 accelerator.register_for_checkpointing(self)

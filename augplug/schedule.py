@@ -54,7 +54,7 @@ class Schedule:
             default (``Policy.auto_budget``): for SAflex, the default method, a budget of 0.1 that
             does not warn when the call alone exceeds it (a small model's step can be shorter than
             any refiner call); for L2RW, AutoDO, influence and the contrastive refiner the exact
-            schedule (L2RW lost 2.7-3.5 points under a budget on the digits demo; the others were
+            schedule (L2RW lost 4.2 and 5.9 points under a budget on the digits demo; the others were
             not measured under one). ``None``: the exact schedule (validation work every
             ``refresh_every`` updates, model scores every ``model_scores_every`` calls),
             bit-reproducible.

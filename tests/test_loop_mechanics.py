@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import augplug
 from augplug import AugmentationRefiner, Schedule
 from augplug.errors import ConfigurationError, ShapeError
+from augplug.isda import ISDALoss
 
 D, C = 8, 3
 _G = torch.Generator().manual_seed(1)
@@ -81,6 +82,11 @@ def test_a_second_refiner_on_a_model_that_still_carries_the_first_ones_hooks_war
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AugmentationRefiner(copied, torch.optim.SGD(copied.parameters(), lr=0.1), _val())
+    standalone = _mlp()   # a standalone ISDA criterion's hooks are not a refiner's either
+    ISDALoss.for_model(standalone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AugmentationRefiner(standalone, torch.optim.SGD(standalone.parameters(), lr=0.1), _val())
 
 
 # ------------------------------------------------------------------ the classifier or model replaced

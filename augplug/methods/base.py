@@ -367,7 +367,7 @@ class Policy:
     #: What ``Schedule(budget="auto")`` (the default) means for this policy: a fraction of a plain
     #: step, or None for the exact schedule. None unless the policy's quality under a budget was
     #: measured: SAflex sets :data:`augplug.schedule.AUTO_BUDGET`; L2RW keeps None (on the digits
-    #: demo the budget's spaced-out reads cost it 2.7 to 3.5 points); AutoDO and influence were
+    #: demo the budget's spaced-out reads cost it 4.2 and 5.9 points, seeds 0-2 and 3-9); AutoDO and influence were
     #: not measured under a budget. An explicit ``budget=`` applies to every policy.
     auto_budget: Optional[float] = None
     #: The policy reads ``index=`` (dataset positions, for per-point state) and checks it itself, with
