@@ -473,12 +473,25 @@ class AugmentationRefiner(RefinerCore):
         self._hooks_removed = True
 
     def _check_val_loader(self, val_loader) -> None:
-        if type(val_loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher") and dist_world_size() > 1:
+        if dist_world_size() <= 1:
+            return
+        if type(val_loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
             raise ConfigurationError(
                 "the validation loader was passed through accelerator.prepare(), which shards it per process "
                 "and pads the last batch with duplicates",
                 "pass the plain DataLoader: the refiner splits the validation batches across processes "
                 "itself and sums gradients with true counts")
+        batch_sampler = getattr(val_loader, "batch_sampler", None)
+        for sampler in (getattr(val_loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            # torch's DistributedSampler, timm's OrderedDistributedSampler: each process sees a shard
+            if "DistributedSampler" in type(sampler).__name__ and getattr(sampler, "num_replicas", 1) > 1:
+                raise ConfigurationError(
+                    f"the validation loader's sampler ({type(sampler).__name__}) gives each process only its "
+                    "shard of the validation set (padded with duplicates to equal length), so the direction "
+                    "would be each process's own",
+                    "pass a loader over the whole validation set on every process (no distributed sampler, "
+                    "e.g. timm's create_loader(..., distributed=False)): the refiner splits the batches across "
+                    "processes itself and sums gradients with true counts")
 
     def _autocast(self):
         return self.accelerator.autocast() if self.accelerator is not None else nullcontext()

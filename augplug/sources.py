@@ -330,9 +330,14 @@ class BatchMixer:
                     x = torch.stack([torch.as_tensor(it[0]) for it in items])
                     y = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
                 if x.shape[1:] != inputs.shape[1:]:
+                    channels_only = x.dim() == inputs.dim() >= 3 and x.shape[2:] == inputs.shape[2:]
+                    fix = ("resize / normalize the generated images like the real ones (transform=)" if not channels_only
+                           else "read the generated images with the real ones' channels: GeneratedSamples.load(..., "
+                           "image_mode='L') for grey images, 'RGB' for colour ones (the default)"
+                           if isinstance(ds, GeneratedSamples) else
+                           "give the source's images the real ones' number of channels")
                     raise ShapeError(f"source {self.source_names[j + 1]!r} yields images of shape {tuple(x.shape[1:])}, "
-                                     f"the real batch {tuple(inputs.shape[1:])}",
-                                     "resize / normalize the generated images like the real ones (transform=)")
+                                     f"the real batch {tuple(inputs.shape[1:])}", fix)
                 if targets.dim() == 2:
                     c = targets.shape[1]
                     if y.numel() and int(y.max()) >= c:

@@ -3,6 +3,7 @@ scaler-skipped steps and checkpointing through ``accelerator.save_state`` / ``lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -248,3 +249,35 @@ def test_example_rejects_bad_numbers(args, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(args)
     assert message in capsys.readouterr().err
+
+
+def _launch_example(tmp_path, name, *args, port):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", NO_ALBUMENTATIONS_UPDATE="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "integrations" / "accelerate_train.py"), "--no-progress", "--budget", "none",
+           "--output", str(tmp_path / name), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / name / "results.json").read_text())
+    assert res["num_processes"] == 2
+    return res
+
+
+def test_example_on_two_processes_follows_one_process_schedule_and_resumes_in_its_epoch(tmp_path):
+    """Accelerate steps a prepared scheduler once per process at every update: the cosine schedule
+    is written in those steps, so at each update two processes use one process's rate; and a resume
+    maps the saved updates to epochs counted on each process's share of the loader."""
+    # the digits study's loader: its per-process share gives the updates of an epoch
+    first = _launch_example(tmp_path, "epoch", "--epochs", "3", "--max-steps", "1000", port=29521)
+    per_epoch = first["history"][0]["updates"]
+    assert [h["updates"] for h in first["history"]] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    for h in first["history"]:   # the rate of one process after that many of the run's updates
+        assert h["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * h["updates"] / (3 * per_epoch))), abs=1e-9)
+    saved = _launch_example(tmp_path, "two", "--epochs", "3", "--max-steps", str(2 * per_epoch), "--save-state",
+                            port=29523)
+    assert saved["refiner_updates"] == 2 * per_epoch
+    resumed = _launch_example(tmp_path, "resumed", "--epochs", "3", "--resume", str(tmp_path / "two" / "checkpoint"),
+                              port=29525)
+    assert [(h["epoch"], h["updates"]) for h in resumed["history"]] == [(2, 3 * per_epoch)]

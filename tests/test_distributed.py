@@ -634,3 +634,34 @@ def test_separate_pattern_two_processes_match_one_process(tmp_path):
         for step in range(SEPARATE_STEPS):
             for n, g in one["grads"][step].items():
                 torch.testing.assert_close(r["grads"][step][n], g, rtol=1e-4, atol=1e-6)
+
+
+def _sharded_val_worker(out_dir: str) -> None:
+    from augplug.errors import ConfigurationError
+
+    acc = _accelerator()
+    model, opt, val, _, _ = _setup()
+    shard = torch.utils.data.distributed.DistributedSampler(val.dataset, shuffle=False)
+    loaders = {"distributed-sampler": torch.utils.data.DataLoader(val.dataset, batch_size=5, sampler=shard),
+               "prepared": acc.prepare(torch.utils.data.DataLoader(val.dataset, batch_size=5)),
+               "plain": val}
+    found = {}
+    for name, loader in loaders.items():
+        try:
+            AugmentationRefiner(model, opt, loader, accelerator=acc).remove_hooks()
+            found[name] = "accepted"
+        except ConfigurationError as e:
+            found[name] = str(e)
+    torch.save(found, os.path.join(out_dir, f"rank{acc.process_index}.pt"))
+
+
+def test_a_validation_loader_sharded_per_process_is_refused(tmp_path):
+    """A validation loader whose sampler gives each process its shard (DistributedSampler; timm's
+    create_loader(distributed=True) builds one) or one passed through accelerator.prepare() would
+    give each process a direction of its own shard: refused, naming the fix; a plain one is taken."""
+    _launch("_sharded_val_worker", str(tmp_path))
+    for r in range(WORLD):
+        found = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert "DistributedSampler" in found["distributed-sampler"] and "whole validation set" in found["distributed-sampler"]
+        assert "accelerator.prepare()" in found["prepared"]
+        assert found["plain"] == "accepted"

@@ -87,6 +87,8 @@ def test_mismatched_images_fail_and_leave_the_mixer_unchanged():
     ref = BatchMixer(src, per_batch=3, seed=0)
     with pytest.raises(ShapeError, match="transform"):
         mixer(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ShapeError, match="image_mode='L'"):   # only the channels differ: grey vs colour
+        mixer(torch.zeros(2, 3, 5, 5), torch.zeros(2, dtype=torch.long))
     ok = (torch.zeros(2, 1, 5, 5), torch.zeros(2, dtype=torch.long))
     assert mixer(*ok).index.tolist() == ref(*ok).index.tolist()
     with pytest.raises(TargetError):

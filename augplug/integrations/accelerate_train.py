@@ -185,12 +185,18 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
 
     model = SmallCNN(1, data.num_classes, img_size=data.x_train.shape[-1], width=16, hidden=64)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    updates_per_epoch = math.ceil(len(train_loader) / (acc.num_processes * args.grad_accum))
+    model, opt, train_loader, test_loader = acc.prepare(model, opt, train_loader, test_loader)
+    # updates per epoch from this process's share of the loader (Accelerate shards it, dropping
+    # the last incomplete global batch); a shorter last accumulation group still makes one update
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     total = max(args.epochs * updates_per_epoch, 1)
+    # Accelerate steps a prepared scheduler once per process at every update (split_batches=False),
+    # so the schedule is written in those steps: N processes follow the rates of one process
+    sched_steps = total * acc.num_processes
     # cosine decay in closed form (as transformers' get_cosine_schedule_with_warmup builds it); torch's
     # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    model, opt, train_loader, test_loader, sched = acc.prepare(model, opt, train_loader, test_loader, sched)
+    sched = acc.prepare(torch.optim.lr_scheduler.LambdaLR(
+        opt.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, sched_steps) / sched_steps))))
 
     options = {}
     if args.refiner == "autodo":
@@ -241,6 +247,7 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
         st = refiner.stats
         # what the refinement decided on the last batch (the weights' mean is 1 by construction)
         row = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "test_acc": acc_test, "updates": refiner.step_count,
+               "lr": opt.param_groups[0]["lr"],
                **{k: st.get(k) for k in ("weight_std", "weight_ess", "moved_weight", "moved_class_weight",
                                          "relabel_rate", "agreement_mean", "aug_weight", "strength", "val_loss",
                                          "refresh_interval", "overhead")}}
