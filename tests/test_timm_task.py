@@ -1,5 +1,6 @@
 """augplug.integrations.timm_task: timm's ClassificationTask with the refiner as its loss, trained
 a few steps with Mixup soft targets, and its state through timm's own checkpoint helpers."""
+import copy
 import importlib
 import io
 import logging
@@ -28,14 +29,15 @@ def _val():
     return [(torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 4) for _ in range(2)]
 
 
-def _setup(seed=0):
+def _setup(seed=0, **refiner_kw):
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", num_classes=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     # the one refiner construction of this file; strength=1: refine these rows although no originals
     # are in the batch, so the weights are not all 1
     refiner = augplug.AugmentationRefiner(model, opt, _val(), method=augplug.SAflex(strength=1.0), seed=seed,
-                                          schedule=augplug.Schedule(budget=None))  # exact resume needs the exact schedule
+                                          schedule=augplug.Schedule(budget=None),  # exact resume needs the exact schedule
+                                          **refiner_kw)
     return model, opt, refiner
 
 
@@ -203,6 +205,139 @@ def test_stateful_objects_are_checkpointed_with_the_refiner():
     task2.load_task_state({"refiner": state["refiner"]}, strict=False)
     with pytest.raises(augplug.ConfigurationError, match="state_dict"):
         RefinedClassificationTask(model2, refiner2, stateful={"audit": object()}, verbose=False)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _trained_task_with_audit(num_classes=4):
+    """A task with an audit over ``num_classes`` classes, three updates in (refiner step_count 3)."""
+    from augplug.report import AugmentationAudit
+
+    model, opt, refiner = _setup()
+    audit = AugmentationAudit(num_classes=num_classes)
+    task = RefinedClassificationTask(model, refiner, stateful={"audit": audit}, device=CPU, verbose=False)
+    for x, y in _batches(3):
+        _step(task, opt, x, y)
+        audit.update(refiner.stats, ["op"] * 8, y)
+    return task
+
+
+def test_a_refused_stateful_part_changes_nothing():
+    """An audit state over 4 classes into an audit over 5 is refused, and neither the refiner (which
+    comes first in the state) nor the model moved: through load_task_state and task.load_state_dict."""
+    from augplug.report import AugmentationAudit
+
+    task = _trained_task_with_audit()
+    state, sd = task.get_task_state(), task.state_dict()
+    assert state["refiner"]["step_count"] == 3
+    for load in ("load_task_state", "load_state_dict"):
+        model2, _, refiner2 = _setup(seed=5)
+        audit2 = AugmentationAudit(num_classes=5)
+        task2 = RefinedClassificationTask(model2, refiner2, stateful={"audit": audit2}, device=CPU, verbose=False)
+        before, weights = refiner2.state_dict(), _weights(model2)
+        with pytest.raises(augplug.ShapeError, match="5"):
+            task2.load_task_state(state) if load == "load_task_state" else task2.load_state_dict(sd)
+        assert refiner2.step_count == 0, load
+        same(refiner2.state_dict(), before)
+        assert audit2.updates == 0 and audit2.num_classes == 5
+        same(_weights(model2), weights)
+
+
+def test_load_state_dict_passes_strict_to_the_task_state():
+    """A task state without the audit part: refused by task.load_state_dict (nothing loaded), loaded
+    without it under strict=False (the audit keeps its state), as load_task_state does."""
+    from augplug.report import AugmentationAudit
+
+    sd = _trained_task_with_audit().state_dict()
+    sd["_extra_state"] = {"refiner": sd["_extra_state"]["refiner"]}
+    model2, _, refiner2 = _setup(seed=5)
+    task2 = RefinedClassificationTask(model2, refiner2, stateful={"audit": AugmentationAudit(num_classes=4)},
+                                      device=CPU, verbose=False)
+    with pytest.raises(augplug.ConfigurationError, match="lacks"):
+        task2.load_state_dict(sd)
+    assert refiner2.step_count == 0
+    task2.load_state_dict(sd, strict=False)
+    assert refiner2.step_count == 3 and task2.stateful["audit"].updates == 0
+
+
+class _Counter:
+    """A stateful object without a check method (its load_state_dict is all it has)."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def test_a_refused_refiner_state_puts_back_the_parts_loaded_before_it():
+    """A stateful object that cannot be checked is loaded before the refiner; when the refiner then
+    refuses its state (here ISDA statistics it does not keep), that object gets its old state back."""
+    model, _, refiner = _setup(isda={"lambda0": 0.5})
+    counter = _Counter(7)
+    task = RefinedClassificationTask(model, refiner, stateful={"counter": counter}, device=CPU, verbose=False)
+    model2, _, refiner2 = _setup(seed=5)                       # no ISDA: refuses the state's ISDA part
+    counter2 = _Counter(1)
+    task2 = RefinedClassificationTask(model2, refiner2, stateful={"counter": counter2}, device=CPU, verbose=False)
+    before = refiner2.state_dict()
+    with pytest.raises(augplug.ConfigurationError, match="isda"):
+        task2.load_task_state(task.get_task_state())
+    assert counter2.n == 1
+    same(refiner2.state_dict(), before)
+    task2.load_task_state({"refiner": refiner2.state_dict(), "counter": {"n": 9}})   # a fitting one loads
+    assert counter2.n == 9
+
+
+def test_a_plain_classification_task_state_dict_loads_with_a_fresh_refiner(caplog):
+    """docs/timm.md: a state without task state (a plain ClassificationTask's) loads the weights and
+    keeps the refiner as built, with a warning, strict or not; a missing weight is still an error."""
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.task import ClassificationTask
+
+    model, _, _ = _setup()
+    sd = ClassificationTask(model, criterion=SoftTargetCrossEntropy(), verbose=False).state_dict()
+    assert "_extra_state" not in sd
+    for strict in (True, False):
+        model2, _, refiner2 = _setup(seed=5)
+        task2 = RefinedClassificationTask(model2, refiner2, device=CPU, verbose=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=timm_task.__name__):
+            task2.load_state_dict(sd, strict=strict)
+        assert "no refiner state" in caplog.text, strict
+        same(_weights(model2), _weights(model))
+        assert refiner2.step_count == 0
+    model3, _, refiner3 = _setup(seed=5)
+    task3 = RefinedClassificationTask(model3, refiner3, device=CPU, verbose=False)
+    lacking = {k: v for k, v in sd.items() if not k.endswith("fc.bias")}
+    with pytest.raises(RuntimeError, match="fc.bias"):
+        task3.load_state_dict(lacking)
+
+
+@needs_task_state
+def test_a_refused_checkpoint_leaves_the_model_as_it_was(tmp_path):
+    """resume_task_checkpoint of a checkpoint whose refiner state this refiner refuses (it keeps ISDA
+    statistics, the checkpoint has none): refused before the model's weights are loaded."""
+    from timm.task import resume_task_checkpoint
+    from timm.utils import CheckpointSaver
+
+    model, opt, refiner = _setup()
+    task = RefinedClassificationTask(model, refiner, device=CPU, verbose=False)
+    _train(task, opt, _batches(3))
+    CheckpointSaver(model, opt, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), task=task).save_checkpoint(epoch=0)
+    model2, opt2, refiner2 = _setup(seed=5, isda={"lambda0": 0.5})
+    task2 = RefinedClassificationTask(model2, refiner2, device=CPU, verbose=False)
+    weights, opt_state = _weights(model2), copy.deepcopy(opt2.state_dict())
+    with pytest.raises(augplug.ConfigurationError, match="isda"):
+        resume_task_checkpoint(task2, str(tmp_path / "last.pth.tar"), optimizer=opt2, log_info=False)
+    same(_weights(model2), weights)
+    assert not torch.equal(weights["fc.weight"], model.fc.weight)    # the checkpoint's weights do differ
+    same(opt2.state_dict(), opt_state)
+    assert refiner2.step_count == 0
 
 
 def test_refiner_of_another_model_or_a_plain_loss_is_refused():

@@ -41,9 +41,13 @@ def recorder(monkeypatch):
     return Recorder
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, base=BASE):
     """The script with its run directory (timm's <output>/<experiment>) at ``tmp_path``."""
-    return tt.main(BASE + ["--output", str(tmp_path.parent), "--experiment", tmp_path.name] + list(extra))
+    return tt.main(base + ["--output", str(tmp_path.parent), "--experiment", tmp_path.name] + list(extra))
+
+
+#: BASE without its --strength (refused for the methods that have none)
+NO_STRENGTH = [a for i, a in enumerate(BASE) if a != "--strength" and BASE[i - 1] != "--strength"]
 
 
 def test_default_strength_trains_views_alone_exactly_as_given(tmp_path):
@@ -260,14 +264,14 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, args, message):
 
 
 def test_autodo(tmp_path, recorder):
-    out = _run(tmp_path, "--refiner", "autodo")
+    out = _run(tmp_path, "--refiner", "autodo", base=NO_STRENGTH)
     _check_summary(tmp_path, 1)
     assert out["refiner"].method == "autodo"
     assert all(c["index"] is not None for c in recorder.calls)
 
 
 def test_influence_gets_paired_originals(tmp_path, recorder):
-    out = _run(tmp_path, "--refiner", "influence")
+    out = _run(tmp_path, "--refiner", "influence", base=NO_STRENGTH)
     _check_summary(tmp_path, 1)
     assert out["refiner"].method == "influence"
     assert all(c["num_original"] == 16 and c["batch"] == 32 for c in recorder.calls)
@@ -476,6 +480,93 @@ def test_gradient_accumulation_counts_updates(tmp_path):
     """5 micro-batches in updates of 2: 3 optimizer updates (the last one short), 5 refiner calls."""
     out = _run(tmp_path, "--refiner", "saflex", "--grad-accum-steps", "2", "--max-steps", "3")
     assert out["refiner"].calls == 5 and out["refiner"].step_count == 3
+
+
+# 68 synthetic images less 16 held out, in batches of 4: 13 micro-batches an epoch (all of them: --max-steps 3
+# of 5 would be 15); updates of 5 micro-batches leave a last group of 3
+SHORT_LAST_GROUP = ["--synthetic-size", "68", "-b", "4", "--grad-accum-steps", "5"]
+
+
+def test_short_last_group_is_one_update(tmp_path, monkeypatch):
+    """13 micro-batches in updates of 5: updates after micro-batches 5, 10 and 13 (ceil(13 / 5) = 3 an
+    epoch, what the schedule and a resume count), and the last three losses each divided by 3."""
+    class LastLoss(augplug.AugmentationRefiner):
+        def __call__(self, *a, **kw):
+            loss = super().__call__(*a, **kw)
+            self.last_loss = loss.detach()
+            return loss
+
+    seen = []
+    backward = tt._backward
+
+    def recording_backward(loss, task, optimizer, loss_scaler, args, need_update):
+        seen.append((task.refiner.calls, float(task.refiner.last_loss) / float(loss.detach()), need_update))
+        backward(loss, task, optimizer, loss_scaler, args, need_update)
+
+    monkeypatch.setattr(tt, "AugmentationRefiner", LastLoss)
+    monkeypatch.setattr(tt, "_backward", recording_backward)
+    out = _run(tmp_path, *SHORT_LAST_GROUP, "--refiner", "none", "--epochs", "2")
+    assert [calls for calls, _, update in seen if update] == [5, 10, 13, 18, 23, 26]
+    assert [divisor for _, divisor, _ in seen] == pytest.approx(([5] * 10 + [3] * 3) * 2)
+    assert out["refiner"].step_count == 2 * 3 and out["refiner"].calls == 26
+
+
+@pytest.mark.parametrize("counted_by", [["--sched-on-updates"], ["--model-ema", "--model-ema-warmup"]],
+                         ids=["sched-on-updates", "ema-warmup"])
+def test_resume_after_a_short_last_group_equals_the_uninterrupted_run(tmp_path, counted_by):
+    """A resume restarts the update count at epochs x updates per epoch; with a last group of 3
+    micro-batches (more than one) the per-update schedule and the EMA warm-up see the same counts
+    as the uninterrupted run: the same weights and EMA."""
+    flags = [*SHORT_LAST_GROUP, "--refiner", "saflex", "--refiner-budget", "none", "--epochs", "2",
+             "--warmup-epochs", "1", *counted_by]
+    full = _run(tmp_path / "full", *flags)
+    _run(tmp_path / "part", *flags, "--stop-epoch", "1")
+    resumed = _run(tmp_path / "part", *flags, "--resume", "auto")
+    assert [r["epoch"] for r in resumed["history"]] == [1]
+    assert full["refiner"].step_count == resumed["refiner"].step_count == 2 * 3
+    _assert_same_tensors(full["model"].state_dict(), resumed["model"].state_dict())
+    if "--model-ema" in counted_by:
+        ema = lambda out: out["task"].get_trainable_module(ema=True).state_dict()  # noqa: E731
+        _assert_same_tensors(ema(full), ema(resumed))
+
+
+def test_control_arm_logs_no_refiner_statistics(tmp_path):
+    """--refiner none refines nothing: its strength, share, weight ESS, moved weight and relabel rate are
+    NaN in the log and the summary (not 1, 1, 1, 0, 0, which read like a refined run's)."""
+    out = _run(tmp_path, "--refiner", "none")
+    keys = ("strength", "aug_weight", "weight_ess", "moved_weight", "moved_class_weight", "relabel_rate")
+    assert all(np.isnan(out["final"][f"train_{k}"]) for k in keys)
+    assert np.isfinite(out["final"]["train_loss"])
+    row = _check_summary(tmp_path, 1)[0]
+    assert all(np.isnan(float(row[f"train_{k}"])) for k in keys)
+
+
+@pytest.mark.parametrize("method", ["autodo", "influence"])
+def test_strength_is_a_usage_error_for_a_method_without_one(tmp_path, capsys, method):
+    """--strength would be ignored by autodo and influence (they have no strength): refused at parse
+    time; without the flag the default is 'auto', recorded as such."""
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "bad", "--refiner", method, "--strength", "0")
+    err = capsys.readouterr().err
+    assert f"--refiner {method} has none" in err and "drop --strength" in err
+    out = _run(tmp_path / "default", "--refiner", "saflex", base=NO_STRENGTH)
+    assert out["args"].strength == "auto" and out["refiner"].stats["strength"] == 0.0
+    assert yaml.safe_load((tmp_path / "default" / "args.yaml").read_text())["strength"] == "auto"
+
+
+def test_audit_added_on_resume_is_refused_with_a_fix_the_cli_can_apply(tmp_path):
+    """A run started without --audit, resumed with it: the checkpoint has no audit to continue. The fix
+    names what to do on the command line (no strict=False), and the refused resume changes nothing."""
+    run = tmp_path / "run"
+    flags = ["--refiner", "saflex", "--aa", "rand-m9-mstd0.5", "--epochs", "2"]
+    _run(run, *flags, "--stop-epoch", "1")
+    rows, ckpt, args_yaml = _rows(run), (run / "last.pth.tar").read_bytes(), (run / "args.yaml").read_text()
+    with pytest.raises(augplug.ConfigurationError) as info:
+        _run(run, *flags, "--resume", "auto", "--audit")
+    assert "without --audit" in info.value.problem
+    assert "resume without --audit" in info.value.fix and "strict" not in info.value.fix
+    assert _rows(run) == rows and (run / "last.pth.tar").read_bytes() == ckpt and (run / "args.yaml").read_text() == args_yaml
+    assert [r["epoch"] for r in _run(run, *flags, "--resume", "auto")["history"]] == [1]   # the fix works
 
 
 def test_accumulated_updates_equal_full_batch_updates(tmp_path):

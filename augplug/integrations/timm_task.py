@@ -20,8 +20,11 @@ every version it is also in ``task.state_dict()`` (as the module's extra state).
 """
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, Dict, Mapping, Optional
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -134,28 +137,107 @@ class RefinedClassificationTask(ClassificationTask):
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
-        """Restore :meth:`get_task_state`. A checkpoint without task state (a plain timm one)
-        leaves the refiner as built, with a warning, as timm's own tasks do."""
+        """Restore :meth:`get_task_state`, all or nothing: a part that does not fit (another refiner,
+        an audit over another class count, a missing part under ``strict``) raises and leaves the
+        refiner and every stateful object as they were. A checkpoint without task state (a plain timm
+        one) leaves the refiner as built, with a warning, as timm's own tasks do."""
         if ema:
             return
         if not state:
             _logger.warning("the checkpoint holds no refiner state: the refiner starts fresh (its validation "
                             "direction, refresh schedule and random stream), so the run does not continue exactly")
             return
+        if not isinstance(state, Mapping):
+            raise ConfigurationError(f"the task state must be a dict of parts, got {type(state).__name__}",
+                                     "pass what RefinedClassificationTask.get_task_state() returned")
         missing = [k for k in ("refiner", *self.stateful) if k not in state]
         if missing and strict:
-            raise ConfigurationError(
+            err = ConfigurationError(
                 f"the checkpoint's task state lacks {missing} (it has {sorted(state)})",
-                "resume with the same refiner and stateful objects that wrote it, or load with strict=False")
-        if "refiner" in state:
-            self.criterion.load_state_dict(state["refiner"])
-        for name, obj in self.stateful.items():
-            if name in state:
-                obj.load_state_dict(state[name])
+                "resume with the same refiner and stateful objects that wrote it, or load with strict=False "
+                "(the missing parts then keep their current state)")
+            err.missing_parts = missing   # for callers that word the fix their own way (augplug-timm-train)
+            raise err
+        parts = [(name, obj, state[name], _state_check(obj)) for name, obj in self.stateful.items() if name in state]
+        # 1. the stateful parts that can be checked without loading (audits, ...): a refusal changes nothing
+        for _, _, part, check in parts:
+            if check is not None:
+                check(part)
+        # 2. those that cannot: their current state is copied, then the new one loaded; the copies are
+        #    put back if a later part refuses. 3. the refiner, which checks its whole state before it
+        #    assigns any of it (so a refused one changed nothing of its own)
+        undo = []
+        try:
+            for name, obj, part, check in parts:
+                if check is None:
+                    undo.append((name, obj, copy.deepcopy(obj.state_dict())))
+                    obj.load_state_dict(part)
+            if "refiner" in state:
+                self.criterion.load_state_dict(state["refiner"])
+        except BaseException:
+            for name, obj, before in reversed(undo):
+                try:
+                    obj.load_state_dict(before)
+                except Exception as restore_error:  # pragma: no cover - an object that refuses its own state
+                    _logger.error("could not put back the state of stateful[%r] after a refused load: %s",
+                                  name, restore_error)
+            raise
+        # 4. the parts checked in step 1
+        for _, obj, part, check in parts:
+            if check is not None:
+                obj.load_state_dict(part)
+
+    def load_checkpoint_state(self, state_dict: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
+                              ema: bool = False, strict: bool = True) -> None:
+        """timm's checkpoint load (``resume_task_checkpoint``), with the task state first: a task state
+        this task refuses raises before the model's weights are touched."""
+        if ema:
+            return super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+        eval_model = self.get_eval_model()
+        if eval_model is None:
+            raise RuntimeError("Cannot load checkpoint state without an eval model.")
+        self.load_task_state(task_state, strict=strict)
+        _unwrap(eval_model).load_state_dict(state_dict, strict=strict)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; the task state (``"_extra_state"``) is loaded before the weights
+        and refused as a whole (see :meth:`load_task_state`), so a refused one changes nothing. A state
+        dict without it (a plain ``ClassificationTask``'s) loads the weights and leaves the refiner as
+        built, with a warning, ``strict`` or not. The weights themselves load as in torch (a missing or
+        mis-shaped weight is reported after the others were copied)."""
+        if _EXTRA_STATE not in state_dict:
+            with_none = OrderedDict(state_dict)
+            metadata = getattr(state_dict, "_metadata", None)
+            if metadata is not None:
+                with_none._metadata = metadata
+            with_none[_EXTRA_STATE] = None     # set_extra_state(None): the fresh-refiner warning
+            state_dict = with_none
+        self._loading_strict = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._loading_strict = True
 
     def get_extra_state(self) -> Dict[str, Any]:
         """The task state, so that ``task.state_dict()`` holds the refiner's state too."""
         return self.get_task_state()
 
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.load_task_state(state)
+    def set_extra_state(self, state: Optional[Dict[str, Any]]) -> None:
+        self.load_task_state(state, strict=getattr(self, "_loading_strict", True))
+
+
+_EXTRA_STATE = "_extra_state"   # nn.Module's key for get_extra_state() in a state dict
+
+
+def _state_check(obj) -> Optional[Callable[[Any], Any]]:
+    """A function that raises, changing nothing, when ``obj`` would refuse a state; None when ``obj``
+    has none (its state is then loaded and put back if another part refuses)."""
+    from augplug.report import AugmentationAudit
+
+    if isinstance(obj, AugmentationAudit):   # SourceAudit too: parses the whole state before it uses any
+        return partial(obj._parse_state, replacing=True)
+    for name in ("check_state", "check_state_dict"):
+        check = getattr(obj, name, None)
+        if callable(check):
+            return check
+    return None

@@ -281,10 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method of the AugmentationRefiner; 'none' = plain soft-target CE through the refiner, "
                         "'off' = timm's own loss (no refiner)")
     g.add_argument("--refiner-mode", default="last_layer", choices=("last_layer", "full", "double_backward", "auto"))
-    g.add_argument("--strength", default="auto", type=_strength_arg,
-                   help="refinement strength: 'auto' (augplug's default: refine only batches that hold originals, "
-                        "see --with-originals; views alone are trained as given), 'adaptive', or a number in [0, 1] "
-                        "(1: refine the views alone too, worth it when the augmentation breaks labels)")
+    g.add_argument("--strength", default=None, type=_strength_arg,
+                   help="refinement strength of saflex and l2rw: 'auto' (the default, augplug's: refine only batches "
+                        "that hold originals, see --with-originals; views alone are trained as given), 'adaptive', "
+                        "or a number in [0, 1] (1: refine the views alone too, worth it when the augmentation breaks "
+                        "labels); refused for autodo and influence, which have no strength")
     g.add_argument("--refresh-every", type=int, default=4)
     g.add_argument("--val-batches", default="all", type=_val_batches_arg, help="validation batches per refresh ('all' or an int)")
     g.add_argument("--refiner-warmup", type=int, default=0, help="optimizer updates before refinement starts")
@@ -502,9 +503,11 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refine
     m = {k: _Mean() for k in ("loss", "weight_ess", "moved_weight", "moved_class_weight", "relabel_rate", "aug_weight",
                               "strength")}
     batches = _batches_per_epoch(len(loader), args)
-    accum = args.grad_accum_steps
-    last_accum = batches % accum                    # micro-batches of a short last update (timm's rule)
-    last_accum_from = batches - last_accum
+    # updates of --grad-accum-steps k micro-batches; when k does not divide the epoch's n micro-batches,
+    # the last n % k form ONE shorter update, each of its losses divided by n % k (the group's mean, as
+    # timm divides). ceil(n / k) updates per epoch: what the schedule, the EMA warm-up and a resume count.
+    per_update = args.grad_accum_steps
+    last_group_from = batches - (batches % per_update or per_update)   # first micro-batch of the last update
     # a progress bar on a terminal (tqdm hides it when stderr is not one), none with --no-progress
     bar = tqdm(total=batches, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=True if getattr(args, "no_progress", False) else None)
@@ -512,9 +515,8 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refine
     for step, batch in enumerate(loader):
         if step >= batches:
             break
-        need_update = step == batches - 1 or (step + 1) % accum == 0
-        if step >= last_accum_from:
-            accum = last_accum
+        need_update = step == batches - 1 or (step + 1) % per_update == 0
+        accum = batches - last_group_from if step >= last_group_from else per_update   # this update's micro-batches
         batch = list(batch)
         index = batch.pop().to(device)                 # IndexedDataset appends the position
         names = batch.pop() if args.audit else None    # "|"-joined RandAugment op names
@@ -547,11 +549,12 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, *, device, refine
         m["loss"].update(float(loss.detach()), x.shape[0])
         if refiner is not None:
             st = refiner.stats
-            m["strength"].update(float(st.get("strength", float("nan"))))  # 0: trained as given (no originals)
-            m["aug_weight"].update(float(st.get("aug_weight", float("nan"))))
-            if st.get("active", True):
-                for k in ("weight_ess", "moved_weight", "moved_class_weight", "relabel_rate"):
-                    m[k].update(float(st.get(k, float("nan"))))
+            if refiner.method != "none":   # the control arm refines nothing: its refiner statistics stay NaN
+                m["strength"].update(float(st.get("strength", float("nan"))))  # 0: trained as given (no originals)
+                m["aug_weight"].update(float(st.get("aug_weight", float("nan"))))
+                if st.get("active", True):
+                    for k in ("weight_ess", "moved_weight", "moved_class_weight", "relabel_rate"):
+                        m[k].update(float(st.get(k, float("nan"))))
             if audit is not None:
                 names_all = names if mixer is None else (       # generated rows: their source's name
                     list(names) + [mixer.source_names[i] for i in mb.source_ids[len(names):].tolist()])
@@ -595,8 +598,10 @@ def _backward(loss, task, optimizer, loss_scaler, args, need_update: bool) -> No
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _strength(value: str):
-    """``--strength``: 'auto', 'adaptive' or a number."""
+def _strength(value: Optional[str]):
+    """``--strength``: 'auto' (also when not given), 'adaptive' or a number."""
+    if value is None:
+        return "auto"
     return value if value in ("auto", "adaptive") else float(value)
 
 
@@ -765,6 +770,26 @@ def _resume_path(args, output_dir: str) -> str:
     return args.resume
 
 
+#: the flag that adds each part of the task state beside the refiner
+_PART_FLAGS = {"audit": "--audit", "mixer": "--generated", "sources": "--generated"}
+
+
+def _missing_parts_error(path: str, missing: Sequence[str]) -> ConfigurationError:
+    """The refusal of a checkpoint written without a part this run keeps (``--audit`` or ``--generated``
+    added on resume), worded for the command line (the task's own fix, strict=False, is no flag here)."""
+    if not all(p in _PART_FLAGS for p in missing):   # the refiner itself: not a checkpoint of this script's
+        return ConfigurationError(
+            f"--resume {path}: the checkpoint's task state lacks {list(missing)}, so it was not written by this "
+            "script with a refiner",
+            "resume with the flags the run was started with (its args.yaml), or start a new run under another "
+            "--experiment")
+    named = " and ".join(sorted({_PART_FLAGS[p] for p in missing}))
+    return ConfigurationError(
+        f"--resume {path}: the checkpoint was written without {named} (its task state has no "
+        f"{' / '.join(repr(p) for p in missing)} part to continue)",
+        f"resume without {named}, or start a new run with {named} under another --experiment")
+
+
 def _keep_summary_rows_before(path: str, start_epoch: int) -> None:
     """timm's rule for a run directory that already has a summary (``timm.utils.trim_summary``):
     keep the rows of the epochs before ``start_epoch``, so a resume continues the file and a fresh
@@ -794,6 +819,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.refiner == "autodo" and args.with_originals:
         parser.error("--refiner autodo keeps one table row per training image, so it trains on the augmented "
                      "view alone; drop --with-originals")
+    if args.strength is not None and args.refiner in ("autodo", "influence"):
+        parser.error(f"--strength sets the refinement strength of saflex and l2rw; --refiner {args.refiner} has none "
+                     "and would ignore it: drop --strength (or use --refiner saflex / l2rw)")
+    if args.strength is None:
+        args.strength = "auto"
     if args.resume == "auto" and not args.experiment:
         parser.error("--resume auto continues the run directory <output>/<experiment>: pass --experiment NAME")
     if args.grad_accum_steps < 1:
@@ -888,8 +918,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     resume_path = _resume_path(args, output_dir)
     resume_epoch = None
     if resume_path:
-        resume_epoch = resume_task_checkpoint(task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
-                                              loss_scaler=None if args.no_resume_opt else loss_scaler)
+        try:
+            resume_epoch = resume_task_checkpoint(task, resume_path,
+                                                  optimizer=None if args.no_resume_opt else optimizer,
+                                                  loss_scaler=None if args.no_resume_opt else loss_scaler)
+        except ConfigurationError as e:
+            missing = getattr(e, "missing_parts", None)
+            if not missing:
+                raise
+            raise _missing_parts_error(resume_path, missing) from e
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if resume_path:
