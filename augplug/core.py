@@ -38,7 +38,8 @@ from .rng import PrivateRNG
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
 from .steps import StepCounter
-from .validation import CachedValidationStream, ValidationStream, generator_states, set_generator_states
+from .validation import (CachedValidationStream, ValidationStream, generator_states, open_as, opens_by_reset,
+                         set_generator_states)
 
 __all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
 
@@ -747,19 +748,23 @@ class RefinerCore:
             self._note_updates()
 
     def _snapshot(self) -> Tuple[Any, ...]:
-        """What a failing call must put back: the private RNG, the stream's position and the
-        loader's own generators (``generator=``), which opening a pass draws from."""
+        """What a failing call must put back: the private RNG, the stream's position, the loader's
+        own generators (``generator=``), which opening a pass draws from, and whether its next pass
+        resets a persistent-worker iterator (one the failed call may have created)."""
         stream = self._stream
         if stream is None:
-            return self._rng.state.clone(), None, 0, None
-        return self._rng.state.clone(), stream.state_dict(), stream.reads, generator_states(stream.loader)
+            return self._rng.state.clone(), None, 0, None, False
+        return (self._rng.state.clone(), stream.state_dict(), stream.reads, generator_states(stream.loader),
+                opens_by_reset(stream.loader))
 
     def _restore(self, snap: Tuple[Any, ...]) -> None:
         self._rng.state = snap[0]
         # a stream that was not read is left alone: restoring re-opens the loader's pass
         if self._stream is not None and snap[1] is not None and self._stream.reads != snap[2]:
             self._stream.load_state_dict(snap[1])
-            # a pass opened by the failed call (none was open before it) moved the generators
+            # a pass opened by the failed call (none was open before it) moved the generators, and
+            # may have started the loader's persistent workers
+            open_as(self._stream.loader, snap[4])
             set_generator_states(self._stream.loader, snap[3])
 
     # ------------------------------------------------------------------ resumable state

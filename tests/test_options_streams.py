@@ -276,3 +276,52 @@ def test_malformed_logits_get_a_fix_that_fits_their_shape(shape, fix):
     with pytest.raises(ShapeError) as info:
         check_logits(torch.randn(*shape))
     assert fix in info.value.fix
+
+
+class _FlakyOnceVal(Dataset):
+    """The validation set read by worker processes; its ``fail_at``-th read raises once (a marker
+    file makes it once across the processes that read it)."""
+
+    def __init__(self, marker=None, fail_at=20):
+        self.marker, self.reads, self.fail_at = marker, 0, fail_at
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.marker is not None and self.reads == self.fail_at and not self.marker.exists():
+            self.marker.touch()
+            raise OSError("transient failure")
+        return _X[i], _Y[i]
+
+
+def _persistent_run_with_a_failure(marker, fail_at=20):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(_FlakyOnceVal(marker, fail_at), batch_size=8, shuffle=True, num_workers=1, persistent_workers=True)
+    r = AugmentationRefiner(model, opt, loader, schedule=Schedule(budget=None, refresh_every=1, val_batches=1))
+    losses, s, refused = [], 0, 0
+    while len(losses) < 6:
+        x, y = _step_batch(s)
+        try:
+            loss = r(model(x), y, num_original=4)
+        except OSError:
+            refused += 1
+            continue
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        s += 1
+    return losses, refused
+
+
+@pytest.mark.parametrize("fail_at", [3, 20], ids=["first-call", "later-call"])
+def test_a_failure_in_the_first_pass_of_a_persistent_worker_loader_equals_its_twin(tmp_path, fail_at):
+    # a failed first call started the loader's persistent workers: the retry must open its pass as
+    # the twin's first pass was opened (a new iterator, not a reset of the failed call's)
+    warnings.simplefilter("ignore")
+    twin, _ = _persistent_run_with_a_failure(None)
+    got, refused = _persistent_run_with_a_failure(tmp_path / "failed", fail_at)
+    assert refused == 1 and got == twin
