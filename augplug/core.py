@@ -663,7 +663,7 @@ class RefinerCore:
                 visit(j, x, y)
             except (AugplugError, NotImplementedError):
                 raise
-            except (RuntimeError, ValueError, TypeError) as e:  # a clash inside the model's forward
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a clash in the model's forward
                 raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
                                  f"{(str(e).splitlines() or [''])[0]}",
                                  "make the validation loader yield inputs like the training inputs (tensors of the "

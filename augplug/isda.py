@@ -298,6 +298,19 @@ class _Pending:
         self._factors: Optional[List[torch.Tensor]] = None
         self._padded: Optional[torch.Tensor] = None
 
+    def fits(self, cov: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor: whether the written statistics stay finite in ``cov``'s dtype. The
+        covariances are positive semi-definite, so ``|S_ij| <= sqrt(S_ii S_jj)``: their new
+        diagonals (summed in fp64) bound every entry."""
+        if self.var_rows is not None:
+            diag = self.var_rows.double()
+        else:
+            diag = torch.diagonal(cov[self.classes], dim1=1, dim2=2).double() * self.beta.double().unsqueeze(1)
+            diag = diag.index_add(0, self.pos, self.rows.double() ** 2) + self.shift.double() ** 2
+        limit = torch.finfo(cov.dtype).max
+        return (torch.isfinite(self.count).all() & torch.isfinite(self.mean_rows).all()
+                & torch.isfinite(diag).all() & (diag.abs() <= limit).all())
+
     def _by_slot(self):
         """``(order, counts)``: the rows' order grouped by class slot (stable), and each slot's row count."""
         return torch.argsort(self.pos, stable=True), torch.bincount(self.pos, minlength=self.classes.numel())
@@ -444,6 +457,8 @@ class ISDALoss(nn.Module):
         self.register_buffer("progress", torch.tensor(0.0 if self.total_steps else 1.0, **kw))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
         self._version = 0
+        self._pending: Optional[tuple] = None   # a defer=True call's merge, until commit_pending()
+        self._hooks_removed = False   # remove_hooks() was called (named by the no-features error)
         self._head_ref = None      # (head,) for the standalone path; a tuple so it is not a submodule
         self._capture: Optional[ActivationCapture] = None
 
@@ -484,6 +499,7 @@ class ISDALoss(nn.Module):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+            self._hooks_removed = True
 
     # ------------------------------------------------------------------ lambda schedule
     @property
@@ -584,12 +600,21 @@ class ISDALoss(nn.Module):
                     "build the ISDALoss with the same classes, features and covariance mode")
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"the ISDA state's '{name}' holds NaN/inf", "load an intact checkpoint")
+            # values no run can reach: negative counts or steps, progress outside [0, 1], a negative variance
+            impossible = {"count": lambda: bool((t < 0).any()), "steps": lambda: t.is_floating_point() or int(t) < 0,
+                          "progress": lambda: not 0.0 <= float(t) <= 1.0,
+                          "cov": lambda: bool((torch.diagonal(t, dim1=1, dim2=2) if t.dim() == 3 else t).lt(0).any())}
+            if name in impossible and impossible[name]():
+                raise ConfigurationError(f"the ISDA state's '{name}' holds a value no run can reach "
+                                         "(a negative count, step or variance, or a progress outside [0, 1])",
+                                         "load an intact checkpoint")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a state saved by :meth:`state_dict`; everything is checked before anything changes."""
         self.check_state_dict(state_dict, strict=strict)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._version += 1
+        self._pending = None
         return result
 
     # ------------------------------------------------------------------ the loss
@@ -613,11 +638,19 @@ class ISDALoss(nn.Module):
                                  "mode with autograd on",
                                  "call model.train() before training steps; to compute a loss for evaluation, run "
                                  "the forward and the loss under torch.no_grad() (which only reads the statistics)")
+            if features is None and self._hooks_removed:
+                raise ShapeError(f"no classifier features for the {b} rows of this training call: the classifier "
+                                 "hook was removed (remove_hooks())",
+                                 "build a new ISDALoss.for_model(model) and load this one's state_dict() into it, "
+                                 "or pass features=")
             if features is None:
-                raise ShapeError(f"no classifier features for the {b} rows of this training call",
+                raise ShapeError(f"no classifier features for the {b} rows of this training call (each call uses "
+                                 "the features of the training forward before it, and drops them: a second call on "
+                                 "one forward finds none)",
                                  "build the loss with ISDALoss.for_model(model) (it hooks the classifier) and call "
-                                 "it right after the training forward (model in train mode, autograd on: the hook "
-                                 "records only those forwards), or pass features=")
+                                 "it once, right after the training forward (model in train mode, autograd on); for "
+                                 "a Mixup criterion lam * crit(out, ya) + (1 - lam) * crit(out, yb) pass the mixed "
+                                 "soft targets in one call, or pass features=")
             f = features.detach().flatten(1) if features.dim() > 2 else features.detach()
             if f.dim() != 2 or f.shape[0] != b or f.shape[1] != self.feature_dim:
                 raise ShapeError(f"features have shape {tuple(features.shape)}, expected ({b}, {self.feature_dim})",
@@ -633,7 +666,7 @@ class ISDALoss(nn.Module):
         return w, y, f
 
     def per_sample_loss(self, features: Optional[torch.Tensor], logits: torch.Tensor, soft_targets: torch.Tensor,
-                        head: Optional[nn.Module] = None) -> torch.Tensor:
+                        head: Optional[nn.Module] = None, *, defer: bool = False) -> torch.Tensor:
         """Per-sample ISDA loss ``sum_k y_k * CE(z~(k), k)``, shape ``(B,)`` (fp32).
 
         Args:
@@ -646,7 +679,11 @@ class ISDALoss(nn.Module):
 
         A training call is one made with autograd enabled: the batch is merged into the statistics
         and the loss uses the merged statistics (the paper's order). Every input is checked and the
-        loss computed before anything is written, so a call that raises changes nothing.
+        loss computed before anything is written, so a call that raises changes nothing; a merge
+        that would make the statistics non-finite (features of overflowing size) is a
+        :class:`~augplug.errors.NonFiniteError`. ``defer=True`` keeps the merge pending until
+        :meth:`commit_pending` (a caller with more to do that can still fail, as the refiner);
+        :meth:`discard_pending` drops it.
         """
         if head is None:
             head = self._head_ref[0] if self._head_ref is not None else None
@@ -663,8 +700,26 @@ class ISDALoss(nn.Module):
             loss = isda_per_sample_loss(logits, y, weight, self.cov, self.lambda0 * progress, pending,
                                         self._batched())
         if update:
-            self._commit(pending, progress)
+            if not bool(pending.fits(self.cov) & torch.isfinite(loss).all()):   # one device sync
+                raise NonFiniteError(
+                    "the ISDA loss or its statistics would be NaN/inf with this batch (features too large for "
+                    "the covariance in its dtype)", "check the features' scale (normalize them, or lower the "
+                    "learning rate); the statistics were not changed")
+            if defer:
+                self._pending = (pending, progress)
+            else:
+                self._commit(pending, progress)
         return loss
+
+    def commit_pending(self) -> None:
+        """Write the merge a ``defer=True`` call kept pending (nothing if there is none)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._commit(*pending)
+
+    def discard_pending(self) -> None:
+        """Drop the merge a ``defer=True`` call kept pending: the statistics stay as they were."""
+        self._pending = None
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None,
                 reduction: str = "mean") -> torch.Tensor:

@@ -661,7 +661,7 @@ class AugmentationRefiner(RefinerCore):
                 strength_state = self._propose_strength(ctx, y, aug, rows, n_aug)
             if self.strength is not None or used_strength != 1.0:
                 weights, soft = apply_strength(weights, soft, y, aug, used_strength)
-            per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head)
+            per_sample = (self.isda.per_sample_loss(ctx.features(), logits, soft, self.head, defer=True)
                           if self.isda is not None else soft_cross_entropy(logits, soft))
             weights, denom = self._normalize(weights, aug, rows, n_aug, y)
             share_state, used_share = None, self.aug_weight
@@ -677,6 +677,7 @@ class AugmentationRefiner(RefinerCore):
             self.policy.rollback()
             self._restore(snapshot[0])
             if self.isda is not None:
+                self.isda.discard_pending()   # its statistics are written only at the commit below
                 self.isda.restore_snapshot(snapshot[1])
             if deferred:  # something failed before the check: a bad batch is reported as such
                 self._reject_bad_values(problems, logits, targets, num_classes, batch)
@@ -688,6 +689,8 @@ class AugmentationRefiner(RefinerCore):
 
         # commit
         self.policy.commit()
+        if self.isda is not None:
+            self.isda.commit_pending()
         if strength_state is not None:
             self.strength.load_state_dict(strength_state)
         self._commit_share(share_state)

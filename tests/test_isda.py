@@ -651,3 +651,94 @@ def test_cuda_default_is_batched_and_matches_class_by_class():
         torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses[0].cov, losses[1].cov, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- failures after the ISDA loss
+def _isda_refiner():
+    torch.manual_seed(0)
+    model = MLP(8, 3, hidden=4, depth=1, dropout=0.0)
+    val = DataLoader(TensorDataset(torch.randn(12, 8), torch.randint(0, 3, (12,))), batch_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, AugmentationRefiner(model, opt, val, method="saflex", isda=True, schedule=dict(budget=None))
+
+
+def _isda_buffers(isda):
+    return [b.clone() for b in (isda.count, isda.mean, isda.cov, isda.steps, isda.progress)]
+
+
+def test_a_call_failing_after_the_isda_loss_keeps_its_own_error_and_the_statistics():
+    """The refiner writes the ISDA statistics at its commit, with everything else: an interrupt
+    after the ISDA loss (here in the weights' normalization) propagates as itself, and the
+    statistics, like every other state, are as before; the retry equals a run without it."""
+    x, y = torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12) % 3
+
+    def run(interrupt):
+        model, opt, r = _isda_refiner()
+        losses = []
+        for step in range(3):
+            if interrupt and step == 1:
+                before = _isda_buffers(r.isda)
+                normalize = r._normalize
+                r._normalize = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+                with pytest.raises(KeyboardInterrupt):
+                    r(model(x), y, num_original=4)
+                r._normalize = normalize
+                assert all(torch.equal(a, b) for a, b in zip(before, _isda_buffers(r.isda)))
+            loss = r(model(x), y, num_original=4)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, _isda_buffers(r.isda)
+
+    twin, twin_buffers = run(False)
+    got, buffers = run(True)
+    assert got == twin and all(torch.equal(a, b) for a, b in zip(buffers, twin_buffers))
+
+
+@pytest.mark.parametrize("lambda0", [0.5, 0.0], ids=["loss-overflows-too", "loss-finite"])
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_features_that_would_overflow_the_statistics_are_refused_and_change_nothing(covariance, lambda0):
+    head = _head()
+    isda = ISDALoss.for_head(head, covariance=covariance, lambda0=lambda0)   # lambda0=0: the loss is plain CE
+    f, y = _data()
+    isda(head(f[:10]), y[:10], features=f[:10])
+    before = _isda_buffers(isda)
+    huge = f[10:20] * 1e20   # finite, but its squares are beyond fp32
+    with pytest.raises(NonFiniteError, match="statistics"):
+        isda(head(huge), y[10:20], features=huge)
+    assert all(torch.equal(a, b) for a, b in zip(before, _isda_buffers(isda)))
+    assert torch.isfinite(isda(head(f[20:30]), y[20:30], features=f[20:30]))
+
+
+@pytest.mark.parametrize("key, value", [("count", -2.0), ("progress", 7.0), ("steps", -1)])
+def test_a_state_with_values_no_run_reaches_is_refused(key, value):
+    head = _head()
+    isda = ISDALoss.for_head(head, covariance="full")
+    f, y = _data()
+    isda(head(f), y, features=f)
+    state = copy.deepcopy(isda.state_dict())
+    bad = copy.deepcopy(state)
+    if key == "count":
+        bad[key][0] = value
+    else:
+        bad[key] = torch.tensor(value, dtype=state[key].dtype)
+    before = _isda_buffers(isda)
+    with pytest.raises(ConfigurationError, match="no run can reach"):
+        isda.load_state_dict(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, _isda_buffers(isda)))
+    isda.load_state_dict(state)
+
+
+def test_the_no_features_error_names_removed_hooks_and_a_second_call_on_one_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    crit = ISDALoss.for_model(model)
+    out = model(x)
+    crit(out, y)
+    with pytest.raises(ShapeError, match="a second call on one forward finds none"):
+        crit(out, y.flip(0))
+    crit.remove_hooks()
+    with pytest.raises(ShapeError, match=r"hook was removed \(remove_hooks\(\)\)"):
+        crit(model(x), y)

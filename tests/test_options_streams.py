@@ -226,12 +226,26 @@ def test_validate_reports_what_the_refiner_refuses_and_reads_nothing_it_keeps():
 
 
 # --------------------------------------------------------------- the model fails on a validation batch
-@pytest.mark.parametrize("bad", ["numpy-inputs", "one-row-batch-norm"])
+class _Flattening(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.fc = nn.Linear(D, 8), nn.Linear(8, C)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.body(x.flatten(1))))
+
+
+@pytest.mark.parametrize("bad", ["numpy-inputs", "tuple-inputs", "one-row-batch-norm"])
 def test_a_model_failing_on_a_validation_batch_is_a_shape_error_that_changes_nothing(bad):
     torch.manual_seed(0)
     if bad == "numpy-inputs":
         model = _mlp()
         loader = [(_X[:8].numpy(), _Y[:8])]
+        kw = {}
+    elif bad == "tuple-inputs":   # inputs for a model that takes two tensors, model(x_num, x_cat)
+        model = _Flattening()
+        loader = [((_X[:8, :3], _X[:8, 3:]), _Y[:8])]
         kw = {}
     else:   # BatchNorm in train mode cannot normalize one row: the loader's last batch holds one
         model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, C))
