@@ -95,6 +95,21 @@ def _column_units(n_cols: int, groups: Optional[Sequence[Sequence[int]]]) -> tor
     return unit_of
 
 
+def _check_seed(seed) -> int:
+    """``seed`` as an int within ``torch.Generator.manual_seed``'s range ``[-2**63, 2**64)``; a
+    :class:`ConfigurationError` for anything else (a float, text, a bool, a number beyond that range)."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)  # ints, NumPy integers and 0-dim integer tensors
+        if not -2 ** 63 <= value < 2 ** 64:   # torch.Generator.manual_seed's range
+            raise TypeError
+    except TypeError:
+        raise ConfigurationError(f"seed must be an integer in [-2**63, 2**64) (torch.Generator's range), got {seed!r}",
+                                 "pass an integer seed such as seed=0") from None
+    return int(value)
+
+
 def _is_functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is a tensor inside a ``torch.func`` transform (its values cannot be read)."""
     check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
@@ -244,7 +259,7 @@ class TabularCutMix:
         self.categorical = categorical
         self.groups = _check_groups(groups) or None
         self.return_mask = bool(return_mask)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def _cat_mask(self, n_cols: int) -> torch.Tensor:
@@ -300,6 +315,12 @@ class TabularCutMix:
         if not torch.is_tensor(g) or g.dtype != own.dtype or g.shape != own.shape:
             raise ConfigurationError("a TabularCutMix state needs the 'generator' state it saved",
                                      "load a state saved by TabularCutMix.state_dict()")
+        try:  # tried on a scratch generator first, so an invalid state leaves this one where it was
+            torch.Generator().set_state(g.clone())
+        except RuntimeError as e:
+            raise ConfigurationError(f"the 'generator' entry is not a valid torch.Generator state "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                                     "load a state saved by TabularCutMix.state_dict(), unmodified") from None
         self.generator.set_state(g.clone())
 
     def __repr__(self) -> str:
@@ -307,29 +328,91 @@ class TabularCutMix:
                 f"groups={self.groups!r}, seed={self.seed})")
 
 
+def _check_cat_columns(cat_columns, num_features: int, n_cards: int) -> List[int]:
+    """``cat_columns`` as a list of distinct column indices in ``0..num_features-1``, one per
+    cardinality; a :class:`ConfigurationError` naming the problem otherwise."""
+    try:
+        if isinstance(cat_columns, (str, bytes)):
+            raise TypeError
+        cols = list(cat_columns)
+        if any(isinstance(c, bool) for c in cols):
+            raise TypeError
+        cols = [operator.index(c) for c in cols]
+    except TypeError:
+        raise ConfigurationError(f"cat_columns must be a list of column indices, got {cat_columns!r}",
+                                 "pass the indices of the categorical columns of x, e.g. cat_columns=[3, 7]") from None
+    if len(cols) != n_cards:
+        raise ConfigurationError(f"cat_columns and cat_cardinalities must have the same length, got {len(cols)} "
+                                 f"columns {cols} and {n_cards} cardinalities",
+                                 "give one cardinality per categorical column")
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise ConfigurationError(f"cat_columns {cols} name column(s) {dup} more than once",
+                                 "list each categorical column of x once")
+    outside = [c for c in cols if not 0 <= c < num_features]
+    if outside:
+        raise ConfigurationError(
+            f"cat_columns {cols} name column(s) {outside} outside 0..{num_features - 1}: with cat_columns, "
+            f"num_features is the full width of x (numeric and categorical columns together), here {num_features}",
+            "pass num_features=x.shape[1] (all columns of x, the categorical ones included) and cat_columns as "
+            "non-negative indices into x")
+    return cols
+
+
 class TabularMLP(nn.Module):
     """An MLP for tables: optional category embeddings in front of :class:`augplug.models.MLP`.
 
-    ``forward(x_num, x_cat=None)``: numeric ``(B, Dn)`` float features and optional categorical codes
-    ``(B, Dc)``; each categorical column ``k`` is embedded in ``embed_dim`` dimensions (cardinality
-    ``cat_cardinalities[k]``) and concatenated to the numeric features. Alternatively pass
-    ``cat_columns`` (indices into a single input tensor holding integer-valued codes) and call
-    ``forward(x)``. In both forms the codes must be integer values in ``0..cardinality-1`` of their
-    column (checked: a :class:`~augplug.errors.TargetError` names the column otherwise; floats holding
-    integer values are fine, other floats are not rounded but rejected). The body is ``depth`` hidden
-    layers of ``hidden`` units with optional BatchNorm and dropout; the classifier is the ``nn.Linear``
-    reachable as ``model.fc`` (found by augplug).
+    Two ways to give categorical columns:
+
+    - ``forward(x_num, x_cat=None)``: numeric ``(B, Dn)`` features with ``Dn == num_features`` and
+      categorical codes ``(B, Dc)`` with ``Dc == len(cat_cardinalities)`` (no ``x_cat``, or one with
+      no columns, when the model has no ``cat_cardinalities``); each categorical column ``k`` is
+      embedded in ``embed_dim`` dimensions (cardinality ``cat_cardinalities[k]``) and concatenated to
+      the numeric features.
+    - ``cat_columns`` at construction, then ``forward(x)``: one tensor ``(B, num_features)`` whose
+      columns ``cat_columns`` (distinct indices in ``0..num_features-1``, one per cardinality) hold the
+      codes. Here ``num_features`` is the **full width** of ``x``, numeric and categorical columns
+      together; the numeric part is ``num_features - len(cat_columns)`` columns wide. This is the form
+      to use with :class:`~augplug.AugmentationRefiner`, whose validation loader yields ``(x, y)``.
+
+    Impossible ``cat_columns`` (duplicates, negative, beyond ``num_features``, a count other than
+    ``len(cat_cardinalities)``) raise a :class:`~augplug.errors.ConfigurationError` at construction;
+    inputs of the wrong width or number of categorical columns a :class:`~augplug.errors.ShapeError`
+    naming the expected and given widths, before any parameter is used. In both forms the codes must
+    be integer values in ``0..cardinality-1`` of their column (checked: a
+    :class:`~augplug.errors.TargetError` names the column otherwise; floats holding integer values are
+    fine, other floats are not rounded but rejected). The body is ``depth`` hidden layers of ``hidden``
+    units with optional BatchNorm and dropout; the classifier is the ``nn.Linear`` reachable as
+    ``model.fc`` (found by augplug).
     """
 
     def __init__(self, num_features: int, num_classes: int, *, cat_cardinalities: Sequence[int] = (),
                  cat_columns: Optional[Sequence[int]] = None, embed_dim: int = 8, hidden: int = 256, depth: int = 2,
                  dropout: float = 0.1, batch_norm: bool = False):
         super().__init__()
-        self.cat_columns = None if cat_columns is None else [int(c) for c in cat_columns]
-        if self.cat_columns is not None and len(self.cat_columns) != len(cat_cardinalities):
-            raise ConfigurationError("cat_columns and cat_cardinalities must have the same length",
-                                     "give one cardinality per categorical column")
-        self.embeddings = nn.ModuleList(nn.Embedding(int(k), embed_dim) for k in cat_cardinalities)
+        try:
+            if isinstance(num_features, bool):
+                raise TypeError
+            num_features = operator.index(num_features)
+            if num_features < 0:
+                raise TypeError
+        except TypeError:
+            raise ConfigurationError(f"num_features must be a non-negative integer, got {num_features!r}",
+                                     "pass the number of input columns") from None
+        try:
+            cards = list(cat_cardinalities)
+            if any(isinstance(k, bool) for k in cards):
+                raise TypeError
+            cards = [operator.index(k) for k in cards]
+            if any(k < 1 for k in cards):
+                raise TypeError
+        except TypeError:
+            raise ConfigurationError(f"cat_cardinalities must be positive integers, got {cat_cardinalities!r}",
+                                     "give each categorical column's number of categories (its codes are "
+                                     "0..cardinality-1)") from None
+        self.cat_columns = None if cat_columns is None else _check_cat_columns(cat_columns, num_features, len(cards))
+        self.num_features = num_features
+        self.embeddings = nn.ModuleList(nn.Embedding(int(k), embed_dim) for k in cards)
         n_num = num_features - (len(self.cat_columns) if self.cat_columns is not None else 0)
         self.num_numeric = n_num
         self.mlp = MLP(n_num + embed_dim * len(self.embeddings), num_classes, hidden=hidden, depth=depth,
@@ -368,7 +451,45 @@ class TabularMLP(nn.Module):
                               "cat_cardinalities entry for it")
         return codes.long()
 
+    def _check_inputs(self, x, x_cat) -> None:
+        """Shapes of a forward call (no values read, so it also runs inside ``torch.func`` transforms):
+        a :class:`ShapeError` naming the expected and given widths and columns."""
+        n_cat = len(self.embeddings)
+        if not torch.is_tensor(x) or x.dim() != 2:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ShapeError(f"TabularMLP takes the features as a 2-D tensor (rows, columns), got {got}",
+                             "call model(x) (cat_columns form) or model(x_num, x_cat) with 2-D tensors; with "
+                             "AugmentationRefiner use the cat_columns form: its validation loader yields (x, y) with "
+                             "the category codes inside x")
+        if x_cat is None and self.cat_columns is not None:
+            if x.shape[1] != self.num_features:
+                raise ShapeError(f"x has {x.shape[1]} columns, the model takes {self.num_features} "
+                                 f"({self.num_numeric} numeric and the categorical columns {self.cat_columns})",
+                                 f"pass x with num_features={self.num_features} columns, the category codes in "
+                                 f"columns {self.cat_columns}, or build the model for x's width")
+            return
+        if x_cat is not None and (not torch.is_tensor(x_cat) or x_cat.dim() != 2 or x_cat.shape[0] != x.shape[0]):
+            got = tuple(x_cat.shape) if torch.is_tensor(x_cat) else type(x_cat).__name__
+            raise ShapeError(f"x_cat must be a 2-D tensor with the {x.shape[0]} rows of x_num, got {got}",
+                             "pass the categorical codes of the same rows as a (rows, columns) tensor")
+        given = 0 if x_cat is None else x_cat.shape[1]
+        if given != n_cat:
+            got = "no x_cat" if x_cat is None else f"x_cat with {given} columns"
+            if n_cat == 0:
+                raise ShapeError(f"the model embeds 0 categorical columns (built without cat_cardinalities), got {got}",
+                                 "build TabularMLP with cat_cardinalities=(one cardinality per x_cat column), or "
+                                 "call model(x_num) without x_cat")
+            raise ShapeError(f"the model embeds {n_cat} categorical columns (len(cat_cardinalities)), got {got}",
+                             "pass x_cat with one column per cardinality given at construction")
+        if x.shape[1] != self.num_numeric:
+            raise ShapeError(f"x_num has {x.shape[1]} columns, the model takes {self.num_numeric} numeric columns"
+                             + (f" (num_features={self.num_features} minus the {n_cat} cat_columns)"
+                                if self.cat_columns is not None else f" (num_features={self.num_features})"),
+                             f"pass x_num with {self.num_numeric} columns, or build the model with "
+                             "num_features=x_num.shape[1]")
+
     def forward(self, x: torch.Tensor, x_cat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_inputs(x, x_cat)
         columns = None
         if x_cat is None and self.cat_columns is not None:
             keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
@@ -378,11 +499,6 @@ class TabularMLP(nn.Module):
             x = x[:, keep]
         parts = [x.float()] if x.shape[1] else []
         if len(self.embeddings):
-            if x_cat is None or x_cat.shape[1] != len(self.embeddings):
-                raise ShapeError(f"the model embeds {len(self.embeddings)} categorical columns, got "
-                                 f"{None if x_cat is None else x_cat.shape[1]}",
-                                 "pass x_cat with one column per cardinality given at construction")
             codes = self._codes(x_cat, columns)
             parts += [emb(codes[:, k]) for k, emb in enumerate(self.embeddings)]
         return self.mlp(torch.cat(parts, 1))
-
