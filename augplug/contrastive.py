@@ -36,6 +36,7 @@ which is a ``C``-way classification with labels as targets. :class:`ContrastiveR
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,11 +47,14 @@ from torch.func import functional_call
 
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      TargetError)
+from .errors import warn_at_caller as _warn_at_caller
+from .finite import nonfinite
 from .heads import unwrap_model
 from .methods import Policy, renormalize, saflex_targets
-from .core import RefinerCore, check_part_presence
+from .core import RefinerCore, check_part_presence, unwrap_optimizer
 from .distributed import world_size as dist_world_size
-from .refiner import DEFAULTS, augmented_rows, build_policy, check_shell_options, reject_moved_options
+from .refiner import (DEFAULTS, _group_lr, augmented_rows, build_policy, check_shell_options,
+                      reject_moved_options)
 from .schedule import Schedule, resolve_schedule
 from .scores import GradSum, forward_mode_duals, grad_sums, scoring_mode
 from .share import resolve_share
@@ -141,19 +145,45 @@ class ClassEmbeddings(nn.Module):
         w = torch.randn(int(num_classes), int(dim), generator=g) / math.sqrt(dim)
         self.weight = nn.Parameter(w, requires_grad=bool(trainable))
 
-    def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[class_ids.long()]
+    def forward(self, class_ids) -> torch.Tensor:
+        ids = class_ids if torch.is_tensor(class_ids) else torch.as_tensor(class_ids, device=self.weight.device)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TargetError(f"class ids must be integers, got {ids.dtype}", "pass integer ids, e.g. torch.arange(C)")
+        return self.weight[ids.long()]
 
-    def check_ids(self, class_ids) -> None:
-        """Raise a :class:`TargetError` unless ``class_ids`` index these embeddings (checked once, when a
-        refiner is built with them as its class prompts)."""
-        ids = torch.as_tensor(class_ids).long()
-        n = self.weight.shape[0]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-            raise TargetError(f"class prompt ids must lie in [0, {n}) for these {n} class embeddings, got ids from "
-                              f"{int(ids.min())} to {int(ids.max())}",
-                              f"pass class_prompts=torch.arange({n}), or build ClassEmbeddings with as many classes "
-                              "as the prompts")
+    def check_ids(self, class_ids) -> torch.Tensor:
+        """Raise a :class:`TargetError` unless ``class_ids`` are integer ids (a 1-D tensor, or a list of
+        ints) that index these embeddings; returns them as a tensor (checked once, when a refiner is
+        built with them as its class prompts)."""
+        return _checked_ids(class_ids, self.weight.shape[0], "class embeddings", "ClassEmbeddings")
+
+
+def _checked_ids(class_ids, n: int, what: str, owner: str) -> torch.Tensor:
+    """``class_ids`` as a 1-D integer tensor indexing ``n`` embeddings, or a :class:`TargetError`: float
+    or bool ids (which indexing would truncate or misread), ids that are not 1-D, ids outside [0, n)."""
+    fix = f"pass class_prompts=torch.arange({n}) (integer ids, one per class prompt)"
+    if torch.is_tensor(class_ids):
+        ids = class_ids
+    else:
+        if isinstance(class_ids, (list, tuple)) and any(isinstance(i, bool) for i in class_ids):
+            raise TargetError(f"class prompt ids must be integers, got booleans in {list(class_ids)[:6]!r}", fix)
+        try:
+            ids = torch.as_tensor(class_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TargetError(f"class prompt ids must be integers, got {type(class_ids).__name__} "
+                              f"{class_ids!r:.80}", fix) from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TargetError(f"class prompt ids must be integers, got {ids.dtype} ids {ids.flatten()[:6].tolist()}"
+                          + (" (indexing would read them truncated)" if ids.is_floating_point() else ""), fix)
+    if ids.dim() != 1:
+        raise ShapeError(f"class prompt ids must be a 1-D tensor (one id per class prompt), got shape "
+                         f"{tuple(ids.shape)}", fix)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise TargetError(f"class prompt ids must lie in [0, {n}) for these {n} {what}, got ids from "
+                          f"{int(ids.min())} to {int(ids.max())}",
+                          f"pass class_prompts=torch.arange({n}), or build {owner} with as many classes "
+                          "as the prompts")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -178,12 +208,54 @@ def check_similarity(similarity: torch.Tensor, square: bool = True, what: str = 
 
 
 def _check_inputs(x, what: str) -> None:
-    if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    """NaN/inf in an input: a tensor, or the tensors inside a mapping, list or tuple (one read per device)."""
+    if nonfinite(x):
         raise NonFiniteError(f"{what} contain NaN/inf", "check the data pipeline (normalization, augmentation)")
 
 
-def _rows(x) -> Optional[int]:
-    return x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else (len(x) if isinstance(x, (list, tuple)) else None)
+def _rows(x, what: str = "the input") -> Optional[int]:
+    """The rows of a batch: a tensor's first dimension; a mapping's (a tokenizer's output such as
+    ``{"input_ids", "attention_mask"}``) from its tensors, which must agree (a :class:`ShapeError`
+    otherwise); a list's or tuple's length (one element a row: strings, per-sample tensors); None
+    when it has none (a 0-dim tensor, another object, a mapping without tensors)."""
+    if torch.is_tensor(x):
+        return x.shape[0] if x.dim() > 0 else None
+    if isinstance(x, Mapping):
+        counts = {}
+        for key, value in x.items():
+            if torch.is_tensor(value) or isinstance(value, Mapping):
+                n = _rows(value, f"{what}[{key!r}]")
+                if n is not None:
+                    counts[key] = n
+        if len(set(counts.values())) > 1:
+            raise ShapeError(f"{what} is a mapping whose tensors disagree on the number of rows: "
+                             + ", ".join(f"{k!r} has {n}" for k, n in counts.items()),
+                             "give every tensor one row per sample, batch first (a tokenizer: padding=True, "
+                             "return_tensors='pt')")
+        return next(iter(counts.values()), None)
+    if isinstance(x, (list, tuple)):
+        return len(x)
+    return None
+
+
+def _take_rows(x, rows):
+    """The rows ``rows`` (a bool mask) of a tensor or of a plain dict of tensors (0-dim tensors and
+    non-sequence values unchanged), or None for other inputs, and for dicts holding lists or other
+    mappings that may hold rows too (the caller then uses every row)."""
+    if torch.is_tensor(x):
+        return x[rows] if x.dim() > 0 else x
+    if type(x) is not dict:
+        return None
+    out = {}
+    for key, value in x.items():
+        if torch.is_tensor(value) or type(value) is dict:
+            value = _take_rows(value, rows)
+            if value is None:
+                return None
+        elif isinstance(value, (Mapping, list, tuple)):
+            return None
+        out[key] = value
+    return out
 
 
 def _check_directions(directions) -> Tuple[str, ...]:
@@ -311,6 +383,32 @@ def clip_loss(similarity: torch.Tensor, *, weights: Optional[Dict[str, torch.Ten
     return total / len(directions)
 
 
+def _prompt_input(class_prompts, text_encoder: nn.Module):
+    """The class prompts as the text encoder takes them: integer ids for :class:`ClassEmbeddings` and
+    ``nn.Embedding`` (a list converted, float or bool ids refused, the range checked); a list of ints
+    as a tensor for other encoders; any other input unchanged."""
+    encoder = unwrap_model(text_encoder)
+    if isinstance(encoder, ClassEmbeddings):
+        return encoder.check_ids(class_prompts)
+    if isinstance(encoder, nn.Embedding):
+        return _checked_ids(class_prompts, encoder.num_embeddings, "embeddings", "the nn.Embedding")
+    if isinstance(class_prompts, (list, tuple)) and class_prompts and \
+            all(isinstance(i, int) and not isinstance(i, bool) for i in class_prompts):
+        return torch.tensor(class_prompts, dtype=torch.long)
+    return class_prompts
+
+
+def _prompt_count(class_prompts) -> Optional[int]:
+    """The number of class prompts, known before any forward: the rows of a tensor or of a mapping's
+    tensors, the length of a list of texts or ids; None for a list or tuple holding tensors (one per
+    prompt, or the fields of a batch: ambiguous) and other inputs, whose labels are then checked
+    against the similarities after the forward."""
+    if isinstance(class_prompts, (list, tuple)) and \
+            any(torch.is_tensor(p) or isinstance(p, (Mapping, list, tuple)) for p in class_prompts):
+        return None
+    return _rows(class_prompts, "class_prompts")
+
+
 # ---------------------------------------------------------------------------------------------- refiner
 class ContrastiveRefiner(RefinerCore):
     """SAflex (or L2RW / no refinement) for contrastive training of two encoders, in two lines.
@@ -339,7 +437,12 @@ class ContrastiveRefiner(RefinerCore):
         val_loader: clean validation batches (see above), cycled forever.
         method: ``"saflex"``, ``"l2rw"``, ``"none"`` or a :class:`~augplug.methods.Policy` (its
             ``__call__(scores, targets, generator)`` is used with the identity / label targets).
-        class_prompts: the text encoder's input for the ``C`` class prompts (FLYP-style), or None (pairs).
+        class_prompts: the text encoder's input for the ``C`` class prompts (FLYP-style), or None (pairs);
+            the text encoder returns one embedding per prompt. For :class:`ClassEmbeddings` (or an
+            ``nn.Embedding``) 1-D integer ids: float or bool ids are refused (:class:`TargetError`);
+            a list of ints is converted to a tensor. Their number (rows of a tensor or of a dict's
+            tensors, length of a list of texts) is known before any forward, so a call's targets are
+            checked before the encoders run.
         logit_scale, normalize_features: see :class:`DualEncoder`.
         directions: for pairs, which readings of ``S`` are trained and refined (default both, as CLIP).
         score_params: ``"all"`` trainable parameters of both encoders (and a learnable logit scale), or a
@@ -400,10 +503,15 @@ class ContrastiveRefiner(RefinerCore):
                                      f"{self.policy.name!r} does not",
                                      "use method='saflex' or 'l2rw', or a fixed aug_weight")
         self.model = DualEncoder(image_encoder, text_encoder, logit_scale, normalize_features)
-        self.class_prompts = class_prompts
         self.prompt_mode = class_prompts is not None
-        if self.prompt_mode and isinstance(text_encoder, ClassEmbeddings):
-            text_encoder.check_ids(class_prompts)
+        self.class_prompts = _prompt_input(class_prompts, text_encoder) if self.prompt_mode else None
+        # the number of class prompts (the text encoder returns one embedding each), known before any
+        # forward, so that a call's labels are checked before the encoders run (None: not countable,
+        # checked against the similarities after the forward)
+        self._num_prompts = _prompt_count(self.class_prompts) if self.prompt_mode else None
+        if self._num_prompts is not None and self._num_prompts < 2:
+            raise ShapeError(f"class_prompts hold {self._num_prompts} prompt(s); a C-way classification needs at "
+                             "least 2", "pass one prompt per class, e.g. class_prompts=torch.arange(num_classes)")
         if self.prompt_mode:
             if self.directions != ("image_to_text",) and tuple(DIRECTIONS) != self.directions:
                 raise ConfigurationError(
@@ -435,8 +543,39 @@ class ContrastiveRefiner(RefinerCore):
         self.stats: Dict[str, Any] = {}
         if self.share is not None:
             self.share.bind(self)
+        self._warn_about_unstepped(optimizer)
 
     # ------------------------------------------------------------------ helpers
+    def set_optimizer(self, optimizer) -> None:
+        super().set_optimizer(optimizer)
+        self._warn_about_unstepped(optimizer)
+
+    set_optimizer.__doc__ = (RefinerCore.set_optimizer.__doc__ or "") + """
+        Warns as the constructor does when the new optimizer does not step a scored parameter."""
+
+    def _warn_about_unstepped(self, optimizer) -> None:
+        """Scores measure what a step on the scored parameters does: warn (at construction and at
+        :meth:`set_optimizer`) about scored parameters the optimizer never steps (not held, or held
+        only in groups with lr=0), e.g. trainable class embeddings or a learnable logit scale left out."""
+        if optimizer is None or not self.policy.needs_scores:
+            return
+        groups = getattr(unwrap_optimizer(optimizer), "param_groups", None)
+        if groups is None:
+            return
+        held = {id(p) for g in groups for p in g.get("params", [])}
+        moving = {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
+        scored = self._params()
+        for names, how in (([n for n, p in scored.items() if id(p) not in held], "does not hold"),
+                           ([n for n, p in scored.items() if id(p) in held and id(p) not in moving],
+                            "holds only in groups with lr=0")):
+            if names:
+                shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                _warn_at_caller(
+                    f"the optimizer {how} {len(names)} scored parameter(s) ({shown}): they enter "
+                    "the validation direction v and the scores g, but the optimizer never moves them, so the scores "
+                    "measure a step it does not take. Add them to the optimizer, or leave them out of the scores "
+                    "(score_params=[...] without them, or freeze them with requires_grad_(False))")
+
     def remove_hooks(self) -> None:
         """Detach the optimizer's step hook; later calls raise a
         :class:`~augplug.errors.ConfigurationError` (build a new refiner, and load this one's
@@ -468,8 +607,9 @@ class ContrastiveRefiner(RefinerCore):
         if self.prompt_mode:
             return x, self._to_device(to_soft_targets(t, num_classes, what="validation targets"))
         t = self._to_device(t)
-        if _rows(x) != _rows(t):
-            raise ShapeError(f"a validation batch holds {_rows(x)} images and {_rows(t)} texts",
+        images, texts = _rows(x, "a validation image batch"), _rows(t, "a validation text batch")
+        if images != texts:
+            raise ShapeError(f"a validation batch holds {images} images and {texts} texts",
                              "make the validation loader yield (images, texts) pairs")
         return x, t
 
@@ -499,22 +639,38 @@ class ContrastiveRefiner(RefinerCore):
         if self.check_train_mode and not (self.model.image_encoder.training and self.model.text_encoder.training):
             raise ModelModeError("the refiner was called with the encoders in eval mode",
                                  "call .train() on the encoders before training steps, or pass check_train_mode=False")
-        batch = _rows(images)
+        # everything that can be checked without the encoders is checked before they run: their
+        # training forward moves BatchNorm's running statistics and draws dropout masks
+        batch = _rows(images, "the image batch")
         if not batch:
-            raise ShapeError("the image batch is empty or not a batched tensor", "pass a (B, ...) tensor with B >= 1")
+            raise ShapeError(f"the image batch is empty or its rows cannot be counted ({type(images).__name__})",
+                             "pass a (B, ...) tensor with B >= 1, or a dict of (B, ...) tensors")
         _check_inputs(images, "images")
         if not self.prompt_mode:
-            if _rows(texts_or_targets) != batch:
-                raise ShapeError(f"the batch holds {batch} images but {_rows(texts_or_targets)} texts",
-                                 "pass one text per image (pair i = images[i], texts[i])")
+            texts = _rows(texts_or_targets, "the text batch")
+            if texts != batch:
+                raise ShapeError(f"the batch holds {batch} images but "
+                                 f"{texts if texts is not None else 'an uncountable number of'} texts "
+                                 f"({type(texts_or_targets).__name__})",
+                                 "pass one text per image (pair i = images[i], texts[i]): a (B, ...) tensor, a dict "
+                                 "of (B, ...) tensors (a tokenizer's output) or a list of B texts")
             _check_inputs(texts_or_targets, "texts")
             if batch < 2:
                 raise ShapeError("a contrastive batch needs at least 2 pairs", "use a larger batch")
         aug = augmented_rows(batch, num_original, augmented, self._device(), unit="pairs")[0]
+        labels = None
+        if self.prompt_mode and self._num_prompts is not None:
+            labels = to_soft_targets(texts_or_targets, self._num_prompts, batch_size=batch)
         s = self.model(images, self._prompts() if self.prompt_mode else texts_or_targets)
         check_similarity(s, square=not self.prompt_mode)
         if self.prompt_mode:
-            ys = {"image_to_text": to_soft_targets(texts_or_targets, s.shape[1], batch_size=batch).to(s.device)}
+            if labels is None:   # prompts that cannot be counted: checked against the similarities
+                labels = to_soft_targets(texts_or_targets, s.shape[1], batch_size=batch)
+            elif s.shape[1] != self._num_prompts:
+                raise ShapeError(f"the text encoder returned {s.shape[1]} embeddings for the {self._num_prompts} "
+                                 "class prompts", "make the text encoder return one embedding per class prompt "
+                                 "(a (C, D) tensor for C prompts), or pass class_prompts with one row per class")
+            ys = {"image_to_text": labels.to(s.device)}
         else:
             ys = {d: torch.eye(batch, device=s.device) for d in self.directions}
         return batch, aug, s, ys
@@ -524,11 +680,18 @@ class ContrastiveRefiner(RefinerCore):
         """Run both encoders on the batch and return the refined contrastive loss (a scalar).
 
         Args:
-            images: the image batch (any input the image encoder takes), ``B`` rows.
-            texts_or_targets: pairs: the ``B`` texts (text-encoder input); class prompts: the targets,
+            images: the image batch (any input the image encoder takes), ``B`` rows: a ``(B, ...)``
+                tensor, a dict (any mapping) of ``(B, ...)`` tensors, or a list of ``B`` items.
+            texts_or_targets: pairs: the ``B`` texts (text-encoder input, counted as the images are,
+                e.g. a tokenizer's ``{"input_ids", "attention_mask"}``); class prompts: the targets,
                 class indices ``(B,)`` or probabilities ``(B, C)``.
             num_original / augmented: which pairs are originals (trained on as given) and which are
                 augmented (refined).
+
+        A call refused for its inputs (a typed error) changes nothing: the error is raised before the
+        encoders run (their training forward would move BatchNorm's running statistics and draw
+        dropout masks). What only the forward shows (non-finite similarities, embeddings of the wrong
+        shape) is refused after it, with the refiner's state unchanged.
         """
         started = self._budget_begin()
         distributed = dist_world_size() > 1
@@ -610,10 +773,14 @@ class ContrastiveRefiner(RefinerCore):
 
     def _scores(self, images, texts_or_targets, v, aug, batch: int, score_all: bool) -> Dict[str, torch.Tensor]:
         """Scores of every row of each direction (rows not scored stay 0)."""
-        if self.prompt_mode and torch.is_tensor(images) and not score_all:
-            # rows are independent given the prompts (scoring runs BatchNorm on running statistics
-            # or per-pass batch statistics): score the augmented rows only
-            g_aug = contrastive_scores(self.model, images[aug], self._prompts(), v, directions=self.directions,
+        subset = (_take_rows(images, aug) if self.prompt_mode and not score_all and self.bn_mode != "train"
+                  else None)
+        if subset is not None:
+            # rows are independent given the prompts (scoring runs BatchNorm on its running
+            # statistics): score the augmented rows only. With bn_mode="train" every row is scored, so
+            # that BatchNorm normalizes with the training batch's statistics (and a single augmented
+            # row is no batch of one), and the rows needed are kept.
+            g_aug = contrastive_scores(self.model, subset, self._prompts(), v, directions=self.directions,
                                        bn=self.bn_mode)
             return {d: g.new_zeros(batch, g.shape[1]).index_put_((aug.nonzero().flatten(),), g)
                     for d, g in g_aug.items()}

@@ -1,6 +1,7 @@
 """Finiteness of nested tensor structures (a leaf module: imports nothing from the package)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict, Iterable, List
 
 import torch
@@ -9,13 +10,13 @@ __all__ = ["tensor_leaves", "nonfinite"]
 
 
 def tensor_leaves(x) -> Iterable[torch.Tensor]:
-    """The tensors in ``x``: a tensor, or tuples/lists/dicts of them (other leaves are ignored)."""
+    """The tensors in ``x``: a tensor, or tuples/lists/mappings of them (other leaves are ignored)."""
     if torch.is_tensor(x):
         yield x
     elif isinstance(x, (tuple, list)):
         for t in x:
             yield from tensor_leaves(t)
-    elif isinstance(x, dict):
+    elif isinstance(x, Mapping):
         for t in x.values():
             yield from tensor_leaves(t)
 

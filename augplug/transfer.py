@@ -11,6 +11,7 @@ device syncs of a refiner call on CUDA).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ __all__ = ["to_device"]
 
 
 def to_device(x: Any, device: torch.device) -> Any:
-    """``x`` (a tensor, or tuples/lists/dicts of them; other leaves unchanged) on ``device``.
+    """``x`` (a tensor, or tuples/lists/dicts or other mappings of them; other leaves unchanged) on
+    ``device``.
 
     CPU tensors headed for CUDA are pinned (when not already) and copied asynchronously; the pinned
     block stays reserved until the copy has run, so the source may be dropped at once.
@@ -36,4 +38,7 @@ def to_device(x: Any, device: torch.device) -> Any:
         return type(x)(to_device(t, device) for t in x)
     if isinstance(x, dict):
         return {k: to_device(t, device) for k, t in x.items()}
+    if isinstance(x, Mapping):   # a tokenizer's BatchEncoding moves itself, keeping its type
+        move = getattr(x, "to", None)
+        return move(device) if callable(move) else {k: to_device(t, device) for k, t in x.items()}
     return x

@@ -257,6 +257,7 @@ def test_contrastive_options_that_would_be_ignored_or_misread_are_refused():
     with pytest.raises(ConfigurationError, match="list"):
         ContrastiveRefiner(img, txt, opt, val, score_params="image.1.weight")
     prompts = ClassEmbeddings(4, 8)
+    opt = torch.optim.SGD(list(img.parameters()) + list(prompts.parameters()), lr=0.1)
     labelled = [(torch.randn(6, 3, 4), torch.randint(0, 4, (6,)))]
     with pytest.raises(ConfigurationError, match="image_to_text"):
         ContrastiveRefiner(img, prompts, opt, labelled, class_prompts=torch.arange(4), directions=("text_to_image",))
