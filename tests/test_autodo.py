@@ -2,6 +2,7 @@
 lazy updates, resume, bad input, symmetric KL, reports."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -304,3 +305,33 @@ def test_a_batch_whose_rows_all_weigh_zero_trains_nothing():
         assert loss.item() == 0.0
         opt.step()
     assert all(torch.equal(before[k], p) for k, p in model.named_parameters())   # BatchNorm's statistics move
+
+
+def test_targets_that_leave_their_positions_label_warn_once():
+    """AutoDO learns a soft label per dataset position and does not read later targets: a batch-local
+    index= (every batch numbered 0..B-1) shows as targets that disagree with the label a position was
+    first seen with, and warns once; the documented loop (fixed positions) does not warn."""
+    x, y, val = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref = _refiner(model, opt, val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for s in range(2):   # the same positions with their own labels, twice
+            _step(model, opt, ref, x, y, torch.arange(8), s)
+    local = torch.arange(8)
+    with pytest.warns(RuntimeWarning, match="first seen with"):
+        loss = ref(model(ref.augment(x[8:16], local)), y[8:16], index=local)   # rows 8..15 numbered 0..7
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once
+        ref(model(ref.augment(x[16:24], local)), y[16:24], index=local).backward()
+
+
+def test_an_option_a_method_does_not_take_is_named_with_the_fix_to_leave_it_out():
+    _, _, val = _data()
+    model = _model()
+    with pytest.raises(ConfigurationError, match="does not use the option") as info:
+        AugmentationRefiner(model, None, val, method="autodo",
+                            method_options=dict(num_points=N, num_classes=C, weight_norm="batch"))
+    assert "leave them out" in info.value.fix

@@ -339,3 +339,14 @@ def test_a_failure_in_the_first_pass_of_a_persistent_worker_loader_equals_its_tw
     twin, _ = _persistent_run_with_a_failure(None)
     got, refused = _persistent_run_with_a_failure(tmp_path / "failed", fail_at)
     assert refused == 1 and got == twin
+
+
+@pytest.mark.parametrize("option", [dict(beta=math.nan), dict(threshold=math.nan), dict(gumbel="false"), dict(tau="1"),
+                                    dict(threshold=math.inf)], ids=["beta-nan", "threshold-nan", "gumbel-text",
+                                                                    "tau-text", "threshold-inf"])
+def test_the_functional_saflex_rule_checks_its_options_as_the_policy_does(option):
+    scores, targets = torch.randn(4, 3), torch.eye(3)[[0, 1, 2, 0]]
+    with pytest.raises(ConfigurationError):
+        saflex_targets(scores, targets, **option)
+    with pytest.raises(ConfigurationError):
+        SAflex(**option)

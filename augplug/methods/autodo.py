@@ -51,7 +51,7 @@ from torch import nn
 
 from ..augment.affine import DEFAULT_OPS, _check_images, check_ops, random_affine
 from ..distributed import world_size as dist_world_size
-from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from ..errors import ConfigurationError, NonFiniteError, ShapeError, warn_at_caller
 from ..finite import nonfinite
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
 from ..options import is_integer, is_real
@@ -237,6 +237,7 @@ class AutoDO(Policy):
         self._pending: List[tuple] = []
         self._augment_calls = 0
         self._undo: Optional[Dict[str, Any]] = None
+        self._warned_moved = False   # warned once about targets that left their position's label
         self.last_stats: Dict[str, Any] = {}
         #: hypergradients of the last hyper-step: "W" (B,), "S" (B, C), "A" (rows, gate (R, K), magnitude (R, K))
         self.last_hypergradients: Dict[str, Any] = {}
@@ -408,9 +409,21 @@ class AutoDO(Policy):
         self._augment_calls = 0
 
         # rows of this batch (copies; the tables change only at the end)
-        new = t.given_labels.index_select(0, idx) < 0
+        given = t.given_labels.index_select(0, idx)
+        new = given < 0
+        # a seen position whose targets now point elsewhere: a batch-local or shifted index= (or Mixup)
+        moved = (~new) & (given != y.argmax(-1))
+        any_new, any_moved = torch.stack([new.any(), moved.any()]).tolist()   # one device read
+        if any_moved and not self._warned_moved:
+            self._warned_moved = True
+            warn_at_caller(
+                f"AutoDO: {int(moved.sum())} row(s) of this batch carry a label other than the one their index= "
+                "position was first seen with; AutoDO trains each position toward the soft label it learned "
+                "for it and does not read the new targets. index= must be each sample's fixed position in the "
+                "training set (augplug.data.IndexedDataset), not its row in the batch; targets that change "
+                "from epoch to epoch (Mixup) are not AutoDO's input")
         lab_logits = t.label_logits.index_select(0, idx).clone()
-        if bool(new.any()):
+        if any_new:
             lab_logits[new] = smoothed_label_logits(y[new], self.label_smoothing)
         w_logits = t.weight_logits.index_select(0, idx).clone()
 

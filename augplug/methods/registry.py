@@ -68,7 +68,8 @@ def create_policy(name: str, **options: Any) -> Policy:
         raise ConfigurationError(
             f"method {name!r} does not use the option(s) {unused}" if unused else
             f"method {name!r} needs the option(s) {missing}, which were not given",
-            f"pass them in method_options; its options are {known}") from None
+            (f"leave them out: {name!r} takes only {known}" if unused else
+             f"pass them in method_options; its options are {known}")) from None
     return cls(**options)
 
 

@@ -124,6 +124,17 @@ def standardize(values: torch.Tensor, *, distributed: bool = False) -> torch.Ten
     return torch.where(std > 1e-12, (x - mean) / std.clamp_min(1e-12), torch.zeros_like(x)).to(values.dtype)
 
 
+def _check_types(beta, tau, weight_tau, threshold, gumbel) -> None:
+    """SAflex's numeric options are numbers (not NaN, not bools, not text) and ``gumbel`` a flag."""
+    for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
+        if not is_real(value):
+            raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
+                                     f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
+    if not is_flag(gumbel):
+        raise ConfigurationError(f"SAflex's gumbel must be True or False, got {gumbel!r}",
+                                 "pass gumbel=False (the default) or gumbel=True")
+
+
 def saflex_targets(
     scores: torch.Tensor,
     targets: torch.Tensor,
@@ -157,6 +168,7 @@ def saflex_targets(
     log-softmax outputs).
     """
     check_soft_pair(scores, targets)
+    _check_types(beta, tau, weight_tau, threshold, gumbel)
     if not 0 < tau < math.inf:
         raise ConfigurationError(f"tau must be a finite number > 0, got {tau}",
                                  "use a small positive tau for sharp labels")
@@ -165,6 +177,8 @@ def saflex_targets(
                                  "use a small positive weight_tau for sharp weights, or weighting='hard' / 'none'")
     if beta < 0:
         raise ConfigurationError(f"beta must be >= 0, got {beta}", "beta=0 relabels freely, larger keeps labels")
+    if not math.isfinite(threshold):
+        raise ConfigurationError(f"threshold must be a finite number, got {threshold}", "use threshold=0.0 (the paper)")
     weighting = "none" if weighting is None else weighting
     if weighting not in ("hard", "soft", "none"):
         raise ConfigurationError(f"weighting must be 'hard', 'soft' or 'none', got {weighting!r}",
@@ -235,13 +249,7 @@ class SAflex(Policy):
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
                  aug_weight="adaptive", strength="auto", pool=None):
-        for name, value in (("beta", beta), ("tau", tau), ("weight_tau", weight_tau), ("threshold", threshold)):
-            if not is_real(value):
-                raise ConfigurationError(f"SAflex's {name} must be a number, got {value!r}",
-                                         f"pass a float, e.g. {name}={SAFLEX_PAPER[name]}")
-        if not is_flag(gumbel):
-            raise ConfigurationError(f"SAflex's gumbel must be True or False, got {gumbel!r}",
-                                     "pass gumbel=False (the default) or gumbel=True")
+        _check_types(beta, tau, weight_tau, threshold, gumbel)   # the values: by saflex_targets below
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         weighting = "none" if weighting is None else weighting  # None: no per-sample weighting, as "none"
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
@@ -251,7 +259,7 @@ class SAflex(Policy):
         self.weight_signal = weight_signal
         # validate once, eagerly
         saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
-                       weighting=weighting, weight_tau=self.weight_tau, prior=prior, normalize=normalize,
+                       weighting=weighting, weight_tau=self.weight_tau, threshold=self.threshold, prior=prior, normalize=normalize,
                        weight_signal="likelihood" if weight_signal == "auto" else weight_signal,
                        log_probs=torch.zeros(1, 2))
         self._set_mixing(weight_norm, aug_weight, strength)
