@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ShapeError, UnsupportedHeadError, warn_at_caller
 
-__all__ = ["unwrap_model", "is_compiled", "find_classifier", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
+__all__ = ["unwrap_model", "is_compiled", "find_classifier", "check_closed_form_head", "tied_names", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
 
 def _wrapper_chain(model: nn.Module):
@@ -80,6 +80,52 @@ def _check_linear(name: str, head) -> None:
     raise UnsupportedHeadError(
         f"the classifier '{name}' is a {type(head).__name__}; last-layer mode needs an nn.Linear",
         "use mode='full', or pass the final nn.Linear as classifier=")
+
+
+#: ``nn.Linear`` subclasses whose ``forward`` is known to compute ``F.linear(input, weight, bias)`` (by the
+#: module and qualified name of the function): timm's ``Linear`` overrides it only to cast under TorchScript
+_PLAIN_LINEAR_FORWARDS = {("timm.layers.linear", "Linear.forward"), ("timm.models.layers.linear", "Linear.forward")}
+
+
+def _plain_forward(head: nn.Linear) -> bool:
+    """Whether ``head``'s forward is ``nn.Linear.forward`` or one known to compute the same."""
+    if "forward" in vars(head):   # a forward set on the instance
+        return False
+    fwd = type(head).forward
+    return fwd is nn.Linear.forward or (getattr(fwd, "__module__", None), getattr(fwd, "__qualname__", None)) in \
+        _PLAIN_LINEAR_FORWARDS
+
+
+def check_closed_form_head(name: str, head: nn.Module) -> None:
+    """Refuse a linear classifier whose output is not ``W a + b`` with ``W`` and ``b`` parameters the
+    optimizer steps, which last-layer (closed-form) scores assume: a parametrized head (weight norm,
+    spectral norm: the optimizer steps the parametrization's tensors, not ``W``) and an ``nn.Linear``
+    subclass with a forward of its own (a cosine / NormedLinear classifier). Raises
+    :class:`~augplug.errors.UnsupportedHeadError` naming ``mode='full'``."""
+    if not isinstance(head, nn.Linear):
+        return
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(head):
+        raise UnsupportedHeadError(
+            f"the classifier '{name}' is parametrized ({', '.join(head.parametrizations.keys())}: e.g. weight_norm "
+            f"or spectral_norm), so the optimizer steps the parametrization's tensors, not the weight that "
+            f"last-layer scores measure a step on",
+            "use mode='full' (scores through the parameters that train), or a plain nn.Linear classifier")
+    if not _plain_forward(head):
+        raise UnsupportedHeadError(
+            f"the classifier '{name}' is a {type(head).__name__}, an nn.Linear with a forward of its own (e.g. a "
+            f"cosine / normalized classifier), whose output last-layer scores cannot assume is weight @ a + bias",
+            "use mode='full' (scores through the model as it computes), or a plain nn.Linear classifier")
+
+
+def tied_names(model: nn.Module, name: str, head: nn.Module) -> List[str]:
+    """The names under which ``model`` holds the classifier's own parameters (``head``, at dotted
+    ``name``) elsewhere too: a weight tied to an embedding or another layer (``fc.weight =
+    other.weight``), whose other use last-layer scores do not see."""
+    own = {id(p) for p in head.parameters(recurse=False)}
+    prefix = f"{name}." if name else ""
+    return [n for n, p in unwrap_model(model).named_parameters(remove_duplicate=False)
+            if id(p) in own and not (n.startswith(prefix) and "." not in n[len(prefix):])]
 
 
 def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = None) -> Tuple[str, nn.Linear]:
@@ -353,9 +399,13 @@ class ActivationCapture:
         self.of_refiner = of_refiner
         self._features: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)   # the head's, per forward
+        #: each recorded output's version counter as its forward returned: a later in-place change of the
+        #: output (``z = fc(h); z /= T``) keeps its storage but not its values (_pick)
+        self._output_versions: Deque[Optional[int]] = deque(maxlen=max_chunks)
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
         self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
         self._model_nodes: Deque[Any] = deque(maxlen=max_chunks)   # their autograd nodes (_cat_order)
+        self._model_output_versions: Deque[Optional[int]] = deque(maxlen=max_chunks)   # as _output_versions
         self._replays: Deque[ForwardReplay] = deque(maxlen=max_chunks)
         self._forwards: Deque[_HeadForward] = deque(maxlen=max_chunks)   # beside _features
         #: forwards with a gradient hook whose backward pass may still come (kept across clear())
@@ -370,6 +420,8 @@ class ActivationCapture:
         self._input_open = False   # the pre-hook recorded an input whose forward has not returned yet
         self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
         self._value_checked = False  # compared once logits that are not the output tensor (_pick)
+        self._warned_values = False  # warned once that the logits are not the output (_warn_not_outputs)
+        self._value_checked_head, self._head_checked = False, None   # logits_are_head_outputs
         self._paused = 0
         self._handles = []
         self._head_hooked = head is not None
@@ -426,6 +478,7 @@ class ActivationCapture:
             h = args[0].detach()
             self._features.append(args[0] if self.keep_graph else h)
             self._outputs.append(output.detach() if isinstance(output, torch.Tensor) else None)
+            self._output_versions.append(output._version if isinstance(output, torch.Tensor) else None)
             record = _HeadForward(h, output.grad_fn if isinstance(output, torch.Tensor) else None)
             self._forwards.append(record)
             if self.track_gradients and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -438,6 +491,7 @@ class ActivationCapture:
             x = x.detach()
             self._inputs.append(x)
             self._model_outputs.append(None)
+            self._model_output_versions.append(None)
             self._model_nodes.append(None)
             self._input_open = True
             if self.record_replay:
@@ -449,6 +503,7 @@ class ActivationCapture:
             try:
                 out = output_logits(output)
                 self._model_outputs[-1], self._model_nodes[-1] = out.detach(), out.grad_fn
+                self._model_output_versions[-1] = out._version
             except ShapeError:   # no logits to match calls to forwards by; the scores say so if needed
                 pass
 
@@ -467,7 +522,8 @@ class ActivationCapture:
         as used by a refiner call, so that :meth:`other_gradients` does not count them."""
         # where model inputs are captured (full mode) the logits are the model's output, checked there
         out, start, end = self._pick(self._features, self._outputs, rows, logits,
-                                     [f.node for f in self._forwards], check_values=not self.captures_inputs)
+                                     [f.node for f in self._forwards], check_values=not self.captures_inputs,
+                                     versions=list(self._output_versions))
         if out is not None:
             for k in range(start, end):
                 self._forwards[k].used = True
@@ -487,7 +543,8 @@ class ActivationCapture:
     def inputs(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The model inputs of the last ``rows`` samples, or None; with ``logits``, those of the
         forward the logits come from (:meth:`_pick`)."""
-        return self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes))[0]
+        return self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes),
+                          versions=list(self._model_output_versions))[0]
 
     def replay(self, rows: int, logits: Optional[torch.Tensor] = None) -> Optional["ForwardReplay"]:
         """How to rerun the training forward that alone saw the ``rows`` rows (the one ``logits``
@@ -495,10 +552,12 @@ class ActivationCapture:
         captured, or the capture was not asked to ``record_replay``."""
         if not self.record_replay or not self._inputs:
             return None
-        out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes))
+        out, start, end = self._pick(self._inputs, self._model_outputs, rows, logits, list(self._model_nodes),
+                                     versions=list(self._model_output_versions))
         return self._replays[start] if out is not None and end - start == 1 else None
 
-    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor], nodes=None, check_values=True):
+    def _pick(self, chunks, outputs, rows: int, logits: Optional[torch.Tensor], nodes=None, check_values=True,
+              versions=None):
         """``(tensor, start, end)``: the recorded tensors of forwards ``start:end`` (concatenated),
         the forwards a call's ``rows`` rows come from; ``(None, 0, 0)`` when no run of recent
         forwards adds up to ``rows``.
@@ -512,12 +571,18 @@ class ActivationCapture:
         forwards would also have fitted (the choice is then a guess). Logits that are one
         ``torch.cat`` of recorded outputs are matched through the autograd graph first, in the order
         of the concatenation, whatever the order of the forwards (``nodes``: the outputs' graph nodes,
-        beside ``chunks``)."""
+        beside ``chunks``). An output found by storage whose version counter moved since its forward
+        (``versions``, beside ``chunks``) was changed in place after the forward (``z /= T``): it is the
+        forward the rows come from, but not its output's values, and ``check_values`` warns as for
+        logits computed out of place (reading the counter needs no device sync)."""
         n = len(chunks)
         if logits is not None:
             for k in range(n - 1, -1, -1):
                 o = outputs[k]
                 if o is not None and _same_tensor(o, logits):
+                    if check_values and versions is not None and len(versions) == n and \
+                            versions[k] is not None and o._version != versions[k]:
+                        self._warn_not_outputs()
                     return chunks[k], k, k + 1
             order = _cat_order(logits, nodes, chunks, rows) if nodes is not None and len(nodes) == n else None
             if order is not None:
@@ -561,6 +626,40 @@ class ActivationCapture:
         joined = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         if joined.numel() == target.numel() and torch.equal(joined.reshape(target.shape).to(target.dtype), target):
             return   # the output itself (a 1x1 convolution's, flattened)
+        self._warn_not_outputs()
+
+    def logits_are_head_outputs(self, rows: int, logits: torch.Tensor) -> bool:
+        """Whether ``logits`` are, row for row, the classifier's output of the forward(s) they come from
+        (full mode's closed-form calls, which assume it): by storage and version counter (no sync);
+        else by value once, and again after :meth:`recheck_values` (one device sync each). True when
+        nothing recorded tells."""
+        versions = list(self._output_versions)
+        out, start, end = self._pick(self._outputs, self._outputs, rows, logits,
+                                     [f.node for f in self._forwards], check_values=False, versions=versions)
+        if out is None or any(o is None for o in list(self._outputs)[start:end]):
+            return True
+        if _same_tensor(out, logits) and end - start == 1:
+            return versions[start] is None or out._version == versions[start]
+        if self._head_checked is None or not self._value_checked_head:
+            target = logits.detach()
+            self._value_checked_head = True
+            self._head_checked = (out.shape == target.shape and
+                                  torch.equal(out.to(target.dtype), target))
+        return self._head_checked
+
+    def recheck_values(self) -> None:
+        """Compare the logits with the classifier's output again at the next call that computes them
+        (:meth:`_check_logits_are_outputs`; a refresh calls this): a learnable scale after the head that
+        starts at 1 passes the first check and moves later. Still warns at most once."""
+        if not self._warned_values:
+            self._value_checked = False
+        self._value_checked_head = False
+
+    def _warn_not_outputs(self) -> None:
+        """Warn, once per capture, that the logits are not the output of their forward."""
+        if self._warned_values:
+            return
+        self._warned_values = True
         warn_at_caller(
             "the logits passed are not, row for row, the output of the forward they come from (the classifier's "
             "output; the model's in full mode): changed after it (e.g. divided by a temperature, normalized) or "
@@ -577,6 +676,8 @@ class ActivationCapture:
     def clear(self) -> None:
         self._features.clear()
         self._outputs.clear()
+        self._output_versions.clear()
+        self._model_output_versions.clear()
         self._forwards.clear()
         self._model_outputs.clear()
         self._model_nodes.clear()

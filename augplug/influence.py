@@ -48,7 +48,9 @@ The refiner policy built on the scorer, ``method="influence"``, is
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +59,66 @@ from torch import nn
 from .curvature import head_hessian, head_hvp
 from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
 from .ihvp import conjugate_gradient, explicit_solve, lissa, power_iteration
+from .options import is_integer, is_real
 from .scores import output_logits, scoring_mode
 
-__all__ = ["InfluenceScorer", "SOLVERS", "SCOPES"]
+__all__ = ["InfluenceScorer", "SOLVERS", "SCOPES", "check_solver_options"]
 
 SOLVERS = ("cg", "explicit", "lissa")
 SCOPES = ("last_layer", "full")
+
+
+def check_real_option(owner: str, name: str, value: Any, *, minimum: float, strict: bool, example: str,
+                      optional: bool = False) -> None:
+    """Raise a :class:`ConfigurationError` naming ``owner``'s option ``name`` unless ``value`` is a finite
+    number (numpy's included; not a bool, not text, not NaN or inf) above ``minimum`` (``strict``) or at
+    least ``minimum``; ``optional``: None is accepted too."""
+    if optional and value is None:
+        return
+    ok = is_real(value) and math.isfinite(float(value)) and (float(value) > minimum if strict
+                                                               else float(value) >= minimum)
+    if not ok:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ConfigurationError(f"{owner}'s {name} must be a finite number {bound}"
+                                 f"{' or None' if optional else ''}, got {value!r}", f"pass e.g. {name}={example}")
+
+
+def check_integer_option(owner: str, name: str, value: Any, *, minimum: int, example: str,
+                         optional: bool = False) -> None:
+    """Raise a :class:`ConfigurationError` naming ``owner``'s option ``name`` unless ``value`` is an integer
+    (numpy's included; not a bool, not a float, not text) of at least ``minimum``; ``optional``: None too."""
+    if optional and value is None:
+        return
+    if not (is_integer(value) and int(value) >= minimum):
+        raise ConfigurationError(f"{owner}'s {name} must be an integer >= {minimum}"
+                                 f"{' or None' if optional else ''} (not a bool), got {value!r}",
+                                 f"pass e.g. {name}={example}")
+
+
+def check_solver_options(owner: str, *, damping: Any, cg_iters: Any, cg_tol: Any, lissa_depth: Any,
+                         lissa_scale: Any) -> None:
+    """The numeric solver options shared by :class:`InfluenceScorer` and the influence policy."""
+    check_real_option(owner, "damping", damping, minimum=0.0, strict=True, example="1e-2 (1e-3 to 1e-1: the head "
+                      "Hessian is singular along the softmax shift, so damping must be > 0)")
+    check_integer_option(owner, "cg_iters", cg_iters, minimum=1, example="100")
+    check_real_option(owner, "cg_tol", cg_tol, minimum=0.0, strict=False, example="1e-8")
+    check_integer_option(owner, "lissa_depth", lissa_depth, minimum=1, example="1000")
+    check_real_option(owner, "lissa_scale", lissa_scale, minimum=0.0, strict=True, optional=True,
+                      example="None (1.1 times a power-iteration estimate of the largest eigenvalue of "
+                              "H + damping I), or a number above that eigenvalue")
+
+
+def _suggest_head_name(keys: Sequence[str], expected: Sequence[str]) -> Optional[str]:
+    """The ``head_name=`` under which a dict with ``keys`` has the scorer's ``expected`` parameters."""
+    names = [k.rsplit(".", 1)[-1] for k in expected]                  # "weight", "bias"
+    for key in keys:
+        if isinstance(key, str) and key.endswith("." + names[0]):
+            prefix = key[: -len(names[0]) - 1]
+            if all(f"{prefix}.{n}" in keys for n in names):
+                return prefix
+    if all(n in keys for n in names):
+        return "None"
+    return None
 
 
 class InfluenceScorer:
@@ -116,11 +172,13 @@ class InfluenceScorer:
             raise ConfigurationError(f"scope must be one of {SCOPES}, got {scope!r}", "use 'last_layer' or 'full'")
         if solver not in SOLVERS:
             raise ConfigurationError(f"solver must be one of {SOLVERS}, got {solver!r}", "use 'cg' (the default)")
-        if not damping > 0:
-            raise ConfigurationError(f"damping must be > 0, got {damping}",
-                                     "the head Hessian is singular along the softmax shift; use 1e-3 to 1e-1")
-        if int(cg_iters) < 1 or int(lissa_depth) < 1:
-            raise ConfigurationError("cg_iters and lissa_depth must be >= 1", "use e.g. cg_iters=100")
+        check_solver_options("InfluenceScorer", damping=damping, cg_iters=cg_iters, cg_tol=cg_tol,
+                             lissa_depth=lissa_depth, lissa_scale=lissa_scale)
+        check_integer_option("InfluenceScorer", "lissa_batch", lissa_batch, minimum=1, optional=True,
+                             example="None (exact products on all cached data) or a minibatch size such as 64")
+        if not (is_integer(seed) and -2 ** 63 <= int(seed) < 2 ** 64):   # torch.Generator.manual_seed's range
+            raise ConfigurationError(f"InfluenceScorer's seed must be an integer in [-2**63, 2**64) (not a bool), "
+                                     f"got {seed!r}", "pass e.g. seed=0")
         if curvature not in ("hessian", "gauss_newton"):
             raise ConfigurationError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}",
                                      "use 'gauss_newton' when the network's Hessian is indefinite")
@@ -146,7 +204,9 @@ class InfluenceScorer:
         self.head, self.head_name, self.model, self.scope = head, head_name, model, scope
         self.damping, self.solver = float(damping), solver
         self.cg_iters, self.cg_tol = int(cg_iters), float(cg_tol)
-        self.lissa_depth, self.lissa_scale, self.lissa_batch = int(lissa_depth), lissa_scale, lissa_batch
+        self.lissa_depth = int(lissa_depth)
+        self.lissa_scale = None if lissa_scale is None else float(lissa_scale)
+        self.lissa_batch = None if lissa_batch is None else int(lissa_batch)
         self.hvp_kind, self.curvature, self.bn, self.seed = hvp, curvature, bn, int(seed)
         self._features: Optional[torch.Tensor] = None
         self._probs: Optional[torch.Tensor] = None
@@ -417,12 +477,44 @@ class InfluenceScorer:
         elif data is not None:
             g = self.model_gradient(data) if self.scope == "full" else self._head_gradient_from_data(data)
         elif grad is not None:
-            g = {k: grad[k] for k in self.keys()}
+            g = self._pick(grad, "grad=")
         else:
-            g = {k: -direction[k] for k in self.keys()}
+            g = {k: -t for k, t in self._pick(direction, "direction=").items()}
         s = self.solve(g, x0=self._s_val)
         self._grad_val, self._s_val = {k: t.detach().clone() for k, t in g.items()}, s
         return s
+
+    def _pick(self, given: Any, what: str) -> Dict[str, torch.Tensor]:
+        """The scored parameters' entries of a parameter dict (``grad=`` / ``direction=``), checked:
+        a typed error names the keys found and expected (and, in last-layer scope, the ``head_name=``
+        that would match them) and any entry of the wrong shape."""
+        expected = self.keys()
+        if not isinstance(given, Mapping):
+            raise ConfigurationError(f"{what} must be a dict of tensors keyed {expected}, got {type(given).__name__}",
+                                     f"pass a dict with the keys {expected}")
+        missing = [k for k in expected if k not in given]
+        if missing:
+            found = list(given)
+            shown = found[:8] + (["..."] if len(found) > 8 else [])
+            problem = f"{what} has the keys {shown}, this scorer expects {expected} (it lacks {missing})"
+            hint = _suggest_head_name(found, expected) if self.scope == "last_layer" else None
+            if hint is not None:
+                raise ConfigurationError(
+                    problem + f": the scorer was built with head_name={self.head_name!r}",
+                    "build the scorer without head_name= (its keys are then 'weight'/'bias')" if hint == "None" else
+                    f"build the scorer with head_name={hint!r} (InfluenceScorer(head, head_name={hint!r})), the "
+                    f"classifier's name in the model, as the refiner's validation_direction keys it")
+            raise ConfigurationError(problem, f"pass a dict with the keys {expected}"
+                                     + (", or build the scorer with the head_name= of the dict's keys"
+                                        if self.scope == "last_layer" else ""))
+        shapes = self._shapes()
+        for k in expected:
+            t = given[k]
+            if not torch.is_tensor(t) or tuple(t.shape) != tuple(shapes[k]):
+                raise ShapeError(f"{what}'s {k!r} is {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}, "
+                                 f"the scored parameter has shape {tuple(shapes[k])}",
+                                 "pass the gradient or direction of this model's scored parameters")
+        return {k: given[k] for k in expected}
 
     def _head_gradient_from_data(self, data):
         raise ConfigurationError("data= needs scope='full'", "in last-layer scope pass features= and targets=")

@@ -26,7 +26,8 @@ from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_
 from .checks import validate
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
-from .heads import ActivationCapture, GradientSlot, find_classifier, is_compiled, other_captures, unwrap_model
+from .heads import (ActivationCapture, GradientSlot, check_closed_form_head, find_classifier, is_compiled,
+                    other_captures, tied_names, unwrap_model)
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .options import is_integer
@@ -332,6 +333,8 @@ class AugmentationRefiner(RefinerCore):
         if needs_features:
             try:
                 self.head_name, self.head = find_classifier(self.net, classifier)
+                if mode == "last_layer" and self.policy.needs_scores:   # closed-form scores assume W a + b
+                    check_closed_form_head(self.head_name, self.head)
             except UnsupportedHeadError as e:
                 if mode == "last_layer" or not getattr(self.policy, "needs_features", False):
                     raise
@@ -342,6 +345,12 @@ class AugmentationRefiner(RefinerCore):
                     "mode='full'") from e
             if mode == "last_layer" and self.policy.needs_scores:
                 self._warn_about_the_head(optimizer)
+                tied = tied_names(self.net, self.head_name, self.head)
+                if tied:
+                    _warn_at_caller(
+                        f"the classifier {self.head_name!r} shares its parameters with {', '.join(map(repr, tied))} "
+                        f"(tied weights): last-layer scores see only the classifier's use of them, not the other, "
+                        f"so they would be wrong. Use mode='full', which scores through every use exactly")
         self.isda = self._build_isda(isda)
         self._check_val_loader(val_loader)
         # the hooks come last, so that a rejected option leaves none behind
@@ -358,6 +367,7 @@ class AugmentationRefiner(RefinerCore):
         self._rest_loaded = None    # the rest's signal read from a state, for the next call
         self._last_call_step = None  # the update count at the last committed call (None: not known)
         self._second_calls, self._warned_second_call = 0, False   # see _note_second_call
+        self._closed_form_off = False   # closed-form calls stopped: the logits are not the head's output
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
         self._replay_forward = mode == "full" and bn_mode == "train" and not is_compiled(model)
@@ -436,6 +446,7 @@ class AugmentationRefiner(RefinerCore):
         quiet = schedule.model_scores_every == 1 and schedule.budget == "auto"
         try:
             head_name, head_module = find_classifier(self.net, classifier)
+            check_closed_form_head(head_name, head_module)   # the calls between passes use the closed form
         except UnsupportedHeadError as e:
             if schedule.model_scores_every > 1:   # the generic fix ("use mode='full'") does not apply here
                 raise UnsupportedHeadError(
@@ -618,8 +629,10 @@ class AugmentationRefiner(RefinerCore):
         # (it reads the user's validation loader, and syncs anyway), when ``index=`` / ``sources=``
         # index the policy's tables, with ISDA (its statistics update within the call), and in a
         # process group (every process agrees on the check at the same point of the call).
-        deferred = (world == 1 and index is None and sources is None and self.isda is None
-                    and not self.direction_is_due())
+        refreshes = self.direction_is_due()
+        deferred = (world == 1 and index is None and sources is None and self.isda is None and not refreshes)
+        if refreshes:   # a refresh syncs anyway: compare the logits with the head's output again (once more)
+            self._capture.recheck_values()
         if not deferred:
             self._reject_bad_values(problems, logits, targets, num_classes, batch)
         y = to_soft_targets(targets, num_classes, batch_size=batch, check_values=False).to(logits.device)
@@ -644,7 +657,15 @@ class AugmentationRefiner(RefinerCore):
         except BaseException:
             self.aug_weight = prior_share
             raise
-        ctx.closed_form = not self.model_scores_due()
+        ctx.closed_form = not self.model_scores_due() and not self._closed_form_off
+        if ctx.closed_form and self.mode != "last_layer" and not self._capture.logits_are_head_outputs(batch, logits):
+            # closed-form scores assume the logits are the head's output: score with the model from here on
+            ctx.closed_form, self._closed_form_off = False, True
+            _warn_at_caller(
+                f"the logits passed are not, row for row, the output of the classifier {self.head_name!r} (changed "
+                f"after it, e.g. by a temperature, or another head's): the closed-form scores between model score "
+                f"passes would be wrong, so every call now scores with the model (mode={self.mode!r}). Pass "
+                f"classifier= naming the head whose output the logits are, or drop the budget / model_scores_every")
         # the adaptive share scores the originals too: in the model-forward modes one pass over the
         # whole batch costs about what a pass over the augmented rows does (rows are independent
         # with BatchNorm in eval mode; with batch statistics each group keeps its own pass)
@@ -819,12 +840,18 @@ class AugmentationRefiner(RefinerCore):
             return int(weight.shape[0]), int(weight.shape[1])
         return None, None
 
+    def _scoring(self) -> Scoring:
+        """What the policy scores: the model, mode, classifier and scored parameters."""
+        if self._context_parts is not None:
+            return self._context_parts[0]
+        return Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
+                       head_name=self.head_name, capture=self._capture, params=self.score_params,
+                       replay_forward=self._replay_forward)
+
     def _context(self, logits, y, aug, active, **kw) -> RefineContext:
         """The per-call context a policy works from: what it needs, passed in."""
         if self._context_parts is None:  # fixed for the refiner's life: built on the first call
-            scoring = Scoring(net=self.net, mode=self.mode, bn_mode=self.bn_mode, head=self.head,
-                              head_name=self.head_name, capture=self._capture, params=self.score_params,
-                              replay_forward=self._replay_forward)
+            scoring = self._scoring()
             validation = ValidationSource(is_due=self.direction_is_due, compute=self._compute_validation_direction,
                                           current=lambda: self.validation_direction,
                                           halves=lambda: self.half_directions, loss=lambda: self.val_loss)
@@ -1130,6 +1157,9 @@ class AugmentationRefiner(RefinerCore):
         if strength is not None:
             self.strength.check_state(strength)
         if policy is not None:
+            set_scoring = getattr(self.policy, "set_scoring", None)
+            if set_scoring is not None:   # a policy that checks a state against what it scores (influence)
+                set_scoring(self._scoring(), self._head_shape()[0])
             self.policy.check_state(policy)
         if isda is not None:
             self.isda.check_state_dict(isda)

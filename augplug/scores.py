@@ -27,7 +27,9 @@ per-sample shift ``(p^T g_logit) 1`` that changes the sign test ``y^T g >= 0``.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -325,12 +327,51 @@ def last_layer_scores(
     v_weight: torch.Tensor,
     v_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Closed-form ``g`` (B, C) for ``z = W a + b``: ``u = V_W a + v_b``, ``g = u - (p^T u) 1``."""
+    """Closed-form ``g`` (B, C) for ``z = W a + b``: ``u = V_W a + v_b``, ``g = u - (p^T u) 1``.
+
+    ``features``: what the head received, one row per sample (flattened per row); ``logits``: what it
+    returned, ``(B, C)``; ``v_weight`` ``(C, A)`` and ``v_bias`` ``(C,)``: the direction's head entries.
+    Mismatched shapes raise :class:`~augplug.errors.ShapeError` (shapes only: no device sync)."""
+    _check_last_layer_shapes(features, logits, v_weight, v_bias)
     u = features.flatten(1).float() @ v_weight.float().t()
     if v_bias is not None:
         u = u + v_bias.float()
     p = torch.softmax(logits.detach().float(), -1)
     return u - (p * u).sum(-1, keepdim=True)
+
+
+def _check_last_layer_shapes(features, logits, v_weight, v_bias) -> None:
+    """A :class:`ShapeError` unless the shapes of :func:`last_layer_scores`' arguments fit together
+    (Python comparisons of shapes only)."""
+    for name, t in (("features", features), ("logits", logits), ("the direction's head weight", v_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"last-layer scores need {name} as a tensor, got {type(t).__name__}",
+                             "pass the classifier's input features, the logits and validation_gradient's direction")
+    if v_weight.dim() != 2 or logits.dim() != 2 or logits.shape[1] != v_weight.shape[0]:
+        raise ShapeError(f"the direction's head weight has shape {tuple(v_weight.shape)} but the logits have shape "
+                         f"{tuple(logits.shape)}: the head must map features to the logits' classes",
+                         "pass head_name= of the final linear layer (the one that returns the logits) and its logits")
+    if features.dim() < 2 or features.shape[0] != logits.shape[0] \
+            or math.prod(features.shape[1:]) != v_weight.shape[1]:
+        raise ShapeError(f"features of shape {tuple(features.shape)} do not fit the head: it takes "
+                         f"{v_weight.shape[1]} inputs per row and the logits have {logits.shape[0]} rows",
+                         "pass what the classifier received for these rows (e.g. from a forward hook on the head), "
+                         "one row per logits row")
+    if v_bias is not None and (not isinstance(v_bias, torch.Tensor) or tuple(v_bias.shape) != (v_weight.shape[0],)):
+        raise ShapeError(f"the direction's head bias must have shape ({v_weight.shape[0]},), got "
+                         f"{tuple(v_bias.shape) if isinstance(v_bias, torch.Tensor) else type(v_bias).__name__}",
+                         "pass the direction validation_gradient returned for this head")
+
+
+def _as_direction(v) -> Dict[str, torch.Tensor]:
+    """``v`` as a ``name -> tangent`` mapping: a :class:`GradSum` gives its ``direction()``; anything else
+    that is not a mapping is a :class:`ConfigurationError` (type checks only)."""
+    if isinstance(v, GradSum):
+        return v.direction()
+    if not isinstance(v, Mapping):
+        raise ConfigurationError(f"the validation direction v must be a dict name -> tensor, got {type(v).__name__}",
+                                 "pass validation_gradient(...).direction() (or the GradSum itself)")
+    return v
 
 
 class ForwardModeUnsupportedError(UnsupportedModelError):
@@ -348,10 +389,13 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
     """``g`` (B, C) by one forward-mode pass through the whole model with tangent ``v``.
 
     ``v`` maps parameter names of the unwrapped model to tangents; parameters not in ``v`` get a
-    zero tangent. The pass runs in fp32 with autocast switched off: autocast's cast of a dual weight
-    does not carry the tangent, so mixed precision is not used for the forward-mode pass.
+    zero tangent, and every parameter named in ``v`` gets its tangent, frozen ones
+    (``requires_grad=False``) included. The pass runs in fp32 with autocast switched off: autocast's
+    cast of a dual weight does not carry the tangent, so mixed precision is not used for the
+    forward-mode pass. A :class:`GradSum` is taken as its ``direction()``.
     """
     net = unwrap_model(model)
+    v = _as_direction(v)
     device_type = inputs.device.type if torch.is_tensor(inputs) else "cpu"
     with forward_mode_duals(net, v, bn=bn, device_type=device_type,
                             fix="compute the validation gradient on this model") as duals:
@@ -505,15 +549,32 @@ def finite_difference_scores(
 
 
 def double_backward_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str = "eval") -> torch.Tensor:
-    """``g`` (B, C) by reverse-over-reverse differentiation (fallback for layers without forward AD)."""
+    """``g`` (B, C) by reverse-over-reverse differentiation (fallback for layers without forward AD).
+
+    The same quantity as :func:`full_scores`, ``J(x) v`` over every parameter named in ``v``: a frozen
+    parameter (``requires_grad=False``) that ``v`` covers is differentiated through a detached copy
+    that requires grad, passed by ``functional_call`` (its ``requires_grad`` flag is never changed).
+    A :class:`ConfigurationError` names parameters ``v`` has that the model lacks; a :class:`GradSum`
+    is taken as its ``direction()``.
+    """
     net = unwrap_model(model)
-    named = dict(net.named_parameters(remove_duplicate=False))   # a tied weight under each of its names
-    names = [n for n in v if named[n].requires_grad]
+    v = _as_direction(v)
+    named = _parameters_named_in(net, v, "compute the validation gradient on this model")  # tied: each name
+    names = list(v)
+    # frozen parameters named in v: a leaf per tensor (tied names share it), passed to functional_call
+    leaves: Dict[int, torch.Tensor] = {}
+    frozen = {n: leaves.setdefault(id(named[n]), named[n].detach().requires_grad_())
+              for n in names if not named[n].requires_grad}
+    wrt = [frozen.get(n, named[n]) for n in names]
     with torch.enable_grad(), scoring_mode(net, bn):
-        logp = F.log_softmax(_forward_logits(net, inputs).float(), -1)
+        if frozen:
+            with preserved_parameters(net):
+                out = functional_call(net, frozen, (inputs,), strict=False)
+            logp = F.log_softmax(output_logits(out).float(), -1)
+        else:
+            logp = F.log_softmax(_forward_logits(net, inputs).float(), -1)
         zeta = torch.zeros_like(logp, requires_grad=True)
-        u = torch.autograd.grad((zeta * logp).sum(), [named[n] for n in names],
-                                create_graph=True, allow_unused=True)
+        u = torch.autograd.grad((zeta * logp).sum(), wrt, create_graph=True, allow_unused=True)
         dot = sum((ui.float() * v[n].float()).sum() for n, ui in zip(names, u) if ui is not None)
         if not torch.is_tensor(dot) or not dot.requires_grad:
             return torch.zeros_like(logp).detach()
@@ -540,16 +601,24 @@ def class_scores(
     ``mode="full"``/``"double_backward"`` need ``inputs``; ``"last_layer"`` needs the classifier's
     input ``features``, the ``logits`` and ``head_name`` (to read ``v[head_name + '.weight']``);
     ``"auto"`` tries ``"full"`` and falls back to ``"double_backward"`` when an operation has no
-    forward-mode derivative.
+    forward-mode derivative (the two give the same numbers, frozen parameters named in ``v`` included).
+    ``v``: the direction (``name -> tensor``), or the :class:`GradSum` whose ``direction()`` it is.
     """
     if v is None:
         raise ConfigurationError("class_scores needs the validation direction v",
                                  "compute it with validation_gradient(...).direction()")
+    v = _as_direction(v)
     if mode == "last_layer":
         if features is None or logits is None or head_name is None:
             raise ConfigurationError("last-layer scores need features=, logits= and head_name=",
                                      "pass the classifier's input features and the logits")
-        return last_layer_scores(features, logits, v[f"{head_name}.weight"], v.get(f"{head_name}.bias"))
+        v_weight = v.get(f"{head_name}.weight")
+        if v_weight is None:
+            raise ConfigurationError(
+                f"the validation direction has no entry {head_name + '.weight'!r} for head_name={head_name!r} "
+                f"(it has {sorted(v)[:4]})",
+                "pass head_name= the classifier's name in the model, as given to validation_gradient(head_name=)")
+        return last_layer_scores(features, logits, v_weight, v.get(f"{head_name}.bias"))
     if inputs is None:
         raise ConfigurationError(f"mode={mode!r} needs the model inputs",
                                  "pass inputs= (the batch fed to the model)")

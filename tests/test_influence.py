@@ -18,6 +18,7 @@ from augplug.influence import InfluenceScorer
 from augplug.methods.influence import InfluencePolicy, influence_weights, pair_rows
 from augplug.models import MLP
 from augplug.scores import last_layer_scores
+from fault_harness import same as _same
 
 DT = torch.float64
 
@@ -357,23 +358,6 @@ def test_pair_rows_layouts_and_errors():
     with pytest.raises(ConfigurationError):
         pair_rows(aug, pairing="index")
     assert pair_rows(aug, pairing="none") is None
-
-
-def _same(a, b, path="state"):
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
-            _same(u, v, f"{path}[{i}]")
-    elif isinstance(a, float) and a != a:
-        assert b != b, path
-    else:
-        assert a == b, path
 
 
 @pytest.mark.parametrize("bad", ["count", "index"])

@@ -1,5 +1,6 @@
 """Class scores g from each mode against brute-force per-sample gradient dot products."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -213,6 +214,47 @@ def test_full_scores_keep_shared_submodules_trainable():
     assert model[0].weight is lin.weight and model[2].weight is lin.weight
     torch.testing.assert_close(g, double_backward_scores(model, x, v), rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("mode,act", [("double_backward", "tanh"), ("double_backward", "swish"), ("auto", "swish")])
+def test_frozen_parameters_that_v_covers_count_in_every_mode(mode, act):
+    """v computed before the body was frozen (a fine-tuning stage): every mode gives J(x) v over every
+    parameter v names, as the scores are defined; double backward dropped the frozen ones (0.037 off
+    a largest score of 0.39), so mode='auto' changed the numbers when it fell back. No flag changes."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh() if act == "tanh" else _Swish(), nn.Linear(5, C)).double()
+    xv, yv = torch.randn(12, 6, dtype=torch.double), F.one_hot(torch.arange(12) % C, C).double()
+    v = _direction(m, xv, yv)
+    x = torch.randn(4, 6, dtype=torch.double)
+    oracle = loop_class_scores(m, x, v, C)   # J(x) v, by autograd while every parameter is trainable
+    head_only = loop_class_scores(m, x, {k: v[k] for k in ("2.weight", "2.bias")}, C)
+    assert rel_err(head_only, oracle) > 1e-2     # the frozen layer's part is not negligible here
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # auto's fallback warning
+        g = AF.class_scores(m, x, v, mode=mode)
+    assert [p.requires_grad for p in m.parameters()] == [False, False, True, True]
+    assert all(isinstance(p, nn.Parameter) and p.grad is None for p in m.parameters())
+    assert rel_err(g, oracle) <= 1e-4
+    if act == "tanh":   # and forward mode agrees, so mode='auto' gives the same numbers either way
+        assert rel_err(AF.class_scores(m, x, v, mode="full"), oracle) <= 1e-4
+
+
+def test_double_backward_with_a_frozen_tied_layer_matches_full():
+    from augplug.scores import double_backward_scores, full_scores
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    lin.requires_grad_(False)
+    x = torch.randn(5, 4)
+    g = double_backward_scores(model, x, v)
+    assert model[0].weight is lin.weight and model[2].weight is lin.weight
+    assert isinstance(lin.weight, nn.Parameter) and not lin.weight.requires_grad
+    assert g.abs().max() > 0.1
+    torch.testing.assert_close(g, full_scores(model, x, v), rtol=1e-4, atol=1e-6)
 
 def test_grad_sums_matches_autograd_and_fills_unused_with_zeros():
     from augplug.scores import grad_sums

@@ -12,7 +12,7 @@ re-exported here (their homes: :mod:`augplug.influence`, :mod:`augplug.ihvp`, :m
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,9 +21,9 @@ from ..curvature import head_hessian, head_hvp
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ..finite import nonfinite
 from ..ihvp import conjugate_gradient, lissa
-from ..influence import InfluenceScorer
+from ..influence import InfluenceScorer, check_integer_option, check_real_option, check_solver_options
 from ..options import is_real
-from .base import Policy, RefineContext
+from .base import Policy, RefineContext, Scoring
 
 __all__ = [
     "conjugate_gradient",
@@ -52,8 +52,11 @@ def influence_weights(scores: torch.Tensor, *, weighting: str = "soft", temperat
                                  "use 'soft' (the default)")
     if normalize not in (None, "none", "rms"):
         raise ConfigurationError(f"normalize must be 'rms' or None, got {normalize!r}", "use 'rms'")
-    if not temperature > 0:
-        raise ConfigurationError(f"temperature must be > 0, got {temperature}", "use 1.0")
+    check_real_option("influence_weights", "temperature", temperature, minimum=0.0, strict=True, example="1.0")
+    if threshold is not None and not is_real(threshold):
+        raise ConfigurationError(f"influence_weights' threshold must be a number or None, got {threshold!r}",
+                                 "pass a float in the normalized score units, e.g. threshold=0.0, or None "
+                                 "(no filter)")
     s = scores.detach().float()
     if normalize == "rms" and s.numel():
         s = s / s.pow(2).mean().sqrt().clamp_min(1e-30)
@@ -163,22 +166,29 @@ class InfluencePolicy(Policy):
                  weighting: str = "soft", temperature: float = 1.0, normalize: Optional[str] = "rms",
                  threshold: Optional[float] = None, buffer_size: int = 2048, buffer_batches: int = 2,
                  curvature: str = "gauss_newton"):
-        if int(buffer_size) < 1 or int(buffer_batches) < 1:
-            raise ConfigurationError("buffer_size and buffer_batches must be >= 1", "use buffer_size=2048")
-        if pairing not in ("auto", "position", "index", "none"):
-            raise ConfigurationError(f"pairing must be 'auto', 'position', 'index' or 'none', got {pairing!r}",
-                                     "use 'auto'")
-        if threshold is not None and not is_real(threshold):
+        # every numeric option is checked here, before anything runs (a NaN or a bool would reach the
+        # solve at the first refresh, and a NaN weight the model's step)
+        owner = "the influence policy"
+        check_solver_options(owner, damping=damping, cg_iters=cg_iters, cg_tol=cg_tol, lissa_depth=lissa_depth,
+                             lissa_scale=lissa_scale)
+        check_real_option(owner, "temperature", temperature, minimum=0.0, strict=True, example="1.0")
+        if threshold is not None and not is_real(threshold):   # -inf: no filter, as None
             raise ConfigurationError(f"the influence policy's threshold must be a number or None, got {threshold!r}",
                                      "pass a float in the normalized score units, e.g. threshold=0.0, or None "
                                      "(no filter)")
+        check_integer_option(owner, "buffer_size", buffer_size, minimum=1, example="2048")
+        check_integer_option(owner, "buffer_batches", buffer_batches, minimum=1, example="2")
+        if pairing not in ("auto", "position", "index", "none"):
+            raise ConfigurationError(f"pairing must be 'auto', 'position', 'index' or 'none', got {pairing!r}",
+                                     "use 'auto'")
         influence_weights(torch.zeros(1), weighting=weighting, temperature=temperature, normalize=normalize)
         # validate the solver options once with a throwaway head
         InfluenceScorer(nn.Linear(1, 2), damping=damping, solver=solver, cg_iters=cg_iters, cg_tol=cg_tol,
                         lissa_depth=lissa_depth, lissa_scale=lissa_scale, curvature=curvature)
         self.curvature = curvature
         self.solver_options = dict(damping=float(damping), solver=solver, cg_iters=int(cg_iters), cg_tol=float(cg_tol),
-                                   lissa_depth=int(lissa_depth), lissa_scale=lissa_scale)
+                                   lissa_depth=int(lissa_depth),
+                                   lissa_scale=None if lissa_scale is None else float(lissa_scale))
         self.pairing = pairing
         self.weighting, self.temperature, self.normalize = weighting, float(temperature), normalize
         self.threshold = None if threshold is None else float(threshold)
@@ -189,6 +199,68 @@ class InfluencePolicy(Policy):
         self._u_step = -1
         self.last_influence: Optional[torch.Tensor] = None
         self.solve_info: Dict[str, float] = {}
+        # what the policy scores, learned at its calls (set_scoring): a state is checked against it
+        self._scoring: Optional[Scoring] = None
+        self._classes: Optional[int] = None
+        self._unchecked = False     # the state was loaded before the policy knew the model: checked next call
+
+    def set_scoring(self, scoring: Scoring, num_classes: Optional[int] = None) -> None:
+        """Tell the policy what it scores (the refiner's :class:`~augplug.methods.base.Scoring`: the
+        classifier, mode and scored parameters; and the number of classes). :meth:`refine` does on every
+        call; from then on :meth:`check_state` refuses, before anything is loaded, a state saved for
+        another model (a buffer of another feature width, a direction ``u`` over other parameters or of
+        other shapes, curvature batches of another number of classes). A refiner that calls it before
+        loading gets that check for a policy that has not run yet, too."""
+        self._scoring = scoring
+        if num_classes is not None:
+            self._classes = int(num_classes)
+
+    def _layout(self) -> Optional[Dict[str, Any]]:
+        """Feature width, classes and ``u``'s names and shapes of what the policy scores (None: not known)."""
+        scoring = self._scoring
+        if scoring is None:
+            return None
+        head = scoring.head
+        linear = isinstance(head, nn.Linear)
+        classes = self._classes if self._classes is not None else (int(head.out_features) if linear else None)
+        if scoring.mode == "last_layer":
+            u = None
+            if linear:
+                pre = f"{scoring.head_name}." if scoring.head_name else ""
+                u = {pre + "weight": tuple(head.weight.shape)}
+                if head.bias is not None:
+                    u[pre + "bias"] = tuple(head.bias.shape)
+        else:
+            u = {n: tuple(p.shape) for n, p in scoring.params().items()}
+        return {"width": int(head.in_features) if linear else None, "classes": classes, "u": u}
+
+    def _layout_problem(self, buffer, batches, u, holder: str) -> Optional[Exception]:
+        """The first way a buffer / curvature batches / ``u`` do not fit what this policy scores, as
+        the error to raise (None when they fit, or while the policy does not know what it scores)."""
+        lay = self._layout()
+        if lay is None:
+            return None
+        fix = ("load a state saved by a refiner with the same model (classifier width, number of classes, "
+               "mode and scored parameters), or leave the refiner's state out and start afresh")
+        if buffer is not None and lay["width"] is not None and buffer.shape[1] != lay["width"]:
+            return ShapeError(f"{holder} a feature buffer of {buffer.shape[1]} features per row, but this model's "
+                              f"classifier takes {lay['width']} (a state saved with another model?)", fix)
+        if lay["classes"] is not None:
+            for i, (x, t) in enumerate(batches):
+                if t.dim() != 2 or t.shape[1] != lay["classes"] or x.dim() == 0 or x.shape[0] != t.shape[0]:
+                    return ShapeError(f"{holder} curvature batch {i} with inputs {tuple(x.shape)} and targets "
+                                      f"{tuple(t.shape)}; this model has {lay['classes']} classes, so the targets "
+                                      f"must be (rows, {lay['classes']}), one row per input", fix)
+        if u is not None and lay["u"] is not None:
+            if set(u) != set(lay["u"]):
+                return ConfigurationError(f"{holder} a direction u over {sorted(u)}, but this refiner scores "
+                                          f"{sorted(lay['u'])} (a state saved with another model or mode?)", fix)
+            bad = [k for k in u if tuple(u[k].shape) != lay["u"][k]]
+            if bad:
+                k = bad[0]
+                return ShapeError(f"{holder} a direction u whose {k!r} has shape {tuple(u[k].shape)}, this "
+                                  f"model's is {lay['u'][k]} (another number of classes or features?)", fix)
+        return None
 
     @property
     def direction(self) -> Optional[Dict[str, torch.Tensor]]:
@@ -215,6 +287,13 @@ class InfluencePolicy(Policy):
 
     def refine(self, ctx: RefineContext):
         self._undo = tuple(getattr(self, name) for name in self._STATE)  # attributes are replaced, never mutated
+        self.set_scoring(ctx.scoring, ctx.num_classes)
+        if self._unchecked:   # a state loaded before the policy knew the model: checked now, before anything runs
+            problem = self._layout_problem(self._buffer, self._batches, self._u,
+                                           "the influence policy's state (loaded before its first call) holds")
+            if problem is not None:
+                raise problem
+            self._unchecked = False
         y, aug = ctx.targets, ctx.augmented
         B, C = ctx.batch, ctx.num_classes
         weights = torch.ones(B, dtype=torch.float32, device=y.device)
@@ -280,23 +359,29 @@ class InfluencePolicy(Policy):
         }
 
     def check_state(self, state: object) -> None:
-        """Raise (changing nothing) unless ``state`` is a complete, finite influence-policy state."""
+        """Raise (changing nothing) unless ``state`` is a complete, finite influence-policy state that
+        fits what this policy scores (buffer width, classes, ``u``'s names and shapes), once it knows
+        that (:meth:`set_scoring`; a state loaded before is checked at the next call)."""
         keys = {"buffer", "batches", "u", "u_step"}
         if not isinstance(state, dict) or set(state) != keys:
             raise ConfigurationError("influence policy state has the wrong keys",
                                      "load a state saved by InfluencePolicy.state_dict()")
         buf = state["buffer"]
-        if buf is not None and (not torch.is_tensor(buf) or buf.dim() != 2):
+        if buf is not None and (not torch.is_tensor(buf) or buf.dim() != 2 or not buf.is_floating_point()):
             raise ShapeError("influence policy buffer must be a 2-D tensor", "load a state saved by this policy")
         batches, u = state["batches"], state["u"]
         if not isinstance(batches, list) or not all(isinstance(b, (tuple, list)) and len(b) == 2 and
                                                     all(torch.is_tensor(t) for t in b) for b in batches):
             raise ConfigurationError("influence policy 'batches' must be a list of (inputs, targets) tensor pairs",
                                      "load a state saved by this policy")
-        if u is not None and (not isinstance(u, dict) or not all(torch.is_tensor(t) for t in u.values())):
+        if u is not None and (not isinstance(u, dict) or not all(isinstance(k, str) and torch.is_tensor(t)
+                                                                 for k, t in u.items())):
             raise ConfigurationError("influence policy 'u' must be a dict of tensors", "load a state saved by this policy")
-        if not isinstance(state["u_step"], int):
+        if not isinstance(state["u_step"], int) or isinstance(state["u_step"], bool):
             raise ConfigurationError("influence policy 'u_step' must be an int", "load a state saved by this policy")
+        problem = self._layout_problem(buf, batches, u, "the influence policy state holds")
+        if problem is not None:
+            raise problem
         if nonfinite(buf, batches, u):
             raise NonFiniteError("the influence policy state holds NaN/inf", "load an intact checkpoint")
 
@@ -308,6 +393,7 @@ class InfluencePolicy(Policy):
         self._u = None if state["u"] is None else {k: t.clone() for k, t in state["u"].items()}
         self._u_step = int(state["u_step"])
         self._undo = None
+        self._unchecked = self._scoring is None   # check_state could not check it against the model
 
     def extra_repr(self) -> str:
         o = self.solver_options
