@@ -67,8 +67,11 @@ def _check_linear(name: str, head) -> None:
         return
     if isinstance(head, (tuple, list)):
         raise UnsupportedHeadError(
-            f"the model has {len(head)} classifier heads (a distilled model such as DeiT/LeViT-distilled)",
-            "pass the head to score as classifier=model.head (for example), or use mode='full'")
+            f"the model has {len(head)} classifier heads (a distilled model such as DeiT/LeViT-distilled), whose "
+            f"outputs its forward combines (timm averages them in training too)",
+            "use mode='full', which scores the logits as the model computes them; name one head with classifier= "
+            "only where the logits passed are that head's output alone (timm: model.set_distilled_training(True), "
+            "and the first of the outputs)")
     if isinstance(head, nn.Identity):
         raise UnsupportedHeadError(
             f"the classifier '{name}' is nn.Identity (the model was built with num_classes=0)",
@@ -77,6 +80,19 @@ def _check_linear(name: str, head) -> None:
         raise UnsupportedHeadError(
             f"the classifier '{name}' is a Conv2d; last-layer mode needs an nn.Linear",
             "use mode='full' (forward-mode scores through the whole model), or replace the 1x1 conv by nn.Linear")
+    if isinstance(head, nn.Sequential):
+        inner = [(f"{name}.{n}" if name else n, m) for n, m in head.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if inner and isinstance(inner[-1][1], nn.Conv2d):
+            raise UnsupportedHeadError(
+                f"the classifier '{name}' is a Sequential whose last classifying layer '{inner[-1][0]}' is a "
+                f"Conv2d; last-layer mode needs an nn.Linear",
+                "use mode='full' (forward-mode scores through the whole model)")
+        if inner:
+            raise UnsupportedHeadError(
+                f"the classifier '{name}' is a Sequential with modules after its last nn.Linear '{inner[-1][0]}'; "
+                f"last-layer mode needs the layer whose output is the logits",
+                f"pass classifier='{inner[-1][0]}' if its output is the logits unchanged, else use mode='full'")
     raise UnsupportedHeadError(
         f"the classifier '{name}' is a {type(head).__name__}; last-layer mode needs an nn.Linear",
         "use mode='full', or pass the final nn.Linear as classifier=")
@@ -152,6 +168,13 @@ def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = 
     head = _known_head(model)
     if head is None:
         found = _heads_in_children(model)
+        own = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
+        if found and own:   # a wrapper's own linear layer beside a backbone's head: either may give the logits
+            raise UnsupportedHeadError(
+                f"{type(model).__name__} has linear layers of its own ({', '.join(own)}) beside the head of a "
+                f"submodule ({', '.join(n for n, _ in found)}), and the refiner cannot tell which one produces "
+                f"the logits",
+                f"pass the layer whose output is the logits as classifier= (e.g. classifier='{own[-1]}')")
         if len(found) == 1:
             name, head = found[0]
             return name, head
@@ -165,6 +188,13 @@ def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = 
             "pass classifier=<the final nn.Linear module or its name>, or use mode='full'")
     name = _name_of(model, head)
     _check_linear(name, head)
+    aux = getattr(model, "aux_head", None)
+    if isinstance(aux, nn.Linear) and aux is not head:   # timm's VOLO: logits = head + 0.5 max_tokens aux_head
+        raise UnsupportedHeadError(
+            f"{type(model).__name__} adds the output of an auxiliary head ('{_name_of(model, aux)}', over every "
+            f"token) to the output of its classifier '{name}', so the logits are not one linear layer's output",
+            "use mode='full', which scores the logits as the model computes them (or build the model without "
+            "the auxiliary head: timm's use_aux_head=False)")
     return name, head
 
 
@@ -178,6 +208,7 @@ def _known_head(model: nn.Module):
             _check_linear("get_classifier()", head)
         if head is not None:
             return head
+    named = []
     for attr in ("fc", "classifier", "head"):
         cand = getattr(model, attr, None)
         if isinstance(cand, nn.Sequential) and len(cand) and isinstance(cand[-1], nn.Linear):
@@ -185,7 +216,17 @@ def _known_head(model: nn.Module):
         elif isinstance(cand, nn.Module) and not isinstance(cand, nn.Linear) and isinstance(getattr(cand, "fc", None), nn.Linear):
             cand = cand.fc
         if isinstance(cand, nn.Module):
-            return cand
+            named.append((attr, cand))
+    linear = [(a, c) for i, (a, c) in enumerate(named)
+              if isinstance(c, nn.Linear) and all(c is not d for _, d in named[:i])]
+    if len(linear) > 1:   # e.g. a main head and an auxiliary (deep-supervision) one: a guess would be silent
+        names = ", ".join(f"'{_name_of(model, c)}'" for _, c in linear)
+        raise UnsupportedHeadError(
+            f"{type(model).__name__} has {len(linear)} linear layers named as a classifier head ({names}), and "
+            f"the refiner cannot tell which one produces the logits",
+            f"pass the head whose output is the logits as classifier= (e.g. classifier='{_name_of(model, linear[0][1])}')")
+    if named:
+        return named[0][1]
     if isinstance(model, nn.Sequential) and len(model):
         return model[-1]
     return None
@@ -223,8 +264,9 @@ def output_logits(out) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ShapeError(f"the model's forward returned a {type(out).__name__}, in which the refiner finds no "
                          "logits (a tensor, the first element of a tuple, or a 'logits' entry or attribute)",
-                         "return the logits, or put them under the key or attribute 'logits'; or use "
-                         "mode='last_layer', which reads only the classifier")
+                         "return the logits, or put them under the key or attribute 'logits' (a multi-task "
+                         "model: build the refiner on a small nn.Module whose forward returns the one task's "
+                         "logits, or use mode='last_layer' with classifier= naming that task's head)")
     return out
 
 

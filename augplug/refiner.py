@@ -325,6 +325,11 @@ class AugmentationRefiner(RefinerCore):
 
         self.head_name, self.head = None, None   # found below, where the refiner reads the classifier
         alternate = self._alternates_scores(schedule, scores_rows, classifier)
+        # the default budget found the head on its own: a head that turns out not to give the logits (a
+        # projection before a cosine classifier) stops the closed-form calls instead of failing a call
+        self._head_optional = (alternate and classifier is None and schedule.model_scores_every == 1 and
+                               schedule.budget == "auto" and isda in (None, False) and
+                               not getattr(self.policy, "needs_features", False))
         needs_features = (mode == "last_layer" or alternate or isda not in (None, False)
                           or getattr(self.policy, "needs_features", False))
         if accelerator is not None and not callable(getattr(accelerator, "register_for_checkpointing", None)):
@@ -750,7 +755,9 @@ class AugmentationRefiner(RefinerCore):
                 "pass the training forward's logits as they come out of the model, with grad enabled")
         batch, num_classes = logits.shape
         classes, width = self._head_shape()
-        if classes is not None and num_classes != classes:
+        if classes is not None and num_classes != classes and self._head_optional:
+            self._closed_form_off = True   # not the logits' head: every call scores with the model
+        elif classes is not None and num_classes != classes:
             raise ShapeError(f"the logits have {num_classes} classes, but the classifier {self.head_name!r} the "
                              f"refiner reads has {classes} outputs",
                              "pass all of that classifier's outputs as the logits, or name the layer that "

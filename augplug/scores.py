@@ -247,16 +247,35 @@ def validation_gradient(
 
 def head_features(model: nn.Module, inputs, head: nn.Module, *, bn: str = "eval") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(features (B, A) fp32, logits (B, C))`` of a batch: what the head receives and returns in a
-    scoring pass (no grad, dropout off, BatchNorm in ``bn`` mode, running statistics untouched)."""
+    scoring pass (no grad, dropout off, BatchNorm in ``bn`` mode, running statistics untouched).
+
+    The logits are the head's own output where it is one (B, C) row per sample, as the closed form
+    assumes and the validation window rebuilds them: a model with several outputs (a multi-task dict
+    with no ``logits`` entry, a named head that is not its first output) is scored through the head
+    named. Otherwise (a head applied per token) they are the model's output."""
     net = unwrap_model(model)
-    feats = []
-    h = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach()))
+    feats, outs = [], []
+
+    def record(module, args, output):
+        feats.append(args[0].detach())
+        outs.append(output.detach() if isinstance(output, torch.Tensor) else None)
+
+    h = head.register_forward_hook(record)
     try:
         with torch.no_grad(), scoring_mode(net, bn):
-            logits = _forward_logits(net, inputs)
+            out = net(inputs)
     finally:
         h.remove()
-    return feats[-1].flatten(1).float(), logits
+    if not feats:
+        raise ShapeError(f"the classifier did not run in the model's forward on a validation batch "
+                         f"({type(head).__name__} of {type(net).__name__})",
+                         "pass classifier= naming the layer whose output is the logits in evaluation too "
+                         "(an auxiliary head that runs only in training cannot be scored)")
+    a, z = feats[-1], outs[-1]
+    rows = a.shape[0]
+    if z is not None and z.dim() == 2 and z.shape[0] == rows:
+        return a.flatten(1).float(), z
+    return a.flatten(1).float(), output_logits(out)
 
 
 def _head_gradient(a: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head_name: str, bias: bool,

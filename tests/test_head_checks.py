@@ -188,3 +188,168 @@ def test_full_mode_budget_with_temperature_stops_closed_form_calls():
     assert "closed_form" not in passes, passes
     assert len([m for m in _messages(w) if "every call now scores with the model" in m]) == 1, _messages(w)
     r.remove_hooks()
+
+
+# ---------------------------------------------------------------- 6. which layer is the classifier
+class MainAndAux(nn.Module):
+    """A main head ``head`` and an auxiliary (deep-supervision) ``fc`` used in training only."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(D, 8), nn.ReLU())
+        self.head, self.fc = nn.Linear(8, C), nn.Linear(8, C)
+
+    def forward(self, x):
+        h = self.body(x)
+        return (self.head(h), self.fc(h)) if self.training else self.head(h)
+
+
+def test_two_linear_heads_by_name_are_refused_and_classifier_picks_one():
+    """Before, ``fc`` was taken and the validation pass failed with an IndexError blaming the loader."""
+    model = MainAndAux()
+    with pytest.raises(UnsupportedHeadError, match=r"2 linear layers named as a classifier head \('fc', 'head'\)"):
+        _refiner(model)
+    r = _refiner(model, classifier="head")
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    r(model(x)[0], y, num_original=4)
+    r.remove_hooks()
+
+
+class Wrapper(nn.Module):
+    """A wrapper that classifies with a layer of its own, past the backbone's unused head."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Net()
+        self.out = nn.Linear(8, C)
+
+    def forward(self, x):
+        return self.out(self.backbone.body(x))
+
+
+def test_a_wrappers_own_linear_beside_a_backbone_head_is_refused():
+    with pytest.raises(UnsupportedHeadError, match=r"linear layers of its own \(out\) beside .*backbone\.fc") as e:
+        _refiner(Wrapper())
+    assert "classifier='out'" in e.value.fix
+
+
+def test_sequential_heads_name_their_conv_or_last_linear():
+    class Squeeze(nn.Module):   # a squeezenet-like 1x1 conv classifier inside a Sequential
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(3, C, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+        def forward(self, x):
+            return self.classifier(x).flatten(1)
+
+    with pytest.raises(UnsupportedHeadError, match=r"'classifier\.1' is a Conv2d") as e:
+        AugmentationRefiner(Squeeze(), None, [(torch.randn(4, 3, 5, 5), torch.randint(0, C, (4,)))])
+    assert "mode='full'" in e.value.fix
+
+    class Scaled(nn.Module):   # a Linear with a module after it
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Sequential(nn.Linear(D, C), nn.Tanh())
+
+        def forward(self, x):
+            return self.classifier(x)
+
+    with pytest.raises(UnsupportedHeadError, match=r"modules after its last nn.Linear 'classifier\.0'") as e:
+        AugmentationRefiner(Scaled(), None, _val())
+    assert "classifier='classifier.0'" in e.value.fix
+
+
+def test_distilled_heads_fix_names_full_mode_first():
+    import timm
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=C, img_size=16, patch_size=8,
+                              depth=1)
+    with pytest.raises(UnsupportedHeadError, match="combines") as e:
+        AugmentationRefiner(model, None, [(torch.randn(2, 3, 16, 16), torch.randint(0, C, (2,)))])
+    assert e.value.fix.startswith("use mode='full'") and "set_distilled_training" in e.value.fix
+
+
+class Cosine(nn.Module):
+    """A projection ``fc`` (to 5 values) and then a cosine classifier over C classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(D, 8), nn.ReLU())
+        self.fc = nn.Linear(8, 5)
+        self.weight = nn.Parameter(torch.randn(C, 5))
+
+    def forward(self, x):
+        return 8.0 * F.normalize(self.fc(self.body(x)), dim=-1) @ F.normalize(self.weight, dim=-1).t()
+
+
+def test_default_budget_drops_a_found_head_that_does_not_give_the_logits():
+    """Full mode with the default budget found ``fc`` on its own and then refused every call (the
+    logits have C classes, fc 5 outputs); it now scores every call with the model. A head the user
+    named, or an explicit alternation, still gets the error."""
+    torch.manual_seed(0)
+    model = Cosine()
+    r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _val(), mode="full")
+    for _ in range(3):
+        r(model(torch.randn(8, D)), torch.randint(0, C, (8,)), num_original=4)
+        assert r.stats["score_pass"] != "closed_form"
+    r.remove_hooks()
+    from augplug.errors import ShapeError
+    r = _refiner(model, mode="full", schedule=Schedule(budget=None, model_scores_every=2))
+    with pytest.raises(ShapeError, match="has 5 outputs"):
+        r(model(torch.randn(8, D)), torch.randint(0, C, (8,)), num_original=4)
+    r.remove_hooks()
+
+
+def test_an_auxiliary_head_added_to_the_logits_is_refused():
+    """timm's VOLO adds 0.5 * max over tokens of ``aux_head`` to ``head``'s output: last-layer scores of
+    ``head`` alone were wrong (a warning only); full mode scores it."""
+    from timm.models.volo import VOLO
+    kw = dict(layers=(1, 1, 1, 1), num_classes=C, img_size=32, embed_dims=(16, 32, 32, 32), num_heads=(1, 1, 1, 1),
+              stem_hidden_dim=8)
+    model = VOLO(**kw)
+    val = [(torch.randn(2, 3, 32, 32), torch.randint(0, C, (2,)))]
+    with pytest.raises(UnsupportedHeadError, match=r"auxiliary head \('aux_head'") as e:
+        AugmentationRefiner(model, None, val)
+    assert "mode='full'" in e.value.fix and "use_aux_head=False" in e.value.fix
+    plain = VOLO(use_aux_head=False, **kw)
+    AugmentationRefiner(plain, None, val).remove_hooks()
+
+
+class TwoTasks(nn.Module):
+    """Two heads of C classes; ``forward`` returns a dict (no ``logits`` key) or a tuple, head_a first."""
+
+    def __init__(self, as_dict):
+        super().__init__()
+        self.as_dict = as_dict
+        self.body = nn.Sequential(nn.Linear(D, 8), nn.ReLU())
+        self.head_a, self.head_b = nn.Linear(8, C), nn.Linear(8, C)
+
+    def forward(self, x):
+        h = self.body(x)
+        a, b = self.head_a(h), self.head_b(h)
+        return {"task_a": a, "task_b": b} if self.as_dict else (a, b)
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+@pytest.mark.parametrize("schedule", [Schedule(budget=None, fresh_batches=None), Schedule(budget=None)],
+                         ids=["exact", "window"])
+def test_a_named_head_of_a_multi_output_model_is_scored_through_its_own_output(as_dict, schedule):
+    """The exact schedule took the model's first output as the validation logits: a dict without
+    ``logits`` was a ShapeError whose fix was the mode in use, and a head that is not the first output
+    got the other head's gradient (silently). The direction is now head_b's own cross-entropy
+    gradient on the validation set, as the window already rebuilt it."""
+    torch.manual_seed(0)
+    model = TwoTasks(as_dict)
+    val = _val()
+    r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), val, classifier="head_b",
+                            schedule=schedule)
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    out = model(x)
+    r(out["task_b"] if as_dict else out[1], y, num_original=4)
+    model.eval()
+    loss = sum(F.cross_entropy(model.head_b(model.body(xv)), yv, reduction="sum") for xv, yv in val)
+    gw, gb = torch.autograd.grad(loss, [model.head_b.weight, model.head_b.bias])
+    n = sum(len(yv) for _, yv in val)
+    v = r.validation_direction
+    torch.testing.assert_close(v["head_b.weight"], -gw / n, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(v["head_b.bias"], -gb / n, rtol=1e-4, atol=1e-6)
+    r.remove_hooks()
