@@ -864,13 +864,17 @@ class ContrastiveRefiner(RefinerCore):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the whole state is checked first (a rejected one changes nothing)."""
+        self.check_state_dict(state)
+        self._load_core_state(state)
+        if self.share is not None:
+            self._load_share(state["share"])
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raise the error :meth:`load_state_dict` would raise for ``state``, and change nothing."""
         self._check_core_state(state)
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
         if self.share is not None:
             self.share.check_state(state["share"])
-        self._load_core_state(state)
-        if self.share is not None:
-            self._load_share(state["share"])
 
     def __repr__(self) -> str:
         return (f"ContrastiveRefiner(method={self.policy!r}, prompts={self.prompt_mode}, directions={self.directions}, "

@@ -33,7 +33,7 @@ from .errors import (AugplugError, ConfigurationError, EmptyValidationError, Mod
                      PeerBatchError, ShapeError)
 from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
-from .finite import nonfinite
+from .finite import nonfinite, tensor_leaves
 from .rng import PrivateRNG
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
@@ -50,6 +50,8 @@ _READABLE_VERSIONS = (1, 2)
 
 
 _CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
+#: the keys a version-2 state has besides (each may hold None): a state without one was cut short
+_V2_KEYS = ("skipped_val_batches", "v_halves", "window", "budget")
 _CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
 
 
@@ -778,6 +780,7 @@ class RefinerCore:
     def _core_state(self) -> Dict[str, Any]:
         return {
             "version": STATE_VERSION,
+            "refiner": type(self).__name__,
             "method": self.method,
             "step_count": self.step_count,
             "calls": self.calls,
@@ -808,6 +811,23 @@ class RefinerCore:
 
         return {"position": int(pos), "slots": {int(k): plain(e) for k, e in slots.items()}, "read_step": int(read_step)}
 
+    def _direction_from_state(self, v: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A saved direction (or a window's sums) as copies on the model's device."""
+        dev = self._device()
+        return {k: t.to(dev).clone() for k, t in v.items()}
+
+    def _check_direction_dtypes(self, what: str, tensors) -> None:
+        """Directions are computed in fp32 (closed forms, process groups) or in the model's parameter
+        dtype (autograd): a state in another dtype was converted after the save (``.half()``,
+        ``.double()``) and would keep it until later refreshes replaced it."""
+        p = next((q for q in self.model.parameters() if q.is_floating_point()), None)
+        allowed = {torch.float32} | ({p.dtype} if p is not None else set())
+        bad = sorted({str(t.dtype) for t in tensor_leaves(tensors) if t.is_floating_point() and t.dtype not in allowed})
+        if bad:
+            raise ConfigurationError(f"the saved {what} is in {', '.join(bad)}, which this refiner does not compute "
+                                     f"it in ({', '.join(sorted(map(str, allowed)))}): a state converted after the save",
+                                     "load the state as state_dict() returned it (torch.save / torch.load keep dtypes)")
+
     def _window_from_state(self, state: Dict[str, Any], v_step: int):
         dev = self._device()
 
@@ -815,7 +835,7 @@ class RefinerCore:
             if e is None:
                 return None
             if "sums" in e:
-                return GradSum({k: t.to(dev).clone() for k, t in e["sums"].items()}, int(e["count"]),
+                return GradSum(self._direction_from_state(e["sums"]), int(e["count"]),
                                e["loss_sum"].to(dev).clone(),
                                halves=None if e["halves"] is None else tuple(entry(h) for h in e["halves"]))
             return {k: (t.to(dev).clone() if torch.is_tensor(t) else t) for k, t in e.items()}
@@ -837,10 +857,17 @@ class RefinerCore:
         if state.get("version") not in _READABLE_VERSIONS:
             raise ConfigurationError(f"refiner state version {state.get('version')!r} is not one of "
                                      f"{_READABLE_VERSIONS}", "load a state saved by this version of augplug")
-        missing = [k for k in _CORE_KEYS if k not in state]
+        missing = [k for k in _CORE_KEYS + (_V2_KEYS if state["version"] >= 2 else ()) if k not in state]
         if missing:
             raise ConfigurationError(f"the refiner state lacks {missing} (truncated or not a refiner state)",
                                      _CHECKPOINT_FIX)
+        if any(t.is_meta for t in tensor_leaves(state)):
+            raise ConfigurationError("the refiner state holds tensors without values (loaded with "
+                                     "map_location='meta')", "load it with map_location='cpu' or the model's device")
+        kind = state.get("refiner", type(self).__name__)   # older states do not say
+        if kind != type(self).__name__:
+            raise ConfigurationError(f"the state was saved by a {kind}, this is a {type(self).__name__}",
+                                     f"load it into a {kind} built with the same options")
         if state["method"] != self.method:
             raise ConfigurationError(f"state was saved by method {state['method']!r}, this refiner is "
                                      f"{self.method!r}", "build the refiner with the same method before loading")
@@ -869,6 +896,7 @@ class RefinerCore:
                         f"the saved validation direction's {k!r} has shape {tuple(getattr(t, 'shape', ()))}, this "
                         f"model's is {tuple(expected[k])} (another number of classes or features?)",
                         "load a state saved with the same model architecture and number of classes")
+            self._check_direction_dtypes("validation direction", [v, state.get("v_halves")])
             if nonfinite(list(v.values())):
                 raise NonFiniteError("the saved validation direction holds NaN/inf",
                                      "load an intact checkpoint (an earlier one), or drop the refiner's state: "
@@ -882,6 +910,11 @@ class RefinerCore:
             if not math.isfinite(saved):
                 raise NonFiniteError(f"the saved validation loss is {state['val_loss']!r}", "load an intact checkpoint")
         halves = state.get("v_halves")
+        if state["version"] >= 2 and v is not None:   # each is kept with the direction exactly when the options say
+            check_part_presence(state, "v_halves", self.split_validation,
+                                "the direction's two validation halves (strength='adaptive')")
+            if self.fresh_batches is not None:
+                check_part_presence(state, "window", True, "a validation window (Schedule.fresh_batches)")
         if halves is not None:
             if v is None or not isinstance(halves, (list, tuple)) or len(halves) != 2 or \
                     any(not isinstance(h, dict) or set(h) != set(v) for h in halves):
@@ -908,6 +941,8 @@ class RefinerCore:
                                          "outside them", _CHECKPOINT_FIX)
             if nonfinite(window["slots"]):
                 raise NonFiniteError("the saved validation window holds NaN/inf", "load an intact checkpoint")
+            self._check_direction_dtypes("validation window", [e.get("sums") if isinstance(e, dict) else None
+                                                               for e in window["slots"].values()])
             self._check_window_size(len(window["slots"]), state.get("skipped_val_batches", 0))
             try:
                 self._window_from_state(window, state["v_step"])
@@ -950,13 +985,12 @@ class RefinerCore:
         the one step that can still fail, and it leaves the stream as it was when it does)."""
         if self._stream is not None and state.get("stream") is not None:
             self._stream.load_state_dict(state["stream"])
-        dev = self._device()
         self.step_count = int(state["step_count"])
         self._update_probe, self._uncounted_in_a_row = None, 0
         self.calls = int(state["calls"])
-        self._v = None if state["v"] is None else {k: t.to(dev).clone() for k, t in state["v"].items()}
+        self._v = None if state["v"] is None else self._direction_from_state(state["v"])
         halves = state.get("v_halves")
-        self._v_halves = None if halves is None else tuple({k: t.to(dev).clone() for k, t in h.items()} for h in halves)
+        self._v_halves = None if halves is None else tuple(self._direction_from_state(h) for h in halves)
         self._v_step = int(state["v_step"])
         self._val_loss = float(state["val_loss"])   # a number, or a one-element tensor (checked)
         self._rng.state = state["rng_state"].clone().cpu()

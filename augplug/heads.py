@@ -168,6 +168,9 @@ def find_classifier(model: nn.Module, classifier: Union[None, str, nn.Module] = 
     head = _known_head(model)
     if head is None:
         found = _heads_in_children(model)
+        trains = [(n, h) for n, h in found if any(p.requires_grad for p in h.parameters())]
+        if len(found) > 1 and trains:   # a frozen copy (an EMA model held beside the trained one) never trains
+            found = trains
         own = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
         if found and own:   # a wrapper's own linear layer beside a backbone's head: either may give the logits
             raise UnsupportedHeadError(

@@ -329,14 +329,20 @@ class InfluenceScorer:
         batches = self._data if rows is None else [self._data[int(i)] for i in rows]
         total = sum(int(x.shape[0]) for x, _ in batches)
         out = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
-        with scoring_mode(net, self.bn):
+        device_type = next(iter(named.values())).device.type if named else "cpu"
+
+        def own(buffers):   # copies made inside the transform: BatchNorm in train mode updates them in place
+            return {n: b.clone() for n, b in buffers.items()}
+
+        # autocast off: its casts do not carry forward-mode tangents (a raw dtype error inside jvp)
+        with scoring_mode(net, self.bn), torch.autocast(device_type, enabled=False):
             for x, y in batches:
                 if self.curvature == "gauss_newton":
                     buffers = dict(net.named_buffers())
                     fixed = {n: p.detach() for n, p in named.items() if n not in names}
 
                     def logits_fn(sub, x=x):
-                        return output_logits(functional_call(net, ({**fixed, **sub}, buffers), (x,)))
+                        return output_logits(functional_call(net, ({**fixed, **sub}, own(buffers)), (x,)))
 
                     primals = {n: named[n].detach() for n in names}
                     tangents = {n: v[n].to(named[n]) for n in names}
@@ -350,7 +356,7 @@ class InfluenceScorer:
                     fixed = {n: p.detach() for n, p in named.items() if n not in names}
 
                     def loss_fn(sub, x=x, y=y):
-                        logits = output_logits(functional_call(net, ({**fixed, **sub}, buffers), (x,)))
+                        logits = output_logits(functional_call(net, ({**fixed, **sub}, own(buffers)), (x,)))
                         ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                         return -(ys * F.log_softmax(logits, -1)).sum()
 
@@ -443,7 +449,8 @@ class InfluenceScorer:
         params = [named[n] for n in self.param_names]
         sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         count = 0
-        with scoring_mode(self.model, self.bn), torch.enable_grad():
+        device_type = params[0].device.type if params else "cpu"
+        with scoring_mode(self.model, self.bn), torch.enable_grad(), torch.autocast(device_type, enabled=False):
             for x, y in data:
                 logits = output_logits(self.model(x))
                 ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)

@@ -400,11 +400,24 @@ class AugmentationRefiner(RefinerCore):
             raise
         if self.share is not None:
             self.share.bind(self)
+        self._warn_if_nothing_steps()
 
     def set_optimizer(self, optimizer) -> None:
         super().set_optimizer(optimizer)
         if optimizer is not None and self.mode == "last_layer" and self.policy.needs_scores:
             self._warn_about_the_head(optimizer)
+        self._warn_if_nothing_steps()
+
+    def _warn_if_nothing_steps(self) -> None:
+        """Model-scoring modes score the parameters the optimizer steps: warn where it steps none of
+        the trainable ones (every group at lr=0), which are then all scored."""
+        stepped = self._stepped_ids()
+        if self.mode == "last_layer" or not self.policy.needs_scores or stepped is None:
+            return
+        if not any(id(p) in stepped for p in self.net.parameters() if p.requires_grad):
+            _warn_at_caller(f"the optimizer steps none of the model's trainable parameters (every group has lr=0): "
+                            f"mode={self.mode!r} scores what a step on them would do, and none is taken. Give the "
+                            "groups that train a learning rate")
 
     set_optimizer.__doc__ = RefinerCore.set_optimizer.__doc__ + """
         In last-layer mode, warns as the constructor does when the new optimizer does not train the
@@ -483,10 +496,15 @@ class AugmentationRefiner(RefinerCore):
     def remove_hooks(self) -> None:
         """Detach every hook the refiner installed on the model and optimizer; later calls raise a
         :class:`~augplug.errors.ConfigurationError` (build a new refiner, and load this one's
-        :meth:`state_dict` into it to go on)."""
+        :meth:`state_dict` into it to go on). A refiner registered with an ``accelerator=`` leaves
+        its checkpoints (``accelerator.save_state`` would write this refiner's stale state beside the new
+        one's, and a resumed run with one refiner would fail to match the count)."""
         self._capture.remove()
         self._remove_step_hook()
         self._hooks_removed = True
+        registered = getattr(self.accelerator, "_custom_objects", None)   # accelerate has no public removal
+        if isinstance(registered, list):
+            registered[:] = [o for o in registered if o is not self]
 
     def _check_val_loader(self, val_loader) -> None:
         if dist_world_size() <= 1:
@@ -516,11 +534,25 @@ class AugmentationRefiner(RefinerCore):
         p = next(self.net.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def _stepped_ids(self) -> Optional[set]:
+        """Ids of the parameters the counted optimizer steps (held in a group whose learning rate is not
+        0; a scheduler's warm-up from 0 counts by its ``initial_lr``), or None without an optimizer."""
+        groups = getattr(getattr(self, "_optimizer", None), "param_groups", None)
+        if groups is None:
+            return None
+        return {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
+
     def score_params(self) -> Dict[str, nn.Parameter]:
-        """The parameters a full-model validation direction covers: every trainable one, the
-        classifier's under the classifier's names (``named_parameters`` names a weight tied to
-        another layer after its first owner; the closed-form scores read the head's names)."""
+        """The parameters a full-model validation direction covers: every trainable one the optimizer
+        steps (a step's first-order effect moves only those: a backbone left out of the optimizer or in
+        a group with ``lr=0`` is not scored; every trainable one where it steps none, with a warning, or
+        without an optimizer), the classifier's under the classifier's names (``named_parameters``
+        names a weight tied to another layer after its first owner; the closed-form scores read the
+        head's names)."""
         named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        stepped = self._stepped_ids()
+        if stepped is not None:
+            named = {n: p for n, p in named.items() if id(p) in stepped} or named
         if self.head is not None:
             for attr in ("weight", "bias"):
                 p, key = getattr(self.head, attr, None), f"{self.head_name}.{attr}"
@@ -536,7 +568,11 @@ class AugmentationRefiner(RefinerCore):
         """Inputs on the model's device and (B, C) soft targets, checked where they are (on the
         host for a CPU loader, so the check costs no device sync) and then copied."""
         check_batch_rows(x, y)
-        return self._to_device(x), self._to_device(to_soft_targets(y, num_classes, what="validation targets"))
+        # floating inputs in the model's dtype: a model converted with .double() / .to(torch.bfloat16) is
+        # fed converted training inputs, while the validation loader still yields fp32
+        p = next((q for q in self.net.parameters() if q.is_floating_point()), None)
+        return (to_device(x, self._device(), None if p is None else p.dtype),
+                self._to_device(to_soft_targets(y, num_classes, what="validation targets")))
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:
         """Sum the validation gradient over one refresh's batches (advances the stream; non-finite
@@ -1150,10 +1186,37 @@ class AugmentationRefiner(RefinerCore):
         return {"tracking": True, "signal": self._rest_local()[0].detach().cpu(), "step": self._last_call_step}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. The whole state is checked first (keys, version, method,
-        shapes, the policy's, ISDA's and the share's parts, finiteness): a rejected state changes
-        nothing."""
+        """Restore a :meth:`state_dict`. The whole state is checked first (:meth:`check_state_dict`):
+        a rejected state changes nothing."""
+        self.check_state_dict(state)
+        policy, isda, share, strength = state.get("policy"), state.get("isda"), state.get("share"), state.get("strength")
+        rest = state.get("rest")
+        self._load_core_state(state)
+        if policy is not None:
+            self.policy.load_state_dict(policy)
+        if isda is not None:
+            self.isda.load_state_dict(isda)
+        if share is not None:
+            self._load_share(share)
+        if strength is not None:
+            self.strength.load_state_dict(strength)
+        # the update count at the last call before the save: the rest's signal read next is that call's
+        self._last_call_step = None if rest is None else rest.get("step")
+        self._rest_pending = None
+        self._capture.drop_graded()
+        self._capture.track_gradients = rest is not None
+        self._rest_loaded = None if rest is None else rest["signal"].to(torch.float64).clone()
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raise the error :meth:`load_state_dict` would raise for ``state`` (keys, version, refiner kind,
+        method, shapes, dtypes, the policy's, ISDA's, the share's and the stream's parts, finiteness),
+        and change nothing. A run resumed by ``accelerator.load_state`` can check the refiner's part
+        first: accelerate loads the model and optimizer before the refiner, so a refiner that refuses
+        its state there leaves them loaded."""
         self._check_core_state(state)
+        if state["version"] >= 2 and "rest" not in state:
+            raise ConfigurationError("the refiner state lacks ['rest'] (truncated or not a refiner state)",
+                                     _CHECKPOINT_FIX)
         check_part_presence(state, "policy", self.policy.has_state, "the method's state")
         check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")
@@ -1185,22 +1248,6 @@ class AugmentationRefiner(RefinerCore):
                 check_part_presence(state, "rest", False, "a separate-term signal for an adaptive share")
             if nonfinite([signal]):
                 raise NonFiniteError("the saved separate-term signal holds NaN/inf", "load an intact checkpoint")
-        # everything is checked: assign
-        self._load_core_state(state)
-        if policy is not None:
-            self.policy.load_state_dict(policy)
-        if isda is not None:
-            self.isda.load_state_dict(isda)
-        if share is not None:
-            self._load_share(share)
-        if strength is not None:
-            self.strength.load_state_dict(strength)
-        # the update count at the last call before the save: the rest's signal read next is that call's
-        self._last_call_step = None if rest is None else rest.get("step")
-        self._rest_pending = None
-        self._capture.drop_graded()
-        self._capture.track_gradients = rest is not None
-        self._rest_loaded = None if rest is None else rest["signal"].to(torch.float64).clone()
 
     def __repr__(self) -> str:
         return f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, schedule={self.schedule!r})"

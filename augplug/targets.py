@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import ClassCountMismatchError, NonFiniteError, ShapeError, TargetError
+from .errors import ClassCountMismatchError, ConfigurationError, NonFiniteError, ShapeError, TargetError
 from .finite import tensor_leaves
 
 __all__ = ["check_logits", "check_target_structure", "check_row_tensor", "to_soft_targets", "value_problems",
@@ -254,6 +254,9 @@ def weighted_soft_ce(
     ``reduction``: ``"mean"`` divides the weighted sum by the batch size (so weights with mean 1
     keep the loss scale), ``"sum"`` returns the weighted sum, ``"none"`` the weighted per-sample losses.
     """
+    if reduction not in ("mean", "sum", "none"):   # before any work
+        raise ConfigurationError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
+                                 "pass reduction='mean' (the default), 'sum' or 'none'")
     losses = soft_cross_entropy(logits, soft_targets)
     check_row_weights(weights, losses.shape[0])
     if weights is not None:
@@ -262,6 +265,4 @@ def weighted_soft_ce(
         return losses
     if reduction == "sum":
         return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / max(losses.shape[0], 1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return losses.sum() / max(losses.shape[0], 1)

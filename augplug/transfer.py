@@ -12,21 +12,24 @@ device syncs of a refiner call on CUDA).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 __all__ = ["to_device"]
 
 
-def to_device(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> Any:
     """``x`` (a tensor, or tuples/lists/dicts or other mappings of them; other leaves unchanged) on
-    ``device``.
+    ``device``; with ``float_dtype``, its floating tensors in that dtype too (integer ones, such as
+    uint8 images or token ids, keep theirs).
 
     CPU tensors headed for CUDA are pinned (when not already) and copied asynchronously; the pinned
     block stays reserved until the copy has run, so the source may be dropped at once.
     """
     if torch.is_tensor(x):
+        if float_dtype is not None and x.is_floating_point() and x.dtype != float_dtype:
+            x = to_device(x, device).to(float_dtype)
         if x.device == device:
             return x
         if device.type == "cuda" and x.device.type == "cpu":
@@ -35,10 +38,10 @@ def to_device(x: Any, device: torch.device) -> Any:
             return x.to(device, non_blocking=True)
         return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
-        return type(x)(to_device(t, device) for t in x)
+        return type(x)(to_device(t, device, float_dtype) for t in x)
     if isinstance(x, dict):
-        return {k: to_device(t, device) for k, t in x.items()}
+        return {k: to_device(t, device, float_dtype) for k, t in x.items()}
     if isinstance(x, Mapping):   # a tokenizer's BatchEncoding moves itself, keeping its type
         move = getattr(x, "to", None)
-        return move(device) if callable(move) else {k: to_device(t, device) for k, t in x.items()}
+        return move(device) if callable(move) else {k: to_device(t, device, float_dtype) for k, t in x.items()}
     return x

@@ -87,11 +87,21 @@ def check_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) ->
     fits them: a state saved for a loader with a different set of generators is an error, since the
     order could not be reproduced."""
     gens = loader_generators(loader)
-    if states is not None and len(gens) != len(states):
+    if states is None:
+        return gens
+    if not isinstance(states, (list, tuple)):
+        raise ConfigurationError(f"the validation stream state's generator states are a {type(states).__name__}, "
+                                 f"not a list", "load a state saved by the refiner's state_dict()")
+    if len(gens) != len(states):
         raise ConfigurationError(
             f"the validation state was saved for a loader with {len(states)} seeded generator(s), this "
             f"loader has {len(gens)}",
             "build the validation DataLoader as it was when the state was saved (same generator= / sampler)")
+    for g, st in zip(gens, states):
+        if not torch.is_tensor(st) or st.dtype != torch.uint8 or st.shape != g.get_state().shape:
+            raise ConfigurationError("the validation stream state holds a generator state that is not one "
+                                     f"({type(st).__name__}{'' if not torch.is_tensor(st) else f' {st.dtype} {tuple(st.shape)}'})",
+                                     "load a state saved by the refiner's state_dict()")
     return gens
 
 
@@ -100,6 +110,13 @@ def set_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) -> N
     gens = check_generator_states(loader, states)
     for g, st in zip(gens, states or ()):
         g.set_state(st.clone())
+
+
+def _clone(x):
+    """A copy of a generator state or a list of them (None stays None)."""
+    if x is None:
+        return None
+    return x.clone() if torch.is_tensor(x) else [t.clone() for t in x]
 
 
 def _same_states(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]) -> bool:
@@ -183,8 +200,11 @@ class ValidationStream:
                                    "pass a loader over at least one clean labelled sample (check drop_last and the split)")
 
     def state_dict(self) -> dict:
-        return {"pass_rng_state": self.pass_rng_state, "consumed": self.consumed,
-                "generator_states": self.pass_generator_states, "by_reset": self.pass_by_reset}
+        """The pass's position as copies; ``generators_now``: the loader's generators as they are now
+        (code outside the refiner may draw from them too), set back after a restore re-opens the pass."""
+        return {"pass_rng_state": _clone(self.pass_rng_state), "consumed": self.consumed,
+                "generator_states": _clone(self.pass_generator_states), "by_reset": self.pass_by_reset,
+                "generators_now": _clone(generator_states(self.loader))}
 
     _CACHED = False
     _GENERATORS_KEY = "generator_states"
@@ -208,10 +228,12 @@ class ValidationStream:
             raise ConfigurationError(f"the validation stream state lacks {missing} or has a bad position {position!r}",
                                      "load a state saved by the refiner's state_dict()")
         rng = state[self._KEYS[0]]
-        if rng is not None and (not torch.is_tensor(rng) or rng.dtype != torch.uint8):
+        if rng is not None and (not torch.is_tensor(rng) or rng.dtype != torch.uint8 or
+                                rng.shape != self.rng.state.shape):
             raise ConfigurationError("the validation stream state's RNG state is not a generator state",
                                      "load a state saved by the refiner's state_dict()")
         check_generator_states(self.loader, state.get(self._GENERATORS_KEY))
+        check_generator_states(self.loader, state.get("generators_now"))
         if not isinstance(state.get(self._RESET_KEY, False), bool):
             raise ConfigurationError(f"the validation stream state's {self._RESET_KEY} is not True or False",
                                      "load a state saved by the refiner's state_dict()")
@@ -241,9 +263,11 @@ class ValidationStream:
                 raise
             finally:
                 self.rng.state = saved
+            if state.get("generators_now") is not None:   # where they were at the save (older states: after the open)
+                set_generator_states(self.loader, state["generators_now"])
         self._it = it
-        self.pass_rng_state = pass_rng_state
-        self.pass_generator_states = gen_states
+        self.pass_rng_state = _clone(pass_rng_state)
+        self.pass_generator_states = _clone(gen_states)
         self.pass_by_reset = bool(state.get("by_reset", False)) if it is not None else False
         self.consumed = int(state["consumed"]) if it is not None else 0
 
@@ -273,7 +297,8 @@ class CachedValidationStream(ValidationStream):
             raise RuntimeError("CachedValidationStream.prepare must be set before the first batch is read")
         restoring = self._fill_rng_state is not None
         saved = self.rng.state
-        if restoring:  # rebuild the pass a saved state refers to, leaving the RNG where it is now
+        saved_gens = generator_states(self.loader)
+        if restoring:  # rebuild the pass a saved state refers to, leaving the RNGs where they are now
             open_as(self.loader, self._fill_by_reset)
             self.rng.state = self._fill_rng_state.clone()
             set_generator_states(self.loader, self._fill_generator_states)
@@ -287,6 +312,7 @@ class CachedValidationStream(ValidationStream):
         finally:
             if restoring:
                 self.rng.state = saved
+                set_generator_states(self.loader, saved_gens)
         if not batches:
             raise EmptyValidationError("the validation loader yields no batches",
                                        "pass a loader over at least one clean labelled sample (check drop_last and the split)")
@@ -312,7 +338,7 @@ class CachedValidationStream(ValidationStream):
     def state_dict(self) -> dict:
         state = None if self._fill_rng_state is None else self._fill_rng_state.clone()
         return {"cached": True, "fill_rng_state": state, "pos": self._pos,
-                "fill_generator_states": self._fill_generator_states, "fill_by_reset": self._fill_by_reset}
+                "fill_generator_states": _clone(self._fill_generator_states), "fill_by_reset": self._fill_by_reset}
 
     _CACHED = True
     _GENERATORS_KEY = "fill_generator_states"
@@ -329,6 +355,6 @@ class CachedValidationStream(ValidationStream):
         if not same_pass:  # rebuilt lazily, on the next read
             self._batches = None
             self._fill_rng_state = None if fill is None else fill.clone()
-            self._fill_generator_states = gens
+            self._fill_generator_states = _clone(gens)
             self._fill_by_reset = by_reset
         self._pos = int(state["pos"])

@@ -254,3 +254,11 @@ def test_checked_functional_forms_refuse_bad_values_and_give_the_unchecked_numbe
     for name, ref in (("l2rw_weights", methods.l2rw.l2rw_weights), ("saflex_targets", methods.saflex.saflex_targets),
                       ("soft_cross_entropy", T.soft_cross_entropy), ("weighted_soft_ce", T.weighted_soft_ce)):
         assert inspect.signature(getattr(AF, name)) == inspect.signature(ref)
+
+
+def test_an_unknown_reduction_is_a_configuration_error_naming_the_choices():
+    logits, y = torch.randn(3, 4), torch.full((3, 4), 0.25)
+    for fn in (AF.weighted_soft_ce, T.weighted_soft_ce):
+        with pytest.raises(ConfigurationError, match="'mean', 'sum' or 'none', got 'avg'"):
+            fn(logits, y, None, "avg")
+    torch.testing.assert_close(AF.weighted_soft_ce(logits, y, None, "mean"), AF.weighted_soft_ce(logits, y) * 1)
