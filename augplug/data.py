@@ -23,6 +23,8 @@ from torch.utils.data import Dataset
 __all__ = [
     "stratified_split",
     "IndexedDataset",
+    "seed_albumentations",
+    "albumentations_worker_init",
 ]
 
 ArrayLike = Union[Sequence[int], np.ndarray, torch.Tensor]
@@ -214,3 +216,44 @@ class IndexedDataset(Dataset):
                 "per-sample updates need each sample at most once per batch "
                 "(use a sampler without replacement)"
             )
+
+
+def _leaf_transforms(pipeline):
+    """The transforms of an albumentations pipeline, nested compositions (``OneOf``, ``SomeOf``, ...)
+    included, each once: the composition first, then its members."""
+    out = []
+    for t in getattr(pipeline, "transforms", []) or []:
+        out.append(t)
+        if getattr(t, "transforms", None):
+            out.extend(_leaf_transforms(t))
+    return out
+
+
+def seed_albumentations(pipeline, seed: int) -> None:
+    """Give every transform of an albumentations pipeline its own random stream, derived from ``seed``.
+
+    ``A.Compose(..., seed=s)`` (and ``Compose.set_random_seed``) in albumentations 2.0.8 seeds every
+    transform with the same value, so transforms that draw alike fire together: with
+    ``HorizontalFlip(p=0.5)`` and ``VerticalFlip(p=0.25)`` every vertical flip is also a horizontal
+    one, and an audit cannot tell the two apart. Here each transform gets a seed of its own
+    (``numpy.random.SeedSequence(seed)``), so they fire independently and a run repeats under a seed.
+    In a ``DataLoader`` with workers, pass ``worker_init_fn=albumentations_worker_init``."""
+    transforms = _leaf_transforms(pipeline)
+    if not transforms or not all(callable(getattr(t, "set_random_seed", None)) for t in transforms):
+        raise TypeError("seed_albumentations takes an albumentations Compose (its transforms have set_random_seed)")
+    states = np.random.SeedSequence(int(seed) % 2**63).generate_state(len(transforms) + 1)
+    pipeline.set_random_seed(int(states[0]))   # the composition's own draws (e.g. its shuffles)
+    for t, s in zip(transforms, states[1:]):
+        t.set_random_seed(int(s))
+
+
+def albumentations_worker_init(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=...)``: reseed the albumentations pipeline of the worker's dataset
+    (its ``pipeline`` attribute) from the worker's torch seed, which differs between workers and
+    epochs and follows the loader's ``generator=`` (:func:`seed_albumentations`). Without it every
+    worker, and every epoch, repeats the pipeline's draws."""
+    info = torch.utils.data.get_worker_info()
+    pipeline = getattr(info.dataset, "pipeline", None) if info is not None else None
+    if pipeline is None:
+        raise TypeError("albumentations_worker_init needs a dataset with a 'pipeline' attribute (the Compose)")
+    seed_albumentations(pipeline, info.seed)

@@ -692,6 +692,19 @@ class ActivationCapture:
                                   torch.equal(out.to(target.dtype), target))
         return self._head_checked
 
+    def slices_a_forward(self, logits: torch.Tensor) -> bool:
+        """Whether ``logits`` are some of the rows of a larger recorded output (the classifier's, or
+        the model's): views sliced out of one forward of originals and views. Storage only: no sync."""
+        try:
+            ptr = logits.untyped_storage().data_ptr()
+        except RuntimeError:
+            return False
+        for o in list(self._outputs) + list(self._model_outputs):
+            if o is not None and o.device == logits.device and o.shape[0] > logits.shape[0] and \
+                    o.untyped_storage().data_ptr() == ptr:
+                return True
+        return False
+
     def recheck_values(self) -> None:
         """Compare the logits with the classifier's output again at the next call that computes them
         (:meth:`_check_logits_are_outputs`; a refresh calls this): a learnable scale after the head that

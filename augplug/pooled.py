@@ -4,7 +4,8 @@ One augmented row's agreement ``a_i = y_i^T g_i`` (its gradient's alignment with
 direction) is a noisy reading. When the upstream says which operation or source produced each row
 (a RandAugment op, an albumentations transform, a generative model), every row of a group
 ``k = (source, class)`` is a reading of the same question: does this kind of view help this class?
-:class:`PooledEvidence` keeps, per group, exponentially decayed sums over updates
+:class:`PooledEvidence` keeps, per group, exponentially decayed sums over refiner calls (one per update
+without gradient accumulation)
 
     n_k = sum y_ic,    A_k = sum y_ic a_i,    Q_k = sum y_ic a_i^2       (rows i of source s)
 
@@ -48,7 +49,8 @@ class PooledEvidence:
 
     Args:
         num_sources: source ids lie in ``[0, num_sources)``.
-        decay: per-update decay of the sums (0.995: the evidence of about the last 200 updates).
+        decay: per-call decay of the sums (0.995: the evidence of about the last 200 calls; with k
+            micro-batches per update, about 200 / k updates: raise it to ``0.995 ** (1 / k)`` to keep 200).
         temperature: ``T``; a group at ``t = -T`` gets weight ``2 sigmoid(-1) = 0.54``.
     """
 
@@ -141,6 +143,13 @@ class PooledEvidence:
         t and weight, sorted by weight (the most harmful first)."""
         if self.tables is None:
             return []
+        for what, names, count, unit in (("source_names", source_names, self.num_sources, "sources"),
+                                         ("class_names", class_names, int(self.tables.shape[2]), "classes")):
+            if names is not None and len(names) != count:
+                raise ConfigurationError(
+                    f"{what} has {len(names)} names for {count} {unit}",
+                    "pass one name per source id (id 0 included: the real rows, e.g. 'real')" if what == "source_names"
+                    else "pass one name per class, in label order")
         t = self.t_statistics()
         w = self.group_weights(t)
         n, total, _ = self.tables.unbind()

@@ -15,7 +15,7 @@ import copy
 
 import operator
 from contextlib import nullcontext
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from .heads import (ActivationCapture, GradientSlot, check_closed_form_head, fin
                     other_captures, tied_names, unwrap_model)
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
-from .options import is_integer
+from .options import is_integer, is_real
 from .schedule import BAD_VAL_BATCH, Schedule, resolve_schedule
 from .scores import SCORE_MODES, GradSum, half_mask, head_features, head_gradient, validation_gradient
 from .share import FLOAT32_MAX, RESIDUAL_FLOOR, resolve_share
@@ -372,6 +372,10 @@ class AugmentationRefiner(RefinerCore):
         self._rest_loaded = None    # the rest's signal read from a state, for the next call
         self._last_call_step = None  # the update count at the last committed call (None: not known)
         self._second_calls, self._warned_second_call = 0, False   # see _note_second_call
+        #: (update, share) of the last views-alone call weighed against the rest: the share the later
+        #: calls (micro-batches) of that update use
+        self._held_share = None
+        self._warned_pool_alone = False   # warned once: pooled sources on views alone gather nothing
         self._closed_form_off = False   # closed-form calls stopped: the logits are not the head's output
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
@@ -682,6 +686,13 @@ class AugmentationRefiner(RefinerCore):
         auto_strength = self.strength is None and self.fixed_strength is None
         n_orig_all = self._global_count(batch - n_aug) if auto_strength or self.share is not None else None
         views_alone = self.share is not None and n_orig_all == 0
+        if views_alone and self._capture.slices_a_forward(logits):
+            raise ShapeError(
+                "the logits are some of the rows of a larger forward of the model (views sliced out of one "
+                "forward of originals and views): the adaptive share weighs views passed alone against the rest "
+                "of the loss, and the rest of that forward cannot be told apart from the views",
+                "pass the whole forward's logits in one call with num_original= (or augmented=), or give the "
+                "views a forward of their own: refiner(model(x_aug), y_aug) + F.cross_entropy(model(x), y)")
         # views alone, but the last step's loss also trained other forwards of the model (originals
         # through the user's own loss term): the share then weighs the views against that term
         self._rest_mode, rest_stats = (self._rest_signal(world) if views_alone and self._capture.track_gradients
@@ -691,7 +702,22 @@ class AugmentationRefiner(RefinerCore):
             # the loss keep their upstream weights and targets and are scored for the share alone
             used_strength = 1.0 if n_orig_all > 0 else 0.0
             active = active and (used_strength > 0 or self._rest_mode)
-        prior_share, early = self._begin_share()   # the share this call uses, from its mixing to its loss
+            if sources is not None and used_strength == 0 and self.policy.reads_sources and \
+                    not self._warned_pool_alone:
+                self._warned_pool_alone = True
+                _warn_at_caller("sources= on views alone under strength='auto': the views are trained as given, "
+                                "so SAflex(pool=...) gathers no evidence from them. Pass SAflex(pool=..., "
+                                "strength=1.0), or put the originals in the batch (num_original=)")
+        if self._rest_mode and self.share is not None:
+            # views weighed against the rest: the statistics the share steps on are the last call's,
+            # gathered at this call's end, so the share is not moved before the loss here (an early
+            # gather would step on an update's first micro-batches alone), and every call of one
+            # update uses the share its first call used
+            prior_share, early = self.aug_weight, None
+            held = self._held_share
+            self.aug_weight = held[1] if held is not None and held[0] == self.step_count else self.share.value
+        else:
+            prior_share, early = self._begin_share()   # the share this call uses, from its mixing to its loss
         try:
             ctx = self._context(logits, y, aug, active, inputs=inputs, features=features, index=index, rows=rows,
                                 n_augmented=n_aug, sources=sources)
@@ -756,6 +782,7 @@ class AugmentationRefiner(RefinerCore):
         if strength_state is not None:
             self.strength.load_state_dict(strength_state)
         self._commit_share(share_state)
+        self._held_share = (self.step_count, used_share) if self._rest_mode and self.share is not None else None
         self._commit_direction(ctx.v_new)
         self._last_call_step = self.step_count
         self._count_call()
@@ -1175,7 +1202,14 @@ class AugmentationRefiner(RefinerCore):
             "share": self.share.state_dict() if self.share is not None else None,
             "strength": self.strength.state_dict() if self.strength is not None else None,
             "rest": self._rest_state(),
+            "model": self._model_layout(),
         }
+
+    def _model_layout(self) -> List[List[Any]]:
+        """The model's parameters as ``[name, shape]`` pairs (plain lists: ``weights_only`` loads them):
+        a state of another model with a classifier of the same shape would otherwise load, its window
+        of another backbone's features and its policy's tables kept until later refreshes."""
+        return [[n, list(p.shape)] for n, p in self.net.named_parameters()]
 
     def _rest_state(self) -> Optional[Dict[str, Any]]:
         """The separate-term state (views alone beside the rest of the loss): whether the head's
@@ -1183,7 +1217,9 @@ class AugmentationRefiner(RefinerCore):
         next call reads (:meth:`_rest_local`); None when the capture does not track them."""
         if not self._capture.track_gradients:
             return None
-        return {"tracking": True, "signal": self._rest_local()[0].detach().cpu(), "step": self._last_call_step}
+        held = self._held_share
+        return {"tracking": True, "signal": self._rest_local()[0].detach().cpu(), "step": self._last_call_step,
+                "share_used": None if held is None or held[0] != self._last_call_step else float(held[1])}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The whole state is checked first (:meth:`check_state_dict`):
@@ -1202,6 +1238,8 @@ class AugmentationRefiner(RefinerCore):
             self.strength.load_state_dict(strength)
         # the update count at the last call before the save: the rest's signal read next is that call's
         self._last_call_step = None if rest is None else rest.get("step")
+        used = None if rest is None else rest.get("share_used")
+        self._held_share = None if used is None else (self._last_call_step, float(used))
         self._rest_pending = None
         self._capture.drop_graded()
         self._capture.track_gradients = rest is not None
@@ -1239,7 +1277,9 @@ class AugmentationRefiner(RefinerCore):
         if rest is not None:
             signal = rest.get("signal") if isinstance(rest, dict) else None
             step = rest.get("step") if isinstance(rest, dict) else None
-            if not isinstance(rest, dict) or set(rest) - {"step"} != {"tracking", "signal"} or rest["tracking"] is not True \
+            used = rest.get("share_used") if isinstance(rest, dict) else None
+            if not isinstance(rest, dict) or set(rest) - {"step", "share_used"} != {"tracking", "signal"} \
+                    or rest["tracking"] is not True or not (used is None or (is_real(used) and 0 <= used < float("inf"))) \
                     or not torch.is_tensor(signal) or signal.shape != (5,) \
                     or not (step is None or (isinstance(step, int) and not isinstance(step, bool)
                                              and 0 <= step <= state["step_count"])):
@@ -1248,6 +1288,20 @@ class AugmentationRefiner(RefinerCore):
                 check_part_presence(state, "rest", False, "a separate-term signal for an adaptive share")
             if nonfinite([signal]):
                 raise NonFiniteError("the saved separate-term signal holds NaN/inf", "load an intact checkpoint")
+        # last: the checks above name what differs in their own parts (classes, widths, options)
+        layout = state.get("model")   # states before it was recorded do not say
+        if layout is not None:
+            own = self._model_layout()
+            if not isinstance(layout, (list, tuple)) or \
+                    any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in layout):
+                raise ConfigurationError("the refiner state's 'model' is not a parameter layout", _CHECKPOINT_FIX)
+            saved = [[str(n), [int(d) for d in shape]] for n, shape in layout]
+            if saved != own:
+                diff = next((f"{a[0]} {tuple(a[1])} saved, {b[0]} {tuple(b[1])} here" for a, b in zip(saved, own)
+                             if a != b), f"{len(saved)} parameters saved, {len(own)} here")
+                raise ConfigurationError(f"the refiner state was saved for another model ({diff})",
+                                         "load it into a refiner built on the model the state was saved with "
+                                         "(the same architecture), or start this refiner afresh")
 
     def __repr__(self) -> str:
         return f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, schedule={self.schedule!r})"

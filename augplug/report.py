@@ -49,6 +49,7 @@ import torch
 
 from ._extras import pyplot, require
 from .errors import ConfigurationError, ShapeError, TargetError
+from .options import is_integer
 from .targets import to_soft_targets
 
 __all__ = ["AugmentationAudit", "TracedRandAugment", "transform_names", "IGNORED_TRANSFORMS", "IDENTITY",
@@ -57,7 +58,8 @@ __all__ = ["AugmentationAudit", "TracedRandAugment", "transform_names", "IGNORED
 #: Deterministic conversions of albumentations / torchvision pipelines that say nothing about the
 #: augmentation a row received; dropped from transform names by default.
 IGNORED_TRANSFORMS = frozenset({"Normalize", "ToTensorV2", "ToTensor", "PILToTensor", "ToFloat", "FromFloat",
-                                "ToGray", "ToRGB", "ConvertImageDtype", "ToDtype", "ToImage"})
+                                "ToRGB", "ConvertImageDtype", "ToDtype", "ToImage"})
+# (albumentations' ToGray is not among them: it is a random augmentation, p=0.5 by default)
 
 #: The name given to rows no transform changed.
 IDENTITY = "identity"
@@ -308,7 +310,8 @@ class AugmentationAudit:
             return [a.rows, a.weight, a.kept, a.relabel, a.agreement]
         return {"cells": [[t, c, *acc(a)] for (t, c), a in self._cells.items()],
                 "by_class": [[c, *acc(a)] for c, a in self._by_class.items()],
-                "total": acc(self._total), "updates": self.updates, "num_classes": self.num_classes}
+                "total": acc(self._total), "updates": self.updates, "num_classes": self.num_classes,
+                "class_names": None if self.class_names is None else list(self.class_names)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the accumulated sums by those of :meth:`state_dict`; a state that does not fit is
@@ -331,23 +334,45 @@ class AugmentationAudit:
         if not isinstance(state, Mapping):
             raise ConfigurationError(f"an audit state must be a mapping, got {type(state).__name__}",
                                      "pass what AugmentationAudit.state_dict() returned")
+        what = "load" if replacing else "merge"
+        fix = "pass what AugmentationAudit.state_dict() returned, unchanged"
         n = state.get("num_classes")
+        if n is not None and not is_integer(n):
+            raise ConfigurationError(f"the audit state's num_classes is {n!r}, not a number of classes", fix)
         if n is not None and self.num_classes is not None and int(n) != self.num_classes:
-            what = "load" if replacing else "merge"
             raise ShapeError(f"cannot {what} an audit over {n} classes into one over {self.num_classes}",
                              f"{what} audits built with the same classes")
+        names = state.get("class_names")
+        if names is not None and self.class_names is not None and [str(c) for c in names] != list(self.class_names):
+            raise ShapeError(f"cannot {what} an audit whose classes are {list(names)[:6]} into one whose classes "
+                             f"are {list(self.class_names)[:6]} (another order files rows under other classes)",
+                             f"{what} audits built with the same class names in the same order")
 
         def sums(vals):
             rows, weight, kept, relabel, agreement = vals
-            return int(rows), float(weight), int(kept), int(relabel), float(agreement)
+            out = int(rows), float(weight), int(kept), int(relabel), float(agreement)
+            if out[0] < 0 or not 0 <= out[2] <= out[0] or not 0 <= out[3] <= out[0] or \
+                    not (math.isfinite(out[1]) and math.isfinite(out[4])):
+                raise ValueError(f"impossible sums {list(vals)} (negative counts, more kept than rows, or NaN)")
+            return out
 
         try:
             cells = [((str(t), int(c)), sums(vals)) for t, c, *vals in state["cells"]]
             by_class = [(int(c), sums(vals)) for c, *vals in state["by_class"]]
             total, updates = sums(state["total"]), int(state["updates"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigurationError(f"the audit state is malformed ({type(e).__name__}: {e})",
-                                     "pass what AugmentationAudit.state_dict() returned, unchanged") from None
+            raise ConfigurationError(f"the audit state is malformed ({type(e).__name__}: {e})", fix) from None
+        classes = n if n is not None else self.num_classes
+        labels = [c for (_, c), _ in cells] + [c for c, _ in by_class]
+        if labels and classes is None:
+            raise ConfigurationError("the audit state counts rows by class but says over how many classes",
+                                     "build the audit with num_classes= (or class_names=) before loading")
+        bad = sorted({c for c in labels if not 0 <= c < int(classes)}) if labels else []
+        if bad:
+            raise ShapeError(f"the audit state holds classes {bad[:6]} outside 0..{int(classes) - 1}",
+                             f"{what} audits built with the same classes")
+        if sum(v[0] for _, v in by_class) != total[0] or updates < 0:
+            raise ConfigurationError("the audit state's totals do not add up (its class rows against its total)", fix)
         return {"cells": cells, "by_class": by_class, "total": total, "updates": updates,
                 "num_classes": None if n is None else int(n)}
 

@@ -94,11 +94,13 @@ class GeneratedSamples(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_arrays(cls, images, labels, **kwargs) -> "GeneratedSamples":
-        """From arrays: ``images`` ``(N, H, W)``, ``(N, C, H, W)`` (uint8 scaled to [0, 1], or float),
-        ``labels`` ``(N,)``."""
-        return cls(torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images,
-                   torch.as_tensor(np.asarray(labels)) if not torch.is_tensor(labels) else labels, **kwargs)
+    def from_arrays(cls, images, labels, channels_last: Optional[bool] = None, **kwargs) -> "GeneratedSamples":
+        """From arrays: ``images`` ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` (uint8 scaled to
+        [0, 1], or float), ``labels`` ``(N,)``. ``channels_last``: as in :meth:`from_file` (default:
+        guessed when the last axis has 1, 3 or 4 entries and the second does not)."""
+        images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+        labels = torch.as_tensor(np.asarray(labels)) if not torch.is_tensor(labels) else labels
+        return cls(_channels_first(images, channels_last), labels, **kwargs)
 
     @classmethod
     def from_file(cls, path: Union[str, Path], image_key: Optional[str] = None, label_key: Optional[str] = None,
@@ -133,11 +135,7 @@ class GeneratedSamples(torch.utils.data.Dataset):
             return torch.as_tensor(data[keys[0]])
 
         images, labels = pick(image_key, _IMAGE_KEYS, "images"), pick(label_key, _LABEL_KEYS, "labels")
-        if channels_last is None:
-            channels_last = images.dim() == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
-        if channels_last:
-            images = images.permute(0, 3, 1, 2).contiguous()
-        return cls(images, labels, **kwargs)
+        return cls(_channels_first(images, channels_last), labels, **kwargs)
 
     @classmethod
     def from_folder(cls, root: Union[str, Path], classes: Optional[Sequence[str]] = None, image_mode: str = "RGB",
@@ -156,8 +154,13 @@ class GeneratedSamples(torch.utils.data.Dataset):
         root = Path(root)
         if not root.is_dir():
             raise ConfigurationError(f"no directory at {root}", "pass a folder with one sub-folder per class")
-        folder = ImageFolder(str(root), loader=lambda p: _open_image(p, image_mode),
-                             transform=lambda im: pil_to_tensor(im).float() / 255.0)
+        try:
+            folder = ImageFolder(str(root), loader=lambda p: _open_image(p, image_mode),
+                                 transform=lambda im: pil_to_tensor(im).float() / 255.0)
+        except FileNotFoundError as e:   # a class folder without images, or no class folders
+            raise ConfigurationError(f"the generated images under {root} cannot be read as one folder per class "
+                                     f"({e})", "put the images in one sub-folder per class, and remove empty "
+                                     "class folders") from None
         if classes is not None:
             classes = [str(c) for c in classes]
             unknown = [c for c in folder.classes if c not in classes]
@@ -198,7 +201,23 @@ class GeneratedSamples(torch.utils.data.Dataset):
         if torch.is_tensor(self.images) and self.transform is None:
             return self.images[index], self.labels[index]
         items = [self[int(i)] for i in index]
+        shapes = sorted({tuple(x.shape) for x, _ in items})
+        if len(shapes) > 1:
+            raise ShapeError(f"the generated images drawn have several shapes ({', '.join(map(str, shapes[:4]))})",
+                             "resize them to the real images' size when loading: GeneratedSamples.load(..., "
+                             "transform=torchvision.transforms.v2.Resize((H, W)))")
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def _channels_first(images: torch.Tensor, channels_last: Optional[bool]) -> torch.Tensor:
+    """``(N, H, W, C)`` images as ``(N, C, H, W)``: where ``channels_last`` says so, or (None) where the
+    last axis has 1, 3 or 4 entries and the second does not."""
+    if channels_last is None:
+        channels_last = images.dim() == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+    if channels_last and images.dim() != 4:
+        raise ShapeError(f"channels_last=True needs (N, H, W, C) images, got shape {tuple(images.shape)}",
+                         "pass 4-D images, or leave channels_last out")
+    return images.permute(0, 3, 1, 2).contiguous() if channels_last else images
 
 
 def _open_image(path: str, mode: str):
@@ -344,6 +363,12 @@ class BatchMixer:
                         raise TargetError(f"generated label {int(y.max())} is outside the {c} classes of the batch",
                                           "map the generator's classes to the training set's class order")
                     y = torch.nn.functional.one_hot(y, c).to(targets.dtype)
+                if x.is_floating_point() != inputs.is_floating_point():   # a cast would turn [0, 1] floats into 0s
+                    raise ShapeError(f"source {self.source_names[j + 1]!r} yields {x.dtype} images, the real batch is "
+                                     f"{inputs.dtype}: casting one into the other changes their values (floats in "
+                                     f"[0, 1] become 0 as integers)",
+                                     "mix the batch where both are floats (after the real images are converted), "
+                                     "or give the source a transform= to the real images' dtype and range")
                 xs.append(x.to(inputs.device, inputs.dtype))
                 ys.append(y.to(targets.device, targets.dtype if targets.dim() == 2 else torch.long))
                 srcs.append(torch.full((len(pick),), j + 1, dtype=torch.long))
@@ -380,8 +405,14 @@ class BatchMixer:
             raise ConfigurationError(f"the mixer state is malformed ({type(e).__name__}: {e})", fix) from None
         if len(pos) != len(self.datasets) or len(orders) != len(self.datasets):
             raise ConfigurationError(f"state for {len(pos)} sources, mixer has {len(self.datasets)}", fix)
-        if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8):
-            raise ConfigurationError("the mixer state's generator state is not a uint8 tensor", fix)
+        if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.shape == self._gen.get_state().shape):
+            raise ConfigurationError("the mixer state's generator state is not a generator state (a uint8 tensor "
+                                     f"of {self._gen.get_state().numel()} values)", fix)
+        try:   # content torch refuses, on a scratch generator
+            torch.Generator().set_state(gen)
+        except RuntimeError as e:
+            raise ConfigurationError(f"the mixer state's generator state is invalid ({e})", fix) from None
+        pos = [int(p) if is_integer(p) else p for p in pos]   # numpy integers, as a sweep's state may hold
         for name, ds, order, p in zip(self.source_names[1:], self.datasets, orders, pos):
             n = len(ds)
             fits = order is None or (isinstance(order, torch.Tensor) and order.dim() == 1 and order.numel() == n
@@ -412,7 +443,11 @@ class SourceAudit(AugmentationAudit):
         _check_source_names(self.source_names)
 
     def update(self, stats: Mapping[str, Any], source_ids, labels, rows: Optional[torch.Tensor] = None) -> bool:
-        ids = torch.as_tensor(source_ids).long().cpu()
+        ids = torch.as_tensor(source_ids)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise ShapeError(f"source_ids must be integer ids, got {ids.dtype}",
+                             "pass MixedBatch.source_ids (not its augmented mask, nor float ids)")
+        ids = ids.long().cpu()
         if ids.dim() != 1:
             raise ShapeError(f"source_ids must be 1-D, got shape {tuple(ids.shape)}", "pass MixedBatch.source_ids")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.source_names)):

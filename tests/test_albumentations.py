@@ -123,3 +123,58 @@ def test_example_rejects_bad_numbers(args, message, capsys):
     with pytest.raises(SystemExit):
         ex.main(args)
     assert message in capsys.readouterr().err
+
+
+def _flips():
+    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.25)], save_applied_params=True)
+
+
+def _fired(pipeline, n=600):
+    img = np.zeros((4, 4, 3), np.uint8)
+    return [frozenset(t for t, _ in pipeline(image=img)["applied_transforms"]) for _ in range(n)]
+
+
+def test_seeded_transforms_fire_independently_and_repeat():
+    """Compose(seed=) gives every transform the same stream in albumentations 2.0.8: every vertical flip
+    is also a horizontal one. seed_albumentations gives each its own, and repeats under a seed."""
+    from augplug.data import seed_albumentations
+    same_stream = _fired(A.Compose(_flips().transforms, save_applied_params=True, seed=0))
+    v = [f for f in same_stream if "VerticalFlip" in f]
+    assert v and all("HorizontalFlip" in f for f in v)   # what the helper is for
+    p = _flips()
+    seed_albumentations(p, 0)
+    fired = _fired(p)
+    v = [f for f in fired if "VerticalFlip" in f]
+    both = sum("HorizontalFlip" in f for f in v)
+    assert 0.3 * len(v) < both < 0.7 * len(v)            # about half, as for independent draws
+    q = _flips()
+    seed_albumentations(q, 0)
+    assert _fired(q) == fired
+    r = _flips()
+    seed_albumentations(r, 1)
+    assert _fired(r) != fired
+
+
+def test_worker_init_gives_each_worker_its_own_draws():
+    from augplug.data import albumentations_worker_init, seed_albumentations
+
+    class Views(torch.utils.data.Dataset):
+        def __init__(self):
+            self.pipeline = _flips()
+            seed_albumentations(self.pipeline, 0)
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return "|".join(t for t, _ in self.pipeline(image=np.zeros((4, 4, 3), np.uint8))["applied_transforms"])
+
+    def draws(seed, init):
+        loader = torch.utils.data.DataLoader(Views(), batch_size=8, num_workers=2, worker_init_fn=init,
+                                             generator=torch.Generator().manual_seed(seed))
+        return [list(b) for b in loader]
+
+    plain = draws(0, None)
+    assert plain[0] == plain[1]                           # both workers start from the same copy
+    seeded = draws(0, albumentations_worker_init)
+    assert seeded[0] != seeded[1] and seeded == draws(0, albumentations_worker_init)

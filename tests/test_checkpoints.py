@@ -224,3 +224,33 @@ def test_remove_hooks_leaves_the_accelerators_checkpoints():
         r2 = AugmentationRefiner(model, opt, _val(), schedule=Schedule(budget=None), accelerator=acc)
     assert [o for o in acc._custom_objects if isinstance(o, AugmentationRefiner)] == [r2]
     r2.remove_hooks()
+
+
+def test_a_state_of_another_backbone_with_the_same_classifier_is_refused():
+    """The direction covers the classifier only (last-layer mode), so a state of another backbone with
+    a classifier of the same shape loaded, window and all. States record the model's layout."""
+    class Net(nn.Module):
+        def __init__(self, depth):
+            super().__init__()
+            self.body = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(8, 8), nn.ReLU())])
+            self.fc = nn.Linear(8, C)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    def trained(depth, steps):
+        torch.manual_seed(0)
+        model = Net(depth)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ref = AugmentationRefiner(model, opt, _val(), schedule=Schedule(budget=None, refresh_every=2))
+        for i in range(steps):
+            _step(model, opt, ref, i)
+        return ref
+
+    state = trained(2, 5).state_dict()
+    ref = trained(1, 3)
+    _refused(ref, state, r"saved for another model \(body\.2\.weight")
+    trained(2, 3).load_state_dict(state)   # the same architecture loads
+    legacy = dict(state)
+    del legacy["model"]                    # a state from before the layout was recorded
+    ref.load_state_dict(legacy)

@@ -42,13 +42,13 @@ def _refiner(model, opt, init=0.4, signal="upstream", **kw):
 
 
 def _spy_share(r):
-    """Record the statistics each call gives the share (the second gather of a call, which goes on
-    from the first: :meth:`AdaptiveShare.gather`)."""
+    """Record the statistics each call gives the share (the gather of a call that carries them:
+    :meth:`AdaptiveShare.gather`)."""
     seen = []
     gather = r.share.gather
 
     def spy(stats, *args, base=None, **kw):
-        if base is not None and stats is not None:
+        if stats is not None:
             seen.append(stats.detach().clone())
         return gather(stats, *args, base=base, **kw)
 
@@ -459,3 +459,56 @@ def test_a_copy_of_the_model_trains_like_a_plain_model():
     x, y, x_aug, y_aug = _batch(10)
     r(model(x_aug), y_aug).backward()
     assert r.stats["against_rest"]
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_accumulated_micro_batches_step_the_share_once_per_update_and_share_it(micro_batches):
+    """With k micro-batches per update the share stepped twice per update (the first gather of an
+    update's first call flushed the update before's statistics without its last micro-batch, the
+    last one then stepped again), and the micro-batches of one update used different shares. Now:
+    one step per update, every call of an update uses its first call's share, and a run without
+    accumulation is unchanged."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = _refiner(model, opt, init=0.5, signal="direction")
+    shares, updates = [], 8
+    for update in range(updates):
+        used = []
+        for micro in range(micro_batches):
+            x, y, x_aug, y_aug = _batch(10 * update + micro)
+            loss = (r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)) / micro_batches
+            used.append(r.stats["aug_weight"])
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        shares.append(used)
+        assert len(set(used)) == 1, (update, used)
+    assert r.stats["against_rest"]
+    # the statistics of an update are complete at the next update's first call: one step for each
+    # update but the last (the first update's later micro-batches judge its first one's views)
+    assert int(r.share.updates) == updates - 1
+    assert len({s[0] for s in shares}) > 1   # the share moved
+
+
+def test_views_sliced_out_of_one_forward_are_refused_at_the_first_call():
+    """``z = model(cat[x, x_aug]); refiner(z[n:], y_aug) + CE(z[:n], y)``: the whole forward was taken as
+    the rest of the loss (the views rescaled twice, their rows in the rest's agreement), silently with
+    ``features=`` and from the third call without. Refused at once, nothing changed; the one-call form
+    trains."""
+    from fault_harness import same
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = _refiner(model, opt, init=0.5, signal="direction")
+    x, y, x_aug, y_aug = _batch(0)
+    before = copy.deepcopy(r.state_dict())
+    for features in (False, True):
+        h = model[:2](torch.cat([x, x_aug]))
+        z = model[2](h)
+        kw = {"features": h[8:]} if features else {}
+        with pytest.raises(ShapeError, match="some of the rows of a larger forward"):
+            r(z[8:], y_aug, **kw)
+        same(before, r.state_dict())
+    z = model(torch.cat([x, x_aug]))
+    r(z, torch.cat([y, y_aug]), num_original=8).backward()

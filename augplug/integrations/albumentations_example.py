@@ -8,7 +8,8 @@ matplotlib for ``audit.png``). In a checkout also ``python integrations/albument
 
 Data: scikit-learn's bundled 8x8 digits (always available), 20 % held out as the test set and a
 stratified clean validation split of the rest. Each training image goes through an
-``A.Compose([..., A.Normalize(...), ToTensorV2()], save_applied_params=True, seed=...)`` pipeline;
+``A.Compose([..., A.Normalize(...), ToTensorV2()], save_applied_params=True)`` pipeline, each transform
+seeded on its own (``augplug.data.seed_albumentations``);
 the dataset returns the image, the label and the names of the transforms that were applied (from
 ``out["applied_transforms"]``, joined by ``"|"`` so the default collate keeps them). Every batch
 holds the clean originals followed by their augmented views; the refiner (SAflex by default) weights
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 
 from augplug import AugmentationRefiner  # noqa: E402
 from augplug._extras import require  # noqa: E402
-from augplug.data import stratified_split  # noqa: E402
+from augplug.data import albumentations_worker_init, seed_albumentations, stratified_split  # noqa: E402
 from augplug.models import SmallCNN  # noqa: E402
 from augplug.report import NAME_SEP, AugmentationAudit  # noqa: E402
 
@@ -45,7 +46,9 @@ IGNORE = ("Resize", "Normalize", "ToTensorV2")
 
 
 def build_pipeline(size: int = 16, seed: Optional[int] = 0, augment: bool = True):
-    """The training pipeline (``augment=True``) or the evaluation one: resize, normalize, to tensor."""
+    """The training pipeline (``augment=True``) or the evaluation one: resize, normalize, to tensor.
+    ``seed``: each transform's own random stream (:func:`augplug.data.seed_albumentations`; not
+    ``Compose(seed=)``, which gives every transform the same one); None: unseeded."""
     A = require("albumentations", "albumentations", "the albumentations example")
     ToTensorV2 = require("albumentations.pytorch", "albumentations", "the albumentations example").ToTensorV2
 
@@ -56,8 +59,11 @@ def build_pipeline(size: int = 16, seed: Optional[int] = 0, augment: bool = True
         A.RandomBrightnessContrast(p=0.3),
         A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(0.2, 0.4), hole_width_range=(0.2, 0.4), p=0.3),
     ] if augment else []
-    return A.Compose([A.Resize(size, size)] + aug + [A.Normalize(mean=(MEAN,), std=(STD,)), ToTensorV2()],
-                     save_applied_params=augment, seed=seed)
+    pipeline = A.Compose([A.Resize(size, size)] + aug + [A.Normalize(mean=(MEAN,), std=(STD,)), ToTensorV2()],
+                         save_applied_params=augment)
+    if seed is not None:
+        seed_albumentations(pipeline, seed)
+    return pipeline
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset):
@@ -130,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     train_set = AlbumentationsDataset(images[train_idx], labels[train_idx], build_pipeline(args.img_size, seed=args.seed),
                                       clean_pipeline=clean)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+                                         generator=torch.Generator().manual_seed(args.seed),
+                                         worker_init_fn=albumentations_worker_init)   # for num_workers > 0
     model = SmallCNN(1, 10, img_size=args.img_size)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = min(len(loader), args.max_steps or len(loader))
