@@ -382,12 +382,13 @@ class _HeadForward(GradientSlot):
     """One recorded forward of the classifier head: its input features, whether a refiner call used
     it, and (with gradient tracking) the gradient its output received in the backward pass."""
 
-    __slots__ = ("features", "used", "node")
+    __slots__ = ("features", "used", "node", "unscaled")
 
     def __init__(self, features: torch.Tensor, node=None):
         super().__init__()
-        #: ``node``: the autograd node of the head's output (to read the order of a concatenation)
-        self.features, self.used, self.node = features, False, node
+        #: ``node``: the autograd node of the head's output (to read the order of a concatenation);
+        #: ``unscaled``: its gradient arrived while the rest's scale was armed for an earlier update
+        self.features, self.used, self.node, self.unscaled = features, False, node, False
 
 
 def _inert_capture() -> "ActivationCapture":
@@ -483,9 +484,18 @@ class ActivationCapture:
         """The gradient hook of a recorded head output: keep the gradient as it arrives; for a forward
         no refiner call used, pass it on scaled by ``rest_scale`` when that is set."""
         record.receive(grad)
-        if record.used or self.rest_scale is None or not self._rest_current():
+        if record.used or self.rest_scale is None:
+            return None
+        if not self._rest_current():   # a backward before this update's refiner call (rest_backward_early)
+            record.unscaled = True
             return None
         return grad * self.rest_scale.to(grad.dtype)
+
+    def rest_backward_early(self) -> bool:
+        """Whether a forward no refiner call used got its gradient while the rest's scale was armed for an
+        earlier update: the rest of the loss was backpropagated before this update's refiner call, and
+        so was not rescaled."""
+        return any(r.unscaled and not r.used and r.grad is not None for r in self._awaiting)
 
     def arm_rest(self, scale: Optional[torch.Tensor], counter=None) -> None:
         """Scale the rest of the loss by ``scale`` (None: not at all) until the model is next updated:

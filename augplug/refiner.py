@@ -376,6 +376,7 @@ class AugmentationRefiner(RefinerCore):
         #: calls (micro-batches) of that update use
         self._held_share = None
         self._warned_pool_alone = False   # warned once: pooled sources on views alone gather nothing
+        self._warned_rest_early = False   # warned once: the rest's backward came before the refiner call
         self._closed_form_off = False   # closed-form calls stopped: the logits are not the head's output
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
@@ -697,6 +698,12 @@ class AugmentationRefiner(RefinerCore):
         # through the user's own loss term): the share then weighs the views against that term
         self._rest_mode, rest_stats = (self._rest_signal(world) if views_alone and self._capture.track_gradients
                                        else (False, None))
+        if self._rest_mode and not self._warned_rest_early and self._capture.rest_backward_early():
+            self._warned_rest_early = True
+            _warn_at_caller("the rest of the loss (the originals' term) was backpropagated before this update's "
+                            "refiner call, so it was not rescaled by 2 / (1 + share) while the views were: the "
+                            "step is not the documented one. Backpropagate after the refiner call: one "
+                            "(refiner(model(x_aug), y_aug) + F.cross_entropy(model(x), y)).backward()")
         if auto_strength:
             # "auto": per-sample refinement only beside originals; views weighed against the rest of
             # the loss keep their upstream weights and targets and are scored for the share alone

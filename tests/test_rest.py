@@ -512,3 +512,31 @@ def test_views_sliced_out_of_one_forward_are_refused_at_the_first_call():
         same(before, r.state_dict())
     z = model(torch.cat([x, x_aug]))
     r(z, torch.cat([y, y_aug]), num_original=8).backward()
+
+
+def test_a_rest_backpropagated_before_the_refiner_call_warns_once():
+    """``CE(model(x), y).backward(); refiner(model(x_aug), y_aug).backward()``: the originals' gradient
+    is counted in the share's signal but cannot be rescaled (the scale is armed at the call). The
+    documented order does not warn."""
+    import warnings
+
+    def run(early):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        r = _refiner(model, opt, init=0.5, signal="direction")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for step in range(6):
+                x, y, x_aug, y_aug = _batch(step)
+                opt.zero_grad()
+                if early:
+                    F.cross_entropy(model(x), y).backward()
+                    r(model(x_aug), y_aug).backward()
+                else:
+                    (r(model(x_aug), y_aug) + F.cross_entropy(model(x), y)).backward()
+                opt.step()
+        return [str(m.message) for m in w if "backpropagated before" in str(m.message)]
+
+    assert len(run(True)) == 1
+    assert run(False) == []
