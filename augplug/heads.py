@@ -255,9 +255,12 @@ def _heads_in_children(model: nn.Module):
 
 
 def output_logits(out) -> torch.Tensor:
-    """The logits in what a model's forward returned: the tensor itself, the first element of a tuple
-    or list (auxiliary outputs after it), or the ``logits`` entry of a mapping or an output object
-    (Hugging Face's ``ModelOutput``)."""
+    """The logits in what a model's forward returned: the tensor itself, a ``logits`` field (a
+    namedtuple or dataclass, wherever the field sits), the ``logits`` entry of a mapping (Hugging
+    Face's ``ModelOutput``), or else the first element of a tuple or list (auxiliary outputs after it)."""
+    named = getattr(out, "logits", None) if not isinstance(out, (torch.Tensor, Mapping)) else None
+    if isinstance(named, torch.Tensor):   # a namedtuple or dataclass with a logits field, wherever it sits
+        return named
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
     if isinstance(out, Mapping) and "logits" in out:

@@ -115,10 +115,16 @@ def augmented_rows(batch: int, num_original: int, augmented, device, unit: str =
     if augmented is not None and num_original:
         raise ConfigurationError("pass either num_original= or augmented=, not both", "keep one of them")
     if augmented is not None:
-        m = torch.as_tensor(augmented, device=device)
-        if m.dtype != torch.bool or m.shape != (batch,):
-            raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {m.dtype} {tuple(m.shape)}",
+        try:
+            m = torch.as_tensor(augmented, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            m = None
+        if m is None or m.dtype != torch.bool or m.shape != (batch,):
+            got = f"{m.dtype} {tuple(m.shape)}" if m is not None else type(augmented).__name__
+            raise ShapeError(f"augmented= must be a bool tensor of shape ({batch},), got {got}",
                              f"pass a boolean mask marking the augmented {unit}")
+        if m.is_inference():   # built under torch.inference_mode: indexing the logits with it must be saved
+            m = m.clone()
         return m, m, int(m.sum())
     if isinstance(num_original, bool) or (isinstance(num_original, torch.Tensor) and num_original.dtype == torch.bool):
         raise ShapeError(f"num_original must be an integer count, got the boolean {num_original!r}",
@@ -876,8 +882,8 @@ class AugmentationRefiner(RefinerCore):
             return
         check_logits(logits)
         to_soft_targets(targets, num_classes, batch_size=batch)
-        raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf "
-                             "(the logits are finite)",
+        raise NonFiniteError("the classifier features or model inputs of this batch hold NaN/inf, or fp64 "
+                             "values beyond fp32's range, in which scores are computed (the logits are finite)",
                              "check the batch's inputs and the features= / inputs= passed; skip the batch")
 
     def _check_feature_rows(self) -> None:

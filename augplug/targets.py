@@ -18,6 +18,14 @@ __all__ = ["check_logits", "check_target_structure", "check_row_tensor", "to_sof
 _PROB_TOL = 1e-3
 
 
+def _no_meta(t: torch.Tensor, what: str) -> None:
+    """A :class:`ShapeError` for a tensor on the meta device (shapes without values)."""
+    if t.device.type == "meta":
+        raise ShapeError(f"the {what} are on the meta device: they have a shape but no values",
+                         "pass tensors with values (a model materialized with to_empty() and loaded weights, "
+                         "not one built under torch.device('meta'))")
+
+
 def check_logits(logits: torch.Tensor, *, values: bool = True) -> None:
     """Raise a typed error unless ``logits`` is a finite floating (B, C) tensor with C >= 2.
 
@@ -26,6 +34,7 @@ def check_logits(logits: torch.Tensor, *, values: bool = True) -> None:
     if not isinstance(logits, torch.Tensor):
         raise ShapeError(f"logits must be a torch.Tensor, got {type(logits).__name__}",
                          "pass the model's output tensor (for dict/tuple outputs, pass the logits entry)")
+    _no_meta(logits, "logits")
     if logits.dim() != 2:
         shape = tuple(logits.shape)
         if logits.dim() < 2:
@@ -62,6 +71,7 @@ def check_target_structure(targets: torch.Tensor, num_classes: int, *, batch_siz
     if not isinstance(targets, torch.Tensor):
         raise TargetError(f"{what} must be a torch.Tensor, got {type(targets).__name__}",
                           "pass a tensor of class indices (B,) or probabilities (B, C)")
+    _no_meta(targets, what)
     if batch_size is not None and (targets.dim() == 0 or targets.shape[0] != batch_size):
         raise ShapeError(
             f"{what} have {targets.shape[0] if targets.dim() else 'no'} rows but logits have {batch_size}",
@@ -90,6 +100,7 @@ def check_row_tensor(t, batch_size: int, name: str, *, integer: bool = False, wi
     classifier's input size). Looks at no values."""
     if not isinstance(t, torch.Tensor):
         raise ShapeError(f"{name}= must be a torch.Tensor, got {type(t).__name__}", f"pass {name} as a tensor")
+    _no_meta(t, f"{name}=")
     if integer:
         if t.dim() != 1 or t.shape[0] != batch_size or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ShapeError(f"{name}= must be an integer tensor of shape ({batch_size},), got {t.dtype} "
@@ -183,7 +194,8 @@ def value_problems(logits: torch.Tensor, targets: torch.Tensor, extra=()) -> tor
     total = _finite_probe(logits)
     for e in tensor_leaves(extra):
         if e.is_floating_point():
-            total = total + _finite_probe(e).to(total.device)
+            # scores are computed in fp32: fp64 values beyond its range would become inf there
+            total = total + _finite_probe(e.detach().float() if e.dtype == torch.float64 else e).to(total.device)
     flag = total * 0.0  # 0 for a finite sum, NaN when any entry was NaN/inf
     t = targets.detach()
     if t.dim() == 1:

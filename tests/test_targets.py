@@ -26,13 +26,15 @@ def test_soft_cross_entropy_is_the_written_out_sum():
 
 
 def test_value_problems_flags_exactly_the_non_finite_batches():
-    """One fp64 sum per fp32/fp16/bf16 tensor is finite exactly when every entry is; fp64 tensors,
-    whose sum could overflow, get the exact test (large finite values are not flagged)."""
+    """One fp64 sum per fp32/fp16/bf16 tensor is finite exactly when every entry is. fp64 features and
+    inputs are probed in fp32, the dtype scores are computed in: entries beyond its range are flagged
+    (they would be inf there), large ones within it are not, whatever their sum."""
     from augplug.targets import value_problems
 
     logits, y = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])
-    big = torch.full((4, 5), 1e308, dtype=torch.float64)  # sums to inf, every entry finite
+    big = torch.full((4, 5), 3e38, dtype=torch.float64)  # within fp32's range, summing beyond it
     assert not bool(value_problems(logits, y, (big, None)))
+    assert bool(value_problems(logits, y, (torch.full((4, 5), 1e308, dtype=torch.float64), None)))
     assert not bool(value_problems(torch.full((4, 3), 3e38), y))  # fp32 near its maximum
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for bad in (float("nan"), float("inf"), -float("inf")):
