@@ -643,6 +643,11 @@ class RefinerCore:
         limit = want + self._skip_limit() if want is not None else reads
         world, rank = dist_world_size(), dist_rank()
         good, skipped, read = 0, 0, 0
+        # in a process group each batch is checked and differentiated on one process: a rejection
+        # there is agreed by every process after the loop (a raise on one alone would leave the
+        # others waiting in the refresh's all-reduce)
+        agreed = world > 1 and not every_process
+        failure = None
         while (good < want and read < limit) if want is not None else read < reads:
             x, y = self._stream.next()
             read += 1
@@ -657,20 +662,32 @@ class RefinerCore:
             good += 1
             if not every_process and j % world != rank:
                 continue
-            if not cached:
-                x, y = prepare(x, y)
-            if rows(y) == 0 and not every_process:
-                continue
             try:
-                visit(j, x, y)
-            except (AugplugError, NotImplementedError):
-                raise
-            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a clash in the model's forward
-                raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
-                                 f"{(str(e).splitlines() or [''])[0]}",
-                                 "make the validation loader yield inputs like the training inputs (tensors of the "
-                                 "same shape, channels, dtype and device placement; with bn_mode='train', batches "
-                                 "of at least 2 rows: DataLoader(..., drop_last=True))") from e
+                if not cached:
+                    x, y = prepare(x, y)
+                if rows(y) == 0 and not every_process:
+                    continue
+                try:
+                    visit(j, x, y)
+                except (AugplugError, NotImplementedError):
+                    raise
+                except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a clash in the model's forward
+                    raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
+                                     f"{(str(e).splitlines() or [''])[0]}",
+                                     "make the validation loader yield inputs like the training inputs (tensors of "
+                                     "the same shape, channels, dtype and device placement; with bn_mode='train', "
+                                     "batches of at least 2 rows: DataLoader(..., drop_last=True))") from e
+            except AugplugError as e:
+                if not agreed:
+                    raise
+                failure = e
+                break
+        if agreed:
+            bad = self._group_rejects(torch.tensor(float(failure is not None), dtype=torch.float64,
+                                                   device=self._device()))
+            if failure is not None:
+                raise failure
+            self._raise_for_peers(bad)
         if good == 0:
             if skipped:
                 raise NonFiniteError(f"all {skipped} validation batches read for this refresh hold NaN/inf",

@@ -853,6 +853,9 @@ class AugmentationRefiner(RefinerCore):
                                 "method=augplug.SAflex(pool=<number of source ids>) to pool it, or drop sources=")
         if index is not None and not self.policy.checks_index:
             check_row_tensor(index, batch, "index", integer=True)
+        # the policy's own checks of index= / sources= values, here where a rejection is agreed by a
+        # process group (inside the policy one process would raise and the others go on)
+        self.policy.check_call(index=index, sources=sources, batch=batch)
         # what scoring and ISDA will read besides the logits: checked in the same device sync
         if features is None:
             self._check_feature_rows()
@@ -1029,30 +1032,35 @@ class AugmentationRefiner(RefinerCore):
         pending = self._rest_pending
         if graded and pending is not None and pending[3].grad is not None:
             aug_stats, v_w, v_b, scale = pending
-            local = torch.cat([aug_stats.to(dev), torch.stack([self._rest_agreement(graded, v_w, v_b, scale).to(dev)]),
-                               torch.ones(2, dtype=torch.float64, device=dev)])
+            a_rest, count = self._rest_agreement(graded, v_w, v_b, scale)
+            local = torch.cat([aug_stats.to(dev), torch.stack([a_rest.to(dev), count.to(dev)]),
+                               torch.ones(1, dtype=torch.float64, device=dev)])
             return local, True, True
         local = torch.zeros(5, dtype=torch.float64, device=dev)
         if graded:
             local[4] = 1.0
         return local, False, bool(graded)
 
-    def _rest_agreement(self, graded, v_w, v_b, scale) -> torch.Tensor:
-        """``a_rest`` (0-dim fp64) from the rest's head forwards ``graded`` (features, output gradient):
-        ``-<grad L_rest, v> / s``; for the share's direction signal the mean over the rest's rows of
-        ``-G_i^T u_i / |G_i|`` (``u_i = V_W h_i + v_b``; ``-G_i / |G_i|`` is the row's residual
-        direction, whatever the loss's scale, so ``s`` drops out)."""
+    def _rest_agreement(self, graded, v_w, v_b, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(a, n)`` (0-dim fp64 each) from the rest's head forwards ``graded`` (features, output
+        gradient), whose ratio ``a / n`` is the rest's agreement: ``(-<grad L_rest, v> / s, 1)``; for
+        the share's direction signal the sum over the rest's rows of ``-G_i^T u_i / |G_i|`` and their
+        number (``u_i = V_W h_i + v_b``; ``-G_i / |G_i|`` is the row's residual direction, whatever the
+        loss's scale, so ``s`` drops out). Sums, so that a process group pools its rows: the mean over
+        every process's rows, not a mean of the processes' means."""
         def pushes(h, G):
             return G.float() * (h.float() @ v_w.t() + (0.0 if v_b is None else v_b))
         if not self.share.needs_probs:
             pushed = sum(pushes(h, G).sum() for h, G in graded)
-            return -pushed.double() / scale.grad.double().to(pushed.device)
+            a = -pushed.double() / scale.grad.double().to(pushed.device)
+            return a, torch.ones((), dtype=torch.float64, device=a.device)
         total, rows = 0.0, 0
         for h, G in graded:
             norm = G.float().norm(dim=-1)
             total = total + (pushes(h, G).sum(-1) / norm.clamp_min(RESIDUAL_FLOOR)).sum()
             rows = rows + (norm > 0).sum()
-        return -total.double() / torch.as_tensor(rows).clamp_min(1).double()
+        total = -torch.as_tensor(total).double()
+        return total, torch.as_tensor(rows, device=total.device).double()
 
     def _commit_rest(self, views_alone: bool, ctx, soft, scores, weights, aug, loss, used_share) -> None:
         """After a committed call: forget the forwards whose backward has come; for views alone, hook

@@ -665,3 +665,105 @@ def test_a_validation_loader_sharded_per_process_is_refused(tmp_path):
         assert "DistributedSampler" in found["distributed-sampler"] and "whole validation set" in found["distributed-sampler"]
         assert "accelerator.prepare()" in found["prepared"]
         assert found["plain"] == "accepted"
+
+
+def _uneven_split(x, y):
+    """Rank 0: 6 views and 2 originals; rank 1: 2 views and 6 originals (of its 8 rows)."""
+    views_n = (6, 2)
+    return [((x[r * ROWS:r * ROWS + views_n[r]], y[r * ROWS:r * ROWS + views_n[r]]),
+             (x[r * ROWS + views_n[r]:(r + 1) * ROWS], y[r * ROWS + views_n[r]:(r + 1) * ROWS])) for r in range(WORLD)]
+
+
+def _uneven_run(model, opt, refiner, views, originals, backward, ce_scale):
+    (xa, ya), (xo, yo) = views, originals
+    shares = []
+    for step in range(SEPARATE_STEPS + 2):
+        shift = 0.1 * step
+        loss = refiner(model(xa + shift), ya) + ce_scale * nn.functional.cross_entropy(model(xo + shift), yo)
+        opt.zero_grad()
+        backward(loss)
+        opt.step()
+        shares.append(float(refiner.aug_weight))
+    return shares
+
+
+def _separate_uneven_worker(out_dir: str) -> None:
+    acc = _accelerator()
+    model, opt, val, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    refiner = _separate_refiner(model, opt, val, accelerator=acc)
+    views, originals = _uneven_split(x, y)[acc.process_index]
+    # DDP averages the processes' gradients: each scales its mean CE by its share of the originals
+    scale = originals[1].shape[0] * WORLD / (WORLD * ROWS - 8)
+    shares = _uneven_run(model, opt, refiner, views, originals, acc.backward, scale)
+    torch.save(shares, os.path.join(out_dir, f"uneven{acc.process_index}.pt"))
+
+
+def test_separate_pattern_with_uneven_batches_pools_the_rests_rows(tmp_path):
+    """The direction signal's rest agreement was each process's mean over its own originals, then
+    averaged over the processes: with uneven batches the share moved otherwise than in one process.
+    The processes now pool the sums and row counts."""
+    _launch("_separate_uneven_worker", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"uneven{r}.pt", weights_only=True) for r in range(WORLD)]
+    model, opt, val, x, y = _setup()
+    parts = _uneven_split(x, y)
+    views = tuple(torch.cat([p[0][k] for p in parts]) for k in range(2))
+    originals = tuple(torch.cat([p[1][k] for p in parts]) for k in range(2))
+    one = _uneven_run(model, opt, _separate_refiner(model, opt, val), views, originals,
+                      lambda loss: loss.backward(), 1.0)
+    assert len(set(one)) > 2   # the share moved
+    for r in ranks:
+        assert r == pytest.approx(one, rel=1e-5)
+
+
+def _bad_inputs_worker(out_dir: str, kind: str) -> None:
+    """A bad sources= (kind "sources") or a validation batch with a label out of range (kind "val", the
+    exact schedule: each batch is checked on the process that differentiates it) on rank 1 only."""
+    from augplug import SAflex, Schedule
+    from augplug.errors import AugplugError
+
+    acc = _accelerator()
+    model, opt, _, x, y = _setup()
+    model, opt = acc.prepare(model, opt)
+    g = torch.Generator().manual_seed(5)
+    xv, yv = torch.randn(20, D, generator=g), torch.randint(0, C, (20,), generator=g)
+    if kind == "val":
+        yv[5:10] = C + 3                    # batch 1 of 4: differentiated by rank 1
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=5)
+    method = SAflex(pool=3) if kind == "sources" else "saflex"
+    refiner = AugmentationRefiner(model, opt, val, method=method, accelerator=acc,
+                                  schedule=Schedule(refresh_every=1, budget=None, fresh_batches=None,
+                                                    warmup_steps=1 if kind == "val" else 0))
+    r = acc.process_index
+    rows = slice(r * ROWS, (r + 1) * ROWS)
+    errors = []
+    for step in range(3):
+        kw = {}
+        if kind == "sources":
+            kw["sources"] = torch.full((ROWS,), 5 if (r == 1 and step == 1) else 1)
+        try:
+            loss = refiner(model(x[rows]), y[rows], num_original=N_ORIG, **kw)
+        except AugplugError as e:
+            errors.append(type(e).__name__)
+            continue
+        errors.append(None)
+        opt.zero_grad()
+        acc.backward(loss)
+        opt.step()
+    torch.save({"errors": errors, "v": refiner.state_dict()["v"]}, os.path.join(out_dir, f"badin{r}.pt"))
+
+
+@pytest.mark.parametrize("kind", ["sources", "val"])
+def test_bad_sources_or_validation_batch_on_one_process_is_rejected_on_every_process(tmp_path, kind):
+    """Both were checked inside the policy or the refresh on one process only: the other went on into
+    a collective, and gloo aborted the job (or it hung)."""
+    _launch("_bad_inputs_worker", str(tmp_path), kind)
+    ranks = [torch.load(tmp_path / f"badin{r}.pt", weights_only=True) for r in range(WORLD)]
+    if kind == "sources":
+        assert ranks[1]["errors"] == [None, "ShapeError", None]
+        assert ranks[0]["errors"] == [None, "PeerBatchError", None]
+    else:   # every refresh reads the bad batch
+        assert ranks[1]["errors"][1:] == ["ClassCountMismatchError"] * 2
+        assert ranks[0]["errors"][1:] == ["PeerBatchError"] * 2
+    for k in (ranks[0]["v"] or {}):
+        assert torch.equal(ranks[0]["v"][k], ranks[1]["v"][k])

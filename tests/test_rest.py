@@ -360,10 +360,11 @@ def test_direction_signal_is_each_rows_agreement_per_unit_of_residual(pattern):
         opt.step()
     if pattern == "batch":   # each call judges its own batch
         pairs = [(s, e) for s, e in zip(seen, expected) if e is not None]
-        # one batch: the originals' statistic is their sum and count, as share_agreements keeps them
-        pairs = [(s, torch.stack([e[0], e[1], e[2] * 8, e[1]])) for s, e in pairs]
     else:                    # each call judges the call before it
         pairs = list(zip(seen, expected[1:len(seen) + 1]))
+    # the originals' (or the rest's rows') statistic is their sum and count, as share_agreements keeps
+    # them (a process group pools them)
+    pairs = [(s, torch.stack([e[0], e[1], e[2] * 8, e[1]])) for s, e in pairs]
     assert len(pairs) >= 2
     for stats, want in pairs:
         torch.testing.assert_close(stats, want, rtol=1e-4, atol=1e-7)

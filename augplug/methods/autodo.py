@@ -253,6 +253,10 @@ class AutoDO(Policy):
         if self.tables.weight_logits.device != device:
             self.tables.to(device)
 
+    def check_call(self, *, index=None, sources=None, batch: int = 0) -> None:
+        # kept for the call's refine, which would otherwise check (and read back) the same index again
+        self._checked_call = (index, batch, self.check_index(index, batch))
+
     def check_index(self, index, batch: int) -> torch.Tensor:
         """Validate a batch's dataset positions and return them as a long tensor (nothing is changed)."""
         fix = ("wrap the training set in augplug.data.IndexedDataset and pass the batch's positions, "
@@ -396,7 +400,9 @@ class AutoDO(Policy):
             raise ShapeError(f"the logits have {ctx.num_classes} classes, but AutoDO's tables were built for "
                              f"num_classes={self.num_classes}",
                              f"build the method with num_classes={ctx.num_classes} (the model's outputs)")
-        idx = self.check_index(ctx.index, ctx.batch)
+        checked, self._checked_call = getattr(self, "_checked_call", None), None
+        idx = checked[2] if checked is not None and checked[0] is ctx.index and checked[1] == ctx.batch else \
+            self.check_index(ctx.index, ctx.batch)
         y = ctx.targets
         dev = y.device
         self._device(dev)

@@ -474,6 +474,11 @@ class Policy:
     def check_state(self, state: Any) -> None:
         """Raise (changing nothing) unless ``state`` can be loaded by ``load_state_dict``."""
 
+    def check_call(self, *, index=None, sources=None, batch: int = 0) -> None:
+        """Raise a typed error for a call's ``index=`` / ``sources=`` the policy would refuse (checked
+        by the refiner before anything runs, so that in a process group every process rejects the
+        step together). Default: nothing to check."""
+
     def extra_repr(self) -> str:
         return ""
 

@@ -284,6 +284,10 @@ class SAflex(Policy):
     def reads_sources(self) -> bool:
         return self.pool is not None
 
+    def check_call(self, *, index=None, sources=None, batch: int = 0) -> None:
+        if self.pool is not None and sources is not None:
+            self.pool.check_sources(sources, batch, "cpu" if not torch.is_tensor(sources) else sources.device)
+
     @property
     def has_state(self) -> bool:
         return self.pool is not None
