@@ -597,6 +597,16 @@ def _separate_split(x, y):
              (x[r * ROWS:r * ROWS + 4], y[r * ROWS:r * ROWS + 4])) for r in range(WORLD)]
 
 
+def _one_process_views(split):
+    """``(model, opt, val, views, originals)`` for one process holding every process's part of
+    ``split`` (views and originals joined in process order)."""
+    model, opt, val, x, y = _setup()
+    parts = split(x, y)
+    views = tuple(torch.cat([p[0][k] for p in parts]) for k in range(2))
+    originals = tuple(torch.cat([p[1][k] for p in parts]) for k in range(2))
+    return model, opt, val, views, originals
+
+
 def _separate_refiner(model, opt, val, **kw):
     from augplug.share import AdaptiveShare
     return AugmentationRefiner(model, opt, val, seed=3, **kw, **refiner_kwargs(
@@ -620,10 +630,7 @@ def test_separate_pattern_two_processes_match_one_process(tmp_path):
     pass) equals that process's gradient."""
     _launch("_separate_worker", str(tmp_path))
     ranks = [torch.load(tmp_path / f"separate{r}.pt", weights_only=True) for r in range(WORLD)]
-    model, opt, val, x, y = _setup()
-    parts = _separate_split(x, y)
-    views = tuple(torch.cat([p[0][k] for p in parts]) for k in range(2))
-    originals = tuple(torch.cat([p[1][k] for p in parts]) for k in range(2))
+    model, opt, val, views, originals = _one_process_views(_separate_split)
     one = _separate_run(model, opt, _separate_refiner(model, opt, val), views, originals,
                         lambda loss: loss.backward(), model)
     assert one["against_rest"] == [False] + [True] * (SEPARATE_STEPS - 1)
@@ -705,10 +712,7 @@ def test_separate_pattern_with_uneven_batches_pools_the_rests_rows(tmp_path):
     The processes now pool the sums and row counts."""
     _launch("_separate_uneven_worker", str(tmp_path))
     ranks = [torch.load(tmp_path / f"uneven{r}.pt", weights_only=True) for r in range(WORLD)]
-    model, opt, val, x, y = _setup()
-    parts = _uneven_split(x, y)
-    views = tuple(torch.cat([p[0][k] for p in parts]) for k in range(2))
-    originals = tuple(torch.cat([p[1][k] for p in parts]) for k in range(2))
+    model, opt, val, views, originals = _one_process_views(_uneven_split)
     one = _uneven_run(model, opt, _separate_refiner(model, opt, val), views, originals,
                       lambda loss: loss.backward(), 1.0)
     assert len(set(one)) > 2   # the share moved
