@@ -580,9 +580,10 @@ class AugmentationRefiner(RefinerCore):
         host for a CPU loader, so the check costs no device sync) and then copied."""
         check_batch_rows(x, y)
         # floating inputs in the model's dtype: a model converted with .double() / .to(torch.bfloat16) is
-        # fed converted training inputs, while the validation loader still yields fp32
-        p = next((q for q in self.net.parameters() if q.is_floating_point()), None)
-        return (to_device(x, self._device(), None if p is None else p.dtype),
+        # fed converted training inputs, while the validation loader still yields fp32 (a model whose
+        # parameters mix dtypes gets its inputs as they are)
+        dtypes = {q.dtype for q in self.net.parameters() if q.is_floating_point()}
+        return (to_device(x, self._device(), dtypes.pop() if len(dtypes) == 1 else None),
                 self._to_device(to_soft_targets(y, num_classes, what="validation targets")))
 
     def compute_validation_direction(self, num_classes: int) -> GradSum:

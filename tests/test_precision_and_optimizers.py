@@ -146,3 +146,24 @@ def test_a_frozen_ema_copy_beside_the_model_is_not_a_second_head():
     r = AugmentationRefiner(wrapped, torch.optim.SGD(wrapped.module.parameters(), lr=0.1), _val())
     assert r.head is wrapped.module.fc and r.head_name == "module.fc"
     r.remove_hooks()
+
+
+def test_a_model_that_mixes_dtypes_gets_its_validation_inputs_as_they_are():
+    """Inputs are converted only where the model's floating parameters share one dtype: here the
+    first parameter is fp64 but the layer that reads the inputs is fp32."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, C).double()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            return self.fc(self.body(x).mean((2, 3)).double())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    r = AugmentationRefiner(model, torch.optim.SGD(model.parameters(), lr=0.1), _val(), schedule=Schedule(budget=None))
+    x, y = _batch(3)
+    r(model(x), y, num_original=8).backward()
+    assert r.validation_direction is not None
+    r.remove_hooks()
