@@ -50,8 +50,6 @@ _READABLE_VERSIONS = (1, 2)
 
 
 _CORE_KEYS = ("version", "method", "step_count", "calls", "v", "v_step", "val_loss", "rng_state", "stream")
-#: the keys a version-2 state has besides (each may hold None): a state without one was cut short
-_V2_KEYS = ("skipped_val_batches", "v_halves", "window", "budget")
 _CHECKPOINT_FIX = "load a state saved by state_dict() of a refiner built with the same model and options"
 
 
@@ -71,6 +69,21 @@ def check_part_presence(state: Dict[str, Any], key: str, expected: bool, what: s
             problem = f"the refiner state holds {what} ({key!r}), which this refiner does not keep"
         raise ConfigurationError(problem, "build the refiner with the options the state was saved with "
                                           "(method, isda, aug_weight) before loading")
+
+
+def _visit_batch(visit: Callable, j: int, x, y) -> None:
+    """``visit(j, x, y)`` on a validation batch, a model that fails on it (a clash in its forward)
+    reported as the :class:`ShapeError` that names the fix."""
+    try:
+        visit(j, x, y)
+    except (AugplugError, NotImplementedError):
+        raise
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}",
+                         "make the validation loader yield inputs like the training inputs (tensors of the "
+                         "same shape, channels, dtype and device placement; with bn_mode='train', batches "
+                         "of at least 2 rows: DataLoader(..., drop_last=True))") from e
 
 
 def num_val_batches(val_batches, pass_length: Callable[[], int]) -> int:
@@ -129,6 +142,9 @@ class RefinerCore:
     method: str
     refresh_every: int
     val_batches: Any
+    #: the keys a version-2 state has besides :data:`_CORE_KEYS` (each may hold None): a state without
+    #: one was cut short; a shell adds those of its own parts
+    _V2_KEYS: Tuple[str, ...] = ("skipped_val_batches", "v_halves", "window", "budget")
 
     def __reduce_ex__(self, protocol):
         # copy.copy, copy.deepcopy and pickle all come here: a copy would share the model's hooks,
@@ -667,16 +683,7 @@ class RefinerCore:
                     x, y = prepare(x, y)
                 if rows(y) == 0 and not every_process:
                     continue
-                try:
-                    visit(j, x, y)
-                except (AugplugError, NotImplementedError):
-                    raise
-                except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:  # a clash in the model's forward
-                    raise ShapeError(f"the model failed on a validation batch: {type(e).__name__}: "
-                                     f"{(str(e).splitlines() or [''])[0]}",
-                                     "make the validation loader yield inputs like the training inputs (tensors of "
-                                     "the same shape, channels, dtype and device placement; with bn_mode='train', "
-                                     "batches of at least 2 rows: DataLoader(..., drop_last=True))") from e
+                _visit_batch(visit, j, x, y)
             except AugplugError as e:
                 if not agreed:
                     raise
@@ -874,17 +881,17 @@ class RefinerCore:
         if state.get("version") not in _READABLE_VERSIONS:
             raise ConfigurationError(f"refiner state version {state.get('version')!r} is not one of "
                                      f"{_READABLE_VERSIONS}", "load a state saved by this version of augplug")
-        missing = [k for k in _CORE_KEYS + (_V2_KEYS if state["version"] >= 2 else ()) if k not in state]
+        kind = state.get("refiner", type(self).__name__)   # older states do not say; first: its keys are another kind's
+        if kind != type(self).__name__:
+            raise ConfigurationError(f"the state was saved by a {kind}, this is a {type(self).__name__}",
+                                     f"load it into a {kind} built with the same options")
+        missing = [k for k in _CORE_KEYS + (self._V2_KEYS if state["version"] >= 2 else ()) if k not in state]
         if missing:
             raise ConfigurationError(f"the refiner state lacks {missing} (truncated or not a refiner state)",
                                      _CHECKPOINT_FIX)
         if any(t.is_meta for t in tensor_leaves(state)):
             raise ConfigurationError("the refiner state holds tensors without values (loaded with "
                                      "map_location='meta')", "load it with map_location='cpu' or the model's device")
-        kind = state.get("refiner", type(self).__name__)   # older states do not say
-        if kind != type(self).__name__:
-            raise ConfigurationError(f"the state was saved by a {kind}, this is a {type(self).__name__}",
-                                     f"load it into a {kind} built with the same options")
         if state["method"] != self.method:
             raise ConfigurationError(f"state was saved by method {state['method']!r}, this refiner is "
                                      f"{self.method!r}", "build the refiner with the same method before loading")

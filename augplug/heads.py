@@ -470,7 +470,7 @@ class ActivationCapture:
         self._warned_guess = False  # warned once that a call's forwards were guessed (_pick)
         self._value_checked = False  # compared once logits that are not the output tensor (_pick)
         self._warned_values = False  # warned once that the logits are not the output (_warn_not_outputs)
-        self._value_checked_head, self._head_checked = False, None   # logits_are_head_outputs
+        self._head_checked = None   # logits_are_head_outputs' value comparison (None: not made since a recheck)
         self._paused = 0
         self._handles = []
         self._head_hooked = head is not None
@@ -698,9 +698,8 @@ class ActivationCapture:
             return True
         if _same_tensor(out, logits) and end - start == 1:
             return versions[start] is None or out._version == versions[start]
-        if self._head_checked is None or not self._value_checked_head:
+        if self._head_checked is None:
             target = logits.detach()
-            self._value_checked_head = True
             self._head_checked = (out.shape == target.shape and
                                   torch.equal(out.to(target.dtype), target))
         return self._head_checked
@@ -724,7 +723,7 @@ class ActivationCapture:
         starts at 1 passes the first check and moves later. Still warns at most once."""
         if not self._warned_values:
             self._value_checked = False
-        self._value_checked_head = False
+        self._head_checked = None
 
     def _warn_not_outputs(self) -> None:
         """Warn, once per capture, that the logits are not the output of their forward."""

@@ -188,6 +188,16 @@ def build_policy(method, method_options: Optional[Dict[str, Any]] = None, *, all
 
 
 
+def _stepped_ids(optimizer) -> Optional[set]:
+    """Ids of the parameters ``optimizer`` (an unwrapped one, or None) steps: held in a group whose
+    learning rate is not 0 (a scheduler's warm-up from 0 counts by its ``initial_lr``); None without
+    parameter groups."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
+    return {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
+
+
 def _group_lr(group) -> Optional[float]:
     """A parameter group's learning rate as a number (None when it has none, or it is not a number):
     its scheduler's base rate where one set it (``initial_lr``: a warm-up may start at 0), else ``lr``."""
@@ -262,6 +272,8 @@ class AugmentationRefiner(RefinerCore):
       of augmented rows alone, ``"augmented"`` beside originals), ``"batch"`` (weights stay
       absolute; the loss is divided by the batch's total weight, originals included) or ``"none"``.
     """
+
+    _V2_KEYS = RefinerCore._V2_KEYS + ("rest",)   # the separate-term state (None when not tracked)
 
     def __init__(
         self,
@@ -422,10 +434,10 @@ class AugmentationRefiner(RefinerCore):
     def _warn_if_nothing_steps(self) -> None:
         """Model-scoring modes score the parameters the optimizer steps: warn where it steps none of
         the trainable ones (every group at lr=0), which are then all scored."""
-        stepped = self._stepped_ids()
-        if self.mode == "last_layer" or not self.policy.needs_scores or stepped is None:
+        if self.mode == "last_layer" or not self.policy.needs_scores:
             return
-        if not any(id(p) in stepped for p in self.net.parameters() if p.requires_grad):
+        stepped = _stepped_ids(self._optimizer)
+        if stepped is not None and not any(id(p) in stepped for p in self.net.parameters() if p.requires_grad):
             _warn_at_caller(f"the optimizer steps none of the model's trainable parameters (every group has lr=0): "
                             f"mode={self.mode!r} scores what a step on them would do, and none is taken. Give the "
                             "groups that train a learning rate")
@@ -447,7 +459,7 @@ class AugmentationRefiner(RefinerCore):
         groups = getattr(inner, "param_groups", None)
         if groups is not None:
             held = {id(p) for g in groups for p in g.get("params", [])}
-            moving = {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
+            moving = _stepped_ids(inner)
             if not any(id(p) in held for p in head_params if p.requires_grad):
                 _warn_at_caller(f"the optimizer holds none of the classifier {self.head_name!r}'s parameters: "
                                 "last-layer scores measure what a step on it would do, and it takes none. Pass an "
@@ -545,14 +557,6 @@ class AugmentationRefiner(RefinerCore):
         p = next(self.net.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _stepped_ids(self) -> Optional[set]:
-        """Ids of the parameters the counted optimizer steps (held in a group whose learning rate is not
-        0; a scheduler's warm-up from 0 counts by its ``initial_lr``), or None without an optimizer."""
-        groups = getattr(getattr(self, "_optimizer", None), "param_groups", None)
-        if groups is None:
-            return None
-        return {id(p) for g in groups if _group_lr(g) != 0 for p in g.get("params", [])}
-
     def score_params(self) -> Dict[str, nn.Parameter]:
         """The parameters a full-model validation direction covers: every trainable one the optimizer
         steps (a step's first-order effect moves only those: a backbone left out of the optimizer or in
@@ -561,7 +565,7 @@ class AugmentationRefiner(RefinerCore):
         names a weight tied to another layer after its first owner; the closed-form scores read the
         head's names)."""
         named = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
-        stepped = self._stepped_ids()
+        stepped = _stepped_ids(getattr(self, "_optimizer", None))
         if stepped is not None:
             named = {n: p for n, p in named.items() if id(p) in stepped} or named
         if self.head is not None:
@@ -1274,9 +1278,6 @@ class AugmentationRefiner(RefinerCore):
         first: accelerate loads the model and optimizer before the refiner, so a refiner that refuses
         its state there leaves them loaded."""
         self._check_core_state(state)
-        if state["version"] >= 2 and "rest" not in state:
-            raise ConfigurationError("the refiner state lacks ['rest'] (truncated or not a refiner state)",
-                                     _CHECKPOINT_FIX)
         check_part_presence(state, "policy", self.policy.has_state, "the method's state")
         check_part_presence(state, "isda", self.isda is not None, "ISDA statistics (isda=)")
         check_part_presence(state, "share", self.share is not None, "an adaptive share (aug_weight='adaptive')")

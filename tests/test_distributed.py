@@ -613,12 +613,19 @@ def _separate_refiner(model, opt, val, **kw):
         {"refresh_every": 1, "budget": None, "aug_weight": AdaptiveShare(init=0.5, lr=0.3)}))
 
 
-def _separate_worker(out_dir: str) -> None:
+def _separate_process(split):
+    """In a worker: ``(accelerator, model, optimizer, refiner, views, originals)`` of this process's
+    part of ``split``, the model and optimizer prepared, the refiner registered."""
     acc = _accelerator()
     model, opt, val, x, y = _setup()
     model, opt = acc.prepare(model, opt)
     refiner = _separate_refiner(model, opt, val, accelerator=acc)
-    views, originals = _separate_split(x, y)[acc.process_index]
+    views, originals = split(x, y)[acc.process_index]
+    return acc, model, opt, refiner, views, originals
+
+
+def _separate_worker(out_dir: str) -> None:
+    acc, model, opt, refiner, views, originals = _separate_process(_separate_split)
     out = _separate_run(model, opt, refiner, views, originals, acc.backward, acc.unwrap_model(model))
     torch.save(out, os.path.join(out_dir, f"separate{acc.process_index}.pt"))
 
@@ -695,11 +702,7 @@ def _uneven_run(model, opt, refiner, views, originals, backward, ce_scale):
 
 
 def _separate_uneven_worker(out_dir: str) -> None:
-    acc = _accelerator()
-    model, opt, val, x, y = _setup()
-    model, opt = acc.prepare(model, opt)
-    refiner = _separate_refiner(model, opt, val, accelerator=acc)
-    views, originals = _uneven_split(x, y)[acc.process_index]
+    acc, model, opt, refiner, views, originals = _separate_process(_uneven_split)
     # DDP averages the processes' gradients: each scales its mean CE by its share of the originals
     scale = originals[1].shape[0] * WORLD / (WORLD * ROWS - 8)
     shares = _uneven_run(model, opt, refiner, views, originals, acc.backward, scale)
