@@ -178,3 +178,21 @@ def test_worker_init_gives_each_worker_its_own_draws():
     assert plain[0] == plain[1]                           # both workers start from the same copy
     seeded = draws(0, albumentations_worker_init)
     assert seeded[0] != seeded[1] and seeded == draws(0, albumentations_worker_init)
+
+
+def test_seeding_helpers_name_what_they_take():
+    from augplug.data import albumentations_worker_init, seed_albumentations
+    with pytest.raises(TypeError, match="takes an albumentations Compose"):
+        seed_albumentations(lambda image: image, 0)
+
+    class NoPipeline(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i
+
+    loader = torch.utils.data.DataLoader(NoPipeline(), batch_size=2, num_workers=1,
+                                         worker_init_fn=albumentations_worker_init)
+    with pytest.raises(Exception, match="'pipeline' attribute"):
+        list(loader)
