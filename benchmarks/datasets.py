@@ -71,7 +71,12 @@ UCI_DATASETS: Dict[str, Tuple[str, str, str, str]] = {
     "spambase": ("kernlab", "spam.rda", "spam", "type"),
     "satellite": ("mlbench", "Satellite.rda", "Satellite", "classes"),
     "vehicle": ("mlbench", "Vehicle.rda", "Vehicle", "Class"),
+    "dna": ("mlbench", "DNA.rda", "DNA", "Class"),
+    "vowel": ("mlbench", "Vowel.rda", "Vowel", "Class"),
 }
+
+#: columns that are not features: Vowel's ``V1`` marks the original train / test split
+_UCI_DROPPED: Dict[str, Tuple[str, ...]] = {"vowel": ("V1",)}
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -212,7 +217,8 @@ def _find_rda(package: str, filename: str) -> Path:
 
 
 def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
-    """Load a UCI tabular data set: ``"letter"``, ``"spambase"``, ``"satellite"`` or ``"vehicle"``.
+    """Load a UCI tabular data set: ``"letter"``, ``"spambase"``, ``"satellite"``, ``"vehicle"``,
+    ``"dna"`` or ``"vowel"``.
 
     * ``letter``: Letter Recognition (mlbench ``LetterRecognition``), 20,000
       samples, 16 integer features, 26 classes (target ``lettr``).
@@ -224,8 +230,15 @@ def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
     * ``vehicle``: Statlog Vehicle Silhouettes (mlbench ``Vehicle``), 846
       samples, 18 shape features, 4 classes: bus, opel, saab, van (target
       ``Class``).
+    * ``dna``: StatLog DNA splice junctions (mlbench ``DNA``), 3,186 samples,
+      180 binary indicator features (stored as factors with levels 0 and 1),
+      3 classes: exon/intron, intron/exon, neither (target ``Class``).
+    * ``vowel``: Vowel Recognition, Deterding (mlbench ``Vowel``), 990 samples,
+      9 speech features, 11 vowels (target ``Class``); its ``V1``, which marks
+      the original train / test split, is dropped.
 
-    Features are returned as stored; no standardisation is applied.
+    Features are returned as stored (factor features as the numbers their
+    levels name); no standardisation is applied.
 
     Returns:
         ``(X, y, feature_names, class_names)``: ``X`` is ``float32`` of shape
@@ -264,8 +277,11 @@ def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
         y = np.array([lookup[str(v)] for v in target_col], dtype=np.int64)
     if (y < 0).any():
         raise ValueError(f"{path}: missing values in the target column {target!r}")
-    features = frame.drop(columns=[target])
+    features = frame.drop(columns=[target, *_UCI_DROPPED.get(key, ())])
     feature_names = [str(c) for c in features.columns]
+    for col in feature_names:   # factor features (DNA's indicators): the numbers their levels name
+        if hasattr(features[col], "cat"):
+            features[col] = features[col].astype(str).astype(np.float32)
     X = features.to_numpy(dtype=np.float32)
     return X, y, feature_names, class_names
 
