@@ -7,6 +7,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import augplug  # noqa: E402
+
 A = pytest.importorskip("albumentations")
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
@@ -112,10 +114,27 @@ def test_example_runs(tmp_path):
     assert (tmp_path / "audit.md").exists() and (tmp_path / "audit.png").exists()
 
 
+@pytest.mark.parametrize("flag,budget", [([], None), (["--budget", "auto"], "auto"), (["--budget", "0.2"], 0.2)])
+def test_example_runs_the_exact_schedule_by_default(flag, budget, monkeypatch):
+    """The docs print the example's audit as its output: under the default budget the schedule
+    followed measured time, and the audit's digits changed from run to run."""
+    ex = pytest.importorskip("augplug.integrations.albumentations_example")
+    built = []
+
+    def refiner(*args, **kwargs):
+        built.append(kwargs["schedule"])
+        return augplug.AugmentationRefiner(*args, **kwargs)
+    monkeypatch.setattr(ex, "AugmentationRefiner", refiner)
+    ex.main(["--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--train-limit", "32", "--val-size", "100",
+             *flag])
+    assert built == [{"budget": budget}]
+
+
 @pytest.mark.parametrize("args,message", [(["--epochs", "0"], "--epochs must be at least 1"),
                                           (["--img-size", "0"], "--img-size must be at least 1"),
                                           (["--max-steps", "0"], "--max-steps must be at least 1"),
-                                          (["--lr", "0"], "--lr must be positive")])
+                                          (["--lr", "0"], "--lr must be positive"),
+                                          (["--budget", "lots"], "budget")])
 def test_example_rejects_bad_numbers(args, message, capsys):
     """Before: --epochs 0 died in a division by zero, --img-size 0 in a pydantic error from
     albumentations, and --lr 0 or --max-steps 0 trained nothing without a word."""

@@ -31,8 +31,12 @@ def test_console_scripts_point_at_packaged_clis():
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_checkout_shim_is_the_packaged_module(name):
-    pytest.importorskip({"timm_train": "timm", "accelerate_train": "accelerate",
-                         "albumentations_example": "albumentations"}[name])
+    dep = pytest.importorskip({"timm_train": "timm", "accelerate_train": "accelerate",
+                               "albumentations_example": "albumentations"}[name])
+    if name == "timm_train":   # the script needs timm's task-state checkpoints; the library and task need less
+        from packaging.version import Version
+        if Version(dep.__version__) < Version("1.0.27"):
+            pytest.skip(f"timm {dep.__version__} < 1.0.27: augplug-timm-train names the version it needs")
     shim = importlib.import_module(f"integrations.{name}")
     assert shim is importlib.import_module(f"augplug.integrations.{name}")
     assert callable(shim.main) and callable(shim.cli)

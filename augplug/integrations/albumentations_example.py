@@ -14,8 +14,11 @@ the dataset returns the image, the label and the names of the transforms that we
 ``out["applied_transforms"]``, joined by ``"|"`` so the default collate keeps them). Every batch
 holds the clean originals followed by their augmented views; the refiner (SAflex by default) weights
 the views, and an :class:`augplug.report.AugmentationAudit` attributes the weights and relabels to
-the albumentations transforms. ``VerticalFlip`` is in the pipeline on purpose: an upside-down digit
-is often another digit (6 and 9), so it is the transform one expects the refiner to trust least.
+the albumentations transforms. The refiner runs the exact schedule by default (``--budget none``),
+so a seed repeats the audit bit for bit; ``--budget auto`` gives it the library's default overhead
+budget, whose schedule follows measured time. ``VerticalFlip`` is in the pipeline on purpose: an
+upside-down digit is often another digit (6 and 9), so it is the transform one expects the refiner to
+trust least.
 
 albumentations 2.0.8 is the last MIT-licensed release; set ``NO_ALBUMENTATIONS_UPDATE=1`` (done
 below) so that importing it does not query PyPI.
@@ -33,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from augplug import AugmentationRefiner  # noqa: E402
+from augplug.schedule import budget_from_text  # noqa: E402
 from augplug._extras import require  # noqa: E402
 from augplug.data import albumentations_worker_init, seed_albumentations, stratified_split  # noqa: E402
 from augplug.models import SmallCNN  # noqa: E402
@@ -111,7 +115,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     help="refiner method (default: saflex)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the validation split, pipeline and model (default: 0)")
     ap.add_argument("--output", default=None, help="directory for audit.md and audit.png")
+    ap.add_argument("--budget", default="none",
+                    help="the refiner's overhead budget: 'none' (default: the exact schedule, so that a seed repeats "
+                         "the audit bit for bit), 'auto' (the library's default, whose schedule follows measured "
+                         "time) or a fraction of a training step")
     args = ap.parse_args(argv)
+    try:
+        budget = budget_from_text(args.budget)
+    except ValueError as e:   # ConfigurationError is a ValueError
+        ap.error(str(e))
     for name in ("epochs", "batch_size", "img_size", "val_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -146,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_val, y_val), batch_size=100)
-    refiner = AugmentationRefiner(model, opt, val_loader, method=args.method, seed=args.seed)
+    refiner = AugmentationRefiner(model, opt, val_loader, method=args.method, seed=args.seed,
+                                  schedule={"budget": budget})
     audit = AugmentationAudit([str(c) for c in range(10)], ignore=IGNORE)
 
     for epoch in range(args.epochs):
