@@ -8,7 +8,8 @@ by **one** timm RandAugment op each (``rand-m9-mstd0.5-n1-p1.0``: the op drawn u
 As a positive control, ``--noise`` of the views get a random wrong label. Every batch holds the
 originals plus one view of each (the paper's setting); the refiner weights the views.
 
-Reported per arm (``saflex``: augplug's defaults; ``saflex-paper``: ``augplug.SAFLEX_PAPER``, hard
+Reported per arm (``saflex``: augplug's defaults with the share fixed, ``aug_weight=1.0``, so each
+view gets a per-sample weight; ``saflex-paper``: ``augplug.SAFLEX_PAPER``, hard
 weights and Gumbel-softmax soft labels), from every refiner call after warm-up:
 
 - per op, over views with a correct label: rows, mean weight, kept share (weight > 0), relabel

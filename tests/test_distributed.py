@@ -52,7 +52,8 @@ CASES = {
     "saflex+isda": dict(refresh_every=1, seed=3, isda={"lambda0": 0.5, "covariance": "full"}),
     # strength="auto" (the default) decides on the global batch: refinement on every process as
     # soon as one of them holds originals
-    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
+    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", weighting="soft",
+                                                          _n_orig=(0, 3)),
     # a validation window (one fresh batch per refresh): identical windows on every process, each
     # summing its own slots
     "saflex-window": dict(refresh_every=1, seed=3, fresh_batches=1),
@@ -342,7 +343,8 @@ CONTRASTIVE_CASES = {
     "saflex": dict(refresh_every=1, seed=3),
     "saflex-batch-norm-weights": dict(refresh_every=1, seed=3, weight_norm="batch", orig_weight=0.5),
     "saflex-adaptive-share": dict(refresh_every=1, seed=3, aug_weight="_share"),
-    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", _n_orig=(0, 3)),
+    "saflex-auto-strength-originals-on-one-process": dict(refresh_every=1, seed=3, strength="auto", weighting="soft",
+                                                          _n_orig=(0, 3)),
     "l2rw": dict(method="l2rw", refresh_every=1, seed=3),
     "saflex-window": dict(refresh_every=1, seed=3, fresh_batches=1),
 }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from augplug import AugmentationRefiner
+from augplug import AugmentationRefiner, SAflex
 from augplug.errors import (AugplugError, ConfigurationError, NonFiniteError, ShapeError, TargetError,
                             UnsupportedHeadError)
 from augplug.isda import ISDALoss, choose_covariance, class_quadratic_terms, isda_logits
@@ -571,7 +571,8 @@ def test_refiner_composition_equals_hand_computation(method):
     torch.manual_seed(0)
     model = MLP(8, C, hidden=A, depth=1, dropout=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    r = AugmentationRefiner(model, opt, _val_loader(), method=method, isda={"lambda0": 0.6, "covariance": "full"})
+    policy = SAflex(weighting="soft") if method == "saflex" else method   # per-sample weights to check
+    r = AugmentationRefiner(model, opt, _val_loader(), method=policy, isda={"lambda0": 0.6, "covariance": "full"})
     assert isinstance(r.isda, ISDALoss) and r.isda.lambda0 == 0.6
     feats, soft_seen = [], []
     for s in range(3):

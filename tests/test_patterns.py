@@ -18,7 +18,7 @@ def test_two_forwards_concatenated_are_one_batch():
     val = DataLoader(TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)),
                      batch_size=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    r = AugmentationRefiner(model, opt, val, schedule=dict(refresh_every=1))
+    r = AugmentationRefiner(model, opt, val, method_options=dict(weighting="soft"), schedule=dict(refresh_every=1))
     for step in range(3):
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
         x_aug, y_aug = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)

@@ -23,7 +23,14 @@ def test_functional_defaults_match_the_policy_class():
     shared = [n for n in cls if n in fn]
     assert set(shared) >= {"beta", "tau", "gumbel", "weighting", "weight_tau", "prior", "normalize", "threshold",
                            "weight_signal"}
-    assert {n: fn[n].default for n in shared} == {n: cls[n].default for n in shared}
+    # but weighting: the class weighs the views by one thing, the learned share by default ("auto" is
+    # "none" there) and per-sample weights elsewhere ("soft", the function's rule)
+    assert {n: fn[n].default for n in shared if n != "weighting"} == \
+        {n: cls[n].default for n in shared if n != "weighting"}
+    assert (fn["weighting"].default, cls["weighting"].default) == ("soft", "auto")
+    assert SAflex().weighting == "none"
+    assert SAflex(strength=1.0).weighting == SAflex(aug_weight=1.0).weighting == SAflex(strength="adaptive").weighting \
+        == fn["weighting"].default
     # and SAflex.paper() is the paper's rule
     p = SAflex.paper()
     assert (p.beta, p.tau, p.gumbel, p.weighting, p.normalize, p.weight_norm, p.aug_weight, p.strength) == \

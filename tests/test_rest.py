@@ -245,7 +245,7 @@ def test_features_passed_with_their_graph_train_like_detached_ones():
     for detach in (False, True):
         torch.manual_seed(0)
         model = _model()
-        r = _refiner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        r = _refiner(model, torch.optim.SGD(model.parameters(), lr=0.0), weighting="soft")
         x, y, x_aug, y_aug = _batch(0)
         h = model[:2](torch.cat([x, x_aug]))
         loss = r(model[2](h), torch.cat([y, y_aug]), num_original=8, features=h.detach() if detach else h)

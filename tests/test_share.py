@@ -60,7 +60,7 @@ def test_signal_matches_brute_force_and_the_exact_hypergradient(mode, freeze, si
     share = AdaptiveShare(init=0.5, lr=0.1, signal=signal, evidence=None)   # a step on every update
     seen = _capture_agreements(share)
     refiner = AugmentationRefiner(model, opt, val, mode=mode,
-                                  method_options=dict(aug_weight=share, beta=1.0, tau=1.0),
+                                  method_options=dict(aug_weight=share, weighting="soft", beta=1.0, tau=1.0),
                                   schedule=dict(refresh_every=1, budget=None))
     refiner(model(x), y, num_original=N_ORIG)
     w = refiner.stats["weights"][N_ORIG:].double()
@@ -171,7 +171,8 @@ def test_refined_signal_is_biased_upward_and_the_upstream_signal_is_not():
         share = AdaptiveShare(signal=signal)
         seen = _capture_agreements(share)
         refiner = AugmentationRefiner(model, opt, _rule_val(rule),
-                                      method_options=dict(aug_weight=share, weight_tau=0.2, beta=1.0, tau=0.5))
+                                      method_options=dict(aug_weight=share, weighting="soft", weight_tau=0.2,
+                                                          beta=1.0, tau=0.5))
         for x, y in batches:     # no optimizer step: one model, one validation direction
             refiner(model(x), y, num_original=16)
         st = torch.stack(seen)

@@ -142,7 +142,7 @@ def test_the_readme_counts_the_promises_as_the_committed_runs_give_them():
 
     from benchmarks.trust_bars import count
     _, totals = count()
-    assert totals["settings"] == 138
+    assert totals["settings"] == 168
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for key in ("first", "second"):
         assert f"{totals[key]} of {totals['settings']}" in readme, key
@@ -184,8 +184,13 @@ def test_a_variant_is_counted_on_its_own_settings_and_paired_with_the_default(tm
     write("t", [run("refiner", s, 0.8995) for s in (0, 1)], "controls")
     write("u", [run("refiner", s, 0.8995, "clean") for s in (0, 1)], "controls")
     write("v_t", [run("refiner", s, 0.901) for s in (0, 1)], "controls")
-    cells, totals = bars.count()
+    # the current default's one-batch runs are the s0_ tables (every view at weight 1 in the share)
+    write("s0_t", [run("refiner", s, 0.80) for s in (0, 1)], "controls")
+    write("s0_u", [run("refiner", s, 0.80, "clean") for s in (0, 1)], "controls")
+    cells, totals = bars.count(named=True)
     assert totals["settings"] == 2 and totals["first"] == 2 and totals["second"] == 2
+    cells, totals = bars.count()
+    assert [c["table"] for c in cells] == ["s0_t", "s0_u"] and totals["first"] == 0
     cells, totals = bars.count("v")
     assert totals["settings"] == 1 and cells[0]["table"] == "v_t"
     assert abs(cells[0]["vs_default"] - 0.15) < 1e-9 and abs(totals["vs_default"] - 0.15) < 1e-9

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import augplug
 from augplug import AugmentationRefiner
 from augplug.errors import ConfigurationError, NonFiniteError
 from augplug.methods import Policy
@@ -205,7 +206,7 @@ def test_adaptive_strength_resumes_exactly_and_its_state_is_checked():
 
 
 def test_auto_strength_refines_beside_originals_and_trains_views_alone_as_given():
-    """The default: full refinement when the batch holds originals; without originals the loss,
+    """strength="auto": full refinement when the batch holds originals; without originals the loss,
     the weights and the targets are bit for bit those of plain upstream training, with no scoring."""
     g = torch.Generator().manual_seed(3)
     val = DataLoader(TensorDataset(torch.randn(64, D, generator=g), torch.randint(0, C, (64,), generator=g)),
@@ -215,7 +216,8 @@ def test_auto_strength_refines_beside_originals_and_trains_views_alone_as_given(
     def call(method, **kw):
         torch.manual_seed(0)
         model = _Net()
-        r = AugmentationRefiner(model, None, val, method=method, **refiner_kwargs({"strength": "auto"} if method == "saflex" else {}))
+        r = AugmentationRefiner(model, None, val, method=method,
+                                **refiner_kwargs({"strength": "auto", "weighting": "soft"} if method == "saflex" else {}))
         return r(model(x), y, **kw), r
 
     auto, r = call("saflex")
@@ -230,3 +232,38 @@ def test_strength_needs_a_scoring_policy():
     with pytest.raises(ConfigurationError):
         AugmentationRefiner(_Net(), None, [(torch.randn(4, D), torch.arange(4))], method="none",
                             method_options=dict(strength='adaptive'))
+
+
+def test_the_default_weighs_the_views_as_a_whole():
+    """Beside originals the default SAflex learns the views' share and keeps every view at weight 1
+    with its upstream label (measured: per-sample weights beside the learned share cost accuracy on
+    small held-out tables); it still scores the views, which the share reads. Per-sample weights are
+    one option away, and so is the share's absence (a fixed share weighs per sample)."""
+    g = torch.Generator().manual_seed(3)
+    val = DataLoader(TensorDataset(torch.randn(64, D, generator=g), torch.randint(0, C, (64,), generator=g)),
+                     batch_size=32)
+
+    def run(**options):
+        torch.manual_seed(0)
+        model = _Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = AugmentationRefiner(model, opt, val, method=augplug.SAflex(**options),
+                                schedule=dict(refresh_every=1, budget=None))
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            x, y = torch.randn(16, D, generator=gen), torch.randint(0, C, (16,), generator=gen)
+            loss = r(model(x), y, num_original=6)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return r
+
+    r = run()
+    assert r.policy.weighting == "none" and r.stats["active"]
+    assert torch.equal(r.stats["weights"], torch.ones(16))
+    assert torch.equal(r.stats["soft_targets"][6:], F.one_hot(r.stats["soft_targets"][6:].argmax(-1), C).float())
+    assert float(r.stats["scores"][6:].abs().max()) > 0 and r.share is not None   # scored, for a learned share
+    per_row = run(weighting="soft")
+    assert not torch.equal(per_row.stats["weights"][6:], torch.ones(10))
+    fixed = run(aug_weight=1.0)
+    assert fixed.policy.weighting == "soft" and not torch.equal(fixed.stats["weights"][6:], torch.ones(10))

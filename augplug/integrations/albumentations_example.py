@@ -12,8 +12,9 @@ stratified clean validation split of the rest. Each training image goes through 
 seeded on its own (``augplug.data.seed_albumentations``);
 the dataset returns the image, the label and the names of the transforms that were applied (from
 ``out["applied_transforms"]``, joined by ``"|"`` so the default collate keeps them). Every batch
-holds the clean originals followed by their augmented views; the refiner (SAflex by default) weights
-the views, and an :class:`augplug.report.AugmentationAudit` attributes the weights and relabels to
+holds the clean originals followed by their augmented views; the refiner (by default SAflex with a
+weight per view, ``SAflex(weighting="soft")``, which the audit reads; the library's default weighs
+the views as a whole) weights the views, and an :class:`augplug.report.AugmentationAudit` attributes the weights and relabels to
 the albumentations transforms. The refiner runs the exact schedule by default (``--budget none``),
 so a seed repeats the audit bit for bit; ``--budget auto`` gives it the library's default overhead
 budget, whose schedule follows measured time. ``VerticalFlip`` is in the pipeline on purpose: an
@@ -35,7 +36,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from augplug import AugmentationRefiner  # noqa: E402
+from augplug import AugmentationRefiner, SAflex  # noqa: E402
 from augplug.schedule import budget_from_text  # noqa: E402
 from augplug._extras import require  # noqa: E402
 from augplug.data import albumentations_worker_init, seed_albumentations, stratified_split  # noqa: E402
@@ -112,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
     ap.add_argument("--max-steps", type=int, default=None, help="updates per epoch at most")
     ap.add_argument("--method", default="saflex", choices=("saflex", "l2rw", "none"),
-                    help="refiner method (default: saflex)")
+                    help="refiner method (default: saflex, with per-sample weights: the audit reads them)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the validation split, pipeline and model (default: 0)")
     ap.add_argument("--output", default=None, help="directory for audit.md and audit.png")
     ap.add_argument("--budget", default="none",
@@ -158,7 +159,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # CosineAnnealingLR updates recursively, so its rates drift from the formula in the last bits
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_val, y_val), batch_size=100)
-    refiner = AugmentationRefiner(model, opt, val_loader, method=args.method, seed=args.seed,
+    # the audit attributes per-sample weights to transforms: SAflex weighs each view (the default
+    # weighs the views as a whole, by their learned share, and every weight would read 1)
+    method = SAflex(weighting="soft") if args.method == "saflex" else args.method
+    refiner = AugmentationRefiner(model, opt, val_loader, method=method, seed=args.seed,
                                   schedule={"budget": budget})
     audit = AugmentationAudit([str(c) for c in range(10)], ignore=IGNORE)
 

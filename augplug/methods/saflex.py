@@ -47,6 +47,7 @@ from ..errors import ConfigurationError, ShapeError
 from ..options import is_flag, is_integer, is_real
 from ..pooled import PooledEvidence
 from ..schedule import AUTO_BUDGET
+from ..share import resolve_share
 from ..targets import check_soft_pair
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
@@ -156,8 +157,9 @@ def saflex_targets(
     """SAflex weights ``(B,)`` and soft targets ``(B, C)`` from scores and targets.
 
     ``scores``: ``g`` (B, C), "positive = helps". ``targets``: upstream probabilities (B, C).
-    The defaults are :class:`SAflex`'s (measured: centred, RMS-normalized scores, soft weights, upstream
-    labels kept); ``**SAFLEX_PAPER`` minus the mixing options gives the paper's rule
+    The defaults are augplug's measured rule for per-sample weights (centred, RMS-normalized scores,
+    soft weights, upstream labels kept; :class:`SAflex` itself weighs no row by default, see there);
+    ``**SAFLEX_PAPER`` minus the mixing options gives the paper's rule
     (``normalize=None, weighting="hard", beta=1, gumbel=True``).
     Weights are renormalized to mean 1 over the batch (all 0 stays all 0) unless
     ``renormalize_weights=False``, which returns them on their absolute scale (1 = neutral).
@@ -221,13 +223,18 @@ class SAflex(Policy):
     """SAflex as a policy: :func:`saflex_targets` with fixed hyperparameters, and how the refiner mixes
     the refined rows into the loss.
 
-    The defaults are augplug's measured ones (``docs/saflex.md``): centred, RMS-normalized scores
-    (``normalize="center"``), soft weights (``weighting="soft"``), upstream labels kept
-    (``beta=inf``); weights normalized per class for a batch of augmented rows alone
-    (``weight_norm="auto"``); the augmented rows' share learned when originals are in the batch or
-    trained by the rest of the loss (``aug_weight="adaptive"``); refinement only beside originals
-    (``strength="auto"``).
-    :meth:`paper` gives the paper's rule.
+    The defaults are augplug's measured ones (``docs/saflex.md``, ``docs/trust.md``): the augmented
+    rows' share of the loss learned when originals are in the batch or trained by the rest of the
+    loss (``aug_weight="adaptive"``), each view with its upstream label (``beta=inf``) and, within
+    the learned share, at weight 1 (``weighting="auto"``: on the trust study per-sample weights
+    beside the learned share tied the share alone where the defaults were chosen and cost accuracy on
+    small held-out tables); centred, RMS-normalized scores (``normalize="center"``), which the
+    share's statistics and the audits read. ``weighting="auto"`` is ``"none"`` under a learned share
+    and ``strength="auto"``, and ``"soft"`` otherwise (a fixed ``aug_weight``, or per-sample
+    refinement asked for with ``strength``): ``w = 2 * sigmoid`` of the row's agreement, normalized
+    per class for a batch of augmented rows alone (``weight_norm="auto"``). A finite ``beta`` gives
+    soft labels. Per-sample refinement applies beside originals (``strength="auto"``); views alone
+    are trained as given unless ``strength=1.0``. :meth:`paper` gives the paper's rule.
 
     ``weight_signal`` also accepts ``"auto"``: ``"likelihood"`` for a batch of augmented rows alone
     and ``"agreement"`` when originals are in it (decided on the global batch in a process group).
@@ -245,13 +252,18 @@ class SAflex(Policy):
     #: the default schedule's budget (measured: the trust study, the held-out tables, the digits demo)
     auto_budget = AUTO_BUDGET
 
-    def __init__(self, beta: float = math.inf, tau: float = 1.0, *, gumbel: bool = False, weighting: str = "soft",
+    def __init__(self, beta: float = math.inf, tau: float = 1.0, *, gumbel: bool = False, weighting: str = "auto",
                  weight_tau: float = 1.0, prior: str = "linear", normalize: Optional[str] = "center",
                  threshold: float = 0.0, weight_signal: str = "agreement", weight_norm: str = "auto",
                  aug_weight="adaptive", strength="auto", pool=None):
         _check_types(beta, tau, weight_tau, threshold, gumbel)   # the values: by saflex_targets below
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         weighting = "none" if weighting is None else weighting  # None: no per-sample weighting, as "none"
+        if isinstance(weighting, str) and weighting == "auto":   # one thing weighs the views
+            # (None: the class's default, as _set_mixing reads it)
+            learned = aug_weight is None or resolve_share(aug_weight)[1] is not None
+            by_default = strength is None or (isinstance(strength, str) and strength == "auto")
+            weighting = "none" if learned and by_default else "soft"
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
             raise ConfigurationError(f"weight_signal must be one of {POLICY_WEIGHT_SIGNALS}, got {weight_signal!r}",
