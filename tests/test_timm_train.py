@@ -204,6 +204,20 @@ def test_audit_files_and_rows(tmp_path):
     assert os.path.exists(tmp_path / "audit.md") and os.path.exists(tmp_path / "audit.png")
 
 
+def test_audit_beside_the_learned_share_says_the_weights_read_one(tmp_path, caplog):
+    """With originals and --strength auto every view keeps weight 1 beside the learned share: the
+    audit's weight columns would read 1, so the run says what to pass for a weight per view."""
+    args = ["--refiner", "saflex", "--strength", "auto", "--with-originals", "--aa", "rand-m9-mstd0.5", "--audit",
+            "--epochs", "1"]
+    with caplog.at_level("WARNING"):
+        out = _run(tmp_path / "a", *args)
+    assert "weighting=soft" in caplog.text and float(out["refiner"].stats["weights"].std()) == 0.0
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = _run(tmp_path / "b", *args, "--refiner-kwargs", "weighting=soft")
+    assert "weighting=soft" not in caplog.text and float(out["refiner"].stats["weights"].std()) > 0
+
+
 def test_image_folder_data_dir(tmp_path):
     from PIL import Image
 

@@ -903,6 +903,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             _logger.warning("--generated with --strength auto: the batches hold no originals, so every row, generated "
                             "ones included, is trained as given and no sources.md is written; pass --strength 1 to "
                             "weigh the generated rows")
+    if audit is not None and refiner is not None and getattr(refiner.policy, "weighting", None) == "none":
+        _logger.warning("--audit: beside the learned share every view keeps weight 1 (augplug's default), so audit.md's "
+                        "weight columns read 1 and its agreement columns rank the ops; pass --refiner-kwargs "
+                        "weighting=soft for a weight per view")
     if refiner is not None:   # the refiner is the task's loss; it and the script's stateful parts are the task state
         stateful = {k: v for k, v in (("audit", audit), ("mixer", mixer), ("sources", sources)) if v is not None}
         task = RefinedClassificationTask(model, refiner, stateful=stateful, device=device, verbose=False)
