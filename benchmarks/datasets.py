@@ -73,6 +73,8 @@ UCI_DATASETS: Dict[str, Tuple[str, str, str, str]] = {
     "vehicle": ("mlbench", "Vehicle.rda", "Vehicle", "Class"),
     "dna": ("mlbench", "DNA.rda", "DNA", "Class"),
     "vowel": ("mlbench", "Vowel.rda", "Vowel", "Class"),
+    "musk": ("kernlab", "musk.rda", "musk", "Class"),
+    "pima": ("mlbench", "PimaIndiansDiabetes.rda", "PimaIndiansDiabetes", "diabetes"),
 }
 
 #: columns that are not features: Vowel's ``V1`` marks the original train / test split
@@ -218,7 +220,7 @@ def _find_rda(package: str, filename: str) -> Path:
 
 def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
     """Load a UCI tabular data set: ``"letter"``, ``"spambase"``, ``"satellite"``, ``"vehicle"``,
-    ``"dna"`` or ``"vowel"``.
+    ``"dna"``, ``"vowel"``, ``"musk"`` or ``"pima"``.
 
     * ``letter``: Letter Recognition (mlbench ``LetterRecognition``), 20,000
       samples, 16 integer features, 26 classes (target ``lettr``).
@@ -236,6 +238,10 @@ def load_uci(name: str) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
     * ``vowel``: Vowel Recognition, Deterding (mlbench ``Vowel``), 990 samples,
       9 speech features, 11 vowels (target ``Class``); its ``V1``, which marks
       the original train / test split, is dropped.
+    * ``musk``: Musk, version 1 (kernlab ``musk``), 476 molecules, 166 shape
+      features, 2 classes (target ``Class``).
+    * ``pima``: Pima Indians Diabetes (mlbench ``PimaIndiansDiabetes``), 768
+      samples, 8 clinical features, 2 classes (target ``diabetes``).
 
     Features are returned as stored (factor features as the numbers their
     levels name); no standardisation is applied.

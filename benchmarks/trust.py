@@ -19,7 +19,9 @@ default of the code they first ran with was fixed and run once with those defaul
 Statlog Landsat Satellite (36 features, 6 classes), 3,000 / 500 / 2,000; ``vehicle`` Statlog Vehicle
 Silhouettes (18 features, 4 classes), 400 / 150 / 296. Two more, added the same way later still:
 ``dna`` StatLog DNA splice junctions (180 binary features, 3 classes), 2,000 / 300 / 886; ``vowel``
-Deterding's vowels (9 features, 11 classes), 500 / 150 / 340.
+Deterding's vowels (9 features, 11 classes), 500 / 150 / 340. And two more after the default
+weighed every view alike beside the learned share: ``musk`` Musk version 1 (166 features, 2
+classes), 250 / 100 / 126; ``pima`` Pima Indians Diabetes (8 features, 2 classes), 400 / 150 / 218.
 
 Upstream augmentation (4 views per training row, precomputed per seed):
   ``random``    strong views (RandAugment(num_ops=2, magnitude=15) on images; Gaussian noise of 0.5
@@ -83,7 +85,7 @@ from benchmarks.common import mean_std, paired_difference, parse_sets, read_runs
 
 DATASETS = ("fmnist", "digits", "letter")
 #: tables run only when named (``--datasets spambase cancer``): held out from every choice of default
-EXTRA_DATASETS = ("spambase", "cancer", "satellite", "vehicle", "dna", "vowel")
+EXTRA_DATASETS = ("spambase", "cancer", "satellite", "vehicle", "dna", "vowel", "musk", "pima")
 UPSTREAMS = ("random", "pairflip", "identity", "clean")
 #: upstreams run only when named: ``ops`` (images only) gives each view one timm RandAugment op at
 #: magnitude 15 with its true label, and records the op as the view's source; ``mild`` gives views
@@ -126,7 +128,7 @@ def load(dataset: str, seed: int):
         x = (x[:, 0] * 255).round().to(torch.uint8)
         tr, va, te = _split(y.numpy(), (1000, 300, 497), seed)
         return x[tr], y[tr], x[va], y[va], x[te], y[te], "image"
-    if dataset in ("letter", "spambase", "cancer", "satellite", "vehicle", "dna", "vowel"):
+    if dataset in ("letter", "spambase", "cancer", "satellite", "vehicle", "dna", "vowel", "musk", "pima"):
         if dataset == "cancer":
             from sklearn.datasets import load_breast_cancer
             X, y = load_breast_cancer(return_X_y=True)
@@ -136,7 +138,7 @@ def load(dataset: str, seed: int):
         X, y = torch.from_numpy(np.array(X, dtype=np.float32)), torch.from_numpy(np.array(y, dtype=np.int64))
         sizes = {"letter": (3000, 500, 4000), "spambase": (3000, 500, 1101), "cancer": (250, 100, 219),
                  "satellite": (3000, 500, 2000), "vehicle": (400, 150, 296), "dna": (2000, 300, 886),
-                 "vowel": (500, 150, 340)}[dataset]
+                 "vowel": (500, 150, 340), "musk": (250, 100, 126), "pima": (400, 150, 218)}[dataset]
         tr, va, te = _split(y.numpy(), sizes, seed)
         mu, sd = X[tr].mean(0), X[tr].std(0).clamp_min(1e-6)
         X = (X - mu) / sd

@@ -85,7 +85,8 @@ def test_real_fashion_mnist_labels():
 
 @pytest.mark.parametrize("name,shape,classes", [("letter", (20000, 16), 26), ("spambase", (4601, 57), 2),
                                                    ("satellite", (6435, 36), 6), ("vehicle", (846, 18), 4),
-                                                   ("dna", (3186, 180), 3), ("vowel", (990, 9), 11)])
+                                                   ("dna", (3186, 180), 3), ("vowel", (990, 9), 11),
+                                                   ("musk", (476, 166), 2), ("pima", (768, 8), 2)])
 def test_real_uci(name, shape, classes):
     try:
         X, y, feats, names = ds.load_uci(name)
