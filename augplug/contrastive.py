@@ -450,8 +450,8 @@ class ContrastiveRefiner(RefinerCore):
             the parameters ``v`` and ``g`` are taken over.
         method_options: options of the method named by ``method``. By name, ``"saflex"`` and
             ``"l2rw"`` mix the rows as the paper does here (``weight_norm="augmented"``,
-            ``aug_weight=1.0``, ``strength=1.0``, and for SAflex per-sample weights,
-            ``weighting="soft"``: the contrastive results were measured so) unless
+            ``aug_weight=1.0``, ``strength=1.0``, so SAflex's ``weighting="auto"`` weighs each pair:
+            the contrastive results were measured so) unless
             ``method_options`` say otherwise; a policy instance keeps its own options, with
             ``weight_norm="auto"`` read as ``"augmented"`` (a row's targets are candidates of the
             batch, not classes, so there is no class normalization). ``aug_weight="adaptive"`` (or
@@ -465,7 +465,7 @@ class ContrastiveRefiner(RefinerCore):
     """
 
     #: The options a method named here gets unless ``method_options`` set them.
-    PRESETS = {"saflex": dict(weighting="soft", weight_norm="augmented", aug_weight=1.0, strength=1.0)}
+    PRESETS = {"saflex": dict(weight_norm="augmented", aug_weight=1.0, strength=1.0)}
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, optimizer=None, val_loader=None,
                  method: Union[str, Policy] = "saflex", *, method_options: Optional[Dict[str, Any]] = None,

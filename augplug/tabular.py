@@ -17,7 +17,9 @@ way pixels of an image roughly are, so "30 % of the columns came from row j" say
 much of row j's class the new row carries (one decisive column can flip the class, ten irrelevant
 ones change nothing). Keeping the label is the usual choice for tabular CutMix, returns integer
 labels that work with any loss, and leaves the relabelling to SAflex, which measures per row whether
-the kept label helps the validation loss (weights) and what label would help more (soft targets).
+the kept label helps the validation loss (weights, with ``SAflex(weighting="soft")``) and what label
+would help more (soft targets, with a finite ``beta``); by default it weighs the rows as a whole, by
+their learned share, beside originals in the batch.
 
 The transform draws every random number from its own ``torch.Generator`` (seeded, saved in
 ``state_dict``), so it never touches the global RNG and replays exactly under a seed.

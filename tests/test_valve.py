@@ -267,3 +267,34 @@ def test_the_default_weighs_the_views_as_a_whole():
     assert not torch.equal(per_row.stats["weights"][6:], torch.ones(10))
     fixed = run(aug_weight=1.0)
     assert fixed.policy.weighting == "soft" and not torch.equal(fixed.stats["weights"][6:], torch.ones(10))
+
+
+@pytest.mark.parametrize("options,weighting", [
+    ({}, "none"), ({"strength": 1.0}, "soft"), ({"strength": 0.0}, "soft"), ({"aug_weight": 1.0}, "soft"),
+    ({"aug_weight": None}, "soft"),      # None: the Policy class's fixed share of 1, so a weight per view
+    ({"strength": None}, "soft"),        # None: the Policy class's strength of 1
+    ({"aug_weight": "adaptive", "strength": "auto"}, "none"),
+    ({"threshold": 0.5}, "soft"), ({"weight_tau": 0.2}, "soft"), ({"weight_signal": "likelihood"}, "soft"),
+    ({"weight_norm": "class"}, "soft"), ({"weight_norm": "augmented"}, "none"), ({"beta": 1.0}, "none"),
+    ({"weighting": "soft"}, "soft"), ({"weighting": "hard"}, "hard"), ({"weighting": None}, "none")])
+def test_auto_weighting_weighs_per_view_wherever_an_option_asks_for_it(options, weighting):
+    """weighting="auto" keeps weight 1 only under a learned share with strength="auto" and no option
+    that acts through per-sample weights alone; before, SAflex(threshold=0.5) was silently flat and
+    SAflex(aug_weight=None) (a fixed share) trained like method="none"."""
+    assert augplug.SAflex(**options).weighting == weighting
+
+
+@pytest.mark.parametrize("bad", ["Soft", " auto", 3, True])
+def test_bad_weighting_names_every_value(bad):
+    with pytest.raises(ConfigurationError) as info:
+        augplug.SAflex(weighting=bad)
+    assert "'auto'" in str(info.value) and "'soft'" in str(info.value)
+
+
+def test_contrastive_saflex_follows_the_rule_by_name_and_by_instance():
+    """By name the contrastive preset is a fixed share, so a weight per pair; an override to a learned
+    share with strength="auto" resolves as a policy instance does."""
+    from augplug.contrastive import ContrastiveRefiner
+    preset = dict(ContrastiveRefiner.PRESETS["saflex"])
+    assert augplug.SAflex(**preset).weighting == "soft"
+    assert augplug.SAflex(**{**preset, "aug_weight": "adaptive", "strength": "auto"}).weighting == "none"

@@ -903,7 +903,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             _logger.warning("--generated with --strength auto: the batches hold no originals, so every row, generated "
                             "ones included, is trained as given and no sources.md is written; pass --strength 1 to "
                             "weigh the generated rows")
-    if audit is not None and refiner is not None and getattr(refiner.policy, "weighting", None) == "none":
+    if audit is not None and refiner is not None and args.with_originals and \
+            getattr(refiner.policy, "weighting", None) == "none":
         _logger.warning("--audit: beside the learned share every view keeps weight 1 (augplug's default), so audit.md's "
                         "weight columns read 1 and its agreement columns rank the ops; pass --refiner-kwargs "
                         "weighting=soft for a weight per view")
@@ -1023,7 +1024,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         "batches without originals are trained as given; pass --strength 1)")
     if audit is not None and not audit.updates:
         _logger.warning("--audit: no refined batch to audit, so no audit.md is written (with --strength auto, "
-                        "batches without originals are trained as given; pass --strength 1 or --with-originals)")
+                        "batches without originals are trained as given; pass --strength 1, or --with-originals "
+                        "--refiner-kwargs weighting=soft for a weight per view beside the originals)")
     if audit is not None and audit.updates:
         with open(os.path.join(output_dir, "audit.md"), "w") as f:
             f.write("# Augmentation audit\n\n## Per RandAugment op\n\n" + audit.table(format="markdown") +

@@ -52,6 +52,9 @@ from ..targets import check_soft_pair
 from ..transfer import to_device
 from .base import Policy, RefineContext, renormalize
 
+#: Values of :class:`SAflex`'s ``weighting`` (``saflex_targets`` takes all but ``"auto"``).
+SAFLEX_WEIGHTINGS = ("auto", "soft", "hard", "none")
+
 __all__ = ["saflex_targets", "SAflex", "normalize_scores", "standardize", "SAFLEX_PAPER", "WEIGHT_SIGNALS", "POLICY_WEIGHT_SIGNALS"]
 
 #: The paper's rule as :class:`SAflex` options (``SAflex(**SAFLEX_PAPER)`` is ``SAflex.paper()``): hard
@@ -230,8 +233,10 @@ class SAflex(Policy):
     beside the learned share tied the share alone where the defaults were chosen and cost accuracy on
     small held-out tables); centred, RMS-normalized scores (``normalize="center"``), which the
     share's statistics and the audits read. ``weighting="auto"`` is ``"none"`` under a learned share
-    and ``strength="auto"``, and ``"soft"`` otherwise (a fixed ``aug_weight``, or per-sample
-    refinement asked for with ``strength``): ``w = 2 * sigmoid`` of the row's agreement, normalized
+    and ``strength="auto"``, and ``"soft"`` otherwise (a fixed ``aug_weight``, per-sample refinement
+    asked for with ``strength``, or an option that only acts through per-sample weights:
+    ``threshold``, ``weight_tau``, ``weight_signal``, ``weight_norm="class"`` or ``"batch"``):
+    ``w = 2 * sigmoid`` of the row's agreement, normalized
     per class for a batch of augmented rows alone (``weight_norm="auto"``). A finite ``beta`` gives
     soft labels. Per-sample refinement applies beside originals (``strength="auto"``); views alone
     are trained as given unless ``strength=1.0``. :meth:`paper` gives the paper's rule.
@@ -241,7 +246,7 @@ class SAflex(Policy):
     ``weight_norm``, ``aug_weight``, ``strength``: see :class:`~augplug.methods.Policy` and
     :class:`~augplug.AugmentationRefiner`.
 
-    ``pool``: None (per-sample weights only), the number of source ids, or a
+    ``pool``: None (no pooled evidence), the number of source ids, or a
     :class:`~augplug.pooled.PooledEvidence`: each augmented row's weight is multiplied by the
     evidence pooled over earlier updates for its (source, class) group; the refiner call then needs
     ``sources=`` (one id per row). Measured not to beat per-sample weights on the trust study
@@ -259,11 +264,10 @@ class SAflex(Policy):
         _check_types(beta, tau, weight_tau, threshold, gumbel)   # the values: by saflex_targets below
         self.beta, self.tau, self.gumbel, self.threshold = float(beta), float(tau), bool(gumbel), float(threshold)
         weighting = "none" if weighting is None else weighting  # None: no per-sample weighting, as "none"
-        if isinstance(weighting, str) and weighting == "auto":   # one thing weighs the views
-            # (None: the class's default, as _set_mixing reads it)
-            learned = aug_weight is None or resolve_share(aug_weight)[1] is not None
-            by_default = strength is None or (isinstance(strength, str) and strength == "auto")
-            weighting = "none" if learned and by_default else "soft"
+        if not (isinstance(weighting, str) and weighting in SAFLEX_WEIGHTINGS):
+            raise ConfigurationError(f"weighting must be one of {SAFLEX_WEIGHTINGS}, got {weighting!r}",
+                                     "use 'auto' (the default: weight 1 beside a learned share, soft weights "
+                                     "elsewhere), 'soft' for a weight per view, 'hard' (the paper) or 'none'")
         self.weighting, self.weight_tau, self.prior, self.normalize = weighting, float(weight_tau), prior, normalize
         if weight_signal not in POLICY_WEIGHT_SIGNALS:
             raise ConfigurationError(f"weight_signal must be one of {POLICY_WEIGHT_SIGNALS}, got {weight_signal!r}",
@@ -271,10 +275,18 @@ class SAflex(Policy):
         self.weight_signal = weight_signal
         # validate once, eagerly
         saflex_targets(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), self.beta, self.tau, gumbel=False,
-                       weighting=weighting, weight_tau=self.weight_tau, threshold=self.threshold, prior=prior, normalize=normalize,
+                       weighting="soft" if weighting == "auto" else weighting, weight_tau=self.weight_tau,
+                       threshold=self.threshold, prior=prior, normalize=normalize,
                        weight_signal="likelihood" if weight_signal == "auto" else weight_signal,
                        log_probs=torch.zeros(1, 2))
         self._set_mixing(weight_norm, aug_weight, strength)
+        if weighting == "auto":   # one thing weighs the views: the learned share, or a weight per view
+            learned = resolve_share(self.aug_weight)[1] is not None
+            by_default = isinstance(self.strength, str) and self.strength == "auto"
+            # an option that only acts through per-sample weights asks for them
+            weights_asked = (self.threshold != 0.0 or self.weight_tau != 1.0 or weight_signal != "agreement"
+                             or self.weight_norm not in ("auto", "augmented"))
+            self.weighting = "none" if learned and by_default and not weights_asked else "soft"
         if pool is None or isinstance(pool, PooledEvidence):
             self.pool = pool
         elif is_integer(pool):
