@@ -136,6 +136,21 @@ def test_refiner_weights_come_from_the_evidence_before_the_batch():
         opt.zero_grad(); loss.backward(); opt.step()
 
 
+def test_a_call_checks_its_sources_once(monkeypatch):
+    """The check reads the ids back (a device sync on a GPU): the refiner's check before the call and
+    the refinement share it, also for a new tensor of the same ids at the next call."""
+    model, opt, r, g = _rig()
+    checks = []
+    original = PooledEvidence.check_sources
+    monkeypatch.setattr(PooledEvidence, "check_sources", lambda self, *a: checks.append(1) or original(self, *a))
+    for step in range(3):
+        x, y = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+        src = torch.randint(0, 4, (24,), generator=g)
+        loss = r(model(x), y, num_original=8, sources=src)
+        assert len(checks) == step + 1 and r.stats["active"]
+        opt.zero_grad(); loss.backward(); opt.step()
+
+
 def test_rejected_call_and_state_round_trip():
     model, opt, r, g = _rig()
     x, y = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)

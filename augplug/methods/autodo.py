@@ -235,6 +235,7 @@ class AutoDO(Policy):
             self.tables.label_logits.copy_(smoothed_label_logits(F.one_hot(lab, num_classes).float(),
                                                                  self.label_smoothing))
         self._pending: List[tuple] = []
+        self._checked_call = None   # (index, batch, checked index) from check_call, for the call's refine
         self._augment_calls = 0
         self._undo: Optional[Dict[str, Any]] = None
         self._warned_moved = False   # warned once about targets that left their position's label
@@ -400,7 +401,7 @@ class AutoDO(Policy):
             raise ShapeError(f"the logits have {ctx.num_classes} classes, but AutoDO's tables were built for "
                              f"num_classes={self.num_classes}",
                              f"build the method with num_classes={ctx.num_classes} (the model's outputs)")
-        checked, self._checked_call = getattr(self, "_checked_call", None), None
+        checked, self._checked_call = self._checked_call, None
         idx = checked[2] if checked is not None and checked[0] is ctx.index and checked[1] == ctx.batch else \
             self.check_index(ctx.index, ctx.batch)
         y = ctx.targets

@@ -284,7 +284,7 @@ class SAflex(Policy):
             learned = resolve_share(self.aug_weight)[1] is not None
             by_default = isinstance(self.strength, str) and self.strength == "auto"
             # an option that only acts through per-sample weights asks for them
-            weights_asked = (self.threshold != 0.0 or self.weight_tau != 1.0 or weight_signal != "agreement"
+            weights_asked = (self.threshold != 0.0 or self.weight_tau != 1.0 or self.weight_signal != "agreement"
                              or self.weight_norm not in ("auto", "augmented"))
             self.weighting = "none" if learned and by_default and not weights_asked else "soft"
         if pool is None or isinstance(pool, PooledEvidence):
@@ -295,14 +295,21 @@ class SAflex(Policy):
             raise ConfigurationError(f"pool must be None, a number of sources or a PooledEvidence, got {pool!r}",
                                      "pass pool=<number of source ids>, and sources= to each refiner call")
         self._pending = None
-        self._checked = None  # (the call's context, its sources checked once; device sync) during a call
+        #: (the call's sources=, its batch size, the checked ids) during a call: the check reads the ids
+        #: back (a device sync), so the refiner's check before the call and the refinement share it
+        self._checked = None
 
     # ------------------------------------------------------------------ pooled evidence
     def _sources(self, ctx: RefineContext) -> torch.Tensor:
-        """The call's ``sources=`` checked (:meth:`PooledEvidence.check_sources`), once per call."""
-        if self._checked is None or self._checked[0] is not ctx:
-            self._checked = (ctx, self.pool.check_sources(ctx.sources, ctx.batch, ctx.targets.device))
-        return self._checked[1]
+        """The call's ``sources=`` checked (:meth:`PooledEvidence.check_sources`), once per call: by
+        :meth:`check_call` where the refiner called it, else here."""
+        checked = self._checked
+        if checked is None or checked[0] is not ctx.sources or checked[1] != ctx.batch:
+            checked = (ctx.sources, ctx.batch, self.pool.check_sources(ctx.sources, ctx.batch, ctx.targets.device))
+        elif checked[2].device != ctx.targets.device:
+            checked = checked[:2] + (checked[2].to(ctx.targets.device),)
+        self._checked = checked
+        return checked[2]
 
     @property
     def reads_sources(self) -> bool:
@@ -310,7 +317,8 @@ class SAflex(Policy):
 
     def check_call(self, *, index=None, sources=None, batch: int = 0) -> None:
         if self.pool is not None and sources is not None:
-            self.pool.check_sources(sources, batch, "cpu" if not torch.is_tensor(sources) else sources.device)
+            device = sources.device if torch.is_tensor(sources) else "cpu"
+            self._checked = (sources, batch, self.pool.check_sources(sources, batch, device))
 
     @property
     def has_state(self) -> bool:
