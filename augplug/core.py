@@ -34,7 +34,7 @@ from .errors import (AugplugError, ConfigurationError, EmptyValidationError, Mod
 from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
 from .finite import nonfinite, tensor_leaves
-from .rng import PrivateRNG
+from .rng import PrivateRNG, is_generator_state
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
 from .steps import StepCounter
@@ -976,7 +976,7 @@ class RefinerCore:
         if budget is not None:   # checked whole even where it is dropped (a refiner without a budget)
             OverheadBudget.check_state(budget)
         rng = state["rng_state"]
-        if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != self._rng.state.shape:
+        if not is_generator_state(rng, self._rng.state):
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
         if state["stream"] is not None and self._stream is None:
             raise ConfigurationError("the state holds a validation stream but this refiner reads none",

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PrivateRNG"]
+__all__ = ["PrivateRNG", "is_generator_state"]
+
+
+def is_generator_state(state, like: torch.Tensor) -> bool:
+    """Whether ``state`` has the form of a torch CPU generator state like ``like`` (a uint8 tensor of
+    its shape): what a saved RNG state must be before it is set."""
+    return torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == like.shape
 
 
 class PrivateRNG:

@@ -31,6 +31,7 @@ import torch
 from .errors import ConfigurationError, ShapeError, TargetError
 from .options import is_integer
 from .report import NAME_SEP, AugmentationAudit
+from .rng import is_generator_state
 
 __all__ = ["GeneratedSamples", "BatchMixer", "MixedBatch", "SourceAudit", "REAL"]
 
@@ -405,7 +406,7 @@ class BatchMixer:
             raise ConfigurationError(f"the mixer state is malformed ({type(e).__name__}: {e})", fix) from None
         if len(pos) != len(self.datasets) or len(orders) != len(self.datasets):
             raise ConfigurationError(f"state for {len(pos)} sources, mixer has {len(self.datasets)}", fix)
-        if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.shape == self._gen.get_state().shape):
+        if not is_generator_state(gen, self._gen.get_state()):
             raise ConfigurationError("the mixer state's generator state is not a generator state (a uint8 tensor "
                                      f"of {self._gen.get_state().numel()} values)", fix)
         try:   # content torch refuses, on a scratch generator

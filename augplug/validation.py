@@ -13,7 +13,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 import torch
 
 from .errors import ConfigurationError, EmptyValidationError, ShapeError
-from .rng import PrivateRNG
+from .rng import PrivateRNG, is_generator_state
 
 __all__ = ["split_batch", "ValidationStream", "CachedValidationStream"]
 
@@ -98,7 +98,7 @@ def check_generator_states(loader: Any, states: Optional[List[torch.Tensor]]) ->
             f"loader has {len(gens)}",
             "build the validation DataLoader as it was when the state was saved (same generator= / sampler)")
     for g, st in zip(gens, states):
-        if not torch.is_tensor(st) or st.dtype != torch.uint8 or st.shape != g.get_state().shape:
+        if not is_generator_state(st, g.get_state()):
             raise ConfigurationError("the validation stream state holds a generator state that is not one "
                                      f"({type(st).__name__}{'' if not torch.is_tensor(st) else f' {st.dtype} {tuple(st.shape)}'})",
                                      "load a state saved by the refiner's state_dict()")
@@ -228,8 +228,7 @@ class ValidationStream:
             raise ConfigurationError(f"the validation stream state lacks {missing} or has a bad position {position!r}",
                                      "load a state saved by the refiner's state_dict()")
         rng = state[self._KEYS[0]]
-        if rng is not None and (not torch.is_tensor(rng) or rng.dtype != torch.uint8 or
-                                rng.shape != self.rng.state.shape):
+        if rng is not None and not is_generator_state(rng, self.rng.state):
             raise ConfigurationError("the validation stream state's RNG state is not a generator state",
                                      "load a state saved by the refiner's state_dict()")
         check_generator_states(self.loader, state.get(self._GENERATORS_KEY))
