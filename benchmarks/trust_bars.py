@@ -39,27 +39,23 @@ SETTINGS: List[Tuple[str, str, Sequence[str], Sequence[str], Sequence[str]]] = [
     ("images and Letter, concat", "direction_concat_10seeds_digits_letter", ["digits", "letter"], HARMFUL,
      ["concat"]),
     ("Spambase, cancer (held out)", "direction_heldout_30seeds", ["spambase", "cancer"],
-     ["random", "identity", "clean"], ["batch", "concat"]),
-    ("Spambase, cancer (held out)", "direction_heldout_30seeds", ["spambase", "cancer"],
-     ["random", "identity", "clean"], ["separate"]),
+     ["random", "identity", "clean"], ["batch", "concat", "separate"]),
     ("Satellite", "direction_signal_satellite", ["satellite"], FIVE, ["batch", "concat"]),
     ("Satellite", "direction_satellite_separate", ["satellite"], FIVE, ["separate"]),
     ("Vehicle", "direction_signal_vehicle", ["vehicle"], FIVE, ["batch", "concat"]),
     ("Vehicle", "direction_vehicle_separate_30seeds", ["vehicle"], FIVE, ["separate"]),
     ("mild, one batch", "direction_signal_four_sets", ["digits", "letter", "spambase", "cancer"], ["mild"],
      ["batch"]),
-    ("mild, separate and concat", "direction_mild_10seeds", ["digits", "letter"], ["mild"], ["separate"]),
-    ("mild, separate and concat", "direction_mild_10seeds", ["digits", "letter"], ["mild"], ["concat"]),
+    ("mild, separate and concat", "direction_mild_10seeds", ["digits", "letter"], ["mild"], ["separate", "concat"]),
     ("30 epochs", "direction_signal_30epochs_four_sets", ["digits", "letter", "spambase", "cancer"],
      ["random", "identity", "clean", "mild"], ["batch"]),
     ("30 epochs", "direction_signal_30epochs_four_sets", ["digits", "letter"], ["pairflip"], ["batch"]),
     ("SGD, one batch", "direction_sgd_30seeds_digits_letter", ["digits", "letter"], HARMFUL, ["batch"]),
     ("SGD, one batch", "direction_sgd_10seeds_fmnist", ["fmnist"], HARMFUL, ["batch"]),
     ("SGD, separate", "direction_sgd_separate_10seeds_digits_letter", ["digits", "letter"], HARMFUL, ["separate"]),
-    ("SGD, mild", "direction_sgd_mild_10seeds", ["digits", "letter", "spambase", "cancer"], ["mild"], ["batch"]),
-    ("SGD, mild", "direction_sgd_mild_10seeds", ["digits", "letter", "spambase", "cancer"], ["mild"], ["separate"]),
-    ("DNA, Vowel (held out last)", "heldout_dna_vowel", ["dna", "vowel"], FIVE, ["batch", "concat"]),
-    ("DNA, Vowel (held out last)", "heldout_dna_vowel", ["dna", "vowel"], FIVE, ["separate"]),
+    ("SGD, mild", "direction_sgd_mild_10seeds", ["digits", "letter", "spambase", "cancer"], ["mild"],
+     ["batch", "separate"]),
+    ("DNA, Vowel (held out last)", "heldout_dna_vowel", ["dna", "vowel"], FIVE, ["batch", "concat", "separate"]),
     ("Musk, Pima (held out, run on the current default)", "heldout_musk_pima", ["musk", "pima"],
      ["random", "identity", "clean", "mild"], ["batch", "concat", "separate"]),
 ]
@@ -73,13 +69,9 @@ CURRENT = {"batch": "s0_", "concat": "s0_", "separate": ""}
 RUN_ON_CURRENT = {"heldout_musk_pima"}
 
 
-def current(table: str, patterns: Sequence[str]) -> str:
-    """The table of the current default's runs for one entry of :data:`SETTINGS`."""
-    if table in RUN_ON_CURRENT:
-        return table
-    prefixes = {CURRENT[p] for p in patterns}
-    assert len(prefixes) == 1, f"{table}: split patterns with different current tables into two entries"
-    return prefixes.pop() + table
+def current(table: str, pattern: str) -> str:
+    """The table of the current default's runs of ``pattern`` for a table :data:`SETTINGS` names."""
+    return table if table in RUN_ON_CURRENT else CURRENT[pattern] + table
 
 
 def accuracies(table: str) -> Dict[Tuple, Dict[int, float]]:
@@ -109,19 +101,21 @@ def count(variant: str = "", named: bool = False) -> Tuple[List[Dict], Dict[str,
     call those are the per-sample weights', the default before). ``named``: count the tables
     :data:`SETTINGS` names instead of the current default's."""
     cells, cache = [], {}
+
+    def runs(t: str):
+        if t not in cache:
+            cache[t] = accuracies(t)
+        return cache[t]
     for row, table, datasets, upstreams, patterns in SETTINGS:
-        name = f"{variant}_{table}" if variant else (table if named else current(table, patterns))
-        if variant and not (results_dir("trust") / f"{name}.md").exists():
+        if variant and not (results_dir("trust") / f"{variant}_{table}.md").exists():
             continue
-        for t in {table, name}:
-            if t not in cache:
-                cache[t] = accuracies(t)
-        acc, default = cache[name], cache[table]
         for d in datasets:
             for u in upstreams:
                 if d in ("spambase", "cancer") and u == "pairflip":
                     continue
                 for p in patterns:
+                    name = f"{variant}_{table}" if variant else (table if named else current(table, p))
+                    acc, default = runs(name), runs(table)
                     if variant and not acc.get((d, u, p, "refiner")):   # a variant run on some patterns only
                         continue
                     refiner, upstream = acc[(d, u, p, "refiner")], acc[(d, u, p, "upstream")]
