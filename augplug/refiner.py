@@ -1315,10 +1315,13 @@ class AugmentationRefiner(RefinerCore):
         layout = state.get("model")   # states before it was recorded do not say
         if layout is not None:
             own = self._model_layout()
-            if not isinstance(layout, (list, tuple)) or \
-                    any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in layout):
-                raise ConfigurationError("the refiner state's 'model' is not a parameter layout", _CHECKPOINT_FIX)
-            saved = [[str(n), [int(d) for d in shape]] for n, shape in layout]
+            try:
+                if not isinstance(layout, (list, tuple)):
+                    raise TypeError(type(layout).__name__)
+                saved = [[str(n), [int(d) for d in shape]] for n, shape in layout]
+            except (TypeError, ValueError):   # not pairs of a name and a list of integer sizes
+                raise ConfigurationError("the refiner state's 'model' is not a parameter layout", _CHECKPOINT_FIX) \
+                    from None
             if saved != own:
                 diff = next((f"{a[0]} {tuple(a[1])} saved, {b[0]} {tuple(b[1])} here" for a, b in zip(saved, own)
                              if a != b), f"{len(saved)} parameters saved, {len(own)} here")

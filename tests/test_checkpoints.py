@@ -251,6 +251,8 @@ def test_a_state_of_another_backbone_with_the_same_classifier_is_refused():
     ref = trained(1, 3)
     _refused(ref, state, r"saved for another model \(body\.2\.weight")
     trained(2, 3).load_state_dict(state)   # the same architecture loads
+    for layout in ("layers", [["fc.weight"]], [["fc.weight", ["x", 8]]], [["fc.weight", None]]):
+        _refused(ref, {**state, "model": layout}, "not a parameter layout")   # before: a raw error for the last two
     legacy = dict(state)
     del legacy["model"]                    # a state from before the layout was recorded
     ref.load_state_dict(legacy)
