@@ -34,6 +34,7 @@ from .errors import (AugplugError, ConfigurationError, EmptyValidationError, Mod
 from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
 from .finite import nonfinite, tensor_leaves
+from .options import option_fields
 from .rng import PrivateRNG, is_generator_state
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
@@ -818,6 +819,8 @@ class RefinerCore:
                                                               for h in self._v_halves],
             "window": self._window_state(),
             "budget": self.budget.state_dict() if self.budget is not None else None,
+            # the options the refiner was built with, as its repr lists them: a resume under others warns
+            "options": option_fields(repr(self)),
         }
 
     def _window_state(self) -> Optional[Dict[str, Any]]:
@@ -975,6 +978,11 @@ class RefinerCore:
         budget = state.get("budget")
         if budget is not None:   # checked whole even where it is dropped (a refiner without a budget)
             OverheadBudget.check_state(budget)
+        options = state.get("options")
+        if options is not None and (not isinstance(options, dict) or
+                                    any(not isinstance(x, str) for kv in options.items() for x in kv)):
+            raise ConfigurationError("the refiner state's 'options' is not a table of option names and values",
+                                     _CHECKPOINT_FIX)
         rng = state["rng_state"]
         if not is_generator_state(rng, self._rng.state):
             raise ConfigurationError("the refiner state's 'rng_state' is not a generator state", _CHECKPOINT_FIX)
@@ -1004,6 +1012,20 @@ class RefinerCore:
                 "build the validation loader (its batch size) and Schedule(val_batches=) as they were when the "
                 "state was saved")
 
+    def _warn_other_options(self, saved: Optional[Dict[str, str]]) -> None:
+        """Warn when a state was saved by a refiner built with other options (states of earlier
+        versions do not record them): it loads, and the run goes on under this refiner's options,
+        which can train otherwise than the saved run would have (e.g. another ``weighting``)."""
+        if saved is None:
+            return
+        own = option_fields(repr(self))
+        changed = [f"{k}: saved {saved.get(k, '(not an option)')}, here {own.get(k, '(not an option)')}"
+                   for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
+        if changed:
+            _warn_at_caller("the refiner state was saved by a refiner built with other options ("
+                            + "; ".join(changed) + "); it is loaded and training goes on under this refiner's "
+                            "options. To resume the saved run as it was, build the refiner with the saved options")
+
     def _load_core_state(self, state: Dict[str, Any]) -> None:
         """Assign a state :meth:`_check_core_state` accepted (the stream first: re-opening its pass is
         the one step that can still fail, and it leaves the stream as it was when it does)."""
@@ -1021,6 +1043,7 @@ class RefinerCore:
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
         window = state.get("window")
         self._window = None if window is None else self._window_from_state(window, self._v_step)
+        self._warn_other_options(state.get("options"))
         if state.get("budget") is not None:
             if self.budget is not None:
                 self.budget.load_state_dict(state["budget"])

@@ -256,3 +256,48 @@ def test_a_state_of_another_backbone_with_the_same_classifier_is_refused():
     legacy = dict(state)
     del legacy["model"]                    # a state from before the layout was recorded
     ref.load_state_dict(legacy)
+
+
+def test_a_state_records_its_options_and_a_resume_under_others_warns():
+    """A state saved under per-sample weights and loaded into a refiner built with the defaults used
+    to load silently and train on without them; it still loads, and the warning names each option
+    that differs with both values."""
+    _, _, saved = _trained(method=SAflex(weighting="soft", beta=2.0))
+    state = saved.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)   # plain strings: a weights-only load reads them
+    assert state["options"]["method"] == "SAflex" and state["options"]["method.weighting"] == "'soft'"
+    _, _, ref = _trained(3)
+    with pytest.warns(RuntimeWarning, match="other options") as caught:
+        ref.load_state_dict(state)
+    text = str(caught[0].message)
+    assert "method.weighting: saved 'soft', here 'none'" in text and "method.beta: saved 2.0, here inf" in text
+    assert "schedule" not in text and "bn_mode" not in text   # options alike are not listed
+    same(ref.state_dict()["v"], state["v"])             # and the state is loaded
+    _, _, alike = _trained(3, method=SAflex(weighting="soft", beta=2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alike.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "options"}   # states before options were recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alike.load_state_dict(older)
+
+
+@pytest.mark.parametrize("options", [["method"], {"method": 1}, {2: "SAflex"}])
+def test_a_malformed_options_table_is_refused(options):
+    _, _, saved = _trained()
+    state = saved.state_dict()
+    state["options"] = options
+    _, _, ref = _trained(3)
+    _refused(ref, state, "'options' is not a table")
+
+
+def test_option_fields_reads_nested_reprs_and_quoted_commas():
+    from augplug.options import option_fields
+    text = "R(method=P(a='x, y(', b=[1, 2], share=S(lr=None)), mode='m', 3)"
+    assert option_fields(text) == {"method": "P", "method.a": "'x, y('", "method.b": "[1, 2]", "method.share": "S",
+                                   "method.share.lr": "None", "mode": "'m'", "#2": "3"}
+    assert option_fields("plain") == {} and option_fields("R()") == {}
