@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ShapeError, UnsupportedHeadError, warn_at_caller
 
-__all__ = ["unwrap_model", "is_compiled", "find_classifier", "check_closed_form_head", "tied_names", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
+__all__ = ["same_tensor", "in_backward", "reentrant_checkpoint", "REENTRANT_FIX", "unwrap_model", "is_compiled", "find_classifier", "check_closed_form_head", "tied_names", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
 
 def _wrapper_chain(model: nn.Module):
@@ -126,6 +126,15 @@ def check_closed_form_head(name: str, head: nn.Module) -> None:
             f"the classifier '{name}' is parametrized ({', '.join(head.parametrizations.keys())}: e.g. weight_norm "
             f"or spectral_norm), so the optimizer steps the parametrization's tensors, not the weight that "
             f"last-layer scores measure a step on",
+            "use mode='full' (scores through the parameters that train), or a plain nn.Linear classifier")
+    weights = [(n, t) for n, t in (("weight", head.weight), ("bias", head.bias)) if t is not None]
+    computed = [n for n, t in weights if not isinstance(t, nn.Parameter)]
+    if computed:   # torch.nn.utils.weight_norm / spectral_norm (the hook-based ones) recompute them per forward
+        raise UnsupportedHeadError(
+            f"the classifier '{name}' computes its {' and '.join(computed)} from other tensors before each "
+            f"forward (torch.nn.utils.weight_norm or spectral_norm: the optimizer steps "
+            f"{', '.join(n for n, _ in head.named_parameters(recurse=False)) or 'other tensors'}), not the weight "
+            f"that last-layer scores measure a step on",
             "use mode='full' (scores through the parameters that train), or a plain nn.Linear classifier")
     if not _plain_forward(head):
         raise UnsupportedHeadError(
@@ -287,7 +296,7 @@ def _first_parameter(module: nn.Module) -> Optional[str]:
     return next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same values in memory: one storage, offset, shape and strides."""
     return (a.shape == b.shape and a.stride() == b.stride() and a.device == b.device and a.dtype == b.dtype
             and a.storage_offset() == b.storage_offset()
@@ -394,6 +403,39 @@ class _HeadForward(GradientSlot):
         self.features, self.used, self.node, self.unscaled = features, False, node, False
 
 
+def in_backward() -> bool:
+    """Whether the caller runs inside an autograd backward pass (a checkpointed forward's recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+#: The autograd node of ``torch.utils.checkpoint(..., use_reentrant=True)``'s output.
+_REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def reentrant_checkpoint(tensor: Any, limit: int = 10_000) -> bool:
+    """Whether ``tensor``'s autograd graph (its first ``limit`` nodes) holds a reentrant activation
+    checkpoint, whose inner forward runs under ``no_grad``: the hooks see no training forward there,
+    and ``torch.autograd.grad`` cannot reach the parameters inside it."""
+    node = getattr(tensor, "grad_fn", None)
+    seen, todo = set(), [node] if node is not None else []
+    while todo and len(seen) < limit:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == _REENTRANT_NODE:
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+#: The error of a model that runs its classifier (or all of it) in a reentrant checkpoint.
+REENTRANT_FIX = ("use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), "
+                 "or pass the classifier's input as features= (last-layer mode) / the model input as inputs= "
+                 "(full mode)")
+
+
 def _inert_capture() -> "ActivationCapture":
     """What a copy of a model gets for a refiner's capture (:meth:`ActivationCapture.__reduce_ex__`):
     hooks that record nothing and change no gradient."""
@@ -452,6 +494,8 @@ class ActivationCapture:
         #: output (``z = fc(h); z /= T``) keeps its storage but not its values (_pick)
         self._output_versions: Deque[Optional[int]] = deque(maxlen=max_chunks)
         self._inputs: Deque[torch.Tensor] = deque(maxlen=max_chunks)
+        #: the type of a training forward's first input that is not a tensor (a dict of tensors), or None
+        self.odd_input: Optional[str] = None
         self._model_outputs: Deque[Optional[torch.Tensor]] = deque(maxlen=max_chunks)  # the model's, per input
         self._model_nodes: Deque[Any] = deque(maxlen=max_chunks)   # their autograd nodes (_cat_order)
         self._model_output_versions: Deque[Optional[int]] = deque(maxlen=max_chunks)   # as _output_versions
@@ -529,7 +573,9 @@ class ActivationCapture:
         return (_inert_capture, ())
 
     def _active(self, module: nn.Module) -> bool:
-        return self._paused == 0 and module.training and torch.is_grad_enabled()
+        # a forward run inside a backward pass is activation checkpointing's recomputation of a forward
+        # already seen (or, reentrant, hidden from the hooks): never a training forward of its own
+        return self._paused == 0 and module.training and torch.is_grad_enabled() and not in_backward()
 
     def _feature_hook(self, module, args, output):
         if self._active(module) and args and isinstance(args[0], torch.Tensor):
@@ -545,6 +591,8 @@ class ActivationCapture:
 
     def _input_hook(self, module, args, kwargs):
         x = args[0] if args else kwargs.get(self._input_keyword) if kwargs else None
+        if x is not None and not isinstance(x, torch.Tensor) and self._active(module):
+            self.odd_input = type(x).__name__
         if self._active(module) and isinstance(x, torch.Tensor):
             x = x.detach()
             self._inputs.append(x)
@@ -637,7 +685,7 @@ class ActivationCapture:
         if logits is not None:
             for k in range(n - 1, -1, -1):
                 o = outputs[k]
-                if o is not None and _same_tensor(o, logits):
+                if o is not None and same_tensor(o, logits):
                     if check_values and versions is not None and len(versions) == n and \
                             versions[k] is not None and o._version != versions[k]:
                         self._warn_not_outputs()
@@ -696,7 +744,7 @@ class ActivationCapture:
                                      [f.node for f in self._forwards], check_values=False, versions=versions)
         if out is None or any(o is None for o in list(self._outputs)[start:end]):
             return True
-        if _same_tensor(out, logits) and end - start == 1:
+        if same_tensor(out, logits) and end - start == 1:
             return versions[start] is None or out._version == versions[start]
         if self._head_checked is None:
             target = logits.detach()
@@ -754,6 +802,7 @@ class ActivationCapture:
         self._input_open = False
         self._inputs.clear()
         self._replays.clear()
+        self.odd_input = None
 
     @contextmanager
     def paused(self):

@@ -27,7 +27,7 @@ from .checks import validate
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
 from .heads import (ActivationCapture, GradientSlot, check_closed_form_head, find_classifier, is_compiled,
-                    other_captures, tied_names, unwrap_model)
+                    other_captures, reentrant_checkpoint, tied_names, unwrap_model)
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .options import is_integer, is_real
@@ -395,6 +395,7 @@ class AugmentationRefiner(RefinerCore):
         self._held_share = None
         self._warned_pool_alone = False   # warned once: pooled sources on views alone gather nothing
         self._warned_rest_early = False   # warned once: the rest's backward came before the refiner call
+        self._warned_reentrant = False    # warned once: views alone through a reentrant checkpoint
         self._closed_form_off = False   # closed-form calls stopped: the logits are not the head's output
         self._context_parts = None
         # full-model scores on the training forward itself (RefineContext decides per call)
@@ -628,8 +629,15 @@ class AugmentationRefiner(RefinerCore):
         mask), so every refresh rebuilds the head gradient of the whole window with the current head."""
         if self.mode != "last_layer":
             return gradient(x, y)
-        a, _ = head_features(self.net, x, self.head, bn=self.bn_mode)
-        mask = half_mask(x, y.shape[0], y.device) if self.split_validation else None
+        a, z = head_features(self.net, x, self.head, bn=self.bn_mode)
+        rows, width = y.shape[0], self.head.weight.shape[1]
+        if a.shape != (rows, width) or z.shape != (rows, self.head.weight.shape[0]):
+            raise ShapeError(
+                f"on a validation batch of {rows} samples the classifier received {tuple(a.shape)} features and "
+                f"the model returned {tuple(z.shape)} logits; the validation window keeps one feature row of "
+                f"{width} per sample", "give validation batches the training batches' layout (one sample per "
+                "row, logits (B, C)), or use Schedule(fresh_batches=None) / mode='full'")
+        mask = half_mask(x, rows, y.device) if self.split_validation else None
         return {"features": a, "targets": y.float(), "half": mask}
 
     def _window_sum(self, entries) -> GradSum:
@@ -709,6 +717,14 @@ class AugmentationRefiner(RefinerCore):
         # through the user's own loss term): the share then weighs the views against that term
         self._rest_mode, rest_stats = (self._rest_signal(world) if views_alone and self._capture.track_gradients
                                        else (False, None))
+        if views_alone and not self._rest_mode and not self._warned_reentrant and \
+                self._capture.recorded_nothing and reentrant_checkpoint(logits):
+            self._warned_reentrant = True
+            _warn_at_caller("the views' logits come through torch.utils.checkpoint(..., use_reentrant=True), whose "
+                            "forward runs under no_grad: the refiner's hooks record no training forward, so the "
+                            "share cannot weigh the views against the rest of the loss (an originals' term) and "
+                            "the views are trained as given. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
+                            "(torch's recommended setting)")
         if self._rest_mode and not self._warned_rest_early and self._capture.rest_backward_early():
             self._warned_rest_early = True
             _warn_at_caller("the rest of the loss (the originals' term) was backpropagated before this update's "
@@ -1330,4 +1346,9 @@ class AugmentationRefiner(RefinerCore):
                                          "(the same architecture), or start this refiner afresh")
 
     def __repr__(self) -> str:
-        return f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, schedule={self.schedule!r})"
+        isda = self.isda
+        isda = "None" if isda is None else (
+            f"ISDALoss(covariance={isda.covariance!r}, lambda0={isda.lambda0}, decay={isda.decay}, "
+            f"stats_targets={isda.stats_targets!r})")
+        return (f"AugmentationRefiner(method={self.policy!r}, mode={self.mode!r}, bn_mode={self.bn_mode!r}, "
+                f"schedule={self.schedule!r}, orig_weight={self.orig_weight!r}, isda={isda}, seed={self.seed!r})")

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import ConfigurationError, ShapeError, UnsupportedModelError
-from .heads import ForwardReplay, output_logits, unwrap_model
+from .errors import ConfigurationError, ShapeError, UnsupportedHeadError, UnsupportedModelError
+from .heads import ForwardReplay, output_logits, reentrant_checkpoint, same_tensor, unwrap_model
 
 __all__ = [
     "SCORE_MODES",
@@ -271,11 +271,29 @@ def head_features(model: nn.Module, inputs, head: nn.Module, *, bn: str = "eval"
                          f"({type(head).__name__} of {type(net).__name__})",
                          "pass classifier= naming the layer whose output is the logits in evaluation too "
                          "(an auxiliary head that runs only in training cannot be scored)")
-    a, z = feats[-1], outs[-1]
+    k = len(feats) - 1
+    if k > 0:   # the head ran more than once (deep supervision): the call whose output the model returns
+        model_out = _logits_or_none(out)
+        calls = [i for i, z in enumerate(outs) if z is not None and model_out is not None and same_tensor(z, model_out)]
+        if not calls:
+            raise UnsupportedHeadError(
+                f"the classifier ran {len(feats)} times in one forward of the model on a validation batch (e.g. "
+                f"auxiliary outputs of deep supervision through the same head) and none of its outputs is the "
+                f"logits the model returns, so the call the logits come from is not known",
+                "use mode='full', or pass classifier= naming a layer that runs once and returns the logits")
+        k = calls[-1]
+    a, z = feats[k], outs[k]
     rows = a.shape[0]
     if z is not None and z.dim() == 2 and z.shape[0] == rows:
         return a.flatten(1).float(), z
     return a.flatten(1).float(), output_logits(out)
+
+
+def _logits_or_none(out) -> Optional[torch.Tensor]:
+    try:
+        return output_logits(out)
+    except ShapeError:
+        return None
 
 
 def _head_gradient(a: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head_name: str, bias: bool,
@@ -336,6 +354,15 @@ def grad_sums(loss: torch.Tensor, params: Dict[str, nn.Parameter], retain_graph:
     """``d loss / d p`` for each named parameter, detached fp32 (zeros where ``loss`` does not depend on it)."""
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=retain_graph)
+    if any(g is None for g in grads) and reentrant_checkpoint(loss):
+        unreached = [n for n, g in zip(names, grads) if g is None]
+        raise UnsupportedModelError(
+            f"the model runs part of its forward in torch.utils.checkpoint(..., use_reentrant=True), whose "
+            f"parameters torch.autograd.grad cannot reach: the validation direction would be 0 for "
+            f"{len(unreached)} of {len(names)} scored parameters ({', '.join(unreached[:3])}"
+            f"{', ...' if len(unreached) > 3 else ''})",
+            "use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), or "
+            "mode='last_layer' where the classifier runs outside the checkpoint")
     return {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
             for n, g in zip(names, grads)}
 
@@ -428,8 +455,8 @@ def full_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor], *, bn: str
             raise ForwardModeUnsupportedError(
                 f"forward-mode AD is not implemented for an operation in {type(net).__name__} "
                 f"({str(e).splitlines()[0][:160]})",
-                "use mode='last_layer' (closed form on the linear head), or mode='auto' (double-backward "
-                "scores where forward mode is missing); for timm attention models "
+                "use mode='auto' (double-backward scores where forward mode is missing), or mode='last_layer' "
+                "(closed form on a plain nn.Linear head; not for a weight-normalized one); for timm attention models "
                 "timm.layers.set_fused_attn(False) before creating the model avoids the fused kernel") from e
         logp = F.log_softmax(output_logits(out).float(), -1)
         tangent = fwAD.unpack_dual(logp).tangent

@@ -301,3 +301,14 @@ def test_option_fields_reads_nested_reprs_and_quoted_commas():
     assert option_fields(text) == {"method": "P", "method.a": "'x, y('", "method.b": "[1, 2]", "method.share": "S",
                                    "method.share.lr": "None", "mode": "'m'", "#2": "3"}
     assert option_fields("plain") == {} and option_fields("R()") == {}
+
+
+@pytest.mark.parametrize("option, value, listed", [("orig_weight", 2.0, "orig_weight: saved 2.0, here 1.0"),
+                                                   ("seed", 3, "seed: saved 3, here 0"),
+                                                   ("isda", {"lambda0": 0.1}, "isda.lambda0: saved 0.1, here 0.5")])
+def test_the_shells_own_options_are_recorded_too(option, value, listed):
+    _, _, saved = _trained(**{option: value})
+    _, _, ref = _trained(3, **({"isda": True} if option == "isda" else {}))
+    with pytest.warns(RuntimeWarning, match="other options") as caught:
+        ref.load_state_dict(saved.state_dict())
+    assert listed in str(caught[0].message)

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
-from ..errors import ConfigurationError, ShapeError
+from ..errors import ConfigurationError, ShapeError, UnsupportedModelError
+from ..heads import REENTRANT_FIX, reentrant_checkpoint
 from ..share import resolve_share
 from ..valve import resolve_strength
 
@@ -219,6 +220,8 @@ class RefineContext:
             self._features = self.scoring.capture.features(self.batch, self.logits)
         f = self._features
         if f is None:
+            if required:
+                self._check_not_checkpointed("the classifier's input features")
             if required and self.scoring.capture.recorded_nothing:
                 raise ShapeError(*_NOTHING_RECORDED)
             if required:
@@ -238,7 +241,15 @@ class RefineContext:
     def inputs(self) -> Any:
         """The model inputs of this batch (captured or passed as ``inputs=``)."""
         x = self._inputs if self._inputs is not None else self.scoring.capture.inputs(self.batch, self.logits)
+        odd = self.scoring.capture.odd_input if x is None else None if torch.is_tensor(x) else type(x).__name__
+        if odd is not None:
+            raise UnsupportedModelError(
+                f"full-model scores run the model on each sample's input, which must be one tensor with a row per "
+                f"sample; this model's input is a {odd}",
+                "use mode='last_layer' (the default: it reads the classifier's input features, whatever the model "
+                "takes), or give the model one input tensor")
         if x is None:
+            self._check_not_checkpointed("the model's inputs")
             if self.scoring.capture.recorded_nothing:
                 raise ShapeError(*_NOTHING_RECORDED)
             raise ShapeError(f"no model inputs for the {self.batch} rows of this batch were captured",
@@ -247,6 +258,14 @@ class RefineContext:
             raise ShapeError(f"inputs have {x.shape[0]} rows, logits {self.batch}", "pass the batch fed to the model")
         self._inputs = x
         return x
+
+    def _check_not_checkpointed(self, what: str) -> None:
+        """Name reentrant activation checkpointing as the cause of a capture that found nothing."""
+        if reentrant_checkpoint(self.logits):
+            raise UnsupportedModelError(
+                f"the logits come through torch.utils.checkpoint(..., use_reentrant=True), whose forward runs "
+                f"under no_grad, so the refiner's hooks could not record {what} (the recomputation in the "
+                f"backward pass comes too late)", REENTRANT_FIX)
 
     def check_score_inputs(self) -> None:
         """Raise now (before any validation pass) when the scoring inputs are missing."""
