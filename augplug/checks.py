@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .core import optimizer_problem
-from .errors import AugplugError, EmptyValidationError, ModelModeError, TargetError, ValidationFailed
+from .errors import AugplugError, EmptyValidationError, ModelModeError, ShapeError, TargetError, ValidationFailed
 from .heads import find_classifier
 from .rng import PrivateRNG
 from .targets import check_logits, to_soft_targets
@@ -54,6 +54,10 @@ def validate(
     - the validation loader yields at least one sample, its targets are in range and agree with
       ``num_classes`` (taken from ``logits`` or the head when not given);
     - ``logits`` and ``targets`` (a training batch) have matching shapes, finite values, valid labels.
+
+    Arguments of the wrong kind (a ``val_loader`` that cannot be iterated, ``logits`` that are not a
+    tensor) are problems in the list too. An error the loader itself raises while its first batch is
+    read (an ``OSError`` from a file) is the user's own and propagates unchanged.
     """
     problems: List[AugplugError] = []
     if not model.training:
@@ -66,6 +70,10 @@ def validate(
             _, head = find_classifier(model, classifier)
         except AugplugError as e:
             problems.append(e)
+    if logits is not None and not torch.is_tensor(logits):
+        problems.append(ShapeError(f"logits must be a torch.Tensor of shape (batch, classes), got "
+                                   f"{type(logits).__name__}", "pass the model's output for a training batch"))
+        logits = None
     if num_classes is None and logits is not None and logits.dim() == 2:
         num_classes = logits.shape[1]
     if num_classes is None and isinstance(head, nn.Linear):

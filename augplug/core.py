@@ -7,13 +7,20 @@ and differentiated and which parameters the direction covers; the core decides h
 refresh reads, skips or rejects non-finite ones, checks the result before it is kept, and saves and
 restores its state atomically (a rejected state changes nothing).
 
-Bad validation batches: a batch whose inputs or targets hold NaN/inf is skipped when
-``bad_val_batch="skip"`` (the default; counted in ``stats["skipped_val_batches"]``, with a
-warning) or rejected with :class:`~augplug.errors.NonFiniteError` (``"raise"``). A skipped batch is
-replaced by the next one: with an integer ``val_batches`` a refresh still averages that many good
-batches; with ``"all"`` it averages the good batches of one pass. A validation gradient that is not
-finite although its batch is (the model itself overflows) is always an error. Either way, nothing
-non-finite is ever kept.
+Bad validation batches: a batch whose inputs or targets hold NaN/inf, or that holds no samples (0
+rows: a collate function that filtered a whole batch out), is skipped when ``bad_val_batch="skip"``
+(the default; counted in ``stats["skipped_val_batches"]``, with a warning that names which) or
+rejected with :class:`~augplug.errors.NonFiniteError` / :class:`~augplug.errors.EmptyValidationError`
+(``"raise"``), in every schedule (exact, window, cached). A skipped batch is replaced by the next one:
+with an integer ``val_batches`` a refresh still averages that many good batches; with ``"all"`` it
+averages the good batches of one pass, a pass ending where the loader's iterator ends (not after
+``len(loader)`` batches where that over-reports). A validation gradient that is not finite although its
+batch is (the model itself overflows) is always an error. Either way, nothing non-finite is ever kept.
+
+A failed call rolls the stream back without reading the loader (the pass is re-opened at the next
+read), so the rollback cannot fail half-way and the caller sees the error that failed the call. A
+validation window whose entries cover other parameters than the shell now scores (a backbone unfrozen
+or frozen mid-run in full mode) is dropped and read again whole at the next refresh.
 """
 from __future__ import annotations
 
@@ -34,13 +41,13 @@ from .errors import (AugplugError, ConfigurationError, EmptyValidationError, Mod
 from .errors import warn_at_caller as _warn_at_caller
 from .budget import OverheadBudget
 from .finite import nonfinite, tensor_leaves
-from .options import option_fields
+from .options import is_integer, option_fields
 from .rng import PrivateRNG, is_generator_state
 from .schedule import BAD_VAL_BATCH, MAX_INTERVAL_FACTOR, Schedule, budget_fraction
 from .scores import GradSum
 from .steps import StepCounter
-from .validation import (CachedValidationStream, ValidationStream, generator_states, open_as, opens_by_reset,
-                         set_generator_states)
+from .validation import (CachedValidationStream, ValidationStream, empty_batch, generator_states, len_is_exact,
+                         open_as, opens_by_reset, set_generator_states)
 
 __all__ = ["RefinerCore", "STATE_VERSION", "BAD_VAL_BATCH", "check_part_presence", "nonfinite", "num_val_batches", "unwrap_optimizer"]
 
@@ -623,14 +630,15 @@ class RefinerCore:
         fresh = self.fresh_batches
         if fresh is None:
             parts = []
-            good, skipped = self._read_validation(prepare, self._num_val_batches(), rows,
-                                                  lambda j, x, y: parts.append(gradient(x, y)))
-            return self._finish_sum(GradSum.sum_of(parts), skipped)
+            good, skipped, empty = self._read_validation(prepare, self._num_val_batches(), rows,
+                                                         lambda j, x, y: parts.append(gradient(x, y)))
+            return self._finish_sum(GradSum.sum_of(parts), skipped, empty)
         # the window: every process keeps every slot (identical windows, identical states); process
         # r sums the slots k with k % world == r. The first refresh fills it as the exact schedule
         # reads (val_batches good batches, or the good batches of one pass); its size is then fixed.
+        # A window kept for other parameters than the shell scores now is filled again the same way.
         read_step = self.step_count
-        if self._window is None:
+        if self._window is None or self._window_stale():
             slots, pos, size, want = {}, 0, None, self._num_val_batches()
         elif read:
             slots, pos, _ = self._window
@@ -643,37 +651,58 @@ class RefinerCore:
         def keep(j, x, y):
             slots[j if size is None else (pos + j) % size] = self._window_entry(x, y, gradient) if rows(y) > 0 else None
 
-        good, skipped = self._read_validation(prepare, want, rows, keep, every_process=True) if want != 0 else (0, 0)
+        good, skipped, empty = (self._read_validation(prepare, want, rows, keep, every_process=True)
+                                if want != 0 else (0, 0, 0))
         size = size or good
         world, rank = dist_world_size(), dist_rank()
         total = self._window_sum([e for k, e in sorted(slots.items()) if e is not None and k % world == rank])
-        total = self._finish_sum(total, skipped)
+        total = self._finish_sum(total, skipped, empty)
         return dataclasses.replace(total, window=(slots, (pos + good) % size, read_step))
 
     def _read_validation(self, prepare: Callable, want: Optional[int], rows: Callable, visit: Callable,
                          every_process: bool = False):
-        """Read ``want`` good batches (None: one pass), skipping or rejecting non-finite ones, and call
-        ``visit(j, x, y)`` on good batch ``j`` on the process that differentiates it (``j % world``;
-        on every process for ``every_process``). Returns ``(good, skipped)``."""
+        """Read ``want`` good batches (None: one pass, ending where the loader's pass ends), skipping or
+        rejecting non-finite and empty ones, and call ``visit(j, x, y)`` on good batch ``j`` on the
+        process that differentiates it (``j % world``; on every process for ``every_process``).
+        Returns ``(good, skipped, empty)``: ``skipped`` counts every skipped batch, ``empty`` those
+        among them that held no samples."""
         cached = self.cache_validation
-        reads = self._pass_length() if want is None else None
-        limit = want + self._skip_limit() if want is not None else reads
         world, rank = dist_world_size(), dist_rank()
-        good, skipped, read = 0, 0, 0
+        good, skipped, empty = 0, 0, 0
+        if want is None:
+            batches = self._stream.one_pass(self._pass_length())
+        else:
+            limit = want + self._skip_limit()
+
+            def more():   # reads until ``want`` good batches (``good`` is read as the loop below counts)
+                for _ in range(limit):
+                    if good >= want:
+                        return
+                    yield self._stream.next()
+
+            batches = more()
         # in a process group each batch is checked and differentiated on one process: a rejection
         # there is agreed by every process after the loop (a raise on one alone would leave the
         # others waiting in the refresh's all-reduce)
         agreed = world > 1 and not every_process
         failure = None
-        while (good < want and read < limit) if want is not None else read < reads:
-            x, y = self._stream.next()
-            read += 1
+        for x, y in batches:
             if nonfinite(x, y):
                 if self.bad_val_batch == "raise":
                     raise NonFiniteError("a validation batch holds NaN/inf in its inputs or targets",
                                          "clean the validation set, or pass bad_val_batch='skip' to skip such "
                                          "batches")
                 skipped += 1
+                continue
+            if empty_batch(x, y):
+                if self.bad_val_batch == "raise":
+                    raise EmptyValidationError(
+                        "a validation batch holds no samples (0 rows)",
+                        "leave empty batches out of the validation loader (a collate_fn that drops samples can "
+                        "empty a whole batch: filter the dataset instead), or pass bad_val_batch='skip' to skip "
+                        "such batches")
+                skipped += 1
+                empty += 1
                 continue
             j = good
             good += 1
@@ -697,17 +726,28 @@ class RefinerCore:
                 raise failure
             self._raise_for_peers(bad)
         if good == 0:
-            if skipped:
+            if skipped and not empty:
                 raise NonFiniteError(f"all {skipped} validation batches read for this refresh hold NaN/inf",
                                      "clean the validation set: no finite batch is left to compute the direction from")
+            if skipped:
+                error = NonFiniteError if skipped > empty else EmptyValidationError
+                raise error(f"all {skipped} validation batches read for this refresh are unusable ({empty} empty, "
+                            f"{skipped - empty} holding NaN/inf)",
+                            "leave empty and non-finite batches out of the validation set (a collate_fn that drops "
+                            "samples can empty a whole batch: filter the dataset instead)")
             raise EmptyValidationError("the validation batches drawn hold no samples",
                                        "pass a loader over at least one clean labelled sample")
         if want is not None and good < want:
-            raise NonFiniteError(f"only {good} of {want} validation batches were finite after skipping {skipped}",
-                                 "clean the validation set, or lower val_batches")
-        return good, skipped
+            if not empty:
+                raise NonFiniteError(f"only {good} of {want} validation batches were finite after skipping {skipped}",
+                                     "clean the validation set, or lower val_batches")
+            error = NonFiniteError if skipped > empty else EmptyValidationError
+            raise error(f"only {good} of {want} validation batches were usable after skipping {empty} empty and "
+                        f"{skipped - empty} non-finite one(s)",
+                        "leave empty and non-finite batches out of the validation set, or lower val_batches")
+        return good, skipped, empty
 
-    def _finish_sum(self, total: GradSum, skipped: int) -> GradSum:
+    def _finish_sum(self, total: GradSum, skipped: int, empty: int = 0) -> GradSum:
         """All-reduce a refresh's local sum and check it (see :meth:`_validation_sum`)."""
         world = dist_world_size()
         if world > 1:
@@ -719,8 +759,13 @@ class RefinerCore:
             raise NonFiniteError("the validation gradient is not finite although the validation batches are",
                                  "the model overflows on clean data: lower the learning rate, or check the "
                                  "model's weights for NaN/inf")
-        if skipped:
+        if skipped and not empty:
             _warn_at_caller(f"augplug skipped {skipped} validation batch(es) holding NaN/inf "
+                            "(counted in stats['skipped_val_batches'])")
+        elif skipped:
+            kinds = f"{empty} empty (0 rows: a collate_fn that drops samples?)" + (
+                f" and {skipped - empty} holding NaN/inf" if skipped > empty else "")
+            _warn_at_caller(f"augplug skipped {skipped} validation batch(es): {kinds} "
                             "(counted in stats['skipped_val_batches'])")
         return dataclasses.replace(total, skipped=skipped)
 
@@ -733,6 +778,18 @@ class RefinerCore:
     def _window_sum(self, entries) -> GradSum:
         """The gradient sum of the window's entries this process owns (default: the kept sums)."""
         return GradSum.sum_of(entries)
+
+    def _window_stale(self) -> bool:
+        """Whether the validation window keeps gradient sums over other parameters than the shell
+        scores now (full mode: a backbone unfrozen or frozen mid-run changes ``score_params()``). Such
+        a window cannot be summed with new entries: the next refresh reads it again whole."""
+        if self._window is None:
+            return False
+        sums = [e for e in self._window[0].values() if isinstance(e, GradSum)]
+        if not sums:   # kept features (last-layer mode), rebuilt with the current head
+            return False
+        names = set(self._direction_shapes())
+        return any(set(e.sums) != names for e in sums)
 
     def _all_reduce(self, total: GradSum, with_halves: bool = True) -> GradSum:
         """Sum a validation-gradient sum over processes (processes without a batch contribute zeros)."""
@@ -786,9 +843,11 @@ class RefinerCore:
 
     def _restore(self, snap: Tuple[Any, ...]) -> None:
         self._rng.state = snap[0]
-        # a stream that was not read is left alone: restoring re-opens the loader's pass
+        # a stream that was not read is left alone. The position is put back without reading the
+        # loader (its pass is re-opened at the next read): a rollback that read could fail again half-
+        # way (a flaky file, a loader whose later passes are empty) and replace the call's own error
         if self._stream is not None and snap[1] is not None and self._stream.reads != snap[2]:
-            self._stream.load_state_dict(snap[1])
+            self._stream.restore(snap[1])
             # a pass opened by the failed call (none was open before it) moved the generators, and
             # may have started the loader's persistent workers
             open_as(self._stream.loader, snap[4])
@@ -819,6 +878,8 @@ class RefinerCore:
                                                               for h in self._v_halves],
             "window": self._window_state(),
             "budget": self.budget.state_dict() if self.budget is not None else None,
+            # the seed of the per-call noise (with the call count): restored, as the RNG state is
+            "seed": self.seed,
             # the options the refiner was built with, as its repr lists them: a resume under others warns
             "options": option_fields(repr(self)),
         }
@@ -978,6 +1039,9 @@ class RefinerCore:
         budget = state.get("budget")
         if budget is not None:   # checked whole even where it is dropped (a refiner without a budget)
             OverheadBudget.check_state(budget)
+        seed = state.get("seed", 0)
+        if not is_integer(seed):
+            raise ConfigurationError(f"the refiner state's 'seed' is {seed!r}, not an integer", _CHECKPOINT_FIX)
         options = state.get("options")
         if options is not None and (not isinstance(options, dict) or
                                     any(not isinstance(x, str) for kv in options.items() for x in kv)):
@@ -1002,7 +1066,10 @@ class RefinerCore:
             expected = self._num_val_batches() or len(self.val_loader)
         except TypeError:   # a loader without len(): its pass is not known without reading it
             return
-        if slots > expected or (slots < expected and skipped == 0):
+        # "all" reads one pass, which ends where the loader's iterator ends: fewer batches than a len()
+        # that is only a claim (an IterableDataset's) is that pass, not another loader
+        short_ok = self.val_batches == "all" and not len_is_exact(self.val_loader)
+        if slots > expected or (slots < expected and skipped == 0 and not short_ok):
             raise ConfigurationError(
                 f"the saved validation window holds {slots} batches, but this refiner reads {expected} per refresh "
                 f"(val_batches={self.val_batches!r} over a loader of {len(self.val_loader)} batches)"
@@ -1020,7 +1087,7 @@ class RefinerCore:
             return
         own = option_fields(repr(self))
         changed = [f"{k}: saved {saved.get(k, '(not an option)')}, here {own.get(k, '(not an option)')}"
-                   for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
+                   for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k) and k != "seed"]
         if changed:
             _warn_at_caller("the refiner state was saved by a refiner built with other options ("
                             + "; ".join(changed) + "); it is loaded and training goes on under this refiner's "
@@ -1043,6 +1110,8 @@ class RefinerCore:
         self.skipped_val_batches = int(state.get("skipped_val_batches", 0))
         window = state.get("window")
         self._window = None if window is None else self._window_from_state(window, self._v_step)
+        if "seed" in state:   # states before it was saved keep this refiner's
+            self.seed = int(state["seed"])
         self._warn_other_options(state.get("options"))
         if state.get("budget") is not None:
             if self.budget is not None:

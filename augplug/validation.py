@@ -4,18 +4,27 @@ Batches may be ``(inputs, targets, ...)`` tuples/lists or dicts with an input ke
 ``"inputs"``, ``"image"``, ``"images"``, ``"pixel_values"``, ``"x"``) and a target key (``"target"``,
 ``"targets"``, ``"label"``, ``"labels"``, ``"y"``). The stream runs on augplug's private RNG, records
 where it is in the current pass, and can be restored to that exact position after a restart.
+
+A checkpoint's position is loaded by re-opening its pass at once (:meth:`ValidationStream.load_state_dict`,
+which restores itself when that fails); a failed refiner call's rollback puts the position back without
+reading the loader (:meth:`ValidationStream.restore`), and the pass is re-opened at the next read, so a
+rollback cannot fail half-way. A pass is what one ``iter(loader)`` yields: a later pass that yields no
+batches (an ``IterableDataset`` whose ``__iter__`` returns one stored generator) is an
+:class:`~augplug.errors.EmptyValidationError` that says so, and :meth:`ValidationStream.one_pass` (what
+``val_batches="all"`` reads) ends where the pass ends, whatever ``len(loader)`` claims.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import ConfigurationError, EmptyValidationError, ShapeError
 from .rng import PrivateRNG, is_generator_state
 
-__all__ = ["split_batch", "ValidationStream", "CachedValidationStream"]
+__all__ = ["split_batch", "empty_batch", "len_is_exact", "ValidationStream", "CachedValidationStream"]
 
 _INPUT_KEYS = ("input", "inputs", "image", "images", "pixel_values", "x")
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
@@ -62,6 +71,43 @@ def check_batch_rows(x: Any, y: Any) -> None:
     if torch.is_tensor(x) and torch.is_tensor(y) and x.dim() > 0 and y.dim() > 0 and x.shape[0] != y.shape[0]:
         raise ShapeError(f"a validation batch has {x.shape[0]} inputs but {y.shape[0]} targets",
                          "make the validation loader yield one target per input row")
+
+
+def _rows(v: Any) -> Optional[int]:
+    """The rows of a batch's inputs or targets where they can be told without the model: a tensor's
+    first dimension, or that of a mapping's first tensor (a tokenizer's output); None otherwise."""
+    if torch.is_tensor(v):
+        return int(v.shape[0]) if v.dim() > 0 else None
+    if isinstance(v, Mapping):
+        return next((int(t.shape[0]) for t in v.values() if torch.is_tensor(t) and t.dim() > 0), None)
+    return None
+
+
+def empty_batch(x: Any, y: Any) -> bool:
+    """Whether a validation batch holds no samples: its inputs and targets have 0 rows (one of them
+    with rows it cannot tell). Inputs and targets with different numbers of rows are not an empty
+    batch but a mismatch (:func:`check_batch_rows`)."""
+    rows = [n for n in (_rows(x), _rows(y)) if n is not None]
+    return bool(rows) and all(n == 0 for n in rows)
+
+
+def len_is_exact(loader: Any) -> bool:
+    """Whether ``len(loader)`` is taken as the number of batches one pass yields: not for a
+    ``DataLoader`` over an ``IterableDataset``, whose length is the dataset's claim (WebDataset's
+    ``with_length``, a sharded stream's estimate)."""
+    return not (isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset))
+
+
+def _later_pass_error(got: int, before: int) -> Exception:
+    """The error for a pass of the loader (a new ``iter(loader)``) that yields ``got`` batches where an
+    earlier pass yielded at least ``before``: the loader does not start over when iterated again."""
+    problem = (f"a later pass of the validation loader (a new iter(loader)) yields {got} batch(es), but an earlier "
+               f"pass yielded {before}: its __iter__ does not start a new pass (an IterableDataset whose __iter__ "
+               "returns one stored generator or iterator ends after its first pass), or its data shrank")
+    fix = ("build the dataset so that each iter() starts over: create the generator inside __iter__ "
+           "(def __iter__(self): return (sample for sample in ...)), or pass a list of batches or a DataLoader "
+           "over a map-style Dataset")
+    return EmptyValidationError(problem, fix) if got == 0 else ConfigurationError(problem, fix)
 
 
 def loader_generators(loader: Any) -> List[torch.Generator]:
@@ -159,6 +205,13 @@ class ValidationStream:
         if loader is None:
             raise EmptyValidationError("no validation loader was given",
                                        "pass a DataLoader over a small clean labelled set as val_loader")
+        if isinstance(loader, (str, bytes)) or not (hasattr(type(loader), "__iter__")
+                                                    or hasattr(type(loader), "__getitem__")):
+            raise ConfigurationError(
+                f"the validation loader ({type(loader).__name__} {str(loader)[:40]!r}) "
+                f"{'is text, not batches' if isinstance(loader, (str, bytes)) else 'cannot be iterated'}",
+                "pass a DataLoader over a small clean labelled set (or a list of (inputs, targets) batches) as "
+                "val_loader")
         if isinstance(loader, Iterator):   # a generator or an iterator: one pass, then empty
             raise ConfigurationError(
                 f"the validation loader is a one-shot iterator ({type(loader).__name__}); the refiner reads "
@@ -174,30 +227,95 @@ class ValidationStream:
         #: reads asked of the stream, failed ones included (a caller that rolls back after a
         #: failure restores the position only when this moved)
         self.reads = 0
+        self._ended = False    # the open pass's iterator has reported its end
+        self._reopen = False   # a restored position whose pass is re-opened at the next read (restore)
 
     def _start_pass(self) -> None:
         self.pass_rng_state = self.rng.state.clone()
         self.pass_generator_states = generator_states(self.loader)
         self.pass_by_reset = opens_by_reset(self.loader)
         self.consumed = 0
+        self._ended = False
         with self.rng:
             self._it = iter(self.loader)
 
-    def next(self) -> Tuple[Any, torch.Tensor]:
-        self.reads += 1
+    def _reopen_pass(self) -> None:
+        """Re-open the pass :meth:`restore` put back: from its RNG and generator states, skipping the
+        batches taken; the private RNG and the loader's generators then as they are now. A failure
+        (a read error, a pass shorter than before) leaves the stream as it was, still to re-open."""
+        open_as(self.loader, self.pass_by_reset)
+        now = generator_states(self.loader)
+        set_generator_states(self.loader, self.pass_generator_states)
+        saved = self.rng.state
+        self.rng.state = self.pass_rng_state.clone()
+        try:
+            with self.rng:
+                it = iter(self.loader)
+                for taken in range(self.consumed):
+                    if next(it, _END) is _END:
+                        raise _later_pass_error(taken, self.consumed)
+        finally:
+            self.rng.state = saved
+            set_generator_states(self.loader, now)
+        self._it, self._ended, self._reopen = it, False, False
+
+    def _take(self) -> Any:
+        """The next raw batch of the current pass (opening one where none is open), or ``_END`` at
+        its end; the stream then stays at that end until a read opens the next pass."""
+        if self._reopen:
+            self._reopen_pass()
         if self._it is None:
             self._start_pass()
-        for attempt in range(2):
-            with self.rng:
-                batch = next(self._it, _END)
-            if batch is not _END:
-                self.consumed += 1
-                return split_batch(batch)
-            if attempt == 0 and self.consumed == 0:
-                break
-            self._start_pass()
-        raise EmptyValidationError("the validation loader yields no batches",
-                                   "pass a loader over at least one clean labelled sample (check drop_last and the split)")
+        if self._ended:
+            return _END
+        with self.rng:
+            batch = next(self._it, _END)
+        if batch is _END:
+            self._ended = True
+        else:
+            self.consumed += 1
+        return batch
+
+    def _next_pass(self) -> Any:
+        """Open the next pass after the current one ended and return its first raw batch."""
+        before = self.consumed
+        self._start_pass()
+        batch = self._take()
+        if batch is _END:
+            raise _later_pass_error(0, before)
+        return batch
+
+    def next(self) -> Tuple[Any, torch.Tensor]:
+        self.reads += 1
+        batch = self._take()
+        if batch is _END:
+            if self.consumed == 0:   # the pass opened now is empty
+                raise EmptyValidationError("the validation loader yields no batches",
+                                           "pass a loader over at least one clean labelled sample (check drop_last "
+                                           "and the split)")
+            batch = self._next_pass()
+        return split_batch(batch)
+
+    def one_pass(self, limit: int):
+        """Yield the batches of one pass, at most ``limit`` (``len(loader)``), reading from where the
+        stream stands: at the end of a pass (or before the first) a new pass whole; inside one, ``c``
+        batches in, its rest and then the first ``c`` batches of the next. It stops at a pass's end
+        whatever ``len(loader)`` claims (an ``IterableDataset`` whose ``__len__`` over-reports), so no
+        batch is read twice."""
+        batch = self.next()           # opens the next pass where the current one has ended
+        start = self.consumed - 1     # batches of this pass taken before it
+        n, wrapped = 1, False
+        yield batch
+        while n < limit:
+            self.reads += 1
+            raw = self._take()
+            if raw is _END:
+                if wrapped or start == 0:
+                    return
+                wrapped, limit = True, min(limit, n + start)
+                raw = self._next_pass()
+            n += 1
+            yield split_batch(raw)
 
     def state_dict(self) -> dict:
         """The pass's position as copies; ``generators_now``: the loader's generators as they are now
@@ -264,11 +382,23 @@ class ValidationStream:
                 self.rng.state = saved
             if state.get("generators_now") is not None:   # where they were at the save (older states: after the open)
                 set_generator_states(self.loader, state["generators_now"])
-        self._it = it
+        self._it, self._ended, self._reopen = it, False, False
         self.pass_rng_state = _clone(pass_rng_state)
         self.pass_generator_states = _clone(gen_states)
         self.pass_by_reset = bool(state.get("by_reset", False)) if it is not None else False
         self.consumed = int(state["consumed"]) if it is not None else 0
+
+    def restore(self, state: dict) -> None:
+        """Put back a position this stream's :meth:`state_dict` gave (a failed call's rollback) without
+        reading the loader: the pass is re-opened at the next read (:meth:`_reopen_pass`), so the
+        rollback cannot fail half-way and :meth:`state_dict` is at once what it was."""
+        pass_rng_state = state.get("pass_rng_state")
+        opened = pass_rng_state is not None
+        self.pass_rng_state = _clone(pass_rng_state)
+        self.pass_generator_states = _clone(state.get(self._GENERATORS_KEY))
+        self.pass_by_reset = bool(state.get("by_reset", False)) if opened else False
+        self.consumed = int(state["consumed"]) if opened else 0
+        self._it, self._ended, self._reopen = None, False, opened
 
 
 class CachedValidationStream(ValidationStream):
@@ -327,6 +457,11 @@ class CachedValidationStream(ValidationStream):
         self._pos = (self._pos + 1) % len(self._batches)
         return batch
 
+    def one_pass(self, limit: int):
+        """Yield one pass of the cached batches (at most ``limit``) from where the stream stands."""
+        for _ in range(min(limit, self.pass_length())):
+            yield self.next()
+
     def pass_length(self) -> int:
         """Batches per pass (reads the loader if it was not read yet)."""
         self.reads += 1
@@ -346,6 +481,10 @@ class CachedValidationStream(ValidationStream):
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state(state)
+        self.restore(state)
+
+    def restore(self, state: dict) -> None:
+        """Put back a checked position; a pass other than the cached one is rebuilt at the next read."""
         fill, gens = state.get("fill_rng_state"), state.get(self._GENERATORS_KEY)
         by_reset = bool(state.get("fill_by_reset", False))
         same_pass = (self._batches is not None and fill is not None and self._fill_rng_state is not None

@@ -304,7 +304,6 @@ def test_option_fields_reads_nested_reprs_and_quoted_commas():
 
 
 @pytest.mark.parametrize("option, value, listed", [("orig_weight", 2.0, "orig_weight: saved 2.0, here 1.0"),
-                                                   ("seed", 3, "seed: saved 3, here 0"),
                                                    ("isda", {"lambda0": 0.1}, "isda.lambda0: saved 0.1, here 0.5")])
 def test_the_shells_own_options_are_recorded_too(option, value, listed):
     _, _, saved = _trained(**{option: value})
@@ -312,3 +311,17 @@ def test_the_shells_own_options_are_recorded_too(option, value, listed):
     with pytest.warns(RuntimeWarning, match="other options") as caught:
         ref.load_state_dict(saved.state_dict())
     assert listed in str(caught[0].message)
+
+
+def test_the_seed_of_the_per_call_noise_is_restored_with_the_state():
+    """The noise of a call is drawn from the seed and the call count: a state carries its seed, as it
+    carries the RNG state, so a refiner built with another seed resumes the saved run's draws."""
+    _, _, saved = _trained(seed=3)
+    _, _, ref = _trained(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # restored, not another option
+        ref.load_state_dict(saved.state_dict())
+    assert ref.seed == 3 and torch.equal(ref.noise_generator().get_state(), saved.noise_generator().get_state())
+    state = saved.state_dict()
+    state["seed"] = "3"
+    _refused(ref, state, "'seed' is '3', not an integer")

@@ -394,12 +394,12 @@ def test_resume_from_state_dict_is_exact(mode):
     full_run, state = _run_with_checkpoint(3, mode=mode)
     model = _cnn(seed=123)  # different init, overwritten by the checkpoint
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    r = AugmentationRefiner(model, opt, _loader(), mode=mode, method_options=dict(gumbel=True),
-                            schedule=dict(refresh_every=2))
+    r = AugmentationRefiner(model, opt, _loader(), mode=mode, seed=99, method_options=dict(gumbel=True),
+                            schedule=dict(refresh_every=2))   # the seed is restored from the state
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # the same options: no warning about them
+        warnings.simplefilter("error")   # the same options (the seed is state): no warning about them
         r.load_state_dict(state["ref"])
     torch.set_rng_state(state["rng"])
     resumed = _train(model, r, opt, 3)
