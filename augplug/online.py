@@ -18,13 +18,23 @@ BOOST_FROM = 3.0
 #: ... once this many updates are in (the first few give a standard error too rough to trust)
 BOOST_AFTER = 8
 
+#: a signal beyond this many running RMS is clipped to it (once :data:`CLIP_AFTER` updates are in) before
+#: it enters the RMS and the step: one outlier (a loss spike, a batch of broken views, a step at a
+#: diverging learning rate) would otherwise inflate the RMS for hundreds of updates and freeze the walk
+CLIP_RMS = 10.0
+CLIP_AFTER = 8
+
 
 def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.Tensor, test_mean: torch.Tensor,
                     test_square: torch.Tensor, *, lr, decay: float, evidence: Optional[float],
                     boost: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(step, mean_square, test_mean, test_square)`` after one signal ``d`` (0-dim fp64 tensors).
 
-    The step is ``lr * d / rms(d)`` (``lr`` a number or a 0-dim tensor). ``mean_square`` is an
+    The step is ``lr * d / rms(d)`` (``lr`` a number or a 0-dim tensor). From update
+    :data:`CLIP_AFTER` on, ``d`` is first clipped to :data:`CLIP_RMS` times the RMS so far: one outlier
+    (a loss spike; a step at a learning rate that diverged) then raises the RMS by at most a factor
+    of about 1.4 instead of by its own size, which kept every later step near 0 for hundreds of
+    updates. ``mean_square`` is an
     exponential average of ``d**2`` (decay ``decay``) started at 0; the RMS divides it by
     ``1 - decay**n`` after ``n`` updates, so that it is the weighted mean of the squares seen so far
     (the bias correction of Adam's second moment). Without the correction an average started at the
@@ -36,6 +46,10 @@ def normalized_step(d: torch.Tensor, updates: torch.Tensor, mean_square: torch.T
     mean of ``d`` over its standard error, from update :data:`BOOST_AFTER` on: a consistent signal
     moves the scalar up to ``c`` times faster, while pure noise, whose ``|z|`` rarely passes
     ``BOOST_FROM``, walks as without it (``benchmarks/share_walk.py``)."""
+    if decay > 0:   # the RMS so far (bias-corrected; 0 before the first update), on the device: no host read
+        seen = -torch.expm1(updates.double() * math.log(decay))
+        limit = CLIP_RMS * (mean_square / seen.clamp_min(1e-300)).sqrt()
+        d = torch.where(updates >= CLIP_AFTER, torch.minimum(torch.maximum(d, -limit), limit), d)
     ms = decay * mean_square + (1 - decay) * d * d
     # 1 - decay**n as -expm1(n log decay): exact for small n, and no power kernel of its own
     corrected = ms / -torch.expm1((updates + 1).double() * math.log(decay)) if decay > 0 else ms

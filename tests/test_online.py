@@ -60,3 +60,29 @@ def test_walks_stay_in_bounds_count_valid_signals_and_resume_exactly(case, signa
         assert low - 1e-12 <= value(walk) <= high + 1e-12
         assert all(math.isfinite(v) for v in walk.state_dict().values() if not isinstance(v, list))
         assert int(walk.updates) == valid
+
+
+def _walk(spike_at=None, updates=300, spike=1000.0):
+    """A share on a noisy, consistently negative signal (mean -0.3, spread 1), with one signal
+    ``spike`` times larger at update ``spike_at``: its log share after each update."""
+    g = torch.Generator().manual_seed(0)
+    share, out = AdaptiveShare(), []
+    for t in range(updates):
+        d = float(torch.randn((), generator=g)) - 0.3
+        if t == spike_at:
+            d *= spike
+        share.load_state_dict(share.propose(_share_stats(d, 1.0)))
+        out.append(float(share.log_share))
+    return out
+
+
+def test_one_outlying_signal_does_not_freeze_the_walk():
+    """One signal a thousand times the others (a loss spike) entered the running RMS whole: the
+    RMS grew ~100-fold and every later step was ~100 times smaller for hundreds of updates (the share
+    stopped falling: 0.37 after 200 updates where it reached 0.01 without the spike). Clipped at
+    10 RMS, the walk after the spike falls about as fast as without it."""
+    plain, spiked = _walk(), _walk(spike_at=20)
+    fall_plain, fall_spiked = plain[20] - plain[299], spiked[21] - spiked[299]
+    assert fall_plain > 1.0
+    assert fall_spiked > 0.7 * fall_plain, (fall_plain, fall_spiked)
+    assert _walk(spike_at=3) != plain   # before CLIP_AFTER updates a signal is not clipped
