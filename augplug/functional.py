@@ -15,7 +15,7 @@ from . import scores as _scores
 from . import targets as _targets
 from .contrastive import clip_loss, contrastive_scores, contrastive_targets
 from .errors import ConfigurationError, NonFiniteError, ShapeError, TargetError
-from .heads import _check_linear, output_logits, unwrap_model
+from .heads import _check_linear, check_closed_form_head, output_logits, unwrap_model
 from .isda import isda_logits, isda_per_sample_loss
 from .methods import l2rw as _l2rw
 from .methods import saflex as _saflex
@@ -162,6 +162,7 @@ def _check_head(net: nn.Module, head, head_name: str) -> None:
         raise ConfigurationError(f"head_name={head_name!r} does not name head= in the model: it is {names[0]!r}",
                                  f"pass head_name={names[0]!r} (the gradient's keys are the head's parameter names)")
     _check_linear(head_name, head)
+    check_closed_form_head(head_name, head)
 
 
 def _check_scores_and_targets(fn: str, scores: torch.Tensor, targets: torch.Tensor) -> None:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,10 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .curvature import head_hessian, head_hvp
-from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
+from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError, UnsupportedModelError
+from .heads import check_closed_form_head
 from .ihvp import conjugate_gradient, explicit_solve, lissa, power_iteration
 from .options import is_integer, is_real
-from .scores import output_logits, scoring_mode
+from .scores import check_reached, output_logits, scoring_mode
 
 __all__ = ["InfluenceScorer", "SOLVERS", "SCOPES", "check_solver_options"]
 
@@ -189,6 +191,7 @@ class InfluenceScorer:
                 raise UnsupportedHeadError(
                     f"last-layer influence needs an nn.Linear head, got {type(head).__name__}",
                     "pass the final nn.Linear as head=, or use scope='full' with model=")
+            check_closed_form_head(head_name or "head", head)
             self.bias = head.bias is not None
         else:
             if model is None:
@@ -317,6 +320,25 @@ class InfluenceScorer:
             return head_hvp(a, p, V, self.bias).reshape(-1) + self.damping * x
         return self.flatten(self._model_hvp(self.unflatten(x), rows)) + self.damping * x
 
+    @contextmanager
+    def _transforms_named(self):
+        """Name what the torch.func products (Gauss-Newton, ``hvp="func"``) cannot run through: activation
+        checkpointing (saved-tensor hooks) or an operation without a forward-mode rule (the hook-based
+        weight norm); ``curvature="hessian"`` with ``hvp="double_backward"`` uses plain autograd."""
+        try:
+            yield
+        except (RuntimeError, NotImplementedError) as e:
+            msg = str(e)
+            transform = self.curvature == "gauss_newton" or self.hvp_kind == "func"
+            if not transform or not (isinstance(e, NotImplementedError) or "saved tensor hooks" in msg
+                                     or "forward AD" in msg or "torch.func" in msg or "functorch" in msg):
+                raise
+            raise UnsupportedModelError(
+                f"the influence method's curvature products (torch.func jvp / vjp, curvature={self.curvature!r}, "
+                f"hvp={self.hvp_kind!r}) cannot run through this model: {msg.splitlines()[0][:160]}",
+                "pass curvature='hessian' with hvp='double_backward' (plain autograd; for the refiner "
+                "method='influence', method_options=dict(curvature='hessian')), or use mode='last_layer'") from None
+
     def _model_hvp(self, v: Dict[str, torch.Tensor], rows=None) -> Dict[str, torch.Tensor]:
         if self._data is None:
             raise ConfigurationError("no training data for the Hessian", "call fit(data=[(x, y), ...]) first")
@@ -335,7 +357,7 @@ class InfluenceScorer:
             return {n: b.clone() for n, b in buffers.items()}
 
         # autocast off: its casts do not carry forward-mode tangents (a raw dtype error inside jvp)
-        with scoring_mode(net, self.bn), torch.autocast(device_type, enabled=False):
+        with scoring_mode(net, self.bn), torch.autocast(device_type, enabled=False), self._transforms_named():
             for x, y in batches:
                 if self.curvature == "gauss_newton":
                     buffers = dict(net.named_buffers())
@@ -456,6 +478,7 @@ class InfluenceScorer:
                 ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                 loss = -(ys * F.log_softmax(logits, -1)).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+                check_reached(loss, self.param_names, grads, "the validation gradient")
                 for s, g in zip(sums, grads):
                     if g is not None:
                         s += g.detach().float()

@@ -350,19 +350,29 @@ def _from_halves(a: GradSum, b: GradSum, count: int) -> GradSum:
     return GradSum({k: a.sums[k] + b.sums[k] for k in a.sums}, count, a.loss_sum + b.loss_sum, halves=(a, b))
 
 
+_REENTRANT_DIFF_FIX = ("use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended "
+                       "setting), or last-layer (closed-form) scores where the classifier runs outside the checkpoint")
+
+
+def check_reached(output: torch.Tensor, names, grads, what: str) -> None:
+    """Raise :class:`~augplug.errors.UnsupportedModelError` when some of ``grads`` (``torch.autograd.grad``
+    of ``output`` with ``allow_unused=True``) are None because the parameters sit inside a reentrant
+    activation checkpoint, which ``torch.autograd.grad`` cannot reach (their part of ``what`` would
+    silently be 0). Parameters that ``output`` does not use stay allowed."""
+    if all(g is not None for g in grads) or not reentrant_checkpoint(output):
+        return
+    unreached = [n for n, g in zip(names, grads) if g is None]
+    raise UnsupportedModelError(
+        f"the model runs part of its forward in torch.utils.checkpoint(..., use_reentrant=True), whose "
+        f"parameters torch.autograd.grad cannot reach: {what} would be 0 for {len(unreached)} of {len(names)} "
+        f"parameters ({', '.join(unreached[:3])}{', ...' if len(unreached) > 3 else ''})", _REENTRANT_DIFF_FIX)
+
+
 def grad_sums(loss: torch.Tensor, params: Dict[str, nn.Parameter], retain_graph: bool = False) -> Dict[str, torch.Tensor]:
     """``d loss / d p`` for each named parameter, detached fp32 (zeros where ``loss`` does not depend on it)."""
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=retain_graph)
-    if any(g is None for g in grads) and reentrant_checkpoint(loss):
-        unreached = [n for n, g in zip(names, grads) if g is None]
-        raise UnsupportedModelError(
-            f"the model runs part of its forward in torch.utils.checkpoint(..., use_reentrant=True), whose "
-            f"parameters torch.autograd.grad cannot reach: the validation direction would be 0 for "
-            f"{len(unreached)} of {len(names)} scored parameters ({', '.join(unreached[:3])}"
-            f"{', ...' if len(unreached) > 3 else ''})",
-            "use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), or "
-            "mode='last_layer' where the classifier runs outside the checkpoint")
+    check_reached(loss, names, grads, "the validation direction")
     return {n: (g.detach().float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
             for n, g in zip(names, grads)}
 
@@ -621,6 +631,7 @@ def double_backward_scores(model: nn.Module, inputs, v: Dict[str, torch.Tensor],
             logp = F.log_softmax(_forward_logits(net, inputs).float(), -1)
         zeta = torch.zeros_like(logp, requires_grad=True)
         u = torch.autograd.grad((zeta * logp).sum(), wrt, create_graph=True, allow_unused=True)
+        check_reached(logp, names, u, "the scores")
         dot = sum((ui.float() * v[n].float()).sum() for n, ui in zip(names, u) if ui is not None)
         if not torch.is_tensor(dot) or not dot.requires_grad:
             return torch.zeros_like(logp).detach()

@@ -241,3 +241,76 @@ def test_the_validation_window_refuses_batches_of_another_layout_with_a_shape_er
     with pytest.raises(ShapeError, match="one feature row of 16 per sample"):
         ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
     same(before, _snapshot(model, opt, ref))
+
+
+# ------------------------------------------------------------------ the other entry points
+def _weight_normed():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.utils.weight_norm(nn.Linear(H, C))
+
+
+def test_the_functional_api_and_the_influence_scorer_refuse_what_the_refiner_refuses():
+    """Double-backward scores through a reentrant checkpoint were silently 0; the influence scorer's
+    full-scope validation gradient left the checkpointed parameters at 0; a hook-based weight-norm
+    head was taken as a plain one by validation_gradient(head=) and InfluenceScorer(head=)."""
+    from augplug import functional as AF
+    from augplug.influence import InfluenceScorer
+    vx, vy = (torch.cat(t) for t in zip(*_val()))
+    x = _batches(1)[0][0]
+    model = _build(Net("all", reentrant=True))[0]
+    v = AF.validation_gradient(model, vx, AF.to_soft_targets(vy, C), head=model.fc, head_name="fc").direction()
+    with pytest.raises(UnsupportedModelError, match="use_reentrant=True"):
+        AF.class_scores(model, x, v, mode="double_backward")
+    with pytest.raises(UnsupportedModelError, match="body.0.weight"):
+        InfluenceScorer(model=_build(Net("body", reentrant=True))[0], scope="full").model_gradient([(vx, vy)])
+    normed = Net(head=_weight_normed())
+    with pytest.raises(UnsupportedHeadError, match="computes its weight"):
+        AF.validation_gradient(normed, vx, AF.to_soft_targets(vy, C), head=normed.fc, head_name="fc")
+    with pytest.raises(UnsupportedHeadError, match="computes its weight"):
+        InfluenceScorer(_weight_normed())
+
+
+def test_influence_names_the_curvature_that_runs_through_a_checkpoint():
+    """The Gauss-Newton products (torch.func) cannot run through activation checkpointing: a raw
+    RuntimeError; now a typed error naming curvature='hessian', which trains like the plain model."""
+    model, opt, ref = _build(Net("all"), mode="full", method="influence")
+    x, y, xa, ya = _batches(1)[0]
+    before = _snapshot(model, opt, ref)
+    with pytest.raises(UnsupportedModelError, match="curvature='hessian'"):
+        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
+    same(before, _snapshot(model, opt, ref))
+    options = dict(method="influence", method_options=dict(curvature="hessian", damping=2.0))
+    plain, _, _ = _train(Net(), mode="full", steps=2, **options)
+    checkpointed, _, _ = _train(Net("all"), mode="full", steps=2, **options)
+    same(plain.state_dict(), checkpointed.state_dict())
+
+
+class ImageNet(nn.Module):
+    """A small CNN whose convolutions run in a reentrant checkpoint (AutoDO augments images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, C)
+
+    def forward(self, x):
+        h = checkpoint(lambda t: F.adaptive_avg_pool2d(torch.relu(self.conv(t)), 1).flatten(1), x,
+                       use_reentrant=True)
+        return self.fc(h)
+
+
+def test_autodo_names_a_reentrant_checkpoint_on_the_way_to_its_augmentation():
+    torch.manual_seed(0)
+    model = ImageNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    val = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, C, (8,), generator=g))]
+    ref = AugmentationRefiner(model, opt, val, method="autodo", schedule=Schedule(budget=None, refresh_every=1),
+                              method_options=dict(num_points=16, num_classes=C, models="AWS"))
+    x, y, idx = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, C, (8,), generator=g), torch.arange(8)
+    with pytest.raises(UnsupportedModelError, match="use_reentrant=False"):
+        for _ in range(3):
+            loss = ref(model(ref.augment(x, idx)), y, index=idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

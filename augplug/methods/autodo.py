@@ -51,7 +51,7 @@ from torch import nn
 
 from ..augment.affine import DEFAULT_OPS, _check_images, check_ops, random_affine
 from ..distributed import world_size as dist_world_size
-from ..errors import ConfigurationError, NonFiniteError, ShapeError, warn_at_caller
+from ..errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedModelError, warn_at_caller
 from ..finite import nonfinite
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
 from ..options import is_integer, is_real
@@ -556,8 +556,7 @@ class AutoDO(Policy):
                 proj = proj + u[1]
             mixed = (coef[:, None] * e * proj).sum() / denom
             needs = [l for l in leaves if l.requires_grad]
-            got = torch.autograd.grad(mixed, needs, retain_graph=True, allow_unused=True) if needs and mixed.requires_grad \
-                else [None] * len(needs)
+            got = _grad_through(mixed, needs) if needs and mixed.requires_grad else [None] * len(needs)
             found = dict(zip(map(id, needs), got))
             hg = [(-found[id(l)] if found.get(id(l)) is not None else torch.zeros_like(l)) for l in leaves]
             scores = last_layer_scores(a.detach(), z.detach(), -u[0], -u[1] if len(u) > 1 else None).float()
@@ -715,3 +714,18 @@ class AutoDO(Policy):
         self._pending = []
         self._augment_calls = 0
         self._undo = None
+
+
+def _grad_through(output: torch.Tensor, leaves):
+    """``torch.autograd.grad`` of the hyper-objective, with a reentrant activation checkpoint on the
+    way to the augmentation's parameters (which ``grad`` cannot pass) named as the cause."""
+    try:
+        return torch.autograd.grad(output, leaves, retain_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        if "reentrant" not in str(e) and "not compatible with .grad()" not in str(e):
+            raise
+        raise UnsupportedModelError(
+            "the model runs part of its forward in torch.utils.checkpoint(..., use_reentrant=True), through "
+            "which torch.autograd.grad cannot take AutoDO's hypergradient to the augmentation's parameters",
+            "use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), or "
+            "AutoDO(models='WS') (weights and soft labels, no learned augmentation)") from None
