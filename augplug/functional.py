@@ -15,7 +15,7 @@ from . import scores as _scores
 from . import targets as _targets
 from .contrastive import clip_loss, contrastive_scores, contrastive_targets
 from .errors import ConfigurationError, NonFiniteError, ShapeError, TargetError
-from .heads import _check_linear, check_closed_form_head, output_logits, unwrap_model
+from .heads import _check_linear, check_closed_form_head, output_logits, same_tensor, unwrap_model
 from .isda import isda_logits, isda_per_sample_loss
 from .methods import l2rw as _l2rw
 from .methods import saflex as _saflex
@@ -99,9 +99,10 @@ def validation_gradient(
             logits = output_logits(output)
         except ShapeError:
             return None
-        z = head_outputs[-1]
-        if z is logits:
+        # a head that ran more than once (deep supervision) passes where one of its calls gave the logits
+        if any(z is logits or same_tensor(z, logits) for z in head_outputs):
             return None
+        z = head_outputs[-1]
         if tuple(z.shape) != tuple(logits.shape) or not torch.allclose(z.to(logits.dtype), logits, rtol=1e-5,
                                                                        atol=1e-6, equal_nan=True):
             raise ConfigurationError(

@@ -314,3 +314,25 @@ def test_autodo_names_a_reentrant_checkpoint_on_the_way_to_its_augmentation():
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def test_the_functional_head_gradient_takes_the_call_that_gave_the_logits():
+    """validation_gradient(head=) compared the logits with the head's last call only: a classifier run
+    again after them (deep supervision) was refused as 'not the model's logits'."""
+    from augplug import functional as AF
+    vx, vy = (torch.cat(t) for t in zip(*_val()))
+    model = _build(DeepSupervision())[0].eval()
+
+    class First(nn.Module):   # the model's main output alone, as a plain classifier returns it
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)[0]
+
+    wrapped = First(model)
+    v = AF.validation_gradient(wrapped, vx, AF.to_soft_targets(vy, C), head=model.fc, head_name="net.fc").direction()
+    model.zero_grad()
+    F.cross_entropy(model(vx)[0], vy).backward()
+    assert torch.allclose(v["net.fc.weight"], -model.fc.weight.grad, atol=1e-6)
