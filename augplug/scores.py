@@ -153,7 +153,10 @@ def forward_mode_duals(net: nn.Module, v: Dict[str, torch.Tensor], *, bn: str, d
     named = _parameters_named_in(net, v, fix)
     with torch.no_grad(), scoring_mode(net, bn), torch.autocast(device_type, enabled=False), fwAD.dual_level(), \
             preserved_parameters(net):
-        yield {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+        with warnings.catch_warnings():   # torch's forward AD scripts a helper at first use, which torch deprecates
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+            duals = {n: fwAD.make_dual(named[n].detach(), t.to(named[n].dtype)) for n, t in v.items()}
+        yield duals
 
 
 @dataclass

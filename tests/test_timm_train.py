@@ -50,9 +50,13 @@ def _run(tmp_path, *extra, base=BASE):
 NO_STRENGTH = [a for i, a in enumerate(BASE) if a != "--strength" and BASE[i - 1] != "--strength"]
 
 
-def test_default_strength_trains_views_alone_exactly_as_given(tmp_path):
-    """--strength auto (augplug's default) without originals: the run equals the soft-target CE arm."""
-    a = _run(tmp_path / "a", "--refiner", "saflex", "--strength", "auto", "--epochs", "2")
+def test_default_strength_trains_views_alone_exactly_as_given(tmp_path, caplog):
+    """--strength auto (augplug's default) without originals: the run equals the soft-target CE arm,
+    and the script says so and names --with-originals (the README's command once ran this way)."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="timm_train"):
+        a = _run(tmp_path / "a", "--refiner", "saflex", "--strength", "auto", "--epochs", "2")
+    assert any("--with-originals" in r.getMessage() and "as given" in r.getMessage() for r in caplog.records)
     b = _run(tmp_path / "b", "--refiner", "none", "--epochs", "2")
     for (k, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
         assert torch.equal(p, q), k

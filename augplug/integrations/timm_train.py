@@ -903,6 +903,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             _logger.warning("--generated with --strength auto: the batches hold no originals, so every row, generated "
                             "ones included, is trained as given and no sources.md is written; pass --strength 1 to "
                             "weigh the generated rows")
+    if refiner is not None and args.refiner in ("saflex", "l2rw") and not args.with_originals and not args.generated \
+            and _strength(args.strength) == "auto":
+        _logger.warning("--refiner %s without --with-originals: every batch holds views alone, which the default "
+                        "--strength auto trains as given (the run is plain augmentation, as --refiner none, with the "
+                        "refiner's bookkeeping); pass --with-originals (recommended: the views' share of the loss "
+                        "is then learned) or --strength 1 to refine views alone", args.refiner)
     if audit is not None and refiner is not None and args.with_originals and \
             getattr(refiner.policy, "weighting", None) == "none":
         _logger.warning("--audit: beside the learned share every view keeps weight 1 (augplug's default), so audit.md's "
