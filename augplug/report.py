@@ -20,7 +20,12 @@ For every upstream transform and every class it accumulates, over the augmented 
 - ``relabel_rate``: the share of rows whose refined soft target's argmax differs from the upstream
   label's argmax;
 - ``agreement_mean``: the mean of ``ỹᵀg`` (the first-order drop of the validation loss from one step
-  on the row with its upstream target; positive = helps, the package-wide sign).
+  on the row with its upstream target; positive = helps, the package-wide sign), from the raw scores
+  ``stats["scores"]``. SAflex's weights come from scores centred per class column within the batch
+  (``normalize="center"``, its default), so they rank a row against the batch's other rows of its
+  scores' classes, while the agreement is absolute: a class's ``weight_mean`` and ``agreement_mean``
+  can order classes differently (a class whose views all help a lot has a high agreement and, once
+  centred, average weights).
 
 A row produced by several transforms (RandAugment applies two ops by default; an albumentations
 pipeline several) counts once toward each of them in the per-transform view and once in the

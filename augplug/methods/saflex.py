@@ -231,8 +231,9 @@ class SAflex(Policy):
     loss (``aug_weight="adaptive"``), each view with its upstream label (``beta=inf``) and, within
     the learned share, at weight 1 (``weighting="auto"``: on the trust study per-sample weights
     beside the learned share tied the share alone where the defaults were chosen and cost accuracy on
-    small held-out tables); centred, RMS-normalized scores (``normalize="center"``), which the
-    share's statistics and the audits read. ``weighting="auto"`` is ``"none"`` under a learned share
+    small held-out tables); centred, RMS-normalized scores for the per-sample weights
+    (``normalize="center"``; the share's statistics, ``stats["scores"]`` and the audits' agreement
+    columns use the raw scores ``g``). ``weighting="auto"`` is ``"none"`` under a learned share
     and ``strength="auto"``, and ``"soft"`` otherwise (a fixed ``aug_weight``, per-sample refinement
     asked for with ``strength``, or an option that only acts through per-sample weights:
     ``threshold``, ``weight_tau``, ``weight_signal``, ``weight_norm="class"`` or ``"batch"``):
