@@ -336,3 +336,12 @@ def test_the_functional_head_gradient_takes_the_call_that_gave_the_logits():
     model.zero_grad()
     F.cross_entropy(model(vx)[0], vy).backward()
     assert torch.allclose(v["net.fc.weight"], -model.fc.weight.grad, atol=1e-6)
+
+
+def test_isda_names_a_reentrant_checkpoint_around_the_classifier():
+    from augplug.isda import ISDALoss
+    model = _build(Net("all", reentrant=True))[0]
+    loss_fn = ISDALoss.for_model(model)
+    x, y = _batches(1)[0][:2]
+    with pytest.raises(UnsupportedModelError, match="use_reentrant=True"):
+        loss_fn(model(x), y)
