@@ -200,7 +200,8 @@ def test_example_logs_what_the_refinement_decided_through_accelerate_trackers(tm
 
 
 def test_example_share_steps_for_the_runs_length(tmp_path, monkeypatch):
-    """The example knows its number of updates (here --max-steps 3) and gives it to SAflex's share."""
+    """The example knows its number of updates (epochs x updates per epoch: 31 for one epoch of the
+    digits here) and gives it to SAflex's share; --max-steps stops the run without shortening it."""
     import augplug.integrations.accelerate_train as at
     from augplug.share import AdaptiveShare
 
@@ -214,7 +215,7 @@ def test_example_share_steps_for_the_runs_length(tmp_path, monkeypatch):
     monkeypatch.setattr(at, "AdaptiveShare", Recording)
     _accelerator()   # reset any state an earlier test left
     at.main(["--epochs", "1", "--max-steps", "3", "--no-progress", "--cpu", "--output", str(tmp_path)])
-    assert len(made) == 1 and made[0].horizon == 3 and made[0].lr == pytest.approx(0.4 / 3 ** 0.5)
+    assert len(made) == 1 and made[0].horizon == 31 and made[0].lr == pytest.approx(0.4 / 31 ** 0.5)
 
 
 def test_example_budget_reaches_the_schedule(tmp_path):

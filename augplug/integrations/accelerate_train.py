@@ -202,8 +202,9 @@ def main(argv: Optional[List[str]] = None, trackers: Optional[list] = None) -> d
     if args.refiner == "autodo":
         options["method_options"] = {"num_points": len(train_set), "num_classes": data.num_classes}
     if args.refiner == "saflex":  # the learned share of the views steps for the run's length (docs/trust.md)
-        horizon = min(total, args.max_steps) if args.max_steps else total
-        options["method_options"] = {"aug_weight": AdaptiveShare(horizon=horizon)}
+        # the planned length, as the learning-rate schedule: --max-steps stops a run without changing
+        # its schedule, so a run stopped there and resumed goes on as one uninterrupted run would
+        options["method_options"] = {"aug_weight": AdaptiveShare(horizon=total)}
     refiner = AugmentationRefiner(model, opt, val_loader, method=args.refiner, isda=True if args.isda else None,
                                   seed=args.seed, accelerator=acc, **options,
                                   schedule=dict(refresh_every=args.refresh_every,
