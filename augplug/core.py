@@ -1089,9 +1089,13 @@ class RefinerCore:
         changed = [f"{k}: saved {saved.get(k, '(not an option)')}, here {own.get(k, '(not an option)')}"
                    for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k) and k != "seed"]
         if changed:
+            horizon = any(k.endswith("aug_weight.horizon") for k in saved if saved.get(k) != own.get(k))
             _warn_at_caller("the refiner state was saved by a refiner built with other options ("
                             + "; ".join(changed) + "); it is loaded and training goes on under this refiner's "
-                            "options. To resume the saved run as it was, build the refiner with the saved options")
+                            "options. To resume the saved run as it was, build the refiner with the saved options"
+                            + (" (the learned share's horizon is the run's length in updates: a run resumed for "
+                               "another length, e.g. other epochs, steps the share at that length's rate)"
+                               if horizon else ""))
 
     def _load_core_state(self, state: Dict[str, Any]) -> None:
         """Assign a state :meth:`_check_core_state` accepted (the stream first: re-opening its pass is

@@ -325,3 +325,11 @@ def test_the_seed_of_the_per_call_noise_is_restored_with_the_state():
     state = saved.state_dict()
     state["seed"] = "3"
     _refused(ref, state, "'seed' is '3', not an integer")
+
+
+def test_a_resume_for_another_run_length_says_the_horizon_follows_it():
+    from augplug.share import AdaptiveShare
+    _, _, saved = _trained(method=SAflex(aug_weight=AdaptiveShare(horizon=100)))
+    _, _, ref = _trained(3, method=SAflex(aug_weight=AdaptiveShare(horizon=200)))
+    with pytest.warns(RuntimeWarning, match="horizon is the run's length"):
+        ref.load_state_dict(saved.state_dict())
