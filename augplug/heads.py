@@ -20,9 +20,9 @@ from typing import Any, Deque, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import ShapeError, UnsupportedHeadError, warn_at_caller
+from .errors import ShapeError, UnsupportedHeadError, UnsupportedModelError, warn_at_caller
 
-__all__ = ["same_tensor", "in_backward", "reentrant_checkpoint", "REENTRANT_FIX", "unwrap_model", "is_compiled", "find_classifier", "check_closed_form_head", "tied_names", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
+__all__ = ["same_tensor", "in_backward", "reentrant_checkpoint", "NON_REENTRANT", "REENTRANT_FIX", "hidden_by_checkpoint", "unwrap_model", "is_compiled", "find_classifier", "check_closed_form_head", "tied_names", "output_logits", "ActivationCapture", "ForwardReplay", "GradientSlot"]
 
 
 def _wrapper_chain(model: nn.Module):
@@ -430,10 +430,21 @@ def reentrant_checkpoint(tensor: Any, limit: int = 10_000) -> bool:
     return False
 
 
-#: The error of a model that runs its classifier (or all of it) in a reentrant checkpoint.
-REENTRANT_FIX = ("use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), "
-                 "or pass the classifier's input as features= (last-layer mode) / the model input as inputs= "
-                 "(full mode)")
+#: What to use instead of a reentrant checkpoint, in every error and warning about one.
+NON_REENTRANT = "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting)"
+
+#: The fix for a model that runs its classifier (or all of it) in a reentrant checkpoint.
+REENTRANT_FIX = (f"use {NON_REENTRANT}, or pass the classifier's input as features= (last-layer mode) / the model "
+                 "input as inputs= (full mode)")
+
+
+def hidden_by_checkpoint(what: str) -> UnsupportedModelError:
+    """The error of a capture that recorded nothing because the logits come through a reentrant
+    checkpoint (:func:`reentrant_checkpoint`): its forward runs under ``no_grad``."""
+    return UnsupportedModelError(
+        f"the logits come through torch.utils.checkpoint(..., use_reentrant=True), whose forward runs under "
+        f"no_grad, so the hooks could not record {what} (the recomputation in the backward pass comes too late)",
+        REENTRANT_FIX)
 
 
 def _inert_capture() -> "ActivationCapture":

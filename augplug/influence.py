@@ -62,7 +62,7 @@ from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedH
 from .heads import check_closed_form_head
 from .ihvp import conjugate_gradient, explicit_solve, lissa, power_iteration
 from .options import is_integer, is_real
-from .scores import check_reached, output_logits, scoring_mode
+from .scores import grad_sums, output_logits, scoring_mode
 
 __all__ = ["InfluenceScorer", "SOLVERS", "SCOPES", "check_solver_options"]
 
@@ -477,11 +477,9 @@ class InfluenceScorer:
                 logits = output_logits(self.model(x))
                 ys = to_soft_targets(y, logits.shape[1], batch_size=logits.shape[0]).to(logits)
                 loss = -(ys * F.log_softmax(logits, -1)).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                check_reached(loss, self.param_names, grads, "the validation gradient")
-                for s, g in zip(sums, grads):
-                    if g is not None:
-                        s += g.detach().float()
+                grads = grad_sums(loss, dict(zip(self.param_names, params)))
+                for s, n in zip(sums, self.param_names):
+                    s += grads[n]
                 count += int(x.shape[0])
         if count == 0:
             raise ShapeError("the validation data hold no samples", "pass at least one non-empty batch")

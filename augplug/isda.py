@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum_, is_distributed, rank, world_size
-from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError, UnsupportedModelError
-from .heads import REENTRANT_FIX, ActivationCapture, find_classifier, reentrant_checkpoint, unwrap_model
+from .errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedHeadError
+from .heads import ActivationCapture, find_classifier, hidden_by_checkpoint, reentrant_checkpoint, unwrap_model
 from .targets import check_logits, to_soft_targets
 
 __all__ = ["ISDALoss", "DEFAULT_MEMORY_BUDGET", "choose_covariance", "class_quadratic_terms", "isda_logits",
@@ -644,9 +644,7 @@ class ISDALoss(nn.Module):
                                  "build a new ISDALoss.for_model(model) and load this one's state_dict() into it, "
                                  "or pass features=")
             if features is None and reentrant_checkpoint(logits):
-                raise UnsupportedModelError(
-                    "the logits come through torch.utils.checkpoint(..., use_reentrant=True), whose forward runs "
-                    "under no_grad, so the classifier hook recorded no features", REENTRANT_FIX)
+                raise hidden_by_checkpoint("the classifier's input features")
             if features is None:
                 raise ShapeError(f"no classifier features for the {b} rows of this training call (each call uses "
                                  "the features of the training forward before it, and drops them: a second call on "

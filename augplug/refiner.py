@@ -26,8 +26,8 @@ from .distributed import all_reduce_sum_, rank as dist_rank, world_size as dist_
 from .checks import validate
 from .errors import (AugplugError, ConfigurationError, ModelModeError, NonFiniteError, ShapeError,
                      UnsupportedHeadError)
-from .heads import (ActivationCapture, GradientSlot, check_closed_form_head, find_classifier, is_compiled,
-                    other_captures, reentrant_checkpoint, tied_names, unwrap_model)
+from .heads import (NON_REENTRANT, ActivationCapture, GradientSlot, check_closed_form_head, find_classifier,
+                    is_compiled, other_captures, reentrant_checkpoint, tied_names, unwrap_model)
 from .methods import WEIGHT_NORMS, Policy, class_renormalize, create_policy, renormalize
 from .methods.base import Mixing, RefineContext, Scoring, ValidationSource
 from .options import is_integer, is_real
@@ -723,8 +723,7 @@ class AugmentationRefiner(RefinerCore):
             _warn_at_caller("the views' logits come through torch.utils.checkpoint(..., use_reentrant=True), whose "
                             "forward runs under no_grad: the refiner's hooks record no training forward, so the "
                             "share cannot weigh the views against the rest of the loss (an originals' term) and "
-                            "the views are trained as given. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
-                            "(torch's recommended setting)")
+                            f"the views are trained as given. Use {NON_REENTRANT}")
         if self._rest_mode and not self._warned_rest_early and self._capture.rest_backward_early():
             self._warned_rest_early = True
             _warn_at_caller("the rest of the loss (the originals' term) was backpropagated before this update's "

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ConfigurationError, ShapeError, UnsupportedHeadError, UnsupportedModelError
-from .heads import ForwardReplay, output_logits, reentrant_checkpoint, same_tensor, unwrap_model
+from .heads import NON_REENTRANT, ForwardReplay, output_logits, reentrant_checkpoint, same_tensor, unwrap_model
 
 __all__ = [
     "SCORE_MODES",
@@ -353,8 +353,7 @@ def _from_halves(a: GradSum, b: GradSum, count: int) -> GradSum:
     return GradSum({k: a.sums[k] + b.sums[k] for k in a.sums}, count, a.loss_sum + b.loss_sum, halves=(a, b))
 
 
-_REENTRANT_DIFF_FIX = ("use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended "
-                       "setting), or last-layer (closed-form) scores where the classifier runs outside the checkpoint")
+_REENTRANT_DIFF_FIX = f"use {NON_REENTRANT}, or last-layer (closed-form) scores where the classifier runs outside the checkpoint"
 
 
 def check_reached(output: torch.Tensor, names, grads, what: str) -> None:

@@ -53,6 +53,7 @@ from ..augment.affine import DEFAULT_OPS, _check_images, check_ops, random_affin
 from ..distributed import world_size as dist_world_size
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, UnsupportedModelError, warn_at_caller
 from ..finite import nonfinite
+from ..heads import NON_REENTRANT
 from ..hypergrad import LOSSES, HeadProblem, ift_hypergradient, lazy_rmsprop_, loss_residual
 from ..options import is_integer, is_real
 from ..scores import last_layer_scores
@@ -727,5 +728,4 @@ def _grad_through(output: torch.Tensor, leaves):
         raise UnsupportedModelError(
             "the model runs part of its forward in torch.utils.checkpoint(..., use_reentrant=True), through "
             "which torch.autograd.grad cannot take AutoDO's hypergradient to the augmentation's parameters",
-            "use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (torch's recommended setting), or "
-            "AutoDO(models='WS') (weights and soft labels, no learned augmentation)") from None
+            f"use {NON_REENTRANT}, or AutoDO(models='WS') (weights and soft labels, no learned augmentation)") from None

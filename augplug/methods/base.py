@@ -17,7 +17,7 @@ import torch
 
 from ..distributed import all_reduce_sum_, is_distributed
 from ..errors import ConfigurationError, ShapeError, UnsupportedModelError
-from ..heads import REENTRANT_FIX, reentrant_checkpoint
+from ..heads import hidden_by_checkpoint, reentrant_checkpoint
 from ..share import resolve_share
 from ..valve import resolve_strength
 
@@ -262,10 +262,7 @@ class RefineContext:
     def _check_not_checkpointed(self, what: str) -> None:
         """Name reentrant activation checkpointing as the cause of a capture that found nothing."""
         if reentrant_checkpoint(self.logits):
-            raise UnsupportedModelError(
-                f"the logits come through torch.utils.checkpoint(..., use_reentrant=True), whose forward runs "
-                f"under no_grad, so the refiner's hooks could not record {what} (the recomputation in the "
-                f"backward pass comes too late)", REENTRANT_FIX)
+            raise hidden_by_checkpoint(what)
 
     def check_score_inputs(self) -> None:
         """Raise now (before any validation pass) when the scoring inputs are missing."""
