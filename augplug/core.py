@@ -1086,10 +1086,12 @@ class RefinerCore:
         if saved is None:
             return
         own = option_fields(repr(self))
-        changed = [f"{k}: saved {saved.get(k, '(not an option)')}, here {own.get(k, '(not an option)')}"
-                   for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k) and k != "seed"]
-        if changed:
-            horizon = any(k.endswith("aug_weight.horizon") for k in saved if saved.get(k) != own.get(k))
+        # the seed is state (restored at load), not an option to differ
+        keys = [k for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k) and k != "seed"]
+        if keys:
+            horizon = any(k.endswith("aug_weight.horizon") for k in keys)
+            changed = [f"{k}: saved {saved.get(k, '(not an option)')}, here {own.get(k, '(not an option)')}"
+                       for k in keys]
             _warn_at_caller("the refiner state was saved by a refiner built with other options ("
                             + "; ".join(changed) + "); it is loaded and training goes on under this refiner's "
                             "options. To resume the saved run as it was, build the refiner with the saved options"

@@ -59,7 +59,7 @@ def option_fields(text: str, prefix: str = "") -> Dict[str, str]:
     value is itself such a repr gives its class name under its key and its own options under
     ``key.option`` (``method=SAflex(beta=inf)`` gives ``{"method": "SAflex", "method.beta": "inf"}``).
     A part without ``=`` is kept under its position (``"#0"``)."""
-    head, sep, rest = text.partition("(")
+    _, sep, rest = text.partition("(")
     if not sep or not text.endswith(")"):
         return {}
     fields: Dict[str, str] = {}
