@@ -81,6 +81,17 @@ def _snapshot(model, opt, ref):
     return copy.deepcopy((model.state_dict(), opt.state_dict(), ref.state_dict()))
 
 
+def _refused(model, opt, ref, error, match, forward=None, **call):
+    """A one-batch call (originals and views; ``forward`` runs the model on them) must raise ``error``
+    matching ``match`` and leave the model, the optimizer and the refiner as they were."""
+    x, y, xa, ya = _batches(1)[0]
+    before = _snapshot(model, opt, ref)
+    with pytest.raises(error, match=match) as info:
+        ref((forward or model)(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x), **call)
+    same(before, _snapshot(model, opt, ref))
+    return info
+
+
 @pytest.mark.parametrize("pattern", ["batch", "separate"])
 @pytest.mark.parametrize("mode", ["last_layer", "full"])
 def test_a_non_reentrant_checkpoint_trains_like_the_plain_model(pattern, mode):
@@ -103,12 +114,7 @@ def test_forwards_in_a_backward_pass_are_not_recorded():
 
 
 def test_the_classifier_in_a_reentrant_checkpoint_is_refused_by_name():
-    model, opt, ref = _build(Net("all", reentrant=True))
-    x, y, xa, ya = _batches(1)[0]
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(UnsupportedModelError, match="use_reentrant=False"):
-        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
-    same(before, _snapshot(model, opt, ref))
+    _refused(*_build(Net("all", reentrant=True)), UnsupportedModelError, "use_reentrant=False")
 
 
 def test_views_alone_through_a_reentrant_checkpoint_warn_that_the_share_cannot_weigh_them():
@@ -122,13 +128,8 @@ def test_views_alone_through_a_reentrant_checkpoint_warn_that_the_share_cannot_w
 def test_full_mode_refuses_parameters_a_reentrant_checkpoint_hides(ckpt):
     """torch.autograd.grad cannot reach them: the direction was silently 0 there (all of it, or the
     backbone's part), so every score was 0 or last-layer only."""
-    model, opt, ref = _build(Net(ckpt, reentrant=True), mode="full")
-    x, y, xa, ya = _batches(1)[0]
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(UnsupportedModelError, match="use_reentrant=False") as info:
-        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
+    info = _refused(*_build(Net(ckpt, reentrant=True), mode="full"), UnsupportedModelError, "use_reentrant=False")
     assert "body.0.weight" in str(info.value)
-    same(before, _snapshot(model, opt, ref))
 
 
 def test_a_reentrant_checkpoint_before_the_classifier_trains_like_the_plain_model():
@@ -177,13 +178,9 @@ class NoneIsTheLogits(Net):
 
 
 def test_a_classifier_run_twice_whose_outputs_are_not_the_logits_is_refused():
-    model, opt, ref = _build(NoneIsTheLogits())
-    x, y, xa, ya = _batches(1)[0]
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(UnsupportedHeadError, match="ran 2 times"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the training side says the logits are computed from the forward
-        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
-    same(before, _snapshot(model, opt, ref))
+        _refused(*_build(NoneIsTheLogits()), UnsupportedHeadError, "ran 2 times")
 
 
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
@@ -217,11 +214,9 @@ def test_full_mode_names_a_model_that_takes_a_dict(pass_inputs):
     model, opt, ref = _build(DictInput(), val, mode="full")
     x, y, xa, ya = _batches(1)[0]
     batch = {"x": torch.cat([x, xa]), "mask": torch.ones(16)}
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(UnsupportedModelError, match="input is a dict") as info:
-        ref(model(batch), torch.cat([y, ya]), num_original=len(x), **({"inputs": batch} if pass_inputs else {}))
+    info = _refused(model, opt, ref, UnsupportedModelError, "input is a dict", forward=lambda _: model(batch),
+                    **({"inputs": batch} if pass_inputs else {}))
     assert "mode='last_layer'" in info.value.fix
-    same(before, _snapshot(model, opt, ref))
     model, opt, ref = _build(DictInput(), val)   # last-layer mode reads the classifier's input: it trains
     loss = ref(model(batch), torch.cat([y, ya]), num_original=len(x))
     loss.backward()
@@ -236,11 +231,7 @@ def test_the_validation_window_refuses_batches_of_another_layout_with_a_shape_er
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = AugmentationRefiner(model, opt, val, schedule=Schedule(budget=None, refresh_every=1))
-    x, y, xa, ya = _batches(1)[0]
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(ShapeError, match="one feature row of 16 per sample"):
-        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
-    same(before, _snapshot(model, opt, ref))
+    _refused(model, opt, ref, ShapeError, "one feature row of 16 per sample")
 
 
 # ------------------------------------------------------------------ the other entry points
@@ -274,12 +265,7 @@ def test_the_functional_api_and_the_influence_scorer_refuse_what_the_refiner_ref
 def test_influence_names_the_curvature_that_runs_through_a_checkpoint():
     """The Gauss-Newton products (torch.func) cannot run through activation checkpointing: a raw
     RuntimeError; now a typed error naming curvature='hessian', which trains like the plain model."""
-    model, opt, ref = _build(Net("all"), mode="full", method="influence")
-    x, y, xa, ya = _batches(1)[0]
-    before = _snapshot(model, opt, ref)
-    with pytest.raises(UnsupportedModelError, match="curvature='hessian'"):
-        ref(model(torch.cat([x, xa])), torch.cat([y, ya]), num_original=len(x))
-    same(before, _snapshot(model, opt, ref))
+    _refused(*_build(Net("all"), mode="full", method="influence"), UnsupportedModelError, "curvature='hessian'")
     options = dict(method="influence", method_options=dict(curvature="hessian", damping=2.0))
     plain, _, _ = _train(Net(), mode="full", steps=2, **options)
     checkpointed, _, _ = _train(Net("all"), mode="full", steps=2, **options)
